@@ -1,0 +1,99 @@
+/**
+ * tsvm's error hierarchy. Every error is a {@link TsvmError} with a stable `code`.
+ * The backend errors ({@link KvmError}, {@link KvmUnavailableError}) are defined in
+ * `@tsvm/kvm-backend` and re-exported here so users need only one import.
+ * @module
+ */
+import { TsvmError } from '@tsvm/kvm-backend';
+
+export { TsvmError, KvmError, KvmUnavailableError, errnoName } from '@tsvm/kvm-backend';
+
+/** A public function was called with arguments it cannot accept. Nothing was changed. */
+export class InvalidArgumentError extends TsvmError {
+  /** Name of the offending argument or option, e.g. `memory` or `regions[1].size`. */
+  readonly argument: string;
+
+  /**
+   * @param argument - the offending argument's name.
+   * @param message - what is wrong with it.
+   */
+  constructor(argument: string, message: string) {
+    super('TSVM_INVALID_ARGUMENT', `${argument}: ${message}`);
+    this.argument = argument;
+  }
+}
+
+/** A guest-physical access fell outside guest RAM, straddled a hole, or overflowed. */
+export class GuestMemoryError extends TsvmError {
+  /** First guest-physical address of the rejected access. */
+  readonly address: bigint;
+  /** Length in bytes of the rejected access. */
+  readonly length: number;
+
+  /**
+   * @param address - guest-physical start of the access.
+   * @param length - its length in bytes.
+   * @param why - short reason.
+   */
+  constructor(address: bigint, length: number, why: string) {
+    super('TSVM_GUEST_MEMORY', `guest memory access [0x${address.toString(16)}, +${length}) rejected: ${why}`);
+    this.address = address;
+    this.length = length;
+  }
+}
+
+/** The object was used after `close()`, or in a state that does not allow the call. */
+export class StateError extends TsvmError {
+  /** @param message - what was attempted and why it is not allowed now. */
+  constructor(message: string) {
+    super('TSVM_STATE', message);
+  }
+}
+
+/** A snapshot manifest has another version or shape than this build understands. */
+export class SnapshotFormatError extends TsvmError {
+  /** @param message - what is wrong with the manifest. */
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('TSVM_SNAPSHOT_FORMAT', message, options);
+  }
+}
+
+/** An image (ELF, multiboot, bzImage, ...) is malformed, truncated or does not fit. */
+export class ImageFormatError extends TsvmError {
+  /** The header field or structure that is wrong, e.g. `e_phoff` or `multiboot.header_addr`. */
+  readonly field: string;
+
+  /**
+   * @param field - the offending field.
+   * @param message - what is wrong with it.
+   */
+  constructor(field: string, message: string) {
+    super('TSVM_IMAGE_FORMAT', `${field}: ${message}`);
+    this.field = field;
+  }
+}
+
+/**
+ * A monitor refused an event (deny-by-default or an explicit deny). Carried by a
+ * `{ reason: 'violation' }` stop and usable as an exception by monitor code.
+ */
+export class MonitorViolation extends TsvmError {
+  /** The event kind, e.g. `io`, `mmio`, `msr`. */
+  readonly event: string;
+  /** The address the event concerned (port, guest-physical address, MSR index), if any. */
+  readonly address: bigint | undefined;
+  /** Guest RIP at the event. */
+  readonly rip: bigint | undefined;
+
+  /**
+   * @param event - event kind.
+   * @param message - why it was refused.
+   * @param details - address and RIP.
+   */
+  constructor(event: string, message: string, details: { address?: bigint; rip?: bigint; cause?: unknown } = {}) {
+    super('TSVM_MONITOR_VIOLATION', message, details.cause === undefined ? undefined : { cause: details.cause });
+    this.event = event;
+    this.address = details.address;
+    this.rip = details.rip;
+  }
+}

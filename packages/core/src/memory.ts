@@ -1,0 +1,212 @@
+/**
+ * Guest RAM. Every guest-physical access made by the host goes through one checked
+ * translation ({@link GuestMemory.translate}) that validates start, length, overflow and the
+ * region map — Solo5's `HVT_CHECKED_GPA_P` rather than kvmtool's unchecked
+ * `guest_flat_to_host`. No method hands out a view that outlives the call.
+ * @module
+ */
+import { GuestMemoryError, InvalidArgumentError } from './errors.js';
+import { gpa, type GuestAddress, hex } from './address.js';
+
+/** Host memory backing one region (a `memfd` mapping on KVM, an `ArrayBuffer` in the mock). */
+export interface HostMemory {
+  /**
+   * The host mapping. SAFETY: the view is valid until {@link HostMemory.close}; only
+   * {@link GuestMemory} holds it, and it drops its reference when the region is removed.
+   */
+  readonly bytes: Uint8Array;
+  /** Host virtual address of `bytes[0]` (0n for memory KVM never sees). */
+  readonly hostAddress: bigint;
+  /** The memfd backing the mapping, or -1. */
+  readonly fd: number;
+  /** Unmaps and closes. Idempotent. */
+  close(): void;
+}
+
+/** A contiguous range of guest-physical RAM. */
+export interface MemoryRegion {
+  /** KVM memslot number. */
+  readonly slot: number;
+  /** First guest-physical address. */
+  readonly start: GuestAddress;
+  /** Size in bytes (a multiple of 4 KiB). */
+  readonly size: number;
+  /** Whether guest writes fault to the VMM (KVM_MEM_READONLY) instead of reaching RAM. */
+  readonly readonly: boolean;
+  /** Optional label for diagnostics. */
+  readonly name: string;
+}
+
+interface RegionEntry extends MemoryRegion {
+  readonly startN: bigint;
+  readonly endN: bigint; // exclusive
+  host: HostMemory;
+}
+
+/** Accessible integer widths. */
+export type IntWidth = 1 | 2 | 4 | 8;
+
+/**
+ * Bounds-checked view of a machine's guest-physical memory. Addresses may be given as
+ * `number` or `bigint`; both are validated.
+ */
+export class GuestMemory {
+  #regions: RegionEntry[] = [];
+
+  /** Registers a region; used by `Machine`. Overlap and alignment are checked by the caller too. */
+  addRegion(region: MemoryRegion, host: HostMemory): void {
+    const startN = BigInt(region.start);
+    const endN = startN + BigInt(region.size);
+    for (const r of this.#regions) {
+      if (startN < r.endN && r.startN < endN) {
+        throw new InvalidArgumentError(
+          'region',
+          `[${hex(startN)}, ${hex(endN)}) overlaps region '${r.name}' [${hex(r.startN)}, ${hex(r.endN)})`,
+        );
+      }
+    }
+    if (host.bytes.byteLength < region.size) {
+      throw new InvalidArgumentError('region', `host mapping (${host.bytes.byteLength} bytes) is smaller than the region`);
+    }
+    this.#regions.push({ ...region, startN, endN, host });
+    this.#regions.sort((a, b) => (a.startN < b.startN ? -1 : 1));
+  }
+
+  /** Removes the region that uses `slot` and returns its host memory (the caller closes it). */
+  removeRegion(slot: number): HostMemory | undefined {
+    const i = this.#regions.findIndex((r) => r.slot === slot);
+    if (i < 0) return undefined;
+    const [r] = this.#regions.splice(i, 1);
+    return r?.host;
+  }
+
+  /** All regions, lowest address first. */
+  regions(): readonly MemoryRegion[] {
+    return this.#regions.map(({ slot, start, size, readonly, name }) => ({ slot, start, size, readonly, name }));
+  }
+
+  /** Total bytes of guest RAM. */
+  get totalSize(): number {
+    return this.#regions.reduce((n, r) => n + r.size, 0);
+  }
+
+  /** Whether `[address, address+length)` lies entirely inside one region. Never throws for bad input. */
+  contains(address: number | bigint, length: number): boolean {
+    try {
+      this.translate(address, length);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * The one checked translation: guest-physical range → (host bytes, offset). Rejects negative
+   * or non-integer input, zero-crossing overflow, holes, and ranges straddling two regions.
+   * SAFETY: the returned `bytes` must not be retained beyond the caller's synchronous use.
+   */
+  translate(address: number | bigint, length: number): { bytes: Uint8Array; offset: number; region: MemoryRegion } {
+    if (!Number.isSafeInteger(length) || length < 0) {
+      throw new GuestMemoryError(typeof address === 'bigint' ? address : BigInt(Math.trunc(Number(address)) || 0), Number(length) || 0, 'length must be a non-negative integer');
+    }
+    let a: bigint;
+    if (typeof address === 'bigint') a = address;
+    else if (Number.isSafeInteger(address)) a = BigInt(address);
+    else throw new GuestMemoryError(0n, length, `address ${String(address)} is not an integer`);
+    if (a < 0n) throw new GuestMemoryError(a, length, 'negative address');
+    const end = a + BigInt(length);
+    for (const r of this.#regions) {
+      if (a >= r.startN && a < r.endN) {
+        if (end > r.endN) throw new GuestMemoryError(a, length, `runs past the end of region '${r.name}' at ${hex(r.endN)}`);
+        return { bytes: r.host.bytes, offset: Number(a - r.startN), region: r };
+      }
+      if (length === 0 && a === r.endN) return { bytes: r.host.bytes, offset: r.size, region: r };
+    }
+    throw new GuestMemoryError(a, length, 'not backed by guest RAM');
+  }
+
+  /** Reads exactly `length` bytes into a new buffer (a copy). */
+  read(address: number | bigint, length: number): Uint8Array {
+    const { bytes, offset } = this.translate(address, length);
+    return bytes.slice(offset, offset + length);
+  }
+
+  /** Reads exactly `into.length` bytes into `into`. */
+  readInto(address: number | bigint, into: Uint8Array): void {
+    const { bytes, offset } = this.translate(address, into.length);
+    into.set(bytes.subarray(offset, offset + into.length));
+  }
+
+  /** Writes all of `data` (host writes ignore the read-only flag: it only binds the guest). */
+  write(address: number | bigint, data: Uint8Array): void {
+    const { bytes, offset } = this.translate(address, data.length);
+    bytes.set(data, offset);
+  }
+
+  /** Fills `length` bytes with `value`. */
+  fill(address: number | bigint, length: number, value = 0): void {
+    const { bytes, offset } = this.translate(address, length);
+    bytes.fill(value, offset, offset + length);
+  }
+
+  /** Reads a little-endian unsigned integer of 1, 2 or 4 bytes. */
+  readUint(address: number | bigint, width: 1 | 2 | 4): number {
+    const { bytes, offset } = this.translate(address, width);
+    let v = 0;
+    for (let i = width - 1; i >= 0; i--) v = v * 256 + (bytes[offset + i] as number);
+    return v;
+  }
+
+  /** Reads a little-endian 64-bit unsigned integer. */
+  readU64(address: number | bigint): bigint {
+    const { bytes, offset } = this.translate(address, 8);
+    return new DataView(bytes.buffer, bytes.byteOffset + offset, 8).getBigUint64(0, true);
+  }
+
+  /** Writes a little-endian unsigned integer of 1, 2 or 4 bytes (the value is truncated to width). */
+  writeUint(address: number | bigint, width: 1 | 2 | 4, value: number): void {
+    const { bytes, offset } = this.translate(address, width);
+    let v = value >>> 0;
+    for (let i = 0; i < width; i++) {
+      bytes[offset + i] = v & 0xff;
+      v >>>= 8;
+    }
+  }
+
+  /** Writes a little-endian 64-bit unsigned integer. */
+  writeU64(address: number | bigint, value: bigint): void {
+    const { bytes, offset } = this.translate(address, 8);
+    new DataView(bytes.buffer, bytes.byteOffset + offset, 8).setBigUint64(0, BigInt.asUintN(64, value), true);
+  }
+
+  /** Reads a NUL-terminated string of at most `max` bytes (latin1). */
+  readCString(address: number | bigint, max = 4096): string {
+    let out = '';
+    const base = typeof address === 'bigint' ? address : BigInt(address);
+    for (let i = 0; i < max; i++) {
+      const c = this.readUint(base + BigInt(i), 1);
+      if (c === 0) return out;
+      out += String.fromCharCode(c);
+    }
+    throw new GuestMemoryError(base, max, 'string is not terminated within the limit');
+  }
+
+  /** Drops every region without closing host memory (used by `Machine.close`). */
+  clear(): HostMemory[] {
+    const hosts = this.#regions.map((r) => r.host);
+    this.#regions = [];
+    return hosts;
+  }
+}
+
+/** Validates a region size: positive, 4 KiB multiple, below `max`. */
+export function checkRegionSize(size: unknown, argument: string, max = 64 * 1024 ** 3): number {
+  if (typeof size !== 'number' || !Number.isSafeInteger(size) || size <= 0) {
+    throw new InvalidArgumentError(argument, `must be a positive integer number of bytes, got ${String(size)}`);
+  }
+  if (size % 4096 !== 0) throw new InvalidArgumentError(argument, `must be a multiple of 4096, got ${size}`);
+  if (size > max) throw new InvalidArgumentError(argument, `${size} bytes exceeds the limit of ${max}`);
+  return size;
+}
+
+export { gpa };

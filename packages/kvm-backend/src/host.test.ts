@@ -1,0 +1,67 @@
+import { readdirSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import { KvmSystem } from './system.js';
+import { KvmUnavailableError, TsvmError } from './errors.js';
+import { MemfdMapping } from './memfd.js';
+import { armSlice, consumeSliceSignal, disarmSlice, runSignalMask, sliceSignal } from './timer.js';
+
+const fdCount = (): number => readdirSync('/proc/self/fd').length;
+
+describe('host plumbing that needs no KVM', () => {
+  it('maps a memfd shared, writes through it, and releases the fd on close', () => {
+    const before = fdCount();
+    const m = MemfdMapping.create(64 * 1024);
+    expect(m.fd).toBeGreaterThan(2);
+    expect(m.hostAddress).toBeGreaterThan(0n);
+    m.bytes[100] = 0xab;
+    expect(m.bytes[100]).toBe(0xab);
+    m.close();
+    m.close();
+    expect(m.bytes.length).toBe(0);
+    expect(fdCount()).toBe(before);
+  });
+
+  it('a private mapping of the same memfd is copy-on-write', async () => {
+    const { libc } = await import('./raw/libc.js');
+    const shared = MemfdMapping.create(8192);
+    shared.bytes[0] = 1;
+    const dupFd = libc().open(`/proc/self/fd/${shared.fd}`, 2);
+    const priv = MemfdMapping.map(dupFd, 8192, false);
+    expect(priv.bytes[0]).toBe(1);
+    priv.bytes[0] = 2;
+    expect(shared.bytes[0]).toBe(1);
+    priv.close();
+    shared.close();
+  });
+
+  it('the slice timer fires at this thread and the pending signal is consumed without a handler', () => {
+    armSlice(1_000_000); // 1 ms
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20);
+    expect(consumeSliceSignal()).toBe(true);
+    expect(consumeSliceSignal()).toBe(false);
+    armSlice(50_000_000);
+    disarmSlice();
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 60);
+    expect(consumeSliceSignal()).toBe(false);
+  });
+
+  it('the KVM_RUN signal mask unblocks only the slice signal', () => {
+    const mask = runSignalMask();
+    expect(mask.length).toBe(8);
+    const bit = sliceSignal() - 1;
+    expect(((mask[bit >> 3] as number) >> (bit & 7)) & 1).toBe(0);
+  });
+
+  it('opening a missing KVM device fails with KvmUnavailableError and a reason', () => {
+    let err: unknown;
+    try {
+      KvmSystem.open('/dev/tsvm-no-such-kvm');
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(KvmUnavailableError);
+    expect(err).toBeInstanceOf(TsvmError);
+    expect((err as KvmUnavailableError).reason).toMatch(/cannot open \/dev\/tsvm-no-such-kvm: ENOENT/);
+    expect((err as KvmUnavailableError).code).toBe('TSVM_KVM_UNAVAILABLE');
+  });
+});

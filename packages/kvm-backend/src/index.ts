@@ -1,0 +1,22 @@
+/**
+ * `@tsvm/kvm-backend` — raw, typed bindings to the Linux KVM API through koffi, in the spirit
+ * of rust-vmm's `kvm-ioctls`: one wrapper method per ioctl, typed values in and out, errors
+ * that name the ioctl and errno, and no policy, retries or event loops.
+ *
+ * - {@link KvmSystem} (`/dev/kvm`) → {@link KvmVm} → {@link KvmVcpu}
+ * - {@link MemfdMapping}: guest RAM on a memfd
+ * - slice preemption: {@link armSlice} / {@link consumeSliceSignal} / {@link runSignalMask}
+ * - `raw`: struct layouts, ioctl numbers, libc
+ * @module
+ */
+export { TsvmError, KvmError, KvmUnavailableError, errnoName } from './errors.js';
+export { KvmSystem, decodeCpuid, encodeCpuid } from './system.js';
+export { KvmVm, type MemslotFlags } from './vm.js';
+export { KvmVcpu } from './vcpu.js';
+export { MemfdMapping } from './memfd.js';
+export { armSlice, disarmSlice, consumeSliceSignal, runSignalMask, sliceSignal } from './timer.js';
+export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './types.js';
+export { REG_NAMES } from './types.js';
+export { KVM, KVM_CAP, KVM_EXIT, KVM_CONST, type KvmIoctl } from './raw/ioctls.js';
+export { KVM_RUN_OFFSETS } from './raw/structs.js';
+export { libc, errno as lastErrno } from './raw/libc.js';

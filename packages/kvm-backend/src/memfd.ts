@@ -1,0 +1,72 @@
+/**
+ * Guest RAM backing: an anonymous `memfd` mapped `MAP_SHARED`. The file *is* the memory image
+ * (snapshots write it out, forks map it `MAP_PRIVATE` for copy-on-write, workers can map it too).
+ * @module
+ */
+import { C, addressOf, errno, libc, viewOf, type NativePointer } from './raw/libc.js';
+import { KvmError } from './errors.js';
+import { closeFd } from './fd.js';
+
+/** A host mapping of a memfd. */
+export class MemfdMapping {
+  /** The memfd, or -1 after close. */
+  fd: number;
+  /** Host virtual address of the mapping. */
+  readonly hostAddress: bigint;
+  /** Mapping length in bytes. */
+  readonly size: number;
+  /**
+   * SAFETY: a view over the mmap'd region. It is valid until {@link close}; the only holder is
+   * the guest-memory object that owns this mapping and drops it on close.
+   */
+  bytes: Uint8Array;
+  #ptr: NativePointer;
+  #closed = false;
+
+  private constructor(fd: number, ptr: NativePointer, size: number) {
+    this.fd = fd;
+    this.#ptr = ptr;
+    this.size = size;
+    this.hostAddress = addressOf(ptr);
+    this.bytes = new Uint8Array(viewOf(ptr, size));
+  }
+
+  /**
+   * Creates a new zero-filled memfd of `size` bytes and maps it shared.
+   * @param size - bytes, a multiple of the page size.
+   * @param name - name shown in `/proc/self/fd`.
+   */
+  static create(size: number, name = 'tsvm-ram'): MemfdMapping {
+    const c = libc();
+    const fd = c.memfd_create(name, C.MFD_CLOEXEC);
+    if (fd < 0) throw new KvmError('memfd_create', errno());
+    try {
+      if (c.ftruncate(fd, size) < 0) throw new KvmError('ftruncate', errno());
+      return MemfdMapping.map(fd, size, true);
+    } catch (e) {
+      closeFd(fd);
+      throw e;
+    }
+  }
+
+  /**
+   * Maps an existing memfd. `shared=false` gives a private copy-on-write view (fork).
+   * Takes ownership of `fd`.
+   */
+  static map(fd: number, size: number, shared: boolean): MemfdMapping {
+    const c = libc();
+    const ptr = c.mmap(null, size, C.PROT_READ | C.PROT_WRITE, (shared ? C.MAP_SHARED : C.MAP_PRIVATE) | C.MAP_NORESERVE, fd, 0);
+    if (addressOf(ptr) === 0xffffffffffffffffn || ptr === null) throw new KvmError('mmap', errno());
+    return new MemfdMapping(fd, ptr, size);
+  }
+
+  /** Unmaps and closes the memfd. Idempotent. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.bytes = new Uint8Array(0);
+    libc().munmap(this.#ptr, this.size);
+    closeFd(this.fd);
+    this.fd = -1;
+  }
+}

@@ -1,0 +1,142 @@
+/**
+ * Every KVM ioctl number tsvm uses, derived from the kernel's `_IOC` encoding and the struct
+ * sizes in `structs.ts` rather than pasted as magic numbers. `ioctls.test.ts` checks each one
+ * against the C preprocessor's value from `<linux/kvm.h>`.
+ * @module
+ */
+import * as S from './structs.js';
+
+const KVMIO = 0xae;
+const IOC_NONE = 0;
+const IOC_WRITE = 1;
+const IOC_READ = 2;
+
+function ioc(dir: number, type: number, nr: number, size: number): number {
+  // _IOC(dir,type,nr,size) = dir<<30 | size<<16 | type<<8 | nr; kept unsigned.
+  return ((dir << 30) | (size << 16) | (type << 8) | nr) >>> 0;
+}
+const io = (nr: number): number => ioc(IOC_NONE, KVMIO, nr, 0);
+const ior = (nr: number, size: number): number => ioc(IOC_READ, KVMIO, nr, size);
+const iow = (nr: number, size: number): number => ioc(IOC_WRITE, KVMIO, nr, size);
+const iowr = (nr: number, size: number): number => ioc(IOC_READ | IOC_WRITE, KVMIO, nr, size);
+const sz = S.sizeOf;
+
+/** ioctl request numbers, by their kernel names. */
+export const KVM = {
+  // /dev/kvm
+  KVM_GET_API_VERSION: io(0x00),
+  KVM_CREATE_VM: io(0x01),
+  KVM_GET_MSR_INDEX_LIST: iowr(0x02, 4),
+  KVM_CHECK_EXTENSION: io(0x03),
+  KVM_GET_VCPU_MMAP_SIZE: io(0x04),
+  KVM_GET_SUPPORTED_CPUID: iowr(0x05, sz(S.kvm_cpuid2)),
+  // VM
+  KVM_CREATE_VCPU: io(0x41),
+  KVM_GET_DIRTY_LOG: iow(0x42, sz(S.kvm_dirty_log)),
+  KVM_SET_USER_MEMORY_REGION: iow(0x46, sz(S.kvm_userspace_memory_region)),
+  KVM_SET_TSS_ADDR: io(0x47),
+  KVM_SET_IDENTITY_MAP_ADDR: iow(0x48, 8),
+  KVM_CREATE_IRQCHIP: io(0x60),
+  KVM_IRQ_LINE: iow(0x61, sz(S.kvm_irq_level)),
+  KVM_REGISTER_COALESCED_MMIO: iow(0x67, sz(S.kvm_coalesced_mmio_zone)),
+  KVM_UNREGISTER_COALESCED_MMIO: iow(0x68, sz(S.kvm_coalesced_mmio_zone)),
+  KVM_IRQFD: iow(0x76, sz(S.kvm_irqfd)),
+  KVM_CREATE_PIT2: iow(0x77, sz(S.kvm_pit_config)),
+  KVM_IOEVENTFD: iow(0x79, sz(S.kvm_ioeventfd)),
+  KVM_SET_CLOCK: iow(0x7b, sz(S.kvm_clock_data)),
+  KVM_GET_CLOCK: ior(0x7c, sz(S.kvm_clock_data)),
+  KVM_ENABLE_CAP: iow(0xa3, sz(S.kvm_enable_cap)),
+  KVM_X86_SET_MSR_FILTER: iow(0xc6, sz(S.kvm_msr_filter)),
+  // vCPU
+  KVM_RUN: io(0x80),
+  KVM_GET_REGS: ior(0x81, sz(S.kvm_regs)),
+  KVM_SET_REGS: iow(0x82, sz(S.kvm_regs)),
+  KVM_GET_SREGS: ior(0x83, sz(S.kvm_sregs)),
+  KVM_SET_SREGS: iow(0x84, sz(S.kvm_sregs)),
+  KVM_TRANSLATE: iowr(0x85, sz(S.kvm_translation)),
+  KVM_GET_MSRS: iowr(0x88, sz(S.kvm_msrs)),
+  KVM_SET_MSRS: iow(0x89, sz(S.kvm_msrs)),
+  KVM_SET_SIGNAL_MASK: iow(0x8b, 4),
+  KVM_GET_FPU: ior(0x8c, sz(S.kvm_fpu)),
+  KVM_SET_FPU: iow(0x8d, sz(S.kvm_fpu)),
+  KVM_GET_LAPIC: ior(0x8e, sz(S.kvm_lapic_state)),
+  KVM_SET_LAPIC: iow(0x8f, sz(S.kvm_lapic_state)),
+  KVM_SET_CPUID2: iow(0x90, sz(S.kvm_cpuid2)),
+  KVM_GET_CPUID2: iowr(0x91, sz(S.kvm_cpuid2)),
+  KVM_GET_MP_STATE: ior(0x98, sz(S.kvm_mp_state)),
+  KVM_SET_MP_STATE: iow(0x99, sz(S.kvm_mp_state)),
+  KVM_SET_GUEST_DEBUG: iow(0x9b, sz(S.kvm_guest_debug)),
+  KVM_GET_VCPU_EVENTS: ior(0x9f, sz(S.kvm_vcpu_events)),
+  KVM_SET_VCPU_EVENTS: iow(0xa0, sz(S.kvm_vcpu_events)),
+  KVM_GET_DEBUGREGS: ior(0xa1, sz(S.kvm_debugregs)),
+  KVM_SET_DEBUGREGS: iow(0xa2, sz(S.kvm_debugregs)),
+  KVM_GET_XSAVE: ior(0xa4, sz(S.kvm_xsave)),
+  KVM_SET_XSAVE: iow(0xa5, sz(S.kvm_xsave)),
+} as const;
+
+/** Name of an ioctl request. */
+export type KvmIoctl = keyof typeof KVM;
+
+/** `KVM_CAP_*` extension numbers tsvm checks. */
+export const KVM_CAP = {
+  IRQCHIP: 0,
+  HLT: 1,
+  USER_MEMORY: 3,
+  SET_TSS_ADDR: 4,
+  EXT_CPUID: 7,
+  NR_VCPUS: 9,
+  NR_MEMSLOTS: 10,
+  PIT: 11,
+  COALESCED_MMIO: 15,
+  SET_GUEST_DEBUG: 23,
+  IOEVENTFD: 36,
+  PIT2: 33,
+  IRQFD: 32,
+  ADJUST_CLOCK: 39,
+  XSAVE: 55,
+  READONLY_MEM: 81,
+  IMMEDIATE_EXIT: 136,
+  COALESCED_PIO: 162,
+  X86_USER_SPACE_MSR: 188,
+  X86_MSR_FILTER: 189,
+  DIRTY_LOG_RING: 192,
+  DIRTY_LOG_RING_ACQ_REL: 223,
+  MAX_VCPUS: 66,
+} as const;
+
+/** `KVM_EXIT_*` reasons. */
+export const KVM_EXIT = {
+  UNKNOWN: 0, EXCEPTION: 1, IO: 2, HYPERCALL: 3, DEBUG: 4, HLT: 5, MMIO: 6, IRQ_WINDOW_OPEN: 7,
+  SHUTDOWN: 8, FAIL_ENTRY: 9, INTR: 10, SET_TPR: 11, TPR_ACCESS: 12, NMI: 16, INTERNAL_ERROR: 17,
+  SYSTEM_EVENT: 24, X86_RDMSR: 29, X86_WRMSR: 30,
+} as const;
+
+/** Other KVM ABI constants. */
+export const KVM_CONST = {
+  API_VERSION: 12,
+  MEM_LOG_DIRTY_PAGES: 1,
+  MEM_READONLY: 2,
+  EXIT_IO_IN: 0,
+  EXIT_IO_OUT: 1,
+  COALESCED_MMIO_PAGE_OFFSET: 1,
+  GUESTDBG_ENABLE: 0x1,
+  GUESTDBG_SINGLESTEP: 0x2,
+  GUESTDBG_USE_SW_BP: 0x10000,
+  GUESTDBG_USE_HW_BP: 0x20000,
+  MP_STATE_RUNNABLE: 0,
+  MP_STATE_UNINITIALIZED: 1,
+  MP_STATE_INIT_RECEIVED: 2,
+  MP_STATE_HALTED: 3,
+  MSR_EXIT_REASON_INVAL: 1,
+  MSR_EXIT_REASON_UNKNOWN: 2,
+  MSR_EXIT_REASON_FILTER: 4,
+  MSR_FILTER_READ: 1,
+  MSR_FILTER_WRITE: 2,
+  MSR_FILTER_DEFAULT_ALLOW: 0,
+  MSR_FILTER_DEFAULT_DENY: 1,
+  IOEVENTFD_FLAG_DATAMATCH: 1,
+  IOEVENTFD_FLAG_PIO: 2,
+  SYSTEM_EVENT_SHUTDOWN: 1,
+  SYSTEM_EVENT_RESET: 2,
+  SYSTEM_EVENT_CRASH: 3,
+} as const;

@@ -1,0 +1,121 @@
+/**
+ * libc through koffi: one lazy `koffi.load`, one typed function per symbol. Nothing here
+ * interprets results; callers check return values and read `errno()`.
+ *
+ * `ioctl` is variadic in C. On x86-64 SysV a variadic call with integer/pointer arguments is
+ * ABI-identical to a fixed one, so we bind it twice with fixed prototypes (a pointer third
+ * argument and an integer one); koffi's variadic path would cost a type parse per call.
+ * @module
+ */
+import koffi from 'koffi';
+
+/** An opaque native pointer as returned by koffi. */
+export type NativePointer = unknown;
+
+/** The libc functions tsvm uses. */
+export interface Libc {
+  open(path: string, flags: number): number;
+  close(fd: number): number;
+  ioctlPtr(fd: number, request: number, arg: Uint8Array | null): number;
+  ioctlInt(fd: number, request: number, arg: number | bigint): number;
+  mmap(addr: null, length: number, prot: number, flags: number, fd: number, offset: number): NativePointer;
+  munmap(addr: NativePointer, length: number): number;
+  memfd_create(name: string, flags: number): number;
+  ftruncate(fd: number, length: number): number;
+  timer_create(clockid: number, sevp: Uint8Array, timerid: Uint8Array): number;
+  timer_settime(timerid: NativePointer, flags: number, value: Uint8Array, old: null): number;
+  timer_delete(timerid: NativePointer): number;
+  pthread_sigmask(how: number, set: Uint8Array | null, old: Uint8Array | null): number;
+  sigtimedwait(set: Uint8Array, info: Uint8Array | null, timeout: Uint8Array): number;
+  gettid(): number;
+  sigemptyset(set: Uint8Array): number;
+  sigaddset(set: Uint8Array, signo: number): number;
+  sigismember(set: Uint8Array, signo: number): number;
+  __libc_current_sigrtmin(): number;
+  eventfd(initval: number, flags: number): number;
+  read(fd: number, buf: Uint8Array, count: number): number;
+  write(fd: number, buf: Uint8Array, count: number): number;
+}
+
+let cached: Libc | undefined;
+let lib: koffi.IKoffiLib | undefined;
+
+/** Loads libc on first use. Throws koffi's error when libc cannot be loaded (not Linux). */
+export function libc(): Libc {
+  if (cached) return cached;
+  lib = koffi.load('libc.so.6');
+  const l = lib;
+  const timerT = koffi.pointer('tsvm_timer_t', koffi.opaque());
+  cached = {
+    open: l.func('int open(const char *path, int flags)'),
+    close: l.func('int close(int fd)'),
+    ioctlPtr: l.func('ioctl', 'int', ['int', 'unsigned long', 'void *']),
+    ioctlInt: l.func('ioctl', 'int', ['int', 'unsigned long', 'uint64_t']),
+    mmap: l.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)'),
+    munmap: l.func('int munmap(void *addr, size_t length)'),
+    memfd_create: l.func('int memfd_create(const char *name, unsigned int flags)'),
+    ftruncate: l.func('int ftruncate(int fd, int64_t length)'),
+    timer_create: l.func('timer_create', 'int', ['int', 'void *', 'void *']),
+    timer_settime: l.func('timer_settime', 'int', [timerT, 'int', 'void *', 'void *']),
+    timer_delete: l.func('timer_delete', 'int', [timerT]),
+    pthread_sigmask: l.func('int pthread_sigmask(int how, void *set, void *old)'),
+    sigtimedwait: l.func('int sigtimedwait(void *set, void *info, void *timeout)'),
+    gettid: l.func('int gettid()'),
+    sigemptyset: l.func('int sigemptyset(void *set)'),
+    sigaddset: l.func('int sigaddset(void *set, int signo)'),
+    sigismember: l.func('int sigismember(void *set, int signo)'),
+    __libc_current_sigrtmin: l.func('int __libc_current_sigrtmin()'),
+    eventfd: l.func('int eventfd(unsigned int initval, int flags)'),
+    read: l.func('long read(int fd, void *buf, size_t count)'),
+    write: l.func('long write(int fd, void *buf, size_t count)'),
+  } as Libc;
+  return cached;
+}
+
+/** The calling thread's `errno` after the last libc call. */
+export function errno(): number {
+  return koffi.errno();
+}
+
+/** Host virtual address of a native pointer. */
+export function addressOf(ptr: NativePointer): bigint {
+  return koffi.address(ptr) as bigint;
+}
+
+/**
+ * An ArrayBuffer over native memory. SAFETY: the caller must drop every view before the
+ * memory is unmapped; tsvm confines these views to objects whose `close()` unmaps.
+ */
+export function viewOf(ptr: NativePointer, length: number): ArrayBuffer {
+  return koffi.view(ptr, length);
+}
+
+/** Reads a native pointer stored in the first 8 bytes of `buf` (used for `timer_t`). */
+export function decodePointer(buf: Uint8Array): NativePointer {
+  return koffi.decode(buf, 'void *');
+}
+
+/** libc constants used by the backend (x86-64 Linux values). */
+export const C = {
+  O_RDWR: 0o2,
+  O_CLOEXEC: 0o2000000,
+  PROT_READ: 1,
+  PROT_WRITE: 2,
+  MAP_SHARED: 1,
+  MAP_PRIVATE: 2,
+  MAP_NORESERVE: 0x4000,
+  MFD_CLOEXEC: 1,
+  CLOCK_MONOTONIC: 1,
+  SIGEV_THREAD_ID: 4,
+  SIG_BLOCK: 0,
+  SIG_UNBLOCK: 1,
+  SIG_SETMASK: 2,
+  EFD_CLOEXEC: 0o2000000,
+  EFD_NONBLOCK: 0o4000,
+  EINTR: 4,
+  EAGAIN: 11,
+  /** glibc's `sigset_t` is 1024 bits. */
+  SIGSET_BYTES: 128,
+  /** The kernel's sigset is 64 bits: what KVM_SET_SIGNAL_MASK expects. */
+  KERNEL_SIGSET_BYTES: 8,
+} as const;

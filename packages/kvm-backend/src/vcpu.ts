@@ -1,0 +1,218 @@
+/**
+ * A vCPU fd and its mmap'd `kvm_run`. One method per ioctl; `run()` is the hot path and does
+ * exactly one `KVM_RUN` with no allocation.
+ * @module
+ */
+import { C, errno, libc, viewOf, type NativePointer } from './raw/libc.js';
+import * as S from './raw/structs.js';
+import { KVM, KVM_CONST, KVM_EXIT } from './raw/ioctls.js';
+import { decodeRegs, decodeSregs, dv, encodeRegs, encodeSregs } from './raw/codec.js';
+import { KvmError } from './errors.js';
+import { closeFd, ioctlPtr } from './fd.js';
+import { encodeCpuid } from './system.js';
+import type { CoalescedEntry, CpuidEntry, MsrEntry, Regs, Sregs } from './types.js';
+
+const PAGE = 4096;
+
+/** An open vCPU. */
+export class KvmVcpu {
+  /** vCPU fd, or -1 after close. */
+  fd: number;
+  /** vCPU id. */
+  readonly id: number;
+  /**
+   * SAFETY: a view of this vCPU's `kvm_run` mapping; valid until {@link close}, which unmaps
+   * it and replaces this with an empty view. Decoders copy data out at exit time.
+   */
+  run_: DataView;
+  /** The same mapping as bytes (for `io.data_offset` payloads). Same lifetime as {@link run_}. */
+  runBytes: Uint8Array;
+  readonly #mmapSize: number;
+  #ptr: NativePointer;
+  readonly #ioctl = libc().ioctlInt;
+  readonly #runReq = KVM.KVM_RUN;
+  readonly #regsBuf = new Uint8Array(S.sizeOf(S.kvm_regs));
+  readonly #sregsBuf = new Uint8Array(S.sizeOf(S.kvm_sregs));
+
+  /** @internal use `KvmVm.createVcpu`. */
+  constructor(fd: number, id: number, mmapSize: number) {
+    this.fd = fd;
+    this.id = id;
+    this.#mmapSize = mmapSize;
+    const ptr = libc().mmap(null, mmapSize, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED, fd, 0);
+    if (ptr === null) throw new KvmError('mmap(kvm_run)', errno());
+    this.#ptr = ptr;
+    const ab = viewOf(ptr, mmapSize);
+    this.run_ = new DataView(ab);
+    this.runBytes = new Uint8Array(ab);
+  }
+
+  /**
+   * `KVM_RUN`. Returns the exit reason. An interrupted run (our slice signal) returns
+   * `KVM_EXIT.INTR`; any other failure throws {@link KvmError}.
+   */
+  run(): number {
+    const r = this.#ioctl(this.fd, this.#runReq, 0);
+    if (r < 0) {
+      const e = errno();
+      if (e === C.EINTR || e === C.EAGAIN) return KVM_EXIT.INTR;
+      throw new KvmError('KVM_RUN', e);
+    }
+    return this.run_.getUint32(S.KVM_RUN_OFFSETS.exit_reason, true);
+  }
+
+  /** Sets `kvm_run.immediate_exit` (the next `KVM_RUN` returns at once with EINTR). */
+  setImmediateExit(on: boolean): void {
+    this.run_.setUint8(S.KVM_RUN_OFFSETS.immediate_exit, on ? 1 : 0);
+  }
+
+  /** `KVM_GET_REGS`. */
+  getRegs(): Regs {
+    ioctlPtr(this.fd, 'KVM_GET_REGS', this.#regsBuf);
+    return decodeRegs(this.#regsBuf);
+  }
+
+  /** `KVM_SET_REGS`. */
+  setRegs(regs: Regs): void {
+    encodeRegs(regs, this.#regsBuf);
+    ioctlPtr(this.fd, 'KVM_SET_REGS', this.#regsBuf);
+  }
+
+  /** `KVM_GET_SREGS`. */
+  getSregs(): Sregs {
+    ioctlPtr(this.fd, 'KVM_GET_SREGS', this.#sregsBuf);
+    return decodeSregs(this.#sregsBuf);
+  }
+
+  /** `KVM_SET_SREGS`. */
+  setSregs(sregs: Sregs): void {
+    encodeSregs(sregs, this.#sregsBuf);
+    ioctlPtr(this.fd, 'KVM_SET_SREGS', this.#sregsBuf);
+  }
+
+  /** `KVM_SET_CPUID2`. */
+  setCpuid(entries: readonly CpuidEntry[]): void {
+    ioctlPtr(this.fd, 'KVM_SET_CPUID2', encodeCpuid(entries));
+  }
+
+  /** `KVM_GET_MSRS` for the given indices. */
+  getMsrs(indices: readonly number[]): MsrEntry[] {
+    const b = new Uint8Array(8 + indices.length * 16);
+    const v = dv(b);
+    v.setUint32(0, indices.length, true);
+    indices.forEach((ix, i) => v.setUint32(8 + i * 16, ix, true));
+    const n = ioctlPtr(this.fd, 'KVM_GET_MSRS', b);
+    return indices.slice(0, n).map((index, i) => ({ index, data: v.getBigUint64(8 + i * 16 + 8, true) }));
+  }
+
+  /** `KVM_SET_MSRS`. Throws if KVM accepted fewer than all entries. */
+  setMsrs(entries: readonly MsrEntry[]): void {
+    const b = new Uint8Array(8 + entries.length * 16);
+    const v = dv(b);
+    v.setUint32(0, entries.length, true);
+    entries.forEach((e, i) => { v.setUint32(8 + i * 16, e.index, true); v.setBigUint64(8 + i * 16 + 8, BigInt.asUintN(64, e.data), true); });
+    const n = ioctlPtr(this.fd, 'KVM_SET_MSRS', b);
+    if (n !== entries.length) throw new KvmError('KVM_SET_MSRS', 22, `MSR 0x${entries[n]?.index.toString(16)} rejected`);
+  }
+
+  /** `KVM_GET_MP_STATE`. */
+  getMpState(): number {
+    const b = new Uint8Array(4);
+    ioctlPtr(this.fd, 'KVM_GET_MP_STATE', b);
+    return dv(b).getUint32(0, true);
+  }
+
+  /** `KVM_SET_MP_STATE`. */
+  setMpState(state: number): void {
+    const b = new Uint8Array(4);
+    dv(b).setUint32(0, state, true);
+    ioctlPtr(this.fd, 'KVM_SET_MP_STATE', b);
+  }
+
+  /** `KVM_SET_GUEST_DEBUG` (`control` = `KVM_GUESTDBG_*` flags; `debugreg` = DR0-3, 6, 7 in slots 0-3, 6, 7). */
+  setGuestDebug(control: number, debugreg: readonly bigint[] = []): void {
+    const b = new Uint8Array(S.sizeOf(S.kvm_guest_debug));
+    const v = dv(b);
+    v.setUint32(0, control, true);
+    debugreg.slice(0, 8).forEach((d, i) => v.setBigUint64(8 + i * 8, d, true));
+    ioctlPtr(this.fd, 'KVM_SET_GUEST_DEBUG', b);
+  }
+
+  /** `KVM_SET_SIGNAL_MASK` with a kernel sigset (8 bytes); `null` clears the mask. */
+  setSignalMask(kernelSigset: Uint8Array | null): void {
+    if (!kernelSigset) { ioctlPtr(this.fd, 'KVM_SET_SIGNAL_MASK', null); return; }
+    const b = new Uint8Array(4 + kernelSigset.length);
+    dv(b).setUint32(0, kernelSigset.length, true);
+    b.set(kernelSigset, 4);
+    ioctlPtr(this.fd, 'KVM_SET_SIGNAL_MASK', b);
+  }
+
+  /** `KVM_ENABLE_CAP` on the vCPU. */
+  enableCap(cap: number, args: readonly bigint[] = []): void {
+    const b = new Uint8Array(S.sizeOf(S.kvm_enable_cap));
+    const v = dv(b);
+    v.setUint32(0, cap, true);
+    args.slice(0, 4).forEach((a, i) => v.setBigUint64(8 + i * 8, a, true));
+    ioctlPtr(this.fd, 'KVM_ENABLE_CAP', b);
+  }
+
+  /** Raw state blobs for snapshots: `KVM_GET_{FPU,LAPIC,VCPU_EVENTS,DEBUGREGS,XSAVE}`. */
+  getBlob(kind: 'fpu' | 'lapic' | 'events' | 'debugregs' | 'xsave'): Uint8Array {
+    const [name, type] = BLOBS[kind];
+    const b = new Uint8Array(S.sizeOf(type));
+    ioctlPtr(this.fd, `KVM_GET_${name}`, b);
+    return b;
+  }
+
+  /** Writes a blob produced by {@link getBlob}. */
+  setBlob(kind: 'fpu' | 'lapic' | 'events' | 'debugregs' | 'xsave', data: Uint8Array): void {
+    const [name, type] = BLOBS[kind];
+    if (data.length !== S.sizeOf(type)) throw new KvmError(`KVM_SET_${name}`, 22, `blob must be ${S.sizeOf(type)} bytes`);
+    ioctlPtr(this.fd, `KVM_SET_${name}`, data);
+  }
+
+  /**
+   * Drains the coalesced MMIO/PIO ring (page `KVM_COALESCED_MMIO_PAGE_OFFSET` of the vCPU
+   * mapping). Returns the entries in order and advances `first`.
+   */
+  drainCoalesced(into: CoalescedEntry[] = []): CoalescedEntry[] {
+    if (this.#mmapSize < (KVM_CONST.COALESCED_MMIO_PAGE_OFFSET + 1) * PAGE) return into;
+    const base = KVM_CONST.COALESCED_MMIO_PAGE_OFFSET * PAGE;
+    const v = this.run_;
+    const max = Math.floor((PAGE - 8) / 24);
+    let first = v.getUint32(base, true);
+    const last = v.getUint32(base + 4, true);
+    while (first !== last) {
+      const at = base + 8 + first * 24;
+      const len = v.getUint32(at + 8, true);
+      into.push({
+        address: v.getBigUint64(at, true),
+        length: len,
+        pio: v.getUint32(at + 12, true) !== 0,
+        data: this.runBytes.slice(at + 16, at + 16 + Math.min(len, 8)),
+      });
+      first = (first + 1) % max;
+      // Publish consumption before reading the next entry, as the kernel expects.
+      v.setUint32(base, first, true);
+    }
+    return into;
+  }
+
+  /** Unmaps `kvm_run` and closes the fd. Idempotent. */
+  close(): void {
+    if (this.fd < 0) return;
+    libc().munmap(this.#ptr, this.#mmapSize);
+    this.run_ = new DataView(new ArrayBuffer(0));
+    this.runBytes = new Uint8Array(0);
+    closeFd(this.fd);
+    this.fd = -1;
+  }
+}
+
+const BLOBS = {
+  fpu: ['FPU', S.kvm_fpu],
+  lapic: ['LAPIC', S.kvm_lapic_state],
+  events: ['VCPU_EVENTS', S.kvm_vcpu_events],
+  debugregs: ['DEBUGREGS', S.kvm_debugregs],
+  xsave: ['XSAVE', S.kvm_xsave],
+} as const;

@@ -1,0 +1,187 @@
+/**
+ * A VM fd. One method per ioctl; no policy.
+ * @module
+ */
+import * as S from './raw/structs.js';
+import { dv } from './raw/codec.js';
+import { KVM_CONST } from './raw/ioctls.js';
+import { closeFd, ioctlInt, ioctlPtr } from './fd.js';
+import { KvmVcpu } from './vcpu.js';
+import type { KvmSystem } from './system.js';
+
+/** Flags of a memslot. */
+export interface MemslotFlags {
+  /** Track dirty pages (`KVM_MEM_LOG_DIRTY_PAGES`). */
+  logDirty?: boolean;
+  /** Guest writes exit as MMIO (`KVM_MEM_READONLY`). */
+  readonly?: boolean;
+}
+
+/** An open KVM VM. */
+export class KvmVm {
+  /** VM fd, or -1 after close. */
+  fd: number;
+  /** The system this VM belongs to. */
+  readonly system: KvmSystem;
+  readonly #regionBuf = new Uint8Array(S.sizeOf(S.kvm_userspace_memory_region));
+
+  /** @internal use {@link KvmSystem.createVm}. */
+  constructor(fd: number, system: KvmSystem) {
+    this.fd = fd;
+    this.system = system;
+  }
+
+  /** `KVM_SET_USER_MEMORY_REGION`. A size of 0 deletes the slot. */
+  setUserMemoryRegion(slot: number, guestPhys: bigint, size: number, hostAddress: bigint, flags: MemslotFlags = {}): void {
+    const v = dv(this.#regionBuf);
+    v.setUint32(0, slot, true);
+    v.setUint32(4, (flags.logDirty ? KVM_CONST.MEM_LOG_DIRTY_PAGES : 0) | (flags.readonly ? KVM_CONST.MEM_READONLY : 0), true);
+    v.setBigUint64(8, guestPhys, true);
+    v.setBigUint64(16, BigInt(size), true);
+    v.setBigUint64(24, hostAddress, true);
+    ioctlPtr(this.fd, 'KVM_SET_USER_MEMORY_REGION', this.#regionBuf);
+  }
+
+  /** `KVM_SET_TSS_ADDR` (needed on Intel before running real-mode code). */
+  setTssAddr(address: number): void {
+    ioctlInt(this.fd, 'KVM_SET_TSS_ADDR', address);
+  }
+
+  /** `KVM_SET_IDENTITY_MAP_ADDR`. */
+  setIdentityMapAddr(address: bigint): void {
+    const b = new Uint8Array(8);
+    dv(b).setBigUint64(0, address, true);
+    ioctlPtr(this.fd, 'KVM_SET_IDENTITY_MAP_ADDR', b);
+  }
+
+  /** `KVM_CREATE_IRQCHIP` (PIC + IOAPIC + per-vCPU LAPIC in the kernel). */
+  createIrqchip(): void {
+    ioctlInt(this.fd, 'KVM_CREATE_IRQCHIP');
+  }
+
+  /** `KVM_CREATE_PIT2`. */
+  createPit2(flags = 0): void {
+    const b = new Uint8Array(S.sizeOf(S.kvm_pit_config));
+    dv(b).setUint32(0, flags, true);
+    ioctlPtr(this.fd, 'KVM_CREATE_PIT2', b);
+  }
+
+  readonly #irqBuf = new Uint8Array(8);
+  /** `KVM_IRQ_LINE`. */
+  irqLine(irq: number, level: boolean): void {
+    const v = dv(this.#irqBuf);
+    v.setUint32(0, irq, true);
+    v.setUint32(4, level ? 1 : 0, true);
+    ioctlPtr(this.fd, 'KVM_IRQ_LINE', this.#irqBuf);
+  }
+
+  #zone(address: bigint, size: number, pio: boolean): Uint8Array {
+    const b = new Uint8Array(S.sizeOf(S.kvm_coalesced_mmio_zone));
+    const v = dv(b);
+    v.setBigUint64(0, address, true);
+    v.setUint32(8, size, true);
+    v.setUint32(12, pio ? 1 : 0, true);
+    return b;
+  }
+
+  /** `KVM_REGISTER_COALESCED_MMIO` (with `pio` for a port range). */
+  registerCoalesced(address: bigint, size: number, pio: boolean): void {
+    ioctlPtr(this.fd, 'KVM_REGISTER_COALESCED_MMIO', this.#zone(address, size, pio));
+  }
+
+  /** `KVM_UNREGISTER_COALESCED_MMIO`. */
+  unregisterCoalesced(address: bigint, size: number, pio: boolean): void {
+    ioctlPtr(this.fd, 'KVM_UNREGISTER_COALESCED_MMIO', this.#zone(address, size, pio));
+  }
+
+  /** `KVM_GET_DIRTY_LOG` into `bitmap` (one bit per page; the buffer's address is passed). */
+  getDirtyLog(slot: number, bitmapAddress: bigint): void {
+    const b = new Uint8Array(S.sizeOf(S.kvm_dirty_log));
+    const v = dv(b);
+    v.setUint32(0, slot, true);
+    v.setBigUint64(8, bitmapAddress, true);
+    ioctlPtr(this.fd, 'KVM_GET_DIRTY_LOG', b);
+  }
+
+  /** `KVM_ENABLE_CAP` on the VM. */
+  enableCap(cap: number, args: readonly bigint[] = [], flags = 0): void {
+    const b = new Uint8Array(S.sizeOf(S.kvm_enable_cap));
+    const v = dv(b);
+    v.setUint32(0, cap, true);
+    v.setUint32(4, flags, true);
+    args.slice(0, 4).forEach((a, i) => v.setBigUint64(8 + i * 8, a, true));
+    ioctlPtr(this.fd, 'KVM_ENABLE_CAP', b);
+  }
+
+  /**
+   * `KVM_X86_SET_MSR_FILTER`. Each range's bitmap has one bit per MSR; a set bit *allows*
+   * the access, a clear bit makes it exit to userspace (with `KVM_CAP_X86_USER_SPACE_MSR`).
+   * The bitmaps must stay alive during the call only (KVM copies them).
+   */
+  setMsrFilter(defaultDeny: boolean, ranges: ReadonlyArray<{ flags: number; base: number; nmsrs: number; bitmapAddress: bigint }>): void {
+    const b = new Uint8Array(S.sizeOf(S.kvm_msr_filter));
+    const v = dv(b);
+    v.setUint32(0, defaultDeny ? KVM_CONST.MSR_FILTER_DEFAULT_DENY : KVM_CONST.MSR_FILTER_DEFAULT_ALLOW, true);
+    const r0 = S.offsetOf(S.kvm_msr_filter, 'ranges');
+    const rs = S.sizeOf(S.kvm_msr_filter_range);
+    ranges.slice(0, 16).forEach((r, i) => {
+      const at = r0 + i * rs;
+      v.setUint32(at, r.flags, true);
+      v.setUint32(at + 4, r.nmsrs, true);
+      v.setUint32(at + 8, r.base >>> 0, true);
+      v.setBigUint64(at + 16, r.bitmapAddress, true);
+    });
+    ioctlPtr(this.fd, 'KVM_X86_SET_MSR_FILTER', b);
+  }
+
+  /** `KVM_IOEVENTFD`: a guest write to `address` signals `eventfd` without an exit. */
+  ioeventfd(address: bigint, length: number, eventfd: number, opts: { pio: boolean; datamatch?: bigint; deassign?: boolean }): void {
+    const b = new Uint8Array(S.sizeOf(S.kvm_ioeventfd));
+    const v = dv(b);
+    v.setBigUint64(0, opts.datamatch ?? 0n, true);
+    v.setBigUint64(8, address, true);
+    v.setUint32(16, length, true);
+    v.setInt32(20, eventfd, true);
+    v.setUint32(24, (opts.datamatch !== undefined ? KVM_CONST.IOEVENTFD_FLAG_DATAMATCH : 0) | (opts.pio ? KVM_CONST.IOEVENTFD_FLAG_PIO : 0) | (opts.deassign ? 4 : 0), true);
+    ioctlPtr(this.fd, 'KVM_IOEVENTFD', b);
+  }
+
+  /** `KVM_IRQFD`: writing to `eventfd` raises `gsi`. */
+  irqfd(eventfd: number, gsi: number, deassign = false): void {
+    const b = new Uint8Array(S.sizeOf(S.kvm_irqfd));
+    const v = dv(b);
+    v.setUint32(0, eventfd, true);
+    v.setUint32(4, gsi, true);
+    v.setUint32(8, deassign ? 1 : 0, true);
+    ioctlPtr(this.fd, 'KVM_IRQFD', b);
+  }
+
+  /** `KVM_GET_CLOCK` (raw bytes for snapshots). */
+  getClock(): Uint8Array {
+    const b = new Uint8Array(S.sizeOf(S.kvm_clock_data));
+    ioctlPtr(this.fd, 'KVM_GET_CLOCK', b);
+    return b;
+  }
+
+  /** `KVM_SET_CLOCK`. */
+  setClock(data: Uint8Array): void {
+    ioctlPtr(this.fd, 'KVM_SET_CLOCK', data);
+  }
+
+  /** `KVM_CREATE_VCPU` and mmap of its `kvm_run`. */
+  createVcpu(id: number): KvmVcpu {
+    const fd = ioctlInt(this.fd, 'KVM_CREATE_VCPU', id);
+    try {
+      return new KvmVcpu(fd, id, this.system.vcpuMmapSize());
+    } catch (e) {
+      closeFd(fd);
+      throw e;
+    }
+  }
+
+  /** Closes the VM fd. Idempotent. Close vCPUs and unmap memory first. */
+  close(): void {
+    closeFd(this.fd);
+    this.fd = -1;
+  }
+}

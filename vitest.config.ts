@@ -1,0 +1,28 @@
+import { defineConfig } from 'vitest/config';
+
+// Two projects: `unit` needs nothing but Node; `kvm` needs /dev/kvm and says loudly
+// (see packages/core/src/testing/kvm-gate.ts) when it skips because KVM is missing.
+export default defineConfig({
+  test: {
+    projects: [
+      {
+        test: {
+          name: 'unit',
+          include: ['packages/*/src/**/*.test.ts', 'packages/*/test/**/*.test.ts'],
+          exclude: ['**/*.kvm.test.ts', '**/node_modules/**'],
+          testTimeout: 20_000,
+        },
+      },
+      {
+        test: {
+          name: 'kvm',
+          include: ['packages/*/src/**/*.kvm.test.ts', 'packages/*/test/**/*.kvm.test.ts'],
+          testTimeout: 60_000,
+          hookTimeout: 60_000,
+          // KVM tests share a 2-core host; run files one at a time so timings stay sane.
+          fileParallelism: false,
+        },
+      },
+    ],
+  },
+});
