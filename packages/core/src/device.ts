@@ -14,6 +14,7 @@ export type DeviceStopRequest =
   | { readonly reason: 'debug-exit'; readonly code: number }
   | { readonly reason: 'reset' }
   | { readonly reason: 'shutdown' }
+  | { readonly reason: 'exception'; readonly vector: number }
   | { readonly reason: 'device-error'; readonly device: string; readonly message: string };
 
 /** Context of one access, given to every device handler. */

@@ -1,4 +1,33 @@
-export * from './device.js';
-export * from './memory.js';
-export * from './address.js';
-export * from './errors.js';
+/**
+ * `@tsvm/core` — assemble a monitored virtual machine from parts.
+ *
+ * - {@link Machine}: memory regions, one vCPU, PIO/MMIO {@link Bus}es, hooks, and a
+ *   time-sliced `run()` that returns a {@link Stop} (why it stopped) instead of throwing.
+ * - {@link GuestMemory}: every guest-physical access is bounds-checked in one place.
+ * - {@link Device}: the register-file contract devices implement.
+ * - {@link VcpuExit}: exits as a discriminated union; {@link handleExit} is the pure exit path
+ *   (mediate hooks → device → observe hooks → deny by default).
+ * - {@link Backend}: what Machine needs from a hypervisor; {@link KvmBackend} is the real one,
+ *   `@tsvm/core/testing` has a `MockBackend`.
+ * - Errors: one hierarchy rooted at {@link TsvmError}.
+ * @module
+ */
+export { Machine, type MachineOptions, type RegionOptions, type LoadFlatOptions, type RunOptions, type MachineEvents, type MachineLayout } from './machine.js';
+export { Vcpu } from './vcpu.js';
+export { GuestMemory, checkRegionSize, type HostMemory, type MemoryRegion, type IntWidth } from './memory.js';
+export { gpa, hex, MAX_GUEST_PHYS, type GuestAddress } from './address.js';
+export { Bus, type BusEntry, type BusRange, type RangeSpec } from './bus.js';
+export type { Device, Access, AccessSize, DeviceStopRequest, IrqLine } from './device.js';
+export { EXIT_KINDS, describeExit, exitValue } from './exits.js';
+export type { VcpuExit, ExitKind, IoExit, MmioExit, HltExit, ShutdownExit, DebugExit, HypercallExit, MsrExit, IntrExit, FailEntryExit, InternalErrorExit, SystemEventExit, ExceptionExit, UnsupportedExit } from './exits.js';
+export { handleExit, type ExitContext, type ExitOutcome } from './handle-exit.js';
+export type { ExitHook, HookDecision, HookInfo, HookStats, DenyEffect } from './hooks.js';
+export type { Stop, StopReason, StopRequest } from './stop.js';
+export { ExitCounters, type ExitStats, type ExitKindStats } from './stats.js';
+export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilities, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
+export { KvmBackend, kvmBackend } from './backend/kvm.js';
+export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';
+export {
+  TsvmError, KvmError, KvmUnavailableError, errnoName, InvalidArgumentError, GuestMemoryError, StateError,
+  SnapshotFormatError, ImageFormatError, MonitorViolation,
+} from './errors.js';

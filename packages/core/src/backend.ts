@@ -1,0 +1,124 @@
+/**
+ * The `Backend` contract: everything `Machine` needs from a hypervisor. `@tsvm/kvm-backend`
+ * implements it through `kvmBackend()`; `@tsvm/core/testing` has a `MockBackend` that replays
+ * scripted exits, so the whole exit path is testable without `/dev/kvm`.
+ * @module
+ */
+import type { CoalescedEntry, CpuidEntry, MsrEntry, Regs, Sregs } from '@tsvm/kvm-backend';
+import type { HostMemory } from './memory.js';
+import type { VcpuExit } from './exits.js';
+
+export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from '@tsvm/kvm-backend';
+
+/** Which hardware virtualization KVM uses on this host. */
+export type VirtFlavour = 'vmx' | 'svm' | 'pvm' | 'mock' | 'unknown';
+
+/** What the host's KVM offers, discovered at open time (never assumed). */
+export interface HostCapabilities {
+  /** Detected virtualization flavour. */
+  readonly flavour: VirtFlavour;
+  /** Read-only memslots (`KVM_CAP_READONLY_MEM`). */
+  readonly readonlyMemory: boolean;
+  /** Coalesced MMIO ring. */
+  readonly coalescedMmio: boolean;
+  /** Coalesced PIO (`KVM_CAP_COALESCED_PIO`). */
+  readonly coalescedPio: boolean;
+  /** In-kernel irqchip. */
+  readonly irqchip: boolean;
+  /** User-space MSR exits and MSR filtering. */
+  readonly userSpaceMsr: boolean;
+  /** `KVM_SET_GUEST_DEBUG` accepted (whether it *works* per CPL is for calibration to find out). */
+  readonly guestDebug: boolean;
+  /** Dirty-page ring (acquire/release). */
+  readonly dirtyLogRing: boolean;
+  /** `KVM_CAP_IMMEDIATE_EXIT`. */
+  readonly immediateExit: boolean;
+  /** ioeventfd / irqfd. */
+  readonly eventfds: boolean;
+  /** Maximum number of memslots. */
+  readonly maxMemslots: number;
+}
+
+/** Options for creating a VM. */
+export interface BackendVmOptions {
+  /** Create the in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT. */
+  readonly irqchip: boolean;
+}
+
+/** A hypervisor. */
+export interface Backend {
+  /** `'kvm'`, `'mock'`, ... */
+  readonly name: string;
+  /** What this host supports. */
+  readonly capabilities: HostCapabilities;
+  /** Creates an empty VM. */
+  createVm(options: BackendVmOptions): BackendVm;
+}
+
+/** A VM as the backend sees it. */
+export interface BackendVm {
+  /** Allocates host memory suitable for a memslot. */
+  allocateMemory(size: number, name: string): HostMemory;
+  /** Installs (or replaces) memslot `slot`. */
+  mapMemory(slot: number, start: bigint, host: HostMemory, size: number, flags: { readonly: boolean; logDirty: boolean }): void;
+  /** Deletes memslot `slot`. */
+  unmapMemory(slot: number): void;
+  /** Returns and clears the dirty bitmap of `slot` (one bit per 4 KiB page). */
+  dirtyLog(slot: number, size: number): Uint8Array;
+  /** Drives an interrupt line of the in-kernel irqchip. */
+  irqLine(irq: number, level: boolean): void;
+  /** Routes accesses in a range to the coalesced ring instead of exiting. */
+  registerCoalesced(address: bigint, size: number, pio: boolean): void;
+  /** Undoes {@link registerCoalesced}. */
+  unregisterCoalesced(address: bigint, size: number, pio: boolean): void;
+  /** Enables user-space MSR exits for the given filter (indices that exit). */
+  setMsrIntercepts(reads: readonly number[], writes: readonly number[]): void;
+  /** Creates vCPU `id`. */
+  createVcpu(id: number): BackendVcpu;
+  /** Releases the VM. vCPUs and memory are closed first by the caller. */
+  close(): void;
+}
+
+/** A vCPU as the backend sees it. */
+export interface BackendVcpu {
+  /** vCPU index. */
+  readonly id: number;
+  /** Runs until the next exit and decodes it (data copied out). */
+  run(): VcpuExit;
+  /** Supplies the data of an `in` or MMIO read before the next `run()`. */
+  completeRead(data: Uint8Array): void;
+  /** Supplies the result of an MSR exit before the next `run()`. */
+  completeMsr(data: bigint, error: boolean): void;
+  /** Starts a time slice: `run()` returns an `intr` exit at most `ns` later. */
+  beginSlice(ns: number): void;
+  /** Ends the slice (disarms preemption). */
+  endSlice(): void;
+  /** General-purpose registers. */
+  getRegs(): Regs;
+  /** Sets general-purpose registers. */
+  setRegs(regs: Regs): void;
+  /** Special registers. */
+  getSregs(): Sregs;
+  /** Sets special registers. */
+  setSregs(sregs: Sregs): void;
+  /** Sets the CPUID table the guest sees. */
+  setCpuid(entries: readonly CpuidEntry[]): void;
+  /** CPUID leaves the host supports (the default table). */
+  supportedCpuid(): CpuidEntry[];
+  /** Reads MSRs. */
+  getMsrs(indices: readonly number[]): MsrEntry[];
+  /** Writes MSRs. */
+  setMsrs(entries: readonly MsrEntry[]): void;
+  /** Whether the vCPU is halted in the kernel (in-kernel irqchip). */
+  isHalted(): boolean;
+  /** Configures guest debug (`KVM_GUESTDBG_*` control flags, debug registers). */
+  setGuestDebug(control: number, debugreg?: readonly bigint[]): void;
+  /** Drains the coalesced ring. */
+  drainCoalesced(): CoalescedEntry[];
+  /** Opaque state blobs for snapshots. */
+  getState(): Record<string, Uint8Array>;
+  /** Restores blobs from {@link getState}. */
+  setState(state: Record<string, Uint8Array>): void;
+  /** Releases the vCPU. */
+  close(): void;
+}

@@ -1,0 +1,89 @@
+/**
+ * Address buses for port I/O and MMIO. A bus maps non-overlapping, non-empty ranges to
+ * {@link Device}s and finds the owner of an address; PIO and MMIO share one handler
+ * signature (the rust-vmm `vm-device` habit).
+ * @module
+ */
+import { InvalidArgumentError } from './errors.js';
+import { hex } from './address.js';
+import type { Device } from './device.js';
+
+/** A range on a bus. `start` is a port number (PIO) or guest-physical address (MMIO). */
+export interface BusRange {
+  readonly start: bigint;
+  readonly size: number;
+}
+
+/** A registered device and its range. */
+export interface BusEntry {
+  readonly start: bigint;
+  readonly end: bigint; // exclusive
+  readonly device: Device;
+}
+
+/** What a caller passes to register: `{ port, size }` on the PIO bus, `{ address, size }` on MMIO. */
+export type RangeSpec = { readonly port: number; readonly size: number } | { readonly address: number | bigint; readonly size: number };
+
+/** A PIO or MMIO bus. */
+export class Bus {
+  /** `'pio'` or `'mmio'`. */
+  readonly space: 'pio' | 'mmio';
+  #entries: BusEntry[] = [];
+  #sealed = false;
+  readonly #limit: bigint;
+
+  /** @param space - which address space this bus decodes. */
+  constructor(space: 'pio' | 'mmio') {
+    this.space = space;
+    this.#limit = space === 'pio' ? 0x10000n : 1n << 52n;
+  }
+
+  /**
+   * Maps `device` at `range`. Rejects zero-sized, out-of-space and overlapping ranges,
+   * naming the device already there.
+   * @returns a function that unregisters the device.
+   */
+  register(range: RangeSpec, device: Device): () => void {
+    if (this.#sealed) throw new InvalidArgumentError('range', `the ${this.space} bus is sealed; register devices before sealing`);
+    if (!device || typeof device !== 'object' || typeof device.name !== 'string') throw new InvalidArgumentError('device', 'must be a Device with a name');
+    const raw = 'port' in range ? range.port : range.address;
+    if (this.space === 'pio' && !('port' in range)) throw new InvalidArgumentError('range', 'PIO ranges are given as { port, size }');
+    if (this.space === 'mmio' && !('address' in range)) throw new InvalidArgumentError('range', 'MMIO ranges are given as { address, size }');
+    if ((typeof raw !== 'number' && typeof raw !== 'bigint') || (typeof raw === 'number' && (!Number.isSafeInteger(raw) || raw < 0))) {
+      throw new InvalidArgumentError('range.start', `must be a non-negative integer, got ${String(raw)}`);
+    }
+    if (!Number.isSafeInteger(range.size) || range.size <= 0) throw new InvalidArgumentError('range.size', `must be a positive integer, got ${String(range.size)}`);
+    const start = BigInt(raw);
+    const end = start + BigInt(range.size);
+    if (start < 0n || end > this.#limit) throw new InvalidArgumentError('range', `[${hex(start)}, ${hex(end)}) is outside the ${this.space} space`);
+    for (const e of this.#entries) {
+      if (start < e.end && e.start < end) {
+        throw new InvalidArgumentError('range', `[${hex(start)}, ${hex(end)}) for '${device.name}' overlaps '${e.device.name}' at [${hex(e.start)}, ${hex(e.end)})`);
+      }
+    }
+    const entry: BusEntry = { start, end, device };
+    this.#entries.push(entry);
+    this.#entries.sort((a, b) => (a.start < b.start ? -1 : 1));
+    return () => { this.#entries = this.#entries.filter((e) => e !== entry); };
+  }
+
+  /** Finds the device owning `address` (and the access end), or undefined. */
+  find(address: bigint, size = 1): BusEntry | undefined {
+    const end = address + BigInt(size);
+    // Few devices per machine: a linear scan beats a tree at this size.
+    for (const e of this.#entries) {
+      if (address >= e.start && end <= e.end) return e;
+    }
+    return undefined;
+  }
+
+  /** All registered entries, lowest first. */
+  entries(): readonly BusEntry[] {
+    return this.#entries.slice();
+  }
+
+  /** Freezes the bus: later registrations throw. */
+  seal(): void {
+    this.#sealed = true;
+  }
+}

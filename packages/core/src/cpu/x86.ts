@@ -1,0 +1,203 @@
+/**
+ * Host-built CPU state for the three start modes. In protected and long mode the host writes
+ * a GDT, a TSS whose I/O bitmap allows every port (on PVM, ring-3 port I/O needs the bitmap;
+ * IOPL=3 is not enough), an IDT whose exception stubs report to {@link EXCEPTION_PORT}, and
+ * (long mode) identity page tables for the low 4 GiB with the user bit set. Ring 3 is entered
+ * directly through the segment registers, without an emulated `iret`.
+ *
+ * Everything lives in the 64 KiB *system area* at the top of the first RAM region; the
+ * default ring-3 stack grows down from just below it.
+ * @module
+ */
+import type { Regs, Segment, Sregs } from '@tsvm/kvm-backend';
+import type { GuestMemory } from '../memory.js';
+
+/** Start modes a flat image can be loaded in. */
+export type CpuMode = 'real' | 'protected' | 'long';
+
+/** Port the exception stubs write the vector to; the run loop turns it into an `exception` stop. */
+export const EXCEPTION_PORT = 0x0ee0;
+/** Bytes reserved at the top of RAM for host-built tables. */
+export const SYSTEM_AREA_SIZE = 0x10000;
+
+/** Selectors of the host GDT (laid out for `syscall`/`sysret`: STAR = 0x0018_0008 << 32). */
+export const SEL = {
+  KERNEL_CODE64: 0x08,
+  KERNEL_DATA: 0x10,
+  USER_CODE32: 0x18 | 3,
+  USER_DATA: 0x20 | 3,
+  USER_CODE64: 0x28 | 3,
+  KERNEL_CODE32: 0x30,
+  TSS: 0x38,
+} as const;
+
+/** Offsets inside the system area. */
+export const SYS = {
+  PML4: 0x0000,
+  PDPT: 0x1000,
+  PD: 0x2000, // 4 pages: 4 GiB in 2 MiB pages
+  GDT: 0x6000,
+  TSS: 0x6100,
+  IDT: 0x9000,
+  STUBS: 0xa000,
+  KSTACK_TOP: 0x10000 - 0x10,
+} as const;
+
+const TSS_IOMAP = 104;
+const TSS_LIMIT = TSS_IOMAP + 8192; // bitmap (all zero = all allowed) + the mandatory 0xff byte
+const STUB_SIZE = 16;
+/** Vectors for which the CPU pushes an error code. */
+export const VECTORS_WITH_ERROR_CODE = new Set([8, 10, 11, 12, 13, 14, 17, 21, 29, 30]);
+
+const CR0_PE = 1n, CR0_MP = 2n, CR0_ET = 0x10n, CR0_NE = 0x20n, CR0_WP = 0x10000n, CR0_PG = 0x80000000n;
+const CR4_PAE = 0x20n, CR4_OSFXSR = 0x200n, CR4_OSXMMEXCPT = 0x400n;
+const EFER_SCE = 1n, EFER_LME = 0x100n, EFER_LMA = 0x400n;
+
+function seg(selector: number, type: number, opts: Partial<Segment> = {}): Segment {
+  return {
+    base: 0n, limit: 0xffffffff, selector, type, present: 1, dpl: selector & 3, db: 1, s: 1, l: 0, g: 1, avl: 0, unusable: 0,
+    ...opts,
+  };
+}
+
+function descriptor(base: number, limit: number, access: number, flags: number): bigint {
+  return BigInt(limit & 0xffff) | (BigInt(base & 0xffffff) << 16n) | (BigInt(access) << 40n)
+    | (BigInt((limit >> 16) & 0xf) << 48n) | (BigInt(flags & 0xf) << 52n) | (BigInt((base >>> 24) & 0xff) << 56n);
+}
+
+/** Writes GDT, TSS, IDT and exception stubs; returns the addresses used. */
+function writeTables(mem: GuestMemory, sys: number, long: boolean): void {
+  const gdt = sys + SYS.GDT;
+  const tss = sys + SYS.TSS;
+  const entries: bigint[] = [
+    0n,
+    descriptor(0, 0xfffff, 0x9a, 0xa), // 0x08 kernel code64 (L)
+    descriptor(0, 0xfffff, 0x92, 0xc), // 0x10 kernel data
+    descriptor(0, 0xfffff, 0xfa, 0xc), // 0x18 user code32
+    descriptor(0, 0xfffff, 0xf2, 0xc), // 0x20 user data
+    descriptor(0, 0xfffff, 0xfa, 0xa), // 0x28 user code64
+    descriptor(0, 0xfffff, 0x9a, 0xc), // 0x30 kernel code32
+    descriptor(tss, TSS_LIMIT, 0x8b, 0), // 0x38 TSS (busy: TR is loaded directly)
+    BigInt(Math.floor(tss / 2 ** 32)), // upper half of the 64-bit TSS descriptor
+  ];
+  entries.forEach((d, i) => mem.writeU64(gdt + i * 8, d));
+  mem.fill(tss, TSS_LIMIT + 1, 0);
+  mem.writeUint(tss + TSS_LIMIT, 1, 0xff);
+  mem.writeUint(tss + 102, 2, TSS_IOMAP);
+  const kstack = sys + SYS.KSTACK_TOP;
+  if (long) {
+    mem.writeU64(tss + 4, BigInt(kstack)); // RSP0
+  } else {
+    mem.writeUint(tss + 4, 4, kstack); // ESP0
+    mem.writeUint(tss + 8, 4, SEL.KERNEL_DATA); // SS0
+  }
+  // Exception stubs: mov dx, EXCEPTION_PORT; mov al, vector; out dx, al; hlt; jmp $-1.
+  for (let v = 0; v < 32; v++) {
+    const at = sys + SYS.STUBS + v * STUB_SIZE;
+    mem.write(at, Uint8Array.of(0x66, 0xba, EXCEPTION_PORT & 0xff, EXCEPTION_PORT >> 8, 0xb0, v, 0xee, 0xf4, 0xeb, 0xfd));
+    const idt = sys + SYS.IDT;
+    if (long) {
+      const e = idt + v * 16;
+      mem.writeUint(e, 2, at & 0xffff);
+      mem.writeUint(e + 2, 2, SEL.KERNEL_CODE64);
+      mem.writeUint(e + 4, 1, 0);
+      mem.writeUint(e + 5, 1, 0x8e);
+      mem.writeUint(e + 6, 2, (at >>> 16) & 0xffff);
+      mem.writeUint(e + 8, 4, Math.floor(at / 2 ** 32));
+      mem.writeUint(e + 12, 4, 0);
+    } else {
+      const e = idt + v * 8;
+      mem.writeUint(e, 2, at & 0xffff);
+      mem.writeUint(e + 2, 2, SEL.KERNEL_CODE32);
+      mem.writeUint(e + 4, 1, 0);
+      mem.writeUint(e + 5, 1, 0x8e);
+      mem.writeUint(e + 6, 2, (at >>> 16) & 0xffff);
+    }
+  }
+}
+
+function writePageTables(mem: GuestMemory, sys: number): void {
+  const pml4 = sys + SYS.PML4, pdpt = sys + SYS.PDPT, pd = sys + SYS.PD;
+  mem.fill(pml4, 0x6000, 0);
+  const U_RW_P = 0x7n;
+  mem.writeU64(pml4, BigInt(pdpt) | U_RW_P);
+  for (let i = 0; i < 4; i++) {
+    mem.writeU64(pdpt + i * 8, BigInt(pd + i * 0x1000) | U_RW_P);
+    for (let j = 0; j < 512; j++) {
+      const phys = (BigInt(i) << 30n) | (BigInt(j) << 21n);
+      mem.writeU64(pd + i * 0x1000 + j * 8, phys | 0x80n | U_RW_P); // 2 MiB page
+    }
+  }
+}
+
+/** Inputs of {@link setupCpu}. */
+export interface CpuSetup {
+  /** Start mode. */
+  readonly mode: CpuMode;
+  /** Privilege level of the first instruction (real mode is always 0). */
+  readonly ring: 0 | 3;
+  /** First instruction. */
+  readonly entry: number;
+  /** Initial stack pointer. */
+  readonly stack: number;
+  /** Base of the 64 KiB system area (unused in real mode). */
+  readonly systemArea: number;
+}
+
+/**
+ * Writes the tables for `setup.mode` into `mem` and returns the register state that starts
+ * executing at `setup.entry`. `base` is the vCPU's current state (from KVM), modified.
+ */
+export function setupCpu(mem: GuestMemory, base: { regs: Regs; sregs: Sregs }, setup: CpuSetup): { regs: Regs; sregs: Sregs } {
+  const regs: Regs = { ...base.regs };
+  for (const k of Object.keys(regs) as Array<keyof Regs>) regs[k] = 0n;
+  regs.rflags = 0x2n;
+  regs.rip = BigInt(setup.entry);
+  regs.rsp = BigInt(setup.stack);
+  const s: Sregs = structuredClone(base.sregs);
+
+  if (setup.mode === 'real') {
+    // CS base 0 with IP = entry when it fits; otherwise CS = entry >> 4.
+    const csBase = setup.entry > 0xffff ? (setup.entry >>> 4) << 4 : 0;
+    const real = (sel: number, type: number): Segment => ({ base: BigInt(sel << 4), limit: 0xffff, selector: sel, type, present: 1, dpl: 0, db: 0, s: 1, l: 0, g: 0, avl: 0, unusable: 0 });
+    s.cs = real(csBase >>> 4, 0xb);
+    for (const r of ['ds', 'es', 'fs', 'gs', 'ss'] as const) s[r] = real(0, 3);
+    regs.rip = BigInt(setup.entry - csBase);
+    s.cr0 = (s.cr0 & ~(CR0_PE | CR0_PG)) | CR0_ET;
+    s.cr4 = 0n;
+    s.efer = 0n;
+    return { regs, sregs: s };
+  }
+
+  const long = setup.mode === 'long';
+  const sys = setup.systemArea;
+  writeTables(mem, sys, long);
+  s.gdt = { base: BigInt(sys + SYS.GDT), limit: 9 * 8 - 1 };
+  s.idt = { base: BigInt(sys + SYS.IDT), limit: (long ? 16 : 8) * 32 - 1 };
+  s.tr = { base: BigInt(sys + SYS.TSS), limit: TSS_LIMIT, selector: SEL.TSS, type: 11, present: 1, dpl: 0, db: 0, s: 0, l: 0, g: 0, avl: 0, unusable: 0 };
+  s.ldt = { base: 0n, limit: 0xffff, selector: 0, type: 2, present: 1, dpl: 0, db: 0, s: 0, l: 0, g: 0, avl: 0, unusable: 0 };
+  const user = setup.ring === 3;
+  const dataSel = user ? SEL.USER_DATA : SEL.KERNEL_DATA;
+  for (const r of ['ds', 'es', 'fs', 'gs', 'ss'] as const) s[r] = seg(dataSel, 3);
+  if (long) {
+    writePageTables(mem, sys);
+    s.cs = seg(user ? SEL.USER_CODE64 : SEL.KERNEL_CODE64, 0xb, { l: 1, db: 0 });
+    s.cr3 = BigInt(sys + SYS.PML4);
+    s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+    s.efer = EFER_LME | EFER_LMA | EFER_SCE;
+  } else {
+    s.cs = seg(user ? SEL.USER_CODE32 : SEL.KERNEL_CODE32, 0xb);
+    s.cr0 = CR0_PE | CR0_ET | CR0_NE;
+    s.cr3 = 0n;
+    s.cr4 = CR4_OSFXSR | CR4_OSXMMEXCPT;
+    s.efer = 0n;
+  }
+  return { regs, sregs: s };
+}
+
+/** Offset of the exception frame's fields relative to RSP at the stub's `out`. */
+export function exceptionFrame(vector: number, long: boolean): { errorCode: number | undefined; rip: number } {
+  const w = long ? 8 : 4;
+  return VECTORS_WITH_ERROR_CODE.has(vector) ? { errorCode: 0, rip: w } : { errorCode: undefined, rip: 0 };
+}

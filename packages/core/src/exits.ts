@@ -1,0 +1,94 @@
+/**
+ * What a vCPU exit *is*, as a discriminated union on `kind`. Backends decode `kvm_run` into
+ * these and copy every payload out at decode time, so an exit value never aliases the
+ * mapping. `'unsupported'` carries the raw reason instead of being silently ignored.
+ * @module
+ */
+
+/** Port I/O exit. For `out`, `data` holds `size * count` bytes written by the guest. */
+export interface IoExit {
+  readonly kind: 'io';
+  readonly direction: 'in' | 'out';
+  readonly port: number;
+  readonly size: 1 | 2 | 4;
+  /** Repetitions (`rep ins/outs`); usually 1. */
+  readonly count: number;
+  /** Bytes written by the guest (empty for `in`). */
+  readonly data: Uint8Array;
+}
+
+/** MMIO exit: an access to guest-physical memory with no RAM behind it (or a read-only slot write). */
+export interface MmioExit {
+  readonly kind: 'mmio';
+  readonly address: bigint;
+  readonly isWrite: boolean;
+  /** 1, 2, 4 or 8. */
+  readonly size: number;
+  /** Bytes written by the guest (empty for reads). */
+  readonly data: Uint8Array;
+}
+
+/** The guest executed `hlt` (without an in-kernel irqchip) or is halted with nothing to wake it. */
+export interface HltExit { readonly kind: 'hlt' }
+/** Triple fault or similar: the CPU shut down. */
+export interface ShutdownExit { readonly kind: 'shutdown' }
+/** Guest-debug exit (breakpoint, single step, debug register hit). */
+export interface DebugExit { readonly kind: 'debug'; readonly exception: number; readonly pc: bigint; readonly dr6: bigint; readonly dr7: bigint }
+/** `KVM_EXIT_HYPERCALL` (only where the host routes `vmcall` to userspace). */
+export interface HypercallExit { readonly kind: 'hypercall'; readonly nr: bigint; readonly args: readonly bigint[] }
+/** A user-space MSR access (`KVM_EXIT_X86_RDMSR` / `WRMSR`). */
+export interface MsrExit { readonly kind: 'msr'; readonly direction: 'read' | 'write'; readonly index: number; readonly data: bigint; readonly reason: number }
+/** `KVM_RUN` was interrupted (our slice timer). */
+export interface IntrExit { readonly kind: 'intr' }
+/** VM entry failed; `reason` is hardware specific. */
+export interface FailEntryExit { readonly kind: 'fail-entry'; readonly reason: bigint; readonly cpu: number }
+/** KVM could not handle something (often instruction emulation). */
+export interface InternalErrorExit { readonly kind: 'internal-error'; readonly suberror: number; readonly data: readonly bigint[] }
+/** A system event (shutdown, reset, crash) requested through the platform. */
+export interface SystemEventExit { readonly kind: 'system-event'; readonly type: number; readonly data: readonly bigint[] }
+/** `KVM_EXIT_EXCEPTION`: an exception KVM reports to userspace. */
+export interface ExceptionExit { readonly kind: 'exception'; readonly vector: number; readonly errorCode: number }
+/** Any exit reason tsvm does not decode. */
+export interface UnsupportedExit { readonly kind: 'unsupported'; readonly reason: number }
+
+/** Every exit a vCPU can produce. */
+export type VcpuExit =
+  | IoExit | MmioExit | HltExit | ShutdownExit | DebugExit | HypercallExit | MsrExit | IntrExit
+  | FailEntryExit | InternalErrorExit | SystemEventExit | ExceptionExit | UnsupportedExit;
+
+/** The `kind` tags of {@link VcpuExit}. */
+export type ExitKind = VcpuExit['kind'];
+
+/** All exit kinds, for counters and exhaustive tables. */
+export const EXIT_KINDS: readonly ExitKind[] = [
+  'io', 'mmio', 'hlt', 'shutdown', 'debug', 'hypercall', 'msr', 'intr', 'fail-entry',
+  'internal-error', 'system-event', 'exception', 'unsupported',
+];
+
+/** Reads a little-endian unsigned value of up to 4 bytes from exit data. */
+export function exitValue(data: Uint8Array, offset = 0, size = data.length): number {
+  let v = 0;
+  for (let i = Math.min(size, 4) - 1; i >= 0; i--) v = v * 256 + (data[offset + i] ?? 0);
+  return v;
+}
+
+/** A short human description of an exit, for messages. */
+export function describeExit(exit: VcpuExit): string {
+  switch (exit.kind) {
+    case 'io': return `${exit.direction} port 0x${exit.port.toString(16)} (${exit.size} byte${exit.size > 1 ? 's' : ''}${exit.count > 1 ? ` x${exit.count}` : ''})`;
+    case 'mmio': return `MMIO ${exit.isWrite ? 'write' : 'read'} at 0x${exit.address.toString(16)} (${exit.size} bytes)`;
+    case 'msr': return `${exit.direction === 'read' ? 'rdmsr' : 'wrmsr'} 0x${exit.index.toString(16)}`;
+    case 'debug': return `debug exception ${exit.exception} at 0x${exit.pc.toString(16)}`;
+    case 'hypercall': return `hypercall ${exit.nr}`;
+    case 'fail-entry': return `VM entry failed (reason 0x${exit.reason.toString(16)})`;
+    case 'internal-error': return `KVM internal error (suberror ${exit.suberror})`;
+    case 'system-event': return `system event ${exit.type}`;
+    case 'exception': return `exception ${exit.vector} (error code ${exit.errorCode})`;
+    case 'unsupported': return `unsupported exit reason ${exit.reason}`;
+    case 'hlt': case 'shutdown': case 'intr': return exit.kind;
+    default: {
+      const never: never = exit;
+      return String(never);
+    }
+  }
+}

@@ -1,0 +1,245 @@
+/**
+ * The data path of one exit, as a pure function of its inputs so tests can call it with
+ * fabricated exits: mediate hooks → device (only if no hook denied or emulated) → observe hooks
+ * → deny by default. Guest-controlled data never throws out of here: device and hook failures
+ * become stop requests.
+ * @module
+ */
+import type { Bus } from './bus.js';
+import type { Access, AccessSize, DeviceStopRequest } from './device.js';
+import { describeExit, exitValue, type IoExit, type MmioExit, type VcpuExit } from './exits.js';
+import type { ExitHook, HookDecision, HookInfo, HookStats } from './hooks.js';
+import { MonitorViolation } from './errors.js';
+import type { StopRequest } from './stop.js';
+
+/** Everything {@link handleExit} needs. */
+export interface ExitContext {
+  /** Port-I/O bus. */
+  readonly pio: Bus;
+  /** MMIO bus. */
+  readonly mmio: Bus;
+  /** Mediate hooks in registration order. */
+  readonly mediate: readonly ExitHook[];
+  /** Observe hooks. */
+  readonly observe: readonly ExitHook[];
+  /** Per-hook counters (updated in place). */
+  readonly hookStats?: Map<ExitHook, HookStats>;
+  /** Facts for hooks. */
+  readonly info: HookInfo;
+}
+
+/** What the run loop must do after an exit. */
+export type ExitOutcome =
+  /** Resume the guest; `read` completes an `in`/MMIO read, `msr` an MSR exit. */
+  | { readonly action: 'resume'; readonly read?: Uint8Array; readonly msr?: { readonly data: bigint; readonly error: boolean } }
+  /** Stop the machine. */
+  | { readonly action: 'stop'; readonly stop: StopRequest }
+  /** A mediate hook returned a Promise: await this for the real outcome. */
+  | { readonly action: 'async'; readonly outcome: Promise<ExitOutcome> };
+
+const now = (): number => performance.now();
+
+function timed(hook: ExitHook, ctx: ExitContext, exit: VcpuExit): HookDecision | Promise<HookDecision> | void {
+  const st = ctx.hookStats;
+  if (!st) return hook.handle(exit, ctx.info);
+  const t0 = now();
+  try {
+    return hook.handle(exit, ctx.info);
+  } finally {
+    const s = st.get(hook) ?? { calls: 0, ns: 0 };
+    s.calls++;
+    s.ns += (now() - t0) * 1e6;
+    st.set(hook, s);
+  }
+}
+
+function exitAddress(exit: VcpuExit): bigint | undefined {
+  switch (exit.kind) {
+    case 'io': return BigInt(exit.port);
+    case 'mmio': return exit.address;
+    case 'msr': return BigInt(exit.index);
+    case 'debug': return exit.pc;
+    default: return undefined;
+  }
+}
+
+function ones(size: number, count = 1): Uint8Array {
+  return new Uint8Array(size * count).fill(0xff);
+}
+
+function le(value: number | bigint, bytes: number): Uint8Array {
+  const out = new Uint8Array(bytes);
+  let v = BigInt.asUintN(64, BigInt(value));
+  for (let i = 0; i < bytes; i++) { out[i] = Number(v & 0xffn); v >>= 8n; }
+  return out;
+}
+
+/**
+ * Handles one exit. Returns what the loop must do; never throws for guest-controlled input.
+ */
+export function handleExit(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
+  // 1. Mediate hooks, in order. First deny wins; emulate supplies the value.
+  for (let i = 0; i < ctx.mediate.length; i++) {
+    const hook = ctx.mediate[i] as ExitHook;
+    if (!hook.matches(exit)) continue;
+    let d: HookDecision | Promise<HookDecision> | void;
+    try {
+      d = timed(hook, ctx, exit);
+    } catch (error) {
+      return { action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } };
+    }
+    if (d instanceof Promise) {
+      const rest = ctx.mediate.slice(i + 1);
+      return {
+        action: 'async',
+        outcome: d.then(
+          (dec) => applyDecision(exit, ctx, hook, dec) ?? handleExit(exit, { ...ctx, mediate: rest }),
+          (error: unknown) => ({ action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } }) as ExitOutcome,
+        ),
+      };
+    }
+    const out = applyDecision(exit, ctx, hook, d ?? undefined);
+    if (out) return out;
+  }
+  // 2. The device / default handling.
+  const out = dispatch(exit, ctx);
+  // 3. Observe hooks: they cannot change the outcome, but a throwing observer stops the machine.
+  return observe(exit, ctx, out);
+}
+
+function observe(exit: VcpuExit, ctx: ExitContext, out: ExitOutcome): ExitOutcome {
+  for (const hook of ctx.observe) {
+    if (!hook.matches(exit)) continue;
+    try {
+      timed(hook, ctx, exit);
+    } catch (error) {
+      return { action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } };
+    }
+  }
+  return out;
+}
+
+function applyDecision(exit: VcpuExit, ctx: ExitContext, hook: ExitHook, d: HookDecision): ExitOutcome | undefined {
+  if (!d || d.verdict === 'allow') return undefined;
+  if (d.verdict === 'deny') {
+    const effect = d.effect ?? 'stop';
+    if (effect === 'ignore' && (exit.kind === 'io' || exit.kind === 'mmio')) {
+      return observe(exit, ctx, exit.kind === 'io'
+        ? { action: 'resume', ...(exit.direction === 'in' ? { read: ones(exit.size, exit.count) } : {}) }
+        : { action: 'resume', ...(!exit.isWrite ? { read: ones(exit.size) } : {}) });
+    }
+    if ((effect === 'gp' || effect === 'ignore') && exit.kind === 'msr') {
+      return observe(exit, ctx, { action: 'resume', msr: { data: effect === 'ignore' ? 0n : 0n, error: effect === 'gp' } });
+    }
+    const address = exitAddress(exit);
+    const violation = new MonitorViolation(exit.kind, `${describeExit(exit)} denied by hook '${hook.name}'${d.reason ? `: ${d.reason}` : ''}`, {
+      ...(address !== undefined ? { address } : {}),
+    });
+    return { action: 'stop', stop: { reason: 'violation', violation } };
+  }
+  // emulate
+  switch (exit.kind) {
+    case 'io': return observe(exit, ctx, { action: 'resume', ...(exit.direction === 'in' ? { read: repeat(le(d.value, exit.size), exit.count) } : {}) });
+    case 'mmio': return observe(exit, ctx, { action: 'resume', ...(!exit.isWrite ? { read: le(d.value, 8) } : {}) });
+    case 'msr': return observe(exit, ctx, { action: 'resume', msr: { data: BigInt(d.value), error: false } });
+    default: return observe(exit, ctx, { action: 'resume' });
+  }
+}
+
+function repeat(unit: Uint8Array, count: number): Uint8Array {
+  if (count === 1) return unit;
+  const out = new Uint8Array(unit.length * count);
+  for (let i = 0; i < count; i++) out.set(unit, i * unit.length);
+  return out;
+}
+
+function unhandled(exit: VcpuExit, why: string): ExitOutcome {
+  return { action: 'stop', stop: { reason: 'unhandled-exit', kind: exit.kind, address: exitAddress(exit), exit, message: `${describeExit(exit)}: ${why}` } };
+}
+
+function dispatch(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
+  switch (exit.kind) {
+    case 'io': return dispatchIo(exit, ctx);
+    case 'mmio': return dispatchMmio(exit, ctx);
+    case 'hlt': return { action: 'stop', stop: { reason: 'halt' } };
+    case 'shutdown': return { action: 'stop', stop: { reason: 'shutdown' } };
+    case 'system-event':
+      return { action: 'stop', stop: exit.type === 2 ? { reason: 'reset' } : { reason: 'shutdown' } };
+    case 'internal-error':
+      return { action: 'stop', stop: { reason: 'internal-error', suberror: exit.suberror, message: `KVM internal error, suberror ${exit.suberror}${exit.suberror === 1 ? ' (instruction emulation failed)' : ''}` } };
+    case 'fail-entry':
+      return { action: 'stop', stop: { reason: 'fail-entry', hardwareReason: exit.reason } };
+    case 'intr':
+      return { action: 'resume' };
+    case 'msr': case 'debug': case 'hypercall': case 'exception': case 'unsupported':
+      return unhandled(exit, 'no hook or device handles it (deny by default)');
+    default: {
+      const never: never = exit;
+      return unhandled(never, 'unknown exit');
+    }
+  }
+}
+
+class AccessState implements Access {
+  stop: DeviceStopRequest | undefined;
+  constructor(readonly address: bigint, readonly space: 'pio' | 'mmio', readonly vcpu: number) {}
+  requestStop(request: DeviceStopRequest): void {
+    this.stop ??= request;
+  }
+}
+
+function deviceStop(req: DeviceStopRequest): StopRequest {
+  switch (req.reason) {
+    case 'debug-exit': return { reason: 'debug-exit', code: req.code };
+    case 'reset': return { reason: 'reset' };
+    case 'shutdown': return { reason: 'shutdown' };
+    case 'exception': return { reason: 'exception', vector: req.vector, errorCode: undefined, faultRip: 0n, cr2: 0n };
+    case 'device-error': return { reason: 'device-error', device: req.device, error: new Error(req.message) };
+  }
+}
+
+function dispatchIo(exit: IoExit, ctx: ExitContext): ExitOutcome {
+  const entry = ctx.pio.find(BigInt(exit.port), exit.size);
+  if (!entry) return unhandled(exit, 'no device at this port (deny by default)');
+  const dev = entry.device;
+  const offset = exit.port - Number(entry.start);
+  const access = new AccessState(BigInt(exit.port), 'pio', ctx.info.vcpu);
+  try {
+    if (exit.direction === 'out') {
+      if (!dev.write) return unhandled(exit, `device '${dev.name}' does not accept writes`);
+      for (let i = 0; i < exit.count; i++) dev.write(offset, exitValue(exit.data, i * exit.size, exit.size), exit.size as AccessSize, access);
+      return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume' };
+    }
+    if (!dev.read) return unhandled(exit, `device '${dev.name}' does not accept reads`);
+    const data = new Uint8Array(exit.size * exit.count);
+    for (let i = 0; i < exit.count; i++) data.set(le(dev.read(offset, exit.size as AccessSize, access), exit.size), i * exit.size);
+    return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume', read: data };
+  } catch (error) {
+    return { action: 'stop', stop: { reason: 'device-error', device: dev.name, error } };
+  }
+}
+
+function dispatchMmio(exit: MmioExit, ctx: ExitContext): ExitOutcome {
+  const entry = ctx.mmio.find(exit.address, exit.size);
+  if (!entry) return unhandled(exit, 'no RAM and no device at this address (deny by default)');
+  const dev = entry.device;
+  const offset = Number(exit.address - entry.start);
+  const access = new AccessState(exit.address, 'mmio', ctx.info.vcpu);
+  // 8-byte accesses are split into two 4-byte ones (low first), as QEMU does for devices
+  // whose registers are 32 bits wide.
+  const parts: Array<[number, AccessSize]> = exit.size === 8 ? [[0, 4], [4, 4]] : [[0, exit.size as AccessSize]];
+  if (![1, 2, 4, 8].includes(exit.size)) return unhandled(exit, `unsupported access size ${exit.size}`);
+  try {
+    if (exit.isWrite) {
+      if (!dev.write) return unhandled(exit, `device '${dev.name}' does not accept writes`);
+      for (const [o, s] of parts) dev.write(offset + o, exitValue(exit.data, o, s), s, access);
+      return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume' };
+    }
+    if (!dev.read) return unhandled(exit, `device '${dev.name}' does not accept reads`);
+    const data = new Uint8Array(8);
+    for (const [o, s] of parts) data.set(le(dev.read(offset + o, s, access), s), o);
+    return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume', read: data };
+  } catch (error) {
+    return { action: 'stop', stop: { reason: 'device-error', device: dev.name, error } };
+  }
+}

@@ -1,0 +1,53 @@
+/**
+ * Hook points on the exit path. Core knows no policy: it runs, for each exit, the *mediate*
+ * hooks (in registration order; the first deny wins, an emulate supplies the value), then the
+ * device, then the *observe* hooks. `@tsvm/monitor` builds its reference monitor on this.
+ * @module
+ */
+import type { VcpuExit } from './exits.js';
+
+/** How a deny takes effect. */
+export type DenyEffect =
+  /** Stop the machine with a `MonitorViolation`. */
+  | 'stop'
+  /** Reads return all ones, writes are dropped; the guest continues. */
+  | 'ignore'
+  /** Inject `#GP` (MSR accesses; elsewhere treated as `stop`). */
+  | 'gp';
+
+/** What a mediate hook decided. `undefined` means allow. */
+export type HookDecision =
+  | { readonly verdict: 'allow' }
+  | { readonly verdict: 'deny'; readonly effect?: DenyEffect; readonly reason?: string }
+  | { readonly verdict: 'emulate'; readonly value: number | bigint }
+  | undefined;
+
+/** Facts about the exit a hook may want besides the exit itself. */
+export interface HookInfo {
+  /** vCPU index. */
+  readonly vcpu: number;
+  /** Sequence number of this exit in the machine's life. */
+  readonly seq: number;
+  /** Reads the guest RIP (one ioctl; call only when needed). */
+  rip(): bigint;
+}
+
+/** A hook on the exit path. */
+export interface ExitHook {
+  /** Name used in reports, audit lines and errors. */
+  readonly name: string;
+  /** `mediate` runs before the device and can change the outcome; `observe` runs after and cannot. */
+  readonly mode: 'mediate' | 'observe';
+  /** Cheap filter: does this hook care about this exit? */
+  matches(exit: VcpuExit): boolean;
+  /** Mediate hooks decide; observe hooks return nothing. May return a Promise (the loop awaits). */
+  handle(exit: VcpuExit, info: HookInfo): HookDecision | Promise<HookDecision> | void;
+}
+
+/** Per-hook counters kept by the run loop. */
+export interface HookStats {
+  /** Times the hook ran. */
+  calls: number;
+  /** Total nanoseconds spent inside the hook. */
+  ns: number;
+}

@@ -1,0 +1,575 @@
+/**
+ * `Machine`: a VM assembled from memory regions, vCPUs, buses and hooks, with a time-sliced
+ * run loop that never blocks Node for longer than one slice.
+ * @module
+ */
+import { EventEmitter } from 'eventemitter3';
+import type { Backend, BackendVm, HostCapabilities } from './backend.js';
+import { kvmBackend } from './backend/kvm.js';
+import { Bus, type RangeSpec } from './bus.js';
+import type { Device, IrqLine } from './device.js';
+import { InvalidArgumentError, StateError, TsvmError } from './errors.js';
+import type { VcpuExit } from './exits.js';
+import { handleExit, type ExitContext, type ExitOutcome } from './handle-exit.js';
+import type { ExitHook, HookInfo, HookStats } from './hooks.js';
+import { GuestMemory, checkRegionSize, type MemoryRegion } from './memory.js';
+import { gpa, hex } from './address.js';
+import { ExitCounters, type ExitStats } from './stats.js';
+import type { Stop, StopRequest } from './stop.js';
+import { Vcpu } from './vcpu.js';
+import { EXCEPTION_PORT, SYSTEM_AREA_SIZE, VECTORS_WITH_ERROR_CODE, setupCpu, type CpuMode } from './cpu/x86.js';
+
+/** A memory region to create. */
+export interface RegionOptions {
+  /** Guest-physical start (4 KiB aligned). */
+  readonly start: number | bigint;
+  /** Size in bytes (multiple of 4 KiB). */
+  readonly size: number;
+  /** Guest writes exit as MMIO instead of reaching RAM. */
+  readonly readonly?: boolean;
+  /** Track dirty pages. */
+  readonly logDirty?: boolean;
+  /** Label for diagnostics. */
+  readonly name?: string;
+}
+
+/** Options of {@link Machine.create}. */
+export interface MachineOptions {
+  /** Guest RAM: a size in bytes (one region at 0) or explicit regions. */
+  readonly memory: number | readonly RegionOptions[];
+  /** The hypervisor; defaults to the process-wide KVM backend. */
+  readonly backend?: Backend;
+  /** Create the in-kernel irqchip and PIT (needed for interrupts). Default false. */
+  readonly irqchip?: boolean;
+  /** Name used in diagnostics. */
+  readonly name?: string;
+}
+
+/** Options of {@link Machine.loadFlat}. */
+export interface LoadFlatOptions {
+  /** Guest-physical load address. */
+  readonly at: number;
+  /** CPU mode to start in. Default `'real'`. */
+  readonly mode?: CpuMode;
+  /** Privilege level to start at (protected and long mode). Default 0. */
+  readonly ring?: 0 | 3;
+  /** Entry point; defaults to `at`. */
+  readonly entry?: number;
+  /** Initial stack pointer; defaults below the system area (or below `at` in real mode). */
+  readonly stack?: number;
+}
+
+/** Options of {@link Machine.run}. */
+export interface RunOptions {
+  /** Stop with `timeout` after this many milliseconds. */
+  readonly timeout?: number;
+  /** Stop with `aborted` when this signal fires. */
+  readonly signal?: AbortSignal;
+  /** Slice length in milliseconds (default 10): the longest Node waits for the event loop. */
+  readonly sliceMs?: number;
+}
+
+/** Lifecycle events (errors are returned or thrown, never emitted). */
+export interface MachineEvents {
+  /** `run()` started. */
+  started: [];
+  /** `run()` returned this stop. */
+  stopped: [stop: Stop];
+  /** The machine was closed. */
+  closed: [];
+}
+
+/** Where the host put things in guest memory. */
+export interface MachineLayout {
+  /** Base of the 64 KiB area holding host-built GDT/IDT/TSS/page tables (protected/long mode). */
+  readonly systemArea: number | undefined;
+  /** Port the exception stubs report to. */
+  readonly exceptionPort: number;
+}
+
+const DEFAULT_SLICE_MS = 10;
+const MAX_SLOTS = 32;
+type SliceResult = { kind: 'stop'; stop: StopRequest } | { kind: 'yield' } | { kind: 'async'; outcome: Promise<ExitOutcome>; exit: VcpuExit };
+
+/** A virtual machine. Create with {@link Machine.create}; release with `close()` or `await using`. */
+export class Machine {
+  /** Guest RAM (bounds-checked). */
+  readonly memory = new GuestMemory();
+  /** Port-I/O bus. */
+  readonly io = new Bus('pio');
+  /** MMIO bus. */
+  readonly mmio = new Bus('mmio');
+  /** Lifecycle events. */
+  readonly events = new EventEmitter<MachineEvents>();
+  /** Name for diagnostics. */
+  readonly name: string;
+  /** What the host supports. */
+  readonly capabilities: HostCapabilities;
+  /** Whether an in-kernel irqchip exists. */
+  readonly irqchip: boolean;
+
+  readonly #backend: Backend;
+  readonly #vm: BackendVm;
+  readonly #vcpus: Vcpu[] = [];
+  readonly #counters = new ExitCounters();
+  readonly #hooks: ExitHook[] = [];
+  readonly #hookStats = new Map<ExitHook, HookStats>();
+  readonly #slots = new Set<number>();
+  readonly #devices = new Set<Device>();
+  #coalesced: Array<{ start: bigint; size: number; pio: boolean }> = [];
+  #hooksSealed = false;
+  #running = false;
+  #closed = false;
+  #seq = 0;
+  #systemArea: number | undefined;
+  #mode: CpuMode = 'real';
+
+  private constructor(backend: Backend, vm: BackendVm, opts: MachineOptions) {
+    this.#backend = backend;
+    this.#vm = vm;
+    this.name = opts.name ?? 'machine';
+    this.capabilities = backend.capabilities;
+    this.irqchip = opts.irqchip ?? false;
+  }
+
+  /**
+   * Creates a machine with guest RAM and one vCPU. Validates every option before touching KVM.
+   * @throws InvalidArgumentError for bad options; KvmUnavailableError when KVM is missing.
+   */
+  static async create(options: MachineOptions): Promise<Machine> {
+    if (!options || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
+    const regions = normaliseRegions(options.memory);
+    if (options.irqchip !== undefined && typeof options.irqchip !== 'boolean') throw new InvalidArgumentError('irqchip', 'must be a boolean');
+    const backend = options.backend ?? kvmBackend();
+    const vm = backend.createVm({ irqchip: options.irqchip ?? false });
+    const m = new Machine(backend, vm, options);
+    try {
+      for (const r of regions) m.addRegion(r);
+      m.#vcpus.push(new Vcpu(vm.createVcpu(0)));
+    } catch (e) {
+      m.#teardown();
+      throw e;
+    }
+    return m;
+  }
+
+  /** The vCPUs. */
+  get vcpus(): readonly Vcpu[] {
+    return this.#vcpus;
+  }
+
+  /** vCPU `id`. */
+  vcpu(id = 0): Vcpu {
+    const v = this.#vcpus[id];
+    if (!v) throw new InvalidArgumentError('id', `no vCPU ${id}`);
+    return v;
+  }
+
+  /** Where the host placed its tables. */
+  get layout(): MachineLayout {
+    return { systemArea: this.#systemArea, exceptionPort: EXCEPTION_PORT };
+  }
+
+  /**
+   * Adds a RAM region backed by a new memfd.
+   * @returns the region (with its slot number).
+   */
+  addRegion(options: RegionOptions): MemoryRegion {
+    this.#assertOpen();
+    const size = checkRegionSize(options.size, 'size');
+    const start = gpa(options.start, 'start');
+    if (start % 4096n !== 0n) throw new InvalidArgumentError('start', `${hex(start)} is not 4 KiB aligned`);
+    if (options.readonly && !this.capabilities.readonlyMemory) throw new InvalidArgumentError('readonly', 'this host does not support read-only memslots');
+    let slot = 0;
+    while (this.#slots.has(slot)) slot++;
+    if (slot >= Math.min(MAX_SLOTS, this.capabilities.maxMemslots)) throw new InvalidArgumentError('regions', 'too many memory regions');
+    const region: MemoryRegion = { slot, start, size, readonly: options.readonly ?? false, name: options.name ?? `ram${slot}` };
+    // Check overlap before allocating anything.
+    for (const r of this.memory.regions()) {
+      if (start < BigInt(r.start) + BigInt(r.size) && BigInt(r.start) < start + BigInt(size)) {
+        throw new InvalidArgumentError('start', `[${hex(start)}, +${size}) overlaps region '${r.name}' at ${hex(r.start)}`);
+      }
+    }
+    const host = this.#vm.allocateMemory(size, `tsvm-${region.name}`);
+    try {
+      this.memory.addRegion(region, host);
+      this.#vm.mapMemory(slot, start, host, size, { readonly: region.readonly, logDirty: options.logDirty ?? false });
+    } catch (e) {
+      this.memory.removeRegion(slot);
+      host.close();
+      throw e;
+    }
+    this.#slots.add(slot);
+    return region;
+  }
+
+  /** Removes a region by slot and releases its memory. */
+  removeRegion(slot: number): void {
+    this.#assertOpen();
+    if (this.#running) throw new StateError('cannot remove memory while the machine runs');
+    if (!this.#slots.has(slot)) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
+    this.#vm.unmapMemory(slot);
+    this.memory.removeRegion(slot)?.close();
+    this.#slots.delete(slot);
+  }
+
+  /** Dirty-page bitmap of a region since the last call (bit per 4 KiB page). */
+  dirtyPages(slot: number): Uint8Array {
+    this.#assertOpen();
+    const r = this.memory.regions().find((x) => x.slot === slot);
+    if (!r) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
+    return this.#vm.dirtyLog(slot, r.size);
+  }
+
+  /**
+   * Copies `image` to `at` and sets the vCPU up to execute it in `mode` at `ring`.
+   * @throws InvalidArgumentError when the image does not fit in RAM or collides with the system area.
+   */
+  loadFlat(image: Uint8Array, options: LoadFlatOptions): void {
+    this.#assertOpen();
+    if (!(image instanceof Uint8Array) || image.length === 0) throw new InvalidArgumentError('image', 'must be a non-empty Uint8Array');
+    if (!options || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
+    const mode = options.mode ?? 'real';
+    if (!['real', 'protected', 'long'].includes(mode)) throw new InvalidArgumentError('mode', `must be 'real', 'protected' or 'long', got ${String(mode)}`);
+    const ring = options.ring ?? 0;
+    if (ring !== 0 && ring !== 3) throw new InvalidArgumentError('ring', `must be 0 or 3, got ${String(ring)}`);
+    if (mode === 'real' && ring !== 0) throw new InvalidArgumentError('ring', 'real mode has no rings; use protected or long mode for ring 3');
+    const at = checkAddr(options.at, 'at');
+    const entry = options.entry === undefined ? at : checkAddr(options.entry, 'entry');
+    if (!this.memory.contains(at, image.length)) throw new InvalidArgumentError('at', `image [${hex(at)}, +${image.length}) is not inside guest RAM`);
+    if (mode === 'real' && at + image.length > 0x100000) throw new InvalidArgumentError('at', 'real-mode code must lie below 1 MiB');
+    let systemArea: number | undefined;
+    if (mode !== 'real') {
+      const first = this.memory.regions()[0];
+      if (!first || Number(first.start) !== 0 || first.size < 2 * SYSTEM_AREA_SIZE) throw new InvalidArgumentError('memory', `protected and long mode need a RAM region at 0 of at least ${2 * SYSTEM_AREA_SIZE} bytes`);
+      systemArea = Math.min(first.size, 0x100000000) - SYSTEM_AREA_SIZE;
+      if (at < systemArea + SYSTEM_AREA_SIZE && at + image.length > systemArea) throw new InvalidArgumentError('at', `image overlaps the system area at ${hex(systemArea)}`);
+    }
+    const stack = options.stack === undefined ? (systemArea ?? Math.min(at, 0x10000) & ~0xf) : checkAddr(options.stack, 'stack');
+    if (!this.memory.contains(entry, 1)) throw new InvalidArgumentError('entry', `${hex(entry)} is not inside guest RAM`);
+    this.memory.write(at, image);
+    const vcpu = this.vcpu(0).backend;
+    const state = setupCpu(this.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring, entry, stack, systemArea: systemArea ?? 0 });
+    vcpu.setSregs(state.sregs);
+    vcpu.setRegs(state.regs);
+    this.#systemArea = systemArea;
+    this.#mode = mode;
+    if (mode !== 'real' && !this.io.find(BigInt(EXCEPTION_PORT))) {
+      this.io.register({ port: EXCEPTION_PORT, size: 1 }, {
+        name: 'tsvm-exception-reporter',
+        write: (_o, value, _s, access) => access.requestStop({ reason: 'exception', vector: value }),
+      });
+    }
+  }
+
+  /** An interrupt line of the in-kernel irqchip (requires `irqchip: true`). */
+  irqLine(irq: number): IrqLine {
+    this.#assertOpen();
+    if (!this.irqchip) throw new StateError('interrupt lines need Machine.create({ irqchip: true })');
+    if (!Number.isInteger(irq) || irq < 0 || irq > 23) throw new InvalidArgumentError('irq', `must be 0..23, got ${irq}`);
+    const vm = this.#vm;
+    return {
+      irq,
+      set: (level: boolean) => { if (!this.#closed) vm.irqLine(irq, level); },
+      pulse: () => { if (!this.#closed) { vm.irqLine(irq, true); vm.irqLine(irq, false); } },
+    };
+  }
+
+  /** Registers `device` on the PIO or MMIO bus (by the shape of `range`); the machine closes it on close. */
+  attach(range: RangeSpec, device: Device): () => void {
+    this.#assertOpen();
+    const un = ('port' in range ? this.io : this.mmio).register(range, device);
+    this.#devices.add(device);
+    return un;
+  }
+
+  /** Adds a hook on the exit path. Throws after {@link sealHooks}. */
+  addHook(hook: ExitHook): () => void {
+    this.#assertOpen();
+    if (this.#hooksSealed) throw new StateError('the hook table is sealed');
+    if (!hook || typeof hook.matches !== 'function' || typeof hook.handle !== 'function' || (hook.mode !== 'mediate' && hook.mode !== 'observe')) {
+      throw new InvalidArgumentError('hook', 'must be an ExitHook with name, mode, matches() and handle()');
+    }
+    this.#hooks.push(hook);
+    return () => {
+      if (this.#hooksSealed) throw new StateError('the hook table is sealed');
+      const i = this.#hooks.indexOf(hook);
+      if (i >= 0) this.#hooks.splice(i, 1);
+    };
+  }
+
+  /** Freezes the hook table and the buses (Solo5's "seal"). */
+  sealHooks(): void {
+    this.#hooksSealed = true;
+    this.io.seal();
+    this.mmio.seal();
+  }
+
+  /** Per-hook call counts and time. */
+  hookStats(): ReadonlyMap<ExitHook, HookStats> {
+    return new Map([...this.#hookStats].map(([k, v]) => [k, { ...v }]));
+  }
+
+  /**
+   * Lets guest writes to a range land in the coalesced ring instead of exiting (far cheaper).
+   * They are delivered to devices and observe hooks at the next exit or slice end. Mediate
+   * hooks therefore see them late: the monitor never coalesces a range it mediates.
+   */
+  coalesce(range: RangeSpec): () => void {
+    this.#assertOpen();
+    const pio = 'port' in range;
+    if (pio ? !this.capabilities.coalescedPio : !this.capabilities.coalescedMmio) throw new StateError(`this host has no coalesced ${pio ? 'PIO' : 'MMIO'}`);
+    const start = BigInt(pio ? range.port : range.address);
+    if (!Number.isSafeInteger(range.size) || range.size <= 0) throw new InvalidArgumentError('range.size', 'must be positive');
+    this.#vm.registerCoalesced(start, range.size, pio);
+    const z = { start, size: range.size, pio };
+    this.#coalesced.push(z);
+    return () => {
+      if (this.#closed) return;
+      this.#vm.unregisterCoalesced(start, range.size, pio);
+      this.#coalesced = this.#coalesced.filter((x) => x !== z);
+    };
+  }
+
+  /** Makes `rdmsr`/`wrmsr` of these MSRs exit to userspace (as `msr` exits). */
+  interceptMsrs(reads: readonly number[], writes: readonly number[]): void {
+    this.#assertOpen();
+    if (!this.capabilities.userSpaceMsr) throw new StateError('this host has no user-space MSR exits');
+    this.#vm.setMsrIntercepts(reads, writes);
+  }
+
+  /** Exit counters since creation (or the last `resetStats()`). */
+  stats(): ExitStats {
+    return this.#counters.snapshot();
+  }
+
+  /** Zeroes the exit counters. */
+  resetStats(): void {
+    this.#counters.reset();
+    this.#hookStats.clear();
+  }
+
+  /**
+   * Runs the guest until it stops, the timeout passes or the signal aborts. Returns why it
+   * stopped; throws only for misuse (already running, closed).
+   */
+  async run(options: RunOptions = {}): Promise<Stop> {
+    this.#assertOpen();
+    if (this.#running) throw new StateError('the machine is already running');
+    const timeout = options.timeout;
+    if (timeout !== undefined && (typeof timeout !== 'number' || !(timeout >= 0))) throw new InvalidArgumentError('timeout', 'must be a non-negative number of milliseconds');
+    const sliceMs = options.sliceMs ?? DEFAULT_SLICE_MS;
+    if (typeof sliceMs !== 'number' || !(sliceMs > 0) || sliceMs > 1000) throw new InvalidArgumentError('sliceMs', 'must be in (0, 1000]');
+    const signal = options.signal;
+    this.#running = true;
+    const t0 = performance.now();
+    const deadline = timeout === undefined ? Infinity : t0 + timeout;
+    const exits0 = this.#counters.total;
+    this.events.emit('started');
+    const vcpu = this.vcpu(0);
+    let stop: StopRequest | undefined;
+    try {
+      while (!stop) {
+        if (signal?.aborted) { stop = { reason: 'aborted' }; break; }
+        const left = deadline - performance.now();
+        if (left <= 0) { stop = { reason: 'timeout' }; break; }
+        vcpu.backend.beginSlice(Math.max(50_000, Math.min(sliceMs, left) * 1e6));
+        let r: SliceResult;
+        try {
+          r = this.#slice(vcpu);
+        } finally {
+          vcpu.backend.endSlice();
+        }
+        if (r.kind === 'stop') { stop = r.stop; break; }
+        if (r.kind === 'async') {
+          const out = await raceDeadline(r.outcome, deadline, signal);
+          if (out === 'timeout' || out === 'aborted') { stop = { reason: out }; break; }
+          const next = this.#apply(vcpu, out);
+          if (next) { stop = next; break; }
+          continue;
+        }
+        // Let timers, I/O and other machines run between slices.
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+      const final = this.#finish(vcpu, stop as StopRequest, t0, exits0);
+      this.events.emit('stopped', final);
+      return final;
+    } finally {
+      this.#running = false;
+    }
+  }
+
+  #hookContext(vcpu: Vcpu): ExitContext {
+    const info: HookInfo = { vcpu: vcpu.id, seq: this.#seq, rip: () => vcpu.backend.getRegs().rip };
+    return {
+      pio: this.io, mmio: this.mmio,
+      mediate: this.#hooks.filter((h) => h.mode === 'mediate'),
+      observe: this.#hooks.filter((h) => h.mode === 'observe'),
+      hookStats: this.#hookStats,
+      get info() { return info; },
+    };
+  }
+
+  /** One time slice: a synchronous exit loop (no awaits, so the slice timer stays ours). */
+  #slice(vcpu: Vcpu): SliceResult {
+    const b = vcpu.backend;
+    const c = this.#counters;
+    const ctx = this.#hookContext(vcpu);
+    const info = ctx.info as { seq: number };
+    for (;;) {
+      const t0 = performance.now();
+      let exit: VcpuExit;
+      try {
+        exit = b.run();
+      } catch (e) {
+        return { kind: 'stop', stop: { reason: 'backend-error', error: e instanceof TsvmError ? e : new TsvmError('TSVM_BACKEND', String(e), { cause: e }) } };
+      }
+      const t1 = performance.now();
+      const k = c.byKind[exit.kind];
+      k.count++;
+      k.runNs += (t1 - t0) * 1e6;
+      c.total++;
+      this.#seq++;
+      info.seq = this.#seq;
+      if (this.#coalesced.length > 0) {
+        const s = this.#drainCoalesced(vcpu, ctx);
+        if (s) return { kind: 'stop', stop: s };
+      }
+      if (exit.kind === 'intr') {
+        k.handleNs += (performance.now() - t1) * 1e6;
+        // With an in-kernel irqchip `hlt` never exits: a halted vCPU with IF=0 can never wake.
+        if (this.irqchip && b.isHalted() && (b.getRegs().rflags & 0x200n) === 0n) return { kind: 'stop', stop: { reason: 'halt' } };
+        return { kind: 'yield' };
+      }
+      if (exit.kind === 'io') c.byPort.set(exit.port, (c.byPort.get(exit.port) ?? 0) + 1);
+      const out = handleExit(exit, ctx);
+      k.handleNs += (performance.now() - t1) * 1e6;
+      if (out.action === 'async') return { kind: 'async', outcome: out.outcome, exit };
+      const s = this.#apply(vcpu, out);
+      if (s) return { kind: 'stop', stop: s };
+    }
+  }
+
+  #apply(vcpu: Vcpu, out: ExitOutcome): StopRequest | undefined {
+    if (out.action === 'stop') return out.stop;
+    if (out.action === 'resume') {
+      if (out.read) vcpu.backend.completeRead(out.read);
+      if (out.msr) vcpu.backend.completeMsr(out.msr.data, out.msr.error);
+    }
+    return undefined;
+  }
+
+  #drainCoalesced(vcpu: Vcpu, ctx: ExitContext): StopRequest | undefined {
+    for (const e of vcpu.backend.drainCoalesced()) {
+      const exit: VcpuExit = e.pio
+        ? { kind: 'io', direction: 'out', port: Number(e.address), size: e.length as 1 | 2 | 4, count: 1, data: e.data }
+        : { kind: 'mmio', address: e.address, isWrite: true, size: e.length, data: e.data };
+      // Coalesced writes already happened; only devices and observers see them.
+      const out = handleExit(exit, { ...ctx, mediate: [] });
+      if (out.action === 'stop') return out.stop;
+    }
+    return undefined;
+  }
+
+  #finish(vcpu: Vcpu, stop: StopRequest, t0: number, exits0: number): Stop {
+    let rip = 0n;
+    let req = stop;
+    try {
+      const regs = vcpu.backend.getRegs();
+      rip = regs.rip;
+      if (req.reason === 'exception') {
+        // The stub's `out` ran on the exception frame: [error code] RIP CS RFLAGS RSP SS.
+        const w = this.#mode === 'long' ? 8 : 4;
+        const hasCode = VECTORS_WITH_ERROR_CODE.has(req.vector);
+        const sp = regs.rsp;
+        const errorCode = hasCode ? this.memory.readUint(sp, 4) : undefined;
+        const ripAt = sp + BigInt(hasCode ? w : 0);
+        const faultRip = w === 8 ? this.memory.readU64(ripAt) : BigInt(this.memory.readUint(ripAt, 4));
+        req = { ...req, errorCode, faultRip, cr2: vcpu.backend.getSregs().cr2 };
+      }
+    } catch { /* registers unavailable (backend failed): report what we have */ }
+    return { ...req, rip, vcpu: vcpu.id, exits: this.#counters.total - exits0, elapsedMs: performance.now() - t0 } as Stop;
+  }
+
+  #assertOpen(): void {
+    if (this.#closed) throw new StateError(`machine '${this.name}' is closed`);
+  }
+
+  #teardown(): void {
+    for (const v of this.#vcpus) { try { v.backend.close(); } catch { /* keep going */ } }
+    this.#vcpus.length = 0;
+    for (const slot of this.#slots) { try { this.#vm.unmapMemory(slot); } catch { /* keep going */ } }
+    this.#slots.clear();
+    for (const h of this.memory.clear()) h.close();
+    try { this.#vm.close(); } catch { /* keep going */ }
+  }
+
+  /**
+   * Releases everything: vCPUs, memslots and memory, the VM, and attached devices. Idempotent.
+   * Refuses while `run()` is in progress (abort it first).
+   */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    if (this.#running) throw new StateError('cannot close a running machine; abort run() first');
+    this.#closed = true;
+    this.#teardown();
+    for (const d of this.#devices) await d.close?.();
+    this.#devices.clear();
+    this.events.emit('closed');
+    this.events.removeAllListeners();
+  }
+
+  /** `await using vm = await Machine.create(...)`. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  /** The backend this machine runs on. */
+  get backend(): Backend {
+    return this.#backend;
+  }
+}
+
+function checkAddr(v: unknown, name: string): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError(name, `must be a non-negative integer address, got ${String(v)}`);
+  return v;
+}
+
+function normaliseRegions(memory: MachineOptions['memory']): RegionOptions[] {
+  if (typeof memory === 'number') {
+    checkRegionSize(memory, 'memory');
+    return [{ start: 0, size: memory, name: 'ram' }];
+  }
+  if (!Array.isArray(memory) || memory.length === 0) throw new InvalidArgumentError('memory', 'must be a size in bytes or a non-empty array of regions');
+  memory.forEach((r, i) => {
+    if (!r || typeof r !== 'object') throw new InvalidArgumentError(`memory[${i}]`, 'must be an object');
+    checkRegionSize(r.size, `memory[${i}].size`);
+    gpa(r.start, `memory[${i}].start`);
+  });
+  const sorted = [...memory].sort((a, b) => (BigInt(a.start) < BigInt(b.start) ? -1 : 1));
+  for (let i = 1; i < sorted.length; i++) {
+    const p = sorted[i - 1] as RegionOptions, c = sorted[i] as RegionOptions;
+    if (BigInt(c.start) < BigInt(p.start) + BigInt(p.size)) throw new InvalidArgumentError('memory', `region at ${hex(BigInt(c.start))} overlaps region at ${hex(BigInt(p.start))}`);
+  }
+  return memory.slice();
+}
+
+async function raceDeadline<T>(p: Promise<T>, deadline: number, signal: AbortSignal | undefined): Promise<T | 'timeout' | 'aborted'> {
+  let timer: NodeJS.Timeout | undefined;
+  let onAbort: (() => void) | undefined;
+  try {
+    return await Promise.race([
+      p,
+      new Promise<'timeout'>((resolve) => { if (deadline !== Infinity) timer = setTimeout(() => resolve('timeout'), Math.max(0, deadline - performance.now())); }),
+      new Promise<'aborted'>((resolve) => {
+        if (!signal) return;
+        if (signal.aborted) resolve('aborted');
+        onAbort = () => resolve('aborted');
+        signal.addEventListener('abort', onAbort, { once: true });
+      }),
+    ]);
+  } finally {
+    if (timer) clearTimeout(timer);
+    if (onAbort) signal?.removeEventListener('abort', onAbort);
+  }
+}

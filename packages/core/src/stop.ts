@@ -1,0 +1,42 @@
+/**
+ * Why `Machine.run()` returned. Normal endings are values, not exceptions: `run()` throws only
+ * for bugs and misuse.
+ * @module
+ */
+import type { VcpuExit } from './exits.js';
+import type { MonitorViolation, TsvmError } from './errors.js';
+
+interface StopCommon {
+  /** Guest RIP when the machine stopped (after the instruction that caused it, for I/O). */
+  readonly rip: bigint;
+  /** vCPU that stopped. */
+  readonly vcpu: number;
+  /** Exits handled during this `run()`. */
+  readonly exits: number;
+  /** Wall time of this `run()` in milliseconds. */
+  readonly elapsedMs: number;
+}
+
+/** Why the machine stopped. Switch on `reason`. */
+export type Stop = StopCommon & (
+  | { readonly reason: 'halt' }
+  | { readonly reason: 'shutdown' }
+  | { readonly reason: 'reset' }
+  | { readonly reason: 'debug-exit'; readonly code: number }
+  | { readonly reason: 'timeout' }
+  | { readonly reason: 'aborted' }
+  | { readonly reason: 'exception'; readonly vector: number; readonly errorCode: number | undefined; readonly faultRip: bigint; readonly cr2: bigint }
+  | { readonly reason: 'unhandled-exit'; readonly kind: VcpuExit['kind']; readonly address: bigint | undefined; readonly exit: VcpuExit; readonly message: string }
+  | { readonly reason: 'violation'; readonly violation: MonitorViolation }
+  | { readonly reason: 'hook-error'; readonly hook: string; readonly error: unknown }
+  | { readonly reason: 'device-error'; readonly device: string; readonly error: unknown }
+  | { readonly reason: 'internal-error'; readonly suberror: number; readonly message: string }
+  | { readonly reason: 'fail-entry'; readonly hardwareReason: bigint }
+  | { readonly reason: 'backend-error'; readonly error: TsvmError }
+);
+
+/** The `reason` tags of {@link Stop}. */
+export type StopReason = Stop['reason'];
+
+/** A stop before the run loop adds the common fields. */
+export type StopRequest = Stop extends infer S ? S extends StopCommon ? Omit<S, keyof StopCommon> : never : never;

@@ -1,0 +1,8 @@
+/**
+ * `@tsvm/core/testing` — what tests need: a {@link MockBackend} that replays scripted exits,
+ * inline assembly ({@link asm}), and {@link kvmAvailability} for suites that need `/dev/kvm`.
+ * @module
+ */
+export { MockBackend, MockVcpu, MockVm, outExit, inExit, mmioExit, type MockStep } from './mock.js';
+export { asm, type AsmOptions } from './asm.js';
+export { kvmAvailability, type KvmAvailability } from './kvm-gate.js';

@@ -1,0 +1,175 @@
+/**
+ * `MockBackend`: a `Backend` that replays scripted exits, so the run loop, hooks and devices
+ * can be tested without `/dev/kvm` (the serialport "mock binding" habit). Guest RAM is plain
+ * `ArrayBuffer`s; registers are stored; completions are recorded for assertions.
+ * @module
+ */
+import type { Backend, BackendVcpu, BackendVm, CoalescedEntry, CpuidEntry, HostCapabilities, MsrEntry, Regs, Sregs } from '../backend.js';
+import type { HostMemory } from '../memory.js';
+import type { VcpuExit } from '../exits.js';
+
+/** One scripted step: an exit, or a function computing it from the mock vCPU. */
+export type MockStep = VcpuExit | ((vcpu: MockVcpu) => VcpuExit);
+
+const zeroSeg = () => ({ base: 0n, limit: 0xffff, selector: 0, type: 3, present: 1, dpl: 0, db: 0, s: 1, l: 0, g: 0, avl: 0, unusable: 0 });
+
+/** The mock's vCPU: scripted exits and recorded completions. */
+export class MockVcpu implements BackendVcpu {
+  /** vCPU index. */
+  readonly id: number;
+  /** Remaining scripted steps. */
+  readonly steps: MockStep[] = [];
+  /** Data supplied for reads, in order. */
+  readonly reads: Uint8Array[] = [];
+  /** MSR completions, in order. */
+  readonly msrs: Array<{ data: bigint; error: boolean }> = [];
+  /** Coalesced entries returned by the next drain. */
+  coalesced: CoalescedEntry[] = [];
+  /** Whether the mock vCPU reports itself halted. */
+  halted = false;
+  /** Number of `run()` calls. */
+  runs = 0;
+  /** Slices begun. */
+  slices = 0;
+  /** Register file. */
+  regs: Regs = { rax: 0n, rbx: 0n, rcx: 0n, rdx: 0n, rsi: 0n, rdi: 0n, rsp: 0n, rbp: 0n, r8: 0n, r9: 0n, r10: 0n, r11: 0n, r12: 0n, r13: 0n, r14: 0n, r15: 0n, rip: 0xfff0n, rflags: 2n };
+  /** Special registers. */
+  sregs: Sregs = {
+    cs: zeroSeg(), ds: zeroSeg(), es: zeroSeg(), fs: zeroSeg(), gs: zeroSeg(), ss: zeroSeg(), tr: zeroSeg(), ldt: zeroSeg(),
+    gdt: { base: 0n, limit: 0xffff }, idt: { base: 0n, limit: 0xffff },
+    cr0: 0x60000010n, cr2: 0n, cr3: 0n, cr4: 0n, cr8: 0n, efer: 0n, apic_base: 0xfee00900n, interrupt_bitmap: [0n, 0n, 0n, 0n],
+  };
+  /** What to return when the script runs out. */
+  whenEmpty: VcpuExit = { kind: 'hlt' };
+  #msr = new Map<number, bigint>();
+  #cpuid: CpuidEntry[] = [];
+
+  /** @param id - vCPU index. */
+  constructor(id: number) {
+    this.id = id;
+  }
+
+  /** Appends steps to the script. */
+  script(...steps: MockStep[]): this {
+    this.steps.push(...steps);
+    return this;
+  }
+
+  run(): VcpuExit {
+    this.runs++;
+    const s = this.steps.shift();
+    if (s === undefined) return this.whenEmpty;
+    return typeof s === 'function' ? s(this) : s;
+  }
+
+  completeRead(data: Uint8Array): void { this.reads.push(data.slice()); }
+  completeMsr(data: bigint, error: boolean): void { this.msrs.push({ data, error }); }
+  beginSlice(): void { this.slices++; }
+  endSlice(): void { /* nothing to disarm */ }
+  getRegs(): Regs { return { ...this.regs }; }
+  setRegs(regs: Regs): void { this.regs = { ...regs }; }
+  getSregs(): Sregs { return structuredClone(this.sregs); }
+  setSregs(sregs: Sregs): void { this.sregs = structuredClone(sregs); }
+  setCpuid(entries: readonly CpuidEntry[]): void { this.#cpuid = entries.slice(); }
+  supportedCpuid(): CpuidEntry[] { return this.#cpuid.slice(); }
+  getMsrs(indices: readonly number[]): MsrEntry[] { return indices.map((index) => ({ index, data: this.#msr.get(index) ?? 0n })); }
+  setMsrs(entries: readonly MsrEntry[]): void { for (const e of entries) this.#msr.set(e.index, e.data); }
+  isHalted(): boolean { return this.halted; }
+  setGuestDebug(): void { /* recorded nowhere: the mock has no debug unit */ }
+  drainCoalesced(): CoalescedEntry[] { const c = this.coalesced; this.coalesced = []; return c; }
+  getState(): Record<string, Uint8Array> { return {}; }
+  setState(): void { /* no opaque state */ }
+  close(): void { this.steps.length = 0; }
+}
+
+/** The mock's VM. */
+export class MockVm implements BackendVm {
+  /** vCPUs created so far. */
+  readonly vcpus: MockVcpu[] = [];
+  /** Memslots currently mapped. */
+  readonly slots = new Map<number, { start: bigint; size: number; readonly: boolean }>();
+  /** IRQ line changes, in order. */
+  readonly irqs: Array<{ irq: number; level: boolean }> = [];
+  /** Host memory objects still open. */
+  openMemory = 0;
+  /** Whether `close()` ran. */
+  closed = false;
+  readonly #backend: MockBackend;
+
+  /** @internal */
+  constructor(backend: MockBackend) {
+    this.#backend = backend;
+  }
+
+  allocateMemory(size: number): HostMemory {
+    this.openMemory++;
+    let open = true;
+    const mem = { bytes: new Uint8Array(size), hostAddress: 0n, fd: -1, close: () => { if (open) { open = false; this.openMemory--; } } };
+    return mem;
+  }
+  mapMemory(slot: number, start: bigint, _host: HostMemory, size: number, flags: { readonly: boolean }): void { this.slots.set(slot, { start, size, readonly: flags.readonly }); }
+  unmapMemory(slot: number): void { this.slots.delete(slot); }
+  dirtyLog(_slot: number, size: number): Uint8Array { return new Uint8Array(Math.ceil(size / 4096 / 64) * 8); }
+  irqLine(irq: number, level: boolean): void { this.irqs.push({ irq, level }); }
+  registerCoalesced(): void { /* nothing */ }
+  unregisterCoalesced(): void { /* nothing */ }
+  setMsrIntercepts(): void { /* nothing */ }
+  createVcpu(id: number): BackendVcpu {
+    const v = this.#backend.nextVcpu ?? new MockVcpu(id);
+    this.#backend.nextVcpu = undefined;
+    this.vcpus.push(v);
+    return v;
+  }
+  close(): void { this.closed = true; }
+}
+
+/** A `Backend` for tests. */
+export class MockBackend implements Backend {
+  /** Always `'mock'`. */
+  readonly name = 'mock';
+  /** Capabilities (all on by default; override in the constructor). */
+  readonly capabilities: HostCapabilities;
+  /** VMs created. */
+  readonly vms: MockVm[] = [];
+  /** A pre-scripted vCPU handed to the next `createVcpu` (so tests can script before `Machine.create`). */
+  nextVcpu: MockVcpu | undefined;
+
+  /** @param caps - capabilities to override. */
+  constructor(caps: Partial<HostCapabilities> = {}) {
+    this.capabilities = {
+      flavour: 'mock', readonlyMemory: true, coalescedMmio: true, coalescedPio: true, irqchip: true, userSpaceMsr: true,
+      guestDebug: true, dirtyLogRing: false, immediateExit: true, eventfds: false, maxMemslots: 32, ...caps,
+    };
+  }
+
+  /** Scripts the vCPU the next machine will get. */
+  script(...steps: MockStep[]): MockVcpu {
+    this.nextVcpu = new MockVcpu(0).script(...steps);
+    return this.nextVcpu;
+  }
+
+  createVm(): BackendVm {
+    const vm = new MockVm(this);
+    this.vms.push(vm);
+    return vm;
+  }
+}
+
+/** Builds an `out` exit (helper for scripts). */
+export function outExit(port: number, value: number, size: 1 | 2 | 4 = 1): VcpuExit {
+  const data = new Uint8Array(size);
+  for (let i = 0; i < size; i++) data[i] = (value >>> (8 * i)) & 0xff;
+  return { kind: 'io', direction: 'out', port, size, count: 1, data };
+}
+
+/** Builds an `in` exit. */
+export function inExit(port: number, size: 1 | 2 | 4 = 1): VcpuExit {
+  return { kind: 'io', direction: 'in', port, size, count: 1, data: new Uint8Array(0) };
+}
+
+/** Builds an MMIO exit. */
+export function mmioExit(address: bigint, size: number, write?: number): VcpuExit {
+  const data = new Uint8Array(write === undefined ? 0 : size);
+  if (write !== undefined) for (let i = 0; i < Math.min(size, 4); i++) data[i] = (write >>> (8 * i)) & 0xff;
+  return { kind: 'mmio', address, isWrite: write !== undefined, size, data };
+}
