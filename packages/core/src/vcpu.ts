@@ -60,6 +60,14 @@ export class Vcpu {
     this.backend.setCpuid(entries);
   }
 
+  /**
+   * Configures KVM guest debug (`KVM_GUESTDBG_*` flags; debug registers DR0-3 in slots 0-3,
+   * DR7 in slot 7). Whether it works at a given CPL is host-specific: see `calibrate()`.
+   */
+  setGuestDebug(control: number, debugreg: readonly bigint[] = []): void {
+    this.backend.setGuestDebug(control, debugreg);
+  }
+
   /** The host's default CPUID table. */
   supportedCpuid(): CpuidEntry[] {
     return this.backend.supportedCpuid();

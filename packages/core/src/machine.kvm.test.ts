@@ -1,0 +1,118 @@
+import { readdirSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import { Machine } from './machine.js';
+import { asm } from './testing/asm.js';
+import { kvmAvailability } from './testing/kvm-gate.js';
+import type { Device } from './device.js';
+
+const kvm = kvmAvailability();
+const MiB = 1024 * 1024;
+
+function sink(): { device: Device; text: () => string } {
+  const bytes: number[] = [];
+  return { device: { name: 'out', write: (_o, v) => { bytes.push(v); } }, text: () => String.fromCharCode(...bytes) };
+}
+
+const printHi = `
+  mov dx, 0x3f8
+  mov al, 0x48
+  out dx, al
+  mov al, 0x69
+  out dx, al
+  hlt`;
+
+describe.skipIf(!kvm.available)(`Machine on real KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  it.each([
+    ['real', 0, 16],
+    ['protected', 0, 32],
+    ['protected', 3, 32],
+    ['long', 0, 64],
+    ['long', 3, 64],
+  ] as const)('%s mode, ring %i: prints through a port and halts', async (mode, ring, bits) => {
+    await using vm = await Machine.create({ memory: 2 * MiB });
+    const out = sink();
+    vm.io.register({ port: 0x3f8, size: 1 }, out.device);
+    // hlt at CPL3 is privileged: ring-3 guests end with a debug-style port write instead.
+    const code = ring === 3 ? printHi.replace('hlt', 'mov dx, 0xf4\n out dx, al') : printHi;
+    if (ring === 3) vm.io.register({ port: 0xf4, size: 1 }, { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+    vm.loadFlat(await asm(code, { bits, address: 0x1000 }), { at: 0x1000, mode, ring });
+    const stop = await vm.run({ timeout: 5000 });
+    expect(out.text()).toBe('Hi');
+    expect(stop.reason).toBe(ring === 3 ? 'debug-exit' : 'halt');
+  });
+
+  it('a triple fault is a shutdown stop', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB });
+    // Empty IDT, then fault: #UD → no handler → #DF → triple fault.
+    vm.loadFlat(await asm('lidt [0x2000]\n ud2', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long' });
+    vm.memory.fill(0x2000, 10, 0);
+    expect((await vm.run({ timeout: 5000 })).reason).toBe('shutdown');
+  });
+
+  it('a ring-3 #GP goes through the host IDT and reports vector and faulting RIP', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB });
+    vm.loadFlat(await asm('nop\n cli', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop).toMatchObject({ reason: 'exception', vector: 13, faultRip: 0x1001n });
+  });
+
+  it('an unregistered port and unmapped MMIO are unhandled exits with kind, address and RIP', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB });
+    vm.loadFlat(await asm('mov dx, 0x80\n out dx, al', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    const s1 = await vm.run({ timeout: 5000 });
+    expect(s1).toMatchObject({ reason: 'unhandled-exit', kind: 'io', address: 0x80n });
+    expect(s1.rip).toBe(0x1005n);
+    vm.loadFlat(await asm('mov rax, 0xd0000000\n mov dword ptr [rax], 1', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    const s2 = await vm.run({ timeout: 5000 });
+    expect(s2).toMatchObject({ reason: 'unhandled-exit', kind: 'mmio', address: 0xd0000000n });
+  });
+
+  it('a spinning guest is stopped by timeout and abort, and setInterval keeps firing meanwhile', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB });
+    vm.loadFlat(await asm('l: jmp l', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    let ticks = 0;
+    const iv = setInterval(() => { ticks++; }, 5);
+    const t0 = performance.now();
+    const stop = await vm.run({ timeout: 300 });
+    clearInterval(iv);
+    expect(stop.reason).toBe('timeout');
+    expect(performance.now() - t0).toBeLessThan(300 + 2 * 10 + 200);
+    expect(ticks).toBeGreaterThan(10);
+    const ac = new AbortController();
+    setTimeout(() => ac.abort(), 50);
+    expect((await vm.run({ signal: ac.signal })).reason).toBe('aborted');
+  });
+
+  it('two machines in one process: one spinning and one crashing leave the third correct', async () => {
+    await using spin = await Machine.create({ memory: 2 * MiB, name: 'spin' });
+    await using crash = await Machine.create({ memory: 2 * MiB, name: 'crash' });
+    await using good = await Machine.create({ memory: 2 * MiB, name: 'good' });
+    spin.loadFlat(await asm('l: jmp l', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    crash.loadFlat(await asm('lidt [0x2000]\n ud2', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long' });
+    const out = sink();
+    good.io.register({ port: 0x3f8, size: 1 }, out.device);
+    good.loadFlat(await asm(printHi, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long' });
+    const [a, b, c] = await Promise.all([spin.run({ timeout: 200 }), crash.run({ timeout: 2000 }), good.run({ timeout: 2000 })]);
+    expect(a.reason).toBe('timeout');
+    expect(b.reason).toBe('shutdown');
+    expect(c.reason).toBe('halt');
+    expect(out.text()).toBe('Hi');
+  });
+
+  it('1,000 create/run/close cycles leak no fds and little memory', async () => {
+    const code = await asm('hlt', { bits: 16 });
+    const fds = () => readdirSync('/proc/self/fd').length;
+    const cycle = async () => {
+      const vm = await Machine.create({ memory: 64 * 1024 });
+      vm.loadFlat(code, { at: 0x1000 });
+      expect((await vm.run({ timeout: 2000 })).reason).toBe('halt');
+      await vm.close();
+    };
+    for (let i = 0; i < 20; i++) await cycle(); // warm up caches and JIT
+    const fd0 = fds();
+    const rss0 = process.memoryUsage().rss;
+    for (let i = 0; i < 1000; i++) await cycle();
+    expect(fds()).toBe(fd0);
+    expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * MiB);
+  }, 300_000);
+});
