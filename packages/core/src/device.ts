@@ -59,3 +59,15 @@ export interface IrqLine {
   /** Raises then lowers the line (edge-triggered devices). */
   pulse(): void;
 }
+
+/** Where a device wants to be mapped: devices list these from `mappings()`. */
+export interface DeviceMapping {
+  /** Port I/O or MMIO. */
+  readonly space: 'pio' | 'mmio';
+  /** First port or guest-physical address. */
+  readonly base: bigint;
+  /** Length of the range in ports/bytes. */
+  readonly size: number;
+  /** The register file dispatched to; offsets are relative to `base`. */
+  readonly device: Device;
+}

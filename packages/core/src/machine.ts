@@ -7,7 +7,7 @@ import { EventEmitter } from 'eventemitter3';
 import type { Backend, BackendVm, HostCapabilities } from './backend.js';
 import { kvmBackend } from './backend/kvm.js';
 import { Bus, type RangeSpec } from './bus.js';
-import type { Device, IrqLine } from './device.js';
+import type { Device, DeviceMapping, IrqLine } from './device.js';
 import { InvalidArgumentError, StateError, TsvmError } from './errors.js';
 import type { VcpuExit } from './exits.js';
 import { handleExit, type ExitContext, type ExitOutcome } from './handle-exit.js';
@@ -281,6 +281,24 @@ export class Machine {
     const un = ('port' in range ? this.io : this.mmio).register(range, device);
     this.#devices.add(device);
     return un;
+  }
+
+  /**
+   * Attaches a device at every range it asks for (`device.mappings()`), all or nothing.
+   * @returns a function that detaches it again.
+   */
+  attachDevice(source: { mappings(): DeviceMapping[] } | readonly DeviceMapping[]): () => void {
+    const list = Array.isArray(source) ? source : (source as { mappings(): DeviceMapping[] }).mappings();
+    const undo: Array<() => void> = [];
+    try {
+      for (const m of list as readonly DeviceMapping[]) {
+        undo.push(this.attach(m.space === 'pio' ? { port: Number(m.base), size: m.size } : { address: m.base, size: m.size }, m.device));
+      }
+    } catch (e) {
+      for (const u of undo) u();
+      throw e;
+    }
+    return () => { for (const u of undo) u(); };
   }
 
   /** Adds a hook on the exit path. Throws after {@link sealHooks}. */

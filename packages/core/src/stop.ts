@@ -6,7 +6,8 @@
 import type { VcpuExit } from './exits.js';
 import type { MonitorViolation, TsvmError } from './errors.js';
 
-interface StopCommon {
+/** Fields every {@link Stop} has. */
+export interface StopCommon {
   /** Guest RIP when the machine stopped (after the instruction that caused it, for I/O). */
   readonly rip: bigint;
   /** vCPU that stopped. */

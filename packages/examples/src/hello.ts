@@ -38,7 +38,7 @@ async function main(): Promise<number> {
   await using _vm = vm;
   const uart = new Uart16550();
   uart.pipe(process.stdout);
-  for (const m of uart.mappings()) vm.attach({ port: Number(m.base), size: m.size }, m.device);
+  vm.attachDevice(uart);
   vm.loadFlat(await asm(GUEST, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long' });
   const stop = await vm.run({ timeout: 5000 });
   uart.flush();

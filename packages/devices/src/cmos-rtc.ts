@@ -1,0 +1,242 @@
+/**
+ * The MC146818 CMOS real-time clock behind ports 0x70 (index) and 0x71 (data). Time is read
+ * from an injectable clock (UTC fields), formatted as BCD or binary and 12 h or 24 h per
+ * status register B. A guest that sets the time moves an offset against the clock, so
+ * `fixedClock` stays deterministic. Not emulated: alarm, periodic and update interrupts
+ * (status C always reads 0) and the update-in-progress window (UIP is always 0).
+ * @module
+ */
+import type { Access, AccessSize, Device } from '@tsvm/core';
+import type { DeviceMapping } from './mapping.js';
+import { encodeBytes, SnapshotReader } from './snapshot-fields.js';
+
+/** A source of wall-clock time. */
+export type Clock = () => Date;
+
+/** The host's clock. */
+export const hostClock: Clock = () => new Date();
+
+/** A clock that always returns `date` (copied), for deterministic runs. */
+export function fixedClock(date: Date): Clock {
+  const t = date.getTime();
+  return () => new Date(t);
+}
+
+const REG_SECONDS = 0x00;
+const REG_MINUTES = 0x02;
+const REG_HOURS = 0x04;
+const REG_WEEKDAY = 0x06;
+const REG_DAY = 0x07;
+const REG_MONTH = 0x08;
+const REG_YEAR = 0x09;
+const REG_A = 0x0a;
+const REG_B = 0x0b;
+const REG_C = 0x0c;
+const REG_D = 0x0d;
+const REG_CENTURY = 0x32;
+const B_24H = 0x02;
+const B_BINARY = 0x04;
+const B_SET = 0x80;
+const D_VALID_RAM = 0x80;
+const TIME_REGS = new Set([REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR, REG_CENTURY]);
+
+/** Options of a {@link CmosRtc}. */
+export interface CmosRtcOptions {
+  /** Device name. Default `rtc`. */
+  readonly name?: string;
+  /** Time source. Default {@link hostClock}. */
+  readonly clock?: Clock;
+}
+
+/** Guest-visible state of a {@link CmosRtc}. */
+export interface CmosRtcState {
+  /** Format version. */
+  readonly version: 1;
+  /** The 128 bytes of CMOS RAM (base64); time registers hold their last written value. */
+  readonly ram: string;
+  /** Selected register. */
+  readonly index: number;
+  /** Whether the guest set the NMI-disable bit (kept, not acted on). */
+  readonly nmiDisabled: boolean;
+  /** Guest time minus clock time, in milliseconds. */
+  readonly offsetMs: number;
+}
+
+/** CMOS RTC and 114 bytes of battery-backed RAM. */
+export class CmosRtc implements Device {
+  /** Index port; the data port is the next one. */
+  static readonly defaultPort = 0x70;
+  /** ISA IRQ of the RTC (not raised by this model). */
+  static readonly defaultIrq = 8;
+
+  /** Device name. */
+  readonly name: string;
+  readonly #clock: Clock;
+  #ram: Uint8Array = new Uint8Array(128);
+  #index = 0;
+  #nmiDisabled = false;
+  #offsetMs = 0;
+
+  /** @param options - name and clock. */
+  constructor(options: CmosRtcOptions = {}) {
+    this.name = options.name ?? 'rtc';
+    this.#clock = options.clock ?? hostClock;
+    this.reset();
+  }
+
+  /** The two-port mapping at `base` (default 0x70). */
+  mappings(base: number = CmosRtc.defaultPort): DeviceMapping[] {
+    return [{ space: 'pio', base: BigInt(base), size: 2, device: this }];
+  }
+
+  /** Whether the guest last wrote the index port with bit 7 (NMI disable) set. */
+  get nmiDisabled(): boolean {
+    return this.#nmiDisabled;
+  }
+
+  /** Offset 0 reads 0xff (write-only on real hardware, as QEMU); offset 1 reads the selected register. */
+  read(offset: number, _size: AccessSize, _access?: Access): number {
+    if (offset !== 1) return 0xff;
+    return this.#readRegister(this.#index);
+  }
+
+  /** Offset 0 selects a register (bit 7 is the NMI mask, not part of the index); offset 1 writes it. */
+  write(offset: number, value: number, _size: AccessSize, _access?: Access): void {
+    const v = value & 0xff;
+    if (offset === 0) {
+      this.#index = v & 0x7f;
+      this.#nmiDisabled = (v & 0x80) !== 0;
+    } else if (offset === 1) {
+      this.#writeRegister(this.#index, v);
+    }
+  }
+
+  /** Power-on state: BCD, 24 h, valid RAM; guest time offset and RAM contents cleared. */
+  reset(): void {
+    this.#ram = new Uint8Array(128);
+    this.#ram[REG_A] = 0x26; // 32.768 kHz divider, 1024 Hz rate: what firmware programs
+    this.#ram[REG_B] = B_24H;
+    this.#ram[REG_D] = D_VALID_RAM;
+    this.#index = 0;
+    this.#nmiDisabled = false;
+    this.#offsetMs = 0;
+  }
+
+  /** State as JSON. */
+  snapshot(): CmosRtcState {
+    return { version: 1, ram: encodeBytes(this.#ram), index: this.#index, nmiDisabled: this.#nmiDisabled, offsetMs: this.#offsetMs };
+  }
+
+  /** Restores {@link CmosRtc.snapshot} output; throws `SnapshotFormatError` on a bad shape. */
+  restore(state: unknown): void {
+    const r = new SnapshotReader(this.name, state, 1);
+    const ram = r.bytes('ram', 128, 128);
+    const index = r.int('index', 0, 0x7f);
+    const nmi = r.bool('nmiDisabled');
+    const offset = r.int('offsetMs', -Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
+    this.#ram = ram;
+    this.#index = index;
+    this.#nmiDisabled = nmi;
+    this.#offsetMs = offset;
+  }
+
+  #now(): Date {
+    return new Date(this.#clock().getTime() + this.#offsetMs);
+  }
+
+  #readRegister(index: number): number {
+    if (index === REG_C) return 0; // no interrupt flags; reading would clear them
+    if (index === REG_A) return (this.#ram[REG_A] as number) & 0x7f; // UIP never set
+    if (!TIME_REGS.has(index)) return this.#ram[index] ?? 0xff;
+    // While SET is on, the guest sees what it wrote, not a clock that moves under it.
+    if ((this.#ram[REG_B] as number) & B_SET) return this.#ram[index] ?? 0;
+    return this.#encode(index, this.#fieldOf(this.#now(), index));
+  }
+
+  #writeRegister(index: number, v: number): void {
+    if (index === REG_C || index === REG_D) return; // read-only
+    if (index === REG_A) {
+      this.#ram[REG_A] = v & 0x7f;
+      return;
+    }
+    if (index === REG_B) {
+      const wasSet = ((this.#ram[REG_B] as number) & B_SET) !== 0;
+      if (!wasSet && v & B_SET) this.#latchTime(v);
+      this.#ram[REG_B] = v;
+      if (wasSet && !(v & B_SET)) this.#commitTime();
+      return;
+    }
+    if (!TIME_REGS.has(index)) {
+      this.#ram[index] = v;
+      return;
+    }
+    this.#ram[index] = v;
+    // Without SET the write takes effect at once (the chip would apply it at the next update).
+    if (!((this.#ram[REG_B] as number) & B_SET)) this.#commitTime(true, index);
+  }
+
+  /** Copies the current time into the RAM bytes so a SET-mode guest edits from "now". */
+  #latchTime(newB: number): void {
+    const now = this.#now();
+    const saveB = this.#ram[REG_B] as number;
+    this.#ram[REG_B] = newB & ~B_SET;
+    for (const reg of TIME_REGS) this.#ram[reg] = this.#encode(reg, this.#fieldOf(now, reg));
+    this.#ram[REG_B] = saveB;
+  }
+
+  /**
+   * Recomputes the guest-time offset from the time registers. With `single`, only `index` comes
+   * from RAM and the other fields from the running clock.
+   */
+  #commitTime(single = false, index = -1): void {
+    const now = this.#now();
+    const field = (reg: number): number =>
+      !single || reg === index ? this.#decode(reg, this.#ram[reg] as number) : this.#fieldOf(now, reg);
+    const year = field(REG_CENTURY) * 100 + field(REG_YEAR);
+    const ms = Date.UTC(year, field(REG_MONTH) - 1, field(REG_DAY), field(REG_HOURS), field(REG_MINUTES), field(REG_SECONDS));
+    if (Number.isFinite(ms)) this.#offsetMs = ms + now.getUTCMilliseconds() - this.#clock().getTime();
+  }
+
+  #fieldOf(d: Date, reg: number): number {
+    switch (reg) {
+      case REG_SECONDS: return d.getUTCSeconds();
+      case REG_MINUTES: return d.getUTCMinutes();
+      case REG_HOURS: return d.getUTCHours();
+      case REG_WEEKDAY: return d.getUTCDay() + 1; // 1 = Sunday
+      case REG_DAY: return d.getUTCDate();
+      case REG_MONTH: return d.getUTCMonth() + 1;
+      case REG_YEAR: return d.getUTCFullYear() % 100;
+      default: return Math.floor(d.getUTCFullYear() / 100) % 100; // century
+    }
+  }
+
+  #encode(reg: number, value: number): number {
+    const b = this.#ram[REG_B] as number;
+    let v = value;
+    let pm = 0;
+    if (reg === REG_HOURS && !(b & B_24H)) {
+      pm = v >= 12 ? 0x80 : 0;
+      v = v % 12 === 0 ? 12 : v % 12;
+    }
+    const enc = b & B_BINARY ? v : toBcd(v);
+    return enc | pm;
+  }
+
+  #decode(reg: number, raw: number): number {
+    const b = this.#ram[REG_B] as number;
+    if (reg === REG_HOURS && !(b & B_24H)) {
+      const pm = (raw & 0x80) !== 0;
+      const h = b & B_BINARY ? raw & 0x7f : fromBcd(raw & 0x7f);
+      return (h % 12) + (pm ? 12 : 0);
+    }
+    return b & B_BINARY ? raw : fromBcd(raw);
+  }
+}
+
+function toBcd(v: number): number {
+  return ((Math.floor(v / 10) % 10) << 4) | (v % 10);
+}
+
+function fromBcd(v: number): number {
+  return (v >> 4) * 10 + (v & 0x0f);
+}

@@ -1,0 +1,65 @@
+/**
+ * `@tsvm/devices` — the devices a tsvm machine can attach. Each is a register file
+ * (`Device` from `@tsvm/core`) whose side effects go through injected interfaces: an `IrqLine`,
+ * an output sink, `GuestMemory`, a clock, an entropy source. Each exposes `mappings()` (where it
+ * wants to live on the PIO/MMIO bus) and its default ports/IRQ as static fields, supports
+ * `reset()`, and JSON `snapshot()`/`restore()`.
+ *
+ * Legacy PC devices: {@link Uart16550} (COM1), {@link DebugExit} (QEMU isa-debug-exit),
+ * {@link I8042} (reset via 0xFE), {@link CmosRtc}.
+ *
+ * Virtio: the {@link VirtioMmio} transport (virtio 1.x, split queues, hardened against hostile
+ * drivers) and the models behind it: {@link VirtioConsole}, {@link VirtioBlock}, {@link VirtioRng}.
+ * Test helpers live in `@tsvm/devices/testing`.
+ * @module
+ */
+
+// Plumbing shared by devices
+export type { DeviceMapping } from './mapping.js';
+export { OutputBuffer, type OutputBufferOptions, type OutputSink, type ByteReadable, type ByteWritable } from './stream-io.js';
+
+// Legacy PC devices
+export { Uart16550, type Uart16550Options, type Uart16550State } from './uart16550.js';
+export { DebugExit, type DebugExitOptions } from './debug-exit.js';
+export { I8042, type I8042State } from './i8042.js';
+export { CmosRtc, hostClock, fixedClock, type Clock, type CmosRtcOptions, type CmosRtcState } from './cmos-rtc.js';
+
+// Virtio transport and queues
+export { VirtioMmio, type VirtioMmioOptions, type VirtioMmioStats } from './virtio/mmio.js';
+export type { VirtioDevice, VirtioContext, ChainHandler } from './virtio/device.js';
+export { readConfigBytes } from './virtio/device.js';
+export {
+  SplitVirtqueue,
+  VirtqueueError,
+  MAX_INDIRECT_ENTRIES,
+  type DescriptorChain,
+  type Segment,
+  type QueueLayout,
+  type QueuePosition,
+} from './virtio/virtqueue.js';
+export { ChainReader, ChainWriter } from './virtio/chain-io.js';
+export {
+  VIRTIO_MMIO_MAGIC,
+  VIRTIO_MMIO_VERSION,
+  VIRTIO_VENDOR_ID,
+  MmioReg,
+  Status as VirtioStatus,
+  Interrupt as VirtioInterrupt,
+  Feature as VirtioFeature,
+  DescFlag,
+  DeviceId as VirtioDeviceId,
+} from './virtio/constants.js';
+
+// Virtio device models
+export { VirtioConsole, VIRTIO_CONSOLE_F_EMERG_WRITE, type VirtioConsoleOptions } from './virtio/console.js';
+export {
+  VirtioBlock,
+  BlockFeature,
+  BlockRequest,
+  BlockStatus,
+  BLOCK_ID_BYTES,
+  SECTOR_SIZE,
+  type VirtioBlockOptions,
+} from './virtio/block.js';
+export { MemoryBacking, FileBacking, type BlockBacking } from './virtio/block-backing.js';
+export { VirtioRng, hostEntropy, MAX_ENTROPY_PER_REQUEST, type EntropySource, type VirtioRngOptions } from './virtio/rng.js';
