@@ -4,6 +4,7 @@ import { defineConfig } from 'vitest/config';
 // (see packages/core/src/testing/kvm-gate.ts) when it skips because KVM is missing.
 export default defineConfig({
   test: {
+    reporters: ['default', './scripts/summary-reporter.ts'],
     projects: [
       {
         test: {

@@ -9,6 +9,8 @@
  *   (mediate hooks → device → observe hooks → deny by default).
  * - {@link Backend}: what Machine needs from a hypervisor; {@link KvmBackend} is the real one,
  *   `@tsvm/core/testing` has a `MockBackend`.
+ * - Loaders ({@link loadElf}, {@link loadMultiboot}, {@link loadLinux}, {@link loadPvh}) place an
+ *   image and return an entry state that {@link Machine.enter} applies.
  * - Errors: one hierarchy rooted at {@link TsvmError}.
  * @module
  */
@@ -26,6 +28,7 @@ export type { Stop, StopCommon, StopReason, StopRequest } from './stop.js';
 export { ExitCounters, type ExitStats, type ExitKindStats } from './stats.js';
 export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilities, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
 export { KvmBackend, kvmBackend } from './backend/kvm.js';
+export * from './loaders/index.js';
 export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';
 export {
   TsvmError, KvmError, KvmUnavailableError, errnoName, InvalidArgumentError, GuestMemoryError, StateError,

@@ -18,6 +18,7 @@ import { ExitCounters, type ExitStats } from './stats.js';
 import type { Stop, StopRequest } from './stop.js';
 import { Vcpu } from './vcpu.js';
 import { EXCEPTION_PORT, SYSTEM_AREA_SIZE, VECTORS_WITH_ERROR_CODE, setupCpu, type CpuMode } from './cpu/x86.js';
+import type { EntryState } from './loaders/bootinfo.js';
 
 /** A memory region to create. */
 export interface RegionOptions {
@@ -260,6 +261,38 @@ export class Machine {
         write: (_o, value, _s, access) => access.requestStop({ reason: 'exception', vector: value }),
       });
     }
+  }
+
+  /**
+   * Ranges the host needs for its own tables when a loader's entry state is applied with
+   * {@link enter}: pass them as the loaders' `avoid` option so no image lands there.
+   */
+  hostReserved(): Array<{ start: number; size: number }> {
+    const first = this.memory.regions()[0];
+    if (!first || Number(first.start) !== 0 || first.size < 2 * SYSTEM_AREA_SIZE) return [];
+    return [{ start: Math.min(first.size, 0x100000000) - SYSTEM_AREA_SIZE, size: SYSTEM_AREA_SIZE }];
+  }
+
+  /**
+   * Establishes the CPU state a loader asked for (`result.entryState` of `loadElf`-style
+   * loaders): 32-bit protected mode with paging off, or 64-bit long mode with the host's
+   * identity map of the low 4 GiB, both at ring 0, then the loader's registers.
+   */
+  enter(entry: EntryState): void {
+    this.#assertOpen();
+    if (!entry || (entry.mode !== 'protected32' && entry.mode !== 'long64')) throw new InvalidArgumentError('entry', "must be a loader EntryState ('protected32' or 'long64')");
+    const reserved = this.hostReserved()[0];
+    if (!reserved) throw new InvalidArgumentError('memory', `entering an image needs a RAM region at 0 of at least ${2 * SYSTEM_AREA_SIZE} bytes`);
+    if (entry.rip >= BigInt(reserved.start) && entry.rip < BigInt(reserved.start + reserved.size)) throw new InvalidArgumentError('entry.rip', 'lies in the host-reserved system area');
+    const vcpu = this.vcpu(0).backend;
+    const mode: CpuMode = entry.mode === 'long64' ? 'long' : 'protected';
+    const state = setupCpu(this.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring: 0, entry: Number(entry.rip), stack: 0, systemArea: reserved.start });
+    if (mode === 'protected') { state.sregs.cr4 = 0n; }
+    for (const [k, v] of Object.entries(entry.registers)) if (v !== undefined) state.regs[k as 'rax' | 'rbx' | 'rsi'] = v;
+    vcpu.setSregs(state.sregs);
+    vcpu.setRegs(state.regs);
+    this.#systemArea = reserved.start;
+    this.#mode = mode;
   }
 
   /** An interrupt line of the in-kernel irqchip (requires `irqchip: true`). */
