@@ -250,7 +250,7 @@ export class Machine {
     if (!this.memory.contains(entry, 1)) throw new InvalidArgumentError('entry', `${hex(entry)} is not inside guest RAM`);
     this.memory.write(at, image);
     const vcpu = this.vcpu(0).backend;
-    const state = setupCpu(this.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring, entry, stack, systemArea: systemArea ?? 0 });
+    const state = setupCpu(this.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring, entry, stack, systemArea: systemArea ?? 0, tssBusy: this.capabilities.flavour !== 'svm' });
     vcpu.setSregs(state.sregs);
     vcpu.setRegs(state.regs);
     this.#systemArea = systemArea;
@@ -286,7 +286,7 @@ export class Machine {
     if (entry.rip >= BigInt(reserved.start) && entry.rip < BigInt(reserved.start + reserved.size)) throw new InvalidArgumentError('entry.rip', 'lies in the host-reserved system area');
     const vcpu = this.vcpu(0).backend;
     const mode: CpuMode = entry.mode === 'long64' ? 'long' : 'protected';
-    const state = setupCpu(this.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring: 0, entry: Number(entry.rip), stack: 0, systemArea: reserved.start });
+    const state = setupCpu(this.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring: 0, entry: Number(entry.rip), stack: 0, systemArea: reserved.start, tssBusy: this.capabilities.flavour !== 'svm' });
     if (mode === 'protected') { state.sregs.cr4 = 0n; }
     for (const [k, v] of Object.entries(entry.registers)) if (v !== undefined) state.regs[k as 'rax' | 'rbx' | 'rsi'] = v;
     vcpu.setSregs(state.sregs);
