@@ -132,8 +132,11 @@ function applyDecision(exit: VcpuExit, ctx: ExitContext, hook: ExitHook, d: Hook
       return observe(exit, ctx, { action: 'resume', msr: { data: effect === 'ignore' ? 0n : 0n, error: effect === 'gp' } });
     }
     const address = exitAddress(exit);
+    let rip: bigint | undefined;
+    try { rip = ctx.info.rip(); } catch { /* registers unavailable: leave it out */ }
     const violation = new MonitorViolation(exit.kind, `${describeExit(exit)} denied by hook '${hook.name}'${d.reason ? `: ${d.reason}` : ''}`, {
       ...(address !== undefined ? { address } : {}),
+      ...(rip !== undefined ? { rip } : {}),
     });
     return { action: 'stop', stop: { reason: 'violation', violation } };
   }

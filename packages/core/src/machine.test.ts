@@ -285,3 +285,38 @@ describe('GuestMemory bounds', () => {
     await vm.close();
   });
 });
+
+describe('region flags, coalescing and slice events', () => {
+  it('setRegionFlags re-creates the slot read-only without copying; coalesce is refused after sealing', async () => {
+    const backend = new MockBackend();
+    backend.script();
+    const vm = await Machine.create({ memory: 2 * MiB, backend });
+    vm.memory.writeUint(0x100, 4, 0xcafe);
+    const r = vm.setRegionFlags(0, { readonly: true });
+    expect(r.readonly).toBe(true);
+    expect(backend.vms[0]?.slots.get(0)?.readonly).toBe(true);
+    expect(vm.memory.readUint(0x100, 4)).toBe(0xcafe);
+    expect(() => vm.setRegionFlags(9, { readonly: true })).toThrow(InvalidArgumentError);
+    const undo = vm.coalesce({ port: 0x3f8, size: 8 });
+    expect(vm.coalescedRanges()).toEqual([{ port: 0x3f8, size: 8 }]);
+    undo();
+    vm.sealHooks();
+    expect(() => vm.coalesce({ port: 0x3f8, size: 8 })).toThrow(StateError);
+    await vm.close();
+  });
+
+  it("emits 'slice' at each slice boundary and carries the RIP in a hook's violation", async () => {
+    const backend = new MockBackend();
+    const vcpu = backend.script({ kind: 'intr' }, { kind: 'intr' }, outExit(0x99, 1));
+    vcpu.regs.rip = 0x4242n;
+    const vm = await Machine.create({ memory: 2 * MiB, backend });
+    let slices = 0;
+    vm.events.on('slice', () => { slices++; });
+    vm.addHook({ name: 'deny', mode: 'mediate', matches: () => true, handle: () => ({ verdict: 'deny' }) });
+    const stop = await vm.run();
+    expect(slices).toBe(3);
+    expect(stop.reason).toBe('violation');
+    if (stop.reason === 'violation') expect(stop.violation.rip).toBe(0x4242n);
+    await vm.close();
+  });
+});

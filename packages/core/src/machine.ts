@@ -78,6 +78,8 @@ export interface MachineEvents {
   stopped: [stop: Stop];
   /** The machine was closed. */
   closed: [];
+  /** A time slice ended (the vCPU is stopped): a place for sampling work such as dirty logs. */
+  slice: [];
 }
 
 /** Where the host put things in guest memory. */
@@ -116,6 +118,7 @@ export class Machine {
   readonly #hooks: ExitHook[] = [];
   readonly #hookStats = new Map<ExitHook, HookStats>();
   readonly #slots = new Set<number>();
+  readonly #logDirty = new Set<number>();
   readonly #devices = new Set<Device>();
   #coalesced: Array<{ start: bigint; size: number; pio: boolean }> = [];
   #hooksSealed = false;
@@ -201,6 +204,7 @@ export class Machine {
       throw e;
     }
     this.#slots.add(slot);
+    if (options.logDirty) this.#logDirty.add(slot);
     return region;
   }
 
@@ -212,6 +216,7 @@ export class Machine {
     this.#vm.unmapMemory(slot);
     this.memory.removeRegion(slot)?.close();
     this.#slots.delete(slot);
+    this.#logDirty.delete(slot);
   }
 
   /** Dirty-page bitmap of a region since the last call (bit per 4 KiB page). */
@@ -368,6 +373,7 @@ export class Machine {
    */
   coalesce(range: RangeSpec): () => void {
     this.#assertOpen();
+    if (this.#hooksSealed) throw new StateError('the machine is sealed: a new coalesced range could bypass mediation');
     const pio = 'port' in range;
     if (pio ? !this.capabilities.coalescedPio : !this.capabilities.coalescedMmio) throw new StateError(`this host has no coalesced ${pio ? 'PIO' : 'MMIO'}`);
     const start = BigInt(pio ? range.port : range.address);
@@ -380,6 +386,32 @@ export class Machine {
       this.#vm.unregisterCoalesced(start, range.size, pio);
       this.#coalesced = this.#coalesced.filter((x) => x !== z);
     };
+  }
+
+  /** Ranges currently routed to the coalesced ring (for mediation checks). */
+  coalescedRanges(): RangeSpec[] {
+    return this.#coalesced.map((z) => (z.pio ? { port: Number(z.start), size: z.size } : { address: z.start, size: z.size }));
+  }
+
+  /**
+   * Changes a region's memslot flags in place (same host memory, no copy). KVM cannot flip
+   * `readonly` on a live slot, so the slot is deleted and re-created; only while stopped.
+   */
+  setRegionFlags(slot: number, flags: { readonly?: boolean; logDirty?: boolean }): MemoryRegion {
+    this.#assertOpen();
+    if (this.#running) throw new StateError('cannot change memslot flags while the machine runs');
+    const r = this.memory.regions().find((x) => x.slot === slot);
+    if (!r) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
+    if (flags.readonly && !this.capabilities.readonlyMemory) throw new InvalidArgumentError('readonly', 'this host does not support read-only memslots');
+    const host = this.memory.removeRegion(slot);
+    if (!host) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
+    const next: MemoryRegion = { ...r, readonly: flags.readonly ?? r.readonly };
+    const logDirty = flags.logDirty ?? this.#logDirty.has(slot);
+    this.#vm.unmapMemory(slot);
+    this.#vm.mapMemory(slot, BigInt(r.start), host, r.size, { readonly: next.readonly, logDirty });
+    this.memory.addRegion(next, host);
+    if (logDirty) this.#logDirty.add(slot); else this.#logDirty.delete(slot);
+    return next;
   }
 
   /** Makes `rdmsr`/`wrmsr` of these MSRs exit to userspace (as `msr` exits). */
@@ -431,6 +463,7 @@ export class Machine {
         } finally {
           vcpu.backend.endSlice();
         }
+        this.events.emit('slice');
         if (r.kind === 'stop') { stop = r.stop; break; }
         if (r.kind === 'async') {
           const out = await raceDeadline(r.outcome, deadline, signal);

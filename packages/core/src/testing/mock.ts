@@ -75,7 +75,9 @@ export class MockVcpu implements BackendVcpu {
   getMsrs(indices: readonly number[]): MsrEntry[] { return indices.map((index) => ({ index, data: this.#msr.get(index) ?? 0n })); }
   setMsrs(entries: readonly MsrEntry[]): void { for (const e of entries) this.#msr.set(e.index, e.data); }
   isHalted(): boolean { return this.halted; }
-  setGuestDebug(): void { /* recorded nowhere: the mock has no debug unit */ }
+  /** `setGuestDebug` calls, in order. */
+  readonly debug: Array<{ control: number; debugreg: readonly bigint[] }> = [];
+  setGuestDebug(control: number, debugreg: readonly bigint[] = []): void { this.debug.push({ control, debugreg: debugreg.slice() }); }
   drainCoalesced(): CoalescedEntry[] { const c = this.coalesced; this.coalesced = []; return c; }
   getState(): Record<string, Uint8Array> { return {}; }
   setState(): void { /* no opaque state */ }
@@ -113,7 +115,9 @@ export class MockVm implements BackendVm {
   irqLine(irq: number, level: boolean): void { this.irqs.push({ irq, level }); }
   registerCoalesced(): void { /* nothing */ }
   unregisterCoalesced(): void { /* nothing */ }
-  setMsrIntercepts(): void { /* nothing */ }
+  /** The last MSR intercept set. */
+  msrIntercepts: { reads: number[]; writes: number[] } | undefined;
+  setMsrIntercepts(reads: readonly number[], writes: readonly number[]): void { this.msrIntercepts = { reads: reads.slice(), writes: writes.slice() }; }
   createVcpu(id: number): BackendVcpu {
     const v = this.#backend.nextVcpu ?? new MockVcpu(id);
     this.#backend.nextVcpu = undefined;

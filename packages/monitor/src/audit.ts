@@ -1,0 +1,139 @@
+/**
+ * The audit log: one JSON line per mediate decision, hash-chained so that a reader holding the
+ * lines can tell whether one was removed, reordered or edited. Each line carries `prev` (the
+ * previous line's hash; 64 zeros for the first) and `hash` = sha256(prev + the line without its
+ * `hash` field). Truncating the *tail* is only detectable against a head hash kept elsewhere:
+ * pass it to {@link verifyAuditLog} as `head`.
+ *
+ * Decisions are also published on `diagnostics_channel` `tsvm:monitor:decision`; the message is
+ * built only when someone subscribes, so tracing costs nothing otherwise.
+ * @module
+ */
+import { createHash } from 'node:crypto';
+import { channel } from 'node:diagnostics_channel';
+
+/** The diagnostics channel name. */
+export const DECISION_CHANNEL = 'tsvm:monitor:decision';
+/** The channel (publish only when `hasSubscribers`). */
+export const decisionChannel = channel(DECISION_CHANNEL);
+
+/** `prev` of the first line. */
+export const GENESIS = '0'.repeat(64);
+
+/** One decision, before chaining. Addresses and values are hex strings (JSON has no bigint). */
+export interface AuditEntry {
+  /** Machine name. */
+  readonly machine: string;
+  /** vCPU index. */
+  readonly vcpu: number;
+  /** Guest RIP, hex. */
+  readonly rip: string;
+  /** Event name (`pio`, `mmio`, ...). */
+  readonly event: string;
+  /** Port, address or MSR index, hex; null when the event has none. */
+  readonly address: string | null;
+  /** Hook name. */
+  readonly hook: string;
+  /** The verdict. */
+  readonly decision: 'allow' | 'deny' | 'emulate';
+  /** Deny effect, when denied. */
+  readonly effect?: string;
+  /** Deny reason, when given. */
+  readonly reason?: string;
+  /** Emulated value, hex. */
+  readonly value?: string;
+  /** Exit sequence number in the machine's life. */
+  readonly exit: number;
+}
+
+/** One chained line as parsed back. */
+export interface AuditLine extends AuditEntry {
+  /** ISO timestamp. */
+  readonly time: string;
+  /** Line number in this log, from 0. */
+  readonly seq: number;
+  /** Hash of the previous line. */
+  readonly prev: string;
+  /** sha256(prev + this line without `hash`). */
+  readonly hash: string;
+}
+
+/** Where lines go: an array, a writable stream, or a function. */
+export type AuditSink = string[] | { write(line: string): unknown } | ((line: string) => void);
+
+function sha256(s: string): string {
+  return createHash('sha256').update(s).digest('hex');
+}
+
+/** An append-only, hash-chained log of decisions. */
+export class AuditLog {
+  readonly #sink: AuditSink;
+  #prev = GENESIS;
+  #seq = 0;
+
+  /**
+   * @param sink - where lines go. Streams receive each line with a trailing newline; arrays and
+   * functions receive it without.
+   */
+  constructor(sink: AuditSink = []) {
+    this.#sink = sink;
+  }
+
+  /** Hash of the last line (keep it elsewhere to detect tail truncation). */
+  get head(): string {
+    return this.#prev;
+  }
+
+  /** Lines written so far. */
+  get length(): number {
+    return this.#seq;
+  }
+
+  /** Chains and writes one entry. @returns the line written. */
+  append(entry: AuditEntry, time: Date = new Date()): string {
+    const body = { ...entry, time: time.toISOString(), seq: this.#seq, prev: this.#prev };
+    const unsigned = JSON.stringify(body);
+    const hash = sha256(this.#prev + unsigned);
+    const line = JSON.stringify({ ...body, hash });
+    this.#prev = hash;
+    this.#seq++;
+    const s = this.#sink;
+    if (Array.isArray(s)) s.push(line);
+    else if (typeof s === 'function') s(line);
+    else s.write(`${line}\n`);
+    return line;
+  }
+}
+
+/** Result of {@link verifyAuditLog}. */
+export type AuditVerification =
+  | { readonly ok: true; readonly count: number; readonly head: string }
+  | { readonly ok: false; readonly line: number; readonly problem: string };
+
+/**
+ * Checks a log: every line parses, `seq` counts up from 0, `prev` is the previous line's hash and
+ * `hash` matches the content. Detects removed, reordered and edited lines; pass `head` (the hash
+ * of the last line, kept elsewhere) to detect a truncated tail too.
+ */
+export function verifyAuditLog(lines: Iterable<string>, options: { head?: string } = {}): AuditVerification {
+  let prev = GENESIS;
+  let n = 0;
+  for (const raw of lines) {
+    const text = raw.trim();
+    if (text === '') continue;
+    let obj: Record<string, unknown>;
+    try {
+      obj = JSON.parse(text) as Record<string, unknown>;
+    } catch {
+      return { ok: false, line: n, problem: 'not JSON' };
+    }
+    const { hash, ...rest } = obj;
+    if (rest['seq'] !== n) return { ok: false, line: n, problem: `seq is ${String(rest['seq'])}, expected ${n} (a line was removed or reordered)` };
+    if (rest['prev'] !== prev) return { ok: false, line: n, problem: 'prev does not match the previous line (a line was removed, reordered or edited)' };
+    if (typeof hash !== 'string' || sha256(prev + JSON.stringify(rest)) !== hash) return { ok: false, line: n, problem: 'hash does not match the content (the line was edited)' };
+    prev = hash;
+    n++;
+  }
+  if (options.head !== undefined && options.head !== prev) return { ok: false, line: n, problem: 'the last line is not the expected head (lines were removed from the end)' };
+  return { ok: true, count: n, head: prev };
+}

@@ -1,0 +1,179 @@
+/**
+ * The cost model. `predict(plan, counts)` prices a plan *before* a run from the calibration
+ * table; `report(monitor)` prices what happened *after* one, from the monitor's counters and
+ * core's hook timings, and says what the cheaper alternative would have saved.
+ *
+ * Prices. `unitNs` is the full price of delivering one event through the mechanism. `overhead`
+ * is what the hook adds compared with the same run without it: for port and MMIO hooks the
+ * exit happens anyway (the guest touches a device), so only the difference counts — which is
+ * *negative* when an observe hook moves a device's writes to the coalesced ring. Probes,
+ * breakpoints, single-step, MSR exits and read-only-slot faults are induced in full.
+ * @module
+ */
+import type { Machine, Stop } from '@tsvm/core';
+import { priceOf, type CalibrationTable, type Cpl, type MechanismId } from '../calibration/table.js';
+import type { Monitor, PlanEntry } from '../monitor.js';
+
+/** What the same event would cost without the hook (ns). */
+export function baselineNs(table: CalibrationTable, mechanism: MechanismId, cpl: Cpl): number {
+  switch (mechanism) {
+    case 'pio-exit': case 'coalesced-pio': return priceOf(table, 'pio-exit', cpl) ?? 0;
+    case 'mmio-exit': case 'coalesced-mmio': return priceOf(table, 'mmio-exit', cpl) ?? 0;
+    default: return 0;
+  }
+}
+
+/** One hook's prediction. */
+export interface HookPrediction {
+  /** Hook name. */
+  readonly name: string;
+  /** Mechanism. */
+  readonly mechanism: MechanismId;
+  /** CPL priced at. */
+  readonly cpl: Cpl;
+  /** Expected events. */
+  readonly events: number;
+  /** Full mechanism price per event (ns). */
+  readonly unitNs: number;
+  /** Monitor dispatch per event (ns). */
+  readonly dispatchNs: number;
+  /** Expected handler time per event (ns), if given. */
+  readonly handlerNs: number;
+  /** Predicted overhead over the run without the hook (ns). */
+  readonly overheadNs: number;
+}
+
+/** A plan's prediction. */
+export interface Prediction {
+  /** Per hook. */
+  readonly hooks: readonly HookPrediction[];
+  /** Sum of overheads (ns). */
+  readonly totalNs: number;
+  /** Whether the prices were measured or assumed. */
+  readonly source: CalibrationTable['source'];
+}
+
+/**
+ * Predicts the overhead of `plan` for `counts` expected events per hook name (hooks not named
+ * count 0). `handlerNs` optionally gives a per-event handler estimate per hook name.
+ */
+export function predict(plan: readonly PlanEntry[], counts: Readonly<Record<string, number>>, table: CalibrationTable, options: { handlerNs?: Readonly<Record<string, number>> } = {}): Prediction {
+  const dispatch = priceOf(table, 'hook-dispatch', 0) ?? 0;
+  const hooks = plan.map((p): HookPrediction => {
+    const events = counts[p.name] ?? 0;
+    if (!Number.isFinite(events) || events < 0) throw new RangeError(`counts['${p.name}'] must be a non-negative number`);
+    const unit = priceOf(table, p.mechanism, p.cpl) ?? NaN;
+    const handler = options.handlerNs?.[p.name] ?? 0;
+    const induced = unit - baselineNs(table, p.mechanism, p.cpl);
+    return { name: p.name, mechanism: p.mechanism, cpl: p.cpl, events, unitNs: unit, dispatchNs: dispatch, handlerNs: handler, overheadNs: events * (induced + dispatch + handler) };
+  });
+  return { hooks, totalNs: hooks.reduce((n, h) => n + h.overheadNs, 0), source: table.source };
+}
+
+/** A cheaper way to get (nearly) the same event. */
+export interface Alternative {
+  /** The other mechanism. */
+  readonly mechanism: MechanismId;
+  /** What changes for the user, e.g. "observe instead of mediate". */
+  readonly change: string;
+  /** Nanoseconds it would have saved over this run. */
+  readonly savesNs: number;
+}
+
+/** One hook after a run. */
+export interface HookCost {
+  /** Hook name. */
+  readonly name: string;
+  /** Mediate or observe. */
+  readonly mode: 'mediate' | 'observe';
+  /** Event name. */
+  readonly event: string;
+  /** Mechanism. */
+  readonly mechanism: MechanismId;
+  /** CPL priced at. */
+  readonly cpl: Cpl;
+  /** Events delivered. */
+  readonly events: number;
+  /** Mechanism price per event (ns). */
+  readonly unitNs: number;
+  /** Time in the hook function (ns). */
+  readonly handlerNs: number;
+  /** Time in core's hook call beyond the function (audit, mechanism bookkeeping), when measured (ns). */
+  readonly dispatchNs: number;
+  /** events × unit + handler + dispatch (ns). */
+  readonly totalNs: number;
+  /** Overhead over the run without the hook (ns). */
+  readonly overheadNs: number;
+  /** totalNs / run time. */
+  readonly share: number;
+  /** The cheaper alternative, if any. */
+  readonly alternative: Alternative | undefined;
+}
+
+/** A run's cost report. */
+export interface CostReport {
+  /** Monitor name. */
+  readonly monitor: string;
+  /** Run wall time (ns). */
+  readonly runNs: number;
+  /** Per hook. */
+  readonly hooks: readonly HookCost[];
+  /** Sum of hook totals (ns). */
+  readonly totalNs: number;
+  /** Whether the prices were measured or assumed. */
+  readonly source: CalibrationTable['source'];
+}
+
+function alternativeFor(table: CalibrationTable, machine: Machine, h: { mode: string; event: string; mechanism: MechanismId; cpl: Cpl; events: number; onlyAllowed: boolean }): Alternative | undefined {
+  const save = (to: MechanismId, change: string): Alternative | undefined => {
+    const a = priceOf(table, h.mechanism, h.cpl), b = priceOf(table, to, h.cpl);
+    return a !== undefined && b !== undefined && b < a ? { mechanism: to, change, savesNs: h.events * (a - b) } : undefined;
+  };
+  const caps = machine.capabilities;
+  switch (h.mechanism) {
+    case 'pio-exit':
+      if (h.event === 'pio' && h.mode === 'mediate' && h.onlyAllowed && caps.coalescedPio) return save('coalesced-pio', 'observe instead of mediate (it only ever allowed)');
+      if (h.event === 'pio' && h.mode === 'observe' && caps.coalescedPio) return save('coalesced-pio', 'remove the overlapping mediate hook so the range can be coalesced');
+      return undefined;
+    case 'mmio-exit':
+      if (h.mode === 'mediate' && h.onlyAllowed && caps.coalescedMmio) return save('coalesced-mmio', 'observe instead of mediate (it only ever allowed)');
+      return undefined;
+    case 'ro-slot-write': return h.onlyAllowed ? save('dirty-log-page', 'observe (dirty log) instead of mediate') : undefined;
+    case 'sw-breakpoint': return save('hw-breakpoint', 'hardware instead of software breakpoint');
+    case 'probe-breakpoint': return save('hw-breakpoint', 'hardware breakpoint') ?? save('sw-breakpoint', 'software breakpoint');
+    case 'single-step': return { mechanism: 'probe-breakpoint', change: 'exec hooks on the instructions you need instead of every step', savesNs: NaN };
+    default: return undefined;
+  }
+}
+
+/**
+ * Prices what happened: per hook, mechanism, events, unit price, handler time, total, share of
+ * run time and the cheaper alternative. `run` gives the run time (a `Stop`, or ns); default: the
+ * machine's exit counters (time in KVM_RUN + handling).
+ */
+export function report(mon: Monitor, options: { run?: Stop | { readonly ns: number }; table?: CalibrationTable } = {}): CostReport {
+  const table = options.table ?? mon.calibration;
+  const stats = mon.machine.stats();
+  const core = mon.machine.hookStats();
+  const runNs = options.run === undefined
+    ? Object.values(stats.byKind).reduce((n, k) => n + k.runNs + k.handleNs, 0)
+    : 'ns' in options.run ? options.run.ns : options.run.elapsedMs * 1e6;
+  const dispatchPrice = priceOf(table, 'hook-dispatch', 0) ?? 0;
+  const plan = new Map(mon.plan().map((p) => [p.id, p]));
+  const hooks = mon.recordsForReport().map((r): HookCost => {
+    const p = plan.get(r.id);
+    const mechanism = p?.mechanism ?? r.selection.mechanism;
+    const unit = priceOf(table, mechanism, r.cpl) ?? 0;
+    const cs = r.core ? core.get(r.core) : undefined;
+    const dispatchNs = cs ? Math.max(0, cs.ns - r.handlerNs) : r.events * dispatchPrice;
+    const totalNs = r.events * unit + r.handlerNs + dispatchNs;
+    const overheadNs = r.events * (unit - baselineNs(table, mechanism, r.cpl)) + r.handlerNs + dispatchNs;
+    const onlyAllowed = r.mode === 'mediate' && r.verdicts.deny === 0 && r.verdicts.emulate === 0;
+    return {
+      name: r.name, mode: r.mode, event: r.spec.event, mechanism, cpl: r.cpl, events: r.events, unitNs: unit, handlerNs: r.handlerNs,
+      dispatchNs, totalNs, overheadNs, share: runNs > 0 ? totalNs / runNs : 0,
+      alternative: alternativeFor(table, mon.machine, { mode: r.mode, event: r.spec.event, mechanism, cpl: r.cpl, events: r.events, onlyAllowed }),
+    };
+  });
+  return { monitor: mon.name, runNs, hooks, totalNs: hooks.reduce((n, h) => n + h.totalNs, 0), source: table.source };
+}

@@ -1,0 +1,48 @@
+/**
+ * The vocabulary of a mediate hook: `allow()`, `deny({ effect, reason })`, `emulate(value)`,
+ * and the context every hook function receives.
+ * @module
+ */
+import type { DenyEffect, HookDecision, Machine, VcpuExit } from '@tsvm/core';
+import type { MonitorEvent } from './events.js';
+
+/** A decision a mediate hook returns (core's `HookDecision` without `undefined`). */
+export type Decision = Exclude<HookDecision, undefined>;
+
+/** Let the access proceed to the device (or the guest continue). */
+export function allow(): Decision {
+  return ALLOW;
+}
+const ALLOW: Decision = Object.freeze({ verdict: 'allow' });
+
+/**
+ * Refuse the event. `effect`: `'stop'` (default) stops the machine with a `MonitorViolation`;
+ * `'ignore'` makes reads return all ones and drops writes; `'gp'` injects `#GP` (MSRs).
+ */
+export function deny(options: { effect?: DenyEffect; reason?: string } = {}): Decision {
+  return { verdict: 'deny', ...(options.effect ? { effect: options.effect } : {}), ...(options.reason ? { reason: options.reason } : {}) };
+}
+
+/** Complete the access with `value` instead of the device (reads) or instead of the write. */
+export function emulate(value: number | bigint): Decision {
+  return { verdict: 'emulate', value };
+}
+
+/** What a hook function receives besides the event. */
+export interface HookContext {
+  /** The machine the event happened on. */
+  readonly machine: Machine;
+  /** vCPU index. */
+  readonly vcpu: number;
+  /** Exit sequence number in the machine's life. */
+  readonly seq: number;
+  /** The exit that carried the event (undefined for sampled observe events such as dirty pages). */
+  readonly exit: VcpuExit | undefined;
+  /** Reads the guest RIP (one ioctl: call only when needed). */
+  rip(): bigint;
+}
+
+/** A mediate hook: decides. May return a Promise (the run loop awaits it, bounded by the run's timeout). */
+export type MediateFn = (event: MonitorEvent, ctx: HookContext) => Decision | undefined | Promise<Decision | undefined>;
+/** An observe hook: sees, cannot change the outcome; may be called late and in batches. */
+export type ObserveFn = (event: MonitorEvent, ctx: HookContext) => void;

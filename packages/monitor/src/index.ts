@@ -1,0 +1,41 @@
+/**
+ * `@tsvm/monitor` — a reference monitor for tsvm machines, and the cost model that prices it.
+ *
+ * - {@link Monitor}: attach to a `Machine`, register hooks by *event* (`pio`, `mmio`, `msr`,
+ *   `hypercall`, `exec`, `step`, `write-watch`, `halt`, `shutdown`, `any-exit`) as *mediate*
+ *   (decide: {@link allow} / {@link deny} / {@link emulate}) or *observe* (see). The monitor picks
+ *   the mechanism per hook from the host's capabilities and calibration ({@link Monitor.plan}),
+ *   denies by default, and {@link Monitor.seal}s.
+ * - Mechanisms: {@link selectMechanism}; VMM-side probes ({@link PatchBreakpoints}) where KVM guest
+ *   debug does not work; {@link DebugUnit} where it does; read-only memslots and dirty logs for
+ *   write-watching ({@link RegionFlags}).
+ * - Policy as data: {@link compilePolicy} / {@link applyPolicy}.
+ * - Audit: {@link AuditLog} (hash-chained JSON lines), {@link verifyAuditLog},
+ *   `diagnostics_channel` {@link DECISION_CHANNEL}.
+ * - Cost: {@link calibrate} (needs `/dev/kvm`), {@link assumedTable}, {@link predict},
+ *   {@link report}, rendered by {@link renderTable}, {@link renderJson}, {@link renderSvg}.
+ * - Decoding: {@link formatInstructionAt}, {@link successors} (iced-x86).
+ * @module
+ */
+export { Monitor, type MonitorOptions, type HookOptions, type HookHandle, type PlanEntry, type MonitorHookStats, type CpuidOverride } from './monitor.js';
+export { allow, deny, emulate, type Decision, type HookContext, type MediateFn, type ObserveFn } from './decisions.js';
+export {
+  HYPERCALL_PORT, EVENT_NAMES, normaliseSpec, describeSpec, specsOverlap,
+  type EventSpec, type EventName, type MonitorEvent, type NormalSpec, type Span,
+  type PioSpec, type MmioSpec, type MsrSpec, type CpuidSpec, type HypercallSpec, type ExecSpec, type StepSpec, type WriteWatchSpec, type HaltSpec, type ShutdownSpec, type AnyExitSpec,
+} from './events.js';
+export { selectMechanism, type Selection, type SelectionInput } from './mechanisms.js';
+export { MechanismUnavailableError, PolicyError, PolicyConflictError, MediationBypassError } from './errors.js';
+export { PatchBreakpoints, PROBE_PORT, type TrapKind, type BreakpointTarget, type CpuAccess, type PatchStats } from './probe.js';
+export { DebugUnit, GUESTDBG, type DebugCause, type DebugTarget } from './debug-unit.js';
+export { RegionFlags, dirtyPageAddresses } from './write-watch.js';
+export { formatInstructionAt, formatIoInstructionBefore, decodeBytes, successors, readCode, type DecodedInstruction, type Successors, type MachineView, type ReadPointer } from './decode.js';
+export { translateVirtual, bitnessOf, linearRip } from './paging.js';
+export { compilePolicy, applyPolicy, type Policy, type PolicyRule, type RuleEvent, type CompiledRule, type JsonInt } from './policy.js';
+export { AuditLog, verifyAuditLog, DECISION_CHANNEL, decisionChannel, GENESIS, type AuditEntry, type AuditLine, type AuditSink, type AuditVerification } from './audit.js';
+export { MECHANISMS, assumedTable, priceOf, resultOf, type CalibrationTable, type MechanismId, type MechanismResult, type HostIdentity, type Cpl } from './calibration/table.js';
+export { hostIdentity, hostKey, cpuModel } from './calibration/host.js';
+export { loadCalibration, saveCalibration, validateTable, defaultCachePath } from './calibration/cache.js';
+export { calibrate, measureHookDispatch, type CalibrateOptions } from './calibration/calibrate.js';
+export { predict, report, baselineNs, type Prediction, type HookPrediction, type CostReport, type HookCost, type Alternative } from './cost/model.js';
+export { renderTable, renderJson, renderSvg, formatNs } from './cost/render.js';

@@ -1,0 +1,98 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { Machine } from '@tsvm/core';
+import { asm, kvmAvailability } from '@tsvm/core/testing';
+import { Monitor } from './monitor.js';
+import { allow, deny } from './decisions.js';
+import { calibrate } from './calibration/calibrate.js';
+import { assumedTable, resultOf, MECHANISMS } from './calibration/table.js';
+import { hostIdentity } from './calibration/host.js';
+import { predict, report } from './cost/model.js';
+import { renderSvg, renderTable } from './cost/render.js';
+
+const kvm = kvmAvailability();
+const MiB = 1024 * 1024;
+const END = 0xf4;
+
+async function machine(source: string, ring: 0 | 3) {
+  const vm = await Machine.create({ memory: 4 * MiB });
+  vm.io.register({ port: END, size: 1 }, { name: 'end', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+  vm.loadFlat(await asm(`${source}\n mov dx, ${END}\n out dx, al`, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring });
+  return vm;
+}
+
+describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  it.each([0, 3] as const)('CPL%i: an exec hook in a loop fires once per iteration, whatever mechanism the host allows', async (ring) => {
+    const vm = await machine('mov ecx, 50\n l: add eax, 1\n dec ecx\n jnz l', ring);
+    const mon = new Monitor(vm);
+    let hits = 0;
+    // 0x1000: mov ecx, 50 (5 bytes) → the loop body starts at 0x1005.
+    const h = mon.observe({ event: 'exec', address: 0x1005 }, () => { hits++; });
+    const stop = await vm.run({ timeout: 10_000 });
+    expect(stop.reason).toBe('debug-exit');
+    expect(hits).toBe(50);
+    if (vm.capabilities.flavour === 'pvm') expect(h.mechanism).toBe('probe-breakpoint');
+    await vm.close();
+  });
+
+  it('a forbidden port stops the guest with a violation naming the port and the instruction', async () => {
+    const vm = await machine('mov dx, 0x3f8\n mov al, 0x41\n out dx, al\n mov dx, 0x70\n out dx, al', 3);
+    vm.io.register({ port: 0x3f8, size: 8 }, { name: 'uart', write: () => {} });
+    vm.io.register({ port: 0x70, size: 2 }, { name: 'rtc', write: () => {} });
+    const lines: string[] = [];
+    const mon = new Monitor(vm, { audit: lines });
+    mon.mediate({ event: 'pio', ports: [0x3f8, 0x3ff] }, () => allow());
+    mon.mediate({ event: 'pio', ports: [0x70, 0x71] }, () => deny({ reason: 'CMOS is off limits' }));
+    mon.seal();
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop.reason).toBe('violation');
+    if (stop.reason === 'violation') expect(stop.violation.message).toMatch(/CMOS is off limits.*out dx,al/);
+    expect(lines).toHaveLength(2);
+    await vm.close();
+  });
+
+  it('write-watch mediate on a code-adjacent page sees the guest write with its value', async () => {
+    const vm = await machine('mov rax, 0x100000\n mov dword ptr [rax+8], 0xabcd', 3);
+    const mon = new Monitor(vm);
+    const seen: bigint[] = [];
+    mon.mediate({ event: 'write-watch', range: [0x100000, 0x100fff] }, (ev) => { if (ev.event === 'write-watch' && ev.value !== undefined) seen.push(ev.value); return allow(); });
+    expect((await vm.run({ timeout: 5000 })).reason).toBe('debug-exit');
+    expect(seen).toEqual([0xabcdn]);
+    expect(vm.memory.readUint(0x100008, 4)).toBe(0xabcd);
+    await vm.close();
+  });
+
+  it('calibrate({ quick }) finishes in under 5 s, covers every mechanism at both CPLs, and agrees with HOST-FACTS on what works (PVM)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tsvm-cal-'));
+    const t0 = performance.now();
+    const table = await calibrate({ quick: true, cachePath: join(dir, 'c.json'), force: true });
+    const secs = (performance.now() - t0) / 1000;
+    process.stderr.write(`[tsvm] calibrate({quick}) took ${secs.toFixed(1)} s\n${JSON.stringify(table.results, null, 1)}\n`);
+    expect(secs).toBeLessThan(5);
+    for (const m of MECHANISMS) expect(table.results[m]).toBeDefined();
+    if (table.host.flavour === 'pvm') {
+      const facts = assumedTable(hostIdentity('pvm'));
+      for (const m of ['pio-exit', 'mmio-exit', 'coalesced-pio', 'ro-slot-write', 'msr-exit', 'single-step', 'sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint'] as const) {
+        for (const cpl of [0, 3] as const) expect(`${m}@${cpl}:${resultOf(table, m, cpl).works}`).toBe(`${m}@${cpl}:${resultOf(facts, m, cpl).works}`);
+      }
+    }
+    // The cached table is reused.
+    const again = await calibrate({ quick: true, cachePath: join(dir, 'c.json') });
+    expect(again.createdAt).toBe(table.createdAt);
+  }, 30_000);
+
+  it('predicted vs measured: a PIO-heavy guest with a mediate hook, rendered as an SVG', async () => {
+    const vm = await machine('mov ecx, 2000\n mov dx, 0x3f8\n l: out dx, al\n dec ecx\n jnz l', 3);
+    vm.io.register({ port: 0x3f8, size: 8 }, { name: 'uart', write: () => {} });
+    const mon = new Monitor(vm);
+    mon.mediate({ event: 'pio', ports: [0x3f8, 0x3f8] }, () => allow(), { name: 'uart-gate' });
+    const prediction = predict(mon.plan(), { 'uart-gate': 2000 }, mon.calibration);
+    const r = report(mon, { run: await vm.run({ timeout: 10_000 }) });
+    process.stderr.write(`${renderTable(r)}\n`);
+    writeFileSync(join(mkdtempSync(join(tmpdir(), 'tsvm-svg-')), 'cost.svg'), renderSvg(r, prediction));
+    expect(r.hooks[0]?.events).toBe(2000);
+    await vm.close();
+  });
+});

@@ -1,0 +1,464 @@
+/**
+ * `Monitor`: a reference monitor attached to a `Machine`. Hooks are registered by *event*
+ * (`mon.mediate({ event: 'pio', ports: [0x3f8, 0x3ff] }, fn)`); the monitor picks the mechanism
+ * per hook from what this host supports (capabilities + calibration), installs it, and delivers
+ * events through core's exit hooks. It owns no run loop: `machine.run()` drives everything.
+ * @module
+ */
+import { InvalidArgumentError, StateError, type CpuidEntry, type ExitHook, type Machine } from '@tsvm/core';
+import { AuditLog, type AuditSink } from './audit.js';
+import type { MediateFn, ObserveFn } from './decisions.js';
+import { describeSpec, eventOf, normaliseSpec, specsOverlap, type EventSpec, type NormalSpec } from './events.js';
+import { selectMechanism, type Selection } from './mechanisms.js';
+import { assumedTable, priceOf, type CalibrationTable, type Cpl, type MechanismId } from './calibration/table.js';
+import { hostIdentity } from './calibration/host.js';
+import { callObserve, hookContext, runMediators, thenDecision, type HookRecord } from './records.js';
+import { PatchBreakpoints, PROBE_PORT } from './probe.js';
+import { DebugUnit } from './debug-unit.js';
+import { RegionFlags, dirtyPageAddresses } from './write-watch.js';
+import { SeenHook, debugHook, denyByDefaultHook, mediationGuard, probeHook, rearmHook, writeWatchHook, type InternalEnv } from './internal-hooks.js';
+
+/** Options of {@link Monitor}. */
+export interface MonitorOptions {
+  /** Name used in plans and reports. Default: the machine's name. */
+  readonly name?: string;
+  /** Audit every mediate decision: an `AuditLog`, or a sink (array, stream, function) to make one. */
+  readonly audit?: AuditLog | AuditSink;
+  /** What works here and what it costs; default: the assumed table for the host's flavour. */
+  readonly calibration?: CalibrationTable;
+  /** Install the complete-mediation guard (default true). */
+  readonly guard?: boolean;
+}
+
+/** Options of one registration. */
+export interface HookOptions {
+  /** Name in plans, reports and audit lines. Default `<mode>:<event>#<id>`. */
+  readonly name?: string;
+}
+
+/** What registration returns. */
+export interface HookHandle {
+  /** The hook's name. */
+  readonly name: string;
+  /** The mechanism chosen for it (observe pio/mmio may change later: see `plan()`). */
+  readonly mechanism: MechanismId;
+  /** Unregisters the hook (before `seal()`). */
+  remove(): void;
+}
+
+/** One line of {@link Monitor.plan}. */
+export interface PlanEntry {
+  /** Registration number. */
+  readonly id: number;
+  /** Hook name. */
+  readonly name: string;
+  /** Mediate or observe. */
+  readonly mode: 'mediate' | 'observe';
+  /** Event name. */
+  readonly event: string;
+  /** Human description of what it watches. */
+  readonly target: string;
+  /** CPL the mechanism was chosen for. */
+  readonly cpl: Cpl;
+  /** Chosen mechanism. */
+  readonly mechanism: MechanismId;
+  /** Why. */
+  readonly why: string;
+  /** Rejected mechanisms and why. */
+  readonly rejected: Selection['rejected'];
+  /** Price per event of the mechanism at this CPL (ns), from the calibration table. */
+  readonly unitNs: number;
+}
+
+/** Per-hook counters kept by the monitor. */
+export interface MonitorHookStats {
+  /** Hook name. */
+  readonly name: string;
+  /** Events delivered to the function. */
+  readonly events: number;
+  /** Nanoseconds inside the function. */
+  readonly handlerNs: number;
+}
+
+/** A CPUID override for {@link Monitor.emulateCpuid}. */
+export interface CpuidOverride { readonly function: number; readonly index?: number; readonly eax?: number; readonly ebx?: number; readonly ecx?: number; readonly edx?: number }
+
+/** A reference monitor on one machine. */
+export class Monitor implements InternalEnv {
+  /** The machine. */
+  readonly machine: Machine;
+  /** Name for plans and reports. */
+  readonly name: string;
+  /** The audit log (undefined when not auditing). */
+  readonly audit: AuditLog | undefined;
+  /** The calibration table in use. */
+  readonly calibration: CalibrationTable;
+  /** The guest-debug owner. */
+  readonly debug: DebugUnit;
+  readonly #records: HookRecord[] = [];
+  readonly #flags: RegionFlags;
+  readonly #seen = new SeenHook();
+  readonly #internal: { probe: ExitHook; debug: ExitHook; watch: ExitHook; deny: ExitHook; guard: ExitHook | undefined; rearm: ExitHook };
+  readonly #coalesced = new Map<string, () => void>();
+  readonly #protected: Array<readonly [bigint, bigint]> = [];
+  #removers: Array<() => void> = [];
+  #probe: PatchBreakpoints | undefined;
+  #int3: PatchBreakpoints | undefined;
+  #cpuid: { entries: readonly CpuidOverride[] } | undefined;
+  #nextId = 1;
+  #sealed = false;
+  #closed = false;
+  /** Errors thrown by observe hooks outside the exit path (dirty-log sampling at run end). */
+  readonly deferredErrors: unknown[] = [];
+
+  /** Attaches to `machine`: registers the monitor's core hooks (deny by default from now on). */
+  constructor(machine: Machine, options: MonitorOptions = {}) {
+    if (!machine || typeof machine.addHook !== 'function') throw new InvalidArgumentError('machine', 'must be a Machine');
+    this.machine = machine;
+    this.name = options.name ?? machine.name;
+    this.audit = options.audit === undefined ? undefined : options.audit instanceof AuditLog ? options.audit : new AuditLog(options.audit);
+    this.calibration = options.calibration ?? assumedTable(hostIdentity(machine.capabilities.flavour));
+    this.debug = new DebugUnit(machine.vcpu(0));
+    this.#flags = new RegionFlags(machine);
+    this.#internal = {
+      probe: probeHook(this), debug: debugHook(this), watch: writeWatchHook(this), deny: denyByDefaultHook(machine),
+      guard: options.guard === false ? undefined : mediationGuard(this, this.#seen), rearm: rearmHook(this),
+    };
+    machine.events.on('started', this.#onStarted);
+    machine.events.on('stopped', this.#onStopped);
+    this.#rebuild();
+  }
+
+  /** @internal live records (InternalEnv). */
+  records(): readonly HookRecord[] { return this.#records; }
+  /** @internal (InternalEnv). */
+  probe(): PatchBreakpoints | undefined { return this.#probe; }
+  /** @internal (InternalEnv). */
+  int3(): PatchBreakpoints | undefined { return this.#int3; }
+  /** @internal (InternalEnv). */
+  protectedPages(): ReadonlyArray<readonly [bigint, bigint]> { return this.#protected; }
+
+  /** Registers a mediate hook: it runs synchronously on the trap path and decides. */
+  mediate(spec: EventSpec, fn: MediateFn, options: HookOptions = {}): HookHandle {
+    return this.#register('mediate', spec, fn, options);
+  }
+
+  /** Registers an observe hook: it sees events (maybe late, maybe batched) and cannot change them. */
+  observe(spec: EventSpec, fn: ObserveFn, options: HookOptions = {}): HookHandle {
+    return this.#register('observe', spec, fn, options);
+  }
+
+  /**
+   * Installs a static CPUID table (the only way to "emulate" CPUID on KVM: it never exits).
+   * Leaves not listed keep the host's values. Honoured at CPL0; on PVM a CPL3 guest sees the
+   * outer hypervisor's values (see `plan()`).
+   */
+  emulateCpuid(entries: readonly CpuidOverride[]): void {
+    this.#assertOpen();
+    if (!Array.isArray(entries)) throw new InvalidArgumentError('entries', 'must be an array');
+    const vcpu = this.machine.vcpu(0);
+    const table: CpuidEntry[] = vcpu.supportedCpuid();
+    entries.forEach((e, i) => {
+      if (!Number.isInteger(e.function) || e.function < 0) throw new InvalidArgumentError(`entries[${i}].function`, 'must be a non-negative integer');
+      const index = e.index ?? 0;
+      let t = table.find((x) => x.function === e.function && x.index === index);
+      if (!t) { t = { function: e.function, index, flags: e.index === undefined ? 0 : 1, eax: 0, ebx: 0, ecx: 0, edx: 0 }; table.push(t); }
+      for (const r of ['eax', 'ebx', 'ecx', 'edx'] as const) { const v = e[r]; if (v !== undefined) t[r] = v >>> 0; }
+    });
+    vcpu.setCpuid(table);
+    this.#cpuid = { entries: entries.slice() };
+  }
+
+  /** Freezes the hook table (and core's, and the buses): later registrations throw. */
+  seal(): void {
+    this.#assertOpen();
+    if (this.#sealed) return;
+    this.#rebuild();
+    this.machine.sealHooks();
+    this.#sealed = true;
+  }
+
+  /** Whether {@link seal} ran. */
+  get sealed(): boolean {
+    return this.#sealed;
+  }
+
+  /** Each hook with its mechanism, why it was chosen and its unit price. */
+  plan(): PlanEntry[] {
+    this.#reselect();
+    const out: PlanEntry[] = this.#records.map((r) => ({
+      id: r.id, name: r.name, mode: r.mode, event: r.spec.event, target: describeSpec(r.spec), cpl: r.cpl,
+      mechanism: r.selection.mechanism, why: r.selection.why, rejected: r.selection.rejected,
+      unitNs: priceOf(this.calibration, r.selection.mechanism, r.cpl) ?? NaN,
+    }));
+    if (this.#cpuid) {
+      const cpl3 = priceOf(this.calibration, 'cpuid-table', 3) === undefined;
+      out.push({
+        id: 0, name: 'cpuid-table', mode: 'mediate', event: 'cpuid', target: `${this.#cpuid.entries.length} overridden leaves`, cpl: 0, mechanism: 'cpuid-table',
+        why: `KVM_SET_CPUID2 at set-up (CPUID never exits)${cpl3 ? '; NOT honoured at CPL3 on this host' : ''}`, rejected: [], unitNs: 0,
+      });
+    }
+    return out;
+  }
+
+  /** Per-hook event counts and handler time, measured by the monitor. */
+  hookStats(): MonitorHookStats[] {
+    return this.#records.map((r) => ({ name: r.name, events: r.events, handlerNs: r.handlerNs }));
+  }
+
+  /** @internal the live records with their core hooks (for the cost report). */
+  recordsForReport(): readonly HookRecord[] {
+    return this.#records;
+  }
+
+  /** Harvests the dirty log now and delivers observe write-watch events (also done at every run end). */
+  sample(): void {
+    const recs = this.#records.filter((r) => r.spec.event === 'write-watch' && r.mode === 'observe');
+    if (recs.length === 0) return;
+    const ctx = hookContext(this.machine, undefined, undefined);
+    for (const region of this.#flags.dirtyRegions()) {
+      for (const page of dirtyPageAddresses(region, this.machine.dirtyPages(region.slot))) {
+        if (this.#protected.some(([lo, hi]) => page >= lo && page < hi)) continue; // told synchronously
+        for (const r of recs) {
+          if (r.spec.event !== 'write-watch' || page > r.spec.hi || page + 4095n < r.spec.lo) continue;
+          callObserve(r, { event: 'write-watch', address: page, size: 4096, value: undefined }, ctx);
+        }
+      }
+    }
+  }
+
+  /** Detaches: restores patched code, unregisters core hooks (if not sealed), stops coalescing. Idempotent. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.machine.events.off('started', this.#onStarted);
+    this.machine.events.off('stopped', this.#onStopped);
+    this.#probe?.clear();
+    this.#int3?.clear();
+    for (const un of this.#coalesced.values()) un();
+    this.#coalesced.clear();
+    if (!this.#sealed) for (const un of this.#removers) un();
+    this.#removers = [];
+  }
+
+  /** `using mon = new Monitor(vm)`. */
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  readonly #onStarted = (): void => {
+    if (!this.#sealed) this.#reconcileCoalescing();
+  };
+
+  readonly #onStopped = (): void => {
+    try {
+      this.sample();
+    } catch (e) {
+      this.deferredErrors.push(e);
+    }
+  };
+
+  #assertOpen(): void {
+    if (this.#closed) throw new StateError(`monitor '${this.name}' is closed`);
+  }
+
+  #currentCpl(): Cpl {
+    const s = this.machine.vcpu(0).getSregs();
+    return (s.cr0 & 1n) === 1n && s.cs.dpl === 3 ? 3 : 0;
+  }
+
+  #select(spec: NormalSpec, mode: 'mediate' | 'observe', cpl: Cpl, self?: HookRecord): Selection {
+    const others = this.#records.filter((r) => r !== self);
+    return selectMechanism({
+      spec, mode, cpl, caps: this.machine.capabilities, table: this.calibration,
+      mediatedOverlap: others.some((r) => r.mode === 'mediate' && specsOverlap(r.spec, spec)),
+      devicesCover: this.#devicesCover(spec),
+      freeDebugRegs: this.debug.freeHwSlots,
+    });
+  }
+
+  #devicesCover(spec: NormalSpec): boolean {
+    if (spec.event !== 'pio' && spec.event !== 'mmio') return false;
+    let at = spec.lo;
+    for (const e of (spec.event === 'pio' ? this.machine.io : this.machine.mmio).entries()) {
+      if (e.start <= at && at < e.end) at = e.end;
+      if (at > spec.hi) return true;
+    }
+    return at > spec.hi;
+  }
+
+  #register(mode: 'mediate' | 'observe', raw: EventSpec, fn: MediateFn | ObserveFn, options: HookOptions): HookHandle {
+    this.#assertOpen();
+    if (this.#sealed) throw new StateError(`monitor '${this.name}' is sealed: register hooks before seal()`);
+    if (typeof fn !== 'function') throw new InvalidArgumentError('fn', 'must be a function');
+    const spec = normaliseSpec(raw);
+    if (options.name !== undefined && (typeof options.name !== 'string' || options.name === '')) throw new InvalidArgumentError('options.name', 'must be a non-empty string');
+    const cpl: Cpl = (spec.event === 'exec' || spec.event === 'step') && spec.cpl !== undefined ? spec.cpl : this.#currentCpl();
+    const selection = this.#select(spec, mode, cpl);
+    const id = this.#nextId++;
+    const rec: HookRecord = { id, name: options.name ?? `${mode}:${spec.event}#${id}`, mode, spec, fn, cpl, selection, core: undefined, events: 0, handlerNs: 0, verdicts: { allow: 0, deny: 0, emulate: 0 } };
+    this.#install(rec);
+    this.#records.push(rec);
+    this.#rebuild();
+    let removed = false;
+    return {
+      name: rec.name, mechanism: selection.mechanism,
+      remove: () => {
+        if (removed) return;
+        if (this.#sealed) throw new StateError(`monitor '${this.name}' is sealed: hooks cannot be removed`);
+        removed = true;
+        this.#records.splice(this.#records.indexOf(rec), 1);
+        this.#uninstall(rec);
+        this.#rebuild();
+      },
+    };
+  }
+
+  /** Sets the mechanism up (patches, debug registers, MSR filter, memslots) and the core hook. */
+  #install(rec: HookRecord): void {
+    const s = rec.spec;
+    switch (s.event) {
+      case 'msr': this.#applyMsrFilter(rec); break;
+      case 'step': this.debug.step(1); break;
+      case 'write-watch':
+        if (rec.mode === 'mediate') {
+          this.#flags.protect(s.lo, s.hi);
+          this.#protected.push(RegionFlags.pages(s.lo, s.hi));
+        } else {
+          this.#flags.logDirty(s.lo, s.hi);
+        }
+        break;
+      case 'exec': this.#installExec(rec, s.address, s.virtualAddress); break;
+      default: break;
+    }
+    if (['pio', 'mmio', 'msr', 'hypercall', 'halt', 'shutdown', 'any-exit'].includes(s.event)) rec.core = this.#coreHook(rec);
+  }
+
+  #installExec(rec: HookRecord, physical: bigint, virtual: bigint): void {
+    const m = rec.selection.mechanism;
+    if (m === 'hw-breakpoint') { rec.hwSlot = this.debug.addHw(virtual); return; }
+    const cpu = {
+      memory: this.machine.memory,
+      regs: () => this.machine.vcpu(0).getRegs(),
+      setRip: (rip: bigint) => this.machine.vcpu(0).setRegs({ rip }),
+      sregs: () => this.machine.vcpu(0).getSregs(),
+      msr: (i: number) => { try { return this.machine.vcpu(0).getMsrs([i])[0]?.data; } catch { return undefined; } },
+    };
+    if (!this.machine.memory.contains(physical, 1)) throw new InvalidArgumentError('spec.address', `0x${physical.toString(16)} is not guest RAM`);
+    if (m === 'sw-breakpoint') {
+      this.#int3 ??= new PatchBreakpoints('int3', cpu);
+      this.#int3.add({ physical, virtual });
+      this.debug.softwareBreakpoints(true);
+    } else {
+      this.#probe ??= new PatchBreakpoints('probe', cpu);
+      this.#probe.add({ physical, virtual });
+    }
+  }
+
+  #uninstall(rec: HookRecord): void {
+    const s = rec.spec;
+    if (s.event === 'msr') this.#applyMsrFilter();
+    if (s.event === 'step') this.debug.step(-1);
+    if (s.event === 'exec') {
+      if (rec.hwSlot !== undefined) this.debug.removeHw(rec.hwSlot);
+      const still = this.#records.some((r) => r.spec.event === 'exec' && r.spec.address === s.address);
+      if (!still) { this.#probe?.remove(s.address); this.#int3?.remove(s.address); }
+    }
+    // Protected pages stay read-only after removal (writes still exit and are written through).
+  }
+
+  #applyMsrFilter(adding?: HookRecord): void {
+    const reads = new Set<number>(), writes = new Set<number>();
+    for (const r of adding ? [...this.#records, adding] : this.#records) {
+      if (r.spec.event !== 'msr') continue;
+      for (const i of r.spec.indices) {
+        if (r.spec.dir !== 'write') reads.add(i);
+        if (r.spec.dir !== 'read') writes.add(i);
+      }
+    }
+    this.machine.interceptMsrs([...reads], [...writes]);
+  }
+
+  /** One core hook per exit-matched user hook, so `machine.hookStats()` prices each separately. */
+  #coreHook(rec: HookRecord): ExitHook {
+    const spec = rec.spec;
+    const probeActive = (): boolean => this.#probe !== undefined;
+    const matches = (exit: Parameters<ExitHook['matches']>[0]): boolean =>
+      eventOf(spec, exit) !== undefined && !(exit.kind === 'io' && exit.port === PROBE_PORT && probeActive() && spec.event !== 'hypercall');
+    if (rec.mode === 'observe') {
+      return { name: rec.name, mode: 'observe', matches, handle: (exit, info) => { const ev = eventOf(spec, exit); if (ev) callObserve(rec, ev, hookContext(this.machine, exit, info)); } };
+    }
+    return {
+      name: rec.name, mode: 'mediate', matches,
+      handle: (exit, info) => {
+        const ev = eventOf(spec, exit);
+        if (!ev) return undefined;
+        return thenDecision(runMediators(this, [rec], ev, exit, info), (d) => {
+          if (d.verdict !== 'allow') return d;
+          // "allow" means "let it happen": MSRs pass through to the vCPU, hypercalls resume.
+          if (ev.event === 'msr') {
+            const vcpu = this.machine.vcpu(info.vcpu);
+            if (ev.direction === 'write') { vcpu.setMsrs([{ index: ev.index, data: ev.value ?? 0n }]); return { verdict: 'emulate', value: 0 }; }
+            return { verdict: 'emulate', value: vcpu.getMsrs([ev.index])[0]?.data ?? 0n };
+          }
+          if (ev.event === 'hypercall') return { verdict: 'emulate', value: 0 };
+          return d;
+        });
+      },
+    };
+  }
+
+  /** Re-registers core hooks in the order the data path needs, and reconciles coalescing. */
+  #rebuild(): void {
+    for (const un of this.#removers) un();
+    this.#removers = [];
+    const i = this.#internal;
+    const user = this.#records.flatMap((r) => (r.core ? [r.core] : []));
+    const order: ExitHook[] = [
+      this.#seen,
+      ...(this.#probe ? [i.probe] : []),
+      ...(this.#records.some((r) => r.spec.event === 'step' || r.spec.event === 'exec') ? [i.debug] : []),
+      ...(this.#protected.length ? [i.watch] : []),
+      ...user,
+      ...(i.guard ? [i.guard] : []),
+      ...(this.#probe || this.#int3 ? [i.rearm] : []),
+      i.deny,
+    ];
+    for (const h of order) this.#removers.push(this.machine.addHook(h));
+    this.#reconcileCoalescing();
+  }
+
+  #reselect(): void {
+    for (const r of this.#records) {
+      if (r.mode === 'observe' && (r.spec.event === 'pio' || r.spec.event === 'mmio')) r.selection = this.#select(r.spec, r.mode, r.cpl, r);
+    }
+  }
+
+  /** Coalesces exactly the ranges of observe hooks whose mechanism is the ring (merged, no overlap with mediation). */
+  #reconcileCoalescing(): void {
+    this.#reselect();
+    const want = new Map<string, { port?: number; address?: bigint; size: number }>();
+    for (const kind of ['pio', 'mmio'] as const) {
+      const spans = this.#records
+        .filter((r) => r.spec.event === kind && r.selection.mechanism === (kind === 'pio' ? 'coalesced-pio' : 'coalesced-mmio'))
+        .map((r) => (r.spec.event === kind ? [r.spec.lo, r.spec.hi] as const : [0n, 0n] as const))
+        .sort((a, b) => (a[0] < b[0] ? -1 : 1));
+      const merged: Array<[bigint, bigint]> = [];
+      for (const [lo, hi] of spans) {
+        const last = merged[merged.length - 1];
+        if (last && lo <= last[1] + 1n) last[1] = hi > last[1] ? hi : last[1];
+        else merged.push([lo, hi]);
+      }
+      for (const [lo, hi] of merged) {
+        const size = Number(hi - lo + 1n);
+        want.set(`${kind}:${lo}:${size}`, kind === 'pio' ? { port: Number(lo), size } : { address: lo, size });
+      }
+    }
+    for (const [k, un] of this.#coalesced) if (!want.has(k)) { un(); this.#coalesced.delete(k); }
+    for (const [k, r] of want) {
+      if (this.#coalesced.has(k)) continue;
+      this.#coalesced.set(k, this.machine.coalesce(r.port !== undefined ? { port: r.port, size: r.size } : { address: r.address ?? 0n, size: r.size }));
+    }
+  }
+}
+

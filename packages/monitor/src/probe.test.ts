@@ -1,0 +1,134 @@
+import { describe, expect, it } from 'vitest';
+import { Machine, type VcpuExit } from '@tsvm/core';
+import { MockBackend, asm, outExit, type MockStep, type MockVcpu } from '@tsvm/core/testing';
+import { Monitor } from './monitor.js';
+import { assumedTable } from './calibration/table.js';
+import { PROBE_PORT } from './probe.js';
+import { allow, deny } from './decisions.js';
+
+const MiB = 1024 * 1024;
+const pvm = assumedTable({ kernel: 't', cpu: 't', flavour: 'pvm' });
+const AT = 0x1000;
+
+/** The guest "executes" the trap at `addr`: RIP after the 2-byte out, as KVM reports it. */
+const trapAt = (addr: bigint) => (v: MockVcpu): VcpuExit => { v.regs.rip = addr + 2n; return outExit(PROBE_PORT, 0); };
+
+async function guest(source: string, ...steps: MockStep[]) {
+  const backend = new MockBackend();
+  const vcpu = backend.script(...steps);
+  const vm = await Machine.create({ memory: 2 * MiB, backend });
+  const code = await asm(source, { bits: 64, address: AT });
+  vm.loadFlat(code, { at: AT, mode: 'long', ring: 3 });
+  return { vm, vcpu, code };
+}
+
+const bytes = (vm: Machine, a: number, n = 2) => Array.from(vm.memory.read(a, n));
+
+describe('exec hooks on PVM at CPL3 use the VMM-side probe (two exits per hit, no single-step)', () => {
+  it('patches, restores, rewinds RIP, arms the successor, and re-arms the target', async () => {
+    // 0x1000: mov eax, 1 (5 bytes)   0x1005: add eax, 2 (3)   0x1008: nop
+    const { vm, vcpu, code } = await guest('mov eax, 1\n add eax, 2\n nop\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    const hits: bigint[] = [];
+    const h = mon.observe({ event: 'exec', address: 0x1005 }, (ev) => { if (ev.event === 'exec') hits.push(ev.rip); });
+    expect(h.mechanism).toBe('probe-breakpoint');
+    expect(mon.plan()[0]?.why).toMatch(/probe/);
+    expect(bytes(vm, 0x1005)).toEqual([0xe6, PROBE_PORT]);
+    vcpu.script(
+      (v) => {
+        const out = trapAt(0x1005n)(v);
+        return out;
+      },
+      (v) => {
+        // After the first trap: original bytes back, RIP rewound, successor armed at 0x1008.
+        expect(v.regs.rip).toBe(0x1005n);
+        expect(bytes(vm, 0x1005, 3)).toEqual(Array.from(code.subarray(5, 8)));
+        expect(bytes(vm, 0x1008)).toEqual([0xe6, PROBE_PORT]);
+        return trapAt(0x1008n)(v);
+      },
+      (v) => {
+        expect(v.regs.rip).toBe(0x1008n);
+        expect(bytes(vm, 0x1008, 2)).toEqual(Array.from(code.subarray(8, 10)));
+        expect(bytes(vm, 0x1005)).toEqual([0xe6, PROBE_PORT]);
+        return { kind: 'hlt' };
+      },
+    );
+    const stop = await vm.run();
+    expect(stop.reason).toBe('halt');
+    expect(hits).toEqual([0x1005n]);
+    h.remove();
+    expect(bytes(vm, 0x1005, 3)).toEqual(Array.from(code.subarray(5, 8)));
+  });
+
+  it('a conditional branch arms both successors; the taken one disarms the other', async () => {
+    // 0x1000: test eax, eax (2)  0x1002: jz +4 → 0x1008 (2)  0x1004: mov ecx, 1 (5) ...  0x1009
+    const { vm, code } = await guest('test eax, eax\n jz t\n mov ecx, 1\n t: nop\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    mon.observe({ event: 'exec', address: 0x1002 }, () => {});
+    const tgt = 0x1002 + 2 + (code[0x3] ?? 0);
+    vm.vcpu(0); // script after registration
+    const v = (vm.backend as MockBackend).vms[0]?.vcpus[0] as MockVcpu;
+    v.script(trapAt(0x1002n), (c) => {
+      expect(bytes(vm, 0x1004)).toEqual([0xe6, PROBE_PORT]);
+      expect(bytes(vm, tgt)).toEqual([0xe6, PROBE_PORT]);
+      return trapAt(BigInt(tgt))(c);
+    }, () => {
+      expect(bytes(vm, 0x1004, 2)).toEqual(Array.from(code.subarray(4, 6)));
+      expect(bytes(vm, 0x1002)).toEqual([0xe6, PROBE_PORT]);
+      return { kind: 'hlt' };
+    });
+    expect((await vm.run()).reason).toBe('halt');
+  });
+
+  it('ret: the successor is read from the stack at the trap', async () => {
+    const { vm, vcpu } = await guest('ret\n nop\n nop\n nop\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    mon.observe({ event: 'exec', address: 0x1000 }, () => {});
+    vcpu.regs.rsp = 0x8000n;
+    vm.memory.writeU64(0x8000, 0x1003n);
+    vcpu.script(trapAt(0x1000n), (c) => {
+      expect(bytes(vm, 0x1003)).toEqual([0xe6, PROBE_PORT]);
+      return { kind: 'hlt' };
+    });
+    expect((await vm.run()).reason).toBe('halt');
+  });
+
+  it('a mediate exec hook that denies stops the machine with a violation naming the instruction', async () => {
+    const { vm, vcpu } = await guest('mov eax, 1\n add eax, 2\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    let n = 0;
+    mon.mediate({ event: 'exec', address: 0x1005 }, () => (++n > 1 ? deny({ reason: 'second execution' }) : allow()));
+    vcpu.script(trapAt(0x1005n), trapAt(0x1008n), trapAt(0x1005n));
+    const stop = await vm.run();
+    expect(stop.reason).toBe('violation');
+    if (stop.reason === 'violation') expect(stop.violation.message).toMatch(/second execution.*0x1005: add eax,2/);
+  });
+
+  it('an out to the probe port at an address with no probe is denied by default', async () => {
+    const { vm, vcpu } = await guest('nop\n nop\n nop\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    mon.observe({ event: 'exec', address: 0x1000 }, () => {});
+    vcpu.script(trapAt(0x2000n));
+    const stop = await vm.run();
+    expect(stop.reason).toBe('violation');
+    if (stop.reason === 'violation') expect(stop.violation.message).toMatch(/deny by default/);
+  });
+
+  it('where guest debug works (VMX-like table) exec uses int3 and step uses single-step', async () => {
+    const hw = assumedTable({ kernel: 't', cpu: 't', flavour: 'vmx' });
+    const { vm, vcpu } = await guest('mov eax, 1\n add eax, 2\n hlt');
+    const mon = new Monitor(vm, { calibration: hw });
+    const hits: bigint[] = [];
+    expect(mon.observe({ event: 'exec', address: 0x1005 }, (ev) => { if (ev.event === 'exec') hits.push(ev.address); }).mechanism).toBe('sw-breakpoint');
+    expect(bytes(vm, 0x1005, 1)).toEqual([0xcc]);
+    const steps: bigint[] = [];
+    mon.observe({ event: 'step' }, (ev) => { if (ev.event === 'step') steps.push(ev.rip); });
+    vcpu.script(
+      (c) => { c.regs.rip = 0x1005n; return { kind: 'debug', exception: 3, pc: 0x1005n, dr6: 0n, dr7: 0n }; },
+      (c) => { expect(bytes(vm, 0x1005, 1)).toEqual([0x83]); c.regs.rip = 0x1008n; return { kind: 'debug', exception: 1, pc: 0x1008n, dr6: 1n << 14n, dr7: 0n }; },
+    );
+    expect((await vm.run()).reason).toBe('halt');
+    expect(hits).toEqual([0x1005n]);
+    expect(steps).toEqual([0x1008n]);
+  });
+});

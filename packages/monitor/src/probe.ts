@@ -1,0 +1,246 @@
+/**
+ * Patch breakpoints: the monitor writes a trap over the first bytes of an instruction, and on
+ * the trap's exit puts the original bytes back, moves RIP back to the instruction, and arms a
+ * second trap at the instruction's successor(s) (decoded with iced-x86). When the second trap
+ * fires, it is removed and the first re-armed: two exits per hit, no single-step — so it works
+ * where KVM guest debug does not (every CPL on PVM).
+ *
+ * Two trap kinds share this engine:
+ * - `probe`: `out 0xe5, al` (`e6 e5`), a PIO exit on every host. `out imm8` only reaches ports
+ *   below 256, so {@link PROBE_PORT} 0xe5 is reserved. At CPL3 it needs the TSS I/O bitmap core
+ *   builds. It spans 2 bytes: on a 1-byte instruction it covers the next instruction's first byte
+ *   too, so a jump to that byte while armed would execute garbage (the kprobes caveat).
+ * - `int3`: `cc` with `KVM_GUESTDBG_USE_SW_BP`, a debug exit (where calibration says it works).
+ *
+ * The guest can see the patched bytes (reads of its own code, checksums): probes are not
+ * stealthy. Successors that cannot be computed (far jumps, fs/gs-relative indirect jumps) or
+ * that would overlap another trap leave the target *lazily* armed: it is re-armed at the next
+ * monitor-visible exit, so hits in between are missed; `stats().lazyRearms` counts this.
+ * @module
+ */
+import type { GuestMemory, Regs, Sregs } from '@tsvm/core';
+import { readCode, successors } from './decode.js';
+import { bitnessOf, linearRip, translateVirtual } from './paging.js';
+
+/** Reserved port of the probe trap (`out 0xe5, al`). */
+export const PROBE_PORT = 0xe5;
+
+/** The trap instruction to patch. */
+export type TrapKind = 'probe' | 'int3';
+
+const TRAP: Record<TrapKind, Uint8Array> = { probe: Uint8Array.of(0xe6, PROBE_PORT), int3: Uint8Array.of(0xcc) };
+const IA32_LSTAR = 0xc000_0082;
+
+/** What the engine needs from the vCPU. */
+export interface CpuAccess {
+  /** Guest RAM. */
+  readonly memory: GuestMemory;
+  /** General-purpose registers. */
+  regs(): Regs;
+  /** Sets RIP. */
+  setRip(rip: bigint): void;
+  /** Special registers. */
+  sregs(): Sregs;
+  /** Reads an MSR (undefined when it cannot). */
+  msr(index: number): bigint | undefined;
+}
+
+/** A hooked instruction. */
+export interface BreakpointTarget {
+  /** Guest-physical address. */
+  readonly physical: bigint;
+  /** Address as the guest sees it (for RIP). */
+  readonly virtual: bigint;
+}
+
+interface TargetState extends BreakpointTarget {
+  state: 'armed' | 'stepping';
+  /** Re-arm at the next exit (a successor could not be trapped). */
+  lazy: boolean;
+  /** Seq of the hit that made it lazy: re-arming waits for a later exit. */
+  lazySince: number;
+}
+
+/** Counters of the engine. */
+export interface PatchStats {
+  /** Target hits. */
+  hits: number;
+  /** Successor traps that fired (re-arming a target). */
+  rearms: number;
+  /** Targets that had to wait for the next exit to be re-armed. */
+  lazyRearms: number;
+}
+
+/** The engine: one per trap kind per machine. */
+export class PatchBreakpoints {
+  /** Which trap it patches. */
+  readonly kind: TrapKind;
+  readonly #cpu: CpuAccess;
+  readonly #patches = new Map<bigint, Uint8Array>(); // physical → original bytes
+  readonly #targets = new Map<bigint, TargetState>();
+  readonly #rearmAt = new Map<bigint, Set<TargetState>>(); // trap address → targets to re-arm
+  readonly #stats: PatchStats = { hits: 0, rearms: 0, lazyRearms: 0 };
+
+  /** @param kind - trap kind. @param cpu - vCPU access. */
+  constructor(kind: TrapKind, cpu: CpuAccess) {
+    this.kind = kind;
+    this.#cpu = cpu;
+  }
+
+  /** Length of the trap in bytes. */
+  get trapLength(): number {
+    return TRAP[this.kind].length;
+  }
+
+  /** Counters (copy). */
+  stats(): PatchStats {
+    return { ...this.#stats };
+  }
+
+  /** Whether any target is waiting for a lazy re-arm. */
+  get hasLazy(): boolean {
+    for (const t of this.#targets.values()) if (t.lazy) return true;
+    return false;
+  }
+
+  /** Targets currently registered (physical addresses). */
+  targets(): bigint[] {
+    return [...this.#targets.keys()];
+  }
+
+  /** Whether `physical` currently holds a trap. */
+  isPatched(physical: bigint): boolean {
+    return this.#patches.has(physical);
+  }
+
+  /**
+   * Hooks the instruction at `target` and arms its trap.
+   * @throws when the bytes are unreadable or the trap would overlap another one.
+   */
+  add(target: BreakpointTarget): void {
+    if (this.#targets.has(target.physical)) return;
+    if (this.#overlaps(target.physical)) throw new RangeError(`a ${this.kind} trap at 0x${target.physical.toString(16)} would overlap another trap`);
+    const t: TargetState = { ...target, state: 'armed', lazy: false, lazySince: 0 };
+    this.#patch(t.physical);
+    this.#targets.set(t.physical, t);
+  }
+
+  /** Unhooks `physical`, restoring every byte the engine changed for it. */
+  remove(physical: bigint): void {
+    const t = this.#targets.get(physical);
+    if (!t) return;
+    this.#targets.delete(physical);
+    for (const [at, set] of this.#rearmAt) {
+      if (set.delete(t) && set.size === 0) { this.#rearmAt.delete(at); if (!this.#targets.has(at)) this.#unpatch(at); }
+    }
+    this.#unpatch(physical);
+  }
+
+  /** Restores all original bytes (monitor detach). */
+  clear(): void {
+    for (const at of [...this.#patches.keys()]) this.#unpatch(at);
+    this.#targets.clear();
+    this.#rearmAt.clear();
+  }
+
+  /**
+   * Handles a trap whose first byte is at linear address `linear`; `rip` is the RIP value that
+   * points at it (RIP excludes the CS base outside 64-bit mode). Restores the original bytes,
+   * rewinds RIP, re-arms what waited for this trap and, if it was a target, arms its successors.
+   * @returns whether the trap was ours and which target (if any) was hit.
+   */
+  onTrap(linear: bigint, rip: bigint, seq: number): { readonly ours: boolean; readonly hit: BreakpointTarget | undefined } {
+    const sregs = this.#cpu.sregs();
+    const physical = translateVirtual(this.#cpu.memory, sregs, linear);
+    if (physical === undefined || !this.#patches.has(physical)) return { ours: false, hit: undefined };
+    this.#unpatch(physical);
+    this.#cpu.setRip(rip);
+    const waiting = this.#rearmAt.get(physical);
+    this.#rearmAt.delete(physical);
+    if (waiting) {
+      this.#stats.rearms++;
+      for (const t of waiting) this.#rearm(t, seq);
+    }
+    const t = this.#targets.get(physical);
+    if (!t) return { ours: true, hit: undefined };
+    this.#stats.hits++;
+    t.state = 'stepping';
+    this.#armSuccessors(t, rip, sregs, seq);
+    return { ours: true, hit: t };
+  }
+
+  /** Re-arms lazily waiting targets; call at any exit after the one that hit them. */
+  rearmLazy(seq: number): void {
+    const rip = this.#cpu.regs().rip;
+    for (const t of this.#targets.values()) {
+      if (!t.lazy || t.state !== 'stepping' || seq <= t.lazySince || t.virtual === rip) continue;
+      this.#rearm(t, seq);
+    }
+  }
+
+  #rearm(t: TargetState, seq: number): void {
+    if (!this.#targets.has(t.physical) || t.state !== 'stepping') return;
+    // Another successor of the same hit may still hold a trap: it is no longer needed.
+    for (const [at, set] of this.#rearmAt) {
+      if (set.delete(t) && set.size === 0) { this.#rearmAt.delete(at); if (!this.#targets.has(at)) this.#unpatch(at); }
+    }
+    if (this.#overlaps(t.physical)) { this.#goLazy(t, seq); return; }
+    this.#patch(t.physical);
+    t.state = 'armed';
+    t.lazy = false;
+  }
+
+  #goLazy(t: TargetState, seq: number): void {
+    t.lazy = true;
+    t.lazySince = seq;
+    this.#stats.lazyRearms++;
+  }
+
+  #armSuccessors(t: TargetState, rip: bigint, sregs: Sregs, seq: number): void {
+    const mem = this.#cpu.memory;
+    const bitness = bitnessOf(sregs);
+    const bytes = readCode(mem, t.physical);
+    const regs = { ...this.#cpu.regs(), rip };
+    const read = (va: bigint, width: 2 | 4 | 8): bigint | undefined => {
+      const pa = translateVirtual(mem, sregs, va);
+      if (pa === undefined) return undefined;
+      try { return width === 8 ? mem.readU64(pa) : BigInt(mem.readUint(pa, width)); } catch { return undefined; }
+    };
+    const succ = successors(bytes, rip, bitness, { regs, read, lstar: () => this.#cpu.msr(IA32_LSTAR) });
+    let armed = 0;
+    for (const s of succ.addresses) {
+      const pa = translateVirtual(mem, sregs, linearRip(sregs, s));
+      if (pa === undefined || pa === t.physical) continue;
+      const existing = this.#rearmAt.get(pa);
+      if (existing) { existing.add(t); armed++; continue; }
+      const other = this.#targets.get(pa);
+      if (other && other.state === 'armed') { this.#rearmAt.set(pa, new Set([t])); armed++; continue; }
+      if (this.#overlaps(pa)) continue;
+      try { this.#patch(pa); } catch { continue; }
+      this.#rearmAt.set(pa, new Set([t]));
+      armed++;
+    }
+    // Some successor could not be trapped: re-arm at the next exit as well (hits before it are missed).
+    if (armed === 0 || !succ.complete) this.#goLazy(t, seq);
+  }
+
+  #overlaps(at: bigint): boolean {
+    const len = BigInt(this.trapLength);
+    for (const p of this.#patches.keys()) if (p !== at && at < p + len && p < at + len) return true;
+    return this.#patches.has(at);
+  }
+
+  #patch(at: bigint): void {
+    const trap = TRAP[this.kind];
+    const original = this.#cpu.memory.read(at, trap.length);
+    this.#cpu.memory.write(at, trap);
+    this.#patches.set(at, original);
+  }
+
+  #unpatch(at: bigint): void {
+    const original = this.#patches.get(at);
+    if (!original) return;
+    this.#cpu.memory.write(at, original);
+    this.#patches.delete(at);
+  }
+}

@@ -1,0 +1,174 @@
+/**
+ * A registered hook as the monitor keeps it, and the decision pipeline every mediate call goes
+ * through: time the function, accept sync or async results, validate the decision, audit it,
+ * publish it on `diagnostics_channel`, and explain denies (RIP + disassembly).
+ * @module
+ */
+import type { ExitHook, HookDecision, HookInfo, Machine, VcpuExit } from '@tsvm/core';
+import { decisionChannel, type AuditLog } from './audit.js';
+import type { Decision, HookContext, MediateFn, ObserveFn } from './decisions.js';
+import { formatInstructionAt, formatIoInstructionBefore } from './decode.js';
+import type { MonitorEvent, NormalSpec } from './events.js';
+import type { Selection } from './mechanisms.js';
+import type { Cpl } from './calibration/table.js';
+import { bitnessOf, linearRip, translateVirtual } from './paging.js';
+
+/** A hook registered with a monitor. */
+export interface HookRecord {
+  /** Registration number. */
+  readonly id: number;
+  /** Name (reports, audit lines, errors). */
+  readonly name: string;
+  /** Mediate or observe. */
+  readonly mode: 'mediate' | 'observe';
+  /** The event it wants. */
+  readonly spec: NormalSpec;
+  /** The user function. */
+  readonly fn: MediateFn | ObserveFn;
+  /** CPL the mechanism was chosen for. */
+  readonly cpl: Cpl;
+  /** Chosen mechanism (observe pio/mmio may change when hooks or devices change). */
+  selection: Selection;
+  /** The core hook delivering it, for exit-matched events. */
+  core: ExitHook | undefined;
+  /** Events delivered. */
+  events: number;
+  /** Nanoseconds inside the user function. */
+  handlerNs: number;
+  /** Mediate decisions by verdict (tells the cost report whether observing would have done). */
+  readonly verdicts: { allow: number; deny: number; emulate: number };
+  /** Hardware breakpoint slot, for exec hooks on debug registers. */
+  hwSlot?: number;
+}
+
+/** What the pipeline needs from the monitor. */
+export interface PipelineEnv {
+  /** The machine. */
+  readonly machine: Machine;
+  /** The audit log, if any. */
+  readonly audit: AuditLog | undefined;
+}
+
+const ALLOW: Decision = { verdict: 'allow' };
+
+/** Builds the context handed to hook functions. */
+export function hookContext(machine: Machine, exit: VcpuExit | undefined, info: HookInfo | undefined): HookContext {
+  return {
+    machine, vcpu: info?.vcpu ?? 0, seq: info?.seq ?? 0, exit,
+    rip: () => (info ? info.rip() : machine.vcpu(0).getRegs().rip),
+  };
+}
+
+function checkDecision(d: unknown, hook: string): Decision {
+  if (d === undefined) return ALLOW;
+  const v = (d as { verdict?: unknown } | null)?.verdict;
+  if (v === 'allow' || v === 'deny') return d as Decision;
+  if (v === 'emulate') {
+    const value = (d as { value?: unknown }).value;
+    if (typeof value === 'number' || typeof value === 'bigint') return d as Decision;
+  }
+  throw new TypeError(`hook '${hook}' returned ${JSON.stringify(d, (_k, x: unknown) => (typeof x === 'bigint' ? `${x}n` : x))}, not allow(), deny() or emulate(value)`);
+}
+
+function eventAddress(ev: MonitorEvent): bigint | number | undefined {
+  switch (ev.event) {
+    case 'pio': return ev.port;
+    case 'mmio': case 'write-watch': case 'exec': return ev.address;
+    case 'msr': return ev.index;
+    case 'hypercall': return ev.port;
+    case 'step': return ev.rip;
+    default: return undefined;
+  }
+}
+
+/** Where the guest is, with the instruction, for deny messages: `RIP 0x1005 after 0x1004: out dx,al [ee]`. */
+export function whereIs(machine: Machine, exit: VcpuExit | undefined): string {
+  try {
+    const vcpu = machine.vcpu(0);
+    const rip = vcpu.getRegs().rip;
+    const sregs = vcpu.getSregs();
+    const bits = bitnessOf(sregs);
+    const pa = translateVirtual(machine.memory, sregs, linearRip(sregs, rip));
+    if (pa === undefined) return `RIP 0x${rip.toString(16)} (code not mapped)`;
+    if (exit?.kind === 'io') {
+      const before = formatIoInstructionBefore(machine.memory, rip, pa, bits);
+      if (before) return `RIP 0x${rip.toString(16)}, after ${before}`;
+    }
+    return `RIP ${formatInstructionAt(machine.memory, rip, bits, { physical: pa })}`;
+  } catch {
+    return 'RIP unavailable';
+  }
+}
+
+/**
+ * Finishes one mediate decision: validates, explains a deny, audits and publishes it.
+ * @returns the decision for core.
+ */
+export function settle(env: PipelineEnv, rec: HookRecord, ev: MonitorEvent, raw: unknown, exit: VcpuExit | undefined, info: HookInfo | undefined): Decision {
+  let d = checkDecision(raw, rec.name);
+  rec.verdicts[d.verdict]++;
+  if (d.verdict === 'deny') d = { ...d, reason: `${d.reason ?? 'denied'} — ${whereIs(env.machine, exit)}` };
+  if (env.audit || decisionChannel.hasSubscribers) {
+    const addr = eventAddress(ev);
+    const entry = {
+      machine: env.machine.name, vcpu: info?.vcpu ?? 0, rip: `0x${(info ? info.rip() : 0n).toString(16)}`, event: ev.event,
+      address: addr === undefined ? null : `0x${addr.toString(16)}`, hook: rec.name, decision: d.verdict,
+      ...(d.verdict === 'deny' ? { effect: d.effect ?? 'stop', ...(d.reason ? { reason: d.reason } : {}) } : {}),
+      ...(d.verdict === 'emulate' ? { value: `0x${BigInt(d.value).toString(16)}` } : {}),
+      exit: info?.seq ?? 0,
+    };
+    env.audit?.append(entry);
+    if (decisionChannel.hasSubscribers) decisionChannel.publish(entry);
+  }
+  return d;
+}
+
+/** Calls one mediate function with timing; returns its raw result (maybe a Promise). */
+function callMediate(rec: HookRecord, ev: MonitorEvent, ctx: HookContext): unknown {
+  const t0 = performance.now();
+  rec.events++;
+  try {
+    return (rec.fn as MediateFn)(ev, ctx);
+  } finally {
+    rec.handlerNs += (performance.now() - t0) * 1e6;
+  }
+}
+
+/** Calls one observe function with timing. */
+export function callObserve(rec: HookRecord, ev: MonitorEvent, ctx: HookContext): void {
+  const t0 = performance.now();
+  rec.events++;
+  try {
+    (rec.fn as ObserveFn)(ev, ctx);
+  } finally {
+    rec.handlerNs += (performance.now() - t0) * 1e6;
+  }
+}
+
+/**
+ * Runs mediate hooks in order: the first non-allow decision wins. Synchronous unless a hook
+ * returns a Promise, then the rest run after it settles. Throws propagate (core turns them
+ * into a `hook-error` stop with the error as cause).
+ */
+export function runMediators(env: PipelineEnv, recs: readonly HookRecord[], ev: MonitorEvent, exit: VcpuExit | undefined, info: HookInfo | undefined): Decision | Promise<Decision> {
+  const ctx = hookContext(env.machine, exit, info);
+  for (let i = 0; i < recs.length; i++) {
+    const rec = recs[i] as HookRecord;
+    const raw = callMediate(rec, ev, ctx);
+    if (raw instanceof Promise) {
+      const rest = recs.slice(i + 1);
+      return raw.then((r) => {
+        const d = settle(env, rec, ev, r, exit, info);
+        return d.verdict !== 'allow' ? d : runMediators(env, rest, ev, exit, info);
+      });
+    }
+    const d = settle(env, rec, ev, raw, exit, info);
+    if (d.verdict !== 'allow') return d;
+  }
+  return ALLOW;
+}
+
+/** Applies `f` to a maybe-async decision. */
+export function thenDecision(d: Decision | Promise<Decision>, f: (d: Decision) => HookDecision): HookDecision | Promise<HookDecision> {
+  return d instanceof Promise ? d.then(f) : f(d);
+}
