@@ -1,3 +1,4 @@
+/// <reference path="./keystone-wasm.d.ts" />
 /**
  * Inline x86 assembly for tests and examples, through `keystone-wasm` (no native toolchain):
  * a test writes its guest next to its assertions.

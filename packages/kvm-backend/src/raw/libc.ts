@@ -14,26 +14,47 @@ export type NativePointer = unknown;
 
 /** The libc functions tsvm uses. */
 export interface Libc {
+  /** libc `open` (see its man page). */
   open(path: string, flags: number): number;
+  /** libc `close` (see its man page). */
   close(fd: number): number;
+  /** libc `ioctl` (pointer argument). */
   ioctlPtr(fd: number, request: number, arg: Uint8Array | null): number;
+  /** libc `ioctl` (integer argument). */
   ioctlInt(fd: number, request: number, arg: number | bigint): number;
+  /** libc `mmap` (see its man page). */
   mmap(addr: null, length: number, prot: number, flags: number, fd: number, offset: number): NativePointer;
+  /** libc `munmap` (see its man page). */
   munmap(addr: NativePointer, length: number): number;
+  /** libc `memfd_create` (see its man page). */
   memfd_create(name: string, flags: number): number;
+  /** libc `ftruncate` (see its man page). */
   ftruncate(fd: number, length: number): number;
+  /** libc `timer_create` (see its man page). */
   timer_create(clockid: number, sevp: Uint8Array, timerid: Uint8Array): number;
+  /** libc `timer_settime` (see its man page). */
   timer_settime(timerid: NativePointer, flags: number, value: Uint8Array, old: null): number;
+  /** libc `timer_delete` (see its man page). */
   timer_delete(timerid: NativePointer): number;
+  /** libc `pthread_sigmask` (see its man page). */
   pthread_sigmask(how: number, set: Uint8Array | null, old: Uint8Array | null): number;
+  /** libc `sigtimedwait` (see its man page). */
   sigtimedwait(set: Uint8Array, info: Uint8Array | null, timeout: Uint8Array): number;
+  /** libc `gettid` (see its man page). */
   gettid(): number;
+  /** libc `sigemptyset` (see its man page). */
   sigemptyset(set: Uint8Array): number;
+  /** libc `sigaddset` (see its man page). */
   sigaddset(set: Uint8Array, signo: number): number;
+  /** libc `sigismember` (see its man page). */
   sigismember(set: Uint8Array, signo: number): number;
+  /** libc `__libc_current_sigrtmin` (see its man page). */
   __libc_current_sigrtmin(): number;
+  /** libc `eventfd` (see its man page). */
   eventfd(initval: number, flags: number): number;
+  /** libc `read` (see its man page). */
   read(fd: number, buf: Uint8Array, count: number): number;
+  /** libc `write` (see its man page). */
   write(fd: number, buf: Uint8Array, count: number): number;
 }
 
