@@ -56,6 +56,13 @@ describe.skipIf(!kvm.available)(`Machine on real KVM${kvm.available ? '' : ` (SK
     expect(stop).toMatchObject({ reason: 'exception', vector: 13, faultRip: 0x1001n });
   });
 
+  it('after Machine.enter (loader entry), a guest fault is reported, not a triple fault', async () => {
+    await using vm = await Machine.create({ memory: 4 * MiB });
+    vm.memory.write(0x100000, Uint8Array.of(0x0f, 0x0b)); // ud2
+    vm.enter({ mode: 'long64', rip: 0x100000n, registers: {}, identityMap: [] });
+    expect(await vm.run({ timeout: 5000 })).toMatchObject({ reason: 'exception', vector: 6, faultRip: 0x100000n });
+  });
+
   it('an unregistered port and unmapped MMIO are unhandled exits with kind, address and RIP', async () => {
     await using vm = await Machine.create({ memory: 2 * MiB });
     vm.loadFlat(await asm('mov dx, 0x80\n out dx, al', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });

@@ -260,12 +260,7 @@ export class Machine {
     vcpu.setRegs(state.regs);
     this.#systemArea = systemArea;
     this.#mode = mode;
-    if (mode !== 'real' && !this.io.find(BigInt(EXCEPTION_PORT))) {
-      this.io.register({ port: EXCEPTION_PORT, size: 1 }, {
-        name: 'tsvm-exception-reporter',
-        write: (_o, value, _s, access) => access.requestStop({ reason: 'exception', vector: value }),
-      });
-    }
+    if (mode !== 'real') this.#registerExceptionReporter();
   }
 
   /**
@@ -291,13 +286,24 @@ export class Machine {
     if (entry.rip >= BigInt(reserved.start) && entry.rip < BigInt(reserved.start + reserved.size)) throw new InvalidArgumentError('entry.rip', 'lies in the host-reserved system area');
     const vcpu = this.vcpu(0).backend;
     const mode: CpuMode = entry.mode === 'long64' ? 'long' : 'protected';
-    const state = setupCpu(this.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring: 0, entry: Number(entry.rip), stack: 0, systemArea: reserved.start, tssBusy: this.capabilities.flavour !== 'svm' });
+    // A stack below the system area until the guest sets its own: with RSP=0 the first
+    // exception would push into unmapped memory and triple-fault instead of being reported.
+    const state = setupCpu(this.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring: 0, entry: Number(entry.rip), stack: reserved.start, systemArea: reserved.start, tssBusy: this.capabilities.flavour !== 'svm' });
     if (mode === 'protected') { state.sregs.cr4 = 0n; }
     for (const [k, v] of Object.entries(entry.registers)) if (v !== undefined) state.regs[k as 'rax' | 'rbx' | 'rsi'] = v;
     vcpu.setSregs(state.sregs);
     vcpu.setRegs(state.regs);
     this.#systemArea = reserved.start;
     this.#mode = mode;
+    this.#registerExceptionReporter();
+  }
+
+  #registerExceptionReporter(): void {
+    if (this.io.find(BigInt(EXCEPTION_PORT))) return;
+    this.io.register({ port: EXCEPTION_PORT, size: 1 }, {
+      name: 'tsvm-exception-reporter',
+      write: (_o, value, _s, access) => access.requestStop({ reason: 'exception', vector: value }),
+    });
   }
 
   /** An interrupt line of the in-kernel irqchip (requires `irqchip: true`). */

@@ -66,7 +66,9 @@ export function libc(): Libc {
   if (cached) return cached;
   lib = koffi.load('libc.so.6');
   const l = lib;
-  const timerT = koffi.pointer('tsvm_timer_t', koffi.opaque());
+  // Named types are process-wide in koffi; reuse ours if this module was evaluated before.
+  let timerT: koffi.IKoffiCType;
+  try { timerT = koffi.resolve('tsvm_timer_t'); } catch { timerT = koffi.pointer('tsvm_timer_t', koffi.opaque()); }
   cached = {
     open: l.func('int open(const char *path, int flags)'),
     close: l.func('int close(int fd)'),

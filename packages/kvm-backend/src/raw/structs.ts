@@ -7,34 +7,46 @@
  */
 import koffi from 'koffi';
 
+/**
+ * koffi registers named types process-wide, and a test runner may evaluate this module more
+ * than once in one process (module isolation): reuse a type that already exists.
+ */
+function struct(name: string, def: Record<string, koffi.TypeSpec>): koffi.IKoffiCType {
+  try {
+    return koffi.resolve(name);
+  } catch {
+    return koffi.struct(name, def);
+  }
+}
+
 const u8 = 'uint8_t';
 const u16 = 'uint16_t';
 const u32 = 'uint32_t';
 const u64 = 'uint64_t';
 
 /** `struct kvm_userspace_memory_region`. */
-export const kvm_userspace_memory_region = koffi.struct('kvm_userspace_memory_region', {
+export const kvm_userspace_memory_region = struct('kvm_userspace_memory_region', {
   slot: u32, flags: u32, guest_phys_addr: u64, memory_size: u64, userspace_addr: u64,
 });
 
 /** `struct kvm_regs` (x86). */
-export const kvm_regs = koffi.struct('kvm_regs', {
+export const kvm_regs = struct('kvm_regs', {
   rax: u64, rbx: u64, rcx: u64, rdx: u64, rsi: u64, rdi: u64, rsp: u64, rbp: u64,
   r8: u64, r9: u64, r10: u64, r11: u64, r12: u64, r13: u64, r14: u64, r15: u64,
   rip: u64, rflags: u64,
 });
 
 /** `struct kvm_segment`. */
-export const kvm_segment = koffi.struct('kvm_segment', {
+export const kvm_segment = struct('kvm_segment', {
   base: u64, limit: u32, selector: u16, type: u8, present: u8, dpl: u8, db: u8, s: u8, l: u8,
   g: u8, avl: u8, unusable: u8, padding: u8,
 });
 
 /** `struct kvm_dtable`. */
-export const kvm_dtable = koffi.struct('kvm_dtable', { base: u64, limit: u16, padding: koffi.array(u16, 3) });
+export const kvm_dtable = struct('kvm_dtable', { base: u64, limit: u16, padding: koffi.array(u16, 3) });
 
 /** `struct kvm_sregs`. */
-export const kvm_sregs = koffi.struct('kvm_sregs', {
+export const kvm_sregs = struct('kvm_sregs', {
   cs: kvm_segment, ds: kvm_segment, es: kvm_segment, fs: kvm_segment, gs: kvm_segment,
   ss: kvm_segment, tr: kvm_segment, ldt: kvm_segment, gdt: kvm_dtable, idt: kvm_dtable,
   cr0: u64, cr2: u64, cr3: u64, cr4: u64, cr8: u64, efer: u64, apic_base: u64,
@@ -42,69 +54,69 @@ export const kvm_sregs = koffi.struct('kvm_sregs', {
 });
 
 /** `struct kvm_fpu`. */
-export const kvm_fpu = koffi.struct('kvm_fpu', {
+export const kvm_fpu = struct('kvm_fpu', {
   fpr: koffi.array(u8, 128), fcw: u16, fsw: u16, ftwx: u8, pad1: u8, last_opcode: u16,
   last_ip: u64, last_dp: u64, xmm: koffi.array(u8, 256), mxcsr: u32, pad2: u32,
 });
 
 /** `struct kvm_msr_entry`. */
-export const kvm_msr_entry = koffi.struct('kvm_msr_entry', { index: u32, reserved: u32, data: u64 });
+export const kvm_msr_entry = struct('kvm_msr_entry', { index: u32, reserved: u32, data: u64 });
 /** `struct kvm_msrs` header (entries follow). */
-export const kvm_msrs = koffi.struct('kvm_msrs', { nmsrs: u32, pad: u32 });
+export const kvm_msrs = struct('kvm_msrs', { nmsrs: u32, pad: u32 });
 
 /** `struct kvm_cpuid_entry2`. */
-export const kvm_cpuid_entry2 = koffi.struct('kvm_cpuid_entry2', {
+export const kvm_cpuid_entry2 = struct('kvm_cpuid_entry2', {
   function: u32, index: u32, flags: u32, eax: u32, ebx: u32, ecx: u32, edx: u32, padding: koffi.array(u32, 3),
 });
 /** `struct kvm_cpuid2` header (entries follow). */
-export const kvm_cpuid2 = koffi.struct('kvm_cpuid2', { nent: u32, padding: u32 });
+export const kvm_cpuid2 = struct('kvm_cpuid2', { nent: u32, padding: u32 });
 
 /** `struct kvm_irq_level`. */
-export const kvm_irq_level = koffi.struct('kvm_irq_level', { irq: u32, level: u32 });
+export const kvm_irq_level = struct('kvm_irq_level', { irq: u32, level: u32 });
 /** `struct kvm_pit_config`. */
-export const kvm_pit_config = koffi.struct('kvm_pit_config', { flags: u32, pad: koffi.array(u32, 15) });
+export const kvm_pit_config = struct('kvm_pit_config', { flags: u32, pad: koffi.array(u32, 15) });
 /** `struct kvm_coalesced_mmio_zone` (`pad` is `pio` since Linux 5.0). */
-export const kvm_coalesced_mmio_zone = koffi.struct('kvm_coalesced_mmio_zone', { addr: u64, size: u32, pio: u32 });
+export const kvm_coalesced_mmio_zone = struct('kvm_coalesced_mmio_zone', { addr: u64, size: u32, pio: u32 });
 /** `struct kvm_coalesced_mmio` (one ring entry). */
-export const kvm_coalesced_mmio = koffi.struct('kvm_coalesced_mmio', {
+export const kvm_coalesced_mmio = struct('kvm_coalesced_mmio', {
   phys_addr: u64, len: u32, pio: u32, data: koffi.array(u8, 8),
 });
 /** `struct kvm_coalesced_mmio_ring` header (entries follow). */
-export const kvm_coalesced_mmio_ring = koffi.struct('kvm_coalesced_mmio_ring', { first: u32, last: u32 });
+export const kvm_coalesced_mmio_ring = struct('kvm_coalesced_mmio_ring', { first: u32, last: u32 });
 /** `struct kvm_guest_debug` (x86 arch part: 8 debug registers). */
-export const kvm_guest_debug = koffi.struct('kvm_guest_debug', { control: u32, pad: u32, debugreg: koffi.array(u64, 8) });
+export const kvm_guest_debug = struct('kvm_guest_debug', { control: u32, pad: u32, debugreg: koffi.array(u64, 8) });
 /** `struct kvm_mp_state`. */
-export const kvm_mp_state = koffi.struct('kvm_mp_state', { mp_state: u32 });
+export const kvm_mp_state = struct('kvm_mp_state', { mp_state: u32 });
 /** `struct kvm_dirty_log` (the bitmap pointer is a user address). */
-export const kvm_dirty_log = koffi.struct('kvm_dirty_log', { slot: u32, padding1: u32, dirty_bitmap: u64 });
+export const kvm_dirty_log = struct('kvm_dirty_log', { slot: u32, padding1: u32, dirty_bitmap: u64 });
 /** `struct kvm_enable_cap`. */
-export const kvm_enable_cap = koffi.struct('kvm_enable_cap', {
+export const kvm_enable_cap = struct('kvm_enable_cap', {
   cap: u32, flags: u32, args: koffi.array(u64, 4), pad: koffi.array(u8, 64),
 });
 /** `struct kvm_msr_filter_range`. */
-export const kvm_msr_filter_range = koffi.struct('kvm_msr_filter_range', { flags: u32, nmsrs: u32, base: u32, bitmap: u64 });
+export const kvm_msr_filter_range = struct('kvm_msr_filter_range', { flags: u32, nmsrs: u32, base: u32, bitmap: u64 });
 /** `struct kvm_msr_filter` (16 ranges). */
-export const kvm_msr_filter = koffi.struct('kvm_msr_filter', { flags: u32, ranges: koffi.array(kvm_msr_filter_range, 16) });
+export const kvm_msr_filter = struct('kvm_msr_filter', { flags: u32, ranges: koffi.array(kvm_msr_filter_range, 16) });
 /** `struct kvm_ioeventfd`. */
-export const kvm_ioeventfd = koffi.struct('kvm_ioeventfd', {
+export const kvm_ioeventfd = struct('kvm_ioeventfd', {
   datamatch: u64, addr: u64, len: u32, fd: 'int32_t', flags: u32, pad: koffi.array(u8, 36),
 });
 /** `struct kvm_irqfd`. */
-export const kvm_irqfd = koffi.struct('kvm_irqfd', { fd: u32, gsi: u32, flags: u32, resamplefd: u32, pad: koffi.array(u8, 16) });
+export const kvm_irqfd = struct('kvm_irqfd', { fd: u32, gsi: u32, flags: u32, resamplefd: u32, pad: koffi.array(u8, 16) });
 /** `struct kvm_vcpu_events` (opaque bytes for snapshots). */
-export const kvm_vcpu_events = koffi.struct('kvm_vcpu_events', { raw: koffi.array(u8, 64) });
+export const kvm_vcpu_events = struct('kvm_vcpu_events', { raw: koffi.array(u8, 64) });
 /** `struct kvm_debugregs` (opaque bytes for snapshots). */
-export const kvm_debugregs = koffi.struct('kvm_debugregs', { db: koffi.array(u64, 4), dr6: u64, dr7: u64, flags: u64, reserved: koffi.array(u64, 9) });
+export const kvm_debugregs = struct('kvm_debugregs', { db: koffi.array(u64, 4), dr6: u64, dr7: u64, flags: u64, reserved: koffi.array(u64, 9) });
 /** `struct kvm_lapic_state`. */
-export const kvm_lapic_state = koffi.struct('kvm_lapic_state', { regs: koffi.array(u8, 1024) });
+export const kvm_lapic_state = struct('kvm_lapic_state', { regs: koffi.array(u8, 1024) });
 /** `struct kvm_xsave` (legacy 4 KiB form). */
-export const kvm_xsave = koffi.struct('kvm_xsave', { region: koffi.array(u32, 1024) });
+export const kvm_xsave = struct('kvm_xsave', { region: koffi.array(u32, 1024) });
 /** `struct kvm_clock_data`. */
-export const kvm_clock_data = koffi.struct('kvm_clock_data', {
+export const kvm_clock_data = struct('kvm_clock_data', {
   clock: u64, flags: u32, pad0: u32, realtime: u64, host_tsc: u64, pad: koffi.array(u32, 4),
 });
 /** `struct kvm_translation`. */
-export const kvm_translation = koffi.struct('kvm_translation', {
+export const kvm_translation = struct('kvm_translation', {
   linear_address: u64, physical_address: u64, valid: u8, writeable: u8, usermode: u8, pad: koffi.array(u8, 5),
 });
 
