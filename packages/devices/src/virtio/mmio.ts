@@ -106,12 +106,16 @@ export class VirtioMmio implements Device {
   }
 
   /**
-   * The mapping at `base` and the Linux command-line fragment that announces it, e.g.
-   * `virtio_mmio.device=512@0xd0000000:5`.
+   * The mapping at `base` (default {@link VirtioMmio.defaultBase}); announce it to Linux with
+   * {@link VirtioMmio.kernelParameter}, e.g. `virtio_mmio.device=512@0xd0000000:5`. Several
+   * devices need distinct bases (one window of {@link VirtioMmio.windowSize} bytes each).
    */
-  mappings(base: bigint): DeviceMapping[] {
+  mappings(base: bigint = VirtioMmio.defaultBase): DeviceMapping[] {
     return [{ space: 'mmio', base, size: VirtioMmio.windowSize, device: this }];
   }
+
+  /** Default window base: the first slot of the conventional 0xd0000000 MMIO hole. */
+  static readonly defaultBase = 0xd0000000n;
 
   /** Linux `virtio_mmio.device=` parameter for this window at `base` with interrupt `irq`. */
   static kernelParameter(base: bigint, irq: number): string {
