@@ -59,7 +59,10 @@ export interface AuditLine extends AuditEntry {
 }
 
 /** Where lines go: an array, a writable stream, or a function. */
-export type AuditSink = string[] | { write(line: string): unknown } | ((line: string) => void);
+export type AuditSink = string[] | {
+  /** Receives one JSON line (with a trailing newline), e.g. a Node `Writable`. */
+  write(line: string): unknown;
+} | ((line: string) => void);
 
 function sha256(s: string): string {
   return createHash('sha256').update(s).digest('hex');

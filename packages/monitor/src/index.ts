@@ -24,6 +24,8 @@ export {
   type EventSpec, type EventName, type MonitorEvent, type NormalSpec, type Span,
   type PioSpec, type MmioSpec, type MsrSpec, type CpuidSpec, type HypercallSpec, type ExecSpec, type StepSpec, type WriteWatchSpec, type HaltSpec, type ShutdownSpec, type AnyExitSpec,
 } from './events.js';
+export type { InternalEnv } from './internal-hooks.js';
+export type { HookRecord, PipelineEnv } from './records.js';
 export { selectMechanism, type Selection, type SelectionInput } from './mechanisms.js';
 export { MechanismUnavailableError, PolicyError, PolicyConflictError, MediationBypassError } from './errors.js';
 export { PatchBreakpoints, PROBE_PORT, type TrapKind, type BreakpointTarget, type CpuAccess, type PatchStats } from './probe.js';

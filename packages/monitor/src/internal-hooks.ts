@@ -88,8 +88,13 @@ export function probeHook(env: InternalEnv): ExitHook {
       const engine = env.probe();
       if (!engine) return undefined;
       const vcpu = env.machine.vcpu(info.vcpu);
-      const trapRip = info.rip() - 2n; // KVM reports RIP after the 2-byte `out`
-      const r = engine.onTrap(linearRip(vcpu.getSregs(), trapRip), trapRip, info.seq);
+      // KVM leaves RIP at the `out` until the next KVM_RUN completes it (a backend that reports
+      // RIP after the 2-byte instruction is handled too).
+      const rip = info.rip();
+      const sregs = vcpu.getSregs();
+      let trapRip = rip;
+      let r = engine.onTrap(linearRip(sregs, rip), rip, info.seq);
+      if (!r.ours) { trapRip = rip - 2n; r = engine.onTrap(linearRip(sregs, trapRip), trapRip, info.seq); }
       if (!r.ours) return undefined;
       return r.hit ? execHit(env, r.hit.physical, trapRip, exit, info) : RESUME;
     },
@@ -150,7 +155,12 @@ export function writeWatchHook(env: InternalEnv): ExitHook {
           let v = BigInt.asUintN(64, BigInt(d.value));
           for (let i = 0; i < exit.size; i++) { bytes[i] = Number(v & 0xffn); v >>= 8n; }
         }
-        env.machine.memory.write(exit.address, bytes);
+        // Through the patch engines: a write over a hooked instruction keeps its trap (and the
+        // trap restores the new bytes when it fires) instead of silently erasing it.
+        const probe = env.probe(), int3 = env.int3();
+        if (!probe && !int3) env.machine.memory.write(exit.address, bytes);
+        probe?.write(exit.address, bytes, int3);
+        int3?.write(exit.address, bytes, probe);
         const ctx = hookContext(env.machine, exit, info);
         // Host writes bypass KVM's dirty log, so observers of protected pages are told here.
         for (const r of recs) if (r.mode === 'observe') callObserve(r, ev, ctx);

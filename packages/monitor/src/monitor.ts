@@ -18,6 +18,9 @@ import { DebugUnit } from './debug-unit.js';
 import { RegionFlags, dirtyPageAddresses } from './write-watch.js';
 import { SeenHook, debugHook, denyByDefaultHook, mediationGuard, probeHook, rearmHook, writeWatchHook, type InternalEnv } from './internal-hooks.js';
 
+/** Offset of the probe trampoline page in core's 64 KiB system area (free: after the exception stubs, below the kernel stack). */
+const TRAMPOLINE_OFFSET = 0xc000;
+
 /** Options of {@link Monitor}. */
 export interface MonitorOptions {
   /** Name used in plans and reports. Default: the machine's name. */
@@ -343,6 +346,8 @@ export class Monitor implements InternalEnv {
       setRip: (rip: bigint) => this.machine.vcpu(0).setRegs({ rip }),
       sregs: () => this.machine.vcpu(0).getSregs(),
       msr: (i: number) => { try { return this.machine.vcpu(0).getMsrs([i])[0]?.data; } catch { return undefined; } },
+      // Probe trampolines live in a free page of core's system area (identity-mapped, user-accessible).
+      ...(this.machine.layout.systemArea === undefined ? {} : { trampoline: { physical: BigInt(this.machine.layout.systemArea + TRAMPOLINE_OFFSET), virtual: BigInt(this.machine.layout.systemArea + TRAMPOLINE_OFFSET), size: 0x1000 } }),
     };
     if (!this.machine.memory.contains(physical, 1)) throw new InvalidArgumentError('spec.address', `0x${physical.toString(16)} is not guest RAM`);
     if (m === 'sw-breakpoint') {

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { Machine, type VcpuExit } from '@tsvm/core';
-import { MockBackend, asm, outExit, type MockStep, type MockVcpu } from '@tsvm/core/testing';
+import { MockBackend, asm, mmioExit, outExit, type MockStep, type MockVcpu } from '@tsvm/core/testing';
 import { Monitor } from './monitor.js';
 import { assumedTable } from './calibration/table.js';
 import { PROBE_PORT } from './probe.js';
@@ -11,7 +11,18 @@ const pvm = assumedTable({ kernel: 't', cpu: 't', flavour: 'pvm' });
 const AT = 0x1000;
 
 /** The guest "executes" the trap at `addr`: RIP after the 2-byte out, as KVM reports it. */
-const trapAt = (addr: bigint) => (v: MockVcpu): VcpuExit => { v.regs.rip = addr + 2n; return outExit(PROBE_PORT, 0); };
+/** The guest "executes" the trap at `addr`: KVM leaves RIP at the `out` until the next KVM_RUN completes it. */
+const trapAt = (addr: bigint) => (v: MockVcpu): VcpuExit => { v.regs.rip = addr; return outExit(PROBE_PORT, 0); };
+
+/**
+ * Where the guest resumes: the monitor must not write the trap's RIP back (KVM would then skip the
+ * restored instruction), so it resumes through a trampoline slot holding `jmp rel32` to it.
+ */
+function resumesAt(vm: Machine, rip: bigint): bigint {
+  const b = vm.memory.read(rip, 5);
+  if (b[0] !== 0xe9) return rip;
+  return rip + 5n + BigInt(new DataView(b.buffer, b.byteOffset).getInt32(1, true));
+}
 
 async function guest(source: string, ...steps: MockStep[]) {
   const backend = new MockBackend();
@@ -41,13 +52,14 @@ describe('exec hooks on PVM at CPL3 use the VMM-side probe (two exits per hit, n
       },
       (v) => {
         // After the first trap: original bytes back, RIP rewound, successor armed at 0x1008.
-        expect(v.regs.rip).toBe(0x1005n);
+        expect(resumesAt(vm, v.regs.rip)).toBe(0x1005n);
+        expect(v.regs.rip).not.toBe(0x1005n);
         expect(bytes(vm, 0x1005, 3)).toEqual(Array.from(code.subarray(5, 8)));
         expect(bytes(vm, 0x1008)).toEqual([0xe6, PROBE_PORT]);
         return trapAt(0x1008n)(v);
       },
       (v) => {
-        expect(v.regs.rip).toBe(0x1008n);
+        expect(resumesAt(vm, v.regs.rip)).toBe(0x1008n);
         expect(bytes(vm, 0x1008, 2)).toEqual(Array.from(code.subarray(8, 10)));
         expect(bytes(vm, 0x1005)).toEqual([0xe6, PROBE_PORT]);
         return { kind: 'hlt' };
@@ -130,5 +142,56 @@ describe('exec hooks on PVM at CPL3 use the VMM-side probe (two exits per hit, n
     expect((await vm.run()).reason).toBe('halt');
     expect(hits).toEqual([0x1005n]);
     expect(steps).toEqual([0x1008n]);
+  });
+
+  it('a guest write over a hooked instruction on a write-watched page keeps the probe, which then restores the new bytes', async () => {
+    // Self-modifying code: the probe sits at 0x1005 on a mediated write-watch page; the guest overwrites it.
+    const { vm, vcpu } = await guest('mov eax, 1\n add eax, 2\n nop\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    const writes: bigint[] = [];
+    mon.mediate({ event: 'write-watch', range: [0x1000, 0x1fff] }, (ev) => { if (ev.event === 'write-watch') writes.push(ev.address); return allow(); });
+    const hits: bigint[] = [];
+    mon.observe({ event: 'exec', address: 0x1005 }, (ev) => { if (ev.event === 'exec') hits.push(ev.address); });
+    expect(bytes(vm, 0x1005)).toEqual([0xe6, PROBE_PORT]);
+    vcpu.script(
+      // mov dword [0x1004], 0x90909090 (write-protected page → MMIO exit): covers the probe's two bytes and two more.
+      () => mmioExit(0x1004n, 4, 0x9090_9090),
+      (v) => {
+        expect(bytes(vm, 0x1004, 4)).toEqual([0x90, 0xe6, PROBE_PORT, 0x90]); // trap kept, neighbours written
+        return trapAt(0x1005n)(v);
+      },
+      (v) => {
+        expect(resumesAt(vm, v.regs.rip)).toBe(0x1005n);
+        expect(v.regs.rip).not.toBe(0x1005n);
+        // The trap restored the *new* bytes and armed the successor decoded from them (nop → 0x1006).
+        expect(bytes(vm, 0x1004, 4)).toEqual([0x90, 0x90, 0xe6, PROBE_PORT]);
+        return { kind: 'hlt' };
+      },
+    );
+    expect((await vm.run()).reason).toBe('halt');
+    expect(writes).toEqual([0x1004n]);
+    expect(hits).toEqual([0x1005n]);
+    mon.close();
+    expect(bytes(vm, 0x1004, 4)).toEqual([0x90, 0x90, 0x90, 0x90]); // detaching does not resurrect the old code
+  });
+
+  it('a probe on a 1-byte instruction is not re-armed over the instruction the guest resumes at: it hops one further', async () => {
+    const { vm, vcpu } = await guest('nop\n nop\n nop\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    let hits = 0;
+    mon.observe({ event: 'exec', address: 0x1000 }, () => { hits++; });
+    vcpu.script(
+      trapAt(0x1000n),
+      (v) => { expect(bytes(vm, 0x1000, 3)).toEqual([0x90, 0xe6, PROBE_PORT]); return trapAt(0x1001n)(v); },
+      (v) => {
+        // Re-arming 0x1000 now would cover 0x1001, where the guest resumes: the trap moved on to 0x1002.
+        expect(resumesAt(vm, v.regs.rip)).toBe(0x1001n);
+        expect(bytes(vm, 0x1000, 4)).toEqual([0x90, 0x90, 0xe6, PROBE_PORT]);
+        return trapAt(0x1002n)(v);
+      },
+      () => { expect(bytes(vm, 0x1000, 4)).toEqual([0xe6, PROBE_PORT, 0x90, 0xf4]); return { kind: 'hlt' }; },
+    );
+    expect((await vm.run()).reason).toBe('halt');
+    expect(hits).toBe(1);
   });
 });

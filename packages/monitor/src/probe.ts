@@ -43,7 +43,15 @@ export interface CpuAccess {
   sregs(): Sregs;
   /** Reads an MSR (undefined when it cannot). */
   msr(index: number): bigint | undefined;
+  /**
+   * Scratch code the `probe` engine resumes through (see {@link PatchBreakpoints}): guest RAM
+   * mapped at `virtual` for the code the probes hook (identity-mapped in core's long-mode
+   * tables). Without it a probe cannot resume correctly and `onTrap` throws.
+   */
+  readonly trampoline?: { readonly physical: bigint; readonly virtual: bigint; readonly size: number };
 }
+
+const SLOT = 16;
 
 /** A hooked instruction. */
 export interface BreakpointTarget {
@@ -136,6 +144,38 @@ export class PatchBreakpoints {
     this.#unpatch(physical);
   }
 
+  /**
+   * Writes `bytes` at `physical` on the guest's behalf (a write the monitor performs, e.g. to a
+   * write-protected page) without destroying traps: bytes that fall under a trap update the
+   * saved original instead, so the trap stays armed and restores the *new* code when it fires.
+   * Bytes under `other`'s traps are left to `other` (call it with the same bytes and `this`).
+   */
+  write(physical: bigint, bytes: Uint8Array, other?: PatchBreakpoints): void {
+    const len = BigInt(this.trapLength);
+    const end = physical + BigInt(bytes.length);
+    let covered = other !== undefined && other.#patches.size > 0;
+    for (const [at, original] of this.#patches) {
+      if (at + len <= physical || end <= at) continue;
+      covered = true;
+      for (let i = 0n; i < len; i++) {
+        const a = at + i;
+        if (a >= physical && a < end) original[Number(i)] = bytes[Number(a - physical)] as number;
+      }
+    }
+    if (!covered) { this.#cpu.memory.write(physical, bytes); return; }
+    for (let i = 0; i < bytes.length; i++) {
+      const a = physical + BigInt(i);
+      if (!this.covers(a) && !other?.covers(a)) this.#cpu.memory.write(a, bytes.subarray(i, i + 1));
+    }
+  }
+
+  /** Whether the byte at `physical` is currently part of a trap. */
+  covers(physical: bigint): boolean {
+    const len = BigInt(this.trapLength);
+    for (const at of this.#patches.keys()) if (physical >= at && physical < at + len) return true;
+    return false;
+  }
+
   /** Restores all original bytes (monitor detach). */
   clear(): void {
     for (const at of [...this.#patches.keys()]) this.#unpatch(at);
@@ -154,19 +194,65 @@ export class PatchBreakpoints {
     const physical = translateVirtual(this.#cpu.memory, sregs, linear);
     if (physical === undefined || !this.#patches.has(physical)) return { ours: false, hit: undefined };
     this.#unpatch(physical);
-    this.#cpu.setRip(rip);
+    this.#cpu.setRip(this.kind === 'probe' ? this.#resumeVia(rip, sregs) : rip);
     const waiting = this.#rearmAt.get(physical);
     this.#rearmAt.delete(physical);
     if (waiting) {
       this.#stats.rearms++;
-      for (const t of waiting) this.#rearm(t, seq);
+      const len = BigInt(this.trapLength);
+      for (const t of waiting) {
+        // Re-arming t here would put its trap over the instruction the guest resumes at (a 2-byte
+        // probe on a 1-byte instruction): hop one more instruction first.
+        if (t.physical < physical && physical < t.physical + len && t.state === 'stepping') this.#armSuccessors(t, physical, rip, sregs, seq);
+        else this.#rearm(t, seq);
+      }
     }
     const t = this.#targets.get(physical);
     if (!t) return { ours: true, hit: undefined };
     this.#stats.hits++;
     t.state = 'stepping';
-    this.#armSuccessors(t, rip, sregs, seq);
+    this.#armSuccessors(t, t.physical, rip, sregs, seq);
     return { ours: true, hit: t };
+  }
+
+  readonly #slots = new Map<bigint, bigint>(); // resume RIP → trampoline slot (virtual)
+  #nextSlot = 0;
+
+  /**
+   * Where to put RIP so the guest resumes at `rip`. At a PIO exit KVM leaves RIP *at* the `out`
+   * and skips it when the next `KVM_RUN` completes the access — unless RIP changed meanwhile.
+   * Writing the same RIP back would make KVM skip the restored instruction, so the guest resumes
+   * at a per-address trampoline slot holding `jmp rip` instead (one extra jump, no extra exit).
+   */
+  #resumeVia(rip: bigint, sregs: Sregs): bigint {
+    const tr = this.#cpu.trampoline;
+    const bits = bitnessOf(sregs);
+    if (!tr || bits === 16 || translateVirtual(this.#cpu.memory, sregs, tr.virtual) !== tr.physical) {
+      throw new Error(`cannot resume a probe at 0x${rip.toString(16)}: no trampoline page is mapped (KVM would skip the restored instruction)`);
+    }
+    let slot = this.#slots.get(rip);
+    if (slot === undefined) {
+      const count = Math.floor(tr.size / SLOT);
+      // Slots are kept per address (an interrupt may run before the jump); when all are used, the oldest is recycled.
+      const i = this.#nextSlot++ % count;
+      slot = tr.virtual + BigInt(i * SLOT);
+      for (const [k, v] of this.#slots) if (v === slot) this.#slots.delete(k);
+      this.#slots.set(rip, slot);
+      const at = tr.physical + BigInt(i * SLOT);
+      const rel = rip - (slot + 5n);
+      const code = new Uint8Array(SLOT).fill(0xcc);
+      if (rel >= -(1n << 31n) && rel < 1n << 31n) {
+        code[0] = 0xe9; // jmp rel32
+        new DataView(code.buffer).setInt32(1, Number(rel), true);
+      } else if (bits === 64) {
+        code.set([0xff, 0x25, 0, 0, 0, 0]); // jmp [rip+0]; .quad rip
+        new DataView(code.buffer).setBigUint64(6, rip, true);
+      } else {
+        throw new Error(`cannot resume a probe at 0x${rip.toString(16)}: out of jump range of the trampoline`);
+      }
+      this.#cpu.memory.write(at, code);
+    }
+    return slot;
   }
 
   /** Re-arms lazily waiting targets; call at any exit after the one that hit them. */
@@ -196,10 +282,11 @@ export class PatchBreakpoints {
     this.#stats.lazyRearms++;
   }
 
-  #armSuccessors(t: TargetState, rip: bigint, sregs: Sregs, seq: number): void {
+  /** Arms traps at the successors of the instruction at `at` (RIP `rip`); t is re-armed when one fires. */
+  #armSuccessors(t: TargetState, at: bigint, rip: bigint, sregs: Sregs, seq: number): void {
     const mem = this.#cpu.memory;
     const bitness = bitnessOf(sregs);
-    const bytes = readCode(mem, t.physical);
+    const bytes = readCode(mem, at);
     const regs = { ...this.#cpu.regs(), rip };
     const read = (va: bigint, width: 2 | 4 | 8): bigint | undefined => {
       const pa = translateVirtual(mem, sregs, va);
@@ -210,7 +297,8 @@ export class PatchBreakpoints {
     let armed = 0;
     for (const s of succ.addresses) {
       const pa = translateVirtual(mem, sregs, linearRip(sregs, s));
-      if (pa === undefined || pa === t.physical) continue;
+      if (pa === undefined || pa === at) continue;
+      if (pa === t.physical && at !== t.physical) { this.#rearm(t, seq); armed++; break; }
       const existing = this.#rearmAt.get(pa);
       if (existing) { existing.add(t); armed++; continue; }
       const other = this.#targets.get(pa);

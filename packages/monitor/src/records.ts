@@ -82,10 +82,11 @@ function eventAddress(ev: MonitorEvent): bigint | number | undefined {
 }
 
 /** Where the guest is, with the instruction, for deny messages: `RIP 0x1005 after 0x1004: out dx,al [ee]`. */
-export function whereIs(machine: Machine, exit: VcpuExit | undefined): string {
+export function whereIs(machine: Machine, exit: VcpuExit | undefined, at?: bigint): string {
   try {
     const vcpu = machine.vcpu(0);
-    const rip = vcpu.getRegs().rip;
+    // Exec events know their instruction (RIP may already point at a probe trampoline).
+    const rip = at ?? vcpu.getRegs().rip;
     const sregs = vcpu.getSregs();
     const bits = bitnessOf(sregs);
     const pa = translateVirtual(machine.memory, sregs, linearRip(sregs, rip));
@@ -107,7 +108,7 @@ export function whereIs(machine: Machine, exit: VcpuExit | undefined): string {
 export function settle(env: PipelineEnv, rec: HookRecord, ev: MonitorEvent, raw: unknown, exit: VcpuExit | undefined, info: HookInfo | undefined): Decision {
   let d = checkDecision(raw, rec.name);
   rec.verdicts[d.verdict]++;
-  if (d.verdict === 'deny') d = { ...d, reason: `${d.reason ?? 'denied'} — ${whereIs(env.machine, exit)}` };
+  if (d.verdict === 'deny') d = { ...d, reason: `${d.reason ?? 'denied'} — ${whereIs(env.machine, ev.event === 'exec' ? undefined : exit, ev.event === 'exec' ? ev.rip : undefined)}` };
   if (env.audit || decisionChannel.hasSubscribers) {
     const addr = eventAddress(ev);
     const entry = {

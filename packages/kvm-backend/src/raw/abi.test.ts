@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import * as S from './structs.js';
-import { KVM } from './ioctls.js';
+import { KVM, KVM_CONST } from './ioctls.js';
 
 // The raw layer's layouts must match <linux/kvm.h> exactly. A C compiler is the referee:
 // we print sizeof/offsetof/ioctl numbers from C and compare with koffi's view.
@@ -77,6 +77,7 @@ function cReport(): Record<string, number> {
     }
     for (const [k, path] of runFields) lines.push(`P("run.${k}", offsetof(struct kvm_run, ${path}));`);
     for (const k of Object.keys(KVM)) lines.push(`P("ioctl.${k}", (unsigned long)${k});`);
+    lines.push('P("const.COALESCED_MMIO_PAGE_OFFSET", KVM_COALESCED_MMIO_PAGE_OFFSET);', 'P("const.PIO_PAGE_OFFSET", KVM_PIO_PAGE_OFFSET);');
     const src = `#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n#define P(n,v) printf("%s %lu\\n", n, (unsigned long)(v))\nint main(void){\n${lines.join('\n')}\nreturn 0;}\n`;
     writeFileSync(join(dir, 'abi.c'), src);
     execFileSync('cc', ['-o', join(dir, 'abi'), join(dir, 'abi.c')]);
@@ -98,6 +99,10 @@ describe.skipIf(reason !== '')('KVM ABI layouts match <linux/kvm.h>', () => {
   });
   it('kvm_run offsets', () => {
     for (const [k] of runFields) expect(S.KVM_RUN_OFFSETS[k], k).toBe(c[`run.${k}`]);
+  });
+  it('page offsets inside the vCPU mapping', () => {
+    expect(KVM_CONST.COALESCED_MMIO_PAGE_OFFSET).toBe(c['const.COALESCED_MMIO_PAGE_OFFSET']);
+    expect(KVM_CONST.PIO_PAGE_OFFSET).toBe(c['const.PIO_PAGE_OFFSET']);
   });
   it('ioctl numbers', () => {
     for (const [k, v] of Object.entries(KVM)) expect(v, k).toBe(c[`ioctl.${k}`]);

@@ -118,7 +118,9 @@ export const KVM_CONST = {
   MEM_READONLY: 2,
   EXIT_IO_IN: 0,
   EXIT_IO_OUT: 1,
-  COALESCED_MMIO_PAGE_OFFSET: 1,
+  /** x86: page 1 of the vCPU mapping is the PIO data page; the coalesced ring is page 2. */
+  COALESCED_MMIO_PAGE_OFFSET: 2,
+  PIO_PAGE_OFFSET: 1,
   GUESTDBG_ENABLE: 0x1,
   GUESTDBG_SINGLESTEP: 0x2,
   GUESTDBG_USE_SW_BP: 0x10000,

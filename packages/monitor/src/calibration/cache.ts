@@ -20,6 +20,14 @@ export function defaultCachePath(): string {
 
 interface CacheFile { version: 1; tables: Record<string, CalibrationTable> }
 
+/**
+ * Revision of the calibration experiments and of the mechanisms they exercise: bumped when a
+ * fix changes what works (2: probes resume through a trampoline; 3: coalescing counts delivered writes), so tables measured
+ * by older code are re-measured instead of trusted.
+ */
+const EXPERIMENTS_REVISION = 3;
+const cacheKey = (h: HostIdentity): string => `r${EXPERIMENTS_REVISION}|${hostKey(h)}`;
+
 function isResult(v: unknown): v is MechanismResult {
   if (typeof v !== 'object' || v === null) return false;
   const r = v as Record<string, unknown>;
@@ -63,7 +71,7 @@ function readCache(path: string): CacheFile {
 
 /** The cached table for `host`, or undefined (missing, other host, or malformed). */
 export function loadCalibration(host: HostIdentity, options: { path?: string } = {}): CalibrationTable | undefined {
-  const t = readCache(options.path ?? defaultCachePath()).tables[hostKey(host)];
+  const t = readCache(options.path ?? defaultCachePath()).tables[cacheKey(host)];
   if (!t) return undefined;
   try {
     const table = validateTable(t);
@@ -78,7 +86,7 @@ export function saveCalibration(table: CalibrationTable, options: { path?: strin
   validateTable(table);
   const path = options.path ?? defaultCachePath();
   const file = readCache(path);
-  file.tables[hostKey(table.host)] = table;
+  file.tables[cacheKey(table.host)] = table;
   mkdirSync(dirname(path), { recursive: true });
   const tmp = `${path}.${process.pid}.tmp`;
   writeFileSync(tmp, `${JSON.stringify(file, null, 2)}\n`);

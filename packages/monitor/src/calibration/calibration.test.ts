@@ -33,7 +33,7 @@ describe('calibration tables and cache', () => {
     expect(loadCalibration(a.host, { path })).toEqual(a);
     expect(loadCalibration(b.host, { path })).toEqual(b);
     expect(loadCalibration({ kernel: '6.2', cpu: 'X', flavour: 'pvm' }, { path })).toBeUndefined();
-    expect(Object.keys((JSON.parse(readFileSync(path, 'utf8')) as { tables: object }).tables)).toEqual([hostKey(a.host), hostKey(b.host)]);
+    expect(Object.keys((JSON.parse(readFileSync(path, 'utf8')) as { tables: object }).tables)).toEqual([a.host, b.host].map((h) => expect.stringContaining(hostKey(h))));
   });
 
   it('a corrupt or malformed cache is ignored, and malformed tables are refused naming the field', () => {

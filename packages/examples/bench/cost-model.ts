@@ -1,0 +1,210 @@
+/**
+ * Cost-model accuracy benchmark. For each workload guest × hook set: calibrate once at the start
+ * (`calibrate({ quick: true })`, forced, same process), predict the overhead of the hooks with
+ * `predict()` from the plan and the known event counts, then measure it as the run time with the
+ * hooks minus the run time without them (same guest, same process, interleaved, median of
+ * `TSVM_COST_REPEATS` runs each). Prints a table and writes bench-results/cost-model.json with
+ * |predicted − measured| / measured per case, median and worst, against the targets (≤ 25 %
+ * median, ≤ 50 % worst).
+ *
+ *   pnpm bench:cost
+ *
+ * Exit codes: 0 targets met, 1 missed, 2 KVM unavailable (reason printed).
+ * @module
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { Machine, KvmUnavailableError, type Stop } from '@tsvm/core';
+import { asm } from '@tsvm/core/testing';
+import { Monitor, allow, calibrate, emulate, predict, priceOf, type CalibrationTable, type Cpl, type MechanismId } from '@tsvm/monitor';
+
+const MiB = 1024 * 1024;
+const DEV_PORT = 0x3f8;
+const END_PORT = 0xf4;
+const MMIO_AT = 0xd000_0000;
+const DATA_AT = 0x20_0000; // a RAM page the write workloads store to
+const CODE_AT = 0x1000;
+const MSR = 0xc000_0081; // IA32_STAR: rdmsr is handled in the kernel unless filtered
+
+/** A workload guest. */
+interface Workload {
+  readonly name: string;
+  readonly cpl: Cpl;
+  /** Loop body (Intel syntax); the loop counter is ebx. */
+  readonly body: string;
+  /** Set-up before the loop. */
+  readonly setup: string;
+  /** Iterations. */
+  readonly n: number;
+  /** Devices etc., applied to both the baseline and the hooked machine. */
+  readonly prepare?: (vm: Machine) => void;
+}
+
+/** A hook set on a workload: registers hooks, returns the expected event count per hook name. */
+interface HookSet {
+  readonly name: string;
+  readonly install: (mon: Monitor, w: Workload, bodyAt: number) => Record<string, number>;
+  /** Skip when this returns a reason (mechanism not working here). */
+  readonly skip?: (cal: CalibrationTable, w: Workload) => string | undefined;
+}
+
+interface Case { readonly workload: Workload; readonly hooks: HookSet }
+
+const sink = { name: 'sink', write: () => {}, read: () => 0 };
+
+const W = {
+  pio: { name: 'pio-loop', cpl: 3, setup: `mov dx, ${DEV_PORT}`, body: 'out dx, al', n: 2000, prepare: (vm) => { vm.io.register({ port: DEV_PORT, size: 8 }, sink); } },
+  mmio: { name: 'mmio-loop', cpl: 0, setup: `mov rsi, ${MMIO_AT}`, body: 'mov byte ptr [rsi], al', n: 2000, prepare: (vm) => { vm.mmio.register({ address: MMIO_AT, size: 0x1000 }, sink); } },
+  nop: { name: 'nop-loop', cpl: 3, setup: '', body: 'nop\n nop\n nop', n: 300 },
+  store: { name: 'store-loop', cpl: 3, setup: `mov rdi, ${DATA_AT}`, body: 'mov dword ptr [rdi], ebx', n: 1000 },
+  msr: { name: 'msr-loop', cpl: 0, setup: `mov ecx, ${MSR}`, body: 'rdmsr', n: 1000 },
+  mixed: { name: 'mixed-loop', cpl: 0, setup: `mov dx, ${DEV_PORT}\n mov rdi, ${DATA_AT}`, body: 'out dx, al\n mov dword ptr [rdi], ebx\n nop\n nop', n: 500, prepare: (vm) => { vm.io.register({ port: DEV_PORT, size: 8 }, sink); } },
+} satisfies Record<string, Workload>;
+
+const works = (cal: CalibrationTable, m: MechanismId, cpl: Cpl): string | undefined => (priceOf(cal, m, cpl) === undefined ? `${m} does not work at CPL${cpl} here` : undefined);
+
+const H = {
+  mediatePio: { name: 'mediate pio', install: (mon, w) => { mon.mediate({ event: 'pio', ports: [DEV_PORT, DEV_PORT] }, () => allow(), { name: 'h' }); return { h: w.n }; } },
+  observePio: { name: 'observe pio', install: (mon, w) => { mon.observe({ event: 'pio', ports: [DEV_PORT, DEV_PORT], direction: 'out' }, () => {}, { name: 'h' }); return { h: w.n }; }, skip: (c, w) => works(c, 'coalesced-pio', w.cpl) },
+  mediateMmio: { name: 'mediate mmio', install: (mon, w) => { mon.mediate({ event: 'mmio', range: [MMIO_AT, MMIO_AT + 0xfff] }, () => allow(), { name: 'h' }); return { h: w.n }; } },
+  observeMmio: { name: 'observe mmio', install: (mon, w) => { mon.observe({ event: 'mmio', range: [MMIO_AT, MMIO_AT + 0xfff], direction: 'write' }, () => {}, { name: 'h' }); return { h: w.n }; }, skip: (c, w) => works(c, 'coalesced-mmio', w.cpl) },
+  exec: { name: 'exec (loop body)', install: (mon, w, at) => { mon.observe({ event: 'exec', address: at, cpl: w.cpl }, () => {}, { name: 'h' }); return { h: w.n }; } },
+  writeWatch: { name: 'mediate write-watch', install: (mon, w) => { mon.mediate({ event: 'write-watch', range: [DATA_AT, DATA_AT + 0xfff] }, () => allow(), { name: 'h' }); return { h: w.n }; }, skip: (c, w) => works(c, 'ro-slot-write', w.cpl) },
+  msr: { name: 'mediate msr (emulate)', install: (mon, w) => { mon.mediate({ event: 'msr', indices: [MSR], direction: 'read' }, () => emulate(0x1234), { name: 'h' }); return { h: w.n }; }, skip: (c, w) => works(c, 'msr-exit', w.cpl) },
+  anyExit: { name: 'observe any-exit', install: (mon, w) => { mon.observe({ event: 'any-exit' }, () => {}, { name: 'h' }); return { h: w.n + 1 }; } },
+  all3: {
+    name: 'pio + write-watch + exec', skip: (c, w) => works(c, 'ro-slot-write', w.cpl),
+    install: (mon, w, at) => {
+      mon.mediate({ event: 'pio', ports: [DEV_PORT, DEV_PORT] }, () => allow(), { name: 'p' });
+      mon.mediate({ event: 'write-watch', range: [DATA_AT, DATA_AT + 0xfff] }, () => allow(), { name: 'w' });
+      mon.observe({ event: 'exec', address: at, cpl: w.cpl }, () => {}, { name: 'x' });
+      return { p: w.n, w: w.n, x: w.n };
+    },
+  },
+} satisfies Record<string, HookSet>;
+
+const CASES: Case[] = [
+  { workload: W.pio, hooks: H.mediatePio },
+  { workload: W.pio, hooks: H.observePio },
+  { workload: W.pio, hooks: H.anyExit },
+  { workload: W.mmio, hooks: H.mediateMmio },
+  { workload: W.mmio, hooks: H.observeMmio },
+  { workload: W.nop, hooks: H.exec },
+  { workload: W.store, hooks: H.writeWatch },
+  { workload: W.msr, hooks: H.msr },
+  { workload: W.mixed, hooks: H.all3 },
+];
+
+async function code(w: Workload): Promise<{ bytes: Uint8Array; bodyAt: number }> {
+  const pre = `${w.setup}\n mov ebx, ${w.n}`;
+  const head = await asm(pre, { bits: 64, address: CODE_AT });
+  const src = `${pre}\n l: ${w.body}\n dec ebx\n jnz l\n mov dx, ${END_PORT}\n out dx, al`;
+  return { bytes: await asm(src, { bits: 64, address: CODE_AT }), bodyAt: CODE_AT + head.length };
+}
+
+async function runOnce(w: Workload, img: { bytes: Uint8Array; bodyAt: number }, hooks: HookSet | undefined, cal: CalibrationTable): Promise<{ stop: Stop; counts: Record<string, number>; plan: ReturnType<Monitor['plan']> | undefined }> {
+  await using vm = await Machine.create({ memory: 4 * MiB, name: `cost:${w.name}` });
+  vm.io.register({ port: END_PORT, size: 1 }, { name: 'end', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+  w.prepare?.(vm);
+  vm.loadFlat(img.bytes, { at: CODE_AT, mode: 'long', ring: w.cpl });
+  let counts: Record<string, number> = {};
+  let plan: ReturnType<Monitor['plan']> | undefined;
+  let mon: Monitor | undefined;
+  if (hooks) {
+    mon = new Monitor(vm, { calibration: cal });
+    counts = hooks.install(mon, w, img.bodyAt);
+    mon.seal();
+    plan = mon.plan();
+  }
+  const stop = await vm.run({ timeout: Number(process.env.TSVM_COST_RUN_TIMEOUT_MS ?? 30_000) });
+  mon?.close();
+  if (stop.reason !== 'debug-exit') throw new Error(`${w.name}${hooks ? ` + ${hooks.name}` : ''}: guest stopped with ${stop.reason}${'message' in stop ? `: ${String(stop.message)}` : ''}`);
+  return { stop, counts, plan };
+}
+
+const median = (xs: readonly number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
+};
+
+interface Row {
+  readonly workload: string; readonly hooks: string; readonly cpl: Cpl; readonly mechanisms: string; readonly events: number;
+  readonly baselineMs: number; readonly hookedMs: number; readonly measuredNs: number; readonly predictedNs: number; readonly error: number;
+}
+
+async function main(): Promise<number> {
+  const repeats = Number(process.env.TSVM_COST_REPEATS ?? 5);
+  let cal: CalibrationTable;
+  const t0 = performance.now();
+  try {
+    cal = await calibrate({ quick: true, force: true });
+  } catch (e) {
+    if (e instanceof KvmUnavailableError) { console.error(`bench:cost: KVM is not available here: ${e.reason}`); return 2; }
+    throw e;
+  }
+  const calSecs = (performance.now() - t0) / 1000;
+  console.log(`calibrate({ quick: true }) on ${cal.host.flavour} (${cal.host.cpu}, ${cal.host.kernel}) took ${calSecs.toFixed(1)} s`);
+  const rows: Row[] = [];
+  const skipped: Array<{ workload: string; hooks: string; why: string }> = [];
+  const failed: Array<{ workload: string; hooks: string; error: string }> = [];
+  for (const c of CASES) {
+    const why = c.hooks.skip?.(cal, c.workload);
+    if (why) { skipped.push({ workload: c.workload.name, hooks: c.hooks.name, why }); continue; }
+    try {
+    const img = await code(c.workload);
+    await runOnce(c.workload, img, c.hooks, cal); // warm-up (JIT, first-touch)
+    const base: number[] = [], hooked: number[] = [];
+    let counts: Record<string, number> = {};
+    let plan: ReturnType<Monitor['plan']> | undefined;
+    for (let i = 0; i < repeats; i++) {
+      base.push((await runOnce(c.workload, img, undefined, cal)).stop.elapsedMs);
+      const h = await runOnce(c.workload, img, c.hooks, cal);
+      hooked.push(h.stop.elapsedMs);
+      counts = h.counts;
+      plan = h.plan;
+    }
+    const prediction = predict(plan ?? [], counts, cal);
+    const measuredNs = (median(hooked) - median(base)) * 1e6;
+    const row: Row = {
+      workload: c.workload.name, hooks: c.hooks.name, cpl: c.workload.cpl,
+      mechanisms: [...new Set((plan ?? []).map((p) => p.mechanism))].join('+'),
+      events: Object.values(counts).reduce((a, b) => a + b, 0),
+      baselineMs: median(base), hookedMs: median(hooked), measuredNs, predictedNs: prediction.totalNs,
+      error: Math.abs(prediction.totalNs - measuredNs) / Math.abs(measuredNs),
+    };
+    rows.push(row);
+    console.log(`  ${row.workload} + ${row.hooks}: measured ${(measuredNs / 1e6).toFixed(2)} ms, predicted ${(row.predictedNs / 1e6).toFixed(2)} ms, error ${(row.error * 100).toFixed(0)} %`);
+    } catch (e) {
+      // A case whose guest does not finish is a failure of the case, not of the benchmark: report it and go on.
+      failed.push({ workload: c.workload.name, hooks: c.hooks.name, error: (e as Error).message });
+      console.log(`  ${c.workload.name} + ${c.hooks.name}: FAILED: ${(e as Error).message}`);
+    }
+  }
+  const errors = rows.map((r) => r.error);
+  const med = median(errors), worst = Math.max(...errors);
+  const targets = { median: 0.25, worst: 0.5 };
+  const pass = rows.length >= 6 && failed.length === 0 && med <= targets.median && worst <= targets.worst;
+
+  const fmt = (ns: number): string => `${(ns / 1e6).toFixed(2)} ms`;
+  console.log('\nCost model accuracy: overhead = run with hooks − run without (median of', repeats, 'each)');
+  console.table(rows.map((r) => ({
+    workload: r.workload, hooks: r.hooks, cpl: r.cpl, mechanism: r.mechanisms, events: r.events,
+    'without': `${r.baselineMs.toFixed(2)} ms`, 'with': `${r.hookedMs.toFixed(2)} ms`,
+    measured: fmt(r.measuredNs), predicted: fmt(r.predictedNs), '|err|': `${(r.error * 100).toFixed(0)} %`,
+  })));
+  for (const s of skipped) console.log(`skipped ${s.workload} + ${s.hooks}: ${s.why}`);
+  for (const f of failed) console.log(`FAILED ${f.workload} + ${f.hooks}: ${f.error}`);
+  console.log(`median |err| ${(med * 100).toFixed(1)} % (target ≤ ${targets.median * 100} %), worst ${(worst * 100).toFixed(1)} % (target ≤ ${targets.worst * 100} %) over ${rows.length} cases: ${pass ? 'PASS' : 'MISS'}`);
+  if (cal.host.flavour === 'svm' && /QEMU|TCG/i.test(cal.host.cpu)) console.log('note: nested KVM under QEMU TCG — timings are not representative of a real host');
+
+  mkdirSync('bench-results', { recursive: true });
+  const json = JSON.stringify({
+    date: new Date().toISOString(), host: cal.host, calibrationSeconds: calSecs, repeats, targets,
+    median: med, worst, pass, cases: rows, skipped, failed, calibration: cal.results,
+  }, null, 2);
+  writeFileSync('bench-results/cost-model.json', `${json}\n`);
+  console.log('wrote bench-results/cost-model.json');
+  return pass ? 0 : 1;
+}
+
+process.exitCode = await main();
