@@ -14,7 +14,7 @@ export interface ByteWritable {
   write(chunk: Uint8Array): unknown;
 }
 
-/** A Node readable stream, reduced to what {@link attachReadable} uses. */
+/** A Node readable stream, reduced to what `attachReadable` uses. */
 export interface ByteReadable {
   /** Subscribes to data chunks. */
   on(event: 'data', listener: (chunk: Uint8Array | string) => void): unknown;
