@@ -36,87 +36,72 @@ function visit(
   return done;
 }
 
-/** Reads the device-readable part of a chain front to back. */
-export class ChainReader {
-  readonly #mem: GuestMemory;
-  readonly #segments: readonly Segment[];
-  readonly #total: number;
-  #pos = 0;
+/** A cursor over one direction of a descriptor chain (shared by reader and writer). */
+abstract class ChainCursor {
+  protected readonly mem: GuestMemory;
+  protected readonly segments: readonly Segment[];
+  protected readonly total: number;
+  protected pos = 0;
 
   /**
    * @param memory - guest RAM.
-   * @param segments - the chain's readable segments.
+   * @param segments - the chain's segments in this direction.
    */
   constructor(memory: GuestMemory, segments: readonly Segment[]) {
-    this.#mem = memory;
-    this.#segments = segments;
-    this.#total = segments.reduce((n, s) => n + s.len, 0);
+    this.mem = memory;
+    this.segments = segments;
+    this.total = segments.reduce((n, s) => n + s.len, 0);
   }
 
-  /** Bytes not yet consumed. */
+  /** Bytes not yet consumed (reader) or space left (writer). */
   get remaining(): number {
-    return this.#total - this.#pos;
+    return this.total - this.pos;
   }
+}
+
+/** Reads the device-readable part of a chain front to back. */
+export class ChainReader extends ChainCursor {
 
   /** Copies the next `n` bytes (fewer if the chain is shorter) into a new buffer. */
   read(n: number): Uint8Array {
     const want = Math.max(0, Math.min(n, this.remaining));
     const out = new Uint8Array(want);
-    this.#pos += visit(this.#mem, this.#segments, this.#pos, want, (v, at) => out.set(v, at));
+    this.pos += visit(this.mem, this.segments, this.pos, want, (v, at) => out.set(v, at));
     return out;
   }
 
   /** Streams the next `n` bytes to `fn` piece by piece (see the SAFETY note on views). */
   stream(n: number, fn: (view: Uint8Array, done: number) => void): number {
-    const got = visit(this.#mem, this.#segments, this.#pos, Math.min(n, this.remaining), fn);
-    this.#pos += got;
+    const got = visit(this.mem, this.segments, this.pos, Math.min(n, this.remaining), fn);
+    this.pos += got;
     return got;
   }
 }
 
 /** Fills the device-writable part of a chain front to back, counting bytes for the used ring. */
-export class ChainWriter {
-  readonly #mem: GuestMemory;
-  readonly #segments: readonly Segment[];
-  readonly #total: number;
-  #pos = 0;
-
-  /**
-   * @param memory - guest RAM.
-   * @param segments - the chain's writable segments.
-   */
-  constructor(memory: GuestMemory, segments: readonly Segment[]) {
-    this.#mem = memory;
-    this.#segments = segments;
-    this.#total = segments.reduce((n, s) => n + s.len, 0);
-  }
-
-  /** Space left. */
-  get remaining(): number {
-    return this.#total - this.#pos;
-  }
+export class ChainWriter extends ChainCursor {
 
   /** Cursor position: after sequential writes, the `len` of the used-ring entry. */
   get written(): number {
-    return this.#pos;
+    return this.pos;
   }
 
   /** Moves the cursor to byte `pos` of the writable part (e.g. to the trailing status byte). */
   seek(pos: number): void {
-    this.#pos = Math.max(0, Math.min(pos, this.#total));
+    this.pos = Math.max(0, Math.min(pos, this.total));
   }
 
   /** Writes as much of `data` as fits; returns how many bytes were written. */
   write(data: Uint8Array): number {
-    const n = visit(this.#mem, this.#segments, this.#pos, Math.min(data.length, this.remaining), (v, at) => v.set(data.subarray(at, at + v.length)));
-    this.#pos += n;
+    const n = visit(this.mem, this.segments, this.pos, Math.min(data.length, this.remaining), (v, at) => v.set(data.subarray(at, at + v.length)));
+    this.pos += n;
     return n;
   }
 
   /** Lets `fn` fill the next `n` bytes in place, piece by piece (see the SAFETY note on views). */
   stream(n: number, fn: (view: Uint8Array, done: number) => void): number {
-    const got = visit(this.#mem, this.#segments, this.#pos, Math.min(n, this.remaining), fn);
-    this.#pos += got;
+    const got = visit(this.mem, this.segments, this.pos, Math.min(n, this.remaining), fn);
+    this.pos += got;
     return got;
   }
 }
