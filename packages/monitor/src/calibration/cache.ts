@@ -22,10 +22,10 @@ interface CacheFile { version: 1; tables: Record<string, CalibrationTable> }
 
 /**
  * Revision of the calibration experiments and of the mechanisms they exercise: bumped when a
- * fix changes what works (2: probes resume through a trampoline; 3: coalescing counts delivered writes), so tables measured
+ * fix changes what works (2: probes resume through a trampoline; 3: coalescing counts delivered writes; 4: the coalesced ring is read from page 2), so tables measured
  * by older code are re-measured instead of trusted.
  */
-const EXPERIMENTS_REVISION = 3;
+const EXPERIMENTS_REVISION = 4;
 const cacheKey = (h: HostIdentity): string => `r${EXPERIMENTS_REVISION}|${hostKey(h)}`;
 
 function isResult(v: unknown): v is MechanismResult {
