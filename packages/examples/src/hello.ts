@@ -5,9 +5,10 @@
  *
  * @module
  */
-import { Machine, KvmUnavailableError } from '@tsvm/core';
+import { Machine } from '@tsvm/core';
 import { asm } from '@tsvm/core/testing';
 import { Uart16550 } from '@tsvm/devices';
+import { runCli } from './support.js';
 
 const GUEST = `
     lea rsi, [rip + msg]
@@ -25,17 +26,7 @@ const GUEST = `
 `;
 
 async function main(): Promise<number> {
-  let vm: Machine;
-  try {
-    vm = await Machine.create({ memory: 2 * 1024 * 1024, name: 'hello' });
-  } catch (e) {
-    if (e instanceof KvmUnavailableError) {
-      console.error(`tsvm demo: ${e.message}`);
-      return 2;
-    }
-    throw e;
-  }
-  await using _vm = vm;
+  await using vm = await Machine.create({ memory: 2 * 1024 * 1024, name: 'hello' });
   const uart = new Uart16550();
   uart.pipe(process.stdout);
   vm.attachDevice(uart);
@@ -46,4 +37,4 @@ async function main(): Promise<number> {
   return stop.reason === 'halt' ? 0 : 1;
 }
 
-process.exitCode = await main();
+await runCli('tsvm demo', main);

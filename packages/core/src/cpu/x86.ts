@@ -95,23 +95,17 @@ function writeTables(mem: GuestMemory, sys: number, long: boolean): void {
   for (let v = 0; v < 32; v++) {
     const at = sys + SYS.STUBS + v * STUB_SIZE;
     mem.write(at, Uint8Array.of(0x66, 0xba, EXCEPTION_PORT & 0xff, EXCEPTION_PORT >> 8, 0xb0, v, 0xee, 0xf4, 0xeb, 0xfd));
-    const idt = sys + SYS.IDT;
+    // The first 8 bytes of a gate have the same layout in both modes; a 64-bit gate adds
+    // the upper 32 bits of the offset and a reserved dword.
+    const e = sys + SYS.IDT + v * (long ? 16 : 8);
+    mem.writeUint(e, 2, at & 0xffff);
+    mem.writeUint(e + 2, 2, long ? SEL.KERNEL_CODE64 : SEL.KERNEL_CODE32);
+    mem.writeUint(e + 4, 1, 0);
+    mem.writeUint(e + 5, 1, 0x8e); // present, DPL 0, interrupt gate
+    mem.writeUint(e + 6, 2, (at >>> 16) & 0xffff);
     if (long) {
-      const e = idt + v * 16;
-      mem.writeUint(e, 2, at & 0xffff);
-      mem.writeUint(e + 2, 2, SEL.KERNEL_CODE64);
-      mem.writeUint(e + 4, 1, 0);
-      mem.writeUint(e + 5, 1, 0x8e);
-      mem.writeUint(e + 6, 2, (at >>> 16) & 0xffff);
       mem.writeUint(e + 8, 4, Math.floor(at / 2 ** 32));
       mem.writeUint(e + 12, 4, 0);
-    } else {
-      const e = idt + v * 8;
-      mem.writeUint(e, 2, at & 0xffff);
-      mem.writeUint(e + 2, 2, SEL.KERNEL_CODE32);
-      mem.writeUint(e + 4, 1, 0);
-      mem.writeUint(e + 5, 1, 0x8e);
-      mem.writeUint(e + 6, 2, (at >>> 16) & 0xffff);
     }
   }
 }
