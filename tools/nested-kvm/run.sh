@@ -7,7 +7,7 @@
 # Options:
 #   --timeout SECS   kill the guest after SECS seconds (default 1800; 0 = none)
 #   --mem SIZE       guest RAM (default 4G)
-#   --smp N          guest vCPUs (default 2)
+#   --smp N          guest vCPUs (default 1)
 #   --cpu MODEL      QEMU -cpu value (default max)
 #   --verbose        copy the guest console (kernel + init) to stderr
 #   --rebuild        rebuild the cached kernel/initramfs
@@ -24,9 +24,10 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${TSVM_NESTED_CACHE:-$here/.cache}
 timeout_s=${TSVM_NESTED_TIMEOUT:-1800}
 mem=${TSVM_NESTED_MEM:-4G}
-smp=${TSVM_NESTED_SMP:-2}
+# One vCPU: with two, TCG guests soft-locked under VM create/close churn (one is stable).
+smp=${TSVM_NESTED_SMP:-1}
 cpu=${TSVM_NESTED_CPU:-max}
-kappend=${TSVM_NESTED_APPEND-}
+kappend="nowatchdog rcupdate.rcu_cpu_stall_suppress=1 ${TSVM_NESTED_APPEND-}"
 verbose=0
 rebuild=0
 build_only=0
@@ -154,6 +155,13 @@ ensure_qemu
 [ $build_only = 1 ] && { log "image ready in $cache"; exit 0; }
 
 # ---------------------------------------------------------------- the job
+# One nested TCG guest at a time: two on a 2-core host starve each other and
+# the guest kernels soft-lock. Later callers wait here for the lock.
+exec 9> "${TSVM_NESTED_LOCK:-/tmp/tsvm-nested.lock}"
+if ! flock -n 9; then
+	log "another nested guest is running; waiting for it"
+	flock 9
+fi
 job=$(mktemp -d /tmp/tsvm-nested-job.XXXXXX)
 chmod 755 "$job"
 qemu_pid=

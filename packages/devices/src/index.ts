@@ -6,7 +6,8 @@
  * `reset()`, and JSON `snapshot()`/`restore()`.
  *
  * Legacy PC devices: {@link Uart16550} (COM1), {@link DebugExit} (QEMU isa-debug-exit),
- * {@link I8042} (reset via 0xFE), {@link CmosRtc}.
+ * {@link I8042} (reset via 0xFE), {@link CmosRtc}, and {@link Unpopulated} ranges (absent
+ * hardware a guest probes for, attached deliberately: reads all ones, writes dropped).
  *
  * Virtio: the {@link VirtioMmio} transport (virtio 1.x, split queues, hardened against hostile
  * drivers) and the models behind it: {@link VirtioConsole}, {@link VirtioBlock}, {@link VirtioRng}.
@@ -23,6 +24,7 @@ export { Uart16550, type Uart16550Options, type Uart16550State } from './uart165
 export { DebugExit, type DebugExitOptions } from './debug-exit.js';
 export { I8042, type I8042State } from './i8042.js';
 export { CmosRtc, hostClock, fixedClock, type Clock, type CmosRtcOptions, type CmosRtcState } from './cmos-rtc.js';
+export { Unpopulated, PC_PROBED_RANGES, type UnpopulatedRange } from './unpopulated.js';
 
 // Virtio transport and queues
 export { VirtioMmio, type VirtioMmioOptions, type VirtioMmioStats } from './virtio/mmio.js';

@@ -9,7 +9,8 @@
  * - {@link loadElf}: ELF32/ELF64 static executables, by `p_paddr` (or `p_vaddr`).
  * - {@link loadMultiboot}: multiboot v1 (a.out kludge or ELF) with the multiboot info structure.
  * - {@link loadLinux}: bzImage via the Linux x86 boot protocol (64-bit or 32-bit entry).
- * - {@link loadPvh}: PVH direct boot of an ELF `vmlinux` with `hvm_start_info`.
+ * - {@link loadPvh}: PVH direct boot of an ELF `vmlinux` with `hvm_start_info`;
+ * {@link extractVmlinux} unpacks that ELF from a bzImage on the host.
  * @module
  */
 export {
@@ -68,3 +69,4 @@ export {
   type PvhOptions,
   XEN_ELFNOTE_PHYS32_ENTRY,
 } from './pvh.js';
+export { type ExtractedVmlinux, extractVmlinux, type KernelCompression, lz4Legacy } from './vmlinux.js';
