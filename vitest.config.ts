@@ -2,6 +2,9 @@ import { defineConfig } from 'vitest/config';
 
 // Two projects: `unit` needs nothing but Node; `kvm` needs /dev/kvm and says loudly
 // (see packages/core/src/testing/kvm-gate.ts) when it skips because KVM is missing.
+// A third, `linux` (`*.linux.test.ts`: boots a distribution kernel on tsvm and QEMU, minutes
+// long), exists only when TSVM_TEST_LINUX=1, which `pnpm test:linux` sets.
+const linux = process.env.TSVM_TEST_LINUX === '1';
 export default defineConfig({
   test: {
     reporters: ['default', './scripts/summary-reporter.ts'],
@@ -10,7 +13,7 @@ export default defineConfig({
         test: {
           name: 'unit',
           include: ['packages/*/src/**/*.test.ts', 'packages/*/test/**/*.test.ts'],
-          exclude: ['**/*.kvm.test.ts', '**/node_modules/**'],
+          exclude: ['**/*.kvm.test.ts', '**/*.linux.test.ts', '**/node_modules/**'],
           testTimeout: 20_000,
         },
       },
@@ -25,6 +28,18 @@ export default defineConfig({
           poolOptions: { forks: { singleFork: true } },
         },
       },
+      ...(linux
+        ? [{
+            test: {
+              name: 'linux',
+              include: ['packages/*/src/**/*.linux.test.ts'],
+              testTimeout: 1_800_000,
+              hookTimeout: 1_800_000,
+              pool: 'forks' as const,
+              poolOptions: { forks: { singleFork: true } },
+            },
+          }]
+        : []),
     ],
   },
 });

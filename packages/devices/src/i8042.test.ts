@@ -13,7 +13,7 @@ describe('I8042', () => {
   it('status reads a sane value, data reads 0', () => {
     const [data, cmd] = new I8042().mappings().map((m) => m.device);
     const a = recordingAccess();
-    expect(cmd?.read?.(0, 1, a)).toBe(0x04); // system flag, output buffer empty
+    expect(cmd?.read?.(0, 1, a)).toBe(0x14); // system flag, keyboard unlocked, output buffer empty
     expect(data?.read?.(0, 1, a)).toBe(0);
   });
 

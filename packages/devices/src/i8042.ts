@@ -15,6 +15,7 @@ import { SnapshotReader } from './snapshot-fields.js';
 
 const STATUS_SYSTEM_FLAG = 0x04; // POST passed
 const STATUS_COMMAND = 0x08; // last write was to 0x64
+const STATUS_UNLOCKED = 0x10; // keyboard not inhibited by the keylock (Linux warns when clear)
 const STATUS_OUTPUT_FULL = 0x01;
 const CMD_READ_CONFIG = 0x20;
 const CMD_WRITE_CONFIG = 0x60;
@@ -70,7 +71,7 @@ export class I8042 implements Device {
       return v;
     }
     if (offset === 4) {
-      return STATUS_SYSTEM_FLAG | (this.#lastWasCommand ? STATUS_COMMAND : 0) | (this.#output >= 0 ? STATUS_OUTPUT_FULL : 0);
+      return STATUS_SYSTEM_FLAG | STATUS_UNLOCKED | (this.#lastWasCommand ? STATUS_COMMAND : 0) | (this.#output >= 0 ? STATUS_OUTPUT_FULL : 0);
     }
     return 0xff;
   }

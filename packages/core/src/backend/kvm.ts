@@ -61,9 +61,14 @@ export class KvmBackend implements Backend {
     };
   }
 
-  /** The host's supported CPUID table (cached). */
+  /**
+   * The CPUID table a new vCPU gets: what this host's KVM supports, plus the "running under a
+   * hypervisor" bit (leaf 1, ECX bit 31) that `KVM_GET_SUPPORTED_CPUID` leaves clear and every
+   * VMM sets. Without it Linux never looks at KVM's leaves (0x40000000+), so it gets no
+   * kvm-clock and must calibrate the TSC against the PIT, which fails on slow hosts. Cached.
+   */
   supportedCpuid(): CpuidEntry[] {
-    this.#cpuid ??= this.system.supportedCpuid();
+    this.#cpuid ??= withHypervisorBit(this.system.supportedCpuid());
     return this.#cpuid;
   }
 
@@ -76,7 +81,9 @@ export class KvmBackend implements Backend {
       if (this.system.has('SET_TSS_ADDR')) vm.setTssAddr(0xfffbd000);
       if (options.irqchip) {
         vm.createIrqchip();
-        vm.createPit2(0);
+        // Without SPEAKER_DUMMY KVM leaves port 0x61 (PIT channel 2 gate/output, which Linux
+        // reads to calibrate the TSC) to userspace; with it the kernel answers like a PC.
+        vm.createPit2(KVM_CONST.PIT_SPEAKER_DUMMY);
       }
     } catch (e) {
       vm.close();
@@ -297,6 +304,11 @@ class KvmBackendVcpu implements BackendVcpu {
   }
 
   close(): void { this.#v.close(); }
+}
+
+/** Sets CPUID.1:ECX.HYPERVISOR (bit 31) in a copy of `entries`. */
+export function withHypervisorBit(entries: readonly CpuidEntry[]): CpuidEntry[] {
+  return entries.map((e) => (e.function === 1 ? { ...e, ecx: (e.ecx | 0x8000_0000) >>> 0 } : e));
 }
 
 let shared: KvmBackend | undefined;

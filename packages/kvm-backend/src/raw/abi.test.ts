@@ -77,7 +77,7 @@ function cReport(): Record<string, number> {
     }
     for (const [k, path] of runFields) lines.push(`P("run.${k}", offsetof(struct kvm_run, ${path}));`);
     for (const k of Object.keys(KVM)) lines.push(`P("ioctl.${k}", (unsigned long)${k});`);
-    lines.push('P("const.COALESCED_MMIO_PAGE_OFFSET", KVM_COALESCED_MMIO_PAGE_OFFSET);', 'P("const.PIO_PAGE_OFFSET", KVM_PIO_PAGE_OFFSET);');
+    lines.push('P("const.COALESCED_MMIO_PAGE_OFFSET", KVM_COALESCED_MMIO_PAGE_OFFSET);', 'P("const.PIO_PAGE_OFFSET", KVM_PIO_PAGE_OFFSET);', 'P("const.PIT_SPEAKER_DUMMY", KVM_PIT_SPEAKER_DUMMY);');
     const src = `#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n#define P(n,v) printf("%s %lu\\n", n, (unsigned long)(v))\nint main(void){\n${lines.join('\n')}\nreturn 0;}\n`;
     writeFileSync(join(dir, 'abi.c'), src);
     execFileSync('cc', ['-o', join(dir, 'abi'), join(dir, 'abi.c')]);
@@ -103,6 +103,7 @@ describe.skipIf(reason !== '')('KVM ABI layouts match <linux/kvm.h>', () => {
   it('page offsets inside the vCPU mapping', () => {
     expect(KVM_CONST.COALESCED_MMIO_PAGE_OFFSET).toBe(c['const.COALESCED_MMIO_PAGE_OFFSET']);
     expect(KVM_CONST.PIO_PAGE_OFFSET).toBe(c['const.PIO_PAGE_OFFSET']);
+    expect(KVM_CONST.PIT_SPEAKER_DUMMY).toBe(c['const.PIT_SPEAKER_DUMMY']);
   });
   it('ioctl numbers', () => {
     for (const [k, v] of Object.entries(KVM)) expect(v, k).toBe(c[`ioctl.${k}`]);

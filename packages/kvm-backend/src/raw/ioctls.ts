@@ -125,6 +125,8 @@ export const KVM_CONST = {
   GUESTDBG_SINGLESTEP: 0x2,
   GUESTDBG_USE_SW_BP: 0x10000,
   GUESTDBG_USE_HW_BP: 0x20000,
+  /** `KVM_CREATE_PIT2` flag: emulate the port-0x61 speaker/gate register in the kernel too. */
+  PIT_SPEAKER_DUMMY: 1,
   MP_STATE_RUNNABLE: 0,
   MP_STATE_UNINITIALIZED: 1,
   MP_STATE_INIT_RECEIVED: 2,
