@@ -87,6 +87,12 @@ export interface BackendVcpu {
   run(): VcpuExit;
   /** Supplies the data of an `in` or MMIO read before the next `run()`. */
   completeRead(data: Uint8Array): void;
+  /**
+   * Abandons the pending I/O or MMIO exit and raises exception `vector` (with `errorCode`) on
+   * the instruction that caused it: the access has no effect and the guest's handler sees the
+   * faulting RIP.
+   */
+  faultInstruction(vector: number, errorCode?: number): void;
   /** Supplies the result of an MSR exit before the next `run()`. */
   completeMsr(data: bigint, error: boolean): void;
   /** Starts a time slice: `run()` returns an `intr` exit at most `ns` later. */

@@ -34,6 +34,8 @@ export type ExitOutcome =
   | { readonly action: 'resume'; readonly read?: Uint8Array; readonly msr?: { readonly data: bigint; readonly error: boolean } }
   /** Stop the machine. */
   | { readonly action: 'stop'; readonly stop: StopRequest }
+  /** Abandon the access and raise exception `vector` on the instruction that made it (`#GP` for a denied port or MMIO access). */
+  | { readonly action: 'fault'; readonly vector: number; readonly errorCode?: number }
   /** A mediate hook returned a Promise: await this for the real outcome. */
   | { readonly action: 'async'; readonly outcome: Promise<ExitOutcome> };
 
@@ -127,6 +129,9 @@ function applyDecision(exit: VcpuExit, ctx: ExitContext, hook: ExitHook, d: Hook
       return observe(exit, ctx, exit.kind === 'io'
         ? { action: 'resume', ...(exit.direction === 'in' ? { read: ones(exit.size, exit.count) } : {}) }
         : { action: 'resume', ...(!exit.isWrite ? { read: ones(exit.size) } : {}) });
+    }
+    if (effect === 'gp' && (exit.kind === 'io' || exit.kind === 'mmio')) {
+      return observe(exit, ctx, { action: 'fault', vector: 13, errorCode: 0 });
     }
     if ((effect === 'gp' || effect === 'ignore') && exit.kind === 'msr') {
       return observe(exit, ctx, { action: 'resume', msr: { data: effect === 'ignore' ? 0n : 0n, error: effect === 'gp' } });

@@ -12,7 +12,11 @@ export type DenyEffect =
   | 'stop'
   /** Reads return all ones, writes are dropped; the guest continues. */
   | 'ignore'
-  /** Inject `#GP` (MSR accesses; elsewhere treated as `stop`). */
+  /**
+   * Raise `#GP(0)` in the guest on the instruction that made the access (port I/O, MMIO, MSR),
+   * as hardware does for an I/O-bitmap or MSR violation; the guest's own handler decides what
+   * happens next. Other events are stopped.
+   */
   | 'gp';
 
 /** What a mediate hook decided. `undefined` means allow. */

@@ -56,6 +56,23 @@ describe.skipIf(!kvm.available)(`Machine on real KVM${kvm.available ? '' : ` (SK
     expect(stop).toMatchObject({ reason: 'exception', vector: 13, faultRip: 0x1001n });
   });
 
+  it.each([
+    ['out', 'mov dx, 0x500\n mov al, 1\n out dx, al', 0x1009n],
+    ['in', 'mov dx, 0x500\n mov eax, 0x1234\n in al, dx', 0x100cn],
+    ['mmio read', 'mov rbx, 0xd0000000\n mov eax, 0x1234\n mov eax, dword ptr [rbx]', 0x1012n],
+  ] as const)("a hook's deny with effect 'gp' faults the %s itself (ring 3): #GP(0) at its RIP, no effect", async (_what, code, at) => {
+    await using vm = await Machine.create({ memory: 2 * MiB });
+    let deviceSaw = 0;
+    vm.io.register({ port: 0x500, size: 1 }, { name: 'dev', read: () => { deviceSaw++; return 0x77; }, write: () => { deviceSaw++; } });
+    vm.mmio.register({ address: 0xd0000000n, size: 4096 }, { name: 'mmio', read: () => { deviceSaw++; return 0x77; } });
+    vm.addHook({ name: 'gp', mode: 'mediate', matches: (e) => (e.kind === 'io' && e.port === 0x500) || (e.kind === 'mmio' && e.address === 0xd0000000n), handle: () => ({ verdict: 'deny', effect: 'gp' }) });
+    // The host IDT's #GP stub reports the fault; the faulting RIP must be the access itself.
+    vm.loadFlat(await asm(`nop\n nop\n nop\n ${code}\n spin: jmp spin`, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop).toMatchObject({ reason: 'exception', vector: 13, errorCode: 0, faultRip: at });
+    expect(deviceSaw).toBe(0);
+  });
+
   it('after Machine.enter (loader entry), a guest fault is reported, not a triple fault', async () => {
     await using vm = await Machine.create({ memory: 4 * MiB });
     vm.memory.write(0x100000, Uint8Array.of(0x0f, 0x0b)); // ud2

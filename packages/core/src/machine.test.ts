@@ -159,6 +159,20 @@ describe('hooks on the exit path', () => {
     await vm.close();
   });
 
+  it("deny with effect 'gp' faults the accessing instruction (I/O and MMIO) and the guest runs on", async () => {
+    const { vm, vcpu } = await mockMachine(outExit(0x3f8, 1), mmioExit(0xd0000000n, 4), { kind: 'hlt' });
+    let deviceSaw = 0;
+    vm.io.register({ port: 0x3f8, size: 1 }, { name: 'uart', write: () => { deviceSaw++; } });
+    vm.mmio.register({ address: 0xd0000000n, size: 4096 }, { name: 'dev', read: () => { deviceSaw++; return 0; } });
+    vm.addHook(hook({ name: 'gp', matches: (e) => e.kind === 'io' || e.kind === 'mmio', handle: () => ({ verdict: 'deny', effect: 'gp' }) }));
+    const stop = await vm.run();
+    expect(stop.reason).toBe('halt');
+    expect(vcpu.faults).toEqual([{ vector: 13, errorCode: 0 }, { vector: 13, errorCode: 0 }]);
+    expect(vcpu.reads).toEqual([]);
+    expect(deviceSaw).toBe(0);
+    await vm.close();
+  });
+
   it('emulate supplies the read value; ignore reads all ones; observe hooks see the exit after the device', async () => {
     const { vm, vcpu } = await mockMachine(inExit(0x70), inExit(0x71), { kind: 'hlt' });
     const order: string[] = [];

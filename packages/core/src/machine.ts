@@ -542,6 +542,14 @@ export class Machine {
 
   #apply(vcpu: Vcpu, out: ExitOutcome): StopRequest | undefined {
     if (out.action === 'stop') return out.stop;
+    if (out.action === 'fault') {
+      try {
+        vcpu.backend.faultInstruction(out.vector, out.errorCode);
+      } catch (e) {
+        return { reason: 'backend-error', error: e instanceof TsvmError ? e : new TsvmError('TSVM_BACKEND', String(e), { cause: e }) };
+      }
+      return undefined;
+    }
     if (out.action === 'resume') {
       if (out.read) vcpu.backend.completeRead(out.read);
       if (out.msr) vcpu.backend.completeMsr(out.msr.data, out.msr.error);

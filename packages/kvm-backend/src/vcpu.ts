@@ -66,6 +66,41 @@ export class KvmVcpu {
     this.run_.setUint8(S.KVM_RUN_OFFSETS.immediate_exit, on ? 1 : 0);
   }
 
+  /**
+   * Finishes the exit KVM last reported (an `in`/`out` or MMIO access, which KVM completes
+   * only on the next `KVM_RUN`) without running any further guest instruction: `KVM_RUN` with
+   * `immediate_exit` set, as the KVM API documents for saving state after an I/O exit.
+   */
+  completePendingExit(): void {
+    this.setImmediateExit(true);
+    try {
+      const r = this.#ioctl(this.fd, this.#runReq, 0);
+      if (r < 0) {
+        const e = errno();
+        if (e !== C.EINTR && e !== C.EAGAIN) throw new KvmError('KVM_RUN (immediate_exit)', e);
+      }
+    } finally {
+      this.setImmediateExit(false);
+    }
+  }
+
+  /**
+   * Queues exception `vector` (with `errorCode` when given) for delivery at the next entry:
+   * `KVM_GET_VCPU_EVENTS`, set `exception.{injected,nr,has_error_code,error_code}`,
+   * `KVM_SET_VCPU_EVENTS`.
+   */
+  injectException(vector: number, errorCode?: number): void {
+    const b = this.getBlob('events');
+    const v = dv(b);
+    const O = S.VCPU_EVENTS_OFFSETS;
+    v.setUint8(O.exception_injected, 1);
+    v.setUint8(O.exception_nr, vector);
+    v.setUint8(O.exception_has_error_code, errorCode === undefined ? 0 : 1);
+    v.setUint8(O.exception_pending, 0);
+    v.setUint32(O.exception_error_code, errorCode ?? 0, true);
+    this.setBlob('events', b);
+  }
+
   /** `KVM_GET_REGS`. */
   getRegs(): Regs {
     ioctlPtr(this.fd, 'KVM_GET_REGS', this.#regsBuf);

@@ -17,7 +17,8 @@ const ALLOW: Decision = Object.freeze({ verdict: 'allow' });
 
 /**
  * Refuse the event. `effect`: `'stop'` (default) stops the machine with a `MonitorViolation`;
- * `'ignore'` makes reads return all ones and drops writes; `'gp'` injects `#GP` (MSRs).
+ * `'ignore'` makes reads return all ones and drops writes; `'gp'` raises `#GP(0)` in the guest on
+ * the accessing instruction (port I/O, MMIO, write-watch, MSRs; other events stop).
  */
 export function deny(options: { effect?: DenyEffect; reason?: string } = {}): Decision {
   return { verdict: 'deny', ...(options.effect ? { effect: options.effect } : {}), ...(options.reason ? { reason: options.reason } : {}) };

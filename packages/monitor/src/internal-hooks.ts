@@ -148,7 +148,7 @@ export function writeWatchHook(env: InternalEnv): ExitHook {
       for (let i = Math.min(8, exit.size) - 1; i >= 0; i--) value = (value << 8n) | BigInt(exit.data[i] ?? 0);
       const ev: MonitorEvent = { event: 'write-watch', address: exit.address, size: exit.size, value };
       return thenDecision(runMediators(env, recs.filter((r) => r.mode === 'mediate'), ev, exit, info), (d) => {
-        if (d.verdict === 'deny') return d.effect === 'ignore' ? RESUME : { ...d, effect: 'stop' };
+        if (d.verdict === 'deny') return d.effect === 'ignore' ? RESUME : d.effect === 'gp' ? d : { ...d, effect: 'stop' };
         let bytes = exit.data;
         if (d.verdict === 'emulate') {
           bytes = new Uint8Array(exit.size);

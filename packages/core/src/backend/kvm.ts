@@ -267,6 +267,20 @@ class KvmBackendVcpu implements BackendVcpu {
     }
   }
 
+  faultInstruction(vector: number, errorCode?: number): void {
+    // At an I/O or MMIO exit RIP still points at the instruction; KVM finishes (and skips)
+    // it only inside the next KVM_RUN. Let it finish without running anything else, then
+    // put every register back — RIP onto the instruction, RAX as before an `in` — and queue
+    // the exception, so the guest sees a fault *on* the access and the access had no effect.
+    const regs = this.#v.getRegs();
+    if (this.#pendingIo) this.#v.runBytes.fill(0xff, this.#pendingIo.offset, this.#pendingIo.offset + this.#pendingIo.length);
+    this.#pendingIo = undefined;
+    this.#pendingMmio = false;
+    this.#v.completePendingExit();
+    this.#v.setRegs(regs);
+    this.#v.injectException(vector, errorCode);
+  }
+
   completeMsr(data: bigint, error: boolean): void {
     if (!this.#pendingMsr) return;
     this.#v.run_.setUint8(O.msr_error, error ? 1 : 0);

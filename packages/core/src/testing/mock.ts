@@ -21,6 +21,8 @@ export class MockVcpu implements BackendVcpu {
   readonly steps: MockStep[] = [];
   /** Data supplied for reads, in order. */
   readonly reads: Uint8Array[] = [];
+  /** Exceptions raised with `faultInstruction`, in order. */
+  readonly faults: Array<{ vector: number; errorCode: number | undefined }> = [];
   /** MSR completions, in order. */
   readonly msrs: Array<{ data: bigint; error: boolean }> = [];
   /** Coalesced entries returned by the next drain. */
@@ -64,6 +66,7 @@ export class MockVcpu implements BackendVcpu {
 
   completeRead(data: Uint8Array): void { this.reads.push(data.slice()); }
   completeMsr(data: bigint, error: boolean): void { this.msrs.push({ data, error }); }
+  faultInstruction(vector: number, errorCode?: number): void { this.faults.push({ vector, errorCode }); }
   beginSlice(): void { this.slices++; }
   endSlice(): void { /* nothing to disarm */ }
   getRegs(): Regs { return { ...this.regs }; }

@@ -76,6 +76,7 @@ function cReport(): Record<string, number> {
       }
     }
     for (const [k, path] of runFields) lines.push(`P("run.${k}", offsetof(struct kvm_run, ${path}));`);
+    for (const k of Object.keys(S.VCPU_EVENTS_OFFSETS)) lines.push(`P("events.${k}", offsetof(struct kvm_vcpu_events, ${k.replace('exception_', 'exception.')}));`);
     for (const k of Object.keys(KVM)) lines.push(`P("ioctl.${k}", (unsigned long)${k});`);
     lines.push('P("const.COALESCED_MMIO_PAGE_OFFSET", KVM_COALESCED_MMIO_PAGE_OFFSET);', 'P("const.PIO_PAGE_OFFSET", KVM_PIO_PAGE_OFFSET);', 'P("const.PIT_SPEAKER_DUMMY", KVM_PIT_SPEAKER_DUMMY);');
     const src = `#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n#define P(n,v) printf("%s %lu\\n", n, (unsigned long)(v))\nint main(void){\n${lines.join('\n')}\nreturn 0;}\n`;
@@ -99,6 +100,9 @@ describe.skipIf(reason !== '')('KVM ABI layouts match <linux/kvm.h>', () => {
   });
   it('kvm_run offsets', () => {
     for (const [k] of runFields) expect(S.KVM_RUN_OFFSETS[k], k).toBe(c[`run.${k}`]);
+  });
+  it('kvm_vcpu_events offsets', () => {
+    for (const [k, v] of Object.entries(S.VCPU_EVENTS_OFFSETS)) expect(v, k).toBe(c[`events.${k}`]);
   });
   it('page offsets inside the vCPU mapping', () => {
     expect(KVM_CONST.COALESCED_MMIO_PAGE_OFFSET).toBe(c['const.COALESCED_MMIO_PAGE_OFFSET']);

@@ -103,8 +103,17 @@ export const kvm_ioeventfd = struct('kvm_ioeventfd', {
 });
 /** `struct kvm_irqfd`. */
 export const kvm_irqfd = struct('kvm_irqfd', { fd: u32, gsi: u32, flags: u32, resamplefd: u32, pad: koffi.array(u8, 16) });
-/** `struct kvm_vcpu_events` (opaque bytes for snapshots). */
+/** `struct kvm_vcpu_events` (opaque bytes for snapshots; see {@link VCPU_EVENTS_OFFSETS}). */
 export const kvm_vcpu_events = struct('kvm_vcpu_events', { raw: koffi.array(u8, 64) });
+/** Offsets of the `kvm_vcpu_events` fields tsvm edits (checked against the header by the ABI test). */
+export const VCPU_EVENTS_OFFSETS = {
+  exception_injected: 0,
+  exception_nr: 1,
+  exception_has_error_code: 2,
+  exception_pending: 3,
+  exception_error_code: 4,
+  flags: 20,
+} as const;
 /** `struct kvm_debugregs` (opaque bytes for snapshots). */
 export const kvm_debugregs = struct('kvm_debugregs', { db: koffi.array(u64, 4), dr6: u64, dr7: u64, flags: u64, reserved: koffi.array(u64, 9) });
 /** `struct kvm_lapic_state`. */
