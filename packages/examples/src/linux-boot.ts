@@ -8,7 +8,7 @@
  * downloaded with `apt-get download` into `~/.cache/tsvm/kernels`). Its `vmlinux` is unpacked
  * on the host ({@link extractVmlinux}) and entered at its PVH note: no firmware, no in-guest
  * decompression. The machine is a minimal PC: 16550 COM1 on IRQ 4, i8042 (the reboot line),
- * CMOS RTC, the in-kernel PIC/IOAPIC/PIT, and explicitly *unpopulated* ranges for the
+ * CMOS RTC, the in-kernel PIC/IOAPIC/PIT described by an MP table, and explicitly *unpopulated* ranges for the
  * hardware Linux probes (see `PC_PROBED_RANGES`); any other port or MMIO access stops the run
  * as an `unhandled-exit` naming it.
  *
@@ -23,7 +23,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { extractVmlinux, LEGACY_BIOS_HOLE, loadPvh, Machine, type Stop } from '@tsvm/core';
+import { extractVmlinux, LEGACY_BIOS_HOLE, loadPvh, Machine, type Stop, writeMpTable } from '@tsvm/core';
 import { CmosRtc, I8042, Uart16550, Unpopulated } from '@tsvm/devices';
 import { isMain, runCli } from './support.js';
 
@@ -157,6 +157,9 @@ export async function bootTsvm(vmlinux: Uint8Array, options: BootOptions = {}): 
   vm.attachDevice(new CmosRtc());
   for (const d of Unpopulated.ranges()) vm.attachDevice(d);
   const reserved = vm.hostReserved();
+  // No ACPI: an MP table tells Linux about the CPU and the in-kernel I/O APIC (ISA IRQ n → pin n),
+  // so it runs the APIC in symmetric I/O mode instead of "virtual wire, no configuration".
+  writeMpTable(vm.memory);
   const loaded = loadPvh(vm.memory, vmlinux, { cmdline: options.cmdline ?? DEFAULT_CMDLINE, reserved: [LEGACY_BIOS_HOLE, ...reserved], avoid: reserved });
   vm.enter(loaded.entryState);
   const stop = await vm.run({ timeout: options.timeoutMs ?? 300_000 });

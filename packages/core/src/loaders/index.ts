@@ -11,6 +11,7 @@
  * - {@link loadLinux}: bzImage via the Linux x86 boot protocol (64-bit or 32-bit entry).
  * - {@link loadPvh}: PVH direct boot of an ELF `vmlinux` with `hvm_start_info`;
  * {@link extractVmlinux} unpacks that ELF from a bzImage on the host.
+ * - {@link writeMpTable}: an Intel MP table (CPUs, I/O APIC, ISA IRQ routing) for guests without ACPI.
  * @module
  */
 export {
@@ -70,3 +71,12 @@ export {
   XEN_ELFNOTE_PHYS32_ENTRY,
 } from './pvh.js';
 export { type ExtractedVmlinux, extractVmlinux, type KernelCompression, lz4Legacy } from './vmlinux.js';
+export {
+  IOAPIC_DEFAULT_ADDRESS,
+  LAPIC_DEFAULT_ADDRESS,
+  MPTABLE_DEFAULT_ADDRESS,
+  type MpTableOptions,
+  type MpTableResult,
+  mpTableSize,
+  writeMpTable,
+} from './mptable.js';
