@@ -2,7 +2,7 @@
  * Boots a stock distribution Linux kernel through PVH on tsvm and, side by side, on QEMU
  * (`-M microvm`), printing the console live and then both timelines.
  *
- *   pnpm example:linux [--no-qemu] [--timeout SECONDS]
+ *   pnpm example:linux [--no-qemu] [--timeout SECONDS] [--slice-ms MS] [--append 'KERNEL ARGS']
  *
  * The kernel is Debian's `linux-image-cloud-amd64` (from `/boot`, from `TSVM_LINUX_KERNEL`, or
  * downloaded with `apt-get download` into `~/.cache/tsvm/kernels`). Its `vmlinux` is unpacked
@@ -60,6 +60,8 @@ export interface BootOptions {
   readonly memoryMiB?: number;
   /** Give up after this many ms. Default 300 000. */
   readonly timeoutMs?: number;
+  /** tsvm's run-loop slice in ms (how often Node gets control back). Default 10. */
+  readonly sliceMs?: number;
   /** Called with each raw console chunk as it arrives (live output). */
   readonly echo?: (chunk: Uint8Array) => void;
 }
@@ -162,7 +164,7 @@ export async function bootTsvm(vmlinux: Uint8Array, options: BootOptions = {}): 
   writeMpTable(vm.memory);
   const loaded = loadPvh(vm.memory, vmlinux, { cmdline: options.cmdline ?? DEFAULT_CMDLINE, reserved: [LEGACY_BIOS_HOLE, ...reserved], avoid: reserved });
   vm.enter(loaded.entryState);
-  const stop = await vm.run({ timeout: options.timeoutMs ?? 300_000 });
+  const stop = await vm.run({ timeout: options.timeoutMs ?? 300_000, ...(options.sliceMs !== undefined ? { sliceMs: options.sliceMs } : {}) });
   uart.flush();
   return { vmm: 'tsvm', lines: clock.end(), outcome: describeStop(stop), elapsedMs: performance.now() - t0, accel: `kvm (${vm.capabilities.flavour})`, stop };
 }
@@ -259,16 +261,20 @@ async function main(): Promise<number> {
   const argv = process.argv.slice(2);
   const ti = argv.indexOf('--timeout');
   const timeoutMs = ti >= 0 ? Number(argv[ti + 1]) * 1000 : 300_000;
+  const si = argv.indexOf('--slice-ms');
+  const sliceMs = si >= 0 ? Number(argv[si + 1]) : undefined;
+  const ai = argv.indexOf('--append');
+  const cmdline = ai >= 0 ? `${DEFAULT_CMDLINE} ${argv[ai + 1] ?? ''}` : DEFAULT_CMDLINE;
   const bz = findOrFetchKernel();
   const { path, bytes } = vmlinuxFile(bz);
   console.log(`# kernel ${bz} (vmlinux ${(bytes.length / 2 ** 20).toFixed(1)} MiB, PVH)\n# --- tsvm console ---`);
   const echo = (c: Uint8Array): void => { process.stdout.write(c); };
-  const t = await bootTsvm(bytes, { timeoutMs, echo });
+  const t = await bootTsvm(bytes, { timeoutMs, echo, cmdline, ...(sliceMs !== undefined ? { sliceMs } : {}) });
   let q: BootTimeline | undefined;
   if (!argv.includes('--no-qemu')) {
     if (qemuAvailable()) {
       console.log('\n# --- qemu console ---');
-      q = await bootQemu(path, { timeoutMs, echo });
+      q = await bootQemu(path, { timeoutMs, echo, cmdline });
     } else {
       console.log('\n# qemu-system-x86_64 not found (apt-get install qemu-system-x86): no side-by-side run');
     }

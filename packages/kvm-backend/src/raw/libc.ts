@@ -66,9 +66,6 @@ export function libc(): Libc {
   if (cached) return cached;
   lib = koffi.load('libc.so.6');
   const l = lib;
-  // Named types are process-wide in koffi; reuse ours if this module was evaluated before.
-  let timerT: koffi.IKoffiCType;
-  try { timerT = koffi.resolve('tsvm_timer_t'); } catch { timerT = koffi.pointer('tsvm_timer_t', koffi.opaque()); }
   cached = {
     open: l.func('int open(const char *path, int flags)'),
     close: l.func('int close(int fd)'),
@@ -79,8 +76,11 @@ export function libc(): Libc {
     memfd_create: l.func('int memfd_create(const char *name, unsigned int flags)'),
     ftruncate: l.func('int ftruncate(int fd, int64_t length)'),
     timer_create: l.func('timer_create', 'int', ['int', 'void *', 'void *']),
-    timer_settime: l.func('timer_settime', 'int', [timerT, 'int', 'void *', 'void *']),
-    timer_delete: l.func('timer_delete', 'int', [timerT]),
+    // timer_t is `void *` in glibc. Declared as such (not a named opaque type) so a handle
+    // decoded by one evaluation of this module is accepted by another's functions: vitest
+    // re-evaluates modules per test file in one process, and koffi's type tags are per type.
+    timer_settime: l.func('timer_settime', 'int', ['void *', 'int', 'void *', 'void *']),
+    timer_delete: l.func('timer_delete', 'int', ['void *']),
     pthread_sigmask: l.func('int pthread_sigmask(int how, void *set, void *old)'),
     sigtimedwait: l.func('int sigtimedwait(void *set, void *info, void *timeout)'),
     gettid: l.func('int gettid()'),
