@@ -26,9 +26,9 @@ const skip = !kvm.available ? kvm.reason : !cc.available ? cc.reason : '';
 const RUN_TIMEOUT = 120_000;
 const NEEDS_RESET = 0x40;
 const CONFIG_CHANGE = 0x2;
-// The interrupt test passed as a standalone script under tools/nested-kvm, but one full run of
-// this file that included it hung for 18+ minutes (not yet explained), so it is opt-in for now.
-const IRQ_TEST = process.env.TSVM_TEST_IRQ_GUEST === '1';
+// The interrupt test once hung a full run under tools/nested-kvm when its guest had 2 vCPUs
+// (the guest kernel soft-locked); with 1 vCPU it passes. TSVM_TEST_IRQ_GUEST=0 skips it.
+const IRQ_TEST = process.env.TSVM_TEST_IRQ_GUEST !== '0';
 const STATUS_LIVE = 0x0f; // ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
 
 /** A machine with COM1 (guest diagnostics), debug-exit and `transport` at the virtio window. */
@@ -278,7 +278,7 @@ describe.skipIf(skip !== '')(`devices driven by guest code on KVM${skip ? ` (SKI
       expect(con.text()).toBe('');
     });
   });
-  describe.skipIf(!IRQ_TEST)(`interrupts through the in-kernel irqchip${IRQ_TEST ? '' : ' (SKIPPED: opt-in, set TSVM_TEST_IRQ_GUEST=1)'}`, () => {
+  describe.skipIf(!IRQ_TEST)(`interrupts through the in-kernel irqchip${IRQ_TEST ? '' : ' (SKIPPED: TSVM_TEST_IRQ_GUEST=0)'}`, () => {
     it('a virtio used-buffer IRQ and COM1 receive IRQs wake a guest halted with sti; hlt', async () => {
       await using vm = await Machine.create({ memory: GUEST_MEMORY, irqchip: true });
       const chunks: Uint8Array[] = [];

@@ -28,7 +28,7 @@ const median = (xs: number[]): number => { const s = [...xs].sort((a, b) => a - 
 function guestSource(kind: 'pio' | 'mmio', ring: 0 | 3): string {
   const body = kind === 'pio' ? 'mov dx, 0x500\n l: out dx, al' : 'mov rbx, 0xd0000000\n l: mov dword ptr [rbx], eax';
   // Both end with a write to port 0xf4 (the C loop's and tsvm's stop signal).
-  return `mov ecx, ${N}\n ${body}\n dec ecx\n jnz l\n mov dx, 0xf4\n out dx, al\n ${ring === 0 ? 'hlt' : 'jmp $'}`;
+  return `mov ecx, ${N}\n ${body}\n dec ecx\n jnz l\n mov dx, 0xf4\n out dx, al\n ${ring === 0 ? 'hlt' : 'spin: jmp spin'}`;
 }
 
 async function prepare(kind: 'pio' | 'mmio', ring: 0 | 3): Promise<Machine> {

@@ -27,8 +27,16 @@ import { extractVmlinux, LEGACY_BIOS_HOLE, loadPvh, Machine, type Stop, writeMpT
 import { CmosRtc, I8042, Uart16550, Unpopulated } from '@tsvm/devices';
 import { isMain, runCli } from './support.js';
 
-/** The command line of the issue's QEMU reference run. */
-export const DEFAULT_CMDLINE = 'console=ttyS0 earlyprintk=serial,ttyS0,115200 clearcpuid=cx16 noxsave panic=-1';
+/**
+ * The command line of the issue's QEMU reference run, plus `panic=-1` (reboot at once, so both
+ * VMMs end) and `i8042.nokbd i8042.noaux`. QEMU's microvm declares no 8042 in its ACPI tables, so
+ * Linux never probes one there; tsvm has no ACPI, so Linux probes its i8042 — which has no
+ * keyboard or mouse behind it (it exists for the reset line) — polling for seconds with
+ * interrupts off. Under nested SVM about half of those boots then idled forever waiting in
+ * `wait_for_device_probe()` (not root-caused; see the project notes). Skipping the PS/2 ports
+ * makes both VMMs see the same platform; the reboot through port 0x64 still works.
+ */
+export const DEFAULT_CMDLINE = 'console=ttyS0 earlyprintk=serial,ttyS0,115200 clearcpuid=cx16 noxsave panic=-1 i8042.nokbd i8042.noaux';
 
 /** One console line and when it was complete, in ms since the VMM started. */
 export interface ConsoleLine {
