@@ -2,13 +2,14 @@
  * Boots a stock distribution Linux kernel through PVH on tsvm and, side by side, on QEMU
  * (`-M microvm`), printing the console live and then both timelines.
  *
- *   pnpm example:linux [--no-qemu] [--timeout SECONDS] [--slice-ms MS] [--append 'KERNEL ARGS']
+ *   pnpm example:linux [--no-qemu] [--timeout SECONDS] [--slice-ms MS] [--cmdline 'ARGS'] [--append 'MORE ARGS'] [--no-acpi]
  *
  * The kernel is Debian's `linux-image-cloud-amd64` (from `/boot`, from `TSVM_LINUX_KERNEL`, or
  * downloaded with `apt-get download` into `~/.cache/tsvm/kernels`). Its `vmlinux` is unpacked
  * on the host ({@link extractVmlinux}) and entered at its PVH note: no firmware, no in-guest
- * decompression. The machine is a minimal PC: 16550 COM1 on IRQ 4, i8042 (the reboot line),
- * CMOS RTC, the in-kernel PIC/IOAPIC/PIT described by an MP table, and explicitly *unpopulated* ranges for the
+ * decompression. The machine is a minimal PC: 16550 COM1 on IRQ 4, an i8042 with nothing plugged
+ * in (IRQ 1/12; its reset line ends the run), CMOS RTC, the in-kernel PIC/IOAPIC/PIT described by
+ * ACPI (MADT) and an MP table, and explicitly *unpopulated* ranges for the
  * hardware Linux probes (see `PC_PROBED_RANGES`); any other port or MMIO access stops the run
  * as an `unhandled-exit` naming it.
  *
@@ -23,20 +24,15 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { extractVmlinux, LEGACY_BIOS_HOLE, loadPvh, Machine, type Stop, writeMpTable } from '@tsvm/core';
+import { extractVmlinux, LEGACY_BIOS_HOLE, loadPvh, Machine, type Stop, writeAcpiTables, writeMpTable } from '@tsvm/core';
 import { CmosRtc, I8042, Uart16550, Unpopulated } from '@tsvm/devices';
 import { isMain, runCli } from './support.js';
 
 /**
  * The command line of the issue's QEMU reference run, plus `panic=-1` (reboot at once, so both
- * VMMs end) and `i8042.nokbd i8042.noaux`. QEMU's microvm declares no 8042 in its ACPI tables, so
- * Linux never probes one there; tsvm has no ACPI, so Linux probes its i8042 — which has no
- * keyboard or mouse behind it (it exists for the reset line) — polling for seconds with
- * interrupts off. Under nested SVM about half of those boots then idled forever waiting in
- * `wait_for_device_probe()` (not root-caused; see the project notes). Skipping the PS/2 ports
- * makes both VMMs see the same platform; the reboot through port 0x64 still works.
+ * VMMs end where the kernel gives up).
  */
-export const DEFAULT_CMDLINE = 'console=ttyS0 earlyprintk=serial,ttyS0,115200 clearcpuid=cx16 noxsave panic=-1 i8042.nokbd i8042.noaux';
+export const DEFAULT_CMDLINE = 'console=ttyS0 earlyprintk=serial,ttyS0,115200 clearcpuid=cx16 noxsave panic=-1';
 
 /** One console line and when it was complete, in ms since the VMM started. */
 export interface ConsoleLine {
@@ -68,6 +64,8 @@ export interface BootOptions {
   readonly memoryMiB?: number;
   /** Give up after this many ms. Default 300 000. */
   readonly timeoutMs?: number;
+  /** Give tsvm's guest ACPI tables (a MADT). Default true. */
+  readonly acpi?: boolean;
   /** tsvm's run-loop slice in ms (how often Node gets control back). Default 10. */
   readonly sliceMs?: number;
   /** Called with each raw console chunk as it arrives (live output). */
@@ -163,14 +161,19 @@ export async function bootTsvm(vmlinux: Uint8Array, options: BootOptions = {}): 
   const uart = new Uart16550({ irq: vm.irqLine(Uart16550.defaultIrq) });
   uart.onOutput((b) => { clock.push(b); options.echo?.(b); });
   vm.attachDevice(uart);
-  vm.attachDevice(new I8042());
+  vm.attachDevice(new I8042({ kbdIrq: vm.irqLine(I8042.kbdIrq), auxIrq: vm.irqLine(I8042.auxIrq) }));
   vm.attachDevice(new CmosRtc());
   for (const d of Unpopulated.ranges()) vm.attachDevice(d);
   const reserved = vm.hostReserved();
-  // No ACPI: an MP table tells Linux about the CPU and the in-kernel I/O APIC (ISA IRQ n → pin n),
-  // so it runs the APIC in symmetric I/O mode instead of "virtual wire, no configuration".
+  // Tell the kernel about the CPU and the in-kernel I/O APIC (ISA IRQ n → pin n), so it runs
+  // its APIC in symmetric I/O mode as under QEMU rather than "virtual wire, no configuration":
+  // an MP table for kernels that parse one, a MADT (via the PVH RSDP pointer) for the rest.
   writeMpTable(vm.memory);
-  const loaded = loadPvh(vm.memory, vmlinux, { cmdline: options.cmdline ?? DEFAULT_CMDLINE, reserved: [LEGACY_BIOS_HOLE, ...reserved], avoid: reserved });
+  const acpi = options.acpi === false ? undefined : writeAcpiTables(vm.memory);
+  const loaded = loadPvh(vm.memory, vmlinux, {
+    cmdline: options.cmdline ?? DEFAULT_CMDLINE, reserved: [LEGACY_BIOS_HOLE, ...reserved], avoid: reserved,
+    ...(acpi ? { rsdpAddress: acpi.rsdpAddress } : {}),
+  });
   vm.enter(loaded.entryState);
   const stop = await vm.run({ timeout: options.timeoutMs ?? 300_000, ...(options.sliceMs !== undefined ? { sliceMs: options.sliceMs } : {}) });
   uart.flush();
@@ -272,12 +275,14 @@ async function main(): Promise<number> {
   const si = argv.indexOf('--slice-ms');
   const sliceMs = si >= 0 ? Number(argv[si + 1]) : undefined;
   const ai = argv.indexOf('--append');
-  const cmdline = ai >= 0 ? `${DEFAULT_CMDLINE} ${argv[ai + 1] ?? ''}` : DEFAULT_CMDLINE;
+  const ci = argv.indexOf('--cmdline');
+  const base = ci >= 0 ? argv[ci + 1] ?? '' : DEFAULT_CMDLINE;
+  const cmdline = ai >= 0 ? `${base} ${argv[ai + 1] ?? ''}` : base;
   const bz = findOrFetchKernel();
   const { path, bytes } = vmlinuxFile(bz);
   console.log(`# kernel ${bz} (vmlinux ${(bytes.length / 2 ** 20).toFixed(1)} MiB, PVH)\n# --- tsvm console ---`);
   const echo = (c: Uint8Array): void => { process.stdout.write(c); };
-  const t = await bootTsvm(bytes, { timeoutMs, echo, cmdline, ...(sliceMs !== undefined ? { sliceMs } : {}) });
+  const t = await bootTsvm(bytes, { timeoutMs, echo, cmdline, acpi: !argv.includes('--no-acpi'), ...(sliceMs !== undefined ? { sliceMs } : {}) });
   let q: BootTimeline | undefined;
   if (!argv.includes('--no-qemu')) {
     if (qemuAvailable()) {

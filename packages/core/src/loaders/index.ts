@@ -11,7 +11,8 @@
  * - {@link loadLinux}: bzImage via the Linux x86 boot protocol (64-bit or 32-bit entry).
  * - {@link loadPvh}: PVH direct boot of an ELF `vmlinux` with `hvm_start_info`;
  * {@link extractVmlinux} unpacks that ELF from a bzImage on the host.
- * - {@link writeMpTable}: an Intel MP table (CPUs, I/O APIC, ISA IRQ routing) for guests without ACPI.
+ * - {@link writeMpTable}: an Intel MP table (CPUs, I/O APIC, ISA IRQ routing) for guests without ACPI;
+ *   {@link writeAcpiTables}: the same facts as ACPI tables (RSDP, XSDT, MADT).
  * @module
  */
 export {
@@ -80,3 +81,4 @@ export {
   mpTableSize,
   writeMpTable,
 } from './mptable.js';
+export { ACPI_DEFAULT_ADDRESS, type AcpiOptions, type AcpiResult, writeAcpiTables } from './acpi.js';
