@@ -94,19 +94,24 @@ function corrupt(what: string): never {
   throw new ImageFormatError('payload', `corrupt LZ4 block: ${what}`);
 }
 
+/** Adds LZ4's 255-continued length bytes at `ip` to `base`; returns the length and the new `ip`. */
+function extendedLength(src: Uint8Array, ip: number, end: number, base: number, what: string): [number, number] {
+  let n = base;
+  let b: number;
+  do {
+    if (ip >= end) corrupt(`${what} length runs past the block`);
+    b = src[ip++] as number;
+    n += b;
+  } while (b === 255);
+  return [n, ip];
+}
+
 /** Decodes one LZ4 block into `out` at `op`; returns the new output position. */
 function lz4Block(src: Uint8Array, ip: number, end: number, out: Uint8Array, op: number): number {
   while (ip < end) {
     const token = src[ip++] as number;
     let lit = token >> 4;
-    if (lit === 15) {
-      let b: number;
-      do {
-        if (ip >= end) corrupt('literal length runs past the block');
-        b = src[ip++] as number;
-        lit += b;
-      } while (b === 255);
-    }
+    if (lit === 15) [lit, ip] = extendedLength(src, ip, end, lit, 'literal');
     if (ip + lit > end) corrupt('literals run past the block');
     if (op + lit > out.length) corrupt('output overflows the declared size');
     out.set(src.subarray(ip, ip + lit), op);
@@ -117,14 +122,7 @@ function lz4Block(src: Uint8Array, ip: number, end: number, out: Uint8Array, op:
     const offset = (src[ip] as number) | ((src[ip + 1] as number) << 8);
     ip += 2;
     let len = token & 15;
-    if (len === 15) {
-      let b: number;
-      do {
-        if (ip >= end) corrupt('match length runs past the block');
-        b = src[ip++] as number;
-        len += b;
-      } while (b === 255);
-    }
+    if (len === 15) [len, ip] = extendedLength(src, ip, end, len, 'match');
     len += 4;
     if (offset === 0 || offset > op) corrupt(`match offset ${offset} points before the output`);
     if (op + len > out.length) corrupt('output overflows the declared size');
