@@ -40,8 +40,9 @@ const CONFIG_POWER_ON = CONFIG_XLATE | CONFIG_AUX_DISABLED | CONFIG_KBD_DISABLED
 const NO_DEVICE = 0xfe;
 const QUEUE_LIMIT = 16;
 
-/** Which data byte the next data-port write is. */
-type Operand = 'none' | 'config' | 'kbd-out' | 'aux-out' | 'aux-write';
+/** What the next data-port write means: a byte for the keyboard, or the operand of a command. */
+export type I8042Operand = 'none' | 'config' | 'kbd-out' | 'aux-out' | 'aux-write';
+type Operand = I8042Operand;
 const OPERANDS: readonly Operand[] = ['none', 'config', 'kbd-out', 'aux-out', 'aux-write'];
 
 /** Options of an {@link I8042}. */
@@ -67,7 +68,7 @@ export interface I8042State {
   /** Whether the last write went to the command port. */
   readonly lastWasCommand: boolean;
   /** Meaning of the next data-port write. */
-  readonly operand: Operand;
+  readonly operand: I8042Operand;
 }
 
 /** The i8042 controller (see the module documentation). */
