@@ -1,7 +1,10 @@
 /**
  * `calibrate()`: discovers, on this host, which mechanism works at CPL0 and CPL3 (and how it
- * fails when it does not), and prices each per event by running small guests: the run time of
- * a loop with the event minus the same loop with a `nop`, divided by the iterations. Results
+ * fails when it does not), and prices each per event by running small guests. A price is a
+ * *marginal* cost, like the overhead a hook adds to a workload: each loop runs for n and for 2n
+ * iterations on fresh machines, and (T(2n) − T(n)) / n — minus the same for a loop of `nop`s —
+ * cancels what a run pays once (VM creation, first entry, code paths warmed on first use),
+ * which would otherwise inflate the per-event figure by a fixed cost / n. Results
  * are cached per host identity (see `cache.ts`). Needs `/dev/kvm`; on the mock only
  * {@link measureHookDispatch} is meaningful.
  * @module
@@ -53,11 +56,23 @@ async function runLoop(factory: Factory, cpl: Cpl, body: readonly number[], n: n
   return { machine, stop };
 }
 
-async function timed(factory: Factory, cpl: Cpl, body: readonly number[], n: number, setup: readonly number[] = [], prepare?: (m: Machine) => void): Promise<{ ns: number; stop: Stop; machine: Machine }> {
-  const base = await runLoop(factory, cpl, BODY.nop, n, setup);
-  await base.machine.close();
-  const t = await runLoop(factory, cpl, body, n, setup, prepare);
-  return { ns: (t.stop.elapsedMs - base.stop.elapsedMs) * 1e6 / n, stop: t.stop, machine: t.machine };
+/**
+ * Marginal ns per iteration of `body` beyond a `nop` loop. The event loop runs n then 2n times
+ * (`prepare` is applied to both machines, so event counters see 3n events); the returned
+ * machine and stop are the 2n run's, or the n run's if that one already failed.
+ */
+async function timed(factory: Factory, cpl: Cpl, body: readonly number[], n: number, setup: readonly number[] = [], prepare?: (m: Machine) => void): Promise<{ ns: number; stop: Stop; machine: Machine; events: number }> {
+  const elapsed = async (b: readonly number[], iterations: number): Promise<number> => {
+    const t = await runLoop(factory, cpl, b, iterations, setup);
+    await t.machine.close();
+    return t.stop.elapsedMs;
+  };
+  const base = (await elapsed(BODY.nop, 2 * n)) - (await elapsed(BODY.nop, n));
+  const once = await runLoop(factory, cpl, body, n, setup, prepare);
+  if (once.stop.reason !== 'debug-exit') return { ns: NaN, stop: once.stop, machine: once.machine, events: n };
+  await once.machine.close();
+  const twice = await runLoop(factory, cpl, body, 2 * n, setup, prepare);
+  return { ns: ((twice.stop.elapsedMs - once.stop.elapsedMs) - base) * 1e6 / n, stop: twice.stop, machine: twice.machine, events: 3 * n };
 }
 
 async function attempt(f: () => Promise<MechanismResult>): Promise<MechanismResult> {
@@ -81,7 +96,7 @@ async function experiment(id: MechanismId, cpl: Cpl, n: number, factory: Factory
       });
       await r.machine.close();
       // "Works" means every write reached the device, not just that the guest finished.
-      return r.stop.reason !== 'debug-exit' ? broken(describeStop(r.stop)) : seen !== n ? broken(`${seen} of ${n} writes reached the device`) : ok(r.ns, n);
+      return r.stop.reason !== 'debug-exit' ? broken(describeStop(r.stop)) : seen !== r.events ? broken(`${seen} of ${r.events} writes reached the device`) : ok(r.ns, n);
     });
     case 'mmio-exit': case 'coalesced-mmio': return attempt(async () => {
       let seen = 0;
@@ -90,7 +105,7 @@ async function experiment(id: MechanismId, cpl: Cpl, n: number, factory: Factory
         if (id === 'coalesced-mmio') m.coalesce({ address: MMIO_AT, size: 0x1000 });
       });
       await r.machine.close();
-      return r.stop.reason !== 'debug-exit' ? broken(describeStop(r.stop)) : seen !== n ? broken(`${seen} of ${n} writes reached the device`) : ok(r.ns, n);
+      return r.stop.reason !== 'debug-exit' ? broken(describeStop(r.stop)) : seen !== r.events ? broken(`${seen} of ${r.events} writes reached the device`) : ok(r.ns, n);
     });
     case 'ro-slot-write': return attempt(async () => {
       const ro = 0x20_0000n * 2n; // above the 4 MiB of RAM
@@ -117,7 +132,7 @@ async function experiment(id: MechanismId, cpl: Cpl, n: number, factory: Factory
       });
       await r.machine.close();
       if (r.stop.reason !== 'debug-exit') return broken(`${steps <= 1 ? 'first step exits, then ' : ''}${describeStop(r.stop)}`);
-      return steps >= n ? ok(r.ns / 3, steps, 'per step (3 instructions per iteration)') : broken(`only ${steps} of ${3 * n} steps exited`);
+      return steps >= 3 * r.events ? ok(r.ns / 3, steps, 'per step (3 instructions per iteration)') : broken(`only ${steps} of ${3 * r.events} steps exited`);
     });
     case 'sw-breakpoint': case 'probe-breakpoint': case 'hw-breakpoint': return attempt(() => breakpointExperiment(id, cpl, n, factory));
     case 'dirty-log-page': case 'dirty-log-harvest': return attempt(async () => {
@@ -154,7 +169,7 @@ function popcount(b: number): number {
 
 async function breakpointExperiment(id: 'sw-breakpoint' | 'hw-breakpoint' | 'probe-breakpoint', cpl: Cpl, n: number, factory: Factory): Promise<MechanismResult> {
   const { Monitor } = await import('../monitor.js');
-  const { code, bodyOffset } = loopGuest(BODY.nop.concat([0x90, 0x90]), n, []);
+  const guest = (iterations: number) => loopGuest(BODY.nop.concat([0x90, 0x90]), iterations, []);
   const table = assumedTable(hostIdentity('unknown'));
   const only = (m: MechanismId): CalibrationTable => ({
     ...table, results: {
@@ -165,7 +180,8 @@ async function breakpointExperiment(id: 'sw-breakpoint' | 'hw-breakpoint' | 'pro
       'single-step': { cpl0: { works: true, ns: 1 }, cpl3: { works: true, ns: 1 } },
     },
   });
-  const run = async (hook: boolean): Promise<{ stop: Stop; hits: number }> => {
+  const run = async (hook: boolean, iterations: number): Promise<{ stop: Stop; hits: number }> => {
+    const { code, bodyOffset } = guest(iterations);
     const m = await factory({ memory: 4 * MiB, name: 'calibration' });
     m.io.register({ port: END_PORT, size: 1 }, { name: 'end', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
     m.loadFlat(code, { at: CODE_AT, mode: 'long', ring: cpl });
@@ -178,11 +194,16 @@ async function breakpointExperiment(id: 'sw-breakpoint' | 'hw-breakpoint' | 'pro
     await m.close();
     return { stop, hits };
   };
-  const base = await run(false);
-  const r = await run(true);
-  if (r.stop.reason !== 'debug-exit') return broken(describeStop(r.stop));
-  if (r.hits !== n) return broken(`${r.hits} of ${n} hits reached the VMM`);
-  return ok((r.stop.elapsedMs - base.stop.elapsedMs) * 1e6 / n, n, id === 'probe-breakpoint' ? 'two exits per hit' : undefined);
+  // Marginal cost per hit, as in timed(): (T(2n) − T(n)) with the hook minus the same without.
+  const r1 = await run(true, n);
+  if (r1.stop.reason !== 'debug-exit') return broken(describeStop(r1.stop));
+  if (r1.hits !== n) return broken(`${r1.hits} of ${n} hits reached the VMM`);
+  const r2 = await run(true, 2 * n);
+  if (r2.stop.reason !== 'debug-exit') return broken(describeStop(r2.stop));
+  const b1 = await run(false, n);
+  const b2 = await run(false, 2 * n);
+  const ns = ((r2.stop.elapsedMs - r1.stop.elapsedMs) - (b2.stop.elapsedMs - b1.stop.elapsedMs)) * 1e6 / n;
+  return ok(ns, n, id === 'probe-breakpoint' ? 'two exits per hit' : undefined);
 }
 
 /**

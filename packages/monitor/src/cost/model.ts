@@ -14,6 +14,11 @@ import type { Machine, Stop } from '@tsvm/core';
 import { priceOf, type CalibrationTable, type Cpl, type MechanismId } from '../calibration/table.js';
 import type { Monitor, PlanEntry } from '../monitor.js';
 
+/** The monitor's per-event dispatch price at `cpl` (calibrated per CPL on a real host; CPL0's otherwise). */
+function dispatchPriceAt(table: CalibrationTable, cpl: Cpl): number {
+  return priceOf(table, 'hook-dispatch', cpl) ?? priceOf(table, 'hook-dispatch', 0) ?? 0;
+}
+
 /** What the same event would cost without the hook (ns). */
 export function baselineNs(table: CalibrationTable, mechanism: MechanismId, cpl: Cpl): number {
   switch (mechanism) {
@@ -58,8 +63,8 @@ export interface Prediction {
  * count 0). `handlerNs` optionally gives a per-event handler estimate per hook name.
  */
 export function predict(plan: readonly PlanEntry[], counts: Readonly<Record<string, number>>, table: CalibrationTable, options: { handlerNs?: Readonly<Record<string, number>> } = {}): Prediction {
-  const dispatch = priceOf(table, 'hook-dispatch', 0) ?? 0;
   const hooks = plan.map((p): HookPrediction => {
+    const dispatch = dispatchPriceAt(table, p.cpl);
     const events = counts[p.name] ?? 0;
     if (!Number.isFinite(events) || events < 0) throw new RangeError(`counts['${p.name}'] must be a non-negative number`);
     const unit = priceOf(table, p.mechanism, p.cpl) ?? NaN;
@@ -158,14 +163,13 @@ export function report(mon: Monitor, options: { run?: Stop | { readonly ns: numb
   const runNs = options.run === undefined
     ? Object.values(stats.byKind).reduce((n, k) => n + k.runNs + k.handleNs, 0)
     : 'ns' in options.run ? options.run.ns : options.run.elapsedMs * 1e6;
-  const dispatchPrice = priceOf(table, 'hook-dispatch', 0) ?? 0;
   const plan = new Map(mon.plan().map((p) => [p.id, p]));
   const hooks = mon.recordsForReport().map((r): HookCost => {
     const p = plan.get(r.id);
     const mechanism = p?.mechanism ?? r.selection.mechanism;
     const unit = priceOf(table, mechanism, r.cpl) ?? 0;
     const cs = r.core ? core.get(r.core) : undefined;
-    const dispatchNs = cs ? Math.max(0, cs.ns - r.handlerNs) : r.events * dispatchPrice;
+    const dispatchNs = cs ? Math.max(0, cs.ns - r.handlerNs) : r.events * dispatchPriceAt(table, r.cpl);
     const totalNs = r.events * unit + r.handlerNs + dispatchNs;
     const overheadNs = r.events * (unit - baselineNs(table, mechanism, r.cpl)) + r.handlerNs + dispatchNs;
     const onlyAllowed = r.mode === 'mediate' && r.verdicts.deny === 0 && r.verdicts.emulate === 0;
