@@ -126,6 +126,23 @@ describe('exit path through Machine.run (mock backend)', () => {
     await vm.close();
   });
 
+  it('a timeout says whether the vCPU was halted waiting for an interrupt or running', async () => {
+    const backend = new MockBackend();
+    const vcpu = backend.script();
+    vcpu.whenEmpty = { kind: 'intr' }; // every slice ends without an exit: the guest never stops
+    vcpu.halted = true;
+    vcpu.regs = { ...vcpu.regs, rflags: 0x202n }; // IF=1: halted but wakeable
+    const vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true });
+    expect(await vm.run({ timeout: 30 })).toMatchObject({ reason: 'timeout', halted: true });
+    vcpu.halted = false;
+    expect(await vm.run({ timeout: 30 })).toMatchObject({ reason: 'timeout', halted: false });
+    await vm.close();
+    const plain = await mockMachine();
+    plain.vcpu.whenEmpty = { kind: 'intr' };
+    expect(await plain.vm.run({ timeout: 30 })).toMatchObject({ reason: 'timeout', halted: false });
+    await plain.vm.close();
+  });
+
   it('rejects misuse: run twice at once, use after close', async () => {
     const backend = new MockBackend();
     backend.script().whenEmpty = { kind: 'intr' };

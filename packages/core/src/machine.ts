@@ -575,6 +575,9 @@ export class Machine {
     try {
       const regs = vcpu.backend.getRegs();
       rip = regs.rip;
+      if (req.reason === 'timeout' || req.reason === 'aborted') {
+        req = { ...req, halted: this.irqchip && vcpu.backend.isHalted() };
+      }
       if (req.reason === 'exception') {
         // The stub's `out` ran on the exception frame: [error code] RIP CS RFLAGS RSP SS.
         const w = this.#mode === 'long' ? 8 : 4;

@@ -24,8 +24,13 @@ export type Stop = StopCommon & (
   | { readonly reason: 'shutdown' }
   | { readonly reason: 'reset' }
   | { readonly reason: 'debug-exit'; readonly code: number }
-  | { readonly reason: 'timeout' }
-  | { readonly reason: 'aborted' }
+  /**
+   * The time ran out (or the signal fired). `halted`: the vCPU sat in `hlt` waiting for an
+   * interrupt (in-kernel irqchip) rather than running — a guest waiting for an event that never
+   * came, not one spinning. `run()` always sets it.
+   */
+  | { readonly reason: 'timeout'; readonly halted?: boolean }
+  | { readonly reason: 'aborted'; readonly halted?: boolean }
   | { readonly reason: 'exception'; readonly vector: number; readonly errorCode: number | undefined; readonly faultRip: bigint; readonly cr2: bigint }
   | { readonly reason: 'unhandled-exit'; readonly kind: VcpuExit['kind']; readonly address: bigint | undefined; readonly exit: VcpuExit; readonly message: string }
   | { readonly reason: 'violation'; readonly violation: MonitorViolation }

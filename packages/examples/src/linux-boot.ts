@@ -186,6 +186,7 @@ export function describeStop(stop: Stop): string {
     case 'unhandled-exit': return `unhandled-exit: ${stop.message}`;
     case 'internal-error': return `internal-error: ${stop.message} at rip=0x${stop.rip.toString(16)}`;
     case 'exception': return `exception ${stop.vector} at rip=0x${stop.faultRip.toString(16)}`;
+    case 'timeout': return `timeout at rip=0x${stop.rip.toString(16)}${stop.halted ? ' (vCPU halted, waiting for an interrupt)' : ''}`;
     default: return `${stop.reason} at rip=0x${stop.rip.toString(16)}`;
   }
 }
