@@ -109,7 +109,7 @@ export class I8042 implements Device {
     ];
   }
 
-  /** Offset 0: data (the oldest output byte, else the last one again, as hardware). Offset 4: status. */
+  /** Offset 0: data (the oldest output byte, else 0). Offset 4: status. */
   read(offset: number, _size: AccessSize, _access?: Access): number {
     if (offset === 0) {
       const head = this.#output.shift();

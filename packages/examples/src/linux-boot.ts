@@ -21,7 +21,7 @@
  * @module
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { extractVmlinux, LEGACY_BIOS_HOLE, loadPvh, Machine, type Stop, writeAcpiTables, writeMpTable } from '@tsvm/core';
@@ -133,10 +133,14 @@ export function findOrFetchKernel(): string {
   mkdirSync(cache, { recursive: true });
   const work = join(tmpdir(), `tsvm-kernel-${process.pid}`);
   mkdirSync(work, { recursive: true });
-  sh('apt-get', ['download', '-qq', pkg], work);
-  const deb = readdirSync(work).find((n) => n.endsWith('.deb'));
-  if (deb === undefined) throw new Error(`apt-get download ${pkg} produced no .deb`);
-  sh('dpkg-deb', ['-x', join(work, deb), cache]);
+  try {
+    sh('apt-get', ['download', '-qq', pkg], work);
+    const deb = readdirSync(work).find((n) => n.endsWith('.deb'));
+    if (deb === undefined) throw new Error(`apt-get download ${pkg} produced no .deb`);
+    sh('dpkg-deb', ['-x', join(work, deb), cache]);
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
   const got = readdirSync(join(cache, 'boot')).find((n) => n.startsWith('vmlinuz-'));
   if (got === undefined) throw new Error(`${pkg} has no /boot/vmlinuz-*`);
   return join(cache, 'boot', got);
