@@ -512,7 +512,7 @@ export class Machine {
       try {
         exit = b.run();
       } catch (e) {
-        return { kind: 'stop', stop: { reason: 'backend-error', error: e instanceof TsvmError ? e : new TsvmError('TSVM_BACKEND', String(e), { cause: e }) } };
+        return { kind: 'stop', stop: backendError(e) };
       }
       const t1 = performance.now();
       const k = c.byKind[exit.kind];
@@ -546,7 +546,7 @@ export class Machine {
       try {
         vcpu.backend.faultInstruction(out.vector, out.errorCode);
       } catch (e) {
-        return { reason: 'backend-error', error: e instanceof TsvmError ? e : new TsvmError('TSVM_BACKEND', String(e), { cause: e }) };
+        return backendError(e);
       }
       return undefined;
     }
@@ -629,6 +629,11 @@ export class Machine {
   get backend(): Backend {
     return this.#backend;
   }
+}
+
+/** A `backend-error` stop for something the backend threw. */
+function backendError(e: unknown): StopRequest {
+  return { reason: 'backend-error', error: e instanceof TsvmError ? e : new TsvmError('TSVM_BACKEND', String(e), { cause: e }) };
 }
 
 function checkAddr(v: unknown, name: string): number {
