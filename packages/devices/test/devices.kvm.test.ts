@@ -44,6 +44,23 @@ async function machineWith(transport: (vm: Machine, irq: RecordingIrq) => Virtio
 }
 
 /** Deterministic entropy: a byte stream that continues across requests. */
+/**
+ * Collects the UART's output and, once the guest has printed `ready`, types `line` into it
+ * from a timer — input that arrives while the guest runs. Returns the output chunks.
+ */
+function typeWhenReady(uart: Uart16550, ready: string, line: string): Uint8Array[] {
+  const chunks: Uint8Array[] = [];
+  let injected = false;
+  uart.onOutput((b) => {
+    chunks.push(b);
+    if (!injected && latin1(chunks).includes(ready)) {
+      injected = true;
+      setTimeout(() => uart.receive(line), 1);
+    }
+  });
+  return chunks;
+}
+
 function countingSource(): { source: EntropySource; expected: (from: number, n: number) => Uint8Array } {
   const byte = (i: number) => (i * 37 + 11) & 0xff;
   let next = 0;
@@ -70,19 +87,10 @@ describe.skipIf(skip !== '')(`devices driven by guest code on KVM${skip ? ` (SKI
     it('16550 UART: the guest prints polling LSR.THRE and echoes a line the host injects while it runs', async () => {
       await using vm = await Machine.create({ memory: GUEST_MEMORY });
       const irq = new RecordingIrq(Uart16550.defaultIrq);
-      const chunks: Uint8Array[] = [];
       const uart = new Uart16550({ irq });
       // Longer than the 16-byte FIFO, so the host backlog refills it while the guest reads.
       const line = 'ping from the host: more than sixteen bytes\n';
-      let injected = false;
-      uart.onOutput((b) => {
-        chunks.push(b);
-        // Inject only once the guest says it is ready, from a timer: input arriving mid-run.
-        if (!injected && latin1(chunks).includes('ready\n')) {
-          injected = true;
-          setTimeout(() => uart.receive(line), 1);
-        }
-      });
+      const chunks = typeWhenReady(uart, 'ready\n', line);
       vm.attachDevice(uart);
       vm.attachDevice(new DebugExit());
       bootGuest(vm, guest('uart'));
@@ -281,17 +289,9 @@ describe.skipIf(skip !== '')(`devices driven by guest code on KVM${skip ? ` (SKI
   describe.skipIf(!IRQ_TEST)(`interrupts through the in-kernel irqchip${IRQ_TEST ? '' : ' (SKIPPED: TSVM_TEST_IRQ_GUEST=0)'}`, () => {
     it('a virtio used-buffer IRQ and COM1 receive IRQs wake a guest halted with sti; hlt', async () => {
       await using vm = await Machine.create({ memory: GUEST_MEMORY, irqchip: true });
-      const chunks: Uint8Array[] = [];
       const uart = new Uart16550({ irq: vm.irqLine(Uart16550.defaultIrq) });
       const line = 'typed while the guest sleeps\n';
-      let injected = false;
-      uart.onOutput((b) => {
-        chunks.push(b);
-        if (!injected && latin1(chunks).includes('irq-ready\n')) {
-          injected = true;
-          setTimeout(() => uart.receive(line), 1);
-        }
-      });
+      const chunks = typeWhenReady(uart, 'irq-ready\n', line);
       const entropy = countingSource();
       const mmio = new VirtioMmio({ device: new VirtioRng({ source: entropy.source }), memory: vm.memory, irq: vm.irqLine(5) });
       vm.attachDevice(uart);
