@@ -1,4 +1,11 @@
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { defineConfig } from 'vitest/config';
+
+// Every run gets its own calibration cache: a test must never see what a user's (or an
+// earlier run's) calibrate() measured, since which mechanism the monitor picks depends on it.
+process.env.TSVM_CACHE_DIR = mkdtempSync(join(tmpdir(), 'tsvm-test-cache-'));
 
 // Two projects: `unit` needs nothing but Node; `kvm` needs /dev/kvm and says loudly
 // (see packages/core/src/testing/kvm-gate.ts) when it skips because KVM is missing.

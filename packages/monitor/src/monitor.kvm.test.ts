@@ -7,7 +7,7 @@ import { asm, kvmAvailability } from '@tsvm/core/testing';
 import { Monitor } from './monitor.js';
 import { allow, deny } from './decisions.js';
 import { calibrate } from './calibration/calibrate.js';
-import { assumedTable, resultOf, MECHANISMS } from './calibration/table.js';
+import { assumedTable, priceOf, resultOf, MECHANISMS } from './calibration/table.js';
 import { hostIdentity } from './calibration/host.js';
 import { predict, report } from './cost/model.js';
 import { renderSvg, renderTable } from './cost/render.js';
@@ -38,7 +38,17 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
     expect(stop.reason).toBe('debug-exit');
     process.stderr.write(`[tsvm] exec hook at CPL${ring}: ${h.mechanism}\n`);
     expect(hits).toBe(50);
-    if (vm.capabilities.flavour === 'pvm') expect(h.mechanism).toBe('probe-breakpoint');
+    // The pick follows this run's own calibration: the cheapest breakpoint that works at this CPL.
+    const table = await hostTable();
+    const working = (['sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint'] as const)
+      .filter((id) => resultOf(table, id, ring).works && (id !== 'hw-breakpoint' || resultOf(table, 'single-step', ring).works))
+      .sort((a, b) => (priceOf(table, a, ring) ?? Infinity) - (priceOf(table, b, ring) ?? Infinity));
+    expect(h.mechanism).toBe(working[0]);
+    if (vm.capabilities.flavour === 'pvm') {
+      // HOST-FACTS: no guest-debug breakpoint works at CPL3 on PVM, and int3 never does.
+      expect(h.mechanism).not.toBe('sw-breakpoint');
+      if (ring === 3) expect(h.mechanism).toBe('probe-breakpoint');
+    }
     await vm.close();
   });
 

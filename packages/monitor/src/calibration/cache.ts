@@ -12,8 +12,15 @@ import { TsvmError } from '@tsvm/core';
 import { hostKey } from './host.js';
 import { MECHANISMS, type CalibrationTable, type HostIdentity, type MechanismResult } from './table.js';
 
-/** The default cache file. */
+/**
+ * The default cache file: `$TSVM_CACHE_DIR/calibration.json` when that is set (the test suite
+ * sets it to a fresh directory per run, so no test reads what a user's or an earlier run's
+ * `calibrate()` left behind), else `$XDG_CACHE_HOME/tsvm/calibration.json`, else
+ * `~/.cache/tsvm/calibration.json`.
+ */
 export function defaultCachePath(): string {
+  const own = process.env['TSVM_CACHE_DIR'];
+  if (own) return join(own, 'calibration.json');
   const base = process.env['XDG_CACHE_HOME'] || join(homedir(), '.cache');
   return join(base, 'tsvm', 'calibration.json');
 }
