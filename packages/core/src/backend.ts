@@ -7,6 +7,7 @@
 import type { CoalescedEntry, CpuidEntry, MsrEntry, Regs, Sregs } from '@tsvm/kvm-backend';
 import type { HostMemory } from './memory.js';
 import type { VcpuExit } from './exits.js';
+import type { IoRipBehaviour } from './cpu/io-rip.js';
 
 export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from '@tsvm/kvm-backend';
 
@@ -37,6 +38,12 @@ export interface HostCapabilities {
   readonly eventfds: boolean;
   /** Maximum number of memslots. */
   readonly maxMemslots: number;
+  /**
+   * Where RIP is at a port-I/O exit, per instruction form: learned by running each form once
+   * when the backend opens (see `probeIoRip`), because flavours differ (PVM completes an `out`
+   * before exiting, VMX/SVM do not) and `kvm_run` does not say.
+   */
+  readonly ioExitRip: IoRipBehaviour;
 }
 
 /** Options for creating a VM. */
@@ -89,10 +96,11 @@ export interface BackendVcpu {
   completeRead(data: Uint8Array): void;
   /**
    * Abandons the pending I/O or MMIO exit and raises exception `vector` (with `errorCode`) on
-   * the instruction that caused it: the access has no effect and the guest's handler sees the
+   * the instruction that caused it, at `rip` (the caller derives it: on some flavours RIP has
+   * already moved past an `out`): the access has no effect and the guest's handler sees the
    * faulting RIP.
    */
-  faultInstruction(vector: number, errorCode?: number): void;
+  faultInstruction(vector: number, errorCode: number | undefined, rip: bigint): void;
   /** Supplies the result of an MSR exit before the next `run()`. */
   completeMsr(data: bigint, error: boolean): void;
   /** Starts a time slice: `run()` returns an `intr` exit at most `ns` later. */

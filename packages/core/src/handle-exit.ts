@@ -138,7 +138,7 @@ function applyDecision(exit: VcpuExit, ctx: ExitContext, hook: ExitHook, d: Hook
     }
     const address = exitAddress(exit);
     let rip: bigint | undefined;
-    try { rip = ctx.info.rip(); } catch { /* registers unavailable: leave it out */ }
+    try { rip = ctx.info.instructionRip(); } catch { /* registers unavailable: leave it out */ }
     const violation = new MonitorViolation(exit.kind, `${describeExit(exit)} denied by hook '${hook.name}'${d.reason ? `: ${d.reason}` : ''}`, {
       ...(address !== undefined ? { address } : {}),
       ...(rip !== undefined ? { rip } : {}),

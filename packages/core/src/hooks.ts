@@ -32,8 +32,15 @@ export interface HookInfo {
   readonly vcpu: number;
   /** Sequence number of this exit in the machine's life. */
   readonly seq: number;
-  /** Reads the guest RIP (one ioctl; call only when needed). */
+  /** Reads the guest's RIP register now (one ioctl; call only when needed). */
   rip(): bigint;
+  /**
+   * The address of the instruction that caused this exit, on every KVM flavour: for port I/O
+   * RIP may already be past an `out` (PVM), so it is derived from the host's learned
+   * `capabilities.ioExitRip` and the guest's code bytes; for other exits it is `rip()`.
+   * A few ioctls; call only when needed.
+   */
+  instructionRip(): bigint;
 }
 
 /** A hook on the exit path. */

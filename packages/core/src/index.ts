@@ -30,6 +30,13 @@ export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilitie
 export { KvmBackend, kvmBackend } from './backend/kvm.js';
 export * from './loaders/index.js';
 export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';
+export { translateVirtual, bitnessOf, linearRip } from './cpu/paging.js';
+export {
+  accessingInstruction, decodeIoInstruction, movesRip, IO_INSTRUCTION_CLASSES, RIP_ON_INSTRUCTION,
+  type IoInstruction, type IoInstructionClass, type IoRipBehaviour, type IoRipRule, type IoCpuView,
+} from './cpu/io-rip.js';
+export { instructionRipOf, readCodeBytes } from './cpu/exit-rip.js';
+export { probeIoRip, type IoRipProbeResult } from './backend/io-rip-probe.js';
 export {
   TsvmError, KvmError, KvmUnavailableError, errnoName, InvalidArgumentError, GuestMemoryError, StateError,
   SnapshotFormatError, ImageFormatError, MonitorViolation,

@@ -4,6 +4,7 @@ import { MockBackend, inExit, mmioExit, outExit } from './testing/mock.js';
 import { GuestMemoryError, InvalidArgumentError, StateError, TsvmError } from './errors.js';
 import type { ExitHook } from './hooks.js';
 import { EXCEPTION_PORT, SEL } from './cpu/x86.js';
+import { RIP_ON_INSTRUCTION } from './cpu/io-rip.js';
 
 const MiB = 1024 * 1024;
 
@@ -184,9 +185,31 @@ describe('hooks on the exit path', () => {
     vm.addHook(hook({ name: 'gp', matches: (e) => e.kind === 'io' || e.kind === 'mmio', handle: () => ({ verdict: 'deny', effect: 'gp' }) }));
     const stop = await vm.run();
     expect(stop.reason).toBe('halt');
-    expect(vcpu.faults).toEqual([{ vector: 13, errorCode: 0 }, { vector: 13, errorCode: 0 }]);
+    expect(vcpu.faults).toEqual([{ vector: 13, errorCode: 0, rip: 0xfff0n }, { vector: 13, errorCode: 0, rip: 0xfff0n }]);
     expect(vcpu.reads).toEqual([]);
     expect(deviceSaw).toBe(0);
+    await vm.close();
+  });
+
+  it("on a host that completes `out` before exiting (PVM), deny 'gp', the violation and the stop all name the `out`, not RIP", async () => {
+    const after = { ...RIP_ON_INSTRUCTION, 'out-imm': 'after', 'out-dx': 'after', outs: 'after' } as const;
+    const backend = new MockBackend({ ioExitRip: after });
+    // Real mode at 0:0x1000: mov al, 0x41 (b0 41) ; out dx, al (ee) ; out 0x80, al (e6 80).
+    // The byte before `ee` is 0x41, which looks like a REX prefix: the shortest match wins.
+    const script = backend.script(
+      (v) => { v.regs = { ...v.regs, rip: 0x1003n, rdx: 0x3f8n }; return outExit(0x3f8, 0x41); },
+      (v) => { v.regs = { ...v.regs, rip: 0x1005n }; return outExit(0x80, 0x41); },
+    );
+    script.sregs.cs.base = 0n;
+    const vm = await Machine.create({ memory: 2 * MiB, backend });
+    vm.memory.write(0x1000, Uint8Array.of(0xb0, 0x41, 0xee, 0xe6, 0x80, 0xf4));
+    vm.io.register({ port: 0x3f8, size: 1 }, { name: 'uart', write: () => {} });
+    vm.addHook(hook({ name: 'gp', matches: (e) => e.kind === 'io' && e.port === 0x3f8, handle: () => ({ verdict: 'deny', effect: 'gp' }) }));
+    vm.addHook(hook({ name: 'stop', matches: (e) => e.kind === 'io' && e.port === 0x80, handle: () => ({ verdict: 'deny' }) }));
+    const stop = await vm.run();
+    expect(script.faults).toEqual([{ vector: 13, errorCode: 0, rip: 0x1002n }]);
+    expect(stop).toMatchObject({ reason: 'violation', rip: 0x1003n });
+    if (stop.reason === 'violation') expect(stop.violation.rip).toBe(0x1003n);
     await vm.close();
   });
 

@@ -19,6 +19,7 @@ import type { Stop, StopRequest } from './stop.js';
 import { Vcpu } from './vcpu.js';
 import { EXCEPTION_PORT, SYSTEM_AREA_SIZE, VECTORS_WITH_ERROR_CODE, setupCpu, type CpuMode } from './cpu/x86.js';
 import type { EntryState } from './loaders/bootinfo.js';
+import { instructionRipOf } from './cpu/exit-rip.js';
 
 /** A memory region to create. */
 export interface RegionOptions {
@@ -125,6 +126,8 @@ export class Machine {
   #running = false;
   #closed = false;
   #seq = 0;
+  /** The exit being handled (undefined between exits): what `instructionRip()` explains. */
+  #exit: VcpuExit | undefined;
   #systemArea: number | undefined;
   #mode: CpuMode = 'real';
 
@@ -490,7 +493,11 @@ export class Machine {
   }
 
   #hookContext(vcpu: Vcpu): ExitContext {
-    const info: HookInfo = { vcpu: vcpu.id, seq: this.#seq, rip: () => vcpu.backend.getRegs().rip };
+    const info: HookInfo = {
+      vcpu: vcpu.id, seq: this.#seq,
+      rip: () => vcpu.backend.getRegs().rip,
+      instructionRip: () => this.#instructionRip(vcpu),
+    };
     return {
       pio: this.io, mmio: this.mmio,
       mediate: this.#hooks.filter((h) => h.mode === 'mediate'),
@@ -498,6 +505,11 @@ export class Machine {
       hookStats: this.#hookStats,
       get info() { return info; },
     };
+  }
+
+  /** The instruction that caused the exit being handled (see `HookInfo.instructionRip`). */
+  #instructionRip(vcpu: Vcpu): bigint {
+    return instructionRipOf(this.#exit, vcpu.backend, this.memory, this.capabilities.ioExitRip);
   }
 
   /** One time slice: a synchronous exit loop (no awaits, so the slice timer stays ours). */
@@ -509,6 +521,7 @@ export class Machine {
     for (;;) {
       const t0 = performance.now();
       let exit: VcpuExit;
+      this.#exit = undefined;
       try {
         exit = b.run();
       } catch (e) {
@@ -525,6 +538,7 @@ export class Machine {
         const s = this.#drainCoalesced(vcpu, ctx);
         if (s) return { kind: 'stop', stop: s };
       }
+      this.#exit = exit;
       if (exit.kind === 'intr') {
         k.handleNs += (performance.now() - t1) * 1e6;
         // With an in-kernel irqchip `hlt` never exits: a halted vCPU with IF=0 can never wake.
@@ -544,7 +558,7 @@ export class Machine {
     if (out.action === 'stop') return out.stop;
     if (out.action === 'fault') {
       try {
-        vcpu.backend.faultInstruction(out.vector, out.errorCode);
+        vcpu.backend.faultInstruction(out.vector, out.errorCode, this.#instructionRip(vcpu));
       } catch (e) {
         return backendError(e);
       }
@@ -574,7 +588,8 @@ export class Machine {
     let req = stop;
     try {
       const regs = vcpu.backend.getRegs();
-      rip = regs.rip;
+      // A stop an exit caused names the instruction behind it, the same on every flavour.
+      rip = req.reason === 'timeout' || req.reason === 'aborted' ? regs.rip : this.#instructionRip(vcpu);
       if (req.reason === 'timeout' || req.reason === 'aborted') {
         req = { ...req, halted: this.irqchip && vcpu.backend.isHalted() };
       }

@@ -8,7 +8,11 @@ import type { MonitorViolation, TsvmError } from './errors.js';
 
 /** Fields every {@link Stop} has. */
 export interface StopCommon {
-  /** Guest RIP when the machine stopped (after the instruction that caused it, for I/O). */
+  /**
+   * Where the guest stopped: for a stop an exit caused, the address of the instruction behind
+   * that exit, on every KVM flavour (an `out` itself, although PVM has already moved RIP past
+   * it); for `timeout` and `aborted`, RIP at that moment.
+   */
   readonly rip: bigint;
   /** vCPU that stopped. */
   readonly vcpu: number;

@@ -32,7 +32,8 @@ export { PatchBreakpoints, PROBE_PORT, type TrapKind, type BreakpointTarget, typ
 export { DebugUnit, GUESTDBG, type DebugCause, type DebugTarget } from './debug-unit.js';
 export { RegionFlags, dirtyPageAddresses } from './write-watch.js';
 export { formatInstructionAt, formatIoInstructionBefore, decodeBytes, successors, readCode, type DecodedInstruction, type Successors, type MachineView, type ReadPointer } from './decode.js';
-export { translateVirtual, bitnessOf, linearRip } from './paging.js';
+/** Re-exported from `@tsvm/core` (where the page walk lives since the I/O-exit RIP helper needs it). */
+export { translateVirtual, bitnessOf, linearRip } from '@tsvm/core';
 export { compilePolicy, applyPolicy, type Policy, type PolicyRule, type RuleEvent, type CompiledRule, type JsonInt } from './policy.js';
 export { AuditLog, verifyAuditLog, DECISION_CHANNEL, decisionChannel, GENESIS, type AuditEntry, type AuditLine, type AuditSink, type AuditVerification } from './audit.js';
 export { MECHANISMS, assumedTable, priceOf, resultOf, type CalibrationTable, type MechanismId, type MechanismResult, type HostIdentity, type Cpl } from './calibration/table.js';

@@ -18,7 +18,7 @@ import { deny } from './decisions.js';
 import { callObserve, hookContext, runMediators, thenDecision, whereIs, type HookRecord, type PipelineEnv } from './records.js';
 import { PROBE_PORT, type PatchBreakpoints } from './probe.js';
 import type { DebugUnit } from './debug-unit.js';
-import { bitnessOf, linearRip } from './paging.js';
+import { bitnessOf, linearRip } from '@tsvm/core';
 
 const RESUME: HookDecision = { verdict: 'emulate', value: 0 };
 
@@ -88,13 +88,11 @@ export function probeHook(env: InternalEnv): ExitHook {
       const engine = env.probe();
       if (!engine) return undefined;
       const vcpu = env.machine.vcpu(info.vcpu);
-      // KVM leaves RIP at the `out` until the next KVM_RUN completes it (a backend that reports
-      // RIP after the 2-byte instruction is handled too).
-      const rip = info.rip();
+      // The probe's own `out`: where it is comes from core's one helper (on PVM RIP is already
+      // past it, on VMX/SVM on it).
+      const trapRip = info.instructionRip();
       const sregs = vcpu.getSregs();
-      let trapRip = rip;
-      let r = engine.onTrap(linearRip(sregs, rip), rip, info.seq);
-      if (!r.ours) { trapRip = rip - 2n; r = engine.onTrap(linearRip(sregs, trapRip), trapRip, info.seq); }
+      const r = engine.onTrap(linearRip(sregs, trapRip), trapRip, info.seq);
       if (!r.ours) return undefined;
       return r.hit ? execHit(env, r.hit.physical, trapRip, exit, info) : RESUME;
     },
@@ -182,7 +180,7 @@ export function denyByDefaultHook(machine: Machine): ExitHook {
         default: return false;
       }
     },
-    handle: (exit) => deny({ reason: `deny by default: no device or hook handles ${describeExit(exit)} — ${whereIs(machine, exit)}` }),
+    handle: (exit, info) => deny({ reason: `deny by default: no device or hook handles ${describeExit(exit)} — ${whereIs(machine, info)}` }),
   };
 }
 

@@ -20,7 +20,7 @@
  */
 import type { GuestMemory, Regs, Sregs } from '@tsvm/core';
 import { readCode, successors } from './decode.js';
-import { bitnessOf, linearRip, translateVirtual } from './paging.js';
+import { bitnessOf, linearRip, translateVirtual } from '@tsvm/core';
 
 /** Reserved port of the probe trap (`out 0xe5, al`). */
 export const PROBE_PORT = 0xe5;

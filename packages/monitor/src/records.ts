@@ -7,11 +7,11 @@
 import type { ExitHook, HookDecision, HookInfo, Machine, VcpuExit } from '@tsvm/core';
 import { decisionChannel, type AuditLog } from './audit.js';
 import type { Decision, HookContext, MediateFn, ObserveFn } from './decisions.js';
-import { formatInstructionAt, formatIoInstructionBefore } from './decode.js';
+import { formatInstructionAt } from './decode.js';
 import type { MonitorEvent, NormalSpec } from './events.js';
 import type { Selection } from './mechanisms.js';
 import type { Cpl } from './calibration/table.js';
-import { bitnessOf, linearRip, translateVirtual } from './paging.js';
+import { bitnessOf, linearRip, translateVirtual } from '@tsvm/core';
 
 /** A hook registered with a monitor. */
 export interface HookRecord {
@@ -55,7 +55,7 @@ const ALLOW: Decision = { verdict: 'allow' };
 export function hookContext(machine: Machine, exit: VcpuExit | undefined, info: HookInfo | undefined): HookContext {
   return {
     machine, vcpu: info?.vcpu ?? 0, seq: info?.seq ?? 0, exit,
-    rip: () => (info ? info.rip() : machine.vcpu(0).getRegs().rip),
+    rip: () => (info ? info.instructionRip() : machine.vcpu(0).getRegs().rip),
   };
 }
 
@@ -81,20 +81,17 @@ function eventAddress(ev: MonitorEvent): bigint | number | undefined {
   }
 }
 
-/** Where the guest is, with the instruction, for deny messages: `RIP 0x1005 after 0x1004: out dx,al [ee]`. */
-export function whereIs(machine: Machine, exit: VcpuExit | undefined, at?: bigint): string {
+/** Where the guest is, with the instruction, for deny messages: `RIP 0x1004: out dx,al [ee]`. */
+export function whereIs(machine: Machine, info: HookInfo | undefined, at?: bigint): string {
   try {
     const vcpu = machine.vcpu(0);
-    // Exec events know their instruction (RIP may already point at a probe trampoline).
-    const rip = at ?? vcpu.getRegs().rip;
+    // Exec events know their instruction (RIP may already point at a probe trampoline); any
+    // other exit's instruction comes from core's helper, right on every flavour.
+    const rip = at ?? (info ? info.instructionRip() : vcpu.getRegs().rip);
     const sregs = vcpu.getSregs();
     const bits = bitnessOf(sregs);
     const pa = translateVirtual(machine.memory, sregs, linearRip(sregs, rip));
     if (pa === undefined) return `RIP 0x${rip.toString(16)} (code not mapped)`;
-    if (exit?.kind === 'io') {
-      const before = formatIoInstructionBefore(machine.memory, rip, pa, bits);
-      if (before) return `RIP 0x${rip.toString(16)}, after ${before}`;
-    }
     return `RIP ${formatInstructionAt(machine.memory, rip, bits, { physical: pa })}`;
   } catch {
     return 'RIP unavailable';
@@ -108,11 +105,11 @@ export function whereIs(machine: Machine, exit: VcpuExit | undefined, at?: bigin
 export function settle(env: PipelineEnv, rec: HookRecord, ev: MonitorEvent, raw: unknown, exit: VcpuExit | undefined, info: HookInfo | undefined): Decision {
   let d = checkDecision(raw, rec.name);
   rec.verdicts[d.verdict]++;
-  if (d.verdict === 'deny') d = { ...d, reason: `${d.reason ?? 'denied'} — ${whereIs(env.machine, ev.event === 'exec' ? undefined : exit, ev.event === 'exec' ? ev.rip : undefined)}` };
+  if (d.verdict === 'deny') d = { ...d, reason: `${d.reason ?? 'denied'} — ${whereIs(env.machine, info, ev.event === 'exec' ? ev.rip : undefined)}` };
   if (env.audit || decisionChannel.hasSubscribers) {
     const addr = eventAddress(ev);
     const entry = {
-      machine: env.machine.name, vcpu: info?.vcpu ?? 0, rip: `0x${(info ? info.rip() : 0n).toString(16)}`, event: ev.event,
+      machine: env.machine.name, vcpu: info?.vcpu ?? 0, rip: `0x${(info ? (ev.event === 'exec' ? ev.rip : info.instructionRip()) : 0n).toString(16)}`, event: ev.event,
       address: addr === undefined ? null : `0x${addr.toString(16)}`, hook: rec.name, decision: d.verdict,
       ...(d.verdict === 'deny' ? { effect: d.effect ?? 'stop', ...(d.reason ? { reason: d.reason } : {}) } : {}),
       ...(d.verdict === 'emulate' ? { value: `0x${BigInt(d.value).toString(16)}` } : {}),

@@ -12,6 +12,8 @@ import {
 import type { Backend, BackendVcpu, BackendVm, BackendVmOptions, HostCapabilities, VirtFlavour } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
+import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
+import { probeIoRip, type IoRipProbeResult } from './io-rip-probe.js';
 
 const EMPTY = new Uint8Array(0);
 
@@ -40,6 +42,8 @@ export class KvmBackend implements Backend {
   readonly capabilities: HostCapabilities;
   /** The open `/dev/kvm`. */
   readonly system: KvmSystem;
+  /** What the I/O-exit RIP probe found when this backend opened (`capabilities.ioExitRip`). */
+  readonly ioRipProbe: IoRipProbeResult;
   #cpuid: CpuidEntry[] | undefined;
 
   /** Opens `/dev/kvm` (throws `KvmUnavailableError` with a reason). */
@@ -58,7 +62,11 @@ export class KvmBackend implements Backend {
       immediateExit: s.has('IMMEDIATE_EXIT'),
       eventfds: s.has('IOEVENTFD') && s.has('IRQFD'),
       maxMemslots: s.has('NR_MEMSLOTS') ? s.checkExtension(KVM_CAP.NR_MEMSLOTS) : 32,
+      ioExitRip: RIP_ON_INSTRUCTION,
     };
+    // Learned, not assumed: the probe VM runs on this very backend (it needs only createVm).
+    this.ioRipProbe = probeIoRip(this);
+    this.capabilities = { ...this.capabilities, ioExitRip: this.ioRipProbe.behaviour };
   }
 
   /**
@@ -267,12 +275,13 @@ class KvmBackendVcpu implements BackendVcpu {
     }
   }
 
-  faultInstruction(vector: number, errorCode?: number): void {
-    // At an I/O or MMIO exit RIP still points at the instruction; KVM finishes (and skips)
-    // it only inside the next KVM_RUN. Let it finish without running anything else, then
-    // put every register back — RIP onto the instruction, RAX as before an `in` — and queue
-    // the exception, so the guest sees a fault *on* the access and the access had no effect.
-    const regs = this.#v.getRegs();
+  faultInstruction(vector: number, errorCode: number | undefined, rip: bigint): void {
+    // KVM finishes (and skips) a pending I/O or MMIO access inside the next KVM_RUN (on PVM it
+    // has already finished an `out`, so RIP is past it). Let it finish without running
+    // anything else, then put every register back — RIP onto the accessing instruction (which
+    // the caller derived for this flavour), RAX as before an `in` — and queue the exception,
+    // so the guest sees a fault *on* the access and the access had no effect.
+    const regs = { ...this.#v.getRegs(), rip };
     if (this.#pendingIo) this.#v.runBytes.fill(0xff, this.#pendingIo.offset, this.#pendingIo.offset + this.#pendingIo.length);
     this.#pendingIo = undefined;
     this.#pendingMmio = false;

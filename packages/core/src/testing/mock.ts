@@ -7,6 +7,7 @@
 import type { Backend, BackendVcpu, BackendVm, CoalescedEntry, CpuidEntry, HostCapabilities, MsrEntry, Regs, Sregs } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
+import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
 
 /** One scripted step: an exit, or a function computing it from the mock vCPU. */
 export type MockStep = VcpuExit | ((vcpu: MockVcpu) => VcpuExit);
@@ -22,7 +23,7 @@ export class MockVcpu implements BackendVcpu {
   /** Data supplied for reads, in order. */
   readonly reads: Uint8Array[] = [];
   /** Exceptions raised with `faultInstruction`, in order. */
-  readonly faults: Array<{ vector: number; errorCode: number | undefined }> = [];
+  readonly faults: Array<{ vector: number; errorCode: number | undefined; rip: bigint }> = [];
   /** MSR completions, in order. */
   readonly msrs: Array<{ data: bigint; error: boolean }> = [];
   /** Coalesced entries returned by the next drain. */
@@ -66,7 +67,7 @@ export class MockVcpu implements BackendVcpu {
 
   completeRead(data: Uint8Array): void { this.reads.push(data.slice()); }
   completeMsr(data: bigint, error: boolean): void { this.msrs.push({ data, error }); }
-  faultInstruction(vector: number, errorCode?: number): void { this.faults.push({ vector, errorCode }); }
+  faultInstruction(vector: number, errorCode: number | undefined, rip: bigint): void { this.faults.push({ vector, errorCode, rip }); }
   beginSlice(): void { this.slices++; }
   endSlice(): void { /* nothing to disarm */ }
   getRegs(): Regs { return { ...this.regs }; }
@@ -134,7 +135,10 @@ export class MockVm implements BackendVm {
 export class MockBackend implements Backend {
   /** Always `'mock'`. */
   readonly name = 'mock';
-  /** Capabilities (all on by default; override in the constructor). */
+  /**
+   * Capabilities (all on by default, RIP on the instruction at I/O exits as on VMX/SVM;
+   * override in the constructor, e.g. `ioExitRip` to act like PVM).
+   */
   readonly capabilities: HostCapabilities;
   /** VMs created. */
   readonly vms: MockVm[] = [];
@@ -145,7 +149,8 @@ export class MockBackend implements Backend {
   constructor(caps: Partial<HostCapabilities> = {}) {
     this.capabilities = {
       flavour: 'mock', readonlyMemory: true, coalescedMmio: true, coalescedPio: true, irqchip: true, userSpaceMsr: true,
-      guestDebug: true, dirtyLogRing: false, immediateExit: true, eventfds: false, maxMemslots: 32, ...caps,
+      guestDebug: true, dirtyLogRing: false, immediateExit: true, eventfds: false, maxMemslots: 32,
+      ioExitRip: RIP_ON_INSTRUCTION, ...caps,
     };
   }
 

@@ -5,7 +5,8 @@
  * `GuestMemory`, so a garbage CR3 yields `undefined`, never an out-of-bounds read.
  * @module
  */
-import type { GuestMemory, Sregs } from '@tsvm/core';
+import type { GuestMemory } from '../memory.js';
+import type { Sregs } from '../backend.js';
 
 const CR0_PG = 1n << 31n, CR4_PSE = 1n << 4n, CR4_PAE = 1n << 5n, EFER_LMA = 1n << 10n;
 const PRESENT = 1n, PS = 1n << 7n;
