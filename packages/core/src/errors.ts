@@ -23,6 +23,25 @@ export class InvalidArgumentError extends TsvmError {
   }
 }
 
+/**
+ * A hook failed on the exit path: thrown by a dispatcher (such as the monitor's) that runs
+ * several user hooks behind one core hook, so the `hook-error` stop names the user's hook, not
+ * the dispatcher. `cause` is what the hook threw.
+ */
+export class HookFailure extends TsvmError {
+  /** Name of the hook that failed. */
+  readonly hook: string;
+
+  /**
+   * @param hook - the failing hook's name.
+   * @param cause - what it threw (or why its decision was rejected).
+   */
+  constructor(hook: string, cause: unknown) {
+    super('TSVM_HOOK_FAILED', `hook '${hook}' failed: ${cause instanceof Error ? cause.message : String(cause)}`, { cause });
+    this.hook = hook;
+  }
+}
+
 /** A guest-physical access fell outside guest RAM, straddled a hole, or overflowed. */
 export class GuestMemoryError extends TsvmError {
   /** First guest-physical address of the rejected access. */

@@ -15,6 +15,11 @@ export interface IoExit {
   readonly count: number;
   /** Bytes written by the guest (empty for `in`). */
   readonly data: Uint8Array;
+  /**
+   * A write from the coalesced ring, delivered at a later exit or slice end: it already
+   * happened, mediate hooks never see it, and it carries no RIP of its own.
+   */
+  readonly late?: true;
 }
 
 /** MMIO exit: an access to guest-physical memory with no RAM behind it (or a read-only slot write). */
@@ -26,6 +31,8 @@ export interface MmioExit {
   readonly size: number;
   /** Bytes written by the guest (empty for reads). */
   readonly data: Uint8Array;
+  /** A write from the coalesced ring, delivered late (see {@link IoExit.late}). */
+  readonly late?: true;
 }
 
 /** The guest executed `hlt` (without an in-kernel irqchip) or is halted with nothing to wake it. */

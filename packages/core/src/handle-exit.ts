@@ -9,8 +9,9 @@ import type { Bus } from './bus.js';
 import type { Access, AccessSize, DeviceStopRequest } from './device.js';
 import { describeExit, exitValue, type IoExit, type MmioExit, type VcpuExit } from './exits.js';
 import type { ExitHook, HookDecision, HookInfo, HookStats } from './hooks.js';
-import { MonitorViolation } from './errors.js';
+import { HookFailure, MonitorViolation } from './errors.js';
 import type { StopRequest } from './stop.js';
+import type { GuestMemory } from './memory.js';
 
 /** Everything {@link handleExit} needs. */
 export interface ExitContext {
@@ -26,6 +27,12 @@ export interface ExitContext {
   readonly hookStats?: Map<ExitHook, HookStats>;
   /** Facts for hooks. */
   readonly info: HookInfo;
+  /** Guest RAM: an allowed store to a read-only region (a write-watched page) is written through. */
+  readonly memory?: GuestMemory;
+  /** The vCPU's MSRs: an allowed intercepted `rdmsr`/`wrmsr` passes through to them. */
+  readonly msrs?: { read(index: number): bigint; write(index: number, data: bigint): void };
+  /** Adds an explanation (e.g. the instruction at RIP) to an unhandled-exit stop. */
+  readonly explain?: (exit: VcpuExit, info: HookInfo) => string | undefined;
 }
 
 /** What the run loop must do after an exit. */
@@ -40,6 +47,13 @@ export type ExitOutcome =
   | { readonly action: 'async'; readonly outcome: Promise<ExitOutcome> };
 
 const now = (): number => performance.now();
+
+/** A `hook-error` stop; a {@link HookFailure} names the user hook behind a dispatcher. */
+function hookError(hook: ExitHook, error: unknown): ExitOutcome {
+  return error instanceof HookFailure
+    ? { action: 'stop', stop: { reason: 'hook-error', hook: error.hook, error: error.cause } }
+    : { action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } };
+}
 
 function timed(hook: ExitHook, ctx: ExitContext, exit: VcpuExit): HookDecision | Promise<HookDecision> | void {
   const st = ctx.hookStats;
@@ -79,8 +93,9 @@ function le(value: number | bigint, bytes: number): Uint8Array {
 /**
  * Handles one exit. Returns what the loop must do; never throws for guest-controlled input.
  */
-export function handleExit(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
-  // 1. Mediate hooks, in order. First deny wins; emulate supplies the value.
+export function handleExit(exit: VcpuExit, ctx: ExitContext, allowed = false): ExitOutcome {
+  // 1. Mediate hooks, in order. First deny wins; emulate supplies the value; an explicit
+  //    allow lets core's defaults (MSR pass-through, write-through to watched RAM) apply.
   for (let i = 0; i < ctx.mediate.length; i++) {
     const hook = ctx.mediate[i] as ExitHook;
     if (!hook.matches(exit)) continue;
@@ -88,23 +103,24 @@ export function handleExit(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
     try {
       d = timed(hook, ctx, exit);
     } catch (error) {
-      return { action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } };
+      return hookError(hook, error);
     }
     if (d instanceof Promise) {
       const rest = ctx.mediate.slice(i + 1);
       return {
         action: 'async',
         outcome: d.then(
-          (dec) => applyDecision(exit, ctx, hook, dec) ?? handleExit(exit, { ...ctx, mediate: rest }),
-          (error: unknown) => ({ action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } }) as ExitOutcome,
+          (dec) => applyDecision(exit, ctx, hook, dec) ?? handleExit(exit, { ...ctx, mediate: rest }, allowed || dec?.verdict === 'allow'),
+          (error: unknown) => hookError(hook, error),
         ),
       };
     }
     const out = applyDecision(exit, ctx, hook, d ?? undefined);
     if (out) return out;
+    if (d?.verdict === 'allow') allowed = true;
   }
   // 2. The device / default handling.
-  const out = dispatch(exit, ctx);
+  const out = dispatch(exit, ctx, allowed);
   // 3. Observe hooks: they cannot change the outcome, but a throwing observer stops the machine.
   return observe(exit, ctx, out);
 }
@@ -115,7 +131,7 @@ function observe(exit: VcpuExit, ctx: ExitContext, out: ExitOutcome): ExitOutcom
     try {
       timed(hook, ctx, exit);
     } catch (error) {
-      return { action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } };
+      return hookError(hook, error);
     }
   }
   return out;
@@ -161,14 +177,37 @@ function repeat(unit: Uint8Array, count: number): Uint8Array {
   return out;
 }
 
-function unhandled(exit: VcpuExit, why: string): ExitOutcome {
-  return { action: 'stop', stop: { reason: 'unhandled-exit', kind: exit.kind, address: exitAddress(exit), exit, message: `${describeExit(exit)}: ${why}` } };
+function unhandled(exit: VcpuExit, why: string, ctx?: ExitContext): ExitOutcome {
+  let extra: string | undefined;
+  try { extra = ctx?.explain?.(exit, ctx.info); } catch { /* an explanation is optional */ }
+  return { action: 'stop', stop: { reason: 'unhandled-exit', kind: exit.kind, address: exitAddress(exit), exit, message: `${describeExit(exit)}: ${why}${extra ? ` — ${extra}` : ''}` } };
 }
 
-function dispatch(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
+/** An intercepted MSR access a mediate hook explicitly allowed: it happens on the vCPU. */
+function passMsr(exit: Extract<VcpuExit, { kind: 'msr' }>, ctx: ExitContext): ExitOutcome {
+  const msrs = ctx.msrs;
+  if (!msrs) return unhandled(exit, 'allowed, but this context cannot reach the vCPU\'s MSRs', ctx);
+  try {
+    if (exit.direction === 'write') { msrs.write(exit.index, exit.data); return { action: 'resume', msr: { data: 0n, error: false } }; }
+    return { action: 'resume', msr: { data: msrs.read(exit.index), error: false } };
+  } catch {
+    // KVM refused the MSR: what hardware does for an MSR it does not have.
+    return { action: 'resume', msr: { data: 0n, error: true } };
+  }
+}
+
+/** A guest store to read-only RAM (a write-watched page) that a mediate hook explicitly allowed. */
+function writeThrough(exit: MmioExit, ctx: ExitContext): ExitOutcome | undefined {
+  const mem = ctx.memory;
+  if (!exit.isWrite || !mem || !mem.contains(exit.address, exit.size)) return undefined;
+  mem.write(exit.address, exit.data.subarray(0, exit.size));
+  return { action: 'resume' };
+}
+
+function dispatch(exit: VcpuExit, ctx: ExitContext, allowed: boolean): ExitOutcome {
   switch (exit.kind) {
     case 'io': return dispatchIo(exit, ctx);
-    case 'mmio': return dispatchMmio(exit, ctx);
+    case 'mmio': return (allowed ? writeThrough(exit, ctx) : undefined) ?? dispatchMmio(exit, ctx);
     case 'hlt': return { action: 'stop', stop: { reason: 'halt' } };
     case 'shutdown': return { action: 'stop', stop: { reason: 'shutdown' } };
     case 'system-event':
@@ -179,8 +218,10 @@ function dispatch(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
       return { action: 'stop', stop: { reason: 'fail-entry', hardwareReason: exit.reason } };
     case 'intr':
       return { action: 'resume' };
-    case 'msr': case 'debug': case 'hypercall': case 'exception': case 'unsupported':
-      return unhandled(exit, 'no hook or device handles it (deny by default)');
+    case 'msr':
+      return allowed ? passMsr(exit, ctx) : unhandled(exit, 'no hook or device handles it (deny by default)', ctx);
+    case 'debug': case 'hypercall': case 'exception': case 'unsupported':
+      return unhandled(exit, 'no hook or device handles it (deny by default)', ctx);
     default: {
       const never: never = exit;
       return unhandled(never, 'unknown exit');
@@ -208,7 +249,7 @@ function deviceStop(req: DeviceStopRequest): StopRequest {
 
 function dispatchIo(exit: IoExit, ctx: ExitContext): ExitOutcome {
   const entry = ctx.pio.find(BigInt(exit.port), exit.size);
-  if (!entry) return unhandled(exit, 'no device at this port (deny by default)');
+  if (!entry) return unhandled(exit, 'no device at this port (deny by default)', ctx);
   const dev = entry.device;
   const offset = exit.port - Number(entry.start);
   const access = new AccessState(BigInt(exit.port), 'pio', ctx.info.vcpu);
@@ -229,7 +270,7 @@ function dispatchIo(exit: IoExit, ctx: ExitContext): ExitOutcome {
 
 function dispatchMmio(exit: MmioExit, ctx: ExitContext): ExitOutcome {
   const entry = ctx.mmio.find(exit.address, exit.size);
-  if (!entry) return unhandled(exit, 'no RAM and no device at this address (deny by default)');
+  if (!entry) return unhandled(exit, 'no RAM and no device at this address (deny by default)', ctx);
   const dev = entry.device;
   const offset = Number(exit.address - entry.start);
   const access = new AccessState(exit.address, 'mmio', ctx.info.vcpu);

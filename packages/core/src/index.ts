@@ -39,5 +39,5 @@ export { instructionRipOf, readCodeBytes } from './cpu/exit-rip.js';
 export { probeIoRip, type IoRipProbeResult } from './backend/io-rip-probe.js';
 export {
   TsvmError, KvmError, KvmUnavailableError, errnoName, InvalidArgumentError, GuestMemoryError, StateError,
-  SnapshotFormatError, ImageFormatError, MonitorViolation,
+  SnapshotFormatError, ImageFormatError, MonitorViolation, HookFailure,
 } from './errors.js';

@@ -128,6 +128,7 @@ export class Machine {
   #seq = 0;
   /** The exit being handled (undefined between exits): what `instructionRip()` explains. */
   #exit: VcpuExit | undefined;
+  #explainer: ((exit: VcpuExit, info: HookInfo) => string | undefined) | undefined;
   #systemArea: number | undefined;
   #mode: CpuMode = 'real';
 
@@ -363,6 +364,19 @@ export class Machine {
     };
   }
 
+  /**
+   * Adds words to core's unhandled-exit stops (deny by default is core's, with or without a
+   * monitor): the monitor uses it to name the instruction at RIP. One explainer per machine.
+   * @returns a function that removes it again.
+   */
+  setExplainer(explain: (exit: VcpuExit, info: HookInfo) => string | undefined): () => void {
+    this.#assertOpen();
+    if (typeof explain !== 'function') throw new InvalidArgumentError('explain', 'must be a function');
+    if (this.#explainer) throw new StateError('this machine already has an explainer');
+    this.#explainer = explain;
+    return () => { if (this.#explainer === explain) this.#explainer = undefined; };
+  }
+
   /** Freezes the hook table and the buses (Solo5's "seal"). */
   sealHooks(): void {
     this.#hooksSealed = true;
@@ -498,12 +512,16 @@ export class Machine {
       rip: () => vcpu.backend.getRegs().rip,
       instructionRip: () => this.#instructionRip(vcpu),
     };
+    const b = vcpu.backend;
     return {
       pio: this.io, mmio: this.mmio,
       mediate: this.#hooks.filter((h) => h.mode === 'mediate'),
       observe: this.#hooks.filter((h) => h.mode === 'observe'),
       hookStats: this.#hookStats,
       get info() { return info; },
+      memory: this.memory,
+      msrs: { read: (index) => b.getMsrs([index])[0]?.data ?? 0n, write: (index, data) => b.setMsrs([{ index, data }]) },
+      ...(this.#explainer ? { explain: this.#explainer } : {}),
     };
   }
 
@@ -574,8 +592,8 @@ export class Machine {
   #drainCoalesced(vcpu: Vcpu, ctx: ExitContext): StopRequest | undefined {
     for (const e of vcpu.backend.drainCoalesced()) {
       const exit: VcpuExit = e.pio
-        ? { kind: 'io', direction: 'out', port: Number(e.address), size: e.length as 1 | 2 | 4, count: 1, data: e.data }
-        : { kind: 'mmio', address: e.address, isWrite: true, size: e.length, data: e.data };
+        ? { kind: 'io', direction: 'out', port: Number(e.address), size: e.length as 1 | 2 | 4, count: 1, data: e.data, late: true }
+        : { kind: 'mmio', address: e.address, isWrite: true, size: e.length, data: e.data, late: true };
       // Coalesced writes already happened; only devices and observers see them.
       const out = handleExit(exit, { ...ctx, mediate: [] });
       if (out.action === 'stop') return out.stop;

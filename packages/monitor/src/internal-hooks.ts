@@ -1,26 +1,20 @@
 /**
- * The monitor's own core hooks: the plumbing that turns mechanisms back into events.
- * - `monitor:seen` (first mediate hook): remembers which exit passed the mediate hooks;
- * - `monitor:probe` / `monitor:debug`: probe traps and guest-debug exits → exec/step events;
- * - `monitor:write-watch`: MMIO writes to protected pages → write-watch events, then the write;
- * - `monitor:deny-by-default` (last mediate hook): an exit no device and no hook handles stops
- *   the machine with a violation naming event, address, RIP and the instruction;
- * - `monitor:mediation-guard` (observe): an access to a mediated range that did not pass the
- *   mediate hooks (a coalesced zone registered behind the monitor's back) stops the machine;
- * - `monitor:rearm` (observe): re-arms probes that could not be re-armed at their successor.
+ * The mechanism handlers the monitor's mediate dispatcher (`dispatch.ts`) routes to: the
+ * plumbing that turns mechanisms back into events.
+ * - probe: probe traps (`out` to the probe port) → exec events;
+ * - debug: guest-debug exits → exec/step events;
+ * - write-watch: stores to protected (read-only) pages → write-watch events; an allowed store
+ *   is written through by core, or by the patch engines when exec hooks patch code.
  * @module
  */
-import type { ExitHook, HookDecision, HookInfo, Machine, VcpuExit } from '@tsvm/core';
-import { describeExit } from '@tsvm/core';
-import { MediationBypassError } from './errors.js';
-import { eventOf, type MonitorEvent } from './events.js';
-import { deny } from './decisions.js';
-import { callObserve, hookContext, runMediators, thenDecision, whereIs, type HookRecord, type PipelineEnv } from './records.js';
+import { bitnessOf, linearRip, type ExitHook, type HookDecision, type HookInfo, type VcpuExit } from '@tsvm/core';
+import type { MonitorEvent } from './events.js';
+import { callObserve, hookContext, runMediators, thenDecision, type HookRecord, type PipelineEnv } from './records.js';
 import { PROBE_PORT, type PatchBreakpoints } from './probe.js';
 import type { DebugUnit } from './debug-unit.js';
-import { bitnessOf, linearRip } from '@tsvm/core';
 
 const RESUME: HookDecision = { verdict: 'emulate', value: 0 };
+const ALLOW: HookDecision = { verdict: 'allow' };
 
 /** What the internal hooks read from the monitor (live views, not copies). */
 export interface InternalEnv extends PipelineEnv {
@@ -58,25 +52,6 @@ function stepHit(env: InternalEnv, rip: bigint, exit: VcpuExit, info: HookInfo):
     for (const r of recs) if (r.mode === 'observe') callObserve(r, ev, ctx);
     return RESUME;
   });
-}
-
-/** Records which exit object passed through the mediate hooks (drained coalesced writes do not). */
-export class SeenHook implements ExitHook {
-  /** Name in hook stats. */
-  readonly name = 'monitor:seen';
-  /** Runs with the mediate hooks. */
-  readonly mode = 'mediate' as const;
-  /** The last exit that reached the mediate hooks. */
-  last: VcpuExit | undefined;
-  /** Records and declines. */
-  matches(exit: VcpuExit): boolean {
-    this.last = exit;
-    return false;
-  }
-  /** Never called. */
-  handle(): undefined {
-    return undefined;
-  }
 }
 
 /** `out 0xe5, al` probe traps → exec events. */
@@ -153,59 +128,19 @@ export function writeWatchHook(env: InternalEnv): ExitHook {
           let v = BigInt.asUintN(64, BigInt(d.value));
           for (let i = 0; i < exit.size; i++) { bytes[i] = Number(v & 0xffn); v >>= 8n; }
         }
-        // Through the patch engines: a write over a hooked instruction keeps its trap (and the
-        // trap restores the new bytes when it fires) instead of silently erasing it.
-        const probe = env.probe(), int3 = env.int3();
-        if (!probe && !int3) env.machine.memory.write(exit.address, bytes);
-        probe?.write(exit.address, bytes, int3);
-        int3?.write(exit.address, bytes, probe);
         const ctx = hookContext(env.machine, exit, info);
         // Host writes bypass KVM's dirty log, so observers of protected pages are told here.
         for (const r of recs) if (r.mode === 'observe') callObserve(r, ev, ctx);
+        const probe = env.probe(), int3 = env.int3();
+        // An allowed store as the guest made it: core writes it through (its default).
+        if (!probe && !int3 && d.verdict === 'allow') return ALLOW;
+        // Otherwise through the patch engines (a write over a hooked instruction keeps its trap,
+        // and the trap restores the new bytes when it fires), or the replacement value.
+        if (!probe && !int3) env.machine.memory.write(exit.address, bytes);
+        probe?.write(exit.address, bytes, int3);
+        int3?.write(exit.address, bytes, probe);
         return RESUME;
       });
-    },
-  };
-}
-
-/** The last mediate hook: what nobody handles is denied, with RIP and the instruction. */
-export function denyByDefaultHook(machine: Machine): ExitHook {
-  return {
-    name: 'monitor:deny-by-default', mode: 'mediate',
-    matches: (exit) => {
-      switch (exit.kind) {
-        case 'io': return machine.io.find(BigInt(exit.port), exit.size) === undefined;
-        case 'mmio': return machine.mmio.find(exit.address, exit.size) === undefined;
-        case 'msr': case 'debug': case 'hypercall': case 'exception': case 'unsupported': return true;
-        default: return false;
-      }
-    },
-    handle: (exit, info) => deny({ reason: `deny by default: no device or hook handles ${describeExit(exit)} — ${whereIs(machine, info)}` }),
-  };
-}
-
-/** Stops the machine when an access to a mediated range arrives without passing the mediate hooks. */
-export function mediationGuard(env: InternalEnv, seen: SeenHook): ExitHook {
-  const mediated = (exit: VcpuExit): HookRecord | undefined =>
-    env.records().find((r) => r.mode === 'mediate' && (r.spec.event === 'pio' || r.spec.event === 'mmio' || r.spec.event === 'hypercall') && eventOf(r.spec, exit) !== undefined);
-  return {
-    name: 'monitor:mediation-guard', mode: 'observe',
-    matches: (exit) => (exit.kind === 'io' || exit.kind === 'mmio') && exit !== seen.last && mediated(exit) !== undefined,
-    handle: (exit) => {
-      const rec = mediated(exit);
-      throw new MediationBypassError(`${describeExit(exit)} reached the device without passing mediate hook '${rec?.name ?? '?'}' (a coalesced zone covers a mediated range?)`);
-    },
-  };
-}
-
-/** Re-arms probes whose successors could not be trapped. */
-export function rearmHook(env: InternalEnv): ExitHook {
-  return {
-    name: 'monitor:rearm', mode: 'observe',
-    matches: () => (env.probe()?.hasLazy ?? false) || (env.int3()?.hasLazy ?? false),
-    handle: (_exit, info) => {
-      env.probe()?.rearmLazy(info.seq);
-      env.int3()?.rearmLazy(info.seq);
     },
   };
 }

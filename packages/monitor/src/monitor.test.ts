@@ -124,17 +124,35 @@ describe('Monitor: hooks by event', () => {
     expect(() => vm.addHook({ name: 'x', mode: 'observe', matches: () => true, handle: () => {} })).toThrow(/sealed/);
   });
 
-  it('deny by default: an unhandled MMIO read stops with a violation naming event, address and the instruction at RIP', async () => {
-    const { vm, vcpu } = await setup(mmioExit(0xd000_0000n, 4));
+  it('installs exactly one mediate and one observe core hook, however many hooks it holds, and decodes per exit', async () => {
+    const { vm } = await setup(outExit(0x3f8, 1), outExit(0x80, 2), { kind: 'hlt' });
+    vm.io.register({ port: 0x3f8, size: 8 }, { name: 'uart', write: () => {} });
+    vm.io.register({ port: 0x80, size: 1 }, { name: 'post', write: () => {} });
     const mon = new Monitor(vm);
-    vm.memory.write(0x1000, Uint8Array.of(0x8b, 0x00)); // mov eax, [eax] (16/32-bit decode)
-    vcpu.regs.rip = 0x1000n;
-    const stop = await vm.run();
-    expect(stop.reason).toBe('violation');
-    if (stop.reason !== 'violation') return;
-    expect(stop.violation.event).toBe('mmio');
-    expect(stop.violation.address).toBe(0xd000_0000n);
-    expect(stop.violation.message).toMatch(/deny by default.*RIP 0x1000: mov ax,\[bx\+si\] \[8b 00\]/);
-    void mon;
+    const seen: string[] = [];
+    for (let i = 0; i < 10; i++) mon.mediate({ event: 'pio', ports: [0x100 + i, 0x100 + i] }, () => allow());
+    mon.mediate({ event: 'pio', ports: [0x3f8, 0x3ff] }, (ev) => { seen.push(`m:${ev.event}`); return allow(); });
+    mon.observe({ event: 'pio', ports: [0x80, 0x80] }, (ev) => { if (ev.event === 'pio') seen.push(`o:${ev.port}:${ev.value}`); });
+    mon.observe({ event: 'any-exit' }, (ev) => { if (ev.event === 'any-exit') seen.push(`any:${ev.exit.kind}`); });
+    expect((await vm.run()).reason).toBe('halt');
+    expect(seen).toEqual(['m:pio', 'any:io', 'o:128:2', 'any:io', 'any:hlt']);
+    expect([...vm.hookStats().keys()].map((h) => h.name).sort()).toEqual(['monitor:mediate', 'monitor:observe']);
+  });
+
+  it("deny by default is core's: the same unhandled-exit stop with or without a monitor, which adds the instruction at RIP", async () => {
+    const run = async (withMonitor: boolean) => {
+      const { vm, vcpu } = await setup(mmioExit(0xd000_0000n, 4));
+      if (withMonitor) new Monitor(vm);
+      vm.memory.write(0x1000, Uint8Array.of(0x8b, 0x00)); // mov ax, [bx+si] (16-bit decode)
+      vcpu.regs.rip = 0x1000n;
+      return vm.run();
+    };
+    const [bare, monitored] = [await run(false), await run(true)];
+    for (const stop of [bare, monitored]) {
+      expect(stop).toMatchObject({ reason: 'unhandled-exit', kind: 'mmio', address: 0xd000_0000n, rip: 0x1000n });
+      if (stop.reason === 'unhandled-exit') expect(stop.message).toMatch(/deny by default/);
+    }
+    if (monitored.reason === 'unhandled-exit') expect(monitored.message).toMatch(/deny by default.*RIP 0x1000: mov ax,\[bx\+si\] \[8b 00\]/);
+    if (bare.reason === 'unhandled-exit') expect(bare.message).not.toMatch(/RIP/);
   });
 });

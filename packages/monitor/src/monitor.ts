@@ -5,18 +5,20 @@
  * events through core's exit hooks. It owns no run loop: `machine.run()` drives everything.
  * @module
  */
-import { InvalidArgumentError, StateError, type CpuidEntry, type ExitHook, type Machine } from '@tsvm/core';
+import { InvalidArgumentError, StateError, type CpuidEntry, type Machine } from '@tsvm/core';
 import { AuditLog, type AuditSink } from './audit.js';
 import type { MediateFn, ObserveFn } from './decisions.js';
-import { describeSpec, eventOf, normaliseSpec, specsOverlap, type EventSpec, type NormalSpec } from './events.js';
+import { describeSpec, normaliseSpec, specsOverlap, type EventSpec, type NormalSpec } from './events.js';
 import { selectMechanism, type Selection } from './mechanisms.js';
 import { assumedTable, priceOf, type CalibrationTable, type Cpl, type MechanismId } from './calibration/table.js';
 import { hostIdentity } from './calibration/host.js';
-import { callObserve, hookContext, runMediators, thenDecision, type HookRecord } from './records.js';
-import { PatchBreakpoints, PROBE_PORT } from './probe.js';
+import { callObserve, hookContext, type HookRecord } from './records.js';
+import { PatchBreakpoints } from './probe.js';
 import { DebugUnit } from './debug-unit.js';
 import { RegionFlags, dirtyPageAddresses } from './write-watch.js';
-import { SeenHook, debugHook, denyByDefaultHook, mediationGuard, probeHook, rearmHook, writeWatchHook, type InternalEnv } from './internal-hooks.js';
+import { debugHook, probeHook, writeWatchHook, type InternalEnv } from './internal-hooks.js';
+import { Dispatcher } from './dispatch.js';
+import { whereIs } from './records.js';
 
 /** Offset of the probe trampoline page in core's 64 KiB system area (free: after the exception stubs, below the kernel stack). */
 const TRAMPOLINE_OFFSET = 0xc000;
@@ -29,7 +31,10 @@ export interface MonitorOptions {
   readonly audit?: AuditLog | AuditSink;
   /** What works here and what it costs; default: the assumed table for the host's flavour. */
   readonly calibration?: CalibrationTable;
-  /** Install the complete-mediation guard (default true). */
+  /**
+   * Stop the machine when a late (coalesced) write reaches a mediated range, i.e. mediation
+   * was bypassed by a coalesced zone registered behind the monitor's back (default true).
+   */
   readonly guard?: boolean;
 }
 
@@ -100,11 +105,11 @@ export class Monitor implements InternalEnv {
   readonly debug: DebugUnit;
   readonly #records: HookRecord[] = [];
   readonly #flags: RegionFlags;
-  readonly #seen = new SeenHook();
-  readonly #internal: { probe: ExitHook; debug: ExitHook; watch: ExitHook; deny: ExitHook; guard: ExitHook | undefined; rearm: ExitHook };
+  readonly #dispatch: Dispatcher;
   readonly #coalesced = new Map<string, () => void>();
   readonly #protected: Array<readonly [bigint, bigint]> = [];
   #removers: Array<() => void> = [];
+  #unexplain: (() => void) | undefined;
   #probe: PatchBreakpoints | undefined;
   #int3: PatchBreakpoints | undefined;
   #cpuid: { entries: readonly CpuidOverride[] } | undefined;
@@ -114,7 +119,10 @@ export class Monitor implements InternalEnv {
   /** Errors thrown by observe hooks outside the exit path (dirty-log sampling at run end). */
   readonly deferredErrors: unknown[] = [];
 
-  /** Attaches to `machine`: registers the monitor's core hooks (deny by default from now on). */
+  /**
+   * Attaches to `machine`: installs the monitor's two core hooks (one mediate, one observe
+   * dispatcher) and names the instruction in core's unhandled-exit stops.
+   */
   constructor(machine: Machine, options: MonitorOptions = {}) {
     if (!machine || typeof machine.addHook !== 'function') throw new InvalidArgumentError('machine', 'must be a Machine');
     this.machine = machine;
@@ -123,10 +131,11 @@ export class Monitor implements InternalEnv {
     this.calibration = options.calibration ?? assumedTable(hostIdentity(machine.capabilities.flavour));
     this.debug = new DebugUnit(machine.vcpu(0));
     this.#flags = new RegionFlags(machine);
-    this.#internal = {
-      probe: probeHook(this), debug: debugHook(this), watch: writeWatchHook(this), deny: denyByDefaultHook(machine),
-      guard: options.guard === false ? undefined : mediationGuard(this, this.#seen), rearm: rearmHook(this),
-    };
+    this.#dispatch = new Dispatcher(this, { probe: probeHook(this), debug: debugHook(this), watch: writeWatchHook(this) }, { guard: options.guard !== false });
+    this.#removers.push(machine.addHook(this.#dispatch.mediateHook), machine.addHook(this.#dispatch.observeHook));
+    try {
+      this.#unexplain = machine.setExplainer((_exit, info) => whereIs(machine, info));
+    } catch { /* another monitor already explains this machine's stops */ }
     machine.events.on('started', this.#onStarted);
     machine.events.on('stopped', this.#onStopped);
     this.#rebuild();
@@ -242,6 +251,7 @@ export class Monitor implements InternalEnv {
     this.#coalesced.clear();
     if (!this.#sealed) for (const un of this.#removers) un();
     this.#removers = [];
+    this.#unexplain?.();
   }
 
   /** `using mon = new Monitor(vm)`. */
@@ -334,7 +344,6 @@ export class Monitor implements InternalEnv {
       case 'exec': this.#installExec(rec, s.address, s.virtualAddress); break;
       default: break;
     }
-    if (['pio', 'mmio', 'msr', 'hypercall', 'halt', 'shutdown', 'any-exit'].includes(s.event)) rec.core = this.#coreHook(rec);
   }
 
   #installExec(rec: HookRecord, physical: bigint, virtual: bigint): void {
@@ -384,52 +393,9 @@ export class Monitor implements InternalEnv {
     this.machine.interceptMsrs([...reads], [...writes]);
   }
 
-  /** One core hook per exit-matched user hook, so `machine.hookStats()` prices each separately. */
-  #coreHook(rec: HookRecord): ExitHook {
-    const spec = rec.spec;
-    const probeActive = (): boolean => this.#probe !== undefined;
-    const matches = (exit: Parameters<ExitHook['matches']>[0]): boolean =>
-      eventOf(spec, exit) !== undefined && !(exit.kind === 'io' && exit.port === PROBE_PORT && probeActive() && spec.event !== 'hypercall');
-    if (rec.mode === 'observe') {
-      return { name: rec.name, mode: 'observe', matches, handle: (exit, info) => { const ev = eventOf(spec, exit); if (ev) callObserve(rec, ev, hookContext(this.machine, exit, info)); } };
-    }
-    return {
-      name: rec.name, mode: 'mediate', matches,
-      handle: (exit, info) => {
-        const ev = eventOf(spec, exit);
-        if (!ev) return undefined;
-        return thenDecision(runMediators(this, [rec], ev, exit, info), (d) => {
-          if (d.verdict !== 'allow') return d;
-          // "allow" means "let it happen": MSRs pass through to the vCPU, hypercalls resume.
-          if (ev.event === 'msr') {
-            const vcpu = this.machine.vcpu(info.vcpu);
-            if (ev.direction === 'write') { vcpu.setMsrs([{ index: ev.index, data: ev.value ?? 0n }]); return { verdict: 'emulate', value: 0 }; }
-            return { verdict: 'emulate', value: vcpu.getMsrs([ev.index])[0]?.data ?? 0n };
-          }
-          if (ev.event === 'hypercall') return { verdict: 'emulate', value: 0 };
-          return d;
-        });
-      },
-    };
-  }
-
-  /** Re-registers core hooks in the order the data path needs, and reconciles coalescing. */
+  /** Rebuilds the dispatch tables (registration time, never per exit) and reconciles coalescing. */
   #rebuild(): void {
-    for (const un of this.#removers) un();
-    this.#removers = [];
-    const i = this.#internal;
-    const user = this.#records.flatMap((r) => (r.core ? [r.core] : []));
-    const order: ExitHook[] = [
-      this.#seen,
-      ...(this.#probe ? [i.probe] : []),
-      ...(this.#records.some((r) => r.spec.event === 'step' || r.spec.event === 'exec') ? [i.debug] : []),
-      ...(this.#protected.length ? [i.watch] : []),
-      ...user,
-      ...(i.guard ? [i.guard] : []),
-      ...(this.#probe || this.#int3 ? [i.rearm] : []),
-      i.deny,
-    ];
-    for (const h of order) this.#removers.push(this.machine.addHook(h));
+    this.#dispatch.rebuild();
     this.#reconcileCoalescing();
   }
 

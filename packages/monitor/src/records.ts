@@ -4,7 +4,7 @@
  * publish it on `diagnostics_channel`, and explain denies (RIP + disassembly).
  * @module
  */
-import type { ExitHook, HookDecision, HookInfo, Machine, VcpuExit } from '@tsvm/core';
+import { HookFailure, type ExitHook, type HookDecision, type HookInfo, type Machine, type VcpuExit } from '@tsvm/core';
 import { decisionChannel, type AuditLog } from './audit.js';
 import type { Decision, HookContext, MediateFn, ObserveFn } from './decisions.js';
 import { formatInstructionAt } from './decode.js';
@@ -103,7 +103,12 @@ export function whereIs(machine: Machine, info: HookInfo | undefined, at?: bigin
  * @returns the decision for core.
  */
 export function settle(env: PipelineEnv, rec: HookRecord, ev: MonitorEvent, raw: unknown, exit: VcpuExit | undefined, info: HookInfo | undefined): Decision {
-  let d = checkDecision(raw, rec.name);
+  let d: Decision;
+  try {
+    d = checkDecision(raw, rec.name);
+  } catch (e) {
+    throw new HookFailure(rec.name, e);
+  }
   rec.verdicts[d.verdict]++;
   if (d.verdict === 'deny') d = { ...d, reason: `${d.reason ?? 'denied'} — ${whereIs(env.machine, info, ev.event === 'exec' ? ev.rip : undefined)}` };
   if (env.audit || decisionChannel.hasSubscribers) {
@@ -121,23 +126,32 @@ export function settle(env: PipelineEnv, rec: HookRecord, ev: MonitorEvent, raw:
   return d;
 }
 
-/** Calls one mediate function with timing; returns its raw result (maybe a Promise). */
+/**
+ * Calls one mediate function with timing; returns its raw result (maybe a Promise, whose
+ * rejection becomes a {@link HookFailure} naming the hook). A throw becomes one too, so core's
+ * `hook-error` stop names the user's hook rather than the monitor's dispatcher.
+ */
 function callMediate(rec: HookRecord, ev: MonitorEvent, ctx: HookContext): unknown {
   const t0 = performance.now();
   rec.events++;
   try {
-    return (rec.fn as MediateFn)(ev, ctx);
+    const raw = (rec.fn as MediateFn)(ev, ctx);
+    return raw instanceof Promise ? raw.catch((e: unknown) => { throw new HookFailure(rec.name, e); }) : raw;
+  } catch (e) {
+    throw new HookFailure(rec.name, e);
   } finally {
     rec.handlerNs += (performance.now() - t0) * 1e6;
   }
 }
 
-/** Calls one observe function with timing. */
+/** Calls one observe function with timing; a throw becomes a {@link HookFailure} naming the hook. */
 export function callObserve(rec: HookRecord, ev: MonitorEvent, ctx: HookContext): void {
   const t0 = performance.now();
   rec.events++;
   try {
     (rec.fn as ObserveFn)(ev, ctx);
+  } catch (e) {
+    throw new HookFailure(rec.name, e);
   } finally {
     rec.handlerNs += (performance.now() - t0) * 1e6;
   }
@@ -149,15 +163,20 @@ export function callObserve(rec: HookRecord, ev: MonitorEvent, ctx: HookContext)
  * into a `hook-error` stop with the error as cause).
  */
 export function runMediators(env: PipelineEnv, recs: readonly HookRecord[], ev: MonitorEvent, exit: VcpuExit | undefined, info: HookInfo | undefined): Decision | Promise<Decision> {
+  return runMediatorPairs(env, recs.map((r) => [r, ev] as const), exit, info);
+}
+
+/** {@link runMediators} where each hook gets its own event (one exit can be a `pio` and a `hypercall` event). */
+export function runMediatorPairs(env: PipelineEnv, pairs: ReadonlyArray<readonly [HookRecord, MonitorEvent]>, exit: VcpuExit | undefined, info: HookInfo | undefined): Decision | Promise<Decision> {
   const ctx = hookContext(env.machine, exit, info);
-  for (let i = 0; i < recs.length; i++) {
-    const rec = recs[i] as HookRecord;
+  for (let i = 0; i < pairs.length; i++) {
+    const [rec, ev] = pairs[i] as readonly [HookRecord, MonitorEvent];
     const raw = callMediate(rec, ev, ctx);
     if (raw instanceof Promise) {
-      const rest = recs.slice(i + 1);
+      const rest = pairs.slice(i + 1);
       return raw.then((r) => {
         const d = settle(env, rec, ev, r, exit, info);
-        return d.verdict !== 'allow' ? d : runMediators(env, rest, ev, exit, info);
+        return d.verdict !== 'allow' ? d : runMediatorPairs(env, rest, exit, info);
       });
     }
     const d = settle(env, rec, ev, raw, exit, info);
