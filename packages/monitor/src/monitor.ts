@@ -5,7 +5,8 @@
  * events through core's exit hooks. It owns no run loop: `machine.run()` drives everything.
  * @module
  */
-import { InvalidArgumentError, StateError, type CpuidEntry, type ExitHook, type Machine } from '@tsvm/core';
+import { DmaGate, InvalidArgumentError, StateError, type CpuidEntry, type DmaHook, type ExitHook, type Machine } from '@tsvm/core';
+import { dmaWatchHook } from './dma-watch.js';
 import { AuditLog, type AuditSink } from './audit.js';
 import type { MediateFn, ObserveFn } from './decisions.js';
 import { describeSpec, eventOf, normaliseSpec, specsOverlap, type EventSpec, type NormalSpec } from './events.js';
@@ -101,7 +102,7 @@ export class Monitor implements InternalEnv {
   readonly #records: HookRecord[] = [];
   readonly #flags: RegionFlags;
   readonly #seen = new SeenHook();
-  readonly #internal: { probe: ExitHook; debug: ExitHook; watch: ExitHook; deny: ExitHook; guard: ExitHook | undefined; rearm: ExitHook };
+  readonly #internal: { probe: ExitHook; debug: ExitHook; watch: ExitHook; deny: ExitHook; guard: ExitHook | undefined; rearm: ExitHook; dma: DmaHook };
   readonly #coalesced = new Map<string, () => void>();
   readonly #protected: Array<readonly [bigint, bigint]> = [];
   #removers: Array<() => void> = [];
@@ -126,6 +127,7 @@ export class Monitor implements InternalEnv {
     this.#internal = {
       probe: probeHook(this), debug: debugHook(this), watch: writeWatchHook(this), deny: denyByDefaultHook(machine),
       guard: options.guard === false ? undefined : mediationGuard(this, this.#seen), rearm: rearmHook(this),
+      dma: dmaWatchHook(this),
     };
     machine.events.on('started', this.#onStarted);
     machine.events.on('stopped', this.#onStopped);
@@ -430,6 +432,8 @@ export class Monitor implements InternalEnv {
       i.deny,
     ];
     for (const h of order) this.#removers.push(this.machine.addHook(h));
+    // Device DMA into watched ranges passes the same write-watch hooks (core's DMA gate).
+    if (this.#records.some((r) => r.spec.event === 'write-watch')) this.#removers.push(DmaGate.of(this.machine.memory).add(i.dma));
     this.#reconcileCoalescing();
   }
 
