@@ -40,7 +40,7 @@ export interface VirtioMmioOptions {
   readonly eventIdx?: boolean;
   /** Called with the reason each time the device enters DEVICE_NEEDS_RESET (diagnostics). */
   readonly onError?: (error: Error) => void;
-  /** Work one notify may cause before the rest is deferred (defaults: {@link DEFAULT_VIRTIO_BUDGET}). */
+  /** Work one notify may cause before the rest is deferred (defaults: `DEFAULT_VIRTIO_BUDGET`). */
   readonly budget?: VirtioBudget;
 }
 
