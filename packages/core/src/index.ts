@@ -5,6 +5,8 @@
  *   time-sliced `run()` that returns a {@link Stop} (why it stopped) instead of throwing.
  * - {@link GuestMemory}: every guest-physical access is bounds-checked in one place.
  * - {@link Device}: the register-file contract devices implement.
+ * - {@link DeviceMemory} / {@link DmaGate}: devices reach guest RAM through a device-scoped
+ *   accessor whose writes (DMA) pass one hook point, so a monitor mediates them like guest stores.
  * - {@link VcpuExit}: exits as a discriminated union; {@link handleExit} is the pure exit path
  *   (mediate hooks → device → observe hooks → deny by default).
  * - {@link Backend}: what Machine needs from a hypervisor; {@link KvmBackend} is the real one,
@@ -17,6 +19,7 @@
 export { Machine, type MachineOptions, type RegionOptions, type LoadFlatOptions, type RunOptions, type MachineEvents, type MachineLayout } from './machine.js';
 export { Vcpu } from './vcpu.js';
 export { GuestMemory, checkRegionSize, type HostMemory, type MemoryRegion, type IntWidth } from './memory.js';
+export { DmaGate, DeviceMemory, DmaDeniedError, type DmaWrite, type DmaDecision, type DmaHook } from './dma.js';
 export { gpa, hex, MAX_GUEST_PHYS, type GuestAddress } from './address.js';
 export { Bus, type BusEntry, type BusRange, type RangeSpec } from './bus.js';
 export type { Device, Access, AccessSize, DeviceStopRequest, IrqLine, DeviceMapping } from './device.js';

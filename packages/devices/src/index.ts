@@ -28,6 +28,7 @@ export { Unpopulated, PC_PROBED_RANGES, type UnpopulatedRange } from './unpopula
 
 // Virtio transport and queues
 export { VirtioMmio, type VirtioMmioOptions, type VirtioMmioStats } from './virtio/mmio.js';
+export { DEFAULT_VIRTIO_BUDGET, type VirtioBudget } from './virtio/budget.js';
 export type { VirtioDevice, VirtioContext, ChainHandler } from './virtio/device.js';
 export { readConfigBytes } from './virtio/device.js';
 export {
@@ -39,7 +40,7 @@ export {
   type QueueLayout,
   type QueuePosition,
 } from './virtio/virtqueue.js';
-export { ChainReader, ChainWriter } from './virtio/chain-io.js';
+export { ChainReader, ChainWriter, CHAIN_IO_CHUNK } from './virtio/chain-io.js';
 export {
   VIRTIO_MMIO_MAGIC,
   VIRTIO_MMIO_VERSION,

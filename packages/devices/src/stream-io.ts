@@ -162,3 +162,39 @@ export function attachReadable(
     },
   };
 }
+
+/**
+ * A FIFO of bytes with O(1) `shift`. `Array#shift` moves the whole array, so draining a 64 KiB
+ * backlog one byte per guest register read costs the host O(backlog) per read.
+ */
+export class ByteQueue {
+  #buf: number[] = [];
+  #head = 0;
+
+  /** Bytes queued. */
+  get length(): number {
+    return this.#buf.length - this.#head;
+  }
+
+  /** Appends one byte. */
+  push(byte: number): void {
+    this.#buf.push(byte);
+  }
+
+  /** Removes and returns the oldest byte, or `undefined` when empty. */
+  shift(): number | undefined {
+    if (this.#head >= this.#buf.length) return undefined;
+    const b = this.#buf[this.#head++];
+    // Compact once the consumed prefix dominates: amortised O(1) per byte.
+    if (this.#head >= 4096 && this.#head * 2 >= this.#buf.length) {
+      this.#buf = this.#buf.slice(this.#head);
+      this.#head = 0;
+    }
+    return b;
+  }
+
+  /** The queued bytes, oldest first (a copy). */
+  toArray(): number[] {
+    return this.#buf.slice(this.#head);
+  }
+}

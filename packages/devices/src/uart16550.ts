@@ -10,7 +10,7 @@
 import type { Access, AccessSize, Device, IrqLine } from '@tsvm/core';
 import type { DeviceMapping } from './mapping.js';
 import { encodeBytes, SnapshotReader } from './snapshot-fields.js';
-import { attachReadable, type ByteReadable, type ByteWritable, OutputBuffer, type OutputBufferOptions, type OutputSink } from './stream-io.js';
+import { attachReadable, ByteQueue, type ByteReadable, type ByteWritable, OutputBuffer, type OutputBufferOptions, type OutputSink } from './stream-io.js';
 
 const IER_RDA = 0x01; // received data available
 const IER_THRE = 0x02;
@@ -87,7 +87,7 @@ export class Uart16550 implements Device {
   #overrun = false;
   #threPending = false;
   #rx: number[] = [];
-  #backlog: number[] = [];
+  #backlog = new ByteQueue();
   #irqLevel = false;
   #inputs = new Set<{ detach(): void; drained(): void }>();
 
@@ -227,7 +227,7 @@ export class Uart16550 implements Device {
     this.#overrun = false;
     this.#threPending = false;
     this.#rx = [];
-    this.#backlog = [];
+    this.#backlog = new ByteQueue();
     this.#updateIrq();
   }
 
@@ -239,7 +239,7 @@ export class Uart16550 implements Device {
       ier: this.#ier, lcr: this.#lcr, mcr: this.#mcr, scr: this.#scr, fcr: this.#fcr,
       dll: this.#dll, dlm: this.#dlm, lsrOverrun: this.#overrun, threPending: this.#threPending,
       rx: encodeBytes(Uint8Array.from(this.#rx)),
-      backlog: encodeBytes(Uint8Array.from(this.#backlog)),
+      backlog: encodeBytes(Uint8Array.from(this.#backlog.toArray())),
     };
   }
 
@@ -256,7 +256,8 @@ export class Uart16550 implements Device {
     this.#fcr = next.fcr; this.#dll = next.dll; this.#dlm = next.dlm;
     this.#overrun = next.overrun; this.#threPending = next.thre;
     this.#rx = [...next.rx];
-    this.#backlog = [...next.backlog];
+    this.#backlog = new ByteQueue();
+    for (const b of next.backlog) this.#backlog.push(b);
     this.#updateIrq();
   }
 

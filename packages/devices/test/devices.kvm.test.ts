@@ -161,7 +161,7 @@ describe.skipIf(skip !== '')(`devices driven by guest code on KVM${skip ? ` (SKI
       // The used-buffer interrupt rose with the first completion and fell at the guest's ack.
       expect(irq.history).toEqual([true, false]);
       expect(mmio.negotiatedFeatures).toBe(VirtioFeature.Version1);
-      expect(mmio.stats).toEqual({ needsReset: 0, ignoredNotifies: 0, ignoredAccesses: 0 });
+      expect(mmio.stats).toEqual({ needsReset: 0, ignoredNotifies: 0, ignoredAccesses: 0, deferrals: 0 });
     });
 
     it.each([

@@ -44,6 +44,12 @@ export interface AuditEntry {
   readonly value?: string;
   /** Exit sequence number in the machine's life. */
   readonly exit: number;
+  /** `dma` for a write a device made into guest RAM (absent for the guest's own accesses). */
+  readonly source?: 'dma';
+  /** The device that made a DMA write. */
+  readonly device?: string;
+  /** Length in bytes of a DMA write (with `address`, its exact range). */
+  readonly length?: number;
 }
 
 /** One chained line as parsed back. */

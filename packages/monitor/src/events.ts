@@ -58,8 +58,12 @@ export type MonitorEvent =
   | { readonly event: 'hypercall'; readonly port: number; readonly nr: number }
   | { readonly event: 'exec'; readonly address: bigint; readonly rip: bigint }
   | { readonly event: 'step'; readonly rip: bigint }
-  /** `value` is undefined when the write was sampled from the dirty log (observe): then `size` is a page. */
-  | { readonly event: 'write-watch'; readonly address: bigint; readonly size: number; readonly value: bigint | undefined }
+  /**
+   * `value` is undefined when the write was sampled from the dirty log (observe): then `size` is a
+   * page; and for a DMA write longer than 8 bytes. `source: 'dma'` marks a write a device made on
+   * the guest's behalf (`device` names it); guest stores have no `source`.
+   */
+  | { readonly event: 'write-watch'; readonly address: bigint; readonly size: number; readonly value: bigint | undefined; readonly source?: 'dma'; readonly device?: string }
   | { readonly event: 'halt' }
   | { readonly event: 'shutdown' }
   | { readonly event: 'any-exit'; readonly exit: VcpuExit };

@@ -5,7 +5,8 @@
  * events through core's exit hooks. It owns no run loop: `machine.run()` drives everything.
  * @module
  */
-import { InvalidArgumentError, StateError, type CpuidEntry, type Machine } from '@tsvm/core';
+import { DmaGate, InvalidArgumentError, StateError, type CpuidEntry, type Machine } from '@tsvm/core';
+import { dmaWatchHook } from './dma-watch.js';
 import { AuditLog, type AuditSink } from './audit.js';
 import type { MediateFn, ObserveFn } from './decisions.js';
 import { describeSpec, normaliseSpec, specsOverlap, type EventSpec, type NormalSpec } from './events.js';
@@ -106,6 +107,8 @@ export class Monitor implements InternalEnv {
   readonly #records: HookRecord[] = [];
   readonly #flags: RegionFlags;
   readonly #dispatch: Dispatcher;
+  readonly #dma: ReturnType<typeof dmaWatchHook>;
+  #undma: (() => void) | undefined;
   readonly #coalesced = new Map<string, () => void>();
   readonly #protected: Array<readonly [bigint, bigint]> = [];
   #removers: Array<() => void> = [];
@@ -136,6 +139,7 @@ export class Monitor implements InternalEnv {
     try {
       this.#unexplain = machine.setExplainer((_exit, info) => whereIs(machine, info));
     } catch { /* another monitor already explains this machine's stops */ }
+    this.#dma = dmaWatchHook(this);
     machine.events.on('started', this.#onStarted);
     machine.events.on('stopped', this.#onStopped);
     this.#rebuild();
@@ -252,6 +256,8 @@ export class Monitor implements InternalEnv {
     if (!this.#sealed) for (const un of this.#removers) un();
     this.#removers = [];
     this.#unexplain?.();
+    this.#undma?.();
+    this.#undma = undefined;
   }
 
   /** `using mon = new Monitor(vm)`. */
@@ -396,6 +402,10 @@ export class Monitor implements InternalEnv {
   /** Rebuilds the dispatch tables (registration time, never per exit) and reconciles coalescing. */
   #rebuild(): void {
     this.#dispatch.rebuild();
+    // Device DMA into watched ranges passes the same write-watch hooks (core's DMA gate).
+    const watching = this.#records.some((r) => r.spec.event === 'write-watch');
+    if (watching && !this.#undma) this.#undma = DmaGate.of(this.machine.memory).add(this.#dma);
+    if (!watching && this.#undma) { this.#undma(); this.#undma = undefined; }
     this.#reconcileCoalescing();
   }
 

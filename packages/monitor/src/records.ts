@@ -119,6 +119,7 @@ export function settle(env: PipelineEnv, rec: HookRecord, ev: MonitorEvent, raw:
       ...(d.verdict === 'deny' ? { effect: d.effect ?? 'stop', ...(d.reason ? { reason: d.reason } : {}) } : {}),
       ...(d.verdict === 'emulate' ? { value: `0x${BigInt(d.value).toString(16)}` } : {}),
       exit: info?.seq ?? 0,
+      ...(ev.event === 'write-watch' && ev.source === 'dma' ? { source: 'dma' as const, ...(ev.device === undefined ? {} : { device: ev.device }), length: ev.size } : {}),
     };
     env.audit?.append(entry);
     if (decisionChannel.hasSubscribers) decisionChannel.publish(entry);

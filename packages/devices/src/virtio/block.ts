@@ -14,9 +14,10 @@
  * @module
  */
 import type { AccessSize } from '@tsvm/core';
-import { InvalidArgumentError, SnapshotFormatError } from '@tsvm/core';
+import { DmaDeniedError, InvalidArgumentError, SnapshotFormatError } from '@tsvm/core';
 import { SnapshotReader } from '../snapshot-fields.js';
 import { type BlockBacking, FileBacking, MemoryBacking } from './block-backing.js';
+import { positiveInt } from './budget.js';
 import { ChainReader, ChainWriter } from './chain-io.js';
 import { DeviceId } from './constants.js';
 import { readConfigBytes, type VirtioContext, type VirtioDevice } from './device.js';
@@ -27,6 +28,7 @@ export const SECTOR_SIZE = 512;
 
 /** virtio-blk feature bits used here. */
 export const BlockFeature = {
+  SizeMax: 1n << 1n,
   SegMax: 1n << 2n,
   Ro: 1n << 5n,
   BlkSize: 1n << 6n,
@@ -53,6 +55,12 @@ export type VirtioBlockOptions = {
   readonly serial?: string;
   /** Queue size. Default 256. */
   readonly queueSize?: number;
+  /**
+   * Most data bytes one request may move; a longer one fails with VIRTIO_BLK_S_IOERR. Advertised
+   * to the driver as `seg_max` × `size_max` (VIRTIO_BLK_F_SIZE_MAX), so a conforming driver never
+   * exceeds it. Bounds the work of one request. At least 4096. Default 1 MiB.
+   */
+  readonly maxRequestBytes?: number;
 } & (
   | { readonly buffer: Uint8Array; readonly path?: never; readonly backing?: never }
   | { readonly path: string; readonly buffer?: never; readonly backing?: never }
@@ -76,6 +84,7 @@ export class VirtioBlock implements VirtioDevice {
   readonly #backing: BlockBacking;
   readonly #id: Uint8Array;
   readonly #config: Uint8Array;
+  readonly #maxRequest: number;
   #ctx: VirtioContext | undefined;
 
   /** @param options - backing store, read-only flag, serial. */
@@ -97,12 +106,18 @@ export class VirtioBlock implements VirtioDevice {
     else if (options.path !== undefined) this.#backing = new FileBacking(options.path, this.readonly);
     else this.#backing = options.backing;
     this.capacity = BigInt(Math.floor(this.#backing.size / SECTOR_SIZE));
-    this.deviceFeatures = BlockFeature.SegMax | BlockFeature.BlkSize | BlockFeature.Flush | (this.readonly ? BlockFeature.Ro : 0n);
+    const cap = positiveInt(options.maxRequestBytes, 1 << 20, 'maxRequestBytes', 4096);
+    // Segments of whole pages: seg_max × size_max ≤ cap, so a conforming driver stays under it.
+    const segMax = Math.max(1, Math.min(q - 2, Math.floor(cap / 4096)));
+    const sizeMax = Math.max(4096, Math.floor(cap / segMax / 4096) * 4096);
+    this.#maxRequest = cap;
+    this.deviceFeatures = BlockFeature.SizeMax | BlockFeature.SegMax | BlockFeature.BlkSize | BlockFeature.Flush | (this.readonly ? BlockFeature.Ro : 0n);
     // struct virtio_blk_config: capacity@0, size_max@8, seg_max@12, geometry@16, blk_size@20.
     this.#config = new Uint8Array(24);
     const dv = new DataView(this.#config.buffer);
     dv.setBigUint64(0, this.capacity, true);
-    dv.setUint32(12, q - 2, true); // header and status take one descriptor each
+    dv.setUint32(8, sizeMax, true);
+    dv.setUint32(12, segMax, true); // header and status take one descriptor each (q - 2 at most)
     dv.setUint32(20, SECTOR_SIZE, true);
   }
 
@@ -191,7 +206,7 @@ export class VirtioBlock implements VirtioDevice {
 
   /** Checks a data transfer's range and runs it; a host I/O error becomes S_IOERR. */
   #transfer(sector: bigint, bytes: number, run: (position: number, bytes: number) => void): number {
-    if (bytes % SECTOR_SIZE !== 0) return BlockStatus.IoErr;
+    if (bytes % SECTOR_SIZE !== 0 || bytes > this.#maxRequest) return BlockStatus.IoErr;
     const sectors = BigInt(bytes / SECTOR_SIZE);
     if (sector > this.capacity || sector + sectors > this.capacity) return BlockStatus.IoErr;
     return this.#hostIo(() => run(Number(sector) * SECTOR_SIZE, bytes));
@@ -206,6 +221,8 @@ export class VirtioBlock implements VirtioDevice {
       // (EIO, ENOSPC, a closed backing) fail only this request.
       if (e instanceof Error && 'syscall' in e) return BlockStatus.IoErr;
       if (e instanceof Error && (e as { code?: unknown }).code === 'TSVM_STATE') return BlockStatus.IoErr;
+      // A monitor refused the DMA of the data: the request fails, RAM is untouched.
+      if (e instanceof DmaDeniedError) return BlockStatus.IoErr;
       throw e;
     }
   }

@@ -2,23 +2,20 @@
  * Cursors over the segments of a validated {@link DescriptorChain}, so a device can consume a
  * request header, stream a data payload and place a status byte without gathering the whole
  * chain into one host buffer (a chain may describe gigabytes).
+ *
+ * Data moves through bounded host buffers (at most {@link CHAIN_IO_CHUNK} bytes each), never
+ * through views of guest RAM: a callback can keep what it is given without aliasing the guest,
+ * and every byte written reaches RAM through the device's `DeviceMemory`, i.e. the DMA gate.
  * @module
  */
-import type { GuestMemory } from '@tsvm/core';
+import type { DeviceMemory } from '@tsvm/core';
 import type { Segment } from './virtqueue.js';
 
-/**
- * Visits up to `length` bytes of `segments` starting at byte `skip`, calling `fn` with a view
- * of guest memory for each piece. SAFETY: `view` aliases guest RAM only for the synchronous
- * duration of `fn`; callers must not retain it.
- */
-function visit(
-  memory: GuestMemory,
-  segments: readonly Segment[],
-  skip: number,
-  length: number,
-  fn: (view: Uint8Array, done: number) => void,
-): number {
+/** Largest host buffer one step of {@link ChainReader.stream} / {@link ChainWriter.stream} uses. */
+export const CHAIN_IO_CHUNK = 64 * 1024;
+
+/** Calls `fn(address, n, done)` for each piece of up to `length` bytes of `segments` from byte `skip`. */
+function visit(segments: readonly Segment[], skip: number, length: number, fn: (address: bigint, n: number, done: number) => void): number {
   let done = 0;
   let toSkip = skip;
   for (const s of segments) {
@@ -27,10 +24,14 @@ function visit(
       toSkip -= s.len;
       continue;
     }
-    const n = Math.min(s.len - toSkip, length - done);
-    const { bytes, offset } = memory.translate(s.addr + BigInt(toSkip), n);
-    fn(bytes.subarray(offset, offset + n), done);
-    done += n;
+    let at = toSkip;
+    const end = Math.min(s.len, toSkip + (length - done));
+    while (at < end) {
+      const n = Math.min(end - at, CHAIN_IO_CHUNK);
+      fn(s.addr + BigInt(at), n, done);
+      done += n;
+      at += n;
+    }
     toSkip = 0;
   }
   return done;
@@ -38,16 +39,16 @@ function visit(
 
 /** A cursor over one direction of a descriptor chain (shared by reader and writer). */
 abstract class ChainCursor {
-  protected readonly mem: GuestMemory;
+  protected readonly mem: DeviceMemory;
   protected readonly segments: readonly Segment[];
   protected readonly total: number;
   protected pos = 0;
 
   /**
-   * @param memory - guest RAM.
+   * @param memory - the device's view of guest RAM.
    * @param segments - the chain's segments in this direction.
    */
-  constructor(memory: GuestMemory, segments: readonly Segment[]) {
+  constructor(memory: DeviceMemory, segments: readonly Segment[]) {
     this.mem = memory;
     this.segments = segments;
     this.total = segments.reduce((n, s) => n + s.len, 0);
@@ -66,13 +67,13 @@ export class ChainReader extends ChainCursor {
   read(n: number): Uint8Array {
     const want = Math.max(0, Math.min(n, this.remaining));
     const out = new Uint8Array(want);
-    this.pos += visit(this.mem, this.segments, this.pos, want, (v, at) => out.set(v, at));
+    this.pos += visit(this.segments, this.pos, want, (a, len, at) => out.set(this.mem.read(a, len), at));
     return out;
   }
 
-  /** Streams the next `n` bytes to `fn` piece by piece (see the SAFETY note on views). */
-  stream(n: number, fn: (view: Uint8Array, done: number) => void): number {
-    const got = visit(this.mem, this.segments, this.pos, Math.min(n, this.remaining), fn);
+  /** Streams the next `n` bytes to `fn` in fresh host buffers of at most {@link CHAIN_IO_CHUNK} bytes. */
+  stream(n: number, fn: (bytes: Uint8Array, done: number) => void): number {
+    const got = visit(this.segments, this.pos, Math.max(0, Math.min(n, this.remaining)), (a, len, at) => fn(this.mem.read(a, len), at));
     this.pos += got;
     return got;
   }
@@ -93,15 +94,24 @@ export class ChainWriter extends ChainCursor {
 
   /** Writes as much of `data` as fits; returns how many bytes were written. */
   write(data: Uint8Array): number {
-    const n = visit(this.mem, this.segments, this.pos, Math.min(data.length, this.remaining), (v, at) => v.set(data.subarray(at, at + v.length)));
+    const n = visit(this.segments, this.pos, Math.min(data.length, this.remaining), (a, len, at) => this.mem.write(a, data.subarray(at, at + len)));
     this.pos += n;
     return n;
   }
 
-  /** Lets `fn` fill the next `n` bytes in place, piece by piece (see the SAFETY note on views). */
-  stream(n: number, fn: (view: Uint8Array, done: number) => void): number {
-    const got = visit(this.mem, this.segments, this.pos, Math.min(n, this.remaining), fn);
-    this.pos += got;
+  /**
+   * Lets `fn` fill the next `n` bytes piece by piece: each piece is a zeroed host buffer of at
+   * most {@link CHAIN_IO_CHUNK} bytes that is written to the guest (through the DMA gate) when
+   * `fn` returns. The cursor advances past each piece written, so a fault leaves it after the last
+   * good one.
+   */
+  stream(n: number, fn: (bytes: Uint8Array, done: number) => void): number {
+    const got = visit(this.segments, this.pos, Math.max(0, Math.min(n, this.remaining)), (a, len, at) => {
+      const buf = new Uint8Array(len);
+      fn(buf, at);
+      this.mem.write(a, buf);
+      this.pos += len;
+    });
     return got;
   }
 }

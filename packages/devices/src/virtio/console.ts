@@ -8,6 +8,7 @@ import type { AccessSize } from '@tsvm/core';
 import { encodeBytes, SnapshotReader } from '../snapshot-fields.js';
 import { attachReadable, type ByteReadable, type ByteWritable, OutputBuffer, type OutputBufferOptions, type OutputSink } from '../stream-io.js';
 import { ChainReader, ChainWriter } from './chain-io.js';
+import { positiveInt } from './budget.js';
 import { DeviceId } from './constants.js';
 import type { VirtioContext, VirtioDevice } from './device.js';
 
@@ -29,6 +30,12 @@ export interface VirtioConsoleOptions {
   readonly queueSize?: number;
   /** Input bytes held until the guest posts receive buffers; beyond it input is dropped. Default 1 MiB. */
   readonly backlogLimit?: number;
+  /**
+   * Most bytes taken from one transmit chain; the rest of a longer chain is dropped and counted in
+   * {@link VirtioConsole.droppedOutput}. Bounds the work of one request (a chain may describe 4 GiB
+   * by naming the same guest pages many times). Default 64 KiB (Linux sends at most a page or so).
+   */
+  readonly maxTransmitBytes?: number;
 }
 
 /** A single-port virtio console. Put it behind a {@link VirtioMmio} transport. */
@@ -43,6 +50,8 @@ export class VirtioConsole implements VirtioDevice {
   readonly deviceFeatures = VIRTIO_CONSOLE_F_EMERG_WRITE;
   readonly #out: OutputBuffer;
   readonly #backlogLimit: number;
+  readonly #maxTransmit: number;
+  #dropped = 0;
   #ctx: VirtioContext | undefined;
   #pending: Uint8Array = new Uint8Array(0);
   #inputs = new Set<{ detach(): void; drained(): void }>();
@@ -54,6 +63,7 @@ export class VirtioConsole implements VirtioDevice {
     this.queueMaxSizes = [q, q];
     this.#out = new OutputBuffer(options.output);
     this.#backlogLimit = options.backlogLimit ?? 1 << 20;
+    this.#maxTransmit = positiveInt(options.maxTransmitBytes, 64 * 1024, 'maxTransmitBytes');
     if (options.sink !== undefined) this.#out.addSink(options.sink);
   }
 
@@ -72,6 +82,11 @@ export class VirtioConsole implements VirtioDevice {
   /** Hands buffered output to the sinks now. Safe to call at any time. */
   flush(): void {
     this.#out.flush();
+  }
+
+  /** Guest output bytes dropped because a transmit chain exceeded `maxTransmitBytes`. */
+  get droppedOutput(): number {
+    return this.#dropped;
   }
 
   /** Bytes of input waiting for guest receive buffers. */
@@ -159,7 +174,8 @@ export class VirtioConsole implements VirtioDevice {
     if (ctx === undefined) return;
     ctx.processQueue(TX, (chain) => {
       // A transmit buffer is device-readable; writable parts are ignored (0 bytes written).
-      new ChainReader(ctx.memory, chain.readable).stream(chain.readableLength, (view) => this.#out.pushBytes(view));
+      const n = new ChainReader(ctx.memory, chain.readable).stream(this.#maxTransmit, (bytes) => this.#out.pushBytes(bytes));
+      this.#dropped += chain.readableLength - n;
       return 0;
     });
   }
@@ -170,8 +186,10 @@ export class VirtioConsole implements VirtioDevice {
     ctx.processQueue(
       RX,
       (chain) => {
+        // subarray, not slice: copying the backlog per chain would let 256 one-byte receive
+        // buffers cost 256 copies of a 1 MiB backlog in one kick.
         const n = new ChainWriter(ctx.memory, chain.writable).write(this.#pending);
-        this.#pending = this.#pending.slice(n);
+        this.#pending = this.#pending.subarray(n);
         return n;
       },
       () => this.#pending.length > 0,

@@ -4,7 +4,7 @@
  * containment; a device model only answers config-space accesses and turns chains into work.
  * @module
  */
-import type { AccessSize, GuestMemory } from '@tsvm/core';
+import type { AccessSize, DeviceMemory } from '@tsvm/core';
 import type { DescriptorChain } from './virtqueue.js';
 
 /**
@@ -15,8 +15,11 @@ export type ChainHandler = (chain: DescriptorChain) => number;
 
 /** What the transport offers a device model. */
 export interface VirtioContext {
-  /** Guest RAM (every access is checked). */
-  readonly memory: GuestMemory;
+  /**
+   * Guest RAM as this device may use it: every access is checked, data is copied (no view of
+   * guest RAM), and every write is DMA that passes the machine's DMA gate (write-watch).
+   */
+  readonly memory: DeviceMemory;
   /** Features the driver accepted (valid once the driver set FEATURES_OK). */
   readonly features: bigint;
   /** Whether the driver has set DRIVER_OK and the device is not broken or reset. */
@@ -25,7 +28,9 @@ export interface VirtioContext {
    * Pops chains from queue `index` while `hasWork()` (default: always) says so, hands each to
    * `handler`, returns them to the used ring, and interrupts the driver if it asked for it.
    * Guest faults are contained here. Does nothing if the queue is not ready or the device is
-   * not active. Returns the number of chains handled.
+   * not active. Work is bounded by the transport's budget: what is left is continued later
+   * (from `setImmediate`) with the latest `handler`/`hasWork`, so a handler must not assume it
+   * runs inside the notify. Returns the number of chains handled now.
    */
   processQueue(index: number, handler: ChainHandler, hasWork?: () => boolean): number;
   /** Announces a change of config space (bumps ConfigGeneration, raises the config interrupt). */

@@ -11,12 +11,18 @@
  * before DRIVER_OK or to a queue that is not ready are ignored (counted in `stats`);
  * FEATURES_OK with unknown features or without VERSION_1 is refused (the bit stays clear,
  * as the spec asks); register accesses that are not 32 bits wide read 0 and are ignored.
+ *
+ * Bounded work: one notify spends at most one {@link VirtioBudget}; chains left over are handled
+ * from `setImmediate` (one budget per queue per event-loop turn, between the run loop's slices),
+ * and kicks that arrive meanwhile are absorbed by that continuation. Device models reach guest
+ * RAM only through a `DeviceMemory` named after the device, so their writes are mediated DMA.
  * @module
  */
-import { type Access, type AccessSize, type Device, type GuestMemory, type IrqLine, SnapshotFormatError, TsvmError } from '@tsvm/core';
+import { type Access, type AccessSize, type Device, DeviceMemory, type DeviceStopRequest, type GuestMemory, type IrqLine, SnapshotFormatError, TsvmError } from '@tsvm/core';
 import type { DeviceMapping } from '../mapping.js';
 import { encodeU64, SnapshotReader } from '../snapshot-fields.js';
 import { Feature, Interrupt, MmioReg, Status, VIRTIO_MMIO_MAGIC, VIRTIO_MMIO_VERSION, VIRTIO_VENDOR_ID } from './constants.js';
+import { resolveBudget, type VirtioBudget } from './budget.js';
 import type { ChainHandler, VirtioContext, VirtioDevice } from './device.js';
 import { type QueuePosition, SplitVirtqueue, VirtqueueError } from './virtqueue.js';
 
@@ -34,6 +40,8 @@ export interface VirtioMmioOptions {
   readonly eventIdx?: boolean;
   /** Called with the reason each time the device enters DEVICE_NEEDS_RESET (diagnostics). */
   readonly onError?: (error: Error) => void;
+  /** Work one notify may cause before the rest is deferred (defaults: `DEFAULT_VIRTIO_BUDGET`). */
+  readonly budget?: VirtioBudget;
 }
 
 /** Counters of guest misbehaviour the transport absorbed. */
@@ -44,6 +52,14 @@ export interface VirtioMmioStats {
   ignoredNotifies: number;
   /** Register accesses ignored (wrong width, unknown offset, read-only register). */
   ignoredAccesses: number;
+  /** Times a queue's work hit the budget and the rest was deferred to a later turn. */
+  deferrals: number;
+}
+
+interface Deferred {
+  handler: ChainHandler;
+  hasWork: (() => boolean) | undefined;
+  readonly timer: ReturnType<typeof setImmediate>;
 }
 
 interface QueueRegs extends QueuePosition {
@@ -53,6 +69,7 @@ interface QueueRegs extends QueuePosition {
   driver: bigint;
   device: bigint;
   vq: SplitVirtqueue | undefined;
+  deferred?: Deferred | undefined;
 }
 
 function newQueue(max: number): QueueRegs {
@@ -72,12 +89,13 @@ export class VirtioMmio implements Device {
   /** Device name (the model's). */
   readonly name: string;
   /** Counters of absorbed guest faults. */
-  readonly stats: VirtioMmioStats = { needsReset: 0, ignoredNotifies: 0, ignoredAccesses: 0 };
+  readonly stats: VirtioMmioStats = { needsReset: 0, ignoredNotifies: 0, ignoredAccesses: 0, deferrals: 0 };
   /** Most recent guest fault that put the device into NEEDS_RESET, for diagnostics. */
   lastError: Error | undefined;
 
   readonly #dev: VirtioDevice;
-  readonly #mem: GuestMemory;
+  readonly #mem: DeviceMemory;
+  readonly #budget: Required<VirtioBudget>;
   readonly #irq: IrqLine | undefined;
   readonly #offered: bigint;
   readonly #onError: ((error: Error) => void) | undefined;
@@ -90,12 +108,16 @@ export class VirtioMmio implements Device {
   #configGeneration = 0;
   #queues: QueueRegs[];
   #irqLevel = false;
+  /** A host bug met outside an exit (deferred work): reported at the next register access. */
+  #pendingStop: DeviceStopRequest | undefined;
+  #restoreKick: ReturnType<typeof setImmediate> | undefined;
 
   /** @param options - device model, guest RAM, IRQ line and offered ring features. */
   constructor(options: VirtioMmioOptions) {
     this.#dev = options.device;
     this.name = options.device.name;
-    this.#mem = options.memory;
+    this.#budget = resolveBudget(options.budget, 'options.budget');
+    this.#mem = new DeviceMemory(options.memory, options.device.name);
     this.#irq = options.irq;
     this.#onError = options.onError;
     this.#offered = options.device.deviceFeatures | Feature.Version1
@@ -142,8 +164,14 @@ export class VirtioMmio implements Device {
     return this.#driverFeatures & this.#offered;
   }
 
+  /** Whether work deferred by the budget is waiting for a later turn of the event loop. */
+  get busy(): boolean {
+    return this.#queues.some((q) => q.deferred !== undefined) || this.#restoreKick !== undefined;
+  }
+
   /** Guest register read. Never throws. */
-  read(offset: number, size: AccessSize, _access?: Access): number {
+  read(offset: number, size: AccessSize, access?: Access): number {
+    this.#reportPendingStop(access);
     if (offset >= MmioReg.Config) return this.#guard(() => this.#dev.readConfig(offset - MmioReg.Config, size), 0);
     if (size !== 4) {
       this.stats.ignoredAccesses++;
@@ -170,6 +198,7 @@ export class VirtioMmio implements Device {
 
   /** Guest register write. Never throws; a host bug in a device model becomes a `device-error` stop. */
   write(offset: number, value: number, size: AccessSize, access?: Access): void {
+    this.#reportPendingStop(access);
     if (offset >= MmioReg.Config) {
       this.#guard(() => this.#dev.writeConfig(offset - MmioReg.Config, value, size), undefined, access);
       return;
@@ -214,6 +243,7 @@ export class VirtioMmio implements Device {
     this.#driverFeatures = 0n;
     this.#queueSel = 0;
     this.#interruptStatus = 0;
+    this.#cancelDeferred();
     this.#queues = this.#dev.queueMaxSizes.map(newQueue);
     this.#dev.reset();
     this.#updateIrq();
@@ -266,13 +296,24 @@ export class VirtioMmio implements Device {
     this.#queueSel = top.queueSel;
     this.#interruptStatus = top.isr;
     this.#configGeneration = top.gen;
+    this.#cancelDeferred();
     this.#queues = queues;
     for (let i = 0; i < queues.length; i++) if (queues[i]?.ready === true) this.#activateQueue(i);
     this.#updateIrq();
+    // Chains a budget left for later at snapshot time are still in the avail ring, but the
+    // driver already kicked for them and will not again: kick the device model once.
+    this.#restoreKick = setImmediate(() => {
+      this.#restoreKick = undefined;
+      if (!this.#isActive()) return;
+      this.#queues.forEach((q, i) => {
+        if (q.vq !== undefined) this.#guard(() => this.#dev.notify(i), undefined);
+      });
+    });
   }
 
-  /** Closes the device model's host resources. */
+  /** Drops deferred work and closes the device model's host resources. */
   close(): void {
+    this.#cancelDeferred();
     this.#dev.close?.();
   }
 
@@ -299,13 +340,32 @@ export class VirtioMmio implements Device {
   }
 
   #process(index: number, handler: ChainHandler, hasWork?: () => boolean): number {
-    const vq = this.#queues[index]?.vq;
-    if (vq === undefined || !this.#isActive()) return 0;
+    const q = this.#queues[index];
+    if (q?.vq === undefined || !this.#isActive()) return 0;
+    if (q.deferred !== undefined) {
+      // A continuation is scheduled: it does this work too, so kicks cannot buy extra budget.
+      q.deferred.handler = handler;
+      q.deferred.hasWork = hasWork;
+      return 0;
+    }
+    return this.#spend(index, q.vq, handler, hasWork);
+  }
+
+  /** Handles chains until the queue is empty, `hasWork` says no, or the budget is spent (then defers). */
+  #spend(index: number, vq: SplitVirtqueue, handler: ChainHandler, hasWork: (() => boolean) | undefined): number {
+    const b = this.#budget;
+    const bytes0 = this.#mem.bytesMoved;
     let handled = 0;
+    let descriptors = 0;
     try {
       while (hasWork === undefined || hasWork()) {
+        if (handled >= b.chains || descriptors >= b.descriptors || this.#mem.bytesMoved - bytes0 >= b.bytes) {
+          if (vq.pending() > 0) this.#defer(index, handler, hasWork);
+          break;
+        }
         const chain = vq.pop();
         if (chain === undefined) break;
+        descriptors += chain.descriptors;
         const len = handler(chain);
         vq.pushUsed(chain.head, len);
         handled++;
@@ -315,6 +375,37 @@ export class VirtioMmio implements Device {
       if (handled > 0 && this.#isActive() && vq.shouldSignal()) this.#raise(Interrupt.UsedBuffer);
     }
     return handled;
+  }
+
+  #defer(index: number, handler: ChainHandler, hasWork: (() => boolean) | undefined): void {
+    const q = this.#queues[index];
+    if (q === undefined) return;
+    this.stats.deferrals++;
+    q.deferred = { handler, hasWork, timer: setImmediate(() => this.#resume(index, q)) };
+  }
+
+  #resume(index: number, q: QueueRegs): void {
+    const d = q.deferred;
+    q.deferred = undefined;
+    // The queue may have been reset, disabled or replaced (restore) since.
+    if (d === undefined || this.#queues[index] !== q || q.vq === undefined || !this.#isActive()) return;
+    const vq = q.vq;
+    this.#guard(() => this.#spend(index, vq, d.handler, d.hasWork), 0);
+  }
+
+  #cancelDeferred(): void {
+    for (const q of this.#queues) {
+      if (q.deferred !== undefined) clearImmediate(q.deferred.timer);
+      q.deferred = undefined;
+    }
+    if (this.#restoreKick !== undefined) clearImmediate(this.#restoreKick);
+    this.#restoreKick = undefined;
+  }
+
+  #reportPendingStop(access: Access | undefined): void {
+    if (this.#pendingStop === undefined || access === undefined) return;
+    access.requestStop(this.#pendingStop);
+    this.#pendingStop = undefined;
   }
 
   /** Runs guest-driven work: guest faults → NEEDS_RESET; host bugs → a `device-error` stop. */
@@ -327,7 +418,10 @@ export class VirtioMmio implements Device {
       } else {
         const err = e instanceof Error ? e : new Error(String(e));
         this.#needsReset(err);
-        access?.requestStop({ reason: 'device-error', device: this.name, message: err.message });
+        const stop: DeviceStopRequest = { reason: 'device-error', device: this.name, message: err.message };
+        // Outside an exit (deferred work) there is no one to ask; the next access reports it.
+        if (access !== undefined) access.requestStop(stop);
+        else this.#pendingStop ??= stop;
       }
       return fallback;
     }
@@ -361,6 +455,8 @@ export class VirtioMmio implements Device {
     if (!ready) {
       q.ready = false;
       q.vq = undefined;
+      if (q.deferred !== undefined) clearImmediate(q.deferred.timer);
+      q.deferred = undefined;
       return;
     }
     if (q.ready) return;

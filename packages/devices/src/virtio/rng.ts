@@ -10,7 +10,7 @@ import { ChainWriter } from './chain-io.js';
 import { DeviceId } from './constants.js';
 import type { VirtioContext, VirtioDevice } from './device.js';
 
-/** Fills `into` with random bytes. `into` may be a view of guest RAM: do not retain it. */
+/** Fills `into` with random bytes. `into` is a host buffer (at most 64 KiB) copied into the guest afterwards. */
 export type EntropySource = (into: Uint8Array) => void;
 
 /** The host's CSPRNG (`crypto.randomFillSync`). */

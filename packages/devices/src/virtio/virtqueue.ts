@@ -1,12 +1,13 @@
 /**
  * The split virtqueue (virtio 1.x, 2.7) seen from the device side. The driver owns the rings,
- * so every field read here is hostile input: each guest pointer goes through
- * `GuestMemory`'s checked translation, and every structural rule the spec puts on the driver
- * is checked before a chain reaches a device. A violation throws {@link VirtqueueError}; the
- * transport turns it into DEVICE_NEEDS_RESET (what QEMU's `virtio_error` does).
+ * so every field read here is hostile input: each guest pointer goes through the device's
+ * `DeviceMemory` (checked translation; ring writes are DMA and pass the DMA gate), and every
+ * structural rule the spec puts on the driver is checked before a chain reaches a device. A
+ * violation throws {@link VirtqueueError}; the transport turns it into DEVICE_NEEDS_RESET (what
+ * QEMU's `virtio_error` does).
  * @module
  */
-import { type GuestMemory, GuestMemoryError, TsvmError } from '@tsvm/core';
+import { type DeviceMemory, GuestMemoryError, TsvmError } from '@tsvm/core';
 import { DESC_SIZE, DescFlag, VIRTQ_AVAIL_F_NO_INTERRUPT } from './constants.js';
 
 /** Most entries an indirect table may hold (QEMU's VIRTQUEUE_MAX_SIZE). */
@@ -42,6 +43,8 @@ export interface DescriptorChain {
   readonly readableLength: number;
   /** Total writable bytes. */
   readonly writableLength: number;
+  /** Descriptors read to build the chain (indirect tables included): the cost of walking it. */
+  readonly descriptors: number;
 }
 
 /** Where a queue lives and what was negotiated for it. */
@@ -80,7 +83,7 @@ function guarded<T>(what: string, fn: () => T): T {
 
 /** Device side of one split virtqueue. */
 export class SplitVirtqueue {
-  readonly #mem: GuestMemory;
+  readonly #mem: DeviceMemory;
   /** Layout as configured by the driver. */
   readonly layout: QueueLayout;
   /** Ring positions (shared with the transport's snapshot). */
@@ -88,11 +91,11 @@ export class SplitVirtqueue {
   #usedAtLastSignal: number;
 
   /**
-   * @param memory - guest RAM.
+   * @param memory - the device's view of guest RAM.
    * @param layout - validated queue layout.
    * @param position - ring positions, mutated in place.
    */
-  constructor(memory: GuestMemory, layout: QueueLayout, position: QueuePosition) {
+  constructor(memory: DeviceMemory, layout: QueueLayout, position: QueuePosition) {
     this.#mem = memory;
     this.layout = layout;
     this.position = position;
@@ -100,7 +103,7 @@ export class SplitVirtqueue {
   }
 
   /** Checks that the three rings lie inside guest RAM and are aligned (2.7, table "alignment"). */
-  static validateLayout(memory: GuestMemory, l: QueueLayout): string | undefined {
+  static validateLayout(memory: Pick<DeviceMemory, 'contains'>, l: QueueLayout): string | undefined {
     const n = BigInt(l.size);
     const parts: [string, bigint, bigint, bigint][] = [
       ['descriptor table', l.desc, 16n * n, 16n],
@@ -196,10 +199,12 @@ export class SplitVirtqueue {
     let indirect = false;
     let index = head;
     let visited = 0;
+    let descriptors = 0;
     for (;;) {
       if (index >= tableSize) throw new VirtqueueError(`descriptor index ${index} is outside a table of ${tableSize}`);
       if (++visited > tableSize) throw new VirtqueueError(`descriptor chain from head ${head} is longer than its table (${tableSize}): a loop`);
       const d = this.#readDesc(table, index);
+      descriptors++;
       if (d.flags & DescFlag.Indirect) {
         if (!this.layout.indirect) throw new VirtqueueError('indirect descriptor used but VIRTIO_RING_F_INDIRECT_DESC was not negotiated');
         if (indirect) throw new VirtqueueError('nested indirect descriptor');
@@ -231,7 +236,7 @@ export class SplitVirtqueue {
       if (!(d.flags & DescFlag.Next)) break;
       index = d.next;
     }
-    return { head, readable, writable, readableLength, writableLength };
+    return { head, readable, writable, readableLength, writableLength, descriptors };
   }
 
   #checkBuffer(addr: bigint, len: number, what: string): void {
