@@ -10,14 +10,14 @@
  * @module
  */
 export { TsvmError, KvmError, KvmUnavailableError, errnoName } from './errors.js';
-export { KvmSystem, decodeCpuid, encodeCpuid } from './system.js';
+export { KvmSystem } from './system.js';
 export { KvmVm, type MemslotFlags } from './vm.js';
 export { KvmVcpu } from './vcpu.js';
 export { MemfdMapping } from './memfd.js';
 export { armSlice, disarmSlice, consumeSliceSignal, runSignalMask, sliceSignal } from './timer.js';
 export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './types.js';
 export { REG_NAMES } from './types.js';
-export { encodeRegs, decodeRegs, encodeSregs, decodeSregs } from './raw/codec.js';
+export { encodeRegs, decodeRegs, encodeSregs, decodeSregs, encodeCpuid, decodeCpuid } from './raw/codec.js';
 export { KVM, KVM_CAP, KVM_EXIT, KVM_CONST, type KvmIoctl } from './raw/ioctls.js';
 export { KVM_RUN_OFFSETS } from './raw/structs.js';
 export { libc, errno as lastErrno, type Libc, type NativePointer } from './raw/libc.js';

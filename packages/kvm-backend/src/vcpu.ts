@@ -6,10 +6,9 @@
 import { C, errno, libc, viewOf, type NativePointer } from './raw/libc.js';
 import * as S from './raw/structs.js';
 import { KVM, KVM_CONST, KVM_EXIT } from './raw/ioctls.js';
-import { decodeRegs, decodeSregs, dv, encodeRegs, encodeSregs } from './raw/codec.js';
+import { decodeRegs, decodeSregs, dv, encodeCpuid, encodeRegs, encodeSregs } from './raw/codec.js';
 import { KvmError } from './errors.js';
 import { closeFd, ioctlPtr } from './fd.js';
-import { encodeCpuid } from './system.js';
 import type { CoalescedEntry, CpuidEntry, MsrEntry, Regs, Sregs } from './types.js';
 
 const PAGE = 4096;
