@@ -173,24 +173,51 @@ function internalError(r: DataView, bytes: Uint8Array): KvmInternalErrorExit {
   return { kind: 'internal-error', suberror, ndata, data };
 }
 
+/** What the decoded exit still waits for before the next `KVM_RUN` (`complete*`). @internal */
+export const Pending = { None: 0, IoIn: 1, MmioRead: 2, Msr: 3 } as const;
+/** One of {@link Pending}'s values. @internal */
+export type Pending = (typeof Pending)[keyof typeof Pending];
+
 /**
- * Decodes the exit `reason` from a `kvm_run` view, copying every payload out. `r` and `bytes`
- * view the same mapping; both are borrowed for this call only.
+ * Where the answer to an exit goes: filled in by {@link decodeExit} so the hot path reads each
+ * `kvm_run` field once. One per vCPU, reused. @internal
+ */
+export interface PendingAnswer {
+  /** What is pending. */
+  pending: Pending;
+  /** For `IoIn`: offset of the data in the mapping (`io.data_offset`) and its length. */
+  ioOffset: number;
+  /** See `ioOffset`. */
+  ioLength: number;
+}
+
+/**
+ * Decodes the exit `reason` from a `kvm_run` view, copying every payload out, and records in
+ * `answer` what the exit waits for. `r` and `bytes` view the same mapping; both are borrowed
+ * for this call only.
  * @internal
  */
-export function decodeExit(reason: number, r: DataView, bytes: Uint8Array): KvmExit {
+export function decodeExit(reason: number, r: DataView, bytes: Uint8Array, answer: PendingAnswer): KvmExit {
   switch (reason) {
     case KVM_EXIT.IO: {
       const port = r.getUint16(O.io_port, true);
       const size = r.getUint8(O.io_size) as 1 | 2 | 4;
       const count = r.getUint32(O.io_count, true);
-      if (r.getUint8(O.io_direction) !== KVM_CONST.EXIT_IO_OUT) return { kind: 'io', direction: 'in', port, size, count, data: EMPTY };
-      const off = Number(r.getBigUint64(O.io_data_offset, true));
+      // data_offset is a __u64 but an offset into the few-page vCPU mapping: the low half is it
+      // (and reading it as a number spares a BigInt per exit).
+      const off = r.getUint32(O.io_data_offset, true);
+      if (r.getUint8(O.io_direction) !== KVM_CONST.EXIT_IO_OUT) {
+        answer.pending = Pending.IoIn;
+        answer.ioOffset = off;
+        answer.ioLength = size * count;
+        return { kind: 'io', direction: 'in', port, size, count, data: EMPTY };
+      }
       return { kind: 'io', direction: 'out', port, size, count, data: bytes.slice(off, off + size * count) };
     }
     case KVM_EXIT.MMIO: {
       const isWrite = r.getUint8(O.mmio_is_write) !== 0;
       const size = r.getUint32(O.mmio_len, true);
+      if (!isWrite) answer.pending = Pending.MmioRead;
       return {
         kind: 'mmio', address: r.getBigUint64(O.mmio_phys_addr, true), isWrite, size,
         data: isWrite ? bytes.slice(O.mmio_data, O.mmio_data + Math.min(size, 8)) : EMPTY,
@@ -204,6 +231,7 @@ export function decodeExit(reason: number, r: DataView, bytes: Uint8Array): KvmE
     case KVM_EXIT.HYPERCALL:
       return { kind: 'hypercall', nr: r.getBigUint64(O.hypercall_nr, true), args: words(r, O.hypercall_args, 6) };
     case KVM_EXIT.X86_RDMSR: case KVM_EXIT.X86_WRMSR:
+      answer.pending = Pending.Msr;
       return { kind: 'msr', direction: reason === KVM_EXIT.X86_RDMSR ? 'read' : 'write', index: r.getUint32(O.msr_index, true), data: r.getBigUint64(O.msr_data, true), reason: r.getUint32(O.msr_reason, true) };
     case KVM_EXIT.FAIL_ENTRY:
       return { kind: 'fail-entry', reason: r.getBigUint64(O.fail_entry_reason, true), cpu: r.getUint32(O.fail_entry_cpu, true) };

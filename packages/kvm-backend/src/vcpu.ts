@@ -7,18 +7,15 @@
  */
 import { C, errno, libc, viewOf, type NativePointer } from './raw/libc.js';
 import * as S from './raw/structs.js';
-import { KVM, KVM_CONST, KVM_EXIT } from './raw/ioctls.js';
+import { KVM, KVM_CONST } from './raw/ioctls.js';
 import { decodeRegs, decodeSregs, dv, encodeCpuid, encodeRegs, encodeSregs } from './raw/codec.js';
 import { KvmError, TsvmError } from './errors.js';
 import { closeFd, ioctlPtr } from './fd.js';
-import { INTR, decodeExit, type KvmExit } from './exit.js';
+import { INTR, Pending, decodeExit, type KvmExit, type PendingAnswer } from './exit.js';
 import type { CoalescedEntry, CpuidEntry, MsrEntry, Regs, Sregs } from './types.js';
 
 const PAGE = 4096;
 const O = S.KVM_RUN_OFFSETS;
-
-/** What the last exit still waits for before the next `KVM_RUN`. */
-const enum Pending { None, IoIn, MmioRead, Msr }
 
 /** An open vCPU. */
 export class KvmVcpu {
@@ -37,10 +34,8 @@ export class KvmVcpu {
   readonly #runReq = KVM.KVM_RUN;
   readonly #regsBuf = new Uint8Array(S.sizeOf(S.kvm_regs));
   readonly #sregsBuf = new Uint8Array(S.sizeOf(S.kvm_sregs));
-  #pending = Pending.None;
-  /** For a pending `in`: where in the mapping KVM reads the data from, and how many bytes. */
-  #ioOffset = 0;
-  #ioLength = 0;
+  /** What the last exit waits for; written by `decodeExit`. */
+  readonly #answer: PendingAnswer = { pending: Pending.None, ioOffset: 0, ioLength: 0 };
 
   /** @internal use `KvmVm.createVcpu`. */
   constructor(fd: number, id: number, mmapSize: number) {
@@ -62,31 +57,19 @@ export class KvmVcpu {
    * whatever the mapping holds.
    */
   run(): KvmExit {
-    this.#pending = Pending.None;
+    const a = this.#answer;
+    a.pending = Pending.None;
     const r = this.#ioctl(this.fd, this.#runReq, 0);
     if (r < 0) {
       const e = errno();
       if (e === C.EINTR || e === C.EAGAIN) return INTR;
       throw new KvmError('KVM_RUN', e);
     }
-    const v = this.#run;
-    const reason = v.getUint32(O.exit_reason, true);
-    if (reason === KVM_EXIT.IO) {
-      if (v.getUint8(O.io_direction) !== KVM_CONST.EXIT_IO_OUT) {
-        this.#pending = Pending.IoIn;
-        this.#ioOffset = Number(v.getBigUint64(O.io_data_offset, true));
-        this.#ioLength = v.getUint8(O.io_size) * v.getUint32(O.io_count, true);
-      }
-    } else if (reason === KVM_EXIT.MMIO) {
-      if (v.getUint8(O.mmio_is_write) === 0) this.#pending = Pending.MmioRead;
-    } else if (reason === KVM_EXIT.X86_RDMSR || reason === KVM_EXIT.X86_WRMSR) {
-      this.#pending = Pending.Msr;
-    }
-    return decodeExit(reason, v, this.#runBytes);
+    return decodeExit(this.#run.getUint32(O.exit_reason, true), this.#run, this.#runBytes, a);
   }
 
-  #expect(p: Pending, what: string): void {
-    if (this.#pending !== p) throw new TsvmError('TSVM_KVM_NO_PENDING_EXIT', `${what}: the last exit of vCPU ${this.id} was not one`);
+  #notPending(what: string): TsvmError {
+    return new TsvmError('TSVM_KVM_NO_PENDING_EXIT', `${what}: the last exit of vCPU ${this.id} was not one`);
   }
 
   /**
@@ -95,9 +78,10 @@ export class KvmVcpu {
    * @throws TsvmError `TSVM_KVM_NO_PENDING_EXIT` when the last exit was not an `in`.
    */
   completeIoIn(data: Uint8Array): void {
-    this.#expect(Pending.IoIn, 'completeIoIn');
-    this.#runBytes.set(data.length > this.#ioLength ? data.subarray(0, this.#ioLength) : data, this.#ioOffset);
-    this.#pending = Pending.None;
+    const a = this.#answer;
+    if (a.pending !== Pending.IoIn) throw this.#notPending('completeIoIn');
+    this.#runBytes.set(data.length > a.ioLength ? data.subarray(0, a.ioLength) : data, a.ioOffset);
+    a.pending = Pending.None;
   }
 
   /**
@@ -105,9 +89,9 @@ export class KvmVcpu {
    * @throws TsvmError `TSVM_KVM_NO_PENDING_EXIT` when the last exit was not an MMIO read.
    */
   completeMmioRead(data: Uint8Array): void {
-    this.#expect(Pending.MmioRead, 'completeMmioRead');
+    if (this.#answer.pending !== Pending.MmioRead) throw this.#notPending('completeMmioRead');
     this.#runBytes.set(data.length > 8 ? data.subarray(0, 8) : data, O.mmio_data);
-    this.#pending = Pending.None;
+    this.#answer.pending = Pending.None;
   }
 
   /**
@@ -116,10 +100,10 @@ export class KvmVcpu {
    * @throws TsvmError `TSVM_KVM_NO_PENDING_EXIT` when the last exit was not an MSR access.
    */
   completeMsr(data: bigint, error: boolean): void {
-    this.#expect(Pending.Msr, 'completeMsr');
+    if (this.#answer.pending !== Pending.Msr) throw this.#notPending('completeMsr');
     this.#run.setUint8(O.msr_error, error ? 1 : 0);
     this.#run.setBigUint64(O.msr_data, BigInt.asUintN(64, data), true);
-    this.#pending = Pending.None;
+    this.#answer.pending = Pending.None;
   }
 
   /** Sets `kvm_run.immediate_exit` (the next `KVM_RUN` returns at once with EINTR). */
@@ -135,9 +119,10 @@ export class KvmVcpu {
    * when no device drives it (so a `rep ins` never stores stale bytes into guest memory).
    */
   completePendingExit(): void {
-    if (this.#pending === Pending.IoIn) this.#runBytes.fill(0xff, this.#ioOffset, this.#ioOffset + this.#ioLength);
-    else if (this.#pending === Pending.MmioRead) this.#runBytes.fill(0xff, O.mmio_data, O.mmio_data + 8);
-    this.#pending = Pending.None;
+    const a = this.#answer;
+    if (a.pending === Pending.IoIn) this.#runBytes.fill(0xff, a.ioOffset, a.ioOffset + a.ioLength);
+    else if (a.pending === Pending.MmioRead) this.#runBytes.fill(0xff, O.mmio_data, O.mmio_data + 8);
+    a.pending = Pending.None;
     this.setImmediateExit(true);
     try {
       const r = this.#ioctl(this.fd, this.#runReq, 0);
@@ -305,7 +290,7 @@ export class KvmVcpu {
     libc().munmap(this.#ptr, this.#mmapSize);
     this.#run = new DataView(new ArrayBuffer(0));
     this.#runBytes = new Uint8Array(0);
-    this.#pending = Pending.None;
+    this.#answer.pending = Pending.None;
     closeFd(this.fd);
     this.fd = -1;
   }
