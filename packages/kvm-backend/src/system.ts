@@ -6,7 +6,7 @@ import { existsSync } from 'node:fs';
 import { C, errno, libc } from './raw/libc.js';
 import { KVM_CAP, KVM_CONST } from './raw/ioctls.js';
 import * as S from './raw/structs.js';
-import { dv } from './raw/codec.js';
+import { decodeCpuid, dv } from './raw/codec.js';
 import { KvmError, KvmUnavailableError, errnoName } from './errors.js';
 import { closeFd, ioctlInt, ioctlPtr } from './fd.js';
 import { KvmVm } from './vm.js';
@@ -82,8 +82,10 @@ export class KvmSystem {
 
   /** `KVM_CREATE_VM` (type 0). */
   createVm(): KvmVm {
+    // Asked once here so the VM need not know its system (imports go system → vm → vcpu).
+    const mmapSize = this.vcpuMmapSize();
     const fd = ioctlInt(this.fd, 'KVM_CREATE_VM', 0);
-    return new KvmVm(fd, this);
+    return new KvmVm(fd, mmapSize);
   }
 
   /** Closes `/dev/kvm`. Idempotent. */
@@ -91,34 +93,4 @@ export class KvmSystem {
     closeFd(this.fd);
     this.fd = -1;
   }
-}
-
-/** Decodes a `struct kvm_cpuid2` buffer. */
-export function decodeCpuid(buf: Uint8Array): CpuidEntry[] {
-  const v = dv(buf);
-  const n = v.getUint32(0, true);
-  const entSize = S.sizeOf(S.kvm_cpuid_entry2);
-  const out: CpuidEntry[] = [];
-  for (let i = 0; i < n; i++) {
-    const at = 8 + i * entSize;
-    out.push({
-      function: v.getUint32(at, true), index: v.getUint32(at + 4, true), flags: v.getUint32(at + 8, true),
-      eax: v.getUint32(at + 12, true), ebx: v.getUint32(at + 16, true), ecx: v.getUint32(at + 20, true), edx: v.getUint32(at + 24, true),
-    });
-  }
-  return out;
-}
-
-/** Encodes a `struct kvm_cpuid2` buffer. */
-export function encodeCpuid(entries: readonly CpuidEntry[]): Uint8Array {
-  const entSize = S.sizeOf(S.kvm_cpuid_entry2);
-  const buf = new Uint8Array(8 + entries.length * entSize);
-  const v = dv(buf);
-  v.setUint32(0, entries.length, true);
-  entries.forEach((e, i) => {
-    const at = 8 + i * entSize;
-    v.setUint32(at, e.function >>> 0, true); v.setUint32(at + 4, e.index >>> 0, true); v.setUint32(at + 8, e.flags >>> 0, true);
-    v.setUint32(at + 12, e.eax >>> 0, true); v.setUint32(at + 16, e.ebx >>> 0, true); v.setUint32(at + 20, e.ecx >>> 0, true); v.setUint32(at + 24, e.edx >>> 0, true);
-  });
-  return buf;
 }

@@ -1,18 +1,21 @@
 /**
- * A vCPU fd and its mmap'd `kvm_run`. One method per ioctl; `run()` is the hot path and does
- * exactly one `KVM_RUN` with no allocation.
+ * A vCPU fd and its mmap'd `kvm_run`. One method per ioctl; {@link KvmVcpu.run} does one
+ * `KVM_RUN` and returns a copied-out {@link KvmExit}, and the `complete*` methods write the
+ * answer to an exit that needs one (`in`, MMIO read, MSR) into `kvm_run` for the next
+ * `KVM_RUN` to consume. The mapping itself never leaves this class.
  * @module
  */
 import { C, errno, libc, viewOf, type NativePointer } from './raw/libc.js';
 import * as S from './raw/structs.js';
-import { KVM, KVM_CONST, KVM_EXIT } from './raw/ioctls.js';
-import { decodeRegs, decodeSregs, dv, encodeRegs, encodeSregs } from './raw/codec.js';
-import { KvmError } from './errors.js';
+import { KVM, KVM_CONST } from './raw/ioctls.js';
+import { decodeRegs, decodeSregs, dv, encodeCpuid, encodeRegs, encodeSregs } from './raw/codec.js';
+import { KvmError, TsvmError } from './errors.js';
 import { closeFd, ioctlPtr } from './fd.js';
-import { encodeCpuid } from './system.js';
+import { INTR, Pending, decodeExit, type KvmExit, type PendingAnswer } from './exit.js';
 import type { CoalescedEntry, CpuidEntry, MsrEntry, Regs, Sregs } from './types.js';
 
 const PAGE = 4096;
+const O = S.KVM_RUN_OFFSETS;
 
 /** An open vCPU. */
 export class KvmVcpu {
@@ -20,19 +23,19 @@ export class KvmVcpu {
   fd: number;
   /** vCPU id. */
   readonly id: number;
-  /**
-   * SAFETY: a view of this vCPU's `kvm_run` mapping; valid until {@link close}, which unmaps
-   * it and replaces this with an empty view. Decoders copy data out at exit time.
-   */
-  run_: DataView;
-  /** The same mapping as bytes (for `io.data_offset` payloads). Same lifetime as {@link run_}. */
-  runBytes: Uint8Array;
+  // SAFETY: both views cover this vCPU's `kvm_run` mapping and are private to this class, so
+  // nothing can hold them past `close()`, which unmaps the mapping and swaps in empty views.
+  // Exits are copied out of them at decode time (`decodeExit`).
+  #run: DataView;
+  #runBytes: Uint8Array;
   readonly #mmapSize: number;
   #ptr: NativePointer;
   readonly #ioctl = libc().ioctlInt;
   readonly #runReq = KVM.KVM_RUN;
   readonly #regsBuf = new Uint8Array(S.sizeOf(S.kvm_regs));
   readonly #sregsBuf = new Uint8Array(S.sizeOf(S.kvm_sregs));
+  /** What the last exit waits for; written by `decodeExit`. */
+  readonly #answer: PendingAnswer = { pending: Pending.None, ioOffset: 0, ioLength: 0 };
 
   /** @internal use `KvmVm.createVcpu`. */
   constructor(fd: number, id: number, mmapSize: number) {
@@ -43,35 +46,83 @@ export class KvmVcpu {
     if (ptr === null) throw new KvmError('mmap(kvm_run)', errno());
     this.#ptr = ptr;
     const ab = viewOf(ptr, mmapSize);
-    this.run_ = new DataView(ab);
-    this.runBytes = new Uint8Array(ab);
+    this.#run = new DataView(ab);
+    this.#runBytes = new Uint8Array(ab);
   }
 
   /**
-   * `KVM_RUN`. Returns the exit reason. An interrupted run (our slice signal) returns
-   * `KVM_EXIT.INTR`; any other failure throws {@link KvmError}.
+   * `KVM_RUN`, decoded. An interrupted run (a signal such as the slice timer, or
+   * `immediate_exit`) is the `'intr'` exit; any other failure throws {@link KvmError}.
+   * An answer to the previous exit that was not given (`complete*`) is lost: KVM reads
+   * whatever the mapping holds.
    */
-  run(): number {
+  run(): KvmExit {
+    const a = this.#answer;
+    a.pending = Pending.None;
     const r = this.#ioctl(this.fd, this.#runReq, 0);
     if (r < 0) {
       const e = errno();
-      if (e === C.EINTR || e === C.EAGAIN) return KVM_EXIT.INTR;
+      if (e === C.EINTR || e === C.EAGAIN) return INTR;
       throw new KvmError('KVM_RUN', e);
     }
-    return this.run_.getUint32(S.KVM_RUN_OFFSETS.exit_reason, true);
+    return decodeExit(this.#run.getUint32(O.exit_reason, true), this.#run, this.#runBytes, a);
+  }
+
+  #notPending(what: string): TsvmError {
+    return new TsvmError('TSVM_KVM_NO_PENDING_EXIT', `${what}: the last exit of vCPU ${this.id} was not one`);
+  }
+
+  /**
+   * Answers a pending `in` exit: the first `size * count` bytes of `data` (fewer if `data` is
+   * shorter) are what the guest reads when `KVM_RUN` resumes it.
+   * @throws TsvmError `TSVM_KVM_NO_PENDING_EXIT` when the last exit was not an `in`.
+   */
+  completeIoIn(data: Uint8Array): void {
+    const a = this.#answer;
+    if (a.pending !== Pending.IoIn) throw this.#notPending('completeIoIn');
+    this.#runBytes.set(data.length > a.ioLength ? data.subarray(0, a.ioLength) : data, a.ioOffset);
+    a.pending = Pending.None;
+  }
+
+  /**
+   * Answers a pending MMIO read with up to 8 bytes (`mmio.data`).
+   * @throws TsvmError `TSVM_KVM_NO_PENDING_EXIT` when the last exit was not an MMIO read.
+   */
+  completeMmioRead(data: Uint8Array): void {
+    if (this.#answer.pending !== Pending.MmioRead) throw this.#notPending('completeMmioRead');
+    this.#runBytes.set(data.length > 8 ? data.subarray(0, 8) : data, O.mmio_data);
+    this.#answer.pending = Pending.None;
+  }
+
+  /**
+   * Answers a pending `rdmsr`/`wrmsr` exit: `data` is the value `rdmsr` returns (ignored for
+   * `wrmsr`); `error` makes the guest's instruction raise #GP instead.
+   * @throws TsvmError `TSVM_KVM_NO_PENDING_EXIT` when the last exit was not an MSR access.
+   */
+  completeMsr(data: bigint, error: boolean): void {
+    if (this.#answer.pending !== Pending.Msr) throw this.#notPending('completeMsr');
+    this.#run.setUint8(O.msr_error, error ? 1 : 0);
+    this.#run.setBigUint64(O.msr_data, BigInt.asUintN(64, data), true);
+    this.#answer.pending = Pending.None;
   }
 
   /** Sets `kvm_run.immediate_exit` (the next `KVM_RUN` returns at once with EINTR). */
   setImmediateExit(on: boolean): void {
-    this.run_.setUint8(S.KVM_RUN_OFFSETS.immediate_exit, on ? 1 : 0);
+    this.#run.setUint8(O.immediate_exit, on ? 1 : 0);
   }
 
   /**
    * Finishes the exit KVM last reported (an `in`/`out` or MMIO access, which KVM completes
    * only on the next `KVM_RUN`) without running any further guest instruction: `KVM_RUN` with
    * `immediate_exit` set, as the KVM API documents for saving state after an I/O exit.
+   * A pending `in` or MMIO read that was never answered reads all-ones, what a PC bus returns
+   * when no device drives it (so a `rep ins` never stores stale bytes into guest memory).
    */
   completePendingExit(): void {
+    const a = this.#answer;
+    if (a.pending === Pending.IoIn) this.#runBytes.fill(0xff, a.ioOffset, a.ioOffset + a.ioLength);
+    else if (a.pending === Pending.MmioRead) this.#runBytes.fill(0xff, O.mmio_data, O.mmio_data + 8);
+    a.pending = Pending.None;
     this.setImmediateExit(true);
     try {
       const r = this.#ioctl(this.fd, this.#runReq, 0);
@@ -213,7 +264,7 @@ export class KvmVcpu {
   drainCoalesced(into: CoalescedEntry[] = []): CoalescedEntry[] {
     if (this.#mmapSize < (KVM_CONST.COALESCED_MMIO_PAGE_OFFSET + 1) * PAGE) return into;
     const base = KVM_CONST.COALESCED_MMIO_PAGE_OFFSET * PAGE;
-    const v = this.run_;
+    const v = this.#run;
     const max = Math.floor((PAGE - 8) / 24);
     let first = v.getUint32(base, true);
     const last = v.getUint32(base + 4, true);
@@ -224,7 +275,7 @@ export class KvmVcpu {
         address: v.getBigUint64(at, true),
         length: len,
         pio: v.getUint32(at + 12, true) !== 0,
-        data: this.runBytes.slice(at + 16, at + 16 + Math.min(len, 8)),
+        data: this.#runBytes.slice(at + 16, at + 16 + Math.min(len, 8)),
       });
       first = (first + 1) % max;
       // Publish consumption before reading the next entry, as the kernel expects.
@@ -237,8 +288,9 @@ export class KvmVcpu {
   close(): void {
     if (this.fd < 0) return;
     libc().munmap(this.#ptr, this.#mmapSize);
-    this.run_ = new DataView(new ArrayBuffer(0));
-    this.runBytes = new Uint8Array(0);
+    this.#run = new DataView(new ArrayBuffer(0));
+    this.#runBytes = new Uint8Array(0);
+    this.#answer.pending = Pending.None;
     closeFd(this.fd);
     this.fd = -1;
   }

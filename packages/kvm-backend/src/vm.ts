@@ -7,7 +7,6 @@ import { dv } from './raw/codec.js';
 import { KVM_CONST } from './raw/ioctls.js';
 import { closeFd, ioctlInt, ioctlPtr } from './fd.js';
 import { KvmVcpu } from './vcpu.js';
-import type { KvmSystem } from './system.js';
 
 /** Flags of a memslot. */
 export interface MemslotFlags {
@@ -21,14 +20,14 @@ export interface MemslotFlags {
 export class KvmVm {
   /** VM fd, or -1 after close. */
   fd: number;
-  /** The system this VM belongs to. */
-  readonly system: KvmSystem;
+  /** `KVM_GET_VCPU_MMAP_SIZE` of the system, the length of each vCPU's `kvm_run` mapping. */
+  readonly vcpuMmapSize: number;
   readonly #regionBuf = new Uint8Array(S.sizeOf(S.kvm_userspace_memory_region));
 
-  /** @internal use {@link KvmSystem.createVm}. */
-  constructor(fd: number, system: KvmSystem) {
+  /** @internal use `KvmSystem.createVm`. */
+  constructor(fd: number, vcpuMmapSize: number) {
     this.fd = fd;
-    this.system = system;
+    this.vcpuMmapSize = vcpuMmapSize;
   }
 
   /** `KVM_SET_USER_MEMORY_REGION`. A size of 0 deletes the slot. */
@@ -172,7 +171,7 @@ export class KvmVm {
   createVcpu(id: number): KvmVcpu {
     const fd = ioctlInt(this.fd, 'KVM_CREATE_VCPU', id);
     try {
-      return new KvmVcpu(fd, id, this.system.vcpuMmapSize());
+      return new KvmVcpu(fd, id, this.vcpuMmapSize);
     } catch (e) {
       closeFd(fd);
       throw e;

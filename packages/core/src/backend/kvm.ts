@@ -1,12 +1,14 @@
 /**
  * The real backend: `Backend` implemented on `@tsvm/kvm-backend`. This is where policy that
- * the raw layer must not have lives: capability discovery, the preemption signal mask, and
- * decoding `kvm_run` into a {@link VcpuExit} (copying the data out).
+ * the raw layer must not have lives: capability discovery, the preemption signal mask, which
+ * completion an exit's answer goes to, and how a fault is injected. Decoding `kvm_run` is
+ * kvm-backend's: its `KvmExit` has exactly the shape of {@link VcpuExit}, so `run()` passes
+ * the decoded object through with no second copy (the compiler checks the shapes agree).
  * @module
  */
 import { readFileSync } from 'node:fs';
 import {
-  KVM_CAP, KVM_CONST, KVM_EXIT, KVM_RUN_OFFSETS as O, KvmSystem, MemfdMapping, armSlice, disarmSlice,
+  KVM_CAP, KVM_CONST, KvmSystem, MemfdMapping, armSlice, disarmSlice,
   consumeSliceSignal, runSignalMask, KvmError, type KvmVcpu, type KvmVm, type CpuidEntry,
 } from '@tsvm/kvm-backend';
 import type { Backend, BackendVcpu, BackendVm, BackendVmOptions, HostCapabilities, VirtFlavour } from '../backend.js';
@@ -14,8 +16,6 @@ import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
 import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
 import { probeIoRip, type IoRipProbeResult } from './io-rip-probe.js';
-
-const EMPTY = new Uint8Array(0);
 
 function detectFlavour(): VirtFlavour {
   try {
@@ -194,13 +194,15 @@ class KvmBackendVm implements BackendVm {
   }
 }
 
+/** Stands for "no exit waiting for an answer". */
+const NO_EXIT: VcpuExit = Object.freeze({ kind: 'intr' });
+
 class KvmBackendVcpu implements BackendVcpu {
   readonly id: number;
   readonly #v: KvmVcpu;
   readonly #cpuid: CpuidEntry[];
-  #pendingIo: { offset: number; length: number } | undefined;
-  #pendingMmio = false;
-  #pendingMsr = false;
+  /** The exit `run()` last returned, until it is answered. */
+  #last: VcpuExit = NO_EXIT;
 
   constructor(v: KvmVcpu, cpuid: CpuidEntry[]) {
     this.#v = v;
@@ -209,92 +211,36 @@ class KvmBackendVcpu implements BackendVcpu {
   }
 
   run(): VcpuExit {
-    const reason = this.#v.run();
-    this.#pendingIo = undefined;
-    this.#pendingMmio = false;
-    this.#pendingMsr = false;
-    const r = this.#v.run_;
-    switch (reason) {
-      case KVM_EXIT.IO: {
-        const direction = r.getUint8(O.io_direction) === KVM_CONST.EXIT_IO_OUT ? 'out' : 'in';
-        const size = r.getUint8(O.io_size) as 1 | 2 | 4;
-        const count = r.getUint32(O.io_count, true);
-        const off = Number(r.getBigUint64(O.io_data_offset, true));
-        const len = size * count;
-        if (direction === 'in') {
-          this.#pendingIo = { offset: off, length: len };
-          return { kind: 'io', direction, port: r.getUint16(O.io_port, true), size, count, data: EMPTY };
-        }
-        // Copy out: the exit value must not alias kvm_run.
-        return { kind: 'io', direction, port: r.getUint16(O.io_port, true), size, count, data: this.#v.runBytes.slice(off, off + len) };
-      }
-      case KVM_EXIT.MMIO: {
-        const isWrite = r.getUint8(O.mmio_is_write) !== 0;
-        const size = r.getUint32(O.mmio_len, true);
-        if (!isWrite) this.#pendingMmio = true;
-        return {
-          kind: 'mmio', address: r.getBigUint64(O.mmio_phys_addr, true), isWrite, size,
-          data: isWrite ? this.#v.runBytes.slice(O.mmio_data, O.mmio_data + Math.min(size, 8)) : EMPTY,
-        };
-      }
-      case KVM_EXIT.HLT: return { kind: 'hlt' };
-      case KVM_EXIT.SHUTDOWN: return { kind: 'shutdown' };
-      case KVM_EXIT.INTR: return { kind: 'intr' };
-      case KVM_EXIT.DEBUG:
-        return { kind: 'debug', exception: r.getUint32(O.debug_exception, true), pc: r.getBigUint64(O.debug_pc, true), dr6: r.getBigUint64(O.debug_dr6, true), dr7: r.getBigUint64(O.debug_dr7, true) };
-      case KVM_EXIT.HYPERCALL:
-        return { kind: 'hypercall', nr: r.getBigUint64(O.hypercall_nr, true), args: [0, 1, 2, 3, 4, 5].map((i) => r.getBigUint64(O.hypercall_args + i * 8, true)) };
-      case KVM_EXIT.X86_RDMSR: case KVM_EXIT.X86_WRMSR:
-        this.#pendingMsr = true;
-        return { kind: 'msr', direction: reason === KVM_EXIT.X86_RDMSR ? 'read' : 'write', index: r.getUint32(O.msr_index, true), data: r.getBigUint64(O.msr_data, true), reason: r.getUint32(O.msr_reason, true) };
-      case KVM_EXIT.FAIL_ENTRY:
-        return { kind: 'fail-entry', reason: r.getBigUint64(O.fail_entry_reason, true), cpu: r.getUint32(O.fail_entry_cpu, true) };
-      case KVM_EXIT.INTERNAL_ERROR: {
-        const n = Math.min(r.getUint32(O.internal_ndata, true), 16);
-        return { kind: 'internal-error', suberror: r.getUint32(O.internal_suberror, true), data: Array.from({ length: n }, (_, i) => r.getBigUint64(O.internal_data + i * 8, true)) };
-      }
-      case KVM_EXIT.SYSTEM_EVENT: {
-        const n = Math.min(r.getUint32(O.system_event_ndata, true), 16);
-        return { kind: 'system-event', type: r.getUint32(O.system_event_type, true), data: Array.from({ length: n }, (_, i) => r.getBigUint64(O.system_event_data + i * 8, true)) };
-      }
-      case KVM_EXIT.EXCEPTION:
-        return { kind: 'exception', vector: r.getUint32(O.ex_exception, true), errorCode: r.getUint32(O.ex_error_code, true) };
-      default:
-        return { kind: 'unsupported', reason };
-    }
+    const exit = this.#v.run();
+    this.#last = exit;
+    return exit;
   }
 
   completeRead(data: Uint8Array): void {
-    if (this.#pendingIo) {
-      const { offset, length } = this.#pendingIo;
-      this.#v.runBytes.set(data.subarray(0, length), offset);
-      this.#pendingIo = undefined;
-    } else if (this.#pendingMmio) {
-      this.#v.runBytes.set(data.subarray(0, 8), O.mmio_data);
-      this.#pendingMmio = false;
-    }
+    const e = this.#last;
+    if (e.kind === 'io' && e.direction === 'in') this.#v.completeIoIn(data);
+    else if (e.kind === 'mmio' && !e.isWrite) this.#v.completeMmioRead(data);
+    this.#last = NO_EXIT;
   }
 
   faultInstruction(vector: number, errorCode: number | undefined, rip: bigint): void {
     // KVM finishes (and skips) a pending I/O or MMIO access inside the next KVM_RUN (on PVM it
     // has already finished an `out`, so RIP is past it). Let it finish without running
-    // anything else, then put every register back — RIP onto the accessing instruction (which
-    // the caller derived for this flavour), RAX as before an `in` — and queue the exception,
-    // so the guest sees a fault *on* the access and the access had no effect.
+    // anything else (an unanswered `in` reads all-ones), then put every register back — RIP
+    // onto the accessing instruction (which the caller derived for this flavour), RAX as
+    // before an `in` — and queue the exception, so the guest sees a fault *on* the access and
+    // the access had no effect.
     const regs = { ...this.#v.getRegs(), rip };
-    if (this.#pendingIo) this.#v.runBytes.fill(0xff, this.#pendingIo.offset, this.#pendingIo.offset + this.#pendingIo.length);
-    this.#pendingIo = undefined;
-    this.#pendingMmio = false;
+    this.#last = NO_EXIT;
     this.#v.completePendingExit();
     this.#v.setRegs(regs);
     this.#v.injectException(vector, errorCode);
   }
 
   completeMsr(data: bigint, error: boolean): void {
-    if (!this.#pendingMsr) return;
-    this.#v.run_.setUint8(O.msr_error, error ? 1 : 0);
-    this.#v.run_.setBigUint64(O.msr_data, BigInt.asUintN(64, data), true);
-    this.#pendingMsr = false;
+    if (this.#last.kind !== 'msr') return;
+    this.#v.completeMsr(data, error);
+    this.#last = NO_EXIT;
   }
 
   beginSlice(ns: number): void { armSlice(ns); }

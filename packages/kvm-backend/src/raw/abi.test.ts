@@ -56,7 +56,8 @@ const runFields: Array<[keyof typeof S.KVM_RUN_OFFSETS, string]> = [
   ['mmio_phys_addr', 'mmio.phys_addr'], ['mmio_data', 'mmio.data'], ['mmio_len', 'mmio.len'],
   ['mmio_is_write', 'mmio.is_write'], ['fail_entry_reason', 'fail_entry.hardware_entry_failure_reason'],
   ['fail_entry_cpu', 'fail_entry.cpu'], ['internal_suberror', 'internal.suberror'], ['internal_ndata', 'internal.ndata'],
-  ['internal_data', 'internal.data'], ['system_event_type', 'system_event.type'], ['system_event_ndata', 'system_event.ndata'],
+  ['internal_data', 'internal.data'], ['emulation_flags', 'emulation_failure.flags'],
+  ['emulation_insn_size', 'emulation_failure.insn_size'], ['emulation_insn_bytes', 'emulation_failure.insn_bytes'], ['system_event_type', 'system_event.type'], ['system_event_ndata', 'system_event.ndata'],
   ['system_event_data', 'system_event.data'], ['msr_error', 'msr.error'], ['msr_reason', 'msr.reason'],
   ['msr_index', 'msr.index'], ['msr_data', 'msr.data'], ['debug_exception', 'debug.arch.exception'],
   ['debug_pc', 'debug.arch.pc'], ['debug_dr6', 'debug.arch.dr6'], ['debug_dr7', 'debug.arch.dr7'],
@@ -78,7 +79,10 @@ function cReport(): Record<string, number> {
     for (const [k, path] of runFields) lines.push(`P("run.${k}", offsetof(struct kvm_run, ${path}));`);
     for (const k of Object.keys(S.VCPU_EVENTS_OFFSETS)) lines.push(`P("events.${k}", offsetof(struct kvm_vcpu_events, ${k.replace('exception_', 'exception.')}));`);
     for (const k of Object.keys(KVM)) lines.push(`P("ioctl.${k}", (unsigned long)${k});`);
-    lines.push('P("const.COALESCED_MMIO_PAGE_OFFSET", KVM_COALESCED_MMIO_PAGE_OFFSET);', 'P("const.PIO_PAGE_OFFSET", KVM_PIO_PAGE_OFFSET);', 'P("const.PIT_SPEAKER_DUMMY", KVM_PIT_SPEAKER_DUMMY);');
+    lines.push('P("const.COALESCED_MMIO_PAGE_OFFSET", KVM_COALESCED_MMIO_PAGE_OFFSET);', 'P("const.PIO_PAGE_OFFSET", KVM_PIO_PAGE_OFFSET);', 'P("const.PIT_SPEAKER_DUMMY", KVM_PIT_SPEAKER_DUMMY);',
+      'P("const.INTERNAL_ERROR_EMULATION", KVM_INTERNAL_ERROR_EMULATION);',
+      'P("const.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES);',
+      'P("const.EXIT_IO_OUT", KVM_EXIT_IO_OUT);');
     const src = `#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n#define P(n,v) printf("%s %lu\\n", n, (unsigned long)(v))\nint main(void){\n${lines.join('\n')}\nreturn 0;}\n`;
     writeFileSync(join(dir, 'abi.c'), src);
     execFileSync('cc', ['-o', join(dir, 'abi'), join(dir, 'abi.c')]);
@@ -108,6 +112,11 @@ describe.skipIf(reason !== '')('KVM ABI layouts match <linux/kvm.h>', () => {
     expect(KVM_CONST.COALESCED_MMIO_PAGE_OFFSET).toBe(c['const.COALESCED_MMIO_PAGE_OFFSET']);
     expect(KVM_CONST.PIO_PAGE_OFFSET).toBe(c['const.PIO_PAGE_OFFSET']);
     expect(KVM_CONST.PIT_SPEAKER_DUMMY).toBe(c['const.PIT_SPEAKER_DUMMY']);
+  });
+  it('exit decoding constants', () => {
+    expect(KVM_CONST.INTERNAL_ERROR_EMULATION).toBe(c['const.INTERNAL_ERROR_EMULATION']);
+    expect(KVM_CONST.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES).toBe(c['const.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES']);
+    expect(KVM_CONST.EXIT_IO_OUT).toBe(c['const.EXIT_IO_OUT']);
   });
   it('ioctl numbers', () => {
     for (const [k, v] of Object.entries(KVM)) expect(v, k).toBe(c[`ioctl.${k}`]);

@@ -4,7 +4,7 @@
  * @module
  */
 import * as S from './structs.js';
-import { REG_NAMES, type DTable, type Regs, type Segment, type Sregs } from '../types.js';
+import { REG_NAMES, type CpuidEntry, type DTable, type Regs, type Segment, type Sregs } from '../types.js';
 
 const SEG_FIELDS = ['type', 'present', 'dpl', 'db', 's', 'l', 'g', 'avl', 'unusable'] as const;
 const SEG = {
@@ -79,4 +79,34 @@ export function encodeSregs(s: Sregs, buf: Uint8Array): void {
   for (const n of CR_NAMES) v.setBigUint64(S.offsetOf(S.kvm_sregs, n), BigInt.asUintN(64, s[n]), true);
   const ib = S.offsetOf(S.kvm_sregs, 'interrupt_bitmap');
   s.interrupt_bitmap.forEach((x, i) => v.setBigUint64(ib + i * 8, BigInt.asUintN(64, x), true));
+}
+
+/** Decodes a `struct kvm_cpuid2` buffer. */
+export function decodeCpuid(buf: Uint8Array): CpuidEntry[] {
+  const v = dv(buf);
+  const n = v.getUint32(0, true);
+  const entSize = S.sizeOf(S.kvm_cpuid_entry2);
+  const out: CpuidEntry[] = [];
+  for (let i = 0; i < n; i++) {
+    const at = 8 + i * entSize;
+    out.push({
+      function: v.getUint32(at, true), index: v.getUint32(at + 4, true), flags: v.getUint32(at + 8, true),
+      eax: v.getUint32(at + 12, true), ebx: v.getUint32(at + 16, true), ecx: v.getUint32(at + 20, true), edx: v.getUint32(at + 24, true),
+    });
+  }
+  return out;
+}
+
+/** Encodes a `struct kvm_cpuid2` buffer. */
+export function encodeCpuid(entries: readonly CpuidEntry[]): Uint8Array {
+  const entSize = S.sizeOf(S.kvm_cpuid_entry2);
+  const buf = new Uint8Array(8 + entries.length * entSize);
+  const v = dv(buf);
+  v.setUint32(0, entries.length, true);
+  entries.forEach((e, i) => {
+    const at = 8 + i * entSize;
+    v.setUint32(at, e.function >>> 0, true); v.setUint32(at + 4, e.index >>> 0, true); v.setUint32(at + 8, e.flags >>> 0, true);
+    v.setUint32(at + 12, e.eax >>> 0, true); v.setUint32(at + 16, e.ebx >>> 0, true); v.setUint32(at + 20, e.ecx >>> 0, true); v.setUint32(at + 24, e.edx >>> 0, true);
+  });
+  return buf;
 }

@@ -143,4 +143,8 @@ export const KVM_CONST = {
   SYSTEM_EVENT_SHUTDOWN: 1,
   SYSTEM_EVENT_RESET: 2,
   SYSTEM_EVENT_CRASH: 3,
+  /** `internal.suberror`: the instruction emulator gave up (`emulation_failure` overlay). */
+  INTERNAL_ERROR_EMULATION: 1,
+  /** `emulation_failure.flags` bit: `insn_size` / `insn_bytes` are valid. */
+  INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: 1,
 } as const;

@@ -2,12 +2,25 @@
  * libc through koffi: one lazy `koffi.load`, one typed function per symbol. Nothing here
  * interprets results; callers check return values and read `errno()`.
  *
+ * koffi itself (a native addon) is required on the first call that needs it, not on import:
+ * `import '@tsvm/core'` must not load a native library for code that only uses loaders or the
+ * mock backend. `createRequire` gives a synchronous load, since `KvmSystem.open` is sync.
+ *
  * `ioctl` is variadic in C. On x86-64 SysV a variadic call with integer/pointer arguments is
  * ABI-identical to a fixed one, so we bind it twice with fixed prototypes (a pointer third
  * argument and an integer one); koffi's variadic path would cost a type parse per call.
  * @module
  */
-import koffi from 'koffi';
+import { createRequire } from 'node:module';
+import type * as Koffi from 'koffi';
+
+let koffiModule: typeof Koffi | undefined;
+
+/** koffi, required on first use. */
+function koffi(): typeof Koffi {
+  koffiModule ??= createRequire(import.meta.url)('koffi') as typeof Koffi;
+  return koffiModule;
+}
 
 /** An opaque native pointer as returned by koffi. */
 export type NativePointer = unknown;
@@ -59,12 +72,12 @@ export interface Libc {
 }
 
 let cached: Libc | undefined;
-let lib: koffi.IKoffiLib | undefined;
+let lib: Koffi.IKoffiLib | undefined;
 
 /** Loads libc on first use. Throws koffi's error when libc cannot be loaded (not Linux). */
 export function libc(): Libc {
   if (cached) return cached;
-  lib = koffi.load('libc.so.6');
+  lib = koffi().load('libc.so.6');
   const l = lib;
   cached = {
     open: l.func('int open(const char *path, int flags)'),
@@ -97,12 +110,12 @@ export function libc(): Libc {
 
 /** The calling thread's `errno` after the last libc call. */
 export function errno(): number {
-  return koffi.errno();
+  return koffi().errno();
 }
 
 /** Host virtual address of a native pointer. */
 export function addressOf(ptr: NativePointer): bigint {
-  return koffi.address(ptr) as bigint;
+  return koffi().address(ptr) as bigint;
 }
 
 /**
@@ -110,12 +123,12 @@ export function addressOf(ptr: NativePointer): bigint {
  * memory is unmapped; tsvm confines these views to objects whose `close()` unmaps.
  */
 export function viewOf(ptr: NativePointer, length: number): ArrayBuffer {
-  return koffi.view(ptr, length);
+  return koffi().view(ptr, length);
 }
 
 /** Reads a native pointer stored in the first 8 bytes of `buf` (used for `timer_t`). */
 export function decodePointer(buf: Uint8Array): NativePointer {
-  return koffi.decode(buf, 'void *');
+  return koffi().decode(buf, 'void *');
 }
 
 /** libc constants used by the backend (x86-64 Linux values). */
