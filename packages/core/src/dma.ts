@@ -121,7 +121,7 @@ export class DmaGate {
       memory.write(address, data);
       return;
     }
-    memory.translate(address, data.length); // throws GuestMemoryError before any hook runs
+    memory.regionAt(address, data.length); // throws GuestMemoryError before any hook runs
     const hooks = this.#hooks.slice();
     let bytes = data;
     for (const h of hooks) {

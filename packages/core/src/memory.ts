@@ -93,7 +93,7 @@ export class GuestMemory {
   /** Whether `[address, address+length)` lies entirely inside one region. Never throws for bad input. */
   contains(address: number | bigint, length: number): boolean {
     try {
-      this.translate(address, length);
+      this.#translate(address, length);
       return true;
     } catch {
       return false;
@@ -101,11 +101,21 @@ export class GuestMemory {
   }
 
   /**
+   * Checks `[address, address+length)` as every access does and returns the region holding it
+   * (a description, never a view of its bytes). Throws {@link GuestMemoryError} otherwise.
+   */
+  regionAt(address: number | bigint, length: number): MemoryRegion {
+    const { slot, start, size, readonly, name } = this.#translate(address, length).region;
+    return { slot, start, size, readonly, name };
+  }
+
+  /**
    * The one checked translation: guest-physical range → (host bytes, offset). Rejects negative
    * or non-integer input, zero-crossing overflow, holes, and ranges straddling two regions.
-   * SAFETY: the returned `bytes` must not be retained beyond the caller's synchronous use.
+   * SAFETY: private on purpose — `bytes` is the whole region's mapping; every caller below uses
+   * it synchronously for exactly `[offset, offset+length)` and never lets it escape.
    */
-  translate(address: number | bigint, length: number): { bytes: Uint8Array; offset: number; region: MemoryRegion } {
+  #translate(address: number | bigint, length: number): { bytes: Uint8Array; offset: number; region: RegionEntry } {
     if (!Number.isSafeInteger(length) || length < 0) {
       throw new GuestMemoryError(typeof address === 'bigint' ? address : BigInt(Math.trunc(Number(address)) || 0), Number(length) || 0, 'length must be a non-negative integer');
     }
@@ -127,31 +137,31 @@ export class GuestMemory {
 
   /** Reads exactly `length` bytes into a new buffer (a copy). */
   read(address: number | bigint, length: number): Uint8Array {
-    const { bytes, offset } = this.translate(address, length);
+    const { bytes, offset } = this.#translate(address, length);
     return bytes.slice(offset, offset + length);
   }
 
   /** Reads exactly `into.length` bytes into `into`. */
   readInto(address: number | bigint, into: Uint8Array): void {
-    const { bytes, offset } = this.translate(address, into.length);
+    const { bytes, offset } = this.#translate(address, into.length);
     into.set(bytes.subarray(offset, offset + into.length));
   }
 
   /** Writes all of `data` (host writes ignore the read-only flag: it only binds the guest). */
   write(address: number | bigint, data: Uint8Array): void {
-    const { bytes, offset } = this.translate(address, data.length);
+    const { bytes, offset } = this.#translate(address, data.length);
     bytes.set(data, offset);
   }
 
   /** Fills `length` bytes with `value`. */
   fill(address: number | bigint, length: number, value = 0): void {
-    const { bytes, offset } = this.translate(address, length);
+    const { bytes, offset } = this.#translate(address, length);
     bytes.fill(value, offset, offset + length);
   }
 
   /** Reads a little-endian unsigned integer of 1, 2 or 4 bytes. */
   readUint(address: number | bigint, width: 1 | 2 | 4): number {
-    const { bytes, offset } = this.translate(address, width);
+    const { bytes, offset } = this.#translate(address, width);
     let v = 0;
     for (let i = width - 1; i >= 0; i--) v = v * 256 + (bytes[offset + i] as number);
     return v;
@@ -159,13 +169,13 @@ export class GuestMemory {
 
   /** Reads a little-endian 64-bit unsigned integer. */
   readU64(address: number | bigint): bigint {
-    const { bytes, offset } = this.translate(address, 8);
+    const { bytes, offset } = this.#translate(address, 8);
     return new DataView(bytes.buffer, bytes.byteOffset + offset, 8).getBigUint64(0, true);
   }
 
   /** Writes a little-endian unsigned integer of 1, 2 or 4 bytes (the value is truncated to width). */
   writeUint(address: number | bigint, width: 1 | 2 | 4, value: number): void {
-    const { bytes, offset } = this.translate(address, width);
+    const { bytes, offset } = this.#translate(address, width);
     let v = value >>> 0;
     for (let i = 0; i < width; i++) {
       bytes[offset + i] = v & 0xff;
@@ -175,7 +185,7 @@ export class GuestMemory {
 
   /** Writes a little-endian 64-bit unsigned integer. */
   writeU64(address: number | bigint, value: bigint): void {
-    const { bytes, offset } = this.translate(address, 8);
+    const { bytes, offset } = this.#translate(address, 8);
     new DataView(bytes.buffer, bytes.byteOffset + offset, 8).setBigUint64(0, BigInt.asUintN(64, value), true);
   }
 

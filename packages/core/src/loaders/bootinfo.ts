@@ -239,7 +239,7 @@ export class AddressAllocator {
     if (size > 0n && !this.#memory.contains(start, Number(size))) {
       return `[${hex(start)}, ${hex(start + size)}) is not inside one guest RAM region`;
     }
-    if (writableOnly && size > 0n && this.#memory.translate(start, Number(size)).region.readonly) {
+    if (writableOnly && size > 0n && this.#memory.regionAt(start, Number(size)).readonly) {
       return `[${hex(start)}, ${hex(start + size)}) is read-only memory`;
     }
     const hit = this.#overlap(start, start + size);
