@@ -42,7 +42,7 @@ describe('DmaGate / DeviceMemory', () => {
     d.write(0n, new Uint8Array(6));
     expect(d.bytesMoved).toBe(16);
     const off = DmaGate.of(m).add({ name: 'bad', mediate: () => ({ verdict: 'replace', data: new Uint8Array(1) }) });
-    expect(() => d.write(0n, new Uint8Array(2))).toThrow(TypeError);
+    expect(() => d.write(0n, new Uint8Array(2))).toThrow(InvalidArgumentError);
     off();
     expect(DmaGate.of(m).active).toBe(false);
     expect(() => DmaGate.of(m).add({ name: 'empty' })).toThrow(InvalidArgumentError);

@@ -129,7 +129,7 @@ export class DmaGate {
       if (d === undefined || d.verdict === 'allow') continue;
       if (d.verdict === 'deny') throw new DmaDeniedError({ device, address, length: data.length }, h.name, d.reason);
       if (!(d.data instanceof Uint8Array) || d.data.length !== data.length) {
-        throw new TypeError(`DMA hook '${h.name}' replaced a ${data.length}-byte write with ${d.data instanceof Uint8Array ? d.data.length : 'no'} bytes`);
+        throw new InvalidArgumentError('decision.data', `DMA hook '${h.name}' replaced a ${data.length}-byte write with ${d.data instanceof Uint8Array ? d.data.length : 'no'} bytes`);
       }
       bytes = d.data;
       break;

@@ -2,8 +2,9 @@
  * The root of tsvm's error hierarchy. It lives in the lowest layer so that every package
  * (backend, core, devices, monitor) throws subclasses of one class.
  *
- * `instanceof` works across duplicated copies of the package because the check uses a
- * `Symbol.for` brand rather than prototype identity (the undici habit).
+ * `instanceof` works across duplicated copies of the package, for every class of the
+ * hierarchy, because the check uses a `Symbol.for` brand listing the error's classes rather
+ * than prototype identity (the undici habit).
  * @module
  */
 
@@ -23,15 +24,18 @@ export class TsvmError extends Error {
     super(message, options);
     this.code = code;
     this.name = new.target.name;
-    Object.defineProperty(this, BRAND, { value: true });
+    // The brand lists every class of the chain, so `instanceof KvmError` (not just TsvmError)
+    // holds for an error thrown by another copy of the package.
+    const chain: string[] = [];
+    for (let c: unknown = new.target; typeof c === 'function' && c !== Error; c = Object.getPrototypeOf(c)) chain.push((c as { name: string }).name);
+    Object.defineProperty(this, BRAND, { value: Object.freeze(chain) });
   }
 
-  /** Brand-based `instanceof` so that errors from another copy of the package still match. */
+  /** Brand-based `instanceof` for this class and every subclass, across copies of the package. */
   static override [Symbol.hasInstance](value: unknown): boolean {
-    if (this === TsvmError) {
-      return typeof value === 'object' && value !== null && (value as Record<symbol, unknown>)[BRAND] === true;
-    }
-    return Function.prototype[Symbol.hasInstance].call(this, value);
+    if (typeof value !== 'object' || value === null) return false;
+    const chain = (value as Record<symbol, unknown>)[BRAND];
+    return Array.isArray(chain) ? chain.includes(this.name) : Function.prototype[Symbol.hasInstance].call(this, value);
   }
 }
 

@@ -36,7 +36,7 @@ describe('bad input', () => {
     const c = await setup(outExit(0x3f8, 1));
     c.mon.mediate({ event: 'pio', ports: [0x3f8, 0x3f8] }, () => ({ verdict: 'maybe' }) as never);
     const s = await c.vm.run();
-    expect(s).toMatchObject({ reason: 'hook-error', error: expect.any(TypeError) });
+    expect(s).toMatchObject({ reason: 'hook-error', error: expect.any(InvalidArgumentError) });
     if (s.reason === 'hook-error') expect((s.error as Error).message).toMatch(/not allow\(\), deny\(\) or emulate/);
   });
 

@@ -4,7 +4,7 @@
  * publish it on `diagnostics_channel`, and explain denies (RIP + disassembly).
  * @module
  */
-import { HookFailure, type ExitHook, type HookDecision, type HookInfo, type Machine, type VcpuExit } from '@tsvm/core';
+import { HookFailure, InvalidArgumentError, type ExitHook, type HookDecision, type HookInfo, type Machine, type VcpuExit } from '@tsvm/core';
 import { decisionChannel, type AuditLog } from './audit.js';
 import type { Decision, HookContext, MediateFn, ObserveFn } from './decisions.js';
 import { formatInstructionAt } from './decode.js';
@@ -67,7 +67,7 @@ function checkDecision(d: unknown, hook: string): Decision {
     const value = (d as { value?: unknown }).value;
     if (typeof value === 'number' || typeof value === 'bigint') return d as Decision;
   }
-  throw new TypeError(`hook '${hook}' returned ${JSON.stringify(d, (_k, x: unknown) => (typeof x === 'bigint' ? `${x}n` : x))}, not allow(), deny() or emulate(value)`);
+  throw new InvalidArgumentError('decision', `hook '${hook}' returned ${JSON.stringify(d, (_k, x: unknown) => (typeof x === 'bigint' ? `${x}n` : x))}, not allow(), deny() or emulate(value)`);
 }
 
 function eventAddress(ev: MonitorEvent): bigint | number | undefined {

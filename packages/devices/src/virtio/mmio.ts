@@ -416,7 +416,7 @@ export class VirtioMmio implements Device {
       if (e instanceof TsvmError) {
         this.#needsReset(e);
       } else {
-        const err = e instanceof Error ? e : new Error(String(e));
+        const err = e instanceof Error ? e : new TsvmError('TSVM_DEVICE', `device threw a non-Error: ${String(e)}`);
         this.#needsReset(err);
         const stop: DeviceStopRequest = { reason: 'device-error', device: this.name, message: err.message };
         // Outside an exit (deferred work) there is no one to ask; the next access reports it.

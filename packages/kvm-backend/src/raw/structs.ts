@@ -11,6 +11,7 @@
  * now loaded by the first libc call (`libc.ts`), and the C compiler stays the referee.
  * @module
  */
+import { TsvmError } from '../errors.js';
 
 /** A C type's layout: size, alignment and (for structs) the offset of each named field. */
 export interface CType {
@@ -212,7 +213,7 @@ export const KVM_RUN_OFFSETS = {
 /** Byte offset of a field of a struct layout. Throws for a field the struct does not have. */
 export function offsetOf(type: CType, field: string): number {
   const at = type.fields[field];
-  if (at === undefined) throw new RangeError(`struct ${type.name} has no field ${field}`);
+  if (at === undefined) throw new TsvmError('TSVM_ABI', `struct ${type.name} has no field ${field}`);
   return at;
 }
 
