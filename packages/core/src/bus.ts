@@ -7,6 +7,7 @@
 import { InvalidArgumentError } from './errors.js';
 import { hex } from './address.js';
 import type { Device } from './device.js';
+import { RESERVED_PORTS, type ReservedPorts } from './reserved.js';
 
 /** A range on a bus. `start` is a port number (PIO) or guest-physical address (MMIO). */
 export interface BusRange {
@@ -40,10 +41,11 @@ export class Bus {
 
   /**
    * Maps `device` at `range`. Rejects zero-sized, out-of-space and overlapping ranges,
-   * naming the device already there.
+   * naming the device already there, and ports tsvm reserves ({@link RESERVED_PORTS}) unless
+   * `options.claim` names their owner.
    * @returns a function that unregisters the device.
    */
-  register(range: RangeSpec, device: Device): () => void {
+  register(range: RangeSpec, device: Device, options: { readonly claim?: ReservedPorts['owner'] } = {}): () => void {
     if (this.#sealed) throw new InvalidArgumentError('range', `the ${this.space} bus is sealed; register devices before sealing`);
     if (!device || typeof device !== 'object' || typeof device.name !== 'string') throw new InvalidArgumentError('device', 'must be a Device with a name');
     const raw = 'port' in range ? range.port : range.address;
@@ -56,6 +58,13 @@ export class Bus {
     const start = BigInt(raw);
     const end = start + BigInt(range.size);
     if (start < 0n || end > this.#limit) throw new InvalidArgumentError('range', `[${hex(start)}, ${hex(end)}) is outside the ${this.space} space`);
+    if (this.space === 'pio') {
+      for (const r of RESERVED_PORTS) {
+        if (start < BigInt(r.port + r.size) && BigInt(r.port) < end && options.claim !== r.owner) {
+          throw new InvalidArgumentError('range', `[${hex(start)}, ${hex(end)}) for '${device.name}' includes reserved port ${hex(r.port)} (${r.owner}: ${r.why})`);
+        }
+      }
+    }
     for (const e of this.#entries) {
       if (start < e.end && e.start < end) {
         throw new InvalidArgumentError('range', `[${hex(start)}, ${hex(end)}) for '${device.name}' overlaps '${e.device.name}' at [${hex(e.start)}, ${hex(e.end)})`);

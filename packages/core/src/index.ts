@@ -34,6 +34,7 @@ export { KvmBackend, kvmBackend } from './backend/kvm.js';
 export * from './loaders/index.js';
 export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';
 export { translateVirtual, bitnessOf, linearRip } from './cpu/paging.js';
+export { RESERVED_PORTS, PROBE_PORT, HYPERCALL_PORT, type ReservedPorts } from './reserved.js';
 export {
   accessingInstruction, decodeIoInstruction, movesRip, IO_INSTRUCTION_CLASSES, RIP_ON_INSTRUCTION,
   type IoInstruction, type IoInstructionClass, type IoRipBehaviour, type IoRipRule, type IoCpuView,

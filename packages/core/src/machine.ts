@@ -17,7 +17,7 @@ import { gpa, hex } from './address.js';
 import { ExitCounters, type ExitStats } from './stats.js';
 import type { Stop, StopRequest } from './stop.js';
 import { Vcpu } from './vcpu.js';
-import { EXCEPTION_PORT, SYSTEM_AREA_SIZE, VECTORS_WITH_ERROR_CODE, setupCpu, type CpuMode } from './cpu/x86.js';
+import { EXCEPTION_PORT, SYS, SYSTEM_AREA_SIZE, VECTORS_WITH_ERROR_CODE, setupCpu, type CpuMode } from './cpu/x86.js';
 import type { EntryState } from './loaders/bootinfo.js';
 import { instructionRipOf } from './cpu/exit-rip.js';
 
@@ -89,6 +89,11 @@ export interface MachineLayout {
   readonly systemArea: number | undefined;
   /** Port the exception stubs report to. */
   readonly exceptionPort: number;
+  /**
+   * A free, identity-mapped, user-accessible page of the system area kept for the monitor's
+   * probe trampolines (undefined without a system area, i.e. in real mode).
+   */
+  readonly probeTrampoline: { readonly address: number; readonly size: number } | undefined;
 }
 
 const DEFAULT_SLICE_MS = 10;
@@ -175,7 +180,11 @@ export class Machine {
 
   /** Where the host placed its tables. */
   get layout(): MachineLayout {
-    return { systemArea: this.#systemArea, exceptionPort: EXCEPTION_PORT };
+    const sys = this.#systemArea;
+    return {
+      systemArea: sys, exceptionPort: EXCEPTION_PORT,
+      probeTrampoline: sys === undefined ? undefined : { address: sys + SYS.PROBE_TRAMPOLINE, size: 0x1000 },
+    };
   }
 
   /**
@@ -307,7 +316,7 @@ export class Machine {
     this.io.register({ port: EXCEPTION_PORT, size: 1 }, {
       name: 'tsvm-exception-reporter',
       write: (_o, value, _s, access) => access.requestStop({ reason: 'exception', vector: value }),
-    });
+    }, { claim: 'exception' });
   }
 
   /** An interrupt line of the in-kernel irqchip (requires `irqchip: true`). */

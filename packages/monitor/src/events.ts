@@ -47,8 +47,9 @@ export type EventName = EventSpec['event'];
 /** All event names, for validation and tables. */
 export const EVENT_NAMES: readonly EventName[] = ['pio', 'mmio', 'msr', 'cpuid', 'hypercall', 'exec', 'step', 'write-watch', 'halt', 'shutdown', 'any-exit'];
 
-/** Default hypercall port: a guest `out` here is a hypercall (chosen next to core's exception port 0xee0). */
-export const HYPERCALL_PORT = 0x0ee8;
+import { HYPERCALL_PORT } from '@tsvm/core';
+/** Default hypercall port: a guest `out` here is a hypercall (reserved in core's port table). */
+export { HYPERCALL_PORT };
 
 /** What a hook receives: the event in its own terms (not the exit that carried it). */
 export type MonitorEvent =

@@ -21,9 +21,6 @@ import { debugHook, probeHook, writeWatchHook, type InternalEnv } from './intern
 import { Dispatcher } from './dispatch.js';
 import { whereIs } from './records.js';
 
-/** Offset of the probe trampoline page in core's 64 KiB system area (free: after the exception stubs, below the kernel stack). */
-const TRAMPOLINE_OFFSET = 0xc000;
-
 /** Options of {@link Monitor}. */
 export interface MonitorOptions {
   /** Name used in plans and reports. Default: the machine's name. */
@@ -355,6 +352,7 @@ export class Monitor implements InternalEnv {
   #installExec(rec: HookRecord, physical: bigint, virtual: bigint): void {
     const m = rec.selection.mechanism;
     if (m === 'hw-breakpoint') { rec.hwSlot = this.debug.addHw(virtual); return; }
+    const tramp = this.machine.layout.probeTrampoline;
     const cpu = {
       memory: this.machine.memory,
       regs: () => this.machine.vcpu(0).getRegs(),
@@ -362,7 +360,7 @@ export class Monitor implements InternalEnv {
       sregs: () => this.machine.vcpu(0).getSregs(),
       msr: (i: number) => { try { return this.machine.vcpu(0).getMsrs([i])[0]?.data; } catch { return undefined; } },
       // Probe trampolines live in a free page of core's system area (identity-mapped, user-accessible).
-      ...(this.machine.layout.systemArea === undefined ? {} : { trampoline: { physical: BigInt(this.machine.layout.systemArea + TRAMPOLINE_OFFSET), virtual: BigInt(this.machine.layout.systemArea + TRAMPOLINE_OFFSET), size: 0x1000 } }),
+      ...(tramp === undefined ? {} : { trampoline: { physical: BigInt(tramp.address), virtual: BigInt(tramp.address), size: tramp.size } }),
     };
     if (!this.machine.memory.contains(physical, 1)) throw new InvalidArgumentError('spec.address', `0x${physical.toString(16)} is not guest RAM`);
     if (m === 'sw-breakpoint') {

@@ -22,8 +22,9 @@ import type { GuestMemory, Regs, Sregs } from '@tsvm/core';
 import { readCode, successors } from './decode.js';
 import { InvalidArgumentError, StateError, bitnessOf, linearRip, translateVirtual } from '@tsvm/core';
 
-/** Reserved port of the probe trap (`out 0xe5, al`). */
-export const PROBE_PORT = 0xe5;
+import { PROBE_PORT } from '@tsvm/core';
+/** Reserved port of the probe trap (`out 0xe5, al`): core's `RESERVED_PORTS` table keeps devices off it. */
+export { PROBE_PORT };
 
 /** The trap instruction to patch. */
 export type TrapKind = 'probe' | 'int3';

@@ -40,6 +40,8 @@ export const SYS = {
   TSS: 0x6100,
   IDT: 0x9000,
   STUBS: 0xa000,
+  /** One page for the monitor's probe trampolines (after the stubs, below the kernel stack). */
+  PROBE_TRAMPOLINE: 0xc000,
   KSTACK_TOP: 0x10000 - 0x10,
 } as const;
 

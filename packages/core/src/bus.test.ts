@@ -1,0 +1,30 @@
+import { describe, expect, it } from 'vitest';
+import { Bus } from './bus.js';
+import { InvalidArgumentError } from './errors.js';
+import { RESERVED_PORTS } from './reserved.js';
+
+const dev = (name: string) => ({ name, write: () => {} });
+
+describe('Bus', () => {
+  it('rejects zero-sized, out-of-space and overlapping ranges, naming both devices', () => {
+    const bus = new Bus('pio');
+    bus.register({ port: 0x3f8, size: 8 }, dev('uart'));
+    expect(() => bus.register({ port: 0x3fc, size: 2 }, dev('other'))).toThrow(/'other' overlaps 'uart'/);
+    expect(() => bus.register({ port: 0x10, size: 0 }, dev('z'))).toThrow(InvalidArgumentError);
+    expect(() => bus.register({ port: 0xffff, size: 2 }, dev('edge'))).toThrow(/outside the pio space/);
+    expect(() => bus.register({ address: 0x1000n, size: 1 }, dev('wrong-shape'))).toThrow(/PIO ranges/);
+  });
+
+  it.each(RESERVED_PORTS.map((r) => [r.owner, r.port] as const))("refuses tsvm's reserved %s port 0x%s to a device, and gives it to its owner", (owner, port) => {
+    const bus = new Bus('pio');
+    expect(() => bus.register({ port: port - 1, size: 4 }, dev('greedy'))).toThrow(new RegExp(`reserved port 0x${port.toString(16)} \\(${owner}`));
+    expect(bus.find(BigInt(port))).toBeUndefined();
+    bus.register({ port, size: 1 }, dev(owner), { claim: owner });
+    expect(bus.find(BigInt(port))?.device.name).toBe(owner);
+  });
+
+  it('reserves nothing on the MMIO bus', () => {
+    const bus = new Bus('mmio');
+    expect(() => bus.register({ address: 0xe5n, size: 1 }, dev('low-mmio'))).not.toThrow();
+  });
+});
