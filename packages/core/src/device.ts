@@ -5,6 +5,7 @@
  * without a VM. Port I/O and MMIO devices share the signature.
  * @module
  */
+import type { RangeSpec } from './bus.js';
 
 /** Width of one device access in bytes. 8-byte MMIO accesses are split into two 4-byte ones. */
 export type AccessSize = 1 | 2 | 4;
@@ -60,14 +61,14 @@ export interface IrqLine {
   pulse(): void;
 }
 
-/** Where a device wants to be mapped: devices list these from `mappings()`. */
+/**
+ * Where a device wants to be mapped: devices list these from `mappings()`. The range has the
+ * one shape every registration uses (`{ port, size }` for port I/O, `{ address, size }` for
+ * MMIO), so a mapping is exactly what `Machine.attach` takes.
+ */
 export interface DeviceMapping {
-  /** Port I/O or MMIO. */
-  readonly space: 'pio' | 'mmio';
-  /** First port or guest-physical address. */
-  readonly base: bigint;
-  /** Length of the range in ports/bytes. */
-  readonly size: number;
-  /** The register file dispatched to; offsets are relative to `base`. */
+  /** The range: `{ port, size }` (PIO) or `{ address, size }` (MMIO). */
+  readonly range: RangeSpec;
+  /** The register file dispatched to; offsets are relative to the range's start. */
   readonly device: Device;
 }

@@ -374,3 +374,21 @@ describe('region flags, coalescing and slice events', () => {
     await vm.close();
   });
 });
+
+describe('attaching devices', () => {
+  it('one path and one range shape: attach() and attachDevice() share it, all or nothing, typed errors', async () => {
+    const { vm } = await mockMachine({ kind: 'hlt' });
+    const a = { name: 'a', write: () => {} }, b = { name: 'b', read: () => 0 };
+    vm.attach({ port: 0x300, size: 4 }, a);
+    // The second mapping overlaps the first device: neither of the new ones stays.
+    expect(() => vm.attachDevice([{ range: { address: 0xd000_0000n, size: 0x1000 }, device: b }, { range: { port: 0x302, size: 1 }, device: b }])).toThrow(/overlaps 'a'/);
+    expect(vm.mmio.find(0xd000_0000n)).toBeUndefined();
+    expect(() => vm.attachDevice(null as never)).toThrow(InvalidArgumentError);
+    expect(() => vm.attachDevice([{ device: b } as never])).toThrow(/mappings\[0\]\.range/);
+    const detach = vm.attachDevice({ mappings: () => [{ range: { address: 0xd000_0000n, size: 0x1000 }, device: b }] });
+    expect(vm.mmio.find(0xd000_0010n)?.device).toBe(b);
+    detach();
+    expect(vm.mmio.find(0xd000_0010n)).toBeUndefined();
+    await vm.close();
+  });
+});

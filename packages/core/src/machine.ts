@@ -332,29 +332,31 @@ export class Machine {
     };
   }
 
-  /** Registers `device` on the PIO or MMIO bus (by the shape of `range`); the machine closes it on close. */
+  /** Attaches `device` at `range` (`{ port, size }` or `{ address, size }`): `attachDevice([{ range, device }])`. */
   attach(range: RangeSpec, device: Device): () => void {
-    this.#assertOpen();
-    const un = ('port' in range ? this.io : this.mmio).register(range, device);
-    this.#devices.add(device);
-    return un;
+    return this.attachDevice([{ range, device }]);
   }
 
   /**
-   * Attaches a device at every range it asks for (`device.mappings()`), all or nothing.
-   * @returns a function that detaches it again.
+   * The one way devices join a machine: at every range a device asks for (`device.mappings()`)
+   * or a list of mappings, all or nothing. The machine closes attached devices on close.
+   * @returns a function that detaches them again.
    */
   attachDevice(source: { mappings(): DeviceMapping[] } | readonly DeviceMapping[]): () => void {
-    const list = Array.isArray(source) ? source : (source as { mappings(): DeviceMapping[] }).mappings();
+    this.#assertOpen();
+    const list = Array.isArray(source) ? source : typeof (source as { mappings?: unknown })?.mappings === 'function' ? (source as { mappings(): DeviceMapping[] }).mappings() : undefined;
+    if (!Array.isArray(list)) throw new InvalidArgumentError('source', 'must be a device with mappings() or an array of { range, device }');
     const undo: Array<() => void> = [];
     try {
-      for (const m of list as readonly DeviceMapping[]) {
-        undo.push(this.attach(m.space === 'pio' ? { port: Number(m.base), size: m.size } : { address: m.base, size: m.size }, m.device));
-      }
+      list.forEach((m: DeviceMapping, i: number) => {
+        if (!m || typeof m !== 'object' || !m.range || typeof m.range !== 'object') throw new InvalidArgumentError(`mappings[${i}].range`, 'must be { port, size } or { address, size }');
+        undo.push(('port' in m.range ? this.io : this.mmio).register(m.range, m.device));
+      });
     } catch (e) {
       for (const u of undo) u();
       throw e;
     }
+    for (const m of list as readonly DeviceMapping[]) this.#devices.add(m.device);
     return () => { for (const u of undo) u(); };
   }
 

@@ -21,7 +21,7 @@ function rtc(clock: Clock = fixedClock(T)) {
 describe('CmosRtc', () => {
   it('maps 0x70-0x71', () => {
     const d = new CmosRtc();
-    expect(d.mappings()).toEqual([{ space: 'pio', base: 0x70n, size: 2, device: d }]);
+    expect(d.mappings()).toEqual([{ range: { port: 0x70, size: 2 }, device: d }]);
     expect(CmosRtc.defaultIrq).toBe(8);
   });
 

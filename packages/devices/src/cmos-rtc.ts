@@ -86,7 +86,7 @@ export class CmosRtc implements Device {
 
   /** The two-port mapping at `base` (default 0x70). */
   mappings(base: number = CmosRtc.defaultPort): DeviceMapping[] {
-    return [{ space: 'pio', base: BigInt(base), size: 2, device: this }];
+    return [{ range: { port: base, size: 2 }, device: this }];
   }
 
   /** Whether the guest last wrote the index port with bit 7 (NMI disable) set. */

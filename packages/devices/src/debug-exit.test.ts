@@ -7,7 +7,7 @@ describe('DebugExit', () => {
   it('defaults to port 0xf4, one byte wide', () => {
     const d = new DebugExit();
     expect(DebugExit.defaultPort).toBe(0xf4);
-    expect(d.mappings()).toEqual([{ space: 'pio', base: 0xf4n, size: 1, device: d }]);
+    expect(d.mappings()).toEqual([{ range: { port: 0xf4, size: 1 }, device: d }]);
   });
 
   it.each([

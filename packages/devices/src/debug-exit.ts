@@ -37,7 +37,7 @@ export class DebugExit implements Device {
 
   /** The mapping at `base` (default 0xf4), `size` ports wide. */
   mappings(base: number = DebugExit.defaultPort): DeviceMapping[] {
-    return [{ space: 'pio', base: BigInt(base), size: this.size, device: this }];
+    return [{ range: { port: base, size: this.size }, device: this }];
   }
 
   /** Reads return all ones. */

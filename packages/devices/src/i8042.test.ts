@@ -10,7 +10,7 @@ describe('I8042', () => {
   it('maps two one-port views at 0x60 and 0x64, not the ports between', () => {
     const k = new I8042();
     const m = k.mappings();
-    expect(m.map((x) => [x.base, x.size])).toEqual([[0x60n, 1], [0x64n, 1]]);
+    expect(m.map((x) => x.range)).toEqual([{ port: 0x60, size: 1 }, { port: 0x64, size: 1 }]);
   });
 
   it('status after power-on: system flag, keyboard unlocked, output buffer empty', () => {

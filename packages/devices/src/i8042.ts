@@ -104,8 +104,8 @@ export class I8042 implements Device {
   /** Two one-port views: 0x60 → offset 0 and 0x64 → offset 4 of this controller. */
   mappings(): DeviceMapping[] {
     return [
-      { space: 'pio', base: BigInt(I8042.dataPort), size: 1, device: this.#view('data', 0) },
-      { space: 'pio', base: BigInt(I8042.commandPort), size: 1, device: this.#view('command', 4) },
+      { range: { port: I8042.dataPort, size: 1 }, device: this.#view('data', 0) },
+      { range: { port: I8042.commandPort, size: 1 }, device: this.#view('command', 4) },
     ];
   }
 

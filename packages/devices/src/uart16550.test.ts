@@ -21,7 +21,7 @@ describe('Uart16550', () => {
     const u = new Uart16550();
     expect(Uart16550.defaultPort).toBe(0x3f8);
     expect(Uart16550.defaultIrq).toBe(4);
-    expect(u.mappings()).toEqual([{ space: 'pio', base: 0x3f8n, size: 8, device: u }]);
+    expect(u.mappings()).toEqual([{ range: { port: 0x3f8, size: 8 }, device: u }]);
   });
 
   it('batches output: one sink call per line, not per byte', () => {

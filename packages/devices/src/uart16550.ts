@@ -103,7 +103,7 @@ export class Uart16550 implements Device {
 
   /** The default COM1 mapping at `base` (8 ports of port I/O). */
   mappings(base: number = Uart16550.defaultPort): DeviceMapping[] {
-    return [{ space: 'pio', base: BigInt(base), size: Uart16550.size, device: this }];
+    return [{ range: { port: base, size: Uart16550.size }, device: this }];
   }
 
   /** Adds an output sink; returns a function that removes it. */

@@ -77,7 +77,7 @@ export class Unpopulated implements Device {
 
   /** The mapping of this range. */
   mappings(): DeviceMapping[] {
-    return [{ space: 'pio', base: BigInt(this.range.port), size: this.range.size, device: this }];
+    return [{ range: { port: this.range.port, size: this.range.size }, device: this }];
   }
 
   /** All ones: the floating bus. */

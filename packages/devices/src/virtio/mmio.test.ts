@@ -60,7 +60,7 @@ describe('VirtioMmio registers', () => {
 
   it('mappings and kernel parameter', () => {
     const { t } = setup();
-    expect(t.mappings(0xd0000000n)).toEqual([{ space: 'mmio', base: 0xd0000000n, size: 0x200, device: t }]);
+    expect(t.mappings(0xd0000000n)).toEqual([{ range: { address: 0xd0000000n, size: 0x200 }, device: t }]);
     expect(VirtioMmio.kernelParameter(0xd0000000n, 5)).toBe('virtio_mmio.device=512@0xd0000000:5');
   });
 });

@@ -133,7 +133,7 @@ export class VirtioMmio implements Device {
    * devices need distinct bases (one window of {@link VirtioMmio.windowSize} bytes each).
    */
   mappings(base: bigint = VirtioMmio.defaultBase): DeviceMapping[] {
-    return [{ space: 'mmio', base, size: VirtioMmio.windowSize, device: this }];
+    return [{ range: { address: base, size: VirtioMmio.windowSize }, device: this }];
   }
 
   /** Default window base: the first slot of the conventional 0xd0000000 MMIO hole. */
