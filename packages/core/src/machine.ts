@@ -8,7 +8,7 @@ import type { Backend, BackendVm, HostCapabilities } from './backend.js';
 import { kvmBackend } from './backend/kvm.js';
 import { Bus, type RangeSpec } from './bus.js';
 import type { Device, DeviceMapping, IrqLine } from './device.js';
-import { InvalidArgumentError, StateError, TsvmError } from './errors.js';
+import { HookFailure, InvalidArgumentError, StateError, TsvmError } from './errors.js';
 import type { VcpuExit } from './exits.js';
 import { handleExit, type ExitContext, type ExitOutcome } from './handle-exit.js';
 import type { ExitHook, HookInfo, HookStats } from './hooks.js';
@@ -134,6 +134,7 @@ export class Machine {
   /** The exit being handled (undefined between exits): what `instructionRip()` explains. */
   #exit: VcpuExit | undefined;
   #explainer: ((exit: VcpuExit, info: HookInfo) => string | undefined) | undefined;
+  readonly #sliceHooks: Array<{ readonly name: string; readonly fn: () => void }> = [];
   #systemArea: number | undefined;
   #mode: CpuMode = 'real';
 
@@ -388,6 +389,32 @@ export class Machine {
     return () => { if (this.#explainer === explain) this.#explainer = undefined; };
   }
 
+  /**
+   * Runs `fn` at every slice boundary, while the vCPU is stopped (for sampling work such as
+   * harvesting the dirty log for observers). A throw stops the run with a `hook-error` naming
+   * `name` (or the user hook a `HookFailure` names): errors are never parked where nobody reads them.
+   * @returns a function that removes it again.
+   */
+  addSliceHook(name: string, fn: () => void): () => void {
+    this.#assertOpen();
+    if (typeof name !== 'string' || name === '') throw new InvalidArgumentError('name', 'must be a non-empty string');
+    if (typeof fn !== 'function') throw new InvalidArgumentError('fn', 'must be a function');
+    const entry = { name, fn };
+    this.#sliceHooks.push(entry);
+    return () => { const i = this.#sliceHooks.indexOf(entry); if (i >= 0) this.#sliceHooks.splice(i, 1); };
+  }
+
+  #runSliceHooks(): StopRequest | undefined {
+    for (const h of this.#sliceHooks) {
+      try {
+        h.fn();
+      } catch (error) {
+        return error instanceof HookFailure ? { reason: 'hook-error', hook: error.hook, error: error.cause } : { reason: 'hook-error', hook: h.name, error };
+      }
+    }
+    return undefined;
+  }
+
   /** Freezes the hook table and the buses (Solo5's "seal"). */
   sealHooks(): void {
     this.#hooksSealed = true;
@@ -498,6 +525,8 @@ export class Machine {
           vcpu.backend.endSlice();
         }
         this.events.emit('slice');
+        const failed = this.#runSliceHooks();
+        if (failed) { stop = failed; break; }
         if (r.kind === 'stop') { stop = r.stop; break; }
         if (r.kind === 'async') {
           const out = await raceDeadline(r.outcome, deadline, signal);

@@ -110,14 +110,13 @@ export class Monitor implements InternalEnv {
   readonly #protected: Array<readonly [bigint, bigint]> = [];
   #removers: Array<() => void> = [];
   #unexplain: (() => void) | undefined;
+  readonly #unsample: () => void;
   #probe: PatchBreakpoints | undefined;
   #int3: PatchBreakpoints | undefined;
   #cpuid: { entries: readonly CpuidOverride[] } | undefined;
   #nextId = 1;
   #sealed = false;
   #closed = false;
-  /** Errors thrown by observe hooks outside the exit path (dirty-log sampling at run end). */
-  readonly deferredErrors: unknown[] = [];
 
   /**
    * Attaches to `machine`: installs the monitor's two core hooks (one mediate, one observe
@@ -138,7 +137,8 @@ export class Monitor implements InternalEnv {
     } catch { /* another monitor already explains this machine's stops */ }
     this.#dma = dmaWatchHook(this);
     machine.events.on('started', this.#onStarted);
-    machine.events.on('stopped', this.#onStopped);
+    // Sampled write-watch observers run at every slice boundary; a throw stops the run.
+    this.#unsample = machine.addSliceHook('monitor:write-watch-sample', () => this.sample());
     this.#rebuild();
   }
 
@@ -224,7 +224,7 @@ export class Monitor implements InternalEnv {
     return this.#records;
   }
 
-  /** Harvests the dirty log now and delivers observe write-watch events (also done at every run end). */
+  /** Harvests the dirty log now and delivers observe write-watch events (the run loop also does it at every slice boundary). */
   sample(): void {
     const recs = this.#records.filter((r) => r.spec.event === 'write-watch' && r.mode === 'observe');
     if (recs.length === 0) return;
@@ -245,7 +245,7 @@ export class Monitor implements InternalEnv {
     if (this.#closed) return;
     this.#closed = true;
     this.machine.events.off('started', this.#onStarted);
-    this.machine.events.off('stopped', this.#onStopped);
+    this.#unsample();
     this.#probe?.clear();
     this.#int3?.clear();
     for (const un of this.#coalesced.values()) un();
@@ -264,14 +264,6 @@ export class Monitor implements InternalEnv {
 
   readonly #onStarted = (): void => {
     if (!this.#sealed) this.#reconcileCoalescing();
-  };
-
-  readonly #onStopped = (): void => {
-    try {
-      this.sample();
-    } catch (e) {
-      this.deferredErrors.push(e);
-    }
   };
 
   #assertOpen(): void {

@@ -46,7 +46,7 @@ describe('write-watch', () => {
     expect(() => mon.mediate({ event: 'write-watch', range: [sys, sys + 10] }, () => allow())).toThrow(/system area/);
   });
 
-  it('observe: the dirty log is sampled at run end and delivered per page in the range', async () => {
+  it('observe: the dirty log is sampled at slice boundaries and delivered per page in the range', async () => {
     const { vm, backend } = await setup({ kind: 'hlt' });
     const mon = new Monitor(vm);
     const pages: bigint[] = [];
@@ -57,5 +57,15 @@ describe('write-watch', () => {
     vi.spyOn(mvm, 'dirtyLog').mockImplementation((_slot, size) => { const b = new Uint8Array(Math.ceil(size / 4096 / 64) * 8); b[4] = 0b1001; return b; });
     expect((await vm.run()).reason).toBe('halt');
     expect(pages).toEqual([0x20000n]);
+  });
+
+  it('observe: a sampled observer that throws stops the run with hook-error naming it (no error parked unread)', async () => {
+    const { vm, backend } = await setup({ kind: 'hlt' });
+    const mon = new Monitor(vm);
+    mon.observe({ event: 'write-watch', range: [0x20000, 0x22fff] }, () => { throw new Error('observer broke'); }, { name: 'fragile' });
+    vi.spyOn(backend.vms[0]!, 'dirtyLog').mockImplementation((_slot, size) => { const b = new Uint8Array(Math.ceil(size / 4096 / 64) * 8); b[4] = 1; return b; });
+    const stop = await vm.run();
+    expect(stop).toMatchObject({ reason: 'hook-error', hook: 'fragile' });
+    if (stop.reason === 'hook-error') expect((stop.error as Error).message).toBe('observer broke');
   });
 });
