@@ -2,7 +2,7 @@ import { readdirSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { Machine } from './machine.js';
 import { kvmBackend } from './backend/kvm.js';
-import { asm } from './testing/asm.js';
+import { asm } from './asm.js';
 import { kvmAvailability } from './testing/kvm-gate.js';
 import type { Device } from './device.js';
 

@@ -6,7 +6,7 @@
  * @module
  */
 import { Machine } from '@tsvm/core';
-import { asm } from '@tsvm/core/testing';
+import { asm } from '@tsvm/core/asm';
 import { Uart16550 } from '@tsvm/devices';
 import { runCli } from './support.js';
 

@@ -11,7 +11,7 @@
  * @module
  */
 import { Machine } from '@tsvm/core';
-import { asm } from '@tsvm/core/testing';
+import { asm } from '@tsvm/core/asm';
 import { Monitor, allow, renderTable, report, type CostReport, type MechanismId } from '@tsvm/monitor';
 import { hostCalibration, isMain, runCli } from './support.js';
 

@@ -9,7 +9,7 @@
  * @module
  */
 import { Machine, type Stop } from '@tsvm/core';
-import { asm } from '@tsvm/core/testing';
+import { asm } from '@tsvm/core/asm';
 import { Uart16550 } from '@tsvm/devices';
 import { Monitor, applyPolicy, verifyAuditLog, type AuditVerification, type Policy } from '@tsvm/monitor';
 import { isMain, runCli } from './support.js';

@@ -15,7 +15,7 @@
  * @module
  */
 import { Machine, type Stop } from '@tsvm/core';
-import { asm } from '@tsvm/core/testing';
+import { asm } from '@tsvm/core/asm';
 import { Monitor, allow, formatInstructionAt, type PlanEntry } from '@tsvm/monitor';
 import { hex, hostCalibration, isMain, runCli } from './support.js';
 

@@ -13,7 +13,7 @@
  * @module
  */
 import { Machine, type Stop } from '@tsvm/core';
-import { asm } from '@tsvm/core/testing';
+import { asm } from '@tsvm/core/asm';
 import { Monitor, predict, renderTable, report, type CostReport, type PlanEntry, type Prediction } from '@tsvm/monitor';
 import { hex, hostCalibration, isMain, runCli } from './support.js';
 

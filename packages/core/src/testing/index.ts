@@ -4,5 +4,6 @@
  * @module
  */
 export { MockBackend, MockVcpu, MockVm, outExit, inExit, mmioExit, type MockStep } from './mock.js';
-export { asm, type AsmOptions } from './asm.js';
+/** Re-exported from `@tsvm/core/asm` for tests. */
+export { asm, type AsmOptions } from '../asm.js';
 export { kvmAvailability, type KvmAvailability } from './kvm-gate.js';

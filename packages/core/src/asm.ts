@@ -4,7 +4,7 @@
  * a test writes its guest next to its assertions.
  * @module
  */
-import { InvalidArgumentError } from '../errors.js';
+import { InvalidArgumentError } from './errors.js';
 
 type KeystoneModule = typeof import('keystone-wasm');
 let ks: Promise<KeystoneModule> | undefined;
