@@ -9,7 +9,7 @@ import type { Bus } from './bus.js';
 import type { Access, AccessSize, DeviceStopRequest } from './device.js';
 import { describeExit, exitValue, type IoExit, type MmioExit, type VcpuExit } from './exits.js';
 import type { ExitHook, HookDecision, HookInfo, HookStats } from './hooks.js';
-import { MonitorViolation } from './errors.js';
+import { InvalidArgumentError, MonitorViolation, TsvmError } from './errors.js';
 import type { StopRequest } from './stop.js';
 
 /** Everything {@link handleExit} needs. */
@@ -48,8 +48,9 @@ function timed(hook: ExitHook, ctx: ExitContext, exit: VcpuExit): HookDecision |
   try {
     return hook.handle(exit, ctx.info);
   } finally {
-    const s = st.get(hook) ?? { calls: 0, ns: 0 };
+    const s = st.get(hook) ?? { calls: 0, elements: 0, ns: 0 };
     s.calls++;
+    s.elements += exit.kind === 'io' ? exit.count : 1;
     s.ns += (now() - t0) * 1e6;
     st.set(hook, s);
   }
@@ -88,19 +89,26 @@ export function handleExit(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
     try {
       d = timed(hook, ctx, exit);
     } catch (error) {
-      return { action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } };
+      return hookError(hook, error);
     }
     if (d instanceof Promise) {
       const rest = ctx.mediate.slice(i + 1);
       return {
         action: 'async',
         outcome: d.then(
-          (dec) => applyDecision(exit, ctx, hook, dec) ?? handleExit(exit, { ...ctx, mediate: rest }),
-          (error: unknown) => ({ action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } }) as ExitOutcome,
+          (dec) => {
+            const out = decide(exit, ctx, hook, dec);
+            if (out) return out;
+            // A later async hook yields another 'async' outcome: flatten it so the loop
+            // never receives one it would mistake for "resume".
+            const next = handleExit(exit, { ...ctx, mediate: rest });
+            return next.action === 'async' ? next.outcome : next;
+          },
+          (error: unknown) => hookError(hook, error),
         ),
       };
     }
-    const out = applyDecision(exit, ctx, hook, d ?? undefined);
+    const out = decide(exit, ctx, hook, d);
     if (out) return out;
   }
   // 2. The device / default handling.
@@ -115,10 +123,69 @@ function observe(exit: VcpuExit, ctx: ExitContext, out: ExitOutcome): ExitOutcom
     try {
       timed(hook, ctx, exit);
     } catch (error) {
-      return { action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } };
+      return hookError(hook, error);
     }
   }
   return out;
+}
+
+function hookError(hook: ExitHook, error: unknown): ExitOutcome {
+  return { action: 'stop', stop: { reason: 'hook-error', hook: hook.name, error } };
+}
+
+/** Validates a hook's decision, then applies it; a malformed one becomes that hook's `hook-error`. */
+function decide(exit: VcpuExit, ctx: ExitContext, hook: ExitHook, d: unknown): ExitOutcome | undefined {
+  let checked: HookDecision;
+  try {
+    checked = checkDecision(exit, d);
+  } catch (error) {
+    return hookError(hook, error);
+  }
+  return applyDecision(exit, ctx, hook, checked);
+}
+
+const EFFECTS: readonly unknown[] = ['stop', 'ignore', 'gp'];
+
+/** Width in bits of the value an `emulate` decision supplies for `exit`. */
+function emulateBits(exit: VcpuExit): number {
+  switch (exit.kind) {
+    case 'io': return exit.size * 8;
+    case 'mmio': return Math.min(exit.size, 8) * 8;
+    default: return 64; // MSRs; other kinds ignore the value but it must still be a valid u64
+  }
+}
+
+/**
+ * Checks that `d` is a well-formed {@link HookDecision} for `exit`: a known verdict, a known deny
+ * effect, and an `emulate` value that is an integer fitting the access (`in` of 1 byte: 0..0xff,
+ * MSR: 64 bits). Out-of-range values are refused rather than silently truncated.
+ * @throws InvalidArgumentError naming the offending field.
+ */
+export function checkDecision(exit: VcpuExit, d: unknown): HookDecision {
+  if (d === undefined || d === null) return undefined;
+  if (typeof d !== 'object') throw new InvalidArgumentError('decision', `must be allow(), deny() or emulate(value), got ${typeof d}`);
+  const verdict = (d as { verdict?: unknown }).verdict;
+  if (verdict === 'allow') return d as HookDecision;
+  if (verdict === 'deny') {
+    const { effect, reason } = d as { effect?: unknown; reason?: unknown };
+    if (effect !== undefined && !EFFECTS.includes(effect)) throw new InvalidArgumentError('decision.effect', `must be 'stop', 'ignore' or 'gp', got ${show(effect)}`);
+    if (reason !== undefined && typeof reason !== 'string') throw new InvalidArgumentError('decision.reason', `must be a string, got ${typeof reason}`);
+    return d as HookDecision;
+  }
+  if (verdict !== 'emulate') throw new InvalidArgumentError('decision.verdict', `must be 'allow', 'deny' or 'emulate', got ${show(verdict)}`);
+  const value = (d as { value?: unknown }).value;
+  const bits = emulateBits(exit);
+  const max = (1n << BigInt(bits)) - 1n;
+  let v: bigint;
+  if (typeof value === 'bigint') v = value;
+  else if (typeof value === 'number' && Number.isInteger(value)) v = BigInt(value);
+  else throw new InvalidArgumentError('decision.value', `emulate() for ${describeExit(exit)} needs an integer, got ${show(value)}`);
+  if (v < 0n || v > max) throw new InvalidArgumentError('decision.value', `emulate(${show(value)}) for ${describeExit(exit)} is outside 0..0x${max.toString(16)}`);
+  return d as HookDecision;
+}
+
+function show(v: unknown): string {
+  return typeof v === 'bigint' ? `${v}n` : typeof v === 'string' ? `'${v}'` : String(v);
 }
 
 function applyDecision(exit: VcpuExit, ctx: ExitContext, hook: ExitHook, d: HookDecision): ExitOutcome | undefined {
@@ -202,7 +269,7 @@ function deviceStop(req: DeviceStopRequest): StopRequest {
     case 'reset': return { reason: 'reset' };
     case 'shutdown': return { reason: 'shutdown' };
     case 'exception': return { reason: 'exception', vector: req.vector, errorCode: undefined, faultRip: 0n, cr2: 0n };
-    case 'device-error': return { reason: 'device-error', device: req.device, error: new Error(req.message) };
+    case 'device-error': return { reason: 'device-error', device: req.device, error: new TsvmError('TSVM_DEVICE', `device '${req.device}': ${req.message}`) };
   }
 }
 
