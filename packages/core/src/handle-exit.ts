@@ -7,7 +7,7 @@
  */
 import type { Bus } from './bus.js';
 import type { Access, AccessSize, DeviceStopRequest } from './device.js';
-import { describeExit, exitValue, type IoExit, type MmioExit, type VcpuExit } from './exits.js';
+import { describeExit, emulationFailure, exitValue, type InternalErrorExit, type IoExit, type MmioExit, type VcpuExit } from './exits.js';
 import type { ExitHook, HookDecision, HookInfo, HookStats } from './hooks.js';
 import { InvalidArgumentError, MonitorViolation, TsvmError } from './errors.js';
 import type { StopRequest } from './stop.js';
@@ -240,8 +240,7 @@ function dispatch(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
     case 'shutdown': return { action: 'stop', stop: { reason: 'shutdown' } };
     case 'system-event':
       return { action: 'stop', stop: exit.type === 2 ? { reason: 'reset' } : { reason: 'shutdown' } };
-    case 'internal-error':
-      return { action: 'stop', stop: { reason: 'internal-error', suberror: exit.suberror, message: `KVM internal error, suberror ${exit.suberror}${exit.suberror === 1 ? ' (instruction emulation failed)' : ''}` } };
+    case 'internal-error': return internalError(exit);
     case 'fail-entry':
       return { action: 'stop', stop: { reason: 'fail-entry', hardwareReason: exit.reason } };
     case 'intr':
@@ -253,6 +252,19 @@ function dispatch(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
       return unhandled(never, 'unknown exit');
     }
   }
+}
+
+const hexBytes = (b: Uint8Array): string => Array.from(b, (x) => x.toString(16).padStart(2, '0')).join(' ');
+
+/** The stop for `KVM_EXIT_INTERNAL_ERROR`, keeping what KVM said; the run loop adds `code`/`bitness`. */
+function internalError(exit: InternalErrorExit): ExitOutcome {
+  const instruction = emulationFailure(exit);
+  const what = exit.suberror === 1 ? ' (instruction emulation failed' + (instruction ? `: [${hexBytes(instruction)}]` : '') + ')' : '';
+  const data = exit.data.length > 0 ? `; data ${exit.data.map((d) => `0x${d.toString(16)}`).join(' ')}` : '';
+  return {
+    action: 'stop',
+    stop: { reason: 'internal-error', suberror: exit.suberror, message: `KVM internal error, suberror ${exit.suberror}${what}${data}`, data: exit.data.slice(), instruction, code: new Uint8Array(0), bitness: 16 },
+  };
 }
 
 class AccessState implements Access {

@@ -20,7 +20,7 @@ export { GuestMemory, checkRegionSize, type HostMemory, type MemoryRegion, type 
 export { gpa, hex, MAX_GUEST_PHYS, type GuestAddress } from './address.js';
 export { Bus, type BusEntry, type BusRange, type RangeSpec } from './bus.js';
 export type { Device, Access, AccessSize, DeviceStopRequest, IrqLine, DeviceMapping } from './device.js';
-export { EXIT_KINDS, describeExit, exitValue } from './exits.js';
+export { EXIT_KINDS, describeExit, exitValue, emulationFailure, INTERNAL_ERROR_EMULATION, EMULATION_FLAG_INSTRUCTION_BYTES } from './exits.js';
 export type { VcpuExit, ExitKind, IoExit, MmioExit, HltExit, ShutdownExit, DebugExit, HypercallExit, MsrExit, IntrExit, FailEntryExit, InternalErrorExit, SystemEventExit, ExceptionExit, UnsupportedExit } from './exits.js';
 export { handleExit, checkDecision, type ExitContext, type ExitOutcome } from './handle-exit.js';
 export type { ExitHook, HookDecision, HookInfo, HookStats, DenyEffect } from './hooks.js';
@@ -30,6 +30,7 @@ export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilitie
 export { KvmBackend, kvmBackend } from './backend/kvm.js';
 export * from './loaders/index.js';
 export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';
+export { bitnessOf, linearRip, translateVirtual, codeAt } from './cpu/paging.js';
 export {
   TsvmError, KvmError, KvmUnavailableError, errnoName, InvalidArgumentError, GuestMemoryError, StateError,
   SnapshotFormatError, ImageFormatError, MonitorViolation,

@@ -18,6 +18,7 @@ import { ExitCounters, type ExitStats } from './stats.js';
 import type { Stop, StopRequest } from './stop.js';
 import { Vcpu } from './vcpu.js';
 import { EXCEPTION_PORT, SYSTEM_AREA_SIZE, VECTORS_WITH_ERROR_CODE, setupCpu, type CpuMode } from './cpu/x86.js';
+import { bitnessOf, codeAt } from './cpu/paging.js';
 import type { EntryState } from './loaders/bootinfo.js';
 
 /** A memory region to create. */
@@ -587,6 +588,10 @@ export class Machine {
         const ripAt = sp + BigInt(hasCode ? w : 0);
         const faultRip = w === 8 ? this.memory.readU64(ripAt) : BigInt(this.memory.readUint(ripAt, 4));
         req = { ...req, errorCode, faultRip, cr2: vcpu.backend.getSregs().cr2 };
+      }
+      if (req.reason === 'internal-error') {
+        const sregs = vcpu.backend.getSregs();
+        req = { ...req, code: codeAt(this.memory, sregs, rip), bitness: bitnessOf(sregs) };
       }
     } catch { /* registers unavailable (backend failed): report what we have */ }
     return { ...req, rip, vcpu: vcpu.id, exits: this.#counters.total - exits0, elapsedMs: performance.now() - t0 } as Stop;

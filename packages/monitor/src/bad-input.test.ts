@@ -121,3 +121,13 @@ describe('bad input', () => {
     await vm.close();
   });
 });
+
+describe('explainInternalError', () => {
+  it('disassembles KVM\'s bytes when it reported them, else the code read at RIP', async () => {
+    const { explainInternalError } = await import('./decode.js');
+    const base = { reason: 'internal-error', suberror: 1, message: 'KVM internal error, suberror 1', data: [], rip: 0x1000n, vcpu: 0, exits: 1, elapsedMs: 1, bitness: 64 } as const;
+    expect(explainInternalError({ ...base, instruction: new Uint8Array([0xcc]), code: new Uint8Array([0x90]) })).toMatch(/at 0x1000: int3 \[cc\] \(bytes from KVM\)/);
+    expect(explainInternalError({ ...base, instruction: undefined, code: new Uint8Array([0x0f, 0x0b, 0x90]) })).toMatch(/ud2 \[0f 0b\] \(bytes read at RIP\)/);
+    expect(explainInternalError({ ...base, instruction: undefined, code: new Uint8Array(0) })).toMatch(/code unreadable/);
+  });
+});
