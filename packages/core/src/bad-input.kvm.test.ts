@@ -13,7 +13,6 @@ describe.skipIf(!kvm.available)(`bad input on real KVM${kvm.available ? '' : ` (
     vm.vcpu(0).setGuestDebug(0x1 | 0x1_0000);
     const stop = await vm.run({ timeout: 5000 });
     // On VMX/SVM this is a debug exit instead; the KVM-side facts differ per host.
-    if (process.env.TSVM_DEBUG_TEST) console.log(stop);
     if (stop.reason !== 'internal-error') { expect(['unhandled-exit', 'exception']).toContain(stop.reason); return; }
     expect(stop.suberror).toBe(1);
     expect(stop.data.length).toBeGreaterThan(0);
@@ -22,5 +21,48 @@ describe.skipIf(!kvm.available)(`bad input on real KVM${kvm.available ? '' : ` (
     const at = Number(stop.rip) - 0x1000;
     expect(stop.code[0]).toBe([0x90, 0xcc, 0xf4][at]);
     if (stop.instruction) expect(stop.instruction[0]).toBe(0xcc);
+  });
+});
+
+// cli; software-enable the LAPIC (KVM does not deliver the IOAPIC's NMI to a disabled one); route
+// the PIT to NMI delivery, through LINT0 (KVM's NMI-watchdog path) or IOAPIC pins 0 and 2 (with and
+// without the ISA override); start the PIT at 100 Hz; hlt. Only the NMI can wake this vCPU.
+const ROUTES = {
+  none: '',
+  lint0: 'mov dword ptr [rdi+0x350], 0x400',
+  ioapic: `mov rsi, 0xfec00000
+  mov dword ptr [rsi], 0x10
+  mov dword ptr [rsi+0x10], 0x400
+  mov dword ptr [rsi], 0x14
+  mov dword ptr [rsi+0x10], 0x400`,
+};
+const nmiGuest = (route: keyof typeof ROUTES) => `
+  cli
+  mov rdi, 0xfee00000
+  mov dword ptr [rdi+0xf0], 0x1ff
+  ${ROUTES[route]}
+  mov al, 0x34
+  out 0x43, al
+  mov al, 0x9c
+  out 0x40, al
+  mov al, 0x2e
+  out 0x40, al
+  hlt
+  hlt`;
+
+describe.skipIf(!kvm.available)(`halt with IF=0 on real KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  it.each(['lint0', 'ioapic'] as const)('an NMI routed from the PIT through %s wakes a vCPU halted with IF=0: not reported as halt', async (route) => {
+    await using vm = await Machine.create({ memory: 2 * MiB, irqchip: true });
+    vm.loadFlat(await asm(nmiGuest(route), { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long' });
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop).toMatchObject({ reason: 'exception', vector: 2 });
+  });
+
+  it('without an NMI route the same guest is reported as halt at once', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB, irqchip: true });
+    vm.loadFlat(await asm(nmiGuest('none'), { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long' });
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop.reason).toBe('halt');
+    expect(stop.elapsedMs).toBeLessThan(1000);
   });
 });

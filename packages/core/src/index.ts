@@ -26,7 +26,7 @@ export { handleExit, checkDecision, type ExitContext, type ExitOutcome } from '.
 export type { ExitHook, HookDecision, HookInfo, HookStats, DenyEffect } from './hooks.js';
 export type { Stop, StopCommon, StopReason, StopRequest } from './stop.js';
 export { ExitCounters, type ExitStats, type ExitKindStats } from './stats.js';
-export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilities, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
+export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilities, NmiWakeState, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
 export { KvmBackend, kvmBackend } from './backend/kvm.js';
 export * from './loaders/index.js';
 export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';

@@ -4,7 +4,7 @@
  * @module
  */
 import { EventEmitter } from 'eventemitter3';
-import type { Backend, BackendVm, HostCapabilities } from './backend.js';
+import type { Backend, BackendVm, HostCapabilities, NmiWakeState } from './backend.js';
 import { kvmBackend } from './backend/kvm.js';
 import { Bus, type RangeSpec } from './bus.js';
 import type { Device, DeviceMapping, IrqLine } from './device.js';
@@ -528,8 +528,9 @@ export class Machine {
       }
       if (exit.kind === 'intr') {
         k.handleNs += (performance.now() - t1) * 1e6;
-        // With an in-kernel irqchip `hlt` never exits: a halted vCPU with IF=0 can never wake.
-        if (this.irqchip && b.isHalted() && (b.getRegs().rflags & 0x200n) === 0n) return { kind: 'stop', stop: { reason: 'halt' } };
+        // With an in-kernel irqchip `hlt` never exits. Halted with IF=0, only an NMI can wake the
+        // vCPU: report `halt` at once unless one is pending or some source is routed to deliver one.
+        if (this.irqchip && b.isHalted() && (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState())) return { kind: 'stop', stop: { reason: 'halt' } };
         return { kind: 'yield' };
       }
       if (exit.kind === 'io') c.byPort.set(exit.port, (c.byPort.get(exit.port) ?? 0) + 1);
@@ -634,6 +635,11 @@ export class Machine {
   get backend(): Backend {
     return this.#backend;
   }
+}
+
+/** Whether an NMI can still wake a halted vCPU (a masked NMI waits for an `iret` that never comes). */
+function nmiCanWake(s: NmiWakeState): boolean {
+  return !s.masked && (s.pending || s.source !== undefined);
 }
 
 /** A `backend-error` stop for something the backend threw. */

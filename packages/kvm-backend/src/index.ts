@@ -19,5 +19,5 @@ export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry
 export { REG_NAMES } from './types.js';
 export { encodeRegs, decodeRegs, encodeSregs, decodeSregs } from './raw/codec.js';
 export { KVM, KVM_CAP, KVM_EXIT, KVM_CONST, type KvmIoctl } from './raw/ioctls.js';
-export { KVM_RUN_OFFSETS } from './raw/structs.js';
+export { KVM_RUN_OFFSETS, VCPU_EVENTS_OFFSETS, IOAPIC_REDIRTBL_OFFSET } from './raw/structs.js';
 export { libc, errno as lastErrno, type Libc, type NativePointer } from './raw/libc.js';
