@@ -9,6 +9,8 @@ import { kvmBackend } from './backend/kvm.js';
 import { Bus, type RangeSpec } from './bus.js';
 import type { Device, DeviceMapping, IrqLine } from './device.js';
 import { InvalidArgumentError, StateError, TsvmError } from './errors.js';
+import { checkArray, checkBigint, checkMsrIndices, checkObject, checkOptionalBoolean, show } from './check.js';
+import { REG_NAMES } from '@tsvm/kvm-backend';
 import type { VcpuExit } from './exits.js';
 import { handleExit, type ExitContext, type ExitOutcome } from './handle-exit.js';
 import type { ExitHook, HookInfo, HookStats } from './hooks.js';
@@ -145,6 +147,8 @@ export class Machine {
     if (!options || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
     const regions = normaliseRegions(options.memory);
     if (options.irqchip !== undefined && typeof options.irqchip !== 'boolean') throw new InvalidArgumentError('irqchip', 'must be a boolean');
+    if (options.name !== undefined && typeof options.name !== 'string') throw new InvalidArgumentError('name', `must be a string, got ${show(options.name)}`);
+    if (options.backend !== undefined && (options.backend === null || typeof options.backend !== 'object' || typeof options.backend.createVm !== 'function')) throw new InvalidArgumentError('backend', 'must be a Backend');
     const backend = options.backend ?? kvmBackend();
     const vm = backend.createVm({ irqchip: options.irqchip ?? false });
     const m = new Machine(backend, vm, options);
@@ -166,7 +170,7 @@ export class Machine {
   /** vCPU `id`. */
   vcpu(id = 0): Vcpu {
     const v = this.#vcpus[id];
-    if (!v) throw new InvalidArgumentError('id', `no vCPU ${id}`);
+    if (!Number.isInteger(id) || !v) throw new InvalidArgumentError('id', `no vCPU ${show(id)}`);
     return v;
   }
 
@@ -181,6 +185,10 @@ export class Machine {
    */
   addRegion(options: RegionOptions): MemoryRegion {
     this.#assertOpen();
+    checkObject(options, 'options');
+    checkOptionalBoolean(options.readonly, 'readonly');
+    checkOptionalBoolean(options.logDirty, 'logDirty');
+    if (options.name !== undefined && typeof options.name !== 'string') throw new InvalidArgumentError('name', `must be a string, got ${show(options.name)}`);
     const size = checkRegionSize(options.size, 'size');
     const start = gpa(options.start, 'start');
     if (start % 4096n !== 0n) throw new InvalidArgumentError('start', `${hex(start)} is not 4 KiB aligned`);
@@ -213,7 +221,7 @@ export class Machine {
   removeRegion(slot: number): void {
     this.#assertOpen();
     if (this.#running) throw new StateError('cannot remove memory while the machine runs');
-    if (!this.#slots.has(slot)) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
+    if (!this.#slots.has(slot)) throw new InvalidArgumentError('slot', `no region in slot ${show(slot)}`);
     this.#vm.unmapMemory(slot);
     this.memory.removeRegion(slot)?.close();
     this.#slots.delete(slot);
@@ -224,7 +232,7 @@ export class Machine {
   dirtyPages(slot: number): Uint8Array {
     this.#assertOpen();
     const r = this.memory.regions().find((x) => x.slot === slot);
-    if (!r) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
+    if (!r) throw new InvalidArgumentError('slot', `no region in slot ${show(slot)}`);
     return this.#vm.dirtyLog(slot, r.size);
   }
 
@@ -237,9 +245,9 @@ export class Machine {
     if (!(image instanceof Uint8Array) || image.length === 0) throw new InvalidArgumentError('image', 'must be a non-empty Uint8Array');
     if (!options || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
     const mode = options.mode ?? 'real';
-    if (!['real', 'protected', 'long'].includes(mode)) throw new InvalidArgumentError('mode', `must be 'real', 'protected' or 'long', got ${String(mode)}`);
+    if (!['real', 'protected', 'long'].includes(mode)) throw new InvalidArgumentError('mode', `must be 'real', 'protected' or 'long', got ${show(mode)}`);
     const ring = options.ring ?? 0;
-    if (ring !== 0 && ring !== 3) throw new InvalidArgumentError('ring', `must be 0 or 3, got ${String(ring)}`);
+    if (ring !== 0 && ring !== 3) throw new InvalidArgumentError('ring', `must be 0 or 3, got ${show(ring)}`);
     if (mode === 'real' && ring !== 0) throw new InvalidArgumentError('ring', 'real mode has no rings; use protected or long mode for ring 3');
     const at = checkAddr(options.at, 'at');
     const entry = options.entry === undefined ? at : checkAddr(options.entry, 'entry');
@@ -282,6 +290,12 @@ export class Machine {
   enter(entry: EntryState): void {
     this.#assertOpen();
     if (!entry || (entry.mode !== 'protected32' && entry.mode !== 'long64')) throw new InvalidArgumentError('entry', "must be a loader EntryState ('protected32' or 'long64')");
+    checkBigint(entry.rip, 'entry.rip', 0n, (1n << 64n) - 1n);
+    const registers = checkObject(entry.registers, 'entry.registers');
+    for (const [k, v] of Object.entries(registers)) {
+      if (!(REG_NAMES as readonly string[]).includes(k)) throw new InvalidArgumentError(`entry.registers.${k}`, 'unknown register');
+      if (v !== undefined) checkBigint(v, `entry.registers.${k}`, 0n, (1n << 64n) - 1n);
+    }
     const reserved = this.hostReserved()[0];
     if (!reserved) throw new InvalidArgumentError('memory', `entering an image needs a RAM region at 0 of at least ${2 * SYSTEM_AREA_SIZE} bytes`);
     if (entry.rip >= BigInt(reserved.start) && entry.rip < BigInt(reserved.start + reserved.size)) throw new InvalidArgumentError('entry.rip', 'lies in the host-reserved system area');
@@ -311,7 +325,7 @@ export class Machine {
   irqLine(irq: number): IrqLine {
     this.#assertOpen();
     if (!this.irqchip) throw new StateError('interrupt lines need Machine.create({ irqchip: true })');
-    if (!Number.isInteger(irq) || irq < 0 || irq > 23) throw new InvalidArgumentError('irq', `must be 0..23, got ${irq}`);
+    if (!Number.isInteger(irq) || irq < 0 || irq > 23) throw new InvalidArgumentError('irq', `must be 0..23, got ${show(irq)}`);
     const vm = this.#vm;
     return {
       irq,
@@ -323,6 +337,7 @@ export class Machine {
   /** Registers `device` on the PIO or MMIO bus (by the shape of `range`); the machine closes it on close. */
   attach(range: RangeSpec, device: Device): () => void {
     this.#assertOpen();
+    checkObject(range, 'range');
     const un = ('port' in range ? this.io : this.mmio).register(range, device);
     this.#devices.add(device);
     return un;
@@ -333,7 +348,10 @@ export class Machine {
    * @returns a function that detaches it again.
    */
   attachDevice(source: { mappings(): DeviceMapping[] } | readonly DeviceMapping[]): () => void {
-    const list = Array.isArray(source) ? source : (source as { mappings(): DeviceMapping[] }).mappings();
+    this.#assertOpen();
+    if (!Array.isArray(source) && typeof (source as { mappings?: unknown } | null)?.mappings !== 'function') throw new InvalidArgumentError('source', 'must be a device with mappings() or an array of DeviceMapping');
+    const list = checkArray(Array.isArray(source) ? source : (source as { mappings(): DeviceMapping[] }).mappings(), 'mappings');
+    list.forEach((m, i) => { const o = checkObject(m, `mappings[${i}]`); if (o['space'] !== 'pio' && o['space'] !== 'mmio') throw new InvalidArgumentError(`mappings[${i}].space`, `must be 'pio' or 'mmio', got ${show(o['space'])}`); });
     const undo: Array<() => void> = [];
     try {
       for (const m of list as readonly DeviceMapping[]) {
@@ -350,7 +368,7 @@ export class Machine {
   addHook(hook: ExitHook): () => void {
     this.#assertOpen();
     if (this.#hooksSealed) throw new StateError('the hook table is sealed');
-    if (!hook || typeof hook.matches !== 'function' || typeof hook.handle !== 'function' || (hook.mode !== 'mediate' && hook.mode !== 'observe')) {
+    if (!hook || typeof hook !== 'object' || typeof hook.name !== 'string' || typeof hook.matches !== 'function' || typeof hook.handle !== 'function' || (hook.mode !== 'mediate' && hook.mode !== 'observe')) {
       throw new InvalidArgumentError('hook', 'must be an ExitHook with name, mode, matches() and handle()');
     }
     this.#hooks.push(hook);
@@ -381,9 +399,12 @@ export class Machine {
   coalesce(range: RangeSpec): () => void {
     this.#assertOpen();
     if (this.#hooksSealed) throw new StateError('the machine is sealed: a new coalesced range could bypass mediation');
+    checkObject(range, 'range');
     const pio = 'port' in range;
     if (pio ? !this.capabilities.coalescedPio : !this.capabilities.coalescedMmio) throw new StateError(`this host has no coalesced ${pio ? 'PIO' : 'MMIO'}`);
-    const start = BigInt(pio ? range.port : range.address);
+    const raw: unknown = pio ? range.port : range.address;
+    if (typeof raw === 'number' ? !Number.isSafeInteger(raw) || raw < 0 : typeof raw !== 'bigint' || raw < 0n) throw new InvalidArgumentError('range.start', `must be a non-negative integer, got ${show(raw)}`);
+    const start = BigInt(raw as number | bigint);
     if (!Number.isSafeInteger(range.size) || range.size <= 0) throw new InvalidArgumentError('range.size', 'must be positive');
     this.#vm.registerCoalesced(start, range.size, pio);
     const z = { start, size: range.size, pio };
@@ -407,8 +428,11 @@ export class Machine {
   setRegionFlags(slot: number, flags: { readonly?: boolean; logDirty?: boolean }): MemoryRegion {
     this.#assertOpen();
     if (this.#running) throw new StateError('cannot change memslot flags while the machine runs');
+    checkObject(flags, 'flags');
+    checkOptionalBoolean(flags.readonly, 'flags.readonly');
+    checkOptionalBoolean(flags.logDirty, 'flags.logDirty');
     const r = this.memory.regions().find((x) => x.slot === slot);
-    if (!r) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
+    if (!r) throw new InvalidArgumentError('slot', `no region in slot ${show(slot)}`);
     if (flags.readonly && !this.capabilities.readonlyMemory) throw new InvalidArgumentError('readonly', 'this host does not support read-only memslots');
     const host = this.memory.removeRegion(slot);
     if (!host) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
@@ -425,7 +449,7 @@ export class Machine {
   interceptMsrs(reads: readonly number[], writes: readonly number[]): void {
     this.#assertOpen();
     if (!this.capabilities.userSpaceMsr) throw new StateError('this host has no user-space MSR exits');
-    this.#vm.setMsrIntercepts(reads, writes);
+    this.#vm.setMsrIntercepts(checkMsrIndices(reads, 'reads'), checkMsrIndices(writes, 'writes'));
   }
 
   /** Exit counters since creation (or the last `resetStats()`). */
@@ -446,6 +470,8 @@ export class Machine {
   async run(options: RunOptions = {}): Promise<Stop> {
     this.#assertOpen();
     if (this.#running) throw new StateError('the machine is already running');
+    checkObject(options, 'options');
+    if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw new InvalidArgumentError('signal', `must be an AbortSignal, got ${show(options.signal)}`);
     const timeout = options.timeout;
     if (timeout !== undefined && (typeof timeout !== 'number' || !(timeout >= 0))) throw new InvalidArgumentError('timeout', 'must be a non-negative number of milliseconds');
     const sliceMs = options.sliceMs ?? DEFAULT_SLICE_MS;
@@ -648,7 +674,7 @@ function backendError(e: unknown): StopRequest {
 }
 
 function checkAddr(v: unknown, name: string): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError(name, `must be a non-negative integer address, got ${String(v)}`);
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError(name, `must be a non-negative integer address, got ${show(v)}`);
   return v;
 }
 
