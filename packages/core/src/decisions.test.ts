@@ -116,3 +116,33 @@ describe('string I/O (rep insb/outsb): one exit, count elements, one decision fo
     if (s.stop.reason === 'violation') expect(s.stop.violation.message).toMatch(/x3/);
   });
 });
+
+describe('every hook failure mode is a hook-error, every device misfit a device-error', () => {
+  it('a throwing matches() (mediate and observe) is that hook\'s hook-error', async () => {
+    for (const mode of ['mediate', 'observe'] as const) {
+      const backend = new MockBackend();
+      backend.script(outExit(0x60, 1), { kind: 'hlt' });
+      const vm = await Machine.create({ memory: 2 * MiB, backend });
+      vm.io.register({ port: 0x60, size: 1 }, { name: 'kbd', write: () => {} });
+      vm.addHook({ name: 'bad-filter', mode, matches: () => { throw new TypeError('filter'); }, handle: () => undefined });
+      expect(await vm.run({ timeout: 2000 })).toMatchObject({ reason: 'hook-error', hook: 'bad-filter' });
+      await vm.close();
+    }
+  });
+
+  it('a thenable that is not a Promise is awaited like one', async () => {
+    const { stop, vcpu } = await run(inExit(0x60), () => ({ then: (ok: (d: HookDecision) => void) => ok({ verdict: 'emulate', value: 9 }) }));
+    expect(stop.reason).toBe('halt');
+    expect(vcpu.reads).toEqual([new Uint8Array([9])]);
+  });
+
+  it.each([[0x100], [-1], [1.5], [undefined], ['1']])('a device read() returning %j for a 1-byte in is a device-error, not a truncated value', async (v) => {
+    const backend = new MockBackend();
+    const vcpu = backend.script(inExit(0x61), { kind: 'hlt' });
+    const vm = await Machine.create({ memory: 2 * MiB, backend });
+    vm.io.register({ port: 0x61, size: 1 }, { name: 'odd', read: () => v as number });
+    expect(await vm.run({ timeout: 2000 })).toMatchObject({ reason: 'device-error', device: 'odd', error: expect.any(InvalidArgumentError) });
+    expect(vcpu.reads).toEqual([]);
+    await vm.close();
+  });
+});

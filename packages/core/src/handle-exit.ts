@@ -10,6 +10,7 @@ import type { Access, AccessSize, DeviceStopRequest } from './device.js';
 import { describeExit, emulationFailure, exitValue, type InternalErrorExit, type IoExit, type MmioExit, type VcpuExit } from './exits.js';
 import type { ExitHook, HookDecision, HookInfo, HookStats } from './hooks.js';
 import { InvalidArgumentError, MonitorViolation, TsvmError } from './errors.js';
+import { show } from './check.js';
 import type { StopRequest } from './stop.js';
 
 /** Everything {@link handleExit} needs. */
@@ -84,18 +85,18 @@ export function handleExit(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
   // 1. Mediate hooks, in order. First deny wins; emulate supplies the value.
   for (let i = 0; i < ctx.mediate.length; i++) {
     const hook = ctx.mediate[i] as ExitHook;
-    if (!hook.matches(exit)) continue;
     let d: HookDecision | Promise<HookDecision> | void;
     try {
+      if (!hook.matches(exit)) continue;
       d = timed(hook, ctx, exit);
     } catch (error) {
       return hookError(hook, error);
     }
-    if (d instanceof Promise) {
+    if (isThenable(d)) {
       const rest = ctx.mediate.slice(i + 1);
       return {
         action: 'async',
-        outcome: d.then(
+        outcome: Promise.resolve(d).then(
           (dec) => {
             const out = decide(exit, ctx, hook, dec);
             if (out) return out;
@@ -119,14 +120,19 @@ export function handleExit(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
 
 function observe(exit: VcpuExit, ctx: ExitContext, out: ExitOutcome): ExitOutcome {
   for (const hook of ctx.observe) {
-    if (!hook.matches(exit)) continue;
     try {
+      if (!hook.matches(exit)) continue;
       timed(hook, ctx, exit);
     } catch (error) {
       return hookError(hook, error);
     }
   }
   return out;
+}
+
+/** A Promise, or any thenable (another realm's Promise, a library's): awaited the same way. */
+function isThenable(d: unknown): d is PromiseLike<HookDecision> {
+  return d instanceof Promise || (typeof d === 'object' && d !== null && typeof (d as { then?: unknown }).then === 'function');
 }
 
 function hookError(hook: ExitHook, error: unknown): ExitOutcome {
@@ -184,9 +190,6 @@ export function checkDecision(exit: VcpuExit, d: unknown): HookDecision {
   return d as HookDecision;
 }
 
-function show(v: unknown): string {
-  return typeof v === 'bigint' ? `${v}n` : typeof v === 'string' ? `'${v}'` : String(v);
-}
 
 function applyDecision(exit: VcpuExit, ctx: ExitContext, hook: ExitHook, d: HookDecision): ExitOutcome | undefined {
   if (!d || d.verdict === 'allow') return undefined;
@@ -285,6 +288,14 @@ function deviceStop(req: DeviceStopRequest): StopRequest {
   }
 }
 
+/** A device's read result must be an integer that fits the access; a misfit is that device's error, not a truncation. */
+function readValue(device: string, v: unknown, size: number): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v >= 2 ** (8 * size)) {
+    throw new InvalidArgumentError(`device '${device}' read()`, `returned ${show(v)} for a ${size}-byte read; must be an integer in 0..0x${(2 ** (8 * size) - 1).toString(16)}`);
+  }
+  return v;
+}
+
 function dispatchIo(exit: IoExit, ctx: ExitContext): ExitOutcome {
   const entry = ctx.pio.find(BigInt(exit.port), exit.size);
   if (!entry) return unhandled(exit, 'no device at this port (deny by default)');
@@ -299,7 +310,7 @@ function dispatchIo(exit: IoExit, ctx: ExitContext): ExitOutcome {
     }
     if (!dev.read) return unhandled(exit, `device '${dev.name}' does not accept reads`);
     const data = new Uint8Array(exit.size * exit.count);
-    for (let i = 0; i < exit.count; i++) data.set(le(dev.read(offset, exit.size as AccessSize, access), exit.size), i * exit.size);
+    for (let i = 0; i < exit.count; i++) data.set(le(readValue(dev.name, dev.read(offset, exit.size as AccessSize, access), exit.size), exit.size), i * exit.size);
     return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume', read: data };
   } catch (error) {
     return { action: 'stop', stop: { reason: 'device-error', device: dev.name, error } };
@@ -324,7 +335,7 @@ function dispatchMmio(exit: MmioExit, ctx: ExitContext): ExitOutcome {
     }
     if (!dev.read) return unhandled(exit, `device '${dev.name}' does not accept reads`);
     const data = new Uint8Array(8);
-    for (const [o, s] of parts) data.set(le(dev.read(offset + o, s, access), s), o);
+    for (const [o, s] of parts) data.set(le(readValue(dev.name, dev.read(offset + o, s, access), s), s), o);
     return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume', read: data };
   } catch (error) {
     return { action: 'stop', stop: { reason: 'device-error', device: dev.name, error } };
