@@ -8,7 +8,7 @@
  * on PVM, so the architectural way does not work there).
  * @module
  */
-import type { DebugExit } from '@tsvm/core';
+import { StateError, type DebugExit } from '@tsvm/core';
 
 /** `KVM_GUESTDBG_*` control bits. */
 export const GUESTDBG = { ENABLE: 0x1, SINGLESTEP: 0x2, USE_SW_BP: 0x1_0000, USE_HW_BP: 0x2_0000 } as const;
@@ -61,10 +61,10 @@ export class DebugUnit {
     this.#apply();
   }
 
-  /** Arms an execute breakpoint at linear `address`. @returns the slot. @throws RangeError when all 4 are used. */
+  /** Arms an execute breakpoint at linear `address`. @returns the slot. @throws StateError when all 4 are used. */
   addHw(address: bigint): number {
     const slot = this.#hw.indexOf(undefined);
-    if (slot < 0) throw new RangeError('all 4 hardware debug registers are in use');
+    if (slot < 0) throw new StateError('all 4 hardware debug registers are in use');
     this.#hw[slot] = address;
     this.#apply();
     return slot;

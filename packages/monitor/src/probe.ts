@@ -18,7 +18,7 @@
  * monitor-visible exit, so hits in between are missed; `stats().lazyRearms` counts this.
  * @module
  */
-import type { GuestMemory, Regs, Sregs } from '@tsvm/core';
+import { InvalidArgumentError, StateError, type GuestMemory, type Regs, type Sregs } from '@tsvm/core';
 import { readCode, successors } from './decode.js';
 import { bitnessOf, linearRip, translateVirtual } from './paging.js';
 
@@ -127,7 +127,7 @@ export class PatchBreakpoints {
    */
   add(target: BreakpointTarget): void {
     if (this.#targets.has(target.physical)) return;
-    if (this.#overlaps(target.physical)) throw new RangeError(`a ${this.kind} trap at 0x${target.physical.toString(16)} would overlap another trap`);
+    if (this.#overlaps(target.physical)) throw new InvalidArgumentError('target.physical', `a ${this.kind} trap at 0x${target.physical.toString(16)} would overlap another trap`);
     const t: TargetState = { ...target, state: 'armed', lazy: false, lazySince: 0 };
     this.#patch(t.physical);
     this.#targets.set(t.physical, t);
@@ -228,7 +228,7 @@ export class PatchBreakpoints {
     const tr = this.#cpu.trampoline;
     const bits = bitnessOf(sregs);
     if (!tr || bits === 16 || translateVirtual(this.#cpu.memory, sregs, tr.virtual) !== tr.physical) {
-      throw new Error(`cannot resume a probe at 0x${rip.toString(16)}: no trampoline page is mapped (KVM would skip the restored instruction)`);
+      throw new StateError(`cannot resume a probe at 0x${rip.toString(16)}: no trampoline page is mapped (KVM would skip the restored instruction)`);
     }
     let slot = this.#slots.get(rip);
     if (slot === undefined) {
@@ -248,7 +248,7 @@ export class PatchBreakpoints {
         code.set([0xff, 0x25, 0, 0, 0, 0]); // jmp [rip+0]; .quad rip
         new DataView(code.buffer).setBigUint64(6, rip, true);
       } else {
-        throw new Error(`cannot resume a probe at 0x${rip.toString(16)}: out of jump range of the trampoline`);
+        throw new StateError(`cannot resume a probe at 0x${rip.toString(16)}: out of jump range of the trampoline`);
       }
       this.#cpu.memory.write(at, code);
     }
