@@ -87,7 +87,7 @@ describe('property: arbitrary values thrown at public methods only ever produce 
       fc.asyncProperty(fc.constantFrom(...methods), args, async (method, a) => {
         await onlyTyped(() => (obj[method] as (...x: unknown[]) => unknown).apply(obj, a));
       }),
-      { numRuns: 300 },
+      { numRuns: Number(process.env.TSVM_PROPERTY_RUNS ?? 300) },
     );
     await m.close();
   });

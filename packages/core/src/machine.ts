@@ -169,8 +169,8 @@ export class Machine {
 
   /** vCPU `id`. */
   vcpu(id = 0): Vcpu {
-    const v = this.#vcpus[id];
-    if (!Number.isInteger(id) || !v) throw new InvalidArgumentError('id', `no vCPU ${show(id)}`);
+    const v = Number.isInteger(id) ? this.#vcpus[id] : undefined;
+    if (!v) throw new InvalidArgumentError('id', `no vCPU ${show(id)}`);
     return v;
   }
 
