@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { Machine } from './machine.js';
 import { asm } from './testing/asm.js';
 import { kvmAvailability } from './testing/kvm-gate.js';
+import type { ExitHook } from './hooks.js';
 
 const kvm = kvmAvailability();
 const MiB = 1024 * 1024;
@@ -64,5 +65,32 @@ describe.skipIf(!kvm.available)(`halt with IF=0 on real KVM${kvm.available ? '' 
     const stop = await vm.run({ timeout: 5000 });
     expect(stop.reason).toBe('halt');
     expect(stop.elapsedMs).toBeLessThan(1000);
+  });
+});
+
+describe.skipIf(!kvm.available)(`string I/O on real KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  it('rep insb: the hook sees each exit\'s element count, the counts add up, and emulate fills every element', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB });
+    vm.io.register({ port: 0x60, size: 1 }, { name: 'kbd', read: () => 0x11 });
+    const counts: number[] = [];
+    const hook: ExitHook = { name: 'kbd-emulate', mode: 'mediate', matches: (e) => e.kind === 'io', handle: (e) => { if (e.kind === 'io') counts.push(e.count); return { verdict: 'emulate', value: 0x5a }; } };
+    vm.addHook(hook);
+    vm.loadFlat(await asm('mov rdi, 0x3000\n mov rcx, 300\n mov dx, 0x60\n cld\n rep insb\n hlt', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long' });
+    expect((await vm.run({ timeout: 5000 })).reason).toBe('halt');
+    expect(counts.reduce((a, b) => a + b, 0)).toBe(300);
+    expect(vm.memory.read(0x3000, 300)).toEqual(new Uint8Array(300).fill(0x5a));
+    expect(vm.memory.read(0x3000 + 300, 1)[0]).toBe(0);
+    expect(vm.hookStats().get(hook)).toMatchObject({ calls: counts.length, elements: 300 });
+  });
+
+  it('rep outsb denied with ignore: no element reaches the device', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB });
+    const got: number[] = [];
+    vm.io.register({ port: 0x60, size: 1 }, { name: 'kbd', write: (_o, v) => { got.push(v); } });
+    vm.addHook({ name: 'deny-out', mode: 'mediate', matches: (e) => e.kind === 'io', handle: () => ({ verdict: 'deny', effect: 'ignore' }) });
+    vm.memory.fill(0x3000, 200, 0x77);
+    vm.loadFlat(await asm('mov rsi, 0x3000\n mov rcx, 200\n mov dx, 0x60\n cld\n rep outsb\n hlt', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long' });
+    expect((await vm.run({ timeout: 5000 })).reason).toBe('halt');
+    expect(got).toEqual([]);
   });
 });
