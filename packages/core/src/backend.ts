@@ -86,6 +86,24 @@ export interface BackendVm {
   close(): void;
 }
 
+/**
+ * What could still wake a vCPU that is halted with `IF=0`: only an NMI can (single vCPU: no
+ * INIT/SIPI). Read from `KVM_GET_VCPU_EVENTS`, the LAPIC registers and the IOAPIC.
+ */
+export interface NmiWakeState {
+  /** An NMI is pending or being injected (`nmi.pending` / `nmi.injected`). */
+  readonly pending: boolean;
+  /** NMIs are blocked until the next `iret` (`nmi.masked`: the vCPU halted inside an NMI handler). */
+  readonly masked: boolean;
+  /**
+   * Some source is configured to deliver an NMI: an unmasked LAPIC LINT0 (the PIT's NMI-watchdog
+   * path) or performance-counter LVT in NMI delivery mode, or an unmasked IOAPIC redirection entry
+   * in NMI delivery mode. LINT1 is not counted: only a host `KVM_NMI` drives it, which tsvm never
+   * issues. Names the first source found, for diagnostics.
+   */
+  readonly source: string | undefined;
+}
+
 /** A vCPU as the backend sees it. */
 export interface BackendVcpu {
   /** vCPU index. */
@@ -125,6 +143,8 @@ export interface BackendVcpu {
   setMsrs(entries: readonly MsrEntry[]): void;
   /** Whether the vCPU is halted in the kernel (in-kernel irqchip). */
   isHalted(): boolean;
+  /** Whether an NMI could still wake it (see {@link NmiWakeState}); only meaningful with an in-kernel irqchip. */
+  nmiWakeState(): NmiWakeState;
   /** Configures guest debug (`KVM_GUESTDBG_*` control flags, debug registers). */
   setGuestDebug(control: number, debugreg?: readonly bigint[]): void;
   /** Drains the coalesced ring. */

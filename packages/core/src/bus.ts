@@ -8,6 +8,7 @@ import { InvalidArgumentError } from './errors.js';
 import { hex } from './address.js';
 import type { Device } from './device.js';
 import { RESERVED_PORTS, type ReservedPorts } from './reserved.js';
+import { checkInt, checkObject, show } from './check.js';
 
 /** A range on a bus. `start` is a port number (PIO) or guest-physical address (MMIO). */
 export interface BusRange {
@@ -47,14 +48,16 @@ export class Bus {
    */
   register(range: RangeSpec, device: Device, options: { readonly claim?: ReservedPorts['owner'] } = {}): () => void {
     if (this.#sealed) throw new InvalidArgumentError('range', `the ${this.space} bus is sealed; register devices before sealing`);
+    checkObject(range, 'range');
     if (!device || typeof device !== 'object' || typeof device.name !== 'string') throw new InvalidArgumentError('device', 'must be a Device with a name');
+    for (const m of ['read', 'write'] as const) if (device[m] !== undefined && typeof device[m] !== 'function') throw new InvalidArgumentError(`device.${m}`, `must be a function, got ${show(device[m])}`);
     const raw = 'port' in range ? range.port : range.address;
     if (this.space === 'pio' && !('port' in range)) throw new InvalidArgumentError('range', 'PIO ranges are given as { port, size }');
     if (this.space === 'mmio' && !('address' in range)) throw new InvalidArgumentError('range', 'MMIO ranges are given as { address, size }');
     if ((typeof raw !== 'number' && typeof raw !== 'bigint') || (typeof raw === 'number' && (!Number.isSafeInteger(raw) || raw < 0))) {
-      throw new InvalidArgumentError('range.start', `must be a non-negative integer, got ${String(raw)}`);
+      throw new InvalidArgumentError('range.start', `must be a non-negative integer, got ${show(raw)}`);
     }
-    if (!Number.isSafeInteger(range.size) || range.size <= 0) throw new InvalidArgumentError('range.size', `must be a positive integer, got ${String(range.size)}`);
+    if (!Number.isSafeInteger(range.size) || range.size <= 0) throw new InvalidArgumentError('range.size', `must be a positive integer, got ${show(range.size)}`);
     const start = BigInt(raw);
     const end = start + BigInt(range.size);
     if (start < 0n || end > this.#limit) throw new InvalidArgumentError('range', `[${hex(start)}, ${hex(end)}) is outside the ${this.space} space`);
@@ -78,6 +81,8 @@ export class Bus {
 
   /** Finds the device owning `address` (and the access end), or undefined. */
   find(address: bigint, size = 1): BusEntry | undefined {
+    if (typeof address !== 'bigint') throw new InvalidArgumentError('address', `must be a bigint, got ${show(address)}`);
+    checkInt(size, 'size', 0, 1 << 30);
     const end = address + BigInt(size);
     // Few devices per machine: a linear scan beats a tree at this size.
     for (const e of this.#entries) {

@@ -49,8 +49,34 @@ export interface MsrExit { readonly kind: 'msr'; readonly direction: 'read' | 'w
 export interface IntrExit { readonly kind: 'intr' }
 /** VM entry failed; `reason` is hardware specific. */
 export interface FailEntryExit { readonly kind: 'fail-entry'; readonly reason: bigint; readonly cpu: number }
-/** KVM could not handle something (often instruction emulation). */
+/**
+ * KVM could not handle something (often instruction emulation). `data` is `internal.data[0..ndata)`
+ * copied verbatim (at most 16 words); for `KVM_INTERNAL_ERROR_EMULATION` that is the
+ * `emulation_failure` overlay: `data[0]` = flags, then `insn_size` and `insn_bytes[15]`
+ * (see {@link emulationFailure}).
+ */
 export interface InternalErrorExit { readonly kind: 'internal-error'; readonly suberror: number; readonly data: readonly bigint[] }
+
+/** `KVM_INTERNAL_ERROR_EMULATION`: the instruction emulator failed. */
+export const INTERNAL_ERROR_EMULATION = 1;
+/** `KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES`: `insn_size`/`insn_bytes` are valid. */
+export const EMULATION_FLAG_INSTRUCTION_BYTES = 1n;
+
+/**
+ * The instruction bytes KVM reports with an emulation failure (`struct emulation_failure` in
+ * `<linux/kvm.h>`: `__u64 flags; __u8 insn_size; __u8 insn_bytes[15];`, overlaid on `data`),
+ * or undefined when this exit does not carry them.
+ */
+export function emulationFailure(exit: InternalErrorExit): Uint8Array | undefined {
+  if (exit.suberror !== INTERNAL_ERROR_EMULATION || exit.data.length < 3) return undefined;
+  if (((exit.data[0] ?? 0n) & EMULATION_FLAG_INSTRUCTION_BYTES) === 0n) return undefined;
+  const raw = new Uint8Array(16);
+  const view = new DataView(raw.buffer);
+  view.setBigUint64(0, BigInt.asUintN(64, exit.data[1] ?? 0n), true);
+  view.setBigUint64(8, BigInt.asUintN(64, exit.data[2] ?? 0n), true);
+  const size = Math.min(raw[0] ?? 0, 15);
+  return raw.slice(1, 1 + size);
+}
 /** A system event (shutdown, reset, crash) requested through the platform. */
 export interface SystemEventExit { readonly kind: 'system-event'; readonly type: number; readonly data: readonly bigint[] }
 /** `KVM_EXIT_EXCEPTION`: an exception KVM reports to userspace. */

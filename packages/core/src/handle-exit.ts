@@ -7,9 +7,10 @@
  */
 import type { Bus } from './bus.js';
 import type { Access, AccessSize, DeviceStopRequest } from './device.js';
-import { describeExit, exitValue, type IoExit, type MmioExit, type VcpuExit } from './exits.js';
+import { describeExit, emulationFailure, exitValue, type InternalErrorExit, type IoExit, type MmioExit, type VcpuExit } from './exits.js';
 import type { ExitHook, HookDecision, HookInfo, HookStats } from './hooks.js';
-import { HookFailure, MonitorViolation } from './errors.js';
+import { HookFailure, InvalidArgumentError, MonitorViolation, TsvmError } from './errors.js';
+import { show } from './check.js';
 import type { StopRequest } from './stop.js';
 import type { GuestMemory } from './memory.js';
 
@@ -62,8 +63,9 @@ function timed(hook: ExitHook, ctx: ExitContext, exit: VcpuExit): HookDecision |
   try {
     return hook.handle(exit, ctx.info);
   } finally {
-    const s = st.get(hook) ?? { calls: 0, ns: 0 };
+    const s = st.get(hook) ?? { calls: 0, elements: 0, ns: 0 };
     s.calls++;
+    s.elements += exit.kind === 'io' ? exit.count : 1;
     s.ns += (now() - t0) * 1e6;
     st.set(hook, s);
   }
@@ -98,24 +100,31 @@ export function handleExit(exit: VcpuExit, ctx: ExitContext, allowed = false): E
   //    allow lets core's defaults (MSR pass-through, write-through to watched RAM) apply.
   for (let i = 0; i < ctx.mediate.length; i++) {
     const hook = ctx.mediate[i] as ExitHook;
-    if (!hook.matches(exit)) continue;
     let d: HookDecision | Promise<HookDecision> | void;
     try {
+      if (!hook.matches(exit)) continue;
       d = timed(hook, ctx, exit);
     } catch (error) {
       return hookError(hook, error);
     }
-    if (d instanceof Promise) {
+    if (isThenable(d)) {
       const rest = ctx.mediate.slice(i + 1);
       return {
         action: 'async',
-        outcome: d.then(
-          (dec) => applyDecision(exit, ctx, hook, dec) ?? handleExit(exit, { ...ctx, mediate: rest }, allowed || dec?.verdict === 'allow'),
+        outcome: Promise.resolve(d).then(
+          (dec) => {
+            const out = decide(exit, ctx, hook, dec);
+            if (out) return out;
+            // A later async hook yields another 'async' outcome: flatten it so the loop
+            // never receives one it would mistake for "resume".
+            const next = handleExit(exit, { ...ctx, mediate: rest }, allowed || (dec as HookDecision)?.verdict === 'allow');
+            return next.action === 'async' ? next.outcome : next;
+          },
           (error: unknown) => hookError(hook, error),
         ),
       };
     }
-    const out = applyDecision(exit, ctx, hook, d ?? undefined);
+    const out = decide(exit, ctx, hook, d);
     if (out) return out;
     if (d?.verdict === 'allow') allowed = true;
   }
@@ -127,8 +136,8 @@ export function handleExit(exit: VcpuExit, ctx: ExitContext, allowed = false): E
 
 function observe(exit: VcpuExit, ctx: ExitContext, out: ExitOutcome): ExitOutcome {
   for (const hook of ctx.observe) {
-    if (!hook.matches(exit)) continue;
     try {
+      if (!hook.matches(exit)) continue;
       timed(hook, ctx, exit);
     } catch (error) {
       return hookError(hook, error);
@@ -136,6 +145,63 @@ function observe(exit: VcpuExit, ctx: ExitContext, out: ExitOutcome): ExitOutcom
   }
   return out;
 }
+
+/** A Promise, or any thenable (another realm's Promise, a library's): awaited the same way. */
+function isThenable(d: unknown): d is PromiseLike<HookDecision> {
+  return d instanceof Promise || (typeof d === 'object' && d !== null && typeof (d as { then?: unknown }).then === 'function');
+}
+
+/** Validates a hook's decision, then applies it; a malformed one becomes that hook's `hook-error`. */
+function decide(exit: VcpuExit, ctx: ExitContext, hook: ExitHook, d: unknown): ExitOutcome | undefined {
+  let checked: HookDecision;
+  try {
+    checked = checkDecision(exit, d);
+  } catch (error) {
+    return hookError(hook, error);
+  }
+  return applyDecision(exit, ctx, hook, checked);
+}
+
+const EFFECTS: readonly unknown[] = ['stop', 'ignore', 'gp'];
+
+/** Width in bits of the value an `emulate` decision supplies for `exit`. */
+function emulateBits(exit: VcpuExit): number {
+  switch (exit.kind) {
+    case 'io': return exit.size * 8;
+    case 'mmio': return Math.min(exit.size, 8) * 8;
+    default: return 64; // MSRs; other kinds ignore the value but it must still be a valid u64
+  }
+}
+
+/**
+ * Checks that `d` is a well-formed {@link HookDecision} for `exit`: a known verdict, a known deny
+ * effect, and an `emulate` value that is an integer fitting the access (`in` of 1 byte: 0..0xff,
+ * MSR: 64 bits). Out-of-range values are refused rather than silently truncated.
+ * @throws InvalidArgumentError naming the offending field.
+ */
+export function checkDecision(exit: VcpuExit, d: unknown): HookDecision {
+  if (d === undefined || d === null) return undefined;
+  if (typeof d !== 'object') throw new InvalidArgumentError('decision', `must be allow(), deny() or emulate(value), got ${typeof d}`);
+  const verdict = (d as { verdict?: unknown }).verdict;
+  if (verdict === 'allow') return d as HookDecision;
+  if (verdict === 'deny') {
+    const { effect, reason } = d as { effect?: unknown; reason?: unknown };
+    if (effect !== undefined && !EFFECTS.includes(effect)) throw new InvalidArgumentError('decision.effect', `must be 'stop', 'ignore' or 'gp', got ${show(effect)}`);
+    if (reason !== undefined && typeof reason !== 'string') throw new InvalidArgumentError('decision.reason', `must be a string, got ${typeof reason}`);
+    return d as HookDecision;
+  }
+  if (verdict !== 'emulate') throw new InvalidArgumentError('decision.verdict', `must be 'allow', 'deny' or 'emulate', got ${show(verdict)}`);
+  const value = (d as { value?: unknown }).value;
+  const bits = emulateBits(exit);
+  const max = (1n << BigInt(bits)) - 1n;
+  let v: bigint;
+  if (typeof value === 'bigint') v = value;
+  else if (typeof value === 'number' && Number.isInteger(value)) v = BigInt(value);
+  else throw new InvalidArgumentError('decision.value', `emulate() for ${describeExit(exit)} needs an integer, got ${show(value)}`);
+  if (v < 0n || v > max) throw new InvalidArgumentError('decision.value', `emulate(${show(value)}) for ${describeExit(exit)} is outside 0..0x${max.toString(16)}`);
+  return d as HookDecision;
+}
+
 
 function applyDecision(exit: VcpuExit, ctx: ExitContext, hook: ExitHook, d: HookDecision): ExitOutcome | undefined {
   if (!d || d.verdict === 'allow') return undefined;
@@ -212,8 +278,7 @@ function dispatch(exit: VcpuExit, ctx: ExitContext, allowed: boolean): ExitOutco
     case 'shutdown': return { action: 'stop', stop: { reason: 'shutdown' } };
     case 'system-event':
       return { action: 'stop', stop: exit.type === 2 ? { reason: 'reset' } : { reason: 'shutdown' } };
-    case 'internal-error':
-      return { action: 'stop', stop: { reason: 'internal-error', suberror: exit.suberror, message: `KVM internal error, suberror ${exit.suberror}${exit.suberror === 1 ? ' (instruction emulation failed)' : ''}` } };
+    case 'internal-error': return internalError(exit);
     case 'fail-entry':
       return { action: 'stop', stop: { reason: 'fail-entry', hardwareReason: exit.reason } };
     case 'intr':
@@ -227,6 +292,19 @@ function dispatch(exit: VcpuExit, ctx: ExitContext, allowed: boolean): ExitOutco
       return unhandled(never, 'unknown exit');
     }
   }
+}
+
+const hexBytes = (b: Uint8Array): string => Array.from(b, (x) => x.toString(16).padStart(2, '0')).join(' ');
+
+/** The stop for `KVM_EXIT_INTERNAL_ERROR`, keeping what KVM said; the run loop adds `code`/`bitness`. */
+function internalError(exit: InternalErrorExit): ExitOutcome {
+  const instruction = emulationFailure(exit);
+  const what = exit.suberror === 1 ? ' (instruction emulation failed' + (instruction ? `: [${hexBytes(instruction)}]` : '') + ')' : '';
+  const data = exit.data.length > 0 ? `; data ${exit.data.map((d) => `0x${d.toString(16)}`).join(' ')}` : '';
+  return {
+    action: 'stop',
+    stop: { reason: 'internal-error', suberror: exit.suberror, message: `KVM internal error, suberror ${exit.suberror}${what}${data}`, data: exit.data.slice(), instruction, code: new Uint8Array(0), bitness: 16 },
+  };
 }
 
 class AccessState implements Access {
@@ -243,8 +321,16 @@ function deviceStop(req: DeviceStopRequest): StopRequest {
     case 'reset': return { reason: 'reset' };
     case 'shutdown': return { reason: 'shutdown' };
     case 'exception': return { reason: 'exception', vector: req.vector, errorCode: undefined, faultRip: 0n, cr2: 0n };
-    case 'device-error': return { reason: 'device-error', device: req.device, error: new Error(req.message) };
+    case 'device-error': return { reason: 'device-error', device: req.device, error: new TsvmError('TSVM_DEVICE', `device '${req.device}': ${req.message}`) };
   }
+}
+
+/** A device's read result must be an integer that fits the access; a misfit is that device's error, not a truncation. */
+function readValue(device: string, v: unknown, size: number): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v >= 2 ** (8 * size)) {
+    throw new InvalidArgumentError(`device '${device}' read()`, `returned ${show(v)} for a ${size}-byte read; must be an integer in 0..0x${(2 ** (8 * size) - 1).toString(16)}`);
+  }
+  return v;
 }
 
 function dispatchIo(exit: IoExit, ctx: ExitContext): ExitOutcome {
@@ -261,7 +347,7 @@ function dispatchIo(exit: IoExit, ctx: ExitContext): ExitOutcome {
     }
     if (!dev.read) return unhandled(exit, `device '${dev.name}' does not accept reads`);
     const data = new Uint8Array(exit.size * exit.count);
-    for (let i = 0; i < exit.count; i++) data.set(le(dev.read(offset, exit.size as AccessSize, access), exit.size), i * exit.size);
+    for (let i = 0; i < exit.count; i++) data.set(le(readValue(dev.name, dev.read(offset, exit.size as AccessSize, access), exit.size), exit.size), i * exit.size);
     return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume', read: data };
   } catch (error) {
     return { action: 'stop', stop: { reason: 'device-error', device: dev.name, error } };
@@ -286,7 +372,7 @@ function dispatchMmio(exit: MmioExit, ctx: ExitContext): ExitOutcome {
     }
     if (!dev.read) return unhandled(exit, `device '${dev.name}' does not accept reads`);
     const data = new Uint8Array(8);
-    for (const [o, s] of parts) data.set(le(dev.read(offset + o, s, access), s), o);
+    for (const [o, s] of parts) data.set(le(readValue(dev.name, dev.read(offset + o, s, access), s), s), o);
     return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume', read: data };
   } catch (error) {
     return { action: 'stop', stop: { reason: 'device-error', device: dev.name, error } };

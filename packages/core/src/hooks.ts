@@ -57,8 +57,13 @@ export interface ExitHook {
 
 /** Per-hook counters kept by the run loop. */
 export interface HookStats {
-  /** Times the hook ran. */
+  /** Times the hook ran (once per exit). */
   calls: number;
+  /**
+   * Elements those calls covered: a string I/O exit (`rep insb`/`outsb`, `IoExit.count`) is one
+   * call for up to 1024 elements, and the hook's decision applies to each of them.
+   */
+  elements: number;
   /** Total nanoseconds spent inside the hook. */
   ns: number;
 }

@@ -23,17 +23,17 @@ export { DmaGate, DeviceMemory, DmaDeniedError, type DmaWrite, type DmaDecision,
 export { gpa, hex, MAX_GUEST_PHYS, type GuestAddress } from './address.js';
 export { Bus, type BusEntry, type BusRange, type RangeSpec } from './bus.js';
 export type { Device, Access, AccessSize, DeviceStopRequest, IrqLine, DeviceMapping } from './device.js';
-export { EXIT_KINDS, describeExit, exitValue } from './exits.js';
+export { EXIT_KINDS, describeExit, exitValue, emulationFailure, INTERNAL_ERROR_EMULATION, EMULATION_FLAG_INSTRUCTION_BYTES } from './exits.js';
 export type { VcpuExit, ExitKind, IoExit, MmioExit, HltExit, ShutdownExit, DebugExit, HypercallExit, MsrExit, IntrExit, FailEntryExit, InternalErrorExit, SystemEventExit, ExceptionExit, UnsupportedExit } from './exits.js';
-export { handleExit, type ExitContext, type ExitOutcome } from './handle-exit.js';
+export { handleExit, checkDecision, type ExitContext, type ExitOutcome } from './handle-exit.js';
 export type { ExitHook, HookDecision, HookInfo, HookStats, DenyEffect } from './hooks.js';
 export type { Stop, StopCommon, StopReason, StopRequest } from './stop.js';
 export { ExitCounters, type ExitStats, type ExitKindStats } from './stats.js';
-export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilities, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
+export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilities, NmiWakeState, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
 export { KvmBackend, kvmBackend } from './backend/kvm.js';
 export * from './loaders/index.js';
 export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';
-export { translateVirtual, bitnessOf, linearRip } from './cpu/paging.js';
+export { bitnessOf, linearRip, translateVirtual, codeAt } from './cpu/paging.js';
 export { RESERVED_PORTS, PROBE_PORT, HYPERCALL_PORT, type ReservedPorts } from './reserved.js';
 export {
   accessingInstruction, decodeIoInstruction, movesRip, IO_INSTRUCTION_CLASSES, RIP_ON_INSTRUCTION,

@@ -4,11 +4,13 @@
  * @module
  */
 import { EventEmitter } from 'eventemitter3';
-import type { Backend, BackendVm, HostCapabilities } from './backend.js';
+import type { Backend, BackendVm, HostCapabilities, NmiWakeState } from './backend.js';
 import { kvmBackend } from './backend/kvm.js';
 import { Bus, type RangeSpec } from './bus.js';
 import type { Device, DeviceMapping, IrqLine } from './device.js';
 import { HookFailure, InvalidArgumentError, StateError, TsvmError } from './errors.js';
+import { checkArray, checkBigint, checkMsrIndices, checkObject, checkOptionalBoolean, show } from './check.js';
+import { REG_NAMES } from '@tsvm/kvm-backend';
 import type { VcpuExit } from './exits.js';
 import { handleExit, type ExitContext, type ExitOutcome } from './handle-exit.js';
 import type { ExitHook, HookInfo, HookStats } from './hooks.js';
@@ -18,6 +20,7 @@ import { ExitCounters, type ExitStats } from './stats.js';
 import type { Stop, StopRequest } from './stop.js';
 import { Vcpu } from './vcpu.js';
 import { EXCEPTION_PORT, SYS, SYSTEM_AREA_SIZE, VECTORS_WITH_ERROR_CODE, setupCpu, type CpuMode } from './cpu/x86.js';
+import { bitnessOf, codeAt } from './cpu/paging.js';
 import type { EntryState } from './loaders/bootinfo.js';
 import { instructionRipOf } from './cpu/exit-rip.js';
 
@@ -154,6 +157,8 @@ export class Machine {
     if (!options || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
     const regions = normaliseRegions(options.memory);
     if (options.irqchip !== undefined && typeof options.irqchip !== 'boolean') throw new InvalidArgumentError('irqchip', 'must be a boolean');
+    if (options.name !== undefined && typeof options.name !== 'string') throw new InvalidArgumentError('name', `must be a string, got ${show(options.name)}`);
+    if (options.backend !== undefined && (options.backend === null || typeof options.backend !== 'object' || typeof options.backend.createVm !== 'function')) throw new InvalidArgumentError('backend', 'must be a Backend');
     const backend = options.backend ?? kvmBackend();
     const vm = backend.createVm({ irqchip: options.irqchip ?? false });
     const m = new Machine(backend, vm, options);
@@ -174,8 +179,8 @@ export class Machine {
 
   /** vCPU `id`. */
   vcpu(id = 0): Vcpu {
-    const v = this.#vcpus[id];
-    if (!v) throw new InvalidArgumentError('id', `no vCPU ${id}`);
+    const v = Number.isInteger(id) ? this.#vcpus[id] : undefined;
+    if (!v) throw new InvalidArgumentError('id', `no vCPU ${show(id)}`);
     return v;
   }
 
@@ -194,6 +199,10 @@ export class Machine {
    */
   addRegion(options: RegionOptions): MemoryRegion {
     this.#assertOpen();
+    checkObject(options, 'options');
+    checkOptionalBoolean(options.readonly, 'readonly');
+    checkOptionalBoolean(options.logDirty, 'logDirty');
+    if (options.name !== undefined && typeof options.name !== 'string') throw new InvalidArgumentError('name', `must be a string, got ${show(options.name)}`);
     const size = checkRegionSize(options.size, 'size');
     const start = gpa(options.start, 'start');
     if (start % 4096n !== 0n) throw new InvalidArgumentError('start', `${hex(start)} is not 4 KiB aligned`);
@@ -226,7 +235,7 @@ export class Machine {
   removeRegion(slot: number): void {
     this.#assertOpen();
     if (this.#running) throw new StateError('cannot remove memory while the machine runs');
-    if (!this.#slots.has(slot)) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
+    if (!this.#slots.has(slot)) throw new InvalidArgumentError('slot', `no region in slot ${show(slot)}`);
     this.#vm.unmapMemory(slot);
     this.memory.removeRegion(slot)?.close();
     this.#slots.delete(slot);
@@ -237,7 +246,7 @@ export class Machine {
   dirtyPages(slot: number): Uint8Array {
     this.#assertOpen();
     const r = this.memory.regions().find((x) => x.slot === slot);
-    if (!r) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
+    if (!r) throw new InvalidArgumentError('slot', `no region in slot ${show(slot)}`);
     return this.#vm.dirtyLog(slot, r.size);
   }
 
@@ -250,9 +259,9 @@ export class Machine {
     if (!(image instanceof Uint8Array) || image.length === 0) throw new InvalidArgumentError('image', 'must be a non-empty Uint8Array');
     if (!options || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
     const mode = options.mode ?? 'real';
-    if (!['real', 'protected', 'long'].includes(mode)) throw new InvalidArgumentError('mode', `must be 'real', 'protected' or 'long', got ${String(mode)}`);
+    if (!['real', 'protected', 'long'].includes(mode)) throw new InvalidArgumentError('mode', `must be 'real', 'protected' or 'long', got ${show(mode)}`);
     const ring = options.ring ?? 0;
-    if (ring !== 0 && ring !== 3) throw new InvalidArgumentError('ring', `must be 0 or 3, got ${String(ring)}`);
+    if (ring !== 0 && ring !== 3) throw new InvalidArgumentError('ring', `must be 0 or 3, got ${show(ring)}`);
     if (mode === 'real' && ring !== 0) throw new InvalidArgumentError('ring', 'real mode has no rings; use protected or long mode for ring 3');
     const at = checkAddr(options.at, 'at');
     const entry = options.entry === undefined ? at : checkAddr(options.entry, 'entry');
@@ -295,6 +304,12 @@ export class Machine {
   enter(entry: EntryState): void {
     this.#assertOpen();
     if (!entry || (entry.mode !== 'protected32' && entry.mode !== 'long64')) throw new InvalidArgumentError('entry', "must be a loader EntryState ('protected32' or 'long64')");
+    checkBigint(entry.rip, 'entry.rip', 0n, (1n << 64n) - 1n);
+    const registers = checkObject(entry.registers, 'entry.registers');
+    for (const [k, v] of Object.entries(registers)) {
+      if (!(REG_NAMES as readonly string[]).includes(k)) throw new InvalidArgumentError(`entry.registers.${k}`, 'unknown register');
+      if (v !== undefined) checkBigint(v, `entry.registers.${k}`, 0n, (1n << 64n) - 1n);
+    }
     const reserved = this.hostReserved()[0];
     if (!reserved) throw new InvalidArgumentError('memory', `entering an image needs a RAM region at 0 of at least ${2 * SYSTEM_AREA_SIZE} bytes`);
     if (entry.rip >= BigInt(reserved.start) && entry.rip < BigInt(reserved.start + reserved.size)) throw new InvalidArgumentError('entry.rip', 'lies in the host-reserved system area');
@@ -324,7 +339,7 @@ export class Machine {
   irqLine(irq: number): IrqLine {
     this.#assertOpen();
     if (!this.irqchip) throw new StateError('interrupt lines need Machine.create({ irqchip: true })');
-    if (!Number.isInteger(irq) || irq < 0 || irq > 23) throw new InvalidArgumentError('irq', `must be 0..23, got ${irq}`);
+    if (!Number.isInteger(irq) || irq < 0 || irq > 23) throw new InvalidArgumentError('irq', `must be 0..23, got ${show(irq)}`);
     const vm = this.#vm;
     return {
       irq,
@@ -335,6 +350,7 @@ export class Machine {
 
   /** Attaches `device` at `range` (`{ port, size }` or `{ address, size }`): `attachDevice([{ range, device }])`. */
   attach(range: RangeSpec, device: Device): () => void {
+    checkObject(range, 'range');
     return this.attachDevice([{ range, device }]);
   }
 
@@ -365,7 +381,7 @@ export class Machine {
   addHook(hook: ExitHook): () => void {
     this.#assertOpen();
     if (this.#hooksSealed) throw new StateError('the hook table is sealed');
-    if (!hook || typeof hook.matches !== 'function' || typeof hook.handle !== 'function' || (hook.mode !== 'mediate' && hook.mode !== 'observe')) {
+    if (!hook || typeof hook !== 'object' || typeof hook.name !== 'string' || typeof hook.matches !== 'function' || typeof hook.handle !== 'function' || (hook.mode !== 'mediate' && hook.mode !== 'observe')) {
       throw new InvalidArgumentError('hook', 'must be an ExitHook with name, mode, matches() and handle()');
     }
     this.#hooks.push(hook);
@@ -435,9 +451,12 @@ export class Machine {
   coalesce(range: RangeSpec): () => void {
     this.#assertOpen();
     if (this.#hooksSealed) throw new StateError('the machine is sealed: a new coalesced range could bypass mediation');
+    checkObject(range, 'range');
     const pio = 'port' in range;
     if (pio ? !this.capabilities.coalescedPio : !this.capabilities.coalescedMmio) throw new StateError(`this host has no coalesced ${pio ? 'PIO' : 'MMIO'}`);
-    const start = BigInt(pio ? range.port : range.address);
+    const raw: unknown = pio ? range.port : range.address;
+    if (typeof raw === 'number' ? !Number.isSafeInteger(raw) || raw < 0 : typeof raw !== 'bigint' || raw < 0n) throw new InvalidArgumentError('range.start', `must be a non-negative integer, got ${show(raw)}`);
+    const start = BigInt(raw as number | bigint);
     if (!Number.isSafeInteger(range.size) || range.size <= 0) throw new InvalidArgumentError('range.size', 'must be positive');
     this.#vm.registerCoalesced(start, range.size, pio);
     const z = { start, size: range.size, pio };
@@ -461,8 +480,11 @@ export class Machine {
   setRegionFlags(slot: number, flags: { readonly?: boolean; logDirty?: boolean }): MemoryRegion {
     this.#assertOpen();
     if (this.#running) throw new StateError('cannot change memslot flags while the machine runs');
+    checkObject(flags, 'flags');
+    checkOptionalBoolean(flags.readonly, 'flags.readonly');
+    checkOptionalBoolean(flags.logDirty, 'flags.logDirty');
     const r = this.memory.regions().find((x) => x.slot === slot);
-    if (!r) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
+    if (!r) throw new InvalidArgumentError('slot', `no region in slot ${show(slot)}`);
     if (flags.readonly && !this.capabilities.readonlyMemory) throw new InvalidArgumentError('readonly', 'this host does not support read-only memslots');
     const host = this.memory.removeRegion(slot);
     if (!host) throw new InvalidArgumentError('slot', `no region in slot ${slot}`);
@@ -479,7 +501,7 @@ export class Machine {
   interceptMsrs(reads: readonly number[], writes: readonly number[]): void {
     this.#assertOpen();
     if (!this.capabilities.userSpaceMsr) throw new StateError('this host has no user-space MSR exits');
-    this.#vm.setMsrIntercepts(reads, writes);
+    this.#vm.setMsrIntercepts(checkMsrIndices(reads, 'reads'), checkMsrIndices(writes, 'writes'));
   }
 
   /** Exit counters since creation (or the last `resetStats()`). */
@@ -500,6 +522,8 @@ export class Machine {
   async run(options: RunOptions = {}): Promise<Stop> {
     this.#assertOpen();
     if (this.#running) throw new StateError('the machine is already running');
+    checkObject(options, 'options');
+    if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw new InvalidArgumentError('signal', `must be an AbortSignal, got ${show(options.signal)}`);
     const timeout = options.timeout;
     if (timeout !== undefined && (typeof timeout !== 'number' || !(timeout >= 0))) throw new InvalidArgumentError('timeout', 'must be a non-negative number of milliseconds');
     const sliceMs = options.sliceMs ?? DEFAULT_SLICE_MS;
@@ -599,8 +623,9 @@ export class Machine {
       this.#exit = exit;
       if (exit.kind === 'intr') {
         k.handleNs += (performance.now() - t1) * 1e6;
-        // With an in-kernel irqchip `hlt` never exits: a halted vCPU with IF=0 can never wake.
-        if (this.irqchip && b.isHalted() && (b.getRegs().rflags & 0x200n) === 0n) return { kind: 'stop', stop: { reason: 'halt' } };
+        // With an in-kernel irqchip `hlt` never exits. Halted with IF=0, only an NMI can wake the
+        // vCPU: report `halt` at once unless one is pending or some source is routed to deliver one.
+        if (this.irqchip && b.isHalted() && (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState())) return { kind: 'stop', stop: { reason: 'halt' } };
         return { kind: 'yield' };
       }
       if (exit.kind === 'io') c.byPort.set(exit.port, (c.byPort.get(exit.port) ?? 0) + 1);
@@ -661,6 +686,10 @@ export class Machine {
         const faultRip = w === 8 ? this.memory.readU64(ripAt) : BigInt(this.memory.readUint(ripAt, 4));
         req = { ...req, errorCode, faultRip, cr2: vcpu.backend.getSregs().cr2 };
       }
+      if (req.reason === 'internal-error') {
+        const sregs = vcpu.backend.getSregs();
+        req = { ...req, code: codeAt(this.memory, sregs, rip), bitness: bitnessOf(sregs) };
+      }
     } catch { /* registers unavailable (backend failed): report what we have */ }
     return { ...req, rip, vcpu: vcpu.id, exits: this.#counters.total - exits0, elapsedMs: performance.now() - t0 } as Stop;
   }
@@ -704,13 +733,18 @@ export class Machine {
   }
 }
 
+/** Whether an NMI can still wake a halted vCPU (a masked NMI waits for an `iret` that never comes). */
+function nmiCanWake(s: NmiWakeState): boolean {
+  return !s.masked && (s.pending || s.source !== undefined);
+}
+
 /** A `backend-error` stop for something the backend threw. */
 function backendError(e: unknown): StopRequest {
   return { reason: 'backend-error', error: e instanceof TsvmError ? e : new TsvmError('TSVM_BACKEND', String(e), { cause: e }) };
 }
 
 function checkAddr(v: unknown, name: string): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError(name, `must be a non-negative integer address, got ${String(v)}`);
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new InvalidArgumentError(name, `must be a non-negative integer address, got ${show(v)}`);
   return v;
 }
 

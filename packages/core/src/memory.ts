@@ -7,6 +7,7 @@
  */
 import { GuestMemoryError, InvalidArgumentError } from './errors.js';
 import { gpa, type GuestAddress, hex } from './address.js';
+import { checkBytes, checkInt, checkObject, show } from './check.js';
 
 /** Host memory backing one region (a `memfd` mapping on KVM, an `ArrayBuffer` in the mock). */
 export interface HostMemory {
@@ -55,6 +56,10 @@ export class GuestMemory {
 
   /** Registers a region; used by `Machine`. Overlap and alignment are checked by the caller too. */
   addRegion(region: MemoryRegion, host: HostMemory): void {
+    checkObject(region, 'region');
+    checkBytes(checkObject(host, 'host')['bytes'], 'host.bytes');
+    gpa(region.start, 'region.start');
+    checkInt(region.size, 'region.size', 1, Number.MAX_SAFE_INTEGER);
     const startN = BigInt(region.start);
     const endN = startN + BigInt(region.size);
     for (const r of this.#regions) {
@@ -116,8 +121,9 @@ export class GuestMemory {
    * it synchronously for exactly `[offset, offset+length)` and never lets it escape.
    */
   #translate(address: number | bigint, length: number): { bytes: Uint8Array; offset: number; region: RegionEntry } {
-    if (!Number.isSafeInteger(length) || length < 0) {
-      throw new GuestMemoryError(typeof address === 'bigint' ? address : BigInt(Math.trunc(Number(address)) || 0), Number(length) || 0, 'length must be a non-negative integer');
+    if (typeof address !== 'number' && typeof address !== 'bigint') throw new InvalidArgumentError('address', `must be a number or bigint, got ${show(address)}`);
+    if (typeof length !== 'number' || !Number.isSafeInteger(length) || length < 0) {
+      throw new GuestMemoryError(typeof address === 'bigint' ? address : BigInt(Math.trunc(address) || 0), typeof length === 'number' ? length || 0 : 0, `length must be a non-negative integer, got ${show(length)}`);
     }
     let a: bigint;
     if (typeof address === 'bigint') a = address;
@@ -143,24 +149,28 @@ export class GuestMemory {
 
   /** Reads exactly `into.length` bytes into `into`. */
   readInto(address: number | bigint, into: Uint8Array): void {
+    checkBytes(into, 'into');
     const { bytes, offset } = this.#translate(address, into.length);
     into.set(bytes.subarray(offset, offset + into.length));
   }
 
   /** Writes all of `data` (host writes ignore the read-only flag: it only binds the guest). */
   write(address: number | bigint, data: Uint8Array): void {
+    checkBytes(data, 'data');
     const { bytes, offset } = this.#translate(address, data.length);
     bytes.set(data, offset);
   }
 
   /** Fills `length` bytes with `value`. */
   fill(address: number | bigint, length: number, value = 0): void {
+    checkInt(value, 'value', 0, 0xff);
     const { bytes, offset } = this.#translate(address, length);
     bytes.fill(value, offset, offset + length);
   }
 
   /** Reads a little-endian unsigned integer of 1, 2 or 4 bytes. */
   readUint(address: number | bigint, width: 1 | 2 | 4): number {
+    checkWidth(width);
     const { bytes, offset } = this.#translate(address, width);
     let v = 0;
     for (let i = width - 1; i >= 0; i--) v = v * 256 + (bytes[offset + i] as number);
@@ -173,8 +183,13 @@ export class GuestMemory {
     return new DataView(bytes.buffer, bytes.byteOffset + offset, 8).getBigUint64(0, true);
   }
 
-  /** Writes a little-endian unsigned integer of 1, 2 or 4 bytes (the value is truncated to width). */
+  /**
+   * Writes a little-endian integer of 1, 2 or 4 bytes. `value` must fit the width, unsigned or
+   * two's complement (`-1` writes all ones); anything else is refused, never truncated.
+   */
   writeUint(address: number | bigint, width: 1 | 2 | 4, value: number): void {
+    checkWidth(width);
+    checkInt(value, 'value', -(2 ** (8 * width - 1)), 2 ** (8 * width) - 1);
     const { bytes, offset } = this.#translate(address, width);
     let v = value >>> 0;
     for (let i = 0; i < width; i++) {
@@ -183,14 +198,18 @@ export class GuestMemory {
     }
   }
 
-  /** Writes a little-endian 64-bit unsigned integer. */
+  /** Writes a little-endian 64-bit integer (`value` a bigint, unsigned or two's complement). */
   writeU64(address: number | bigint, value: bigint): void {
+    if (typeof value !== 'bigint' || value < -(1n << 63n) || value >= 1n << 64n) throw new InvalidArgumentError('value', `must be a 64-bit bigint, got ${show(value)}`);
     const { bytes, offset } = this.#translate(address, 8);
     new DataView(bytes.buffer, bytes.byteOffset + offset, 8).setBigUint64(0, BigInt.asUintN(64, value), true);
   }
 
   /** Reads a NUL-terminated string of at most `max` bytes (latin1). */
   readCString(address: number | bigint, max = 4096): string {
+    if (typeof address !== 'number' && typeof address !== 'bigint') throw new InvalidArgumentError('address', `must be a number or bigint, got ${show(address)}`);
+    if (typeof address === 'number' && !Number.isSafeInteger(address)) throw new GuestMemoryError(0n, 0, `address ${address} is not an integer`);
+    checkInt(max, 'max', 0, 1 << 30);
     let out = '';
     const base = typeof address === 'bigint' ? address : BigInt(address);
     for (let i = 0; i < max; i++) {
@@ -209,10 +228,14 @@ export class GuestMemory {
   }
 }
 
+function checkWidth(width: unknown): void {
+  if (width !== 1 && width !== 2 && width !== 4) throw new InvalidArgumentError('width', `must be 1, 2 or 4, got ${show(width)}`);
+}
+
 /** Validates a region size: positive, 4 KiB multiple, below `max`. */
 export function checkRegionSize(size: unknown, argument: string, max = 64 * 1024 ** 3): number {
   if (typeof size !== 'number' || !Number.isSafeInteger(size) || size <= 0) {
-    throw new InvalidArgumentError(argument, `must be a positive integer number of bytes, got ${String(size)}`);
+    throw new InvalidArgumentError(argument, `must be a positive integer number of bytes, got ${show(size)}`);
   }
   if (size % 4096 !== 0) throw new InvalidArgumentError(argument, `must be a multiple of 4096, got ${size}`);
   if (size > max) throw new InvalidArgumentError(argument, `${size} bytes exceeds the limit of ${max}`);

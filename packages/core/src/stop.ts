@@ -40,7 +40,17 @@ export type Stop = StopCommon & (
   | { readonly reason: 'violation'; readonly violation: MonitorViolation }
   | { readonly reason: 'hook-error'; readonly hook: string; readonly error: unknown }
   | { readonly reason: 'device-error'; readonly device: string; readonly error: unknown }
-  | { readonly reason: 'internal-error'; readonly suberror: number; readonly message: string }
+  /**
+   * KVM gave up (`KVM_EXIT_INTERNAL_ERROR`). `data` is every word KVM reported with it
+   * (`internal.data[0..ndata)`). For an emulation failure (suberror 1) whose `data[0]` flags say
+   * so, `instruction` holds the bytes KVM tried to emulate (`insn_bytes[0..insn_size)`). `code` is
+   * what core read at RIP through the guest's page tables (up to 15 bytes; empty when unreadable),
+   * and `bitness` the mode to decode either in.
+   */
+  | {
+    readonly reason: 'internal-error'; readonly suberror: number; readonly message: string; readonly data: readonly bigint[];
+    readonly instruction: Uint8Array | undefined; readonly code: Uint8Array; readonly bitness: 16 | 32 | 64;
+  }
   | { readonly reason: 'fail-entry'; readonly hardwareReason: bigint }
   | { readonly reason: 'backend-error'; readonly error: TsvmError }
 );

@@ -5,6 +5,7 @@
 import type { BackendVcpu, CpuidEntry, MsrEntry, Regs, Sregs } from './backend.js';
 import { InvalidArgumentError } from './errors.js';
 import { REG_NAMES } from '@tsvm/kvm-backend';
+import { checkArray, checkBigint, checkCpuid, checkInt, checkMsrEntries, checkMsrIndices, checkObject, checkSregs } from './check.js';
 
 /** One virtual CPU. */
 export class Vcpu {
@@ -26,11 +27,11 @@ export class Vcpu {
 
   /** Updates the given general-purpose registers, leaving the others as they are. */
   setRegs(update: Partial<Regs>): void {
+    checkObject(update, 'regs');
     const regs = this.backend.getRegs();
     for (const [k, v] of Object.entries(update)) {
       if (!(REG_NAMES as readonly string[]).includes(k)) throw new InvalidArgumentError(`regs.${k}`, 'unknown register');
-      if (typeof v !== 'bigint') throw new InvalidArgumentError(`regs.${k}`, 'must be a bigint');
-      regs[k as keyof Regs] = v;
+      regs[k as keyof Regs] = checkBigint(v, `regs.${k}`, 0n, (1n << 64n) - 1n);
     }
     this.backend.setRegs(regs);
   }
@@ -42,22 +43,22 @@ export class Vcpu {
 
   /** Replaces the special registers. */
   setSregs(sregs: Sregs): void {
-    this.backend.setSregs(sregs);
+    this.backend.setSregs(checkSregs(sregs, 'sregs'));
   }
 
   /** Reads MSRs. */
   getMsrs(indices: readonly number[]): MsrEntry[] {
-    return this.backend.getMsrs(indices);
+    return this.backend.getMsrs(checkMsrIndices(indices, 'indices'));
   }
 
-  /** Writes MSRs. */
+  /** Writes MSRs (indices 32-bit, values 64-bit). */
   setMsrs(entries: readonly MsrEntry[]): void {
-    this.backend.setMsrs(entries);
+    this.backend.setMsrs(checkMsrEntries(entries, 'entries'));
   }
 
   /** Sets the CPUID table (effective for code at CPL0; see HOST-FACTS for PVM at CPL3). */
   setCpuid(entries: readonly CpuidEntry[]): void {
-    this.backend.setCpuid(entries);
+    this.backend.setCpuid(checkCpuid(entries, 'entries'));
   }
 
   /**
@@ -65,7 +66,9 @@ export class Vcpu {
    * DR7 in slot 7). Whether it works at a given CPL is host-specific: see `calibrate()`.
    */
   setGuestDebug(control: number, debugreg: readonly bigint[] = []): void {
-    this.backend.setGuestDebug(control, debugreg);
+    checkInt(control, 'control', 0, 0xffff_ffff);
+    const regs = checkArray(debugreg, 'debugreg', 8).map((r, i) => checkBigint(r, `debugreg[${i}]`, 0n, (1n << 64n) - 1n));
+    this.backend.setGuestDebug(control, regs);
   }
 
   /** The host's default CPUID table. */

@@ -29,4 +29,5 @@ export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry
 export { REG_NAMES } from './types.js';
 export { encodeRegs, decodeRegs, encodeSregs, decodeSregs, encodeCpuid, decodeCpuid } from './raw/codec.js';
 export { KVM, KVM_CAP, KVM_EXIT, KVM_CONST, type KvmIoctl } from './raw/ioctls.js';
+export { VCPU_EVENTS_OFFSETS, IOAPIC_REDIRTBL_OFFSET } from './raw/structs.js';
 export { libc, errno as lastErrno, type Libc, type NativePointer } from './raw/libc.js';

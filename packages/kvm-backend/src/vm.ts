@@ -58,6 +58,17 @@ export class KvmVm {
     ioctlInt(this.fd, 'KVM_CREATE_IRQCHIP');
   }
 
+  /**
+   * `KVM_GET_IRQCHIP` for chip `chipId` (0 = master PIC, 1 = slave PIC, 2 = IOAPIC).
+   * @returns a copy of the 512-byte `chip` union.
+   */
+  getIrqchip(chipId: 0 | 1 | 2): Uint8Array {
+    const b = new Uint8Array(S.sizeOf(S.kvm_irqchip));
+    dv(b).setUint32(0, chipId, true);
+    ioctlPtr(this.fd, 'KVM_GET_IRQCHIP', b);
+    return b.slice(8);
+  }
+
   /** `KVM_CREATE_PIT2`. */
   createPit2(flags = 0): void {
     const b = new Uint8Array(S.sizeOf(S.kvm_pit_config));

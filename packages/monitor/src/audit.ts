@@ -42,6 +42,11 @@ export interface AuditEntry {
   readonly reason?: string;
   /** Emulated value, hex. */
   readonly value?: string;
+  /**
+   * Elements the decision covered, when more than one: a string I/O exit (`rep ins`/`outs`)
+   * carries up to 1024 and one decision applies to all of them. Absent means 1.
+   */
+  readonly count?: number;
   /** Exit sequence number in the machine's life. */
   readonly exit: number;
   /** `dma` for a write a device made into guest RAM (absent for the guest's own accesses). */

@@ -1,8 +1,9 @@
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError, Machine } from '@tsvm/core';
-import { MockBackend, outExit, type MockStep } from '@tsvm/core/testing';
+import { MockBackend, inExit, outExit, type MockStep } from '@tsvm/core/testing';
 import { Monitor } from './monitor.js';
-import { allow } from './decisions.js';
+import { allow, deny, emulate } from './decisions.js';
+import { AuditLog } from './audit.js';
 import type { EventSpec } from './events.js';
 
 const MiB = 1024 * 1024;
@@ -37,7 +38,7 @@ describe('bad input', () => {
     c.mon.mediate({ event: 'pio', ports: [0x3f8, 0x3f8] }, () => ({ verdict: 'maybe' }) as never);
     const s = await c.vm.run();
     expect(s).toMatchObject({ reason: 'hook-error', error: expect.any(InvalidArgumentError) });
-    if (s.reason === 'hook-error') expect((s.error as Error).message).toMatch(/not allow\(\), deny\(\) or emulate/);
+    if (s.reason === 'hook-error') expect((s.error as Error).message).toMatch(/decision\.verdict: must be 'allow', 'deny' or 'emulate'/);
   });
 
   it('a mediate hook that never settles is bounded by the run timeout', async () => {
@@ -81,5 +82,52 @@ describe('bad input', () => {
     mon.close();
     mon.close();
     expect(() => mon.mediate({ event: 'halt' }, () => allow())).toThrow(/closed/);
+  });
+
+  it.each([
+    ['emulate(1.5)', () => emulate(1.5)],
+    ['emulate(NaN)', () => emulate(NaN)],
+    ['emulate() without a value', () => (emulate as (v?: number) => unknown)()],
+    ['emulate(0x100) for a 1-byte in', () => emulate(0x100)],
+    ['emulate(-1) for a 1-byte in', () => emulate(-1)],
+    ['a hand-made decision with a fractional value', () => ({ verdict: 'emulate', value: 0.5 })],
+    ['deny with an unknown effect', () => deny({ effect: 'explode' as never })],
+  ])('%s stops with hook-error naming the hook (sync and async), never a raw RangeError', async (_n, make) => {
+    for (const wrap of [(f: () => unknown) => f, (f: () => unknown) => async () => f()]) {
+      const backend = new MockBackend();
+      backend.script(inExit(0x60), { kind: 'hlt' });
+      const vm = await Machine.create({ memory: 2 * MiB, backend });
+      vm.io.register({ port: 0x60, size: 1 }, { name: 'kbd', read: () => 0 });
+      const mon = new Monitor(vm);
+      mon.mediate({ event: 'pio', ports: [0x60, 0x60] }, wrap(make) as never, { name: 'kbd-filter' });
+      const stop = await vm.run({ timeout: 2000 });
+      expect(stop).toMatchObject({ reason: 'hook-error', hook: expect.stringContaining('kbd-filter'), error: expect.any(InvalidArgumentError) });
+      await vm.close();
+    }
+  });
+
+  it('a rep insb exit is one decision for all its elements: the hook sees count, the audit line records it, emulate fills every element', async () => {
+    const backend = new MockBackend();
+    const vcpu = backend.script({ kind: 'io', direction: 'in', port: 0x60, size: 1, count: 300, data: new Uint8Array(0) }, { kind: 'hlt' });
+    const vm = await Machine.create({ memory: 2 * MiB, backend });
+    const lines: string[] = [];
+    const mon = new Monitor(vm, { audit: new AuditLog(lines) });
+    const counts: number[] = [];
+    mon.mediate({ event: 'pio', ports: [0x60, 0x60] }, (ev) => { if (ev.event === 'pio') counts.push(ev.count); return emulate(0x5a); }, { name: 'kbd' });
+    expect((await vm.run({ timeout: 2000 })).reason).toBe('halt');
+    expect(counts).toEqual([300]);
+    expect(vcpu.reads[0]).toEqual(new Uint8Array(300).fill(0x5a));
+    expect(JSON.parse(lines[0] as string)).toMatchObject({ event: 'pio', decision: 'emulate', count: 300 });
+    await vm.close();
+  });
+});
+
+describe('explainInternalError', () => {
+  it('disassembles KVM\'s bytes when it reported them, else the code read at RIP', async () => {
+    const { explainInternalError } = await import('./decode.js');
+    const base = { reason: 'internal-error', suberror: 1, message: 'KVM internal error, suberror 1', data: [], rip: 0x1000n, vcpu: 0, exits: 1, elapsedMs: 1, bitness: 64 } as const;
+    expect(explainInternalError({ ...base, instruction: new Uint8Array([0xcc]), code: new Uint8Array([0x90]) })).toMatch(/at 0x1000: int3 \[cc\] \(bytes from KVM\)/);
+    expect(explainInternalError({ ...base, instruction: undefined, code: new Uint8Array([0x0f, 0x0b, 0x90]) })).toMatch(/ud2 \[0f 0b\] \(bytes read at RIP\)/);
+    expect(explainInternalError({ ...base, instruction: undefined, code: new Uint8Array(0) })).toMatch(/code unreadable/);
   });
 });

@@ -3,7 +3,7 @@
  * and the context every hook function receives.
  * @module
  */
-import type { DenyEffect, HookDecision, Machine, VcpuExit } from '@tsvm/core';
+import { InvalidArgumentError, type DenyEffect, type HookDecision, type Machine, type VcpuExit } from '@tsvm/core';
 import type { MonitorEvent } from './events.js';
 
 /** A decision a mediate hook returns (core's `HookDecision` without `undefined`). */
@@ -21,11 +21,20 @@ const ALLOW: Decision = Object.freeze({ verdict: 'allow' });
  * the accessing instruction (port I/O, MMIO, write-watch, MSRs; other events stop).
  */
 export function deny(options: { effect?: DenyEffect; reason?: string } = {}): Decision {
+  if (!options || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
+  if (options.effect !== undefined && !['stop', 'ignore', 'gp'].includes(options.effect)) throw new InvalidArgumentError('options.effect', `must be 'stop', 'ignore' or 'gp', got ${String(options.effect)}`);
   return { verdict: 'deny', ...(options.effect ? { effect: options.effect } : {}), ...(options.reason ? { reason: options.reason } : {}) };
 }
 
-/** Complete the access with `value` instead of the device (reads) or instead of the write. */
+/**
+ * Complete the access with `value` instead of the device (reads) or instead of the write. For a
+ * string I/O exit the value is supplied for every element. Whether `value` fits the access (a
+ * 1-byte `in`: 0..0xff, an MSR: 64 bits) is checked when the decision is applied; a misfit stops
+ * the machine with this hook's `hook-error`.
+ * @throws InvalidArgumentError when `value` is not an integer `number` or a `bigint`.
+ */
 export function emulate(value: number | bigint): Decision {
+  if (typeof value !== 'bigint' && !Number.isInteger(value)) throw new InvalidArgumentError('value', `emulate() needs an integer number or a bigint, got ${String(value)}`);
   return { verdict: 'emulate', value };
 }
 

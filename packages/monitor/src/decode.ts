@@ -4,7 +4,7 @@
  * @module
  */
 import { Decoder, DecoderOptions, FlowControl, Formatter, FormatterSyntax, Mnemonic, OpKind, Register, type Instruction } from 'iced-x86';
-import type { GuestMemory, Regs } from '@tsvm/core';
+import type { GuestMemory, Regs, Stop } from '@tsvm/core';
 
 /** x86 instructions are at most 15 bytes. */
 const MAX_INSN = 15;
@@ -74,6 +74,21 @@ export function formatInstructionAt(mem: GuestMemory, rip: bigint, bitness: 16 |
   if (bytes.length === 0) return `0x${rip.toString(16)}: (unreadable)`;
   const d = decodeBytes(bytes, rip, bitness);
   return `0x${rip.toString(16)}: ${d.text} [${Array.from(d.bytes, (b) => b.toString(16).padStart(2, '0')).join(' ')}]`;
+}
+
+/**
+ * Explains an `internal-error` stop: core's message, then the instruction at RIP disassembled,
+ * from the bytes KVM reported with an emulation failure when it did, else from what core read at
+ * RIP, e.g. `... at 0x1000: int3 [cc] (bytes from KVM)`.
+ */
+export function explainInternalError(stop: Extract<Stop, { reason: 'internal-error' }>): string {
+  const kvm = stop.instruction !== undefined && stop.instruction.length > 0;
+  const bytes = kvm ? (stop.instruction as Uint8Array) : stop.code;
+  const at = `0x${stop.rip.toString(16)}`;
+  if (bytes.length === 0) return `${stop.message} at ${at}: (code unreadable)`;
+  const d = decodeBytes(bytes, stop.rip, stop.bitness);
+  const hex = Array.from(d.invalid ? bytes : d.bytes, (b) => b.toString(16).padStart(2, '0')).join(' ');
+  return `${stop.message} at ${at}: ${d.text} [${hex}] (bytes ${kvm ? 'from KVM' : 'read at RIP'})`;
 }
 
 /**

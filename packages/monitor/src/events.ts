@@ -53,7 +53,13 @@ export { HYPERCALL_PORT };
 
 /** What a hook receives: the event in its own terms (not the exit that carried it). */
 export type MonitorEvent =
-  | { readonly event: 'pio'; readonly port: number; readonly direction: 'in' | 'out'; readonly size: 1 | 2 | 4; readonly value: number | undefined }
+  /**
+   * Port I/O. `count` is the number of elements the exit carries: a `rep insb`/`outsb` batches up
+   * to 1024 per exit, and a decision applies to all of them (an emulated value is returned for each
+   * element; a deny drops or fails them all). `value` is the first element written (`out`); `values`
+   * has every element.
+   */
+  | { readonly event: 'pio'; readonly port: number; readonly direction: 'in' | 'out'; readonly size: 1 | 2 | 4; readonly value: number | undefined; readonly count: number; readonly values: readonly number[] }
   | { readonly event: 'mmio'; readonly address: bigint; readonly direction: 'read' | 'write'; readonly size: number; readonly value: bigint | undefined }
   | { readonly event: 'msr'; readonly index: number; readonly direction: 'read' | 'write'; readonly value: bigint | undefined }
   | { readonly event: 'hypercall'; readonly port: number; readonly nr: number }
@@ -171,7 +177,8 @@ export function eventOf(spec: NormalSpec, exit: VcpuExit): MonitorEvent | undefi
       if (exit.kind !== 'io') return undefined;
       const p = BigInt(exit.port);
       if (p < spec.lo || p > spec.hi || (spec.dir !== 'both' && spec.dir !== exit.direction)) return undefined;
-      return { event: 'pio', port: exit.port, direction: exit.direction, size: exit.size, value: exit.direction === 'out' ? le(exit.data, exit.size) : undefined };
+      const values = exit.direction === 'out' ? Array.from({ length: exit.count }, (_, i) => le(exit.data.subarray(i * exit.size), exit.size)) : [];
+      return { event: 'pio', port: exit.port, direction: exit.direction, size: exit.size, value: values[0], count: exit.count, values };
     }
     case 'mmio': {
       if (exit.kind !== 'mmio') return undefined;

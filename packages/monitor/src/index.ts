@@ -31,8 +31,8 @@ export { MechanismUnavailableError, PolicyError, PolicyConflictError, MediationB
 export { PatchBreakpoints, PROBE_PORT, type TrapKind, type BreakpointTarget, type CpuAccess, type PatchStats } from './probe.js';
 export { DebugUnit, GUESTDBG, type DebugCause, type DebugTarget } from './debug-unit.js';
 export { RegionFlags, dirtyPageAddresses } from './write-watch.js';
-export { formatInstructionAt, formatIoInstructionBefore, decodeBytes, successors, readCode, type DecodedInstruction, type Successors, type MachineView, type ReadPointer } from './decode.js';
-/** Re-exported from `@tsvm/core` (where the page walk lives since the I/O-exit RIP helper needs it). */
+export { formatInstructionAt, formatIoInstructionBefore, explainInternalError, decodeBytes, successors, readCode, type DecodedInstruction, type Successors, type MachineView, type ReadPointer } from './decode.js';
+/** Re-exported from `@tsvm/core` (where the page walk lives: core's stops and the I/O-exit RIP helper need it). */
 export { translateVirtual, bitnessOf, linearRip } from '@tsvm/core';
 export { compilePolicy, applyPolicy, type Policy, type PolicyRule, type RuleEvent, type CompiledRule, type JsonInt } from './policy.js';
 export { AuditLog, verifyAuditLog, DECISION_CHANNEL, decisionChannel, GENESIS, type AuditEntry, type AuditLine, type AuditSink, type AuditVerification } from './audit.js';

@@ -82,6 +82,8 @@ export interface MonitorHookStats {
   readonly name: string;
   /** Events delivered to the function. */
   readonly events: number;
+  /** Elements those events covered (a `rep insb`/`outsb` event counts its `count`; others 1). */
+  readonly elements: number;
   /** Nanoseconds inside the function. */
   readonly handlerNs: number;
 }
@@ -216,7 +218,7 @@ export class Monitor implements InternalEnv {
 
   /** Per-hook event counts and handler time, measured by the monitor. */
   hookStats(): MonitorHookStats[] {
-    return this.#records.map((r) => ({ name: r.name, events: r.events, handlerNs: r.handlerNs }));
+    return this.#records.map((r) => ({ name: r.name, events: r.events, elements: r.elements, handlerNs: r.handlerNs }));
   }
 
   /** @internal the live records with their core hooks (for the cost report). */
@@ -304,7 +306,7 @@ export class Monitor implements InternalEnv {
     const cpl: Cpl = (spec.event === 'exec' || spec.event === 'step') && spec.cpl !== undefined ? spec.cpl : this.#currentCpl();
     const selection = this.#select(spec, mode, cpl);
     const id = this.#nextId++;
-    const rec: HookRecord = { id, name: options.name ?? `${mode}:${spec.event}#${id}`, mode, spec, fn, cpl, selection, core: undefined, events: 0, handlerNs: 0, verdicts: { allow: 0, deny: 0, emulate: 0 } };
+    const rec: HookRecord = { id, name: options.name ?? `${mode}:${spec.event}#${id}`, mode, spec, fn, cpl, selection, core: undefined, events: 0, elements: 0, handlerNs: 0, verdicts: { allow: 0, deny: 0, emulate: 0 } };
     this.#install(rec);
     this.#records.push(rec);
     this.#rebuild();

@@ -18,9 +18,9 @@
  * monitor-visible exit, so hits in between are missed; `stats().lazyRearms` counts this.
  * @module
  */
-import type { GuestMemory, Regs, Sregs } from '@tsvm/core';
+import { InvalidArgumentError, StateError, type GuestMemory, type Regs, type Sregs } from '@tsvm/core';
 import { readCode, successors } from './decode.js';
-import { InvalidArgumentError, StateError, bitnessOf, linearRip, translateVirtual } from '@tsvm/core';
+import { bitnessOf, linearRip, translateVirtual } from '@tsvm/core';
 
 import { PROBE_PORT } from '@tsvm/core';
 /** Reserved port of the probe trap (`out 0xe5, al`): core's `RESERVED_PORTS` table keeps devices off it. */
@@ -128,7 +128,7 @@ export class PatchBreakpoints {
    */
   add(target: BreakpointTarget): void {
     if (this.#targets.has(target.physical)) return;
-    if (this.#overlaps(target.physical)) throw new InvalidArgumentError('address', `a ${this.kind} trap at 0x${target.physical.toString(16)} would overlap another trap`);
+    if (this.#overlaps(target.physical)) throw new InvalidArgumentError('target.physical', `a ${this.kind} trap at 0x${target.physical.toString(16)} would overlap another trap`);
     const t: TargetState = { ...target, state: 'armed', lazy: false, lazySince: 0 };
     this.#patch(t.physical);
     this.#targets.set(t.physical, t);

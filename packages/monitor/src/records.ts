@@ -4,7 +4,7 @@
  * publish it on `diagnostics_channel`, and explain denies (RIP + disassembly).
  * @module
  */
-import { HookFailure, InvalidArgumentError, type ExitHook, type HookDecision, type HookInfo, type Machine, type VcpuExit } from '@tsvm/core';
+import { HookFailure, checkDecision as checkCoreDecision, type ExitHook, type HookDecision, type HookInfo, type Machine, type VcpuExit } from '@tsvm/core';
 import { decisionChannel, type AuditLog } from './audit.js';
 import type { Decision, HookContext, MediateFn, ObserveFn } from './decisions.js';
 import { formatInstructionAt } from './decode.js';
@@ -33,6 +33,8 @@ export interface HookRecord {
   core: ExitHook | undefined;
   /** Events delivered. */
   events: number;
+  /** Elements those events covered (string I/O: the exit's `count`). */
+  elements: number;
   /** Nanoseconds inside the user function. */
   handlerNs: number;
   /** Mediate decisions by verdict (tells the cost report whether observing would have done). */
@@ -59,15 +61,12 @@ export function hookContext(machine: Machine, exit: VcpuExit | undefined, info: 
   };
 }
 
-function checkDecision(d: unknown, hook: string): Decision {
-  if (d === undefined) return ALLOW;
-  const v = (d as { verdict?: unknown } | null)?.verdict;
-  if (v === 'allow' || v === 'deny') return d as Decision;
-  if (v === 'emulate') {
-    const value = (d as { value?: unknown }).value;
-    if (typeof value === 'number' || typeof value === 'bigint') return d as Decision;
-  }
-  throw new InvalidArgumentError('decision', `hook '${hook}' returned ${JSON.stringify(d, (_k, x: unknown) => (typeof x === 'bigint' ? `${x}n` : x))}, not allow(), deny() or emulate(value)`);
+// Sampled events have no exit; their emulate value (if any) is checked as a 64-bit one.
+const NO_EXIT: VcpuExit = { kind: 'unsupported', reason: 0 };
+
+/** Core's check (shape, verdict, effect, value range for this exit): throws InvalidArgumentError. */
+function checkDecision(d: unknown, exit: VcpuExit | undefined): Decision {
+  return checkCoreDecision(exit ?? NO_EXIT, d) ?? ALLOW;
 }
 
 function eventAddress(ev: MonitorEvent): bigint | number | undefined {
@@ -105,7 +104,7 @@ export function whereIs(machine: Machine, info: HookInfo | undefined, at?: bigin
 export function settle(env: PipelineEnv, rec: HookRecord, ev: MonitorEvent, raw: unknown, exit: VcpuExit | undefined, info: HookInfo | undefined): Decision {
   let d: Decision;
   try {
-    d = checkDecision(raw, rec.name);
+    d = checkDecision(raw, exit);
   } catch (e) {
     throw new HookFailure(rec.name, e);
   }
@@ -118,6 +117,7 @@ export function settle(env: PipelineEnv, rec: HookRecord, ev: MonitorEvent, raw:
       address: addr === undefined ? null : `0x${addr.toString(16)}`, hook: rec.name, decision: d.verdict,
       ...(d.verdict === 'deny' ? { effect: d.effect ?? 'stop', ...(d.reason ? { reason: d.reason } : {}) } : {}),
       ...(d.verdict === 'emulate' ? { value: `0x${BigInt(d.value).toString(16)}` } : {}),
+      ...(ev.event === 'pio' && ev.count > 1 ? { count: ev.count } : {}),
       exit: info?.seq ?? 0,
       ...(ev.event === 'write-watch' && ev.source === 'dma' ? { source: 'dma' as const, ...(ev.device === undefined ? {} : { device: ev.device }), length: ev.size } : {}),
     };
@@ -135,6 +135,7 @@ export function settle(env: PipelineEnv, rec: HookRecord, ev: MonitorEvent, raw:
 function callMediate(rec: HookRecord, ev: MonitorEvent, ctx: HookContext): unknown {
   const t0 = performance.now();
   rec.events++;
+  rec.elements += ev.event === 'pio' ? ev.count : 1;
   try {
     const raw = (rec.fn as MediateFn)(ev, ctx);
     return raw instanceof Promise ? raw.catch((e: unknown) => { throw new HookFailure(rec.name, e); }) : raw;
@@ -149,6 +150,7 @@ function callMediate(rec: HookRecord, ev: MonitorEvent, ctx: HookContext): unkno
 export function callObserve(rec: HookRecord, ev: MonitorEvent, ctx: HookContext): void {
   const t0 = performance.now();
   rec.events++;
+  rec.elements += ev.event === 'pio' ? ev.count : 1;
   try {
     (rec.fn as ObserveFn)(ev, ctx);
   } catch (e) {

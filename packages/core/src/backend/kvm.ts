@@ -9,9 +9,10 @@
 import { readFileSync } from 'node:fs';
 import {
   KVM_CAP, KVM_CONST, KvmSystem, MemfdMapping, armSlice, disarmSlice,
-  consumeSliceSignal, runSignalMask, KvmError, type KvmVcpu, type KvmVm, type CpuidEntry,
+  consumeSliceSignal, runSignalMask, KvmError, VCPU_EVENTS_OFFSETS as EV, IOAPIC_REDIRTBL_OFFSET,
+  type KvmVcpu, type KvmVm, type CpuidEntry,
 } from '@tsvm/kvm-backend';
-import type { Backend, BackendVcpu, BackendVm, BackendVmOptions, HostCapabilities, VirtFlavour } from '../backend.js';
+import type { Backend, BackendVcpu, BackendVm, BackendVmOptions, HostCapabilities, NmiWakeState, VirtFlavour } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
 import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
@@ -180,7 +181,7 @@ class KvmBackendVm implements BackendVm {
       const cpuid = this.#backend.supportedCpuid();
       vcpu.setCpuid(cpuid);
       vcpu.setSignalMask(runSignalMask());
-      return new KvmBackendVcpu(vcpu, cpuid);
+      return new KvmBackendVcpu(vcpu, cpuid, this.#vm);
     } catch (e) {
       vcpu.close();
       throw e;
@@ -203,9 +204,11 @@ class KvmBackendVcpu implements BackendVcpu {
   readonly #cpuid: CpuidEntry[];
   /** The exit `run()` last returned, until it is answered. */
   #last: VcpuExit = NO_EXIT;
+  readonly #vm: KvmVm;
 
-  constructor(v: KvmVcpu, cpuid: CpuidEntry[]) {
+  constructor(v: KvmVcpu, cpuid: CpuidEntry[], vm: KvmVm) {
     this.#v = v;
+    this.#vm = vm;
     this.id = v.id;
     this.#cpuid = cpuid;
   }
@@ -254,6 +257,32 @@ class KvmBackendVcpu implements BackendVcpu {
   getMsrs(indices: readonly number[]) { return this.#v.getMsrs(indices); }
   setMsrs(entries: Parameters<BackendVcpu['setMsrs']>[0]) { this.#v.setMsrs(entries); }
   isHalted() { return this.#v.getMpState() === KVM_CONST.MP_STATE_HALTED; }
+
+  nmiWakeState(): NmiWakeState {
+    const ev = this.#v.getBlob('events');
+    return {
+      pending: ev[EV.nmi_pending] !== 0 || ev[EV.nmi_injected] !== 0,
+      masked: ev[EV.nmi_masked] !== 0,
+      source: this.#nmiSource(),
+    };
+  }
+
+  /** The first configured NMI source (LAPIC LVT or IOAPIC entry in NMI mode, unmasked), if any. */
+  #nmiSource(): string | undefined {
+    const nmiMode = (lo: number): boolean => ((lo >>> 8) & 7) === 4 && (lo & 0x1_0000) === 0;
+    try {
+      const lapic = new DataView(this.#v.getBlob('lapic').buffer);
+      for (const [name, off] of [['LAPIC LINT0', 0x350], ['LAPIC perf-counter LVT', 0x340]] as const) {
+        if (nmiMode(lapic.getUint32(off, true))) return name;
+      }
+    } catch { /* no in-kernel LAPIC: nothing routes NMIs */ }
+    try {
+      const io = this.#vm.getIrqchip(2);
+      const v = new DataView(io.buffer, io.byteOffset + IOAPIC_REDIRTBL_OFFSET);
+      for (let pin = 0; pin < 24; pin++) if (nmiMode(v.getUint32(pin * 8, true))) return `IOAPIC pin ${pin}`;
+    } catch { /* no in-kernel IOAPIC */ }
+    return undefined;
+  }
   setGuestDebug(control: number, debugreg: readonly bigint[] = []) { this.#v.setGuestDebug(control, debugreg); }
   drainCoalesced() { return this.#v.drainCoalesced(); }
 

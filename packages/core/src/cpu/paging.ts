@@ -1,8 +1,9 @@
 /**
  * Guest virtual → guest-physical translation by walking the guest's page tables from the host.
- * Exec hooks are keyed by guest-physical address (that is what the monitor patches), while the
- * CPU reports RIP as a virtual address; this walk connects the two. Reads go through the checked
- * `GuestMemory`, so a garbage CR3 yields `undefined`, never an out-of-bounds read.
+ * The CPU reports RIP as a virtual address; core reads the instruction bytes at RIP for a stop
+ * (an emulation failure) and the monitor keys exec hooks by guest-physical address: this walk
+ * connects the two. Reads go through the checked `GuestMemory`, so a garbage CR3 yields
+ * `undefined`, never an out-of-bounds read.
  * @module
  */
 import type { GuestMemory } from '../memory.js';
@@ -68,4 +69,28 @@ export function translateVirtual(mem: GuestMemory, sregs: Sregs, linear: bigint)
   const pte = entry(mem, pde & 0xffff_f000n, (linear >> 12n) & 0x3ffn, false);
   if (pte === undefined || (pte & PRESENT) === 0n) return undefined;
   return (pte & 0xffff_f000n) | (linear & 0xfffn);
+}
+
+/** Longest x86 instruction. */
+const MAX_INSN = 15;
+
+/**
+ * Reads up to 15 bytes of code at `rip` through the current paging mode; stops early at an
+ * unmapped page or the end of RAM. Never throws: unreadable code gives an empty array.
+ */
+export function codeAt(mem: GuestMemory, sregs: Sregs, rip: bigint): Uint8Array {
+  const out: number[] = [];
+  const linear = linearRip(sregs, rip);
+  while (out.length < MAX_INSN) {
+    const at = linear + BigInt(out.length);
+    const phys = translateVirtual(mem, sregs, at);
+    if (phys === undefined) break;
+    const n = Math.min(MAX_INSN - out.length, 4096 - Number(at & 0xfffn));
+    let got = 0;
+    for (; got < n; got++) {
+      try { out.push(mem.readUint(phys + BigInt(got), 1)); } catch { break; }
+    }
+    if (got < n) break;
+  }
+  return Uint8Array.from(out);
 }

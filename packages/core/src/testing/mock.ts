@@ -4,7 +4,7 @@
  * `ArrayBuffer`s; registers are stored; completions are recorded for assertions.
  * @module
  */
-import type { Backend, BackendVcpu, BackendVm, CoalescedEntry, CpuidEntry, HostCapabilities, MsrEntry, Regs, Sregs } from '../backend.js';
+import type { Backend, BackendVcpu, BackendVm, CoalescedEntry, CpuidEntry, HostCapabilities, MsrEntry, NmiWakeState, Regs, Sregs } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
 import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
@@ -30,6 +30,8 @@ export class MockVcpu implements BackendVcpu {
   coalesced: CoalescedEntry[] = [];
   /** Whether the mock vCPU reports itself halted. */
   halted = false;
+  /** What `nmiWakeState()` reports (nothing pending, nothing routed by default). */
+  nmi: NmiWakeState = { pending: false, masked: false, source: undefined };
   /** Number of `run()` calls. */
   runs = 0;
   /** Slices begun. */
@@ -79,6 +81,7 @@ export class MockVcpu implements BackendVcpu {
   getMsrs(indices: readonly number[]): MsrEntry[] { return indices.map((index) => ({ index, data: this.#msr.get(index) ?? 0n })); }
   setMsrs(entries: readonly MsrEntry[]): void { for (const e of entries) this.#msr.set(e.index, e.data); }
   isHalted(): boolean { return this.halted; }
+  nmiWakeState(): NmiWakeState { return { ...this.nmi }; }
   /** `setGuestDebug` calls, in order. */
   readonly debug: Array<{ control: number; debugreg: readonly bigint[] }> = [];
   setGuestDebug(control: number, debugreg: readonly bigint[] = []): void { this.debug.push({ control, debugreg: debugreg.slice() }); }

@@ -26,6 +26,7 @@ const structs: Array<[string, Parameters<typeof S.sizeOf>[0], string[]]> = [
   ['kvm_cpuid2', S.kvm_cpuid2, ['nent']],
   ['kvm_irq_level', S.kvm_irq_level, ['irq', 'level']],
   ['kvm_pit_config', S.kvm_pit_config, ['flags']],
+  ['kvm_irqchip', S.kvm_irqchip, ['chip_id', 'chip']],
   ['kvm_coalesced_mmio_zone', S.kvm_coalesced_mmio_zone, ['addr', 'size']],
   ['kvm_coalesced_mmio', S.kvm_coalesced_mmio, ['phys_addr', 'len', 'data']],
   ['kvm_coalesced_mmio_ring', S.kvm_coalesced_mmio_ring, ['first', 'last']],
@@ -77,12 +78,12 @@ function cReport(): Record<string, number> {
       }
     }
     for (const [k, path] of runFields) lines.push(`P("run.${k}", offsetof(struct kvm_run, ${path}));`);
-    for (const k of Object.keys(S.VCPU_EVENTS_OFFSETS)) lines.push(`P("events.${k}", offsetof(struct kvm_vcpu_events, ${k.replace('exception_', 'exception.')}));`);
+    for (const k of Object.keys(S.VCPU_EVENTS_OFFSETS)) lines.push(`P("events.${k}", offsetof(struct kvm_vcpu_events, ${k.replace('exception_', 'exception.').replace('nmi_', 'nmi.')}));`);
     for (const k of Object.keys(KVM)) lines.push(`P("ioctl.${k}", (unsigned long)${k});`);
     lines.push('P("const.COALESCED_MMIO_PAGE_OFFSET", KVM_COALESCED_MMIO_PAGE_OFFSET);', 'P("const.PIO_PAGE_OFFSET", KVM_PIO_PAGE_OFFSET);', 'P("const.PIT_SPEAKER_DUMMY", KVM_PIT_SPEAKER_DUMMY);',
       'P("const.INTERNAL_ERROR_EMULATION", KVM_INTERNAL_ERROR_EMULATION);',
       'P("const.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES);',
-      'P("const.EXIT_IO_OUT", KVM_EXIT_IO_OUT);');
+      'P("const.EXIT_IO_OUT", KVM_EXIT_IO_OUT);', 'P("const.IOAPIC_REDIRTBL_OFFSET", offsetof(struct kvm_ioapic_state, redirtbl));');
     const src = `#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n#define P(n,v) printf("%s %lu\\n", n, (unsigned long)(v))\nint main(void){\n${lines.join('\n')}\nreturn 0;}\n`;
     writeFileSync(join(dir, 'abi.c'), src);
     execFileSync('cc', ['-o', join(dir, 'abi'), join(dir, 'abi.c')]);
@@ -112,6 +113,7 @@ describe.skipIf(reason !== '')('KVM ABI layouts match <linux/kvm.h>', () => {
     expect(KVM_CONST.COALESCED_MMIO_PAGE_OFFSET).toBe(c['const.COALESCED_MMIO_PAGE_OFFSET']);
     expect(KVM_CONST.PIO_PAGE_OFFSET).toBe(c['const.PIO_PAGE_OFFSET']);
     expect(KVM_CONST.PIT_SPEAKER_DUMMY).toBe(c['const.PIT_SPEAKER_DUMMY']);
+    expect(S.IOAPIC_REDIRTBL_OFFSET).toBe(c['const.IOAPIC_REDIRTBL_OFFSET']);
   });
   it('exit decoding constants', () => {
     expect(KVM_CONST.INTERNAL_ERROR_EMULATION).toBe(c['const.INTERNAL_ERROR_EMULATION']);

@@ -37,6 +37,7 @@ export const KVM = {
   KVM_SET_TSS_ADDR: io(0x47),
   KVM_SET_IDENTITY_MAP_ADDR: iow(0x48, 8),
   KVM_CREATE_IRQCHIP: io(0x60),
+  KVM_GET_IRQCHIP: iowr(0x62, sz(S.kvm_irqchip)),
   KVM_IRQ_LINE: iow(0x61, sz(S.kvm_irq_level)),
   KVM_REGISTER_COALESCED_MMIO: iow(0x67, sz(S.kvm_coalesced_mmio_zone)),
   KVM_UNREGISTER_COALESCED_MMIO: iow(0x68, sz(S.kvm_coalesced_mmio_zone)),

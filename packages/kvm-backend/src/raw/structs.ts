@@ -103,6 +103,10 @@ export const kvm_cpuid2 = struct('kvm_cpuid2', { nent: u32, padding: u32 });
 export const kvm_irq_level = struct('kvm_irq_level', { irq: u32, level: u32 });
 /** `struct kvm_pit_config`. */
 export const kvm_pit_config = struct('kvm_pit_config', { flags: u32, pad: array(u32, 15) });
+/** `struct kvm_irqchip`: `chip` is the PIC or IOAPIC state union (opaque bytes; see {@link IOAPIC_REDIRTBL_OFFSET}). */
+export const kvm_irqchip = struct('kvm_irqchip', { chip_id: u32, pad: u32, chip: array(u8, 512) });
+/** Offset of `redirtbl[0]` inside `kvm_irqchip.chip` for the IOAPIC (`struct kvm_ioapic_state`: base u64, ioregsel, id, irr, pad u32). */
+export const IOAPIC_REDIRTBL_OFFSET = 24;
 /** `struct kvm_coalesced_mmio_zone` (`pad` is `pio` since Linux 5.0). */
 export const kvm_coalesced_mmio_zone = struct('kvm_coalesced_mmio_zone', { addr: u64, size: u32, pio: u32 });
 /** `struct kvm_coalesced_mmio` (one ring entry). */
@@ -140,6 +144,9 @@ export const VCPU_EVENTS_OFFSETS = {
   exception_has_error_code: 2,
   exception_pending: 3,
   exception_error_code: 4,
+  nmi_injected: 12,
+  nmi_pending: 13,
+  nmi_masked: 14,
   flags: 20,
 } as const;
 /** `struct kvm_debugregs` (opaque bytes for snapshots). */

@@ -10,6 +10,7 @@
  * @module
  */
 import { Machine, type MachineOptions, type Stop } from '@tsvm/core';
+import { explainInternalError } from '../decode.js';
 import { GUESTDBG } from '../debug-unit.js';
 import { hostIdentity } from './host.js';
 import { loadCalibration, saveCalibration } from './cache.js';
@@ -36,7 +37,7 @@ const broken = (failure: string): MechanismResult => ({ works: false, failure })
 function describeStop(s: Stop): string {
   switch (s.reason) {
     case 'exception': return `exception ${s.vector} delivered to the guest at 0x${s.faultRip.toString(16)}`;
-    case 'internal-error': return `KVM_EXIT_INTERNAL_ERROR: ${s.message}`;
+    case 'internal-error': return `KVM_EXIT_INTERNAL_ERROR: ${explainInternalError(s)}`;
     case 'timeout': return 'the event never reached the VMM (timed out)';
     case 'unhandled-exit': return `unexpected exit: ${s.message}`;
     case 'violation': return s.violation.message;

@@ -2,7 +2,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { Machine } from '@tsvm/core';
+import { InvalidArgumentError, Machine } from '@tsvm/core';
 import { MockBackend, outExit } from '@tsvm/core/testing';
 import { Monitor } from '../monitor.js';
 import { allow, deny } from '../decisions.js';
@@ -38,7 +38,7 @@ describe('cost model', () => {
     expect(p.hooks[2]?.overheadNs).toBe(10 * (64_000 + 300));
     expect(p.totalNs).toBe(35_000 + 643_000);
     expect(p.source).toBe('assumed');
-    expect(() => predict(plan, { entry: -1 }, pvm)).toThrow(RangeError);
+    expect(() => predict(plan, { entry: -1 }, pvm)).toThrow(InvalidArgumentError);
   });
 
   it('report after a run: events, unit price, handler time from the counters, share, and the cheaper alternative', async () => {

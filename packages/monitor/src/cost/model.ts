@@ -10,7 +10,7 @@
  * breakpoints, single-step, MSR exits and read-only-slot faults are induced in full.
  * @module
  */
-import type { Machine, Stop } from '@tsvm/core';
+import { InvalidArgumentError, type Machine, type Stop } from '@tsvm/core';
 import { priceOf, type CalibrationTable, type Cpl, type MechanismId } from '../calibration/table.js';
 import type { Monitor, PlanEntry } from '../monitor.js';
 
@@ -66,7 +66,7 @@ export function predict(plan: readonly PlanEntry[], counts: Readonly<Record<stri
   const hooks = plan.map((p): HookPrediction => {
     const dispatch = dispatchPriceAt(table, p.cpl);
     const events = counts[p.name] ?? 0;
-    if (!Number.isFinite(events) || events < 0) throw new RangeError(`counts['${p.name}'] must be a non-negative number`);
+    if (!Number.isFinite(events) || events < 0) throw new InvalidArgumentError(`counts['${p.name}']`, 'must be a non-negative number');
     const unit = priceOf(table, p.mechanism, p.cpl) ?? NaN;
     const handler = options.handlerNs?.[p.name] ?? 0;
     const induced = unit - baselineNs(table, p.mechanism, p.cpl);
