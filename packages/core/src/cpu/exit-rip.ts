@@ -9,25 +9,12 @@ import type { BackendVcpu, Sregs } from '../backend.js';
 import type { VcpuExit } from '../exits.js';
 import type { GuestMemory } from '../memory.js';
 import { accessingInstruction, movesRip, type IoRipBehaviour } from './io-rip.js';
-import { bitnessOf, linearRip, translateVirtual } from './paging.js';
+import { bitnessOf, codeAt } from './paging.js';
 
-/** Reads `length` code bytes at virtual `rip`, page by page; undefined if any is unmapped. */
+/** Reads exactly `length` (≤ 15) code bytes at virtual `rip`; undefined if any is unreadable. */
 export function readCodeBytes(memory: GuestMemory, sregs: Sregs, rip: bigint, length: number): Uint8Array | undefined {
-  const out = new Uint8Array(length);
-  let done = 0;
-  while (done < length) {
-    const linear = linearRip(sregs, rip + BigInt(done));
-    const pa = translateVirtual(memory, sregs, linear);
-    if (pa === undefined) return undefined;
-    const n = Math.min(length - done, 4096 - Number(linear & 0xfffn));
-    try {
-      out.set(memory.read(pa, n), done);
-    } catch {
-      return undefined;
-    }
-    done += n;
-  }
-  return out;
+  const code = codeAt(memory, sregs, rip);
+  return code.length >= length ? code.subarray(0, length) : undefined;
 }
 
 /**
