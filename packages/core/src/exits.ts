@@ -5,16 +5,16 @@
  * @module
  */
 
+import type {
+  KvmDebugExit, KvmExceptionExit, KvmFailEntryExit, KvmHltExit, KvmHypercallExit, KvmInternalErrorExit, KvmIntrExit,
+  KvmIoExit, KvmMmioExit, KvmMsrExit, KvmShutdownExit, KvmSystemEventExit, KvmUnsupportedExit,
+} from '@tsvm/kvm-backend';
+
+// The shapes are kvm-backend's (its decoder produces these very objects, no mapping per exit);
+// core adds only what the run loop knows: that a coalesced write arrived late.
+
 /** Port I/O exit. For `out`, `data` holds `size * count` bytes written by the guest. */
-export interface IoExit {
-  readonly kind: 'io';
-  readonly direction: 'in' | 'out';
-  readonly port: number;
-  readonly size: 1 | 2 | 4;
-  /** Repetitions (`rep ins/outs`); usually 1. */
-  readonly count: number;
-  /** Bytes written by the guest (empty for `in`). */
-  readonly data: Uint8Array;
+export interface IoExit extends KvmIoExit {
   /**
    * A write from the coalesced ring, delivered at a later exit or slice end: it already
    * happened, mediate hooks never see it, and it carries no RIP of its own.
@@ -23,39 +23,41 @@ export interface IoExit {
 }
 
 /** MMIO exit: an access to guest-physical memory with no RAM behind it (or a read-only slot write). */
-export interface MmioExit {
-  readonly kind: 'mmio';
-  readonly address: bigint;
-  readonly isWrite: boolean;
-  /** 1, 2, 4 or 8. */
-  readonly size: number;
-  /** Bytes written by the guest (empty for reads). */
-  readonly data: Uint8Array;
+export interface MmioExit extends KvmMmioExit {
   /** A write from the coalesced ring, delivered late (see {@link IoExit.late}). */
   readonly late?: true;
 }
 
 /** The guest executed `hlt` (without an in-kernel irqchip) or is halted with nothing to wake it. */
-export interface HltExit { readonly kind: 'hlt' }
+export type HltExit = KvmHltExit;
 /** Triple fault or similar: the CPU shut down. */
-export interface ShutdownExit { readonly kind: 'shutdown' }
+export type ShutdownExit = KvmShutdownExit;
 /** Guest-debug exit (breakpoint, single step, debug register hit). */
-export interface DebugExit { readonly kind: 'debug'; readonly exception: number; readonly pc: bigint; readonly dr6: bigint; readonly dr7: bigint }
+export type DebugExit = KvmDebugExit;
 /** `KVM_EXIT_HYPERCALL` (only where the host routes `vmcall` to userspace). */
-export interface HypercallExit { readonly kind: 'hypercall'; readonly nr: bigint; readonly args: readonly bigint[] }
+export type HypercallExit = KvmHypercallExit;
 /** A user-space MSR access (`KVM_EXIT_X86_RDMSR` / `WRMSR`). */
-export interface MsrExit { readonly kind: 'msr'; readonly direction: 'read' | 'write'; readonly index: number; readonly data: bigint; readonly reason: number }
+export type MsrExit = KvmMsrExit;
 /** `KVM_RUN` was interrupted (our slice timer). */
-export interface IntrExit { readonly kind: 'intr' }
+export type IntrExit = KvmIntrExit;
 /** VM entry failed; `reason` is hardware specific. */
-export interface FailEntryExit { readonly kind: 'fail-entry'; readonly reason: bigint; readonly cpu: number }
+export type FailEntryExit = KvmFailEntryExit;
 /**
  * KVM could not handle something (often instruction emulation). `data` is `internal.data[0..ndata)`
  * copied verbatim (at most 16 words); for `KVM_INTERNAL_ERROR_EMULATION` that is the
  * `emulation_failure` overlay: `data[0]` = flags, then `insn_size` and `insn_bytes[15]`
- * (see {@link emulationFailure}).
+ * (see {@link emulationFailure}). `ndata` may be left out by a backend that has no more words.
  */
-export interface InternalErrorExit { readonly kind: 'internal-error'; readonly suberror: number; readonly data: readonly bigint[] }
+export interface InternalErrorExit extends Omit<KvmInternalErrorExit, 'ndata'> {
+  /** `ndata` as KVM reported it (defaults to `data.length`). */
+  readonly ndata?: number;
+}
+/** A system event (shutdown, reset, crash) requested through the platform. */
+export type SystemEventExit = KvmSystemEventExit;
+/** `KVM_EXIT_EXCEPTION`: an exception KVM reports to userspace. */
+export type ExceptionExit = KvmExceptionExit;
+/** Any exit reason tsvm does not decode. */
+export type UnsupportedExit = KvmUnsupportedExit;
 
 /** `KVM_INTERNAL_ERROR_EMULATION`: the instruction emulator failed. */
 export const INTERNAL_ERROR_EMULATION = 1;
@@ -68,6 +70,7 @@ export const EMULATION_FLAG_INSTRUCTION_BYTES = 1n;
  * or undefined when this exit does not carry them.
  */
 export function emulationFailure(exit: InternalErrorExit): Uint8Array | undefined {
+  if (exit.instructionBytes) return exit.instructionBytes;
   if (exit.suberror !== INTERNAL_ERROR_EMULATION || exit.data.length < 3) return undefined;
   if (((exit.data[0] ?? 0n) & EMULATION_FLAG_INSTRUCTION_BYTES) === 0n) return undefined;
   const raw = new Uint8Array(16);
@@ -77,13 +80,6 @@ export function emulationFailure(exit: InternalErrorExit): Uint8Array | undefine
   const size = Math.min(raw[0] ?? 0, 15);
   return raw.slice(1, 1 + size);
 }
-/** A system event (shutdown, reset, crash) requested through the platform. */
-export interface SystemEventExit { readonly kind: 'system-event'; readonly type: number; readonly data: readonly bigint[] }
-/** `KVM_EXIT_EXCEPTION`: an exception KVM reports to userspace. */
-export interface ExceptionExit { readonly kind: 'exception'; readonly vector: number; readonly errorCode: number }
-/** Any exit reason tsvm does not decode. */
-export interface UnsupportedExit { readonly kind: 'unsupported'; readonly reason: number }
-
 /** Every exit a vCPU can produce. */
 export type VcpuExit =
   | IoExit | MmioExit | HltExit | ShutdownExit | DebugExit | HypercallExit | MsrExit | IntrExit
