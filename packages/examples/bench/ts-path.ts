@@ -15,6 +15,7 @@
  * | `handleExit` | `handleExit` without hooks (bus + device + outcome) |
  * | `hooks` | `handleExit` with the monitor's hooks − without |
  * | `completion` | `completeRead` for an `in` (a replica; an `out` completes in `KVM_RUN`) |
+ * | `clockRead`, `closureAlloc` | one `performance.now()`; one arrow function created and called |
  * @module
  */
 import { Machine, exitValue, handleExit, type AccessSize, type ExitContext, type ExitHook, type HookStats, type VcpuExit } from '@tsvm/core';
@@ -155,6 +156,11 @@ async function parts(): Promise<Record<string, number>> {
     handleExit: micro(() => (handleExit(exit, c0).action === 'resume' ? 1 : 0)),
     handleExitMonitored: micro(() => (handleExit(exit, c1).action === 'resume' ? 1 : 0)),
     completion: micro(() => { dec.complete(one); return 1; }),
+    // Context for the rest: one clock read, and one closure created per call — which under tsx
+    // (esbuild keepNames: every named function expression goes through __name/defineProperty)
+    // is what a per-exit `() => …` in the hot path costs.
+    clockRead: micro(() => performance.now()),
+    closureAlloc: micro(() => { const f = (): number => 1; return f(); }),
   };
   libc().close(fd);
   await plain.close();
