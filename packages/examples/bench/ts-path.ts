@@ -25,8 +25,8 @@ import { Monitor, allow } from '@tsvm/monitor';
 import { interleave, spread, type Spread } from './stats.js';
 
 const PORT = 0x500;
-const EXITS = Number(process.env.TSVM_BENCH_MOCK_EXITS ?? 200_000);
-const ITER = Number(process.env.TSVM_BENCH_MICRO_ITER ?? 500_000);
+const EXITS = Number(process.env.TSVM_BENCH_MOCK_EXITS ?? 100_000);
+const ITER = Number(process.env.TSVM_BENCH_MICRO_ITER ?? 200_000);
 let sinkValue = 0; // keeps results alive so the JIT cannot drop the measured work
 
 /** Adds the bench's devices (the same three as the KVM exit bench). */
