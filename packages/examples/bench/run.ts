@@ -16,14 +16,19 @@ import { fileURLToPath } from 'node:url';
 import { Machine, KvmUnavailableError } from '@tsvm/core';
 import { asm } from '@tsvm/core/testing';
 import { encodeRegs, encodeSregs } from '@tsvm/kvm-backend';
+import { Monitor, allow } from '@tsvm/monitor';
+import { interleave, ratios, spread, type Spread } from './stats.js';
+import { tsPathBench } from './ts-path.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const RAM = 2 * 1024 * 1024;
-const REPS = Number(process.env.TSVM_BENCH_REPS ?? 5);
+const REPS = Number(process.env.TSVM_BENCH_REPS ?? 7);
 const N = Number(process.env.TSVM_BENCH_EXITS ?? 20000);
 const CYCLES = Number(process.env.TSVM_BENCH_CYCLES ?? 200);
 const MACHINES = Number(process.env.TSVM_BENCH_MACHINES ?? 100);
-const median = (xs: number[]): number => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)] as number; };
+const PROBE_HITS = Number(process.env.TSVM_BENCH_PROBE_HITS ?? 300);
+/** One line of results: figures with their spread, targets as plain numbers. */
+type BenchLine = Record<string, number | Spread>;
 
 function guestSource(kind: 'pio' | 'mmio', ring: 0 | 3): string {
   const body = kind === 'pio' ? 'mov dx, 0x500\n l: out dx, al' : 'mov rbx, 0xd0000000\n l: mov dword ptr [rbx], eax';
@@ -40,12 +45,28 @@ async function prepare(kind: 'pio' | 'mmio', ring: 0 | 3): Promise<Machine> {
   return vm;
 }
 
-async function exitBench(cBin: string, dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<Record<string, number>> {
-  const ts: number[] = [];
-  const c: number[] = [];
-  for (let i = 0; i < REPS; i++) {
-    // Baseline: dump tsvm's exact initial state and let C run it.
-    const vm = await prepare(kind, ring);
+/** One tsvm run of the exit guest: ns per exit. `monitored` attaches a Monitor with one allowing mediate hook on the loop's device. */
+async function tsvmOnce(kind: 'pio' | 'mmio', ring: 0 | 3, monitored: boolean): Promise<number> {
+  const vm = await prepare(kind, ring);
+  try {
+    if (monitored) {
+      const mon = new Monitor(vm, { name: 'bench' });
+      if (kind === 'pio') mon.mediate({ event: 'pio', ports: [0x500, 0x500] }, () => allow(), { name: 'allow-pio' });
+      else mon.mediate({ event: 'mmio', range: [0xd0000000, 0xd0000fff] }, () => allow(), { name: 'allow-mmio' });
+      mon.seal();
+    }
+    const stop = await vm.run({ timeout: 60_000 });
+    if (stop.reason !== 'debug-exit') throw new Error(`bench guest stopped with ${stop.reason}`);
+    return (stop.elapsedMs * 1e6) / stop.exits;
+  } finally {
+    await vm.close();
+  }
+}
+
+/** The C loop on tsvm's exact initial state for the same guest: ns per exit. */
+async function cOnce(cBin: string, dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<number> {
+  const vm = await prepare(kind, ring);
+  try {
     writeFileSync(join(dir, 'mem.bin'), vm.memory.read(0, RAM));
     const regs = new Uint8Array(144); encodeRegs(vm.vcpu(0).getRegs(), regs);
     // KVM on SVM reports TR as busy on KVM_GET_SREGS whatever was set (a workaround in
@@ -56,34 +77,87 @@ async function exitBench(cBin: string, dir: string, kind: 'pio' | 'mmio', ring: 
     const sregs = new Uint8Array(312); encodeSregs(dumped, sregs);
     writeFileSync(join(dir, 'regs.bin'), regs);
     writeFileSync(join(dir, 'sregs.bin'), sregs);
-    const out = JSON.parse(execFileSync(cBin, [join(dir, 'mem.bin'), join(dir, 'regs.bin'), join(dir, 'sregs.bin'), String(RAM)], { encoding: 'utf8' })) as { exits: number; ns: number };
-    c.push(out.ns / out.exits);
-    const stop = await vm.run({ timeout: 60_000 });
-    if (stop.reason !== 'debug-exit') throw new Error(`bench guest stopped with ${stop.reason}`);
-    ts.push((stop.elapsedMs * 1e6) / stop.exits);
+  } finally {
     await vm.close();
   }
-  const t = median(ts), b = median(c);
-  return { tsvmNsPerExit: t, cNsPerExit: b, ratio: t / b, target: 1.15 };
+  const out = JSON.parse(execFileSync(cBin, [join(dir, 'mem.bin'), join(dir, 'regs.bin'), join(dir, 'sregs.bin'), String(RAM)], { encoding: 'utf8' })) as { exits: number; ns: number };
+  return out.ns / out.exits;
 }
 
-async function lifecycleBench(): Promise<Record<string, number>> {
+/**
+ * C loop, tsvm and tsvm + Monitor, interleaved round by round (one warm-up round discarded).
+ * Ratios are taken per round (runs next to each other in time), then summarised, so a slow
+ * patch of the shared host moves both sides of a ratio together.
+ */
+async function exitBench(cBin: string, dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<BenchLine> {
+  const r = await interleave(REPS, {
+    c: () => cOnce(cBin, dir, kind, ring),
+    tsvm: () => tsvmOnce(kind, ring, false),
+    monitored: () => tsvmOnce(kind, ring, true),
+  });
+  return {
+    cNsPerExit: spread(r.c), tsvmNsPerExit: spread(r.tsvm), monitoredNsPerExit: spread(r.monitored),
+    ratio: spread(ratios(r.tsvm, r.c)), monitoredRatio: spread(ratios(r.monitored, r.c)),
+    target: 1.03, monitoredTarget: 1.05,
+  };
+}
+
+/**
+ * `exec` hook through the VMM-side probe at CPL3: per hit, (run with the hook − same run
+ * without) / hits, interleaved with a PIO-exit run at CPL3 to price it in exits.
+ */
+async function probeBench(): Promise<BenchLine> {
+  const hits = PROBE_HITS;
+  const head = await asm('mov ebx, 1', { bits: 64, address: 0x1000 });
+  const src = `mov ebx, ${hits}\n l: nop\n nop\n nop\n dec ebx\n jnz l\n mov dx, 0xf4\n out dx, al\n spin: jmp spin`;
+  const code = await asm(src, { bits: 64, address: 0x1000 });
+  const once = async (hooked: boolean): Promise<number> => {
+    const vm = await Machine.create({ memory: RAM });
+    try {
+      vm.io.register({ port: 0xf4, size: 1 }, { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+      vm.loadFlat(code, { at: 0x1000, mode: 'long', ring: 3 });
+      let seen = 0;
+      if (hooked) {
+        const mon = new Monitor(vm, { name: 'bench-probe' });
+        const h = mon.observe({ event: 'exec', address: 0x1000 + head.length, cpl: 3 }, () => { seen++; });
+        if (h.mechanism !== 'probe-breakpoint') throw new Error(`exec at CPL3 picked ${h.mechanism}, not the probe`);
+      }
+      const stop = await vm.run({ timeout: 60_000 });
+      if (stop.reason !== 'debug-exit') throw new Error(`probe guest stopped with ${stop.reason}`);
+      if (hooked && seen !== hits) throw new Error(`probe saw ${seen} of ${hits} hits`);
+      return stop.elapsedMs * 1e6;
+    } finally {
+      await vm.close();
+    }
+  };
+  const r = await interleave(REPS, { hooked: () => once(true), plain: () => once(false), pio: () => tsvmOnce('pio', 3, false) });
+  const perHit = r.hooked.map((h, i) => (h - (r.plain[i] as number)) / hits);
+  return { nsPerHit: spread(perHit), pioExitNs: spread(r.pio), ratio: spread(ratios(perHit, r.pio)), hits, target: 2.5 };
+}
+
+/** create → load 4 KiB → run to hlt → close, with the time of each step. */
+async function lifecycleBench(): Promise<BenchLine> {
   const code = await asm('hlt', { bits: 16 });
   const image = new Uint8Array(4096); image.set(code);
-  const lat: number[] = [];
+  const parts = { create: [] as number[], load: [] as number[], run: [] as number[], close: [] as number[], total: [] as number[] };
   for (let i = 0; i < CYCLES; i++) {
     const t0 = performance.now();
     const vm = await Machine.create({ memory: RAM });
+    const t1 = performance.now();
     vm.loadFlat(image, { at: 0x1000 });
+    const t2 = performance.now();
     const s = await vm.run({ timeout: 5000 });
+    const t3 = performance.now();
     await vm.close();
+    const t4 = performance.now();
     if (s.reason !== 'halt') throw new Error(`lifecycle guest stopped with ${s.reason}`);
-    lat.push(performance.now() - t0);
+    if (i < Math.min(20, Math.floor(CYCLES / 10))) continue; // warm-up
+    parts.create.push(t1 - t0); parts.load.push(t2 - t1); parts.run.push(t3 - t2); parts.close.push(t4 - t3); parts.total.push(t4 - t0);
   }
-  return { medianMs: median(lat.slice(Math.min(20, Math.floor(CYCLES / 10)))), targetMs: 5 };
+  return { totalMs: spread(parts.total), createMs: spread(parts.create), loadMs: spread(parts.load), runMs: spread(parts.run), closeMs: spread(parts.close), targetMs: 1 };
 }
 
-async function memoryBench(): Promise<Record<string, number>> {
+async function memoryBench(): Promise<BenchLine> {
   const code = await asm('hlt', { bits: 16 });
   globalThis.gc?.();
   const rss0 = process.memoryUsage().rss;
@@ -102,32 +176,51 @@ async function memoryBench(): Promise<Record<string, number>> {
   return { rssPerMachineKiB: per / 1024, guestTouchedKiB: touched / 1024, overheadKiB: (per - touched) / 1024, targetKiB: 1024 };
 }
 
+/** `median [min–max]` for spreads, the number itself otherwise (table cells). */
+function cell(v: number | Spread): string | number {
+  if (typeof v === 'number') return Number(v.toFixed(3));
+  const d = Math.abs(v.median) >= 100 ? 0 : 3;
+  return `${v.median.toFixed(d)} [${v.min.toFixed(d)}–${v.max.toFixed(d)}]`;
+}
+
 async function main(): Promise<number> {
-  try {
-    await (await Machine.create({ memory: RAM })).close();
-  } catch (e) {
-    if (e instanceof KvmUnavailableError) { console.error(`\n***** bench (foundation) SKIPPED: ${e.message} *****\n`); return 0; }
-    throw e;
-  }
-  const dir = mkdtempSync(join(tmpdir(), 'tsvm-bench-'));
-  const cBin = join(dir, 'exitloop');
-  execFileSync('cc', ['-O2', '-o', cBin, join(here, 'exitloop.c')]);
-  const results: Record<string, Record<string, number>> = {};
-  const record = (name: string, r: Record<string, number>): void => {
+  const results: Record<string, BenchLine> = {};
+  const record = (name: string, r: BenchLine): void => {
     results[name] = r;
     console.error(`bench: ${name} ${JSON.stringify(r)}`);
   };
   // TSVM_BENCH_ONLY=pio-exit-ring3,idle-machine-memory runs a subset.
   const only = process.env.TSVM_BENCH_ONLY?.split(',');
   const want = (name: string): boolean => only === undefined || only.includes(name);
-  for (const kind of ['pio', 'mmio'] as const) for (const ring of [0, 3] as const) if (want(`${kind}-exit-ring${ring}`)) record(`${kind}-exit-ring${ring}`, await exitBench(cBin, dir, kind, ring));
-  if (want('create-load-run-close')) record('create-load-run-close', await lifecycleBench());
-  if (want('idle-machine-memory')) record('idle-machine-memory', await memoryBench());
-  console.table(Object.fromEntries(Object.entries(results).map(([k, v]) => [k, Object.fromEntries(Object.entries(v).map(([a, b]) => [a, Number(b.toFixed(3))]))])));
+  // Needs no KVM: the TypeScript part of one exit on the mock backend, plus one koffi ioctl.
+  let tsParts: Record<string, Spread> | undefined;
+  if (want('ts-exit-path')) { const t = await tsPathBench(REPS); record('ts-exit-path', t.line); tsParts = t.parts; }
+  let kvm = true;
+  try {
+    await (await Machine.create({ memory: RAM })).close();
+  } catch (e) {
+    if (!(e instanceof KvmUnavailableError)) throw e;
+    console.error(`\n***** bench (foundation) KVM lines SKIPPED: ${e.message} *****\n`);
+    kvm = false;
+  }
+  if (kvm) {
+    const dir = mkdtempSync(join(tmpdir(), 'tsvm-bench-'));
+    const cBin = join(dir, 'exitloop');
+    execFileSync('cc', ['-O2', '-o', cBin, join(here, 'exitloop.c')]);
+    for (const kind of ['pio', 'mmio'] as const) for (const ring of [0, 3] as const) if (want(`${kind}-exit-ring${ring}`)) record(`${kind}-exit-ring${ring}`, await exitBench(cBin, dir, kind, ring));
+    if (want('probe-exec-cpl3')) record('probe-exec-cpl3', await probeBench());
+    if (want('create-load-run-close')) record('create-load-run-close', await lifecycleBench());
+    if (want('idle-machine-memory')) record('idle-machine-memory', await memoryBench());
+  }
+  console.log(`median [min–max] of ${REPS} interleaved rounds (ns unless the column says otherwise)`);
+  console.table(Object.fromEntries(Object.entries(results).map(([k, v]) => [k, Object.fromEntries(Object.entries(v).filter(([a]) => a !== 'parts').map(([a, b]) => [a, cell(b)]))])));
+  if (tsParts) {
+    console.log('ts-exit-path, per part (ns per exit; hooks = handleExitMonitored − handleExit):');
+    console.table(Object.fromEntries(Object.entries(tsParts).map(([k, v]) => [k, { ns: cell(v) }])));
+  }
   mkdirSync('bench-results', { recursive: true });
-  const json = JSON.stringify({ date: new Date().toISOString(), reps: REPS, exits: N, cycles: CYCLES, machines: MACHINES, results }, null, 2);
+  const json = JSON.stringify({ date: new Date().toISOString(), reps: REPS, exits: N, cycles: CYCLES, machines: MACHINES, probeHits: PROBE_HITS, results, tsExitParts: tsParts }, null, 2);
   writeFileSync('bench-results/foundation.json', json);
-  console.log(json);
   return 0;
 }
 

@@ -12,7 +12,7 @@
  * - Policy as data: {@link compilePolicy} / {@link applyPolicy}.
  * - Audit: {@link AuditLog} (hash-chained JSON lines), {@link verifyAuditLog},
  *   `diagnostics_channel` {@link DECISION_CHANNEL}.
- * - Cost: {@link calibrate} (needs `/dev/kvm`), {@link assumedTable}, {@link predict},
+ * - Cost: {@link calibrate} and {@link remeasure} (need `/dev/kvm`), {@link ExitTimer}, {@link assumedTable}, {@link predict},
  *   {@link report}, rendered by {@link renderTable}, {@link renderJson}, {@link renderSvg}.
  * - Decoding: {@link formatInstructionAt}, {@link successors} (iced-x86).
  * @module
@@ -39,6 +39,7 @@ export { AuditLog, verifyAuditLog, DECISION_CHANNEL, decisionChannel, GENESIS, t
 export { MECHANISMS, assumedTable, priceOf, resultOf, type CalibrationTable, type MechanismId, type MechanismResult, type HostIdentity, type Cpl } from './calibration/table.js';
 export { hostIdentity, hostKey, cpuModel } from './calibration/host.js';
 export { loadCalibration, saveCalibration, validateTable, defaultCachePath } from './calibration/cache.js';
-export { calibrate, measureHookDispatch, type CalibrateOptions } from './calibration/calibrate.js';
+export { ExitTimer } from './calibration/exit-timer.js';
+export { calibrate, remeasure, measureHookDispatch, type CalibrateOptions, type RemeasureOptions } from './calibration/calibrate.js';
 export { predict, report, baselineNs, type Prediction, type HookPrediction, type CostReport, type HookCost, type Alternative } from './cost/model.js';
 export { renderTable, renderJson, renderSvg, formatNs } from './cost/render.js';

@@ -35,10 +35,20 @@ describe('cost model', () => {
     const p = predict(plan, { 'uart-gate': 100, entry: 10 }, pvm, { handlerNs: { 'uart-gate': 50 } });
     expect(p.hooks[0]?.overheadNs).toBe(100 * (300 + 50));
     expect(p.hooks[1]?.overheadNs).toBe(0);
-    expect(p.hooks[2]?.overheadNs).toBe(10 * (64_000 + 300));
-    expect(p.totalNs).toBe(35_000 + 643_000);
+    // 'entry' observes: an observer pays the observe dispatch (no decision pipeline).
+    expect(p.hooks[2]?.overheadNs).toBe(10 * (64_000 + 200));
+    expect(p.totalNs).toBe(35_000 + 642_000);
     expect(p.source).toBe('assumed');
     expect(() => predict(plan, { entry: -1 }, pvm)).toThrow(InvalidArgumentError);
+  });
+
+  it('a measured table prices probes, write-watch and MSR exits through the monitor: no dispatch on top', async () => {
+    const { mon } = await scenario();
+    const plan = mon.plan();
+    const measured = { ...pvm, source: 'measured' as const };
+    const p = predict(plan, { 'uart-gate': 100, entry: 10 }, measured);
+    expect(p.hooks[0]?.overheadNs).toBe(100 * 300); // an exit that happens anyway: dispatch only
+    expect(p.hooks[2]?.overheadNs).toBe(10 * 64_000); // the probe's unit price holds its delivery
   });
 
   it('report after a run: events, unit price, handler time from the counters, share, and the cheaper alternative', async () => {

@@ -14,9 +14,26 @@ import { InvalidArgumentError, type Machine, type Stop } from '@tsvm/core';
 import { priceOf, type CalibrationTable, type Cpl, type MechanismId } from '../calibration/table.js';
 import type { Monitor, PlanEntry } from '../monitor.js';
 
-/** The monitor's per-event dispatch price at `cpl` (calibrated per CPL on a real host; CPL0's otherwise). */
-function dispatchPriceAt(table: CalibrationTable, cpl: Cpl): number {
-  return priceOf(table, 'hook-dispatch', cpl) ?? priceOf(table, 'hook-dispatch', 0) ?? 0;
+/**
+ * The monitor's per-event dispatch price at `cpl` for a hook of `mode` (calibrated per CPL on a
+ * real host; CPL0's otherwise). An observer skips the decision pipeline (validation, verdict
+ * counters, audit), so it has its own price; tables without one use the mediate price.
+ */
+function dispatchPriceAt(table: CalibrationTable, cpl: Cpl, mode: 'mediate' | 'observe' = 'mediate'): number {
+  const observe = mode === 'observe' ? priceOf(table, 'observe-dispatch', cpl) ?? priceOf(table, 'observe-dispatch', 0) : undefined;
+  return observe ?? priceOf(table, 'hook-dispatch', cpl) ?? priceOf(table, 'hook-dispatch', 0) ?? 0;
+}
+
+/**
+ * Mechanisms `calibrate()` prices *through the monitor* (a Monitor with one trivial user hook
+ * delivers every event of the experiment): their unit price already holds the dispatch, which
+ * must not be charged twice.
+ */
+const DELIVERED_IN_UNIT: ReadonlySet<MechanismId> = new Set<MechanismId>(['ro-slot-write', 'msr-exit', 'probe-breakpoint', 'hw-breakpoint', 'sw-breakpoint']);
+
+/** Dispatch charged per event on top of the unit price of `mechanism`. */
+function extraDispatch(table: CalibrationTable, mechanism: MechanismId, cpl: Cpl, mode: 'mediate' | 'observe'): number {
+  return table.source === 'measured' && DELIVERED_IN_UNIT.has(mechanism) ? 0 : dispatchPriceAt(table, cpl, mode);
 }
 
 /** What the same event would cost without the hook (ns). */
@@ -64,7 +81,7 @@ export interface Prediction {
  */
 export function predict(plan: readonly PlanEntry[], counts: Readonly<Record<string, number>>, table: CalibrationTable, options: { handlerNs?: Readonly<Record<string, number>> } = {}): Prediction {
   const hooks = plan.map((p): HookPrediction => {
-    const dispatch = dispatchPriceAt(table, p.cpl);
+    const dispatch = extraDispatch(table, p.mechanism, p.cpl, p.mode);
     const events = counts[p.name] ?? 0;
     if (!Number.isFinite(events) || events < 0) throw new InvalidArgumentError(`counts['${p.name}']`, 'must be a non-negative number');
     const unit = priceOf(table, p.mechanism, p.cpl) ?? NaN;
@@ -169,7 +186,7 @@ export function report(mon: Monitor, options: { run?: Stop | { readonly ns: numb
     const mechanism = p?.mechanism ?? r.selection.mechanism;
     const unit = priceOf(table, mechanism, r.cpl) ?? 0;
     const cs = r.core ? core.get(r.core) : undefined;
-    const dispatchNs = cs ? Math.max(0, cs.ns - r.handlerNs) : r.events * dispatchPriceAt(table, r.cpl);
+    const dispatchNs = cs ? Math.max(0, cs.ns - r.handlerNs) : r.events * extraDispatch(table, mechanism, r.cpl, r.mode);
     const totalNs = r.events * unit + r.handlerNs + dispatchNs;
     const overheadNs = r.events * (unit - baselineNs(table, mechanism, r.cpl)) + r.handlerNs + dispatchNs;
     const onlyAllowed = r.mode === 'mediate' && r.verdicts.deny === 0 && r.verdicts.emulate === 0;
