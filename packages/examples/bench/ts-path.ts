@@ -8,7 +8,7 @@
  * |---|---|
  * | `mockRun` | `MockVcpu.run()` (subtracted: KVM's side replaces it) |
  * | `ffiIoctl` | `ioctl(/dev/null, TCGETS)` through koffi (ENOTTY): the price of the FFI call |
- * | `decode` | the IO branch of `KvmBackendVcpu.run` (a replica: core does not export it) |
+ * | `decode` | kvm-backend's `decodeExit` over a fabricated `kvm_run` page (`@tsvm/kvm-backend/raw`) |
  * | `counters` | the slice loop's per-exit bookkeeping (a replica of `Machine.#slice`) |
  * | `busFind` | `Bus.find` with the bench's three devices |
  * | `deviceWrite` | `exitValue` + the device's `write` |
@@ -20,7 +20,8 @@
  */
 import { Machine, exitValue, handleExit, type AccessSize, type ExitContext, type ExitHook, type HookStats, type VcpuExit } from '@tsvm/core';
 import { MockBackend, outExit } from '@tsvm/core/testing';
-import { KVM_EXIT, KVM_RUN_OFFSETS as O, libc } from '@tsvm/kvm-backend';
+import { libc } from '@tsvm/kvm-backend';
+import { KVM_EXIT, KVM_RUN_OFFSETS as O, Pending, decodeExit, type PendingAnswer } from '@tsvm/kvm-backend/raw';
 import { Monitor, allow } from '@tsvm/monitor';
 import { interleave, spread, type Spread } from './stats.js';
 
@@ -78,27 +79,17 @@ function micro(f: () => number): number {
   return (dt * 1e6) / ITER;
 }
 
-/** A fake `kvm_run` holding an `out dx, al` to PORT, and the decode of `KvmBackendVcpu.run` over it. */
+/** A fake `kvm_run` holding an `out dx, al` to PORT, decoded by kvm-backend's own decoder. */
 function decoder(): { decode: () => VcpuExit; complete: (d: Uint8Array) => void } {
   const bytes = new Uint8Array(4096);
   const r = new DataView(bytes.buffer);
   r.setUint32(O.exit_reason, KVM_EXIT.IO, true);
   r.setUint8(O.io_direction, 1); r.setUint8(O.io_size, 1); r.setUint16(O.io_port, PORT, true); r.setUint32(O.io_count, 1, true);
   r.setBigUint64(O.io_data_offset, 4096n - 8n, true);
-  let pendingIo: { offset: number; length: number } | undefined;
-  const decode = (): VcpuExit => {
-    const reason = r.getUint32(O.exit_reason, true);
-    pendingIo = undefined;
-    if (reason !== KVM_EXIT.IO) throw new Error('unexpected');
-    const direction = r.getUint8(O.io_direction) === 1 ? 'out' : 'in';
-    const size = r.getUint8(O.io_size) as 1 | 2 | 4;
-    const count = r.getUint32(O.io_count, true);
-    const off = Number(r.getBigUint64(O.io_data_offset, true));
-    const len = size * count;
-    if (direction === 'in') { pendingIo = { offset: off, length: len }; return { kind: 'io', direction, port: r.getUint16(O.io_port, true), size, count, data: new Uint8Array(0) }; }
-    return { kind: 'io', direction, port: r.getUint16(O.io_port, true), size, count, data: bytes.slice(off, off + len) };
-  };
-  const complete = (d: Uint8Array): void => { const p = pendingIo ?? { offset: 4088, length: 1 }; bytes.set(d.subarray(0, p.length), p.offset); pendingIo = undefined; };
+  const answer: PendingAnswer = { pending: Pending.None, ioOffset: 0, ioLength: 0 };
+  const decode = (): VcpuExit => decodeExit(r.getUint32(O.exit_reason, true), r, bytes, answer);
+  // What KvmVcpu.completeIoIn does after an `in` (the bench's exit is an `out`, so this prices the copy).
+  const complete = (d: Uint8Array): void => { bytes.set(d.subarray(0, answer.ioLength || 1), answer.ioOffset || 4088); answer.pending = Pending.None; };
   return { decode, complete };
 }
 
@@ -129,7 +120,7 @@ async function parts(): Promise<Record<string, number>> {
   devices(mm, () => {});
   const hooks = monitor(mm);
   const exit = outExit(PORT, 0x41);
-  const info = { vcpu: 0, seq: 0, rip: () => 0n };
+  const info = { vcpu: 0, seq: 0, rip: () => 0n, instructionRip: () => 0n };
   const ctx = (m: Machine, hs: readonly ExitHook[]): ExitContext => ({
     pio: m.io, mmio: m.mmio, mediate: hs.filter((h) => h.mode === 'mediate'), observe: hs.filter((h) => h.mode === 'observe'),
     hookStats: new Map<ExitHook, HookStats>(), info,

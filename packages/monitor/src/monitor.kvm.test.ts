@@ -1,4 +1,4 @@
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -79,15 +79,13 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
     await vm.close();
   });
 
-  it('calibrate({ quick }) finishes in under 5 s, covers every mechanism at both CPLs, and agrees with HOST-FACTS on what works (PVM)', async () => {
+  // How long calibrate() takes is a benchmark figure (`pnpm bench:cost` prints it), not a unit-test assertion.
+  it('calibrate({ quick }) covers every mechanism at both CPLs and agrees with HOST-FACTS on what works (PVM)', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'tsvm-cal-'));
     const t0 = performance.now();
     const table = await calibrate({ quick: true, cachePath: join(dir, 'c.json'), force: true });
     const secs = (performance.now() - t0) / 1000;
     process.stderr.write(`[tsvm] calibrate({quick}) took ${secs.toFixed(1)} s\n${JSON.stringify(table.results, null, 1)}\n`);
-    // Nested KVM under QEMU TCG runs JavaScript ~30x slower than a real host: the 5 s budget scales.
-    const slow = /QEMU/i.test(table.host.cpu) ? 30 : 1;
-    expect(secs).toBeLessThan(5 * slow);
     for (const m of MECHANISMS) expect(table.results[m]).toBeDefined();
     if (table.host.flavour === 'pvm') {
       const facts = assumedTable(hostIdentity('pvm'));
@@ -98,6 +96,7 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
     // The cached table is reused.
     const again = await calibrate({ quick: true, cachePath: join(dir, 'c.json') });
     expect(again.createdAt).toBe(table.createdAt);
+    rmSync(dir, { recursive: true, force: true });
   }, 300_000);
 
   it('predicted vs measured: a PIO-heavy guest with a mediate hook, rendered as an SVG', async () => {
