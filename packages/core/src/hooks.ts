@@ -64,6 +64,14 @@ export interface HookStats {
    * call for up to 1024 elements, and the hook's decision applies to each of them.
    */
   elements: number;
-  /** Total nanoseconds spent inside the hook. */
+  /**
+   * Nanoseconds spent inside the hook: measured on one call in 8 (the first, the ninth, …) and
+   * scaled to all calls, because two clock reads per hook per exit would cost more than many
+   * hooks do. `timedCalls` and `timedNs` are the sample itself.
+   */
   ns: number;
+  /** Calls that were timed. */
+  timedCalls: number;
+  /** Nanoseconds of the timed calls. */
+  timedNs: number;
 }

@@ -18,7 +18,8 @@ import type { ExitHook, HookDecision, HookInfo, VcpuExit } from '@tsvm/core';
 import { HookFailure, describeExit } from '@tsvm/core';
 import { MediationBypassError } from './errors.js';
 import { eventOf, type MonitorEvent } from './events.js';
-import { callObserve, hookContext, runMediatorPairs, thenDecision, type HookRecord } from './records.js';
+import { callObserve, hookContext, runMediators, type HookRecord } from './records.js';
+import type { Decision } from './decisions.js';
 import { PROBE_PORT } from './probe.js';
 import type { InternalEnv } from './internal-hooks.js';
 
@@ -34,6 +35,8 @@ class Table {
   readonly shutdown: HookRecord[] = [];
   readonly any: HookRecord[] = [];
   readonly #ports = new Map<number, HookRecord[]>();
+  /** Per port × direction × probe-port skip: the matching records, computed once (no array per exit). */
+  readonly #io = new Map<number, readonly HookRecord[]>();
   size = 0;
 
   add(r: HookRecord): void {
@@ -61,15 +64,21 @@ class Table {
     return l;
   }
 
-  /** The records that want `exit`, in registration order. */
-  match(exit: VcpuExit, skipPioOnProbePort: boolean): HookRecord[] {
+  /** The records that want `exit`, in registration order (shared arrays: do not modify). */
+  match(exit: VcpuExit, skipPioOnProbePort: boolean): readonly HookRecord[] {
     let own: readonly HookRecord[];
     switch (exit.kind) {
       case 'io': {
-        own = this.port(exit.port).filter((r) => (r.spec.event === 'pio'
-          ? !skipPioOnProbePort && (r.spec.dir === 'both' || r.spec.dir === exit.direction)
-          : exit.direction === 'out'));
-        break;
+        const key = exit.port * 4 + (exit.direction === 'out' ? 2 : 0) + (skipPioOnProbePort ? 1 : 0);
+        let l = this.#io.get(key);
+        if (l === undefined) {
+          l = this.port(exit.port).filter((r) => (r.spec.event === 'pio'
+            ? !skipPioOnProbePort && (r.spec.dir === 'both' || r.spec.dir === exit.direction)
+            : exit.direction === 'out'));
+          if (this.any.length > 0) l = [...l, ...this.any].sort((a, b) => a.id - b.id);
+          this.#io.set(key, l);
+        }
+        return l;
       }
       case 'mmio': {
         const dir = exit.isWrite ? 'write' : 'read';
@@ -81,24 +90,32 @@ class Table {
       case 'shutdown': own = this.shutdown; break;
       default: own = [];
     }
-    if (this.any.length === 0 || exit.kind === 'intr') return own.slice();
+    if (this.any.length === 0 || exit.kind === 'intr') return own;
     return [...own, ...this.any].sort((a, b) => a.id - b.id);
   }
 }
 
-/** Monitor events of one exit, each decoded at most once whatever the number of hooks. */
-function eventsOf(exit: VcpuExit): (rec: HookRecord) => MonitorEvent {
-  const cache = new Map<string, MonitorEvent>();
-  return (rec) => {
-    let ev = cache.get(rec.spec.event);
-    if (!ev) {
-      // Every spec of one event kind decodes a matched exit to the same event.
-      ev = eventOf(rec.spec, exit) as MonitorEvent;
-      cache.set(rec.spec.event, ev);
-    }
-    return ev;
-  };
+/**
+ * The monitor events of one exit for `recs`: one event when they all want the same kind (the
+ * common case), else one per record; each kind decoded once, whatever the number of hooks.
+ */
+function eventsOf(exit: VcpuExit, recs: readonly HookRecord[]): MonitorEvent | MonitorEvent[] {
+  const first = recs[0] as HookRecord;
+  const ev = eventOf(first.spec, exit) as MonitorEvent;
+  let mixed = false;
+  for (let i = 1; i < recs.length; i++) if ((recs[i] as HookRecord).spec.event !== first.spec.event) { mixed = true; break; }
+  if (!mixed) return ev;
+  // Every spec of one event kind decodes a matched exit to the same event.
+  const byKind = new Map<string, MonitorEvent>([[first.spec.event, ev]]);
+  return recs.map((r) => {
+    let e = byKind.get(r.spec.event);
+    if (!e) { e = eventOf(r.spec, exit) as MonitorEvent; byKind.set(r.spec.event, e); }
+    return e;
+  });
 }
+
+const finishAllowed = (d: Decision): HookDecision => (d.verdict !== 'allow' ? d : ALLOW);
+const finishHypercall = (d: Decision): HookDecision => (d.verdict !== 'allow' ? d : RESUME);
 
 /** The internal handlers the dispatchers route to (from `internal-hooks.ts`). */
 export interface InternalHandlers {
@@ -173,13 +190,12 @@ export class Dispatcher {
     const recs = this.#mediate.match(exit, probe);
     // An MSR the monitor intercepts only to observe it still happens: allow it explicitly.
     if (recs.length === 0) return exit.kind === 'msr' ? ALLOW : undefined;
-    const ev = eventsOf(exit);
-    const hypercall = recs.some((r) => r.spec.event === 'hypercall');
-    return thenDecision(runMediatorPairs(this.#env, recs.map((r) => [r, ev(r)] as const), exit, info), (d) => {
-      if (d.verdict !== 'allow') return d;
-      // An allowed hypercall is complete: the monitor is the device behind the hypercall port.
-      return hypercall ? RESUME : ALLOW;
-    });
+    let hypercall = false;
+    for (const r of recs) if (r.spec.event === 'hypercall') { hypercall = true; break; }
+    // An allowed hypercall is complete: the monitor is the device behind the hypercall port.
+    const finish = hypercall ? finishHypercall : finishAllowed;
+    const d = runMediators(this.#env, recs, eventsOf(exit, recs), exit, info);
+    return d instanceof Promise ? d.then(finish) : finish(d);
   }
 
   #observeMatches(exit: VcpuExit): boolean {
@@ -199,9 +215,9 @@ export class Dispatcher {
     if (this.#observe.size > 0) {
       const recs = this.#observe.match(exit, this.#probeTrap(exit));
       if (recs.length > 0) {
-        const ev = eventsOf(exit);
+        const ev = eventsOf(exit, recs);
         const ctx = hookContext(this.#env.machine, exit, info);
-        for (const r of recs) callObserve(r, ev(r), ctx);
+        for (let i = 0; i < recs.length; i++) callObserve(recs[i] as HookRecord, Array.isArray(ev) ? (ev[i] as MonitorEvent) : ev, ctx);
       }
     }
     if (this.#lazyProbes()) {

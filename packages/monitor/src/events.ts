@@ -175,9 +175,10 @@ export function eventOf(spec: NormalSpec, exit: VcpuExit): MonitorEvent | undefi
   switch (spec.event) {
     case 'pio': {
       if (exit.kind !== 'io') return undefined;
-      const p = BigInt(exit.port);
-      if (p < spec.lo || p > spec.hi || (spec.dir !== 'both' && spec.dir !== exit.direction)) return undefined;
-      const values = exit.direction === 'out' ? Array.from({ length: exit.count }, (_, i) => le(exit.data.subarray(i * exit.size), exit.size)) : [];
+      // number vs bigint compares without allocating (this runs on every matched exit).
+      if (exit.port < spec.lo || exit.port > spec.hi || (spec.dir !== 'both' && spec.dir !== exit.direction)) return undefined;
+      const values: number[] = [];
+      if (exit.direction === 'out') for (let i = 0; i < exit.count; i++) values.push(leAt(exit.data, i * exit.size, exit.size));
       return { event: 'pio', port: exit.port, direction: exit.direction, size: exit.size, value: values[0], count: exit.count, values };
     }
     case 'mmio': {
@@ -202,8 +203,12 @@ export function eventOf(spec: NormalSpec, exit: VcpuExit): MonitorEvent | undefi
 }
 
 function le(data: Uint8Array, size: number): number {
+  return leAt(data, 0, size);
+}
+
+function leAt(data: Uint8Array, at: number, size: number): number {
   let v = 0;
-  for (let i = Math.min(size, data.length) - 1; i >= 0; i--) v = v * 256 + (data[i] ?? 0);
+  for (let i = Math.min(size, data.length - at) - 1; i >= 0; i--) v = v * 256 + (data[at + i] ?? 0);
   return v;
 }
 
