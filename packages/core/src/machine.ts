@@ -704,10 +704,11 @@ export class Machine {
   #teardown(): void {
     for (const v of this.#vcpus) { try { v.backend.close(); } catch { /* keep going */ } }
     this.#vcpus.length = 0;
-    for (const slot of this.#slots) { try { this.#vm.unmapMemory(slot); } catch { /* keep going */ } }
+    // No memslot deletes (~150 µs each on PVM): destroying the VM drops its memslots, and the
+    // vCPUs that could touch guest RAM are gone already. Guest RAM is unmapped after the VM.
     this.#slots.clear();
-    for (const h of this.memory.clear()) h.close();
     try { this.#vm.close(); } catch { /* keep going */ }
+    for (const h of this.memory.clear()) h.close();
   }
 
   /**

@@ -83,7 +83,7 @@ export class KvmBackend implements Backend {
 
   /** Creates a VM. */
   createVm(options: BackendVmOptions): BackendVm {
-    const vm = this.system.createVm();
+    const vm = retryInterrupted(() => this.system.createVm());
     try {
       // Intel needs a TSS and identity map page for real mode; harmless elsewhere. Placed in
       // the 3 pages below 4 GiB that firmware traditionally reserves (never guest RAM here).
@@ -302,6 +302,23 @@ class KvmBackendVcpu implements BackendVcpu {
   }
 
   close(): void { this.#v.close(); }
+}
+
+const EINTR = 4;
+
+/**
+ * Runs a creation ioctl again when a signal interrupted it (`KVM_CREATE_VM` returns EINTR when
+ * any signal arrives — a profiler's, a timer's). The raw layer never retries on its own; here
+ * it is safe because nothing was created. At most a few tries, then the error stands.
+ */
+function retryInterrupted<T>(create: () => T): T {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return create();
+    } catch (e) {
+      if (!(e instanceof KvmError) || e.errno !== EINTR || attempt >= 5) throw e;
+    }
+  }
 }
 
 /** Sets CPUID.1:ECX.HYPERVISOR (bit 31) in a copy of `entries`. */
