@@ -1,0 +1,209 @@
+/**
+ * Restore, fork and reset. A restored machine's RAM is the snapshot's image mapped
+ * copy-on-write (no copy); restore and fork are the same operation, and every machine made
+ * from a snapshot logs dirty pages so {@link resetMachine} re-copies only what the guest wrote.
+ * Restore is all or nothing: the new machine is closed again on any failure and the error is a
+ * {@link SnapshotFormatError} naming the field, with the backend's error as `cause`.
+ * @module
+ */
+import type { Backend, BackendVcpu, BackendVm } from '../backend.js';
+import type { DeviceMapping } from '../device.js';
+import { InvalidArgumentError, SnapshotFormatError, StateError, TsvmError } from '../errors.js';
+import type { HostMemory } from '../memory.js';
+import type { Machine, MachineOptions } from '../machine.js';
+import { kvmBackend } from '../backend/kvm.js';
+import type { MachineInternals } from './internals.js';
+import { PAGE_SIZE, type SnapshotManifest } from './manifest.js';
+import { Snapshot, cpuSignature } from './snapshot.js';
+
+/** Options of `Machine.restore` / `Machine.fork`. */
+export interface RestoreOptions {
+  /** The hypervisor; defaults to the process-wide KVM backend. Must match the snapshot's. */
+  readonly backend?: Backend;
+  /** Name of the new machine (default: the snapshot's, with a suffix). */
+  readonly name?: string;
+  /** Devices to attach (as `attachDevice` takes them); their state comes from the snapshot by name. */
+  readonly devices?: readonly DeviceMapping[];
+  /** Called after the machine exists and before state is applied: attach devices, add hooks. */
+  readonly setup?: (machine: Machine) => void | Promise<void>;
+}
+
+/** What {@link resetMachine} did. */
+export interface ResetResult {
+  /** Pages copied back from the snapshot (the ones dirtied since it or the last reset). */
+  readonly pagesCopied: number;
+}
+
+interface ResetBase {
+  readonly snapshot: Snapshot;
+  /** Region slots in manifest order (restored slots may be numbered differently). */
+  readonly slots: readonly number[];
+}
+
+const bases = new WeakMap<Machine, ResetBase>();
+let forks = 0;
+
+/** A BackendVm whose `allocateMemory` hands out the image's regions copy-on-write, in order. */
+function imageBackedVm(vm: BackendVm, image: HostMemory, manifest: SnapshotManifest): BackendVm {
+  const queue = manifest.memory.map((r) => r);
+  const cache = new Map<PropertyKey, unknown>();
+  const allocate = (size: number, name: string): HostMemory => {
+    const r = queue.shift();
+    if (!r || r.size !== size) return vm.allocateMemory(size, name);
+    return vm.allocateMemoryFrom(image, r.offset, r.size, name);
+  };
+  return new Proxy(vm, {
+    get(target, key) {
+      if (key === 'allocateMemory') return allocate;
+      let f = cache.get(key);
+      if (f === undefined) {
+        const v = (target as unknown as Record<PropertyKey, unknown>)[key];
+        f = typeof v === 'function' ? v.bind(target) : v;
+        cache.set(key, f);
+      }
+      return f;
+    },
+  });
+}
+
+/** Checks what can be checked before anything is created. */
+function checkHost(manifest: SnapshotManifest, backend: Backend): void {
+  const h = manifest.host;
+  if (h.backend !== backend.name) throw new SnapshotFormatError(`snapshot: host.backend is '${h.backend}', this machine would run on '${backend.name}'`);
+  if (h.flavour !== backend.capabilities.flavour) throw new SnapshotFormatError(`snapshot: host.flavour is '${h.flavour}', this host is '${backend.capabilities.flavour}'`);
+  if (manifest.vcpus.length !== 1) throw new SnapshotFormatError(`snapshot: vcpus has ${manifest.vcpus.length} entries; this build restores 1-vCPU machines only`);
+  if (manifest.machine.irqchip && !backend.capabilities.irqchip) throw new SnapshotFormatError('snapshot: machine.irqchip is set but this host has no in-kernel irqchip');
+}
+
+/**
+ * Creates a machine in the state of `snap`: RAM mapped copy-on-write from the snapshot's image,
+ * vCPU, VM and device state applied. The result can be {@link resetMachine reset} to `snap`.
+ */
+export async function restoreMachine(
+  snap: Snapshot,
+  options: RestoreOptions,
+  create: (o: MachineOptions) => Promise<Machine>,
+  internals: (m: Machine) => MachineInternals,
+): Promise<Machine> {
+  if (!(snap instanceof Snapshot)) throw new InvalidArgumentError('snapshot', 'must be a Snapshot (from Machine.snapshot or Snapshot.load)');
+  if (options === null || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
+  const manifest = snap.manifest;
+  const backend = options.backend ?? kvmBackend();
+  checkHost(manifest, backend);
+  const image = snap.image();
+  let inner: BackendVm | undefined;
+  const wrapped: Backend = {
+    name: backend.name,
+    capabilities: backend.capabilities,
+    createVm: (o) => { inner = backend.createVm(o); return imageBackedVm(inner, image, manifest); },
+  };
+  const m = await create({
+    memory: manifest.memory.map((r) => ({ start: r.start, size: r.size, readonly: r.readonly, name: r.name, logDirty: true })),
+    backend: wrapped,
+    irqchip: manifest.machine.irqchip,
+    name: options.name ?? `${manifest.machine.name}~${++forks}`,
+  });
+  try {
+    const x = internals(m);
+    const cpu = cpuSignature(m.vcpu(0).backend);
+    if (cpu !== manifest.host.cpu) throw new SnapshotFormatError(`snapshot: host.cpu is '${manifest.host.cpu}', this host's CPU is '${cpu}'`);
+    if (options.devices) m.attachDevice(options.devices);
+    await options.setup?.(m);
+    const slots = manifest.memory.map((r) => m.memory.regionAt(r.start, r.size).slot);
+    applyState(m, x, snap);
+    x.setCpu(manifest.machine.mode, manifest.machine.systemArea ?? undefined);
+    // Start the dirty log from here: the restored pages are the snapshot's.
+    for (const s of slots) m.dirtyPages(s);
+    bases.set(m, { snapshot: snap, slots });
+    return m;
+  } catch (e) {
+    await m.close().catch(() => undefined);
+    if (e instanceof SnapshotFormatError) throw e;
+    throw new SnapshotFormatError(`snapshot: restore failed: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+  }
+}
+
+/** Applies the snapshot's VM, vCPU and device state (not memory). */
+function applyState(m: Machine, x: MachineInternals, snap: Snapshot): void {
+  const manifest = snap.manifest;
+  step('vm', () => x.vm.setState(manifest.vm));
+  manifest.vcpus.forEach((s, i) => {
+    const b = m.vcpu(s.id).backend;
+    const at = `vcpus[${i}]`;
+    step(`${at}.regs`, () => b.setRegs(s.regs));
+    const sregs = m.capabilities.flavour === 'svm' && s.sregs.tr.type === 11
+      // SVM reports TR busy whatever was set, and refuses nothing: put back what the loader set.
+      ? { ...s.sregs, tr: { ...s.sregs.tr, type: 9 } } : s.sregs;
+    step(`${at}.sregs`, () => b.setSregs(sregs));
+    step(`${at}.msrs`, () => setMsrs(b, s.msrs, snap.rejectedMsrs));
+    step(`${at}.blobs`, () => b.setState(s.blobs as Record<string, ReturnType<BackendVcpu['getState']>[string]>));
+  });
+  const attached = new Map(x.devices().map((d) => [d.name, d]));
+  for (const [name, state] of Object.entries(manifest.devices)) {
+    const d = attached.get(name);
+    if (!d?.restore) throw new SnapshotFormatError(`snapshot: devices.${name}: no attached device of that name can restore state (attach it through options.devices or setup)`);
+    step(`devices.${name}`, () => d.restore?.(structuredClone(state)));
+  }
+}
+
+function step(field: string, f: () => void): void {
+  try {
+    f();
+  } catch (e) {
+    if (e instanceof SnapshotFormatError) throw new SnapshotFormatError(`snapshot: ${field}: ${e.message}`, { cause: e });
+    throw new SnapshotFormatError(`snapshot: ${field}: the backend refused it: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+  }
+}
+
+/**
+ * Writes MSRs; ones this host refuses (KVM lists some it will not take back, e.g. read-only
+ * feature MSRs on some flavours) are found once, remembered per snapshot and skipped after.
+ */
+function setMsrs(b: BackendVcpu, msrs: readonly { index: number; data: bigint }[], rejected: Set<number>): void {
+  const list = rejected.size === 0 ? msrs : msrs.filter((e) => !rejected.has(e.index));
+  try {
+    b.setMsrs(list);
+  } catch {
+    for (const e of list) {
+      try { b.setMsrs([e]); } catch { rejected.add(e.index); }
+    }
+  }
+}
+
+/**
+ * Puts `m` back into the state of the snapshot it came from: re-copies the pages the dirty log
+ * names, then vCPU, VM and device state.
+ * @throws StateError when `m` was not made by `Machine.restore` / `Machine.fork`, or is running.
+ */
+export function resetMachine(m: Machine, x: MachineInternals): ResetResult {
+  const base = bases.get(m);
+  if (!base) throw new StateError(`machine '${m.name}' was not restored or forked from a snapshot; nothing to reset to`);
+  if (x.running) throw new StateError('cannot reset a running machine; let run() return first');
+  const snap = base.snapshot;
+  const image = snap.image().bytes;
+  for (const v of m.vcpus) v.backend.completePendingExit();
+  let pages = 0;
+  base.slots.forEach((slot, i) => {
+    const r = snap.manifest.memory[i];
+    if (!r) return;
+    const bitmap = m.dirtyPages(slot);
+    for (let byte = 0; byte < bitmap.length; byte++) {
+      let bits = bitmap[byte] as number;
+      while (bits !== 0) {
+        const bit = 31 - Math.clz32(bits & -bits);
+        bits &= bits - 1;
+        const page = byte * 8 + bit;
+        const off = page * PAGE_SIZE;
+        if (off >= r.size) continue;
+        m.memory.write(r.start + BigInt(off), image.subarray(r.offset + off, r.offset + off + PAGE_SIZE));
+        pages++;
+      }
+    }
+  });
+  try {
+    applyState(m, x, snap);
+  } catch (e) {
+    throw e instanceof TsvmError ? e : new StateError(`reset of '${m.name}' failed: ${String(e)}`);
+  }
+  return { pagesCopied: pages };
+}

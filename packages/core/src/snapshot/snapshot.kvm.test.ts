@@ -1,0 +1,194 @@
+import { createHash } from 'node:crypto';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Machine } from '../machine.js';
+import { asm } from '../testing/asm.js';
+import { kvmAvailability } from '../testing/kvm-gate.js';
+import type { Device } from '../device.js';
+import { Snapshot } from './snapshot.js';
+import { SnapshotFormatError } from '../errors.js';
+import { kvmBackend } from '../backend/kvm.js';
+
+const kvm = kvmAvailability();
+const MiB = 1024 * 1024;
+const PAUSE = 0x501;
+
+/** Console sink with state (bytes seen), so device state travels by name. */
+function sink(): Device & { text: () => string } {
+  let bytes: number[] = [];
+  return {
+    name: 'console',
+    write: (_o, v) => { bytes.push(v); },
+    snapshot: () => ({ bytes: bytes.slice() }),
+    restore: (s) => { bytes = ((s as { bytes: number[] }).bytes).slice(); },
+    text: () => String.fromCharCode(...bytes),
+  };
+}
+const exitDev: Device = { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) };
+const pauseDev: Device = { name: 'pause', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: 0x100 + v }) };
+
+// Ring 3, long mode: 64 rounds of compute + a store into RAM + a console byte; pauses (an
+// exit the host turns into a stop) every 16 rounds, ends with a debug-exit.
+const program = `
+  xor ecx, ecx
+  mov r12, 0x1234567
+round:
+  mov rax, 6364136223846793005
+  imul r12, rax
+  add r12, rcx
+  mov rax, rcx
+  shl rax, 12
+  mov [rax + 0x100000], r12
+  mov eax, ecx
+  and eax, 31
+  add eax, 0x41
+  mov dx, 0x3f8
+  out dx, al
+  inc ecx
+  test ecx, 15
+  jnz next
+  mov dx, ${PAUSE}
+  out dx, al
+next:
+  cmp ecx, 64
+  jne round
+  mov dx, 0xf4
+  mov al, 7
+  out dx, al`;
+
+async function build(): Promise<{ vm: Machine; out: ReturnType<typeof sink> }> {
+  const vm = await Machine.create({ memory: 2 * MiB, name: 'A' });
+  const out = sink();
+  vm.attach({ port: 0x3f8, size: 1 }, out);
+  vm.attach({ port: 0xf4, size: 1 }, exitDev);
+  vm.attach({ port: PAUSE, size: 1 }, pauseDev);
+  vm.loadFlat(await asm(program, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+  return { vm, out };
+}
+
+async function runToEnd(vm: Machine): Promise<void> {
+  for (;;) {
+    const s = await vm.run({ timeout: 10_000 });
+    if (s.reason === 'debug-exit' && s.code === 7) return;
+    expect(s.reason).toBe('debug-exit');
+  }
+}
+
+const hash = (vm: Machine) => createHash('sha256').update(vm.memory.read(0, vm.memory.totalSize)).digest('hex');
+const devices = () => { const out = sink(); return { out, mappings: [
+  { space: 'pio' as const, base: 0x3f8n, size: 1, device: out },
+  { space: 'pio' as const, base: 0xf4n, size: 1, device: exitDev },
+  { space: 'pio' as const, base: BigInt(PAUSE), size: 1, device: pauseDev },
+] }; };
+
+describe.skipIf(!kvm.available)(`snapshot / restore / fork / reset on KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  let reference: { text: string; regs: unknown; hash: string };
+  let dir: string;
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'tsvm-snap-'));
+    const { vm, out } = await build();
+    await runToEnd(vm);
+    reference = { text: out.text(), regs: vm.vcpu(0).getRegs(), hash: hash(vm) };
+    await vm.close();
+    expect(reference.text).toHaveLength(64);
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('a machine restored from a mid-run snapshot finishes with the same output, registers and memory', async () => {
+    const { vm: a, out } = await build();
+    // Paused after 16 rounds: the last byte out was 'A' + 15.
+    expect(await a.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 0x100 + 0x41 + 15 });
+    using snap = await a.snapshot();
+    expect(snap.storedBytes).toBeLessThan(snap.memorySize / 4); // sparse: zero pages not stored
+    // The original goes on; nothing it writes may reach the snapshot.
+    await runToEnd(a);
+    expect(hash(a)).toBe(reference.hash);
+    await a.close();
+    const d = devices();
+    await using b = await Machine.restore(snap, { devices: d.mappings });
+    expect(d.out.text()).toBe(reference.text.slice(0, 16));
+    await runToEnd(b);
+    expect(d.out.text()).toBe(reference.text);
+    expect(b.vcpu(0).getRegs()).toEqual(reference.regs);
+    expect(hash(b)).toBe(reference.hash);
+  });
+
+  it('a snapshot saved to a file loads and restores the same way; a truncated file is a SnapshotFormatError', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 });
+    const path = join(dir, 'mid.tsvm');
+    (await a.snapshot(path)).close();
+    await a.close();
+    // Sparse on disk: blocks allocated are far fewer than the file's length.
+    expect(statSync(path).blocks * 512).toBeLessThan(statSync(path).size / 4);
+    using snap = Snapshot.load(path, kvmBackend());
+    const d = devices();
+    await using b = await Machine.restore(snap, { devices: d.mappings });
+    await runToEnd(b);
+    expect(hash(b)).toBe(reference.hash);
+    const { truncateSync } = await import('node:fs');
+    truncateSync(path, statSync(path).size - 4096);
+    expect(() => Snapshot.load(path, kvmBackend())).toThrow(/imageSize.*truncated/);
+  });
+
+  it('restore is refused without the devices the snapshot has state for, and nothing is left open', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 });
+    using snap = await a.snapshot();
+    await a.close();
+    await expect(Machine.restore(snap)).rejects.toThrow(SnapshotFormatError);
+    await expect(Machine.restore(snap)).rejects.toThrow(/devices\.console/);
+  });
+
+  it('forks share the snapshot copy-on-write: a child’s writes reach neither siblings nor the snapshot', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 });
+    using snap = await a.snapshot();
+    await a.close();
+    const kids = await Promise.all([0, 1, 2, 3].map(async () => Machine.fork(snap, { devices: devices().mappings })));
+    try {
+      const at = 0x180000;
+      const before = kids[1]!.memory.read(0x100000, 8);
+      kids[0]!.memory.write(0x100000, Uint8Array.of(1, 2, 3, 4, 5, 6, 7, 8));
+      kids[0]!.memory.write(at, Uint8Array.of(0xee));
+      expect(kids[1]!.memory.read(0x100000, 8)).toEqual(before);
+      expect(kids[2]!.memory.readUint(at, 1)).toBe(0);
+      // A guest run in one child changes nothing in another.
+      await runToEnd(kids[2]!);
+      expect(hash(kids[2]!)).toBe(reference.hash);
+      expect(kids[3]!.memory.read(0x100000, 8)).toEqual(before);
+      const e = await Machine.fork(snap, { devices: devices().mappings });
+      expect(e.memory.read(0x100000, 8)).toEqual(before);
+      await e.close();
+    } finally {
+      for (const k of kids) await k!.close();
+    }
+  });
+
+  it('reset re-copies exactly the dirtied pages and the machine replays identically', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 }); // paused after round 16
+    using snap = await a.snapshot();
+    await a.close();
+    const d = devices();
+    await using b = await Machine.fork(snap, { devices: d.mappings });
+    expect(b.reset().pagesCopied).toBe(0);
+    // One segment (16 rounds) stores into 16 distinct pages (page-per-round); the stack is unused.
+    expect(await b.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 0x100 + 0x41 + 31 });
+    const afterOne = hash(b);
+    const r = b.reset();
+    expect(r.pagesCopied).toBe(16);
+    expect(d.out.text()).toBe(reference.text.slice(0, 16));
+    for (let i = 0; i < 3; i++) {
+      await b.run({ timeout: 10_000 });
+      expect(hash(b)).toBe(afterOne);
+      expect(b.reset().pagesCopied).toBe(16);
+    }
+    await runToEnd(b);
+    expect(hash(b)).toBe(reference.hash);
+    expect(b.vcpu(0).getRegs()).toEqual(reference.regs);
+    expect(d.out.text()).toBe(reference.text);
+  });
+});
