@@ -97,12 +97,18 @@ export async function restoreMachine(
     capabilities: backend.capabilities,
     createVm: (o) => { inner = backend.createVm(o); return imageBackedVm(inner, image, manifest); },
   };
-  const m = await create({
-    memory: manifest.memory.map((r) => ({ start: r.start, size: r.size, readonly: r.readonly, name: r.name, logDirty: true })),
-    backend: wrapped,
-    irqchip: manifest.machine.irqchip,
-    name: options.name ?? `${manifest.machine.name}~${++forks}`,
-  });
+  let m: Machine;
+  try {
+    m = await create({
+      memory: manifest.memory.map((r) => ({ start: r.start, size: r.size, readonly: r.readonly, name: r.name, logDirty: true })),
+      backend: wrapped,
+      irqchip: manifest.machine.irqchip,
+      name: options.name ?? `${manifest.machine.name}~${++forks}`,
+    });
+  } catch (e) {
+    // Machine.create has already released whatever it made.
+    throw new SnapshotFormatError(`snapshot: memory: a machine of this shape cannot be created: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+  }
   try {
     const x = internals(m);
     const cpu = cpuSignature(m.vcpu(0).backend);
