@@ -327,6 +327,9 @@ class KvmBackendVcpu implements BackendVcpu {
     for (const k of ['fpu', 'xcrs', 'xsave', 'debugregs', 'lapic', 'mp-state', 'events'] as const) {
       const b = state[k];
       if (!b) continue;
+      // XSAVE's legacy region is the FPU/SSE state: with XSAVE, KVM_SET_FPU would be a second
+      // write of the same registers (one ioctl less per restore and reset, as QEMU does).
+      if (k === 'fpu' && state['xsave']) continue;
       if (k === 'mp-state') {
         if (b.length !== 4) throw new KvmError('KVM_SET_MP_STATE', 22, 'blob must be 4 bytes');
         this.#v.setMpState(new DataView(b.buffer, b.byteOffset, 4).getUint32(0, true));

@@ -43,8 +43,17 @@ interface ResetBase {
 const bases = new WeakMap<Machine, ResetBase>();
 let forks = 0;
 
-/** A BackendVm whose `allocateMemory` hands out the image's regions copy-on-write, in order. */
-function imageBackedVm(vm: BackendVm, image: HostMemory, manifest: SnapshotManifest): BackendVm {
+/**
+ * A BackendVm whose `allocateMemory` hands out the image's regions copy-on-write, in order,
+ * and whose `createVcpu(0)` hands out a pooled VM's ready vCPU.
+ */
+function imageBackedVm(vm: BackendVm, image: HostMemory, manifest: SnapshotManifest, ready?: BackendVcpu): BackendVm {
+  let vcpu0 = ready;
+  const createVcpu = (id: number): BackendVcpu => {
+    const v = id === 0 ? vcpu0 : undefined;
+    vcpu0 = undefined;
+    return v ?? vm.createVcpu(id);
+  };
   const queue = manifest.memory.map((r) => r);
   const cache = new Map<PropertyKey, unknown>();
   const allocate = (size: number, name: string): HostMemory => {
@@ -55,6 +64,7 @@ function imageBackedVm(vm: BackendVm, image: HostMemory, manifest: SnapshotManif
   return new Proxy(vm, {
     get(target, key) {
       if (key === 'allocateMemory') return allocate;
+      if (key === 'createVcpu') return createVcpu;
       let f = cache.get(key);
       if (f === undefined) {
         const v = (target as unknown as Record<PropertyKey, unknown>)[key];
@@ -91,11 +101,11 @@ export async function restoreMachine(
   const backend = options.backend ?? kvmBackend();
   checkHost(manifest, backend);
   const image = snap.image();
-  let inner: BackendVm | undefined;
+  const pooled = snap.takePooledVm(backend);
   const wrapped: Backend = {
     name: backend.name,
     capabilities: backend.capabilities,
-    createVm: (o) => { inner = backend.createVm(o); return imageBackedVm(inner, image, manifest); },
+    createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), image, manifest, pooled?.vcpu),
   };
   let m: Machine;
   try {
@@ -106,7 +116,8 @@ export async function restoreMachine(
       name: options.name ?? `${manifest.machine.name}~${++forks}`,
     });
   } catch (e) {
-    // Machine.create has already released whatever it made.
+    // Machine.create has already released whatever it made; a pooled vCPU it never took is ours.
+    pooled?.vcpu.close();
     throw new SnapshotFormatError(`snapshot: memory: a machine of this shape cannot be created: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
   }
   try {
@@ -118,8 +129,9 @@ export async function restoreMachine(
     const slots = manifest.memory.map((r) => m.memory.regionAt(r.start, r.size).slot);
     applyState(m, x, snap);
     x.setCpu(manifest.machine.mode, manifest.machine.systemArea ?? undefined);
-    // Start the dirty log from here: the restored pages are the snapshot's.
-    for (const s of slots) m.dirtyPages(s);
+    // No dirty-log harvest here: a new memslot's log starts clean and applying state writes no
+    // guest page, so the first reset sees exactly what the guest wrote (and a fork saves the
+    // bitmap allocation and one ioctl).
     bases.set(m, { snapshot: snap, slots });
     return m;
   } catch (e) {

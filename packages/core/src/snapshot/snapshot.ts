@@ -13,6 +13,8 @@ import { InvalidArgumentError, SnapshotFormatError, StateError } from '../errors
 import type { HostMemory, GuestMemory } from '../memory.js';
 import type { Machine } from '../machine.js';
 import type { MachineInternals } from './internals.js';
+import { kvmBackend } from '../backend/kvm.js';
+import { VmPool } from './pool.js';
 import {
   PAGE_SIZE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, encodeManifest, parseManifest,
   type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu,
@@ -151,10 +153,30 @@ export class Snapshot {
     return new Snapshot(manifest, image);
   }
 
-  /** Releases the image. Machines restored or forked from it keep running. Idempotent. */
+  #pool: VmPool | undefined;
+
+  /**
+   * Keeps `count` empty VMs ready for `Machine.fork(this)` / `Machine.restore(this)` on
+   * `backend`, refilled on the event loop after each fork: VM creation (~0.5 ms on PVM) then
+   * stays off the fork's latency. `prewarm(0)` releases them; so does {@link close}.
+   */
+  prewarm(count: number, backend: Backend = kvmBackend()): void {
+    if (!Number.isSafeInteger(count) || count < 0 || count > 256) throw new InvalidArgumentError('count', `must be an integer in [0, 256], got ${String(count)}`);
+    this.image();
+    this.#pool?.close();
+    this.#pool = count === 0 ? undefined : new VmPool(backend, this.manifest.machine.irqchip, count);
+  }
+
+  /** @internal a ready VM for a fork on `backend`, if this snapshot keeps a pool for it. */
+  takePooledVm(backend: Backend): ReturnType<VmPool['take']> {
+    return this.#pool?.backend === backend ? this.#pool.take() : undefined;
+  }
+
+  /** Releases the image and any pooled VMs. Machines restored or forked from it keep running. Idempotent. */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#pool?.close();
     this.#image.close();
   }
 
