@@ -47,7 +47,7 @@ let forks = 0;
  * A BackendVm whose `allocateMemory` hands out the image's regions copy-on-write, in order,
  * and whose `createVcpu(0)` hands out a pooled VM's ready vCPU.
  */
-function imageBackedVm(vm: BackendVm, image: HostMemory, manifest: SnapshotManifest, ready?: BackendVcpu): BackendVm {
+function imageBackedVm(vm: BackendVm, source: { memory: HostMemory; base: number }, manifest: SnapshotManifest, ready?: BackendVcpu): BackendVm {
   let vcpu0 = ready;
   const createVcpu = (id: number): BackendVcpu => {
     const v = id === 0 ? vcpu0 : undefined;
@@ -59,7 +59,7 @@ function imageBackedVm(vm: BackendVm, image: HostMemory, manifest: SnapshotManif
   const allocate = (size: number, name: string): HostMemory => {
     const r = queue.shift();
     if (!r || r.size !== size) return vm.allocateMemory(size, name);
-    return vm.allocateMemoryFrom(image, r.offset, r.size, name);
+    return vm.allocateMemoryFrom(source.memory, source.base + r.offset, r.size, name);
   };
   return new Proxy(vm, {
     get(target, key) {
@@ -100,12 +100,12 @@ export async function restoreMachine(
   const manifest = snap.manifest;
   const backend = options.backend ?? kvmBackend();
   checkHost(manifest, backend);
-  const image = snap.image();
+  const source = snap.mapSource();
   const pooled = snap.takePooledVm(backend);
   const wrapped: Backend = {
     name: backend.name,
     capabilities: backend.capabilities,
-    createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), image, manifest, pooled?.vcpu),
+    createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), source, manifest, pooled?.vcpu),
   };
   let m: Machine;
   try {

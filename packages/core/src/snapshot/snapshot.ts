@@ -41,10 +41,24 @@ export class Snapshot {
   /** MSRs a vCPU of this host refused to take back (learned on the first restore). */
   readonly rejectedMsrs = new Set<number>();
 
-  /** @internal use `Machine.snapshot()` or {@link Snapshot.load}. */
-  constructor(manifest: SnapshotManifest, image: HostMemory) {
+  /** Where forks map the image from: a memfd at 0, or the snapshot file past its manifest. */
+  readonly #source: { readonly memory: HostMemory; readonly base: number };
+
+  /**
+   * @internal use `Machine.snapshot()` or {@link Snapshot.load}.
+   * @param image - the image's bytes (read by reset); closed with the snapshot.
+   * @param source - what forks map, if not `image` itself (a file); closed with the snapshot.
+   */
+  constructor(manifest: SnapshotManifest, image: HostMemory, source?: { memory: HostMemory; base: number }) {
     this.manifest = manifest;
     this.#image = image;
+    this.#source = source ?? { memory: image, base: 0 };
+  }
+
+  /** @internal what forks map copy-on-write, and the file offset of the image in it. */
+  mapSource(): { readonly memory: HostMemory; readonly base: number } {
+    this.image();
+    return this.#source;
   }
 
   /** Bytes of guest RAM the snapshot describes. */
@@ -101,18 +115,21 @@ export class Snapshot {
   }
 
   /**
-   * Reads a snapshot written by {@link save}. The file is untrusted: a bad magic, version,
+   * Opens a snapshot written by {@link save}. The file is untrusted: a bad magic, version,
    * checksum or manifest, or a file shorter than its manifest says, is a
-   * {@link SnapshotFormatError} naming what is wrong. The image is read into host memory of
-   * `backend` (zero pages are not touched, so it stays sparse).
+   * {@link SnapshotFormatError} naming what is wrong. Nothing is copied: machines restored from
+   * it map the file's image copy-on-write, so the file must stay as it is (not truncated or
+   * rewritten in place) while the snapshot or its machines live — `save` replaces files by
+   * rename, which is safe.
    */
   static load(path: string, backend: Backend): Snapshot {
     if (typeof path !== 'string' || path === '') throw new InvalidArgumentError('path', 'must be a non-empty string');
     const fd = openSync(path, 'r');
     try {
       return Snapshot.#read(fd, fstatSync(fd).size, backend);
-    } finally {
+    } catch (e) {
       closeSync(fd);
+      throw e;
     }
   }
 
@@ -138,19 +155,18 @@ export class Snapshot {
     if (fileSize < imageAt + manifest.imageSize) {
       throw new SnapshotFormatError(`snapshot file: imageSize: the manifest needs ${imageAt + manifest.imageSize} bytes, the file has ${fileSize} (truncated?)`);
     }
-    const image = allocateImage(backend, manifest.imageSize);
+    // The file itself is the image: a private mapping (for reset's reads) and the fd forks map.
+    // The size check above is what keeps a later access from SIGBUS-ing past the end.
+    let open = true;
+    const file: HostMemory = { fd, bytes: new Uint8Array(0), hostAddress: 0n, close: () => { if (open) { open = false; closeSync(fd); } } };
+    const vm = backend.createVm({ irqchip: false });
+    let view: HostMemory;
     try {
-      const buf = Buffer.alloc(CHUNK);
-      for (let off = 0; off < manifest.imageSize; off += CHUNK) {
-        const n = Math.min(CHUNK, manifest.imageSize - off);
-        if (readSync(fd, buf, 0, n, imageAt + off) !== n) throw new SnapshotFormatError(`snapshot file: image: short read at ${off}`);
-        copyNonZeroPages(buf.subarray(0, n), image.bytes, off);
-      }
-    } catch (e) {
-      image.close();
-      throw e;
+      view = vm.allocateMemoryFrom(file, imageAt, Math.max(manifest.imageSize, PAGE_SIZE), 'tsvm-snapshot-file');
+    } finally {
+      vm.close();
     }
-    return new Snapshot(manifest, image);
+    return new Snapshot(manifest, view, { memory: file, base: imageAt });
   }
 
   #pool: VmPool | undefined;
@@ -178,6 +194,7 @@ export class Snapshot {
     this.#closed = true;
     this.#pool?.close();
     this.#image.close();
+    if (this.#source.memory !== this.#image) this.#source.memory.close();
   }
 
   /** `using snap = await vm.snapshot()`. */

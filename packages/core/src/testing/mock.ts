@@ -4,6 +4,7 @@
  * `ArrayBuffer`s; registers are stored; completions are recorded for assertions.
  * @module
  */
+import { readSync } from 'node:fs';
 import type { Backend, BackendVcpu, BackendVm, CoalescedEntry, CpuidEntry, HostCapabilities, MsrEntry, Regs, Sregs } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
@@ -123,7 +124,9 @@ export class MockVm implements BackendVm {
   }
   allocateMemoryFrom(source: HostMemory, offset: number, size: number): HostMemory {
     const m = this.allocateMemory(size);
-    m.bytes.set(source.bytes.subarray(offset, offset + size));
+    // A file (a loaded snapshot) has no bytes in the mock: read it, as a private mapping would.
+    if (source.bytes.length >= offset + size || source.fd < 0) m.bytes.set(source.bytes.subarray(offset, offset + size));
+    else readSync(source.fd, m.bytes, 0, size, offset);
     return m;
   }
   /** VM-wide state blobs (irqchip, PIT, clock on KVM). */
