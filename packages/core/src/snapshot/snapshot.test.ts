@@ -136,6 +136,39 @@ describe('snapshot (mock backend)', () => {
     await vm.close();
   });
 
+  it('prewarm keeps VMs ready for forks, refills between them, and close releases the rest', async () => {
+    const backend = new MockBackend();
+    const { vm } = await source(backend);
+    const snap = await vm.snapshot();
+    const before = backend.vms.length;
+    snap.prewarm(2, backend);
+    expect(backend.vms.length).toBe(before + 2);
+    const pooled = backend.vms.slice(before);
+    const child = await Machine.fork(snap, { backend, devices: [{ space: 'pio', base: 0x80n, size: 1, device: counter() }] });
+    expect(backend.vms.length).toBe(before + 2); // the fork took a ready VM, made none
+    expect(child.memory.read(0x2000, 3)).toEqual(Uint8Array.of(1, 2, 3));
+    await new Promise((r) => setImmediate(r));
+    expect(backend.vms.length).toBe(before + 3); // refilled on the event loop
+    await child.close();
+    snap.close();
+    expect(pooled.every((v) => v.closed)).toBe(true);
+    expect(backend.vms.at(-1)?.closed).toBe(true);
+    expect(() => snap.prewarm(1, backend)).toThrow(StateError);
+    await vm.close();
+  });
+
+  it('refuses to snapshot or reset a running machine', async () => {
+    const backend = new MockBackend();
+    backend.script((v) => { v.whenEmpty = { kind: 'intr' }; return { kind: 'intr' }; });
+    const vm = await Machine.create({ memory: 64 * 1024, backend });
+    const ac = new AbortController();
+    const running = vm.run({ signal: ac.signal });
+    await expect(vm.snapshot()).rejects.toThrow(StateError);
+    ac.abort();
+    await running;
+    await vm.close();
+  });
+
   it('fuzz: random corruption of a snapshot file is a SnapshotFormatError or a valid load, never a crash', async () => {
     const backend = new MockBackend();
     const { vm } = await source(backend);
