@@ -15,6 +15,7 @@ import { kvmBackend } from '../backend/kvm.js';
 import type { MachineInternals } from './internals.js';
 import { PAGE_SIZE, type SnapshotManifest } from './manifest.js';
 import { Snapshot, cpuSignature } from './snapshot.js';
+import { applyCpuState, step } from './apply.js';
 
 /** Options of `Machine.restore` / `Machine.fork`. */
 export interface RestoreOptions {
@@ -127,7 +128,7 @@ export async function restoreMachine(
     if (options.devices) m.attachDevice(options.devices);
     await options.setup?.(m);
     const slots = manifest.memory.map((r) => m.memory.regionAt(r.start, r.size).slot);
-    applyState(m, x, snap);
+    applyState(m, x, snap, !pooled?.prepared);
     x.setCpu(manifest.machine.mode, manifest.machine.systemArea ?? undefined);
     // No dirty-log harvest here: a new memslot's log starts clean and applying state writes no
     // guest page, so the first reset sees exactly what the guest wrote (and a fork saves the
@@ -141,50 +142,15 @@ export async function restoreMachine(
   }
 }
 
-/** Applies the snapshot's VM, vCPU and device state (not memory). */
-function applyState(m: Machine, x: MachineInternals, snap: Snapshot): void {
+/** Applies the snapshot's VM, vCPU (unless a pooled VM has it already) and device state. */
+function applyState(m: Machine, x: MachineInternals, snap: Snapshot, cpu = true): void {
   const manifest = snap.manifest;
-  step('vm', () => x.vm.setState(manifest.vm));
-  manifest.vcpus.forEach((s, i) => {
-    const b = m.vcpu(s.id).backend;
-    const at = `vcpus[${i}]`;
-    step(`${at}.regs`, () => b.setRegs(s.regs));
-    const sregs = m.capabilities.flavour === 'svm' && s.sregs.tr.type === 11
-      // SVM reports TR busy whatever was set, and refuses nothing: put back what the loader set.
-      ? { ...s.sregs, tr: { ...s.sregs.tr, type: 9 } } : s.sregs;
-    step(`${at}.sregs`, () => b.setSregs(sregs));
-    step(`${at}.msrs`, () => setMsrs(b, s.msrs, snap.rejectedMsrs));
-    step(`${at}.blobs`, () => b.setState(s.blobs as Record<string, ReturnType<BackendVcpu['getState']>[string]>));
-  });
+  if (cpu) applyCpuState(x.vm, m.vcpus.map((v) => v.backend), manifest, m.capabilities.flavour, snap.rejectedMsrs);
   const attached = new Map(x.devices().map((d) => [d.name, d]));
   for (const [name, state] of Object.entries(manifest.devices)) {
     const d = attached.get(name);
     if (!d?.restore) throw new SnapshotFormatError(`snapshot: devices.${name}: no attached device of that name can restore state (attach it through options.devices or setup)`);
     step(`devices.${name}`, () => d.restore?.(structuredClone(state)));
-  }
-}
-
-function step(field: string, f: () => void): void {
-  try {
-    f();
-  } catch (e) {
-    if (e instanceof SnapshotFormatError) throw new SnapshotFormatError(`snapshot: ${field}: ${e.message}`, { cause: e });
-    throw new SnapshotFormatError(`snapshot: ${field}: the backend refused it: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
-  }
-}
-
-/**
- * Writes MSRs; ones this host refuses (KVM lists some it will not take back, e.g. read-only
- * feature MSRs on some flavours) are found once, remembered per snapshot and skipped after.
- */
-function setMsrs(b: BackendVcpu, msrs: readonly { index: number; data: bigint }[], rejected: Set<number>): void {
-  const list = rejected.size === 0 ? msrs : msrs.filter((e) => !rejected.has(e.index));
-  try {
-    b.setMsrs(list);
-  } catch {
-    for (const e of list) {
-      try { b.setMsrs([e]); } catch { rejected.add(e.index); }
-    }
   }
 }
 

@@ -170,6 +170,7 @@ describe.skipIf(!kvm.available)(`snapshot / restore / fork / reset on KVM${kvm.a
       expect(e.memory.read(0x100000, 8)).toEqual(before);
       await runToEnd(e);
       expect(hash(e)).toBe(reference.hash);
+      expect(e.vcpu(0).getRegs()).toEqual(reference.regs);
       await e.close();
     } finally {
       for (const k of kids) await k!.close();

@@ -15,6 +15,7 @@ import type { Machine } from '../machine.js';
 import type { MachineInternals } from './internals.js';
 import { kvmBackend } from '../backend/kvm.js';
 import { VmPool } from './pool.js';
+import { applyCpuState } from './apply.js';
 import {
   PAGE_SIZE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, encodeManifest, parseManifest,
   type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu,
@@ -180,7 +181,9 @@ export class Snapshot {
     if (!Number.isSafeInteger(count) || count < 0 || count > 256) throw new InvalidArgumentError('count', `must be an integer in [0, 256], got ${String(count)}`);
     this.image();
     this.#pool?.close();
-    this.#pool = count === 0 ? undefined : new VmPool(backend, this.manifest.machine.irqchip, count);
+    const manifest = this.manifest;
+    this.#pool = count === 0 ? undefined : new VmPool(backend, manifest.machine.irqchip, count,
+      (vm, vcpu) => applyCpuState(vm, [vcpu], manifest, backend.capabilities.flavour, this.rejectedMsrs));
   }
 
   /** @internal a ready VM for a fork on `backend`, if this snapshot keeps a pool for it. */
