@@ -35,7 +35,7 @@ export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilitie
 export { KvmBackend, kvmBackend } from './backend/kvm.js';
 export {
   Snapshot, parseManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION,
-  type RestoreOptions, type ResetResult, type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu, type SnapshotHost,
+  type RestoreOptions, type ResetResult, type ResetOptions, type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu, type SnapshotHost,
 } from './snapshot/index.js';
 export * from './loaders/index.js';
 export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';

@@ -20,7 +20,7 @@ import { Vcpu } from './vcpu.js';
 import { EXCEPTION_PORT, SYSTEM_AREA_SIZE, VECTORS_WITH_ERROR_CODE, setupCpu, type CpuMode } from './cpu/x86.js';
 import type { EntryState } from './loaders/bootinfo.js';
 import { instructionRipOf } from './cpu/exit-rip.js';
-import { Snapshot, takeSnapshot, restoreMachine, resetMachine, type RestoreOptions, type ResetResult, type MachineInternals } from './snapshot/index.js';
+import { Snapshot, takeSnapshot, restoreMachine, resetMachine, type RestoreOptions, type ResetResult, type ResetOptions, type MachineInternals } from './snapshot/index.js';
 
 /** A memory region to create. */
 export interface RegionOptions {
@@ -695,11 +695,11 @@ export class Machine {
 
   /**
    * Puts a restored or forked machine back into its snapshot's state, re-copying only the pages
-   * dirtied since (the dirty log), plus vCPU, VM and device state.
+   * dirtied since (the dirty log, plus device DMA), plus vCPU, VM and device state.
    */
-  reset(): ResetResult {
+  reset(options: ResetOptions = {}): ResetResult {
     this.#assertOpen();
-    return resetMachine(this, this.#internals());
+    return resetMachine(this, this.#internals(), options);
   }
 
   #internals(): MachineInternals {

@@ -4,7 +4,7 @@
  * @module
  */
 export { Snapshot, takeSnapshot, cpuSignature } from './snapshot.js';
-export { restoreMachine, resetMachine, type RestoreOptions, type ResetResult } from './restore.js';
+export { restoreMachine, resetMachine, type RestoreOptions, type ResetResult, type ResetOptions } from './restore.js';
 export {
   parseManifest, encodeManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, PAGE_SIZE,
   type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu, type SnapshotHost,

@@ -9,6 +9,7 @@
 import type { Backend, BackendVcpu, BackendVm } from '../backend.js';
 import type { DeviceMapping } from '../device.js';
 import { InvalidArgumentError, SnapshotFormatError, StateError, TsvmError } from '../errors.js';
+import { DmaGate } from '../dma.js';
 import type { HostMemory } from '../memory.js';
 import type { Machine, MachineOptions } from '../machine.js';
 import { kvmBackend } from '../backend/kvm.js';
@@ -35,10 +36,22 @@ export interface ResetResult {
   readonly pagesCopied: number;
 }
 
+/** Options of `machine.reset()`. */
+export interface ResetOptions {
+  /**
+   * Compare every page with the snapshot instead of trusting the dirty log, which sees only
+   * the guest's own stores and device DMA: use it after writing guest RAM from the host
+   * (`machine.memory.write`). Costs a read of all RAM (~ms per 16 MiB).
+   */
+  readonly full?: boolean;
+}
+
 interface ResetBase {
   readonly snapshot: Snapshot;
   /** Region slots in manifest order (restored slots may be numbered differently). */
   readonly slots: readonly number[];
+  /** Pages (guest-physical, 4 KiB aligned) device DMA wrote since the last reset: KVM's log misses them. */
+  readonly dmaPages: Set<bigint>;
 }
 
 const bases = new WeakMap<Machine, ResetBase>();
@@ -133,7 +146,12 @@ export async function restoreMachine(
     // No dirty-log harvest here: a new memslot's log starts clean and applying state writes no
     // guest page, so the first reset sees exactly what the guest wrote (and a fork saves the
     // bitmap allocation and one ioctl).
-    bases.set(m, { snapshot: snap, slots });
+    const dmaPages = new Set<bigint>();
+    DmaGate.of(m.memory).add({
+      name: 'tsvm-reset',
+      observe: (w) => { for (let a = w.address & ~0xfffn; a < w.address + BigInt(w.length); a += 4096n) dmaPages.add(a); },
+    });
+    bases.set(m, { snapshot: snap, slots, dmaPages });
     return m;
   } catch (e) {
     await m.close().catch(() => undefined);
@@ -159,7 +177,7 @@ function applyState(m: Machine, x: MachineInternals, snap: Snapshot, cpu = true)
  * names, then vCPU, VM and device state.
  * @throws StateError when `m` was not made by `Machine.restore` / `Machine.fork`, or is running.
  */
-export function resetMachine(m: Machine, x: MachineInternals): ResetResult {
+export function resetMachine(m: Machine, x: MachineInternals, options: ResetOptions = {}): ResetResult {
   const base = bases.get(m);
   if (!base) throw new StateError(`machine '${m.name}' was not restored or forked from a snapshot; nothing to reset to`);
   if (x.running) throw new StateError('cannot reset a running machine; let run() return first');
@@ -167,23 +185,41 @@ export function resetMachine(m: Machine, x: MachineInternals): ResetResult {
   const image = snap.image().bytes;
   for (const v of m.vcpus) v.backend.completePendingExit();
   let pages = 0;
+  const full = options.full === true;
+  const scratch = full ? new Uint8Array(PAGE_SIZE) : undefined;
   base.slots.forEach((slot, i) => {
     const r = snap.manifest.memory[i];
     if (!r) return;
-    const bitmap = m.dirtyPages(slot);
+    const copy = (off: number): void => {
+      m.memory.write(r.start + BigInt(off), image.subarray(r.offset + off, r.offset + off + PAGE_SIZE));
+      pages++;
+    };
+    const bitmap = m.dirtyPages(slot); // harvested in both modes, so the next reset starts clean
+    if (scratch) {
+      for (let off = 0; off < r.size; off += PAGE_SIZE) {
+        m.memory.readInto(r.start + BigInt(off), scratch);
+        if (!Buffer.from(scratch.buffer).equals(image.subarray(r.offset + off, r.offset + off + PAGE_SIZE))) copy(off);
+      }
+      return;
+    }
+    const end = r.start + BigInt(r.size);
+    for (const a of base.dmaPages) {
+      if (a < r.start || a >= end) continue;
+      const off = Number(a - r.start);
+      const bit = off / PAGE_SIZE;
+      if (((bitmap[bit >> 3] ?? 0) & (1 << (bit & 7))) === 0) copy(off);
+    }
     for (let byte = 0; byte < bitmap.length; byte++) {
       let bits = bitmap[byte] as number;
       while (bits !== 0) {
         const bit = 31 - Math.clz32(bits & -bits);
         bits &= bits - 1;
-        const page = byte * 8 + bit;
-        const off = page * PAGE_SIZE;
-        if (off >= r.size) continue;
-        m.memory.write(r.start + BigInt(off), image.subarray(r.offset + off, r.offset + off + PAGE_SIZE));
-        pages++;
+        const off = (byte * 8 + bit) * PAGE_SIZE;
+        if (off < r.size) copy(off);
       }
     }
   });
+  base.dmaPages.clear();
   try {
     applyState(m, x, snap);
   } catch (e) {

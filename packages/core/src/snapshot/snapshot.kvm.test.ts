@@ -9,6 +9,7 @@ import { kvmAvailability } from '../testing/kvm-gate.js';
 import type { Device } from '../device.js';
 import { Snapshot } from './snapshot.js';
 import { SnapshotFormatError } from '../errors.js';
+import { DeviceMemory } from '../dma.js';
 import { kvmBackend } from '../backend/kvm.js';
 
 const kvm = kvmAvailability();
@@ -246,5 +247,24 @@ describe.skipIf(!kvm.available)(`snapshot / restore / fork / reset on KVM${kvm.a
     expect(b.irqchip).toBe(true);
     await runToEnd(b);
     expect(e.out.text()).toBe(expected);
+  });
+
+  it('reset also undoes device DMA; host writes need reset({ full: true })', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 });
+    using snap = await a.snapshot();
+    await a.close();
+    await using b = await Machine.fork(snap, { devices: devices().mappings });
+    const dma = new DeviceMemory(b.memory, 'blk');
+    dma.write(0x1e0000n, Uint8Array.of(1, 2, 3)); // one page, through the DMA gate
+    expect(b.reset().pagesCopied).toBe(1);
+    expect(b.memory.read(0x1e0000, 3)).toEqual(new Uint8Array(3));
+    b.memory.write(0x1e1000, Uint8Array.of(9)); // the host's own write: no log sees it
+    expect(b.reset().pagesCopied).toBe(0);
+    expect(b.memory.readUint(0x1e1000, 1)).toBe(9);
+    expect(b.reset({ full: true }).pagesCopied).toBe(1);
+    expect(b.memory.readUint(0x1e1000, 1)).toBe(0);
+    await runToEnd(b);
+    expect(hash(b)).toBe(reference.hash);
   });
 });
