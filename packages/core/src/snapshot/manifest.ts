@@ -5,6 +5,7 @@
  * {@link SnapshotFormatError} naming its path (`vcpus[0].sregs.cs.limit`), never a crash.
  * @module
  */
+import { createRequire } from 'node:module';
 import { SnapshotFormatError } from '../errors.js';
 import type { MsrEntry, Regs, Segment, Sregs, DTable, VirtFlavour } from '../backend.js';
 import type { CpuMode } from '../cpu/x86.js';
@@ -14,6 +15,23 @@ import { REG_NAMES } from '@tsvm/kvm-backend';
 export const SNAPSHOT_FORMAT = 'tsvm-snapshot';
 /** Bumped whenever the manifest's shape or meaning changes; other versions are rejected. */
 export const SNAPSHOT_VERSION = 1;
+/**
+ * The `@tsvm/core` version that writes snapshots; a snapshot from another version is refused
+ * (device and vCPU state layouts may differ between builds even when the manifest parses).
+ */
+export const TSVM_VERSION: string = coreVersion();
+
+/** This package's version, from its package.json (one level up when bundled into dist/, two from src/snapshot/). */
+function coreVersion(): string {
+  const req = createRequire(import.meta.url);
+  for (const p of ['../../package.json', '../package.json']) {
+    try {
+      const pkg = req(p) as { name?: string; version?: string };
+      if (pkg.name === '@tsvm/core' && typeof pkg.version === 'string') return pkg.version;
+    } catch { /* try the next */ }
+  }
+  return 'unknown';
+}
 /** 4 KiB: the unit in which memory is stored, compared and re-copied. */
 export const PAGE_SIZE = 4096;
 
@@ -65,6 +83,8 @@ export interface SnapshotManifest {
   readonly format: typeof SNAPSHOT_FORMAT;
   /** Always {@link SNAPSHOT_VERSION}. */
   readonly version: typeof SNAPSHOT_VERSION;
+  /** The tsvm ({@link TSVM_VERSION}) that wrote it. */
+  readonly tsvm: string;
   /** Where it was taken. */
   readonly host: SnapshotHost;
   /** Machine-level settings a restored machine must share. */
@@ -102,7 +122,7 @@ export function encodeManifest(m: SnapshotManifest): unknown {
   const seg = (s: Segment) => ({ ...s, base: h(s.base) });
   const dt = (d: DTable) => ({ base: h(d.base), limit: d.limit });
   return {
-    format: m.format, version: m.version, host: m.host, machine: m.machine,
+    format: m.format, version: m.version, tsvm: m.tsvm, host: m.host, machine: m.machine,
     memory: m.memory.map((r) => ({ ...r, start: h(r.start) })),
     imageSize: m.imageSize,
     vcpus: m.vcpus.map((v) => ({
@@ -216,6 +236,8 @@ export function parseManifest(json: unknown): SnapshotManifest {
   if (root.at('format').value !== SNAPSHOT_FORMAT) root.at('format').fail(`must be '${SNAPSHOT_FORMAT}', got ${short(root.at('format').value)}`);
   const version = root.at('version').value;
   if (version !== SNAPSHOT_VERSION) root.at('version').fail(`is ${short(version)}; this build reads version ${SNAPSHOT_VERSION} only`);
+  const tsvm = root.at('tsvm').str(32);
+  if (tsvm !== TSVM_VERSION) root.at('tsvm').fail(`is ${short(tsvm)}; this is tsvm ${TSVM_VERSION}, which restores only its own snapshots`);
   const hf = root.at('host');
   const flavour = hf.at('flavour').str(16);
   if (!['vmx', 'svm', 'pvm', 'mock', 'unknown'].includes(flavour)) hf.at('flavour').fail(`is not a known flavour: ${short(flavour)}`);
@@ -279,5 +301,5 @@ export function parseManifest(json: unknown): SnapshotManifest {
   if (vcpus.length === 0) root.at('vcpus').fail('must list at least one vCPU');
   const devices = root.at('devices').object();
   for (const k of Object.keys(devices)) if (k.length > 64) root.at('devices').fail(`has an over-long device name ${short(k)}`);
-  return { format: SNAPSHOT_FORMAT, version: SNAPSHOT_VERSION, host, machine, memory, imageSize, vcpus, vm: root.at('vm').blobs(16), devices: { ...devices } };
+  return { format: SNAPSHOT_FORMAT, version: SNAPSHOT_VERSION, tsvm, host, machine, memory, imageSize, vcpus, vm: root.at('vm').blobs(16), devices: { ...devices } };
 }

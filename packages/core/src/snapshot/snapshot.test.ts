@@ -88,6 +88,7 @@ describe('snapshot (mock backend)', () => {
   it.each([
     ['another version', (m: Record<string, unknown>) => { m['version'] = 2; }, /version.*2/],
     ['another format', (m: Record<string, unknown>) => { m['format'] = 'qemu'; }, /format/],
+    ['another tsvm version', (m: Record<string, unknown>) => { m['tsvm'] = '0.0.1'; }, /tsvm.*0\.0\.1/],
     ['a region outside the image', (m: any) => { m.memory[1].offset = 1 << 20; }, /memory\[1\]\.offset/],
     ['overlapping regions', (m: any) => { m.memory[1].start = '0x1000'; }, /overlap/],
     ['a malformed register', (m: any) => { m.vcpus[0].regs.rip = 12; }, /vcpus\[0\]\.regs\.rip/],

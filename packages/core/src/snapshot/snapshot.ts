@@ -17,7 +17,7 @@ import { kvmBackend } from '../backend/kvm.js';
 import { VmPool } from './pool.js';
 import { applyCpuState } from './apply.js';
 import {
-  PAGE_SIZE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, encodeManifest, parseManifest,
+  PAGE_SIZE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION, encodeManifest, parseManifest,
   type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu,
 } from './manifest.js';
 
@@ -272,7 +272,11 @@ export function takeSnapshot(m: Machine, x: MachineInternals): Snapshot {
   for (const d of x.devices()) {
     if (!d.snapshot) continue;
     if (Object.hasOwn(devices, d.name)) throw new StateError(`two attached devices are named '${d.name}': a snapshot stores device state by name`);
-    devices[d.name] = structuredClone(d.snapshot());
+    try {
+      devices[d.name] = structuredClone(d.snapshot());
+    } catch (e) {
+      throw new StateError(`device '${d.name}': snapshot() failed or returned a value that cannot be stored: ${e instanceof Error ? e.message : String(e)}`);
+    }
   }
   const vmState = x.vm.getState();
   const regions = m.memory.regions();
@@ -288,7 +292,7 @@ export function takeSnapshot(m: Machine, x: MachineInternals): Snapshot {
     });
     const cpu = x.cpu();
     const manifest: SnapshotManifest = {
-      format: SNAPSHOT_FORMAT, version: SNAPSHOT_VERSION,
+      format: SNAPSHOT_FORMAT, version: SNAPSHOT_VERSION, tsvm: TSVM_VERSION,
       host: { backend: m.backend.name, flavour: m.capabilities.flavour, cpu: cpuSignature(m.vcpu(0).backend) },
       machine: { name: m.name, irqchip: m.irqchip, mode: cpu.mode, systemArea: cpu.systemArea ?? null },
       memory, imageSize, vcpus, vm: vmState, devices,
