@@ -8,7 +8,7 @@
 import { createRequire } from 'node:module';
 import { SnapshotFormatError } from '../errors.js';
 import type { MsrEntry, Regs, Segment, Sregs, DTable, VirtFlavour } from '../backend.js';
-import type { CpuMode } from '../cpu/x86.js';
+import { SYSTEM_AREA_SIZE, type CpuMode } from '../cpu/x86.js';
 import { REG_NAMES } from '@tsvm/kvm-backend';
 
 /** The manifest format this build writes and the only one it reads. */
@@ -271,6 +271,10 @@ export function parseManifest(json: unknown): SnapshotManifest {
     if (p && r.start < p.start + BigInt(p.size)) root.at('memory').fail(`regions '${p.name}' and '${r.name}' overlap in guest-physical memory`);
   });
   if (new Set(memory.map((r) => r.slot)).size !== memory.length) root.at('memory').fail('two regions share a slot');
+  const area = machine.systemArea;
+  if (area !== null && !memory.some((r) => BigInt(area) >= r.start && BigInt(area) + BigInt(SYSTEM_AREA_SIZE) <= r.start + BigInt(r.size))) {
+    mf.at('systemArea').fail(`[${area}, +${SYSTEM_AREA_SIZE}) is not inside one RAM region`);
+  }
   const vcpus = root.at('vcpus').items(MAX_VCPUS).map((f, i): SnapshotVcpu => {
     const id = f.at('id').int(0, MAX_VCPUS - 1);
     if (id !== i) f.at('id').fail(`must be ${i} (vCPUs are listed in order)`);

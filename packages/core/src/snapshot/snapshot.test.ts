@@ -90,6 +90,7 @@ describe('snapshot (mock backend)', () => {
     ['another format', (m: Record<string, unknown>) => { m['format'] = 'qemu'; }, /format/],
     ['another tsvm version', (m: Record<string, unknown>) => { m['tsvm'] = '0.0.1'; }, /tsvm.*0\.0\.1/],
     ['a region outside the image', (m: any) => { m.memory[1].offset = 1 << 20; }, /memory\[1\]\.offset/],
+    ['a system area outside RAM', (m: any) => { m.machine.systemArea = 0x200000; }, /machine\.systemArea/],
     ['overlapping regions', (m: any) => { m.memory[1].start = '0x1000'; }, /overlap/],
     ['a malformed register', (m: any) => { m.vcpus[0].regs.rip = 12; }, /vcpus\[0\]\.regs\.rip/],
     ['a segment field out of range', (m: any) => { m.vcpus[0].sregs.cs.dpl = 4; }, /vcpus\[0\]\.sregs\.cs\.dpl/],
