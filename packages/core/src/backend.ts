@@ -66,6 +66,19 @@ export interface Backend {
 export interface BackendVm {
   /** Allocates host memory suitable for a memslot. */
   allocateMemory(size: number, name: string): HostMemory;
+  /**
+   * Maps `size` bytes of `source` (memory from {@link allocateMemory}, e.g. a snapshot's image)
+   * from `offset` copy-on-write: the result starts with `source`'s contents, shares its pages
+   * until written, and writes through it never reach `source` or other such mappings (fork).
+   */
+  allocateMemoryFrom(source: HostMemory, offset: number, size: number, name: string): HostMemory;
+  /**
+   * VM-wide state blobs for snapshots: the in-kernel irqchip (`pic-master`, `pic-slave`,
+   * `ioapic`) and PIT (`pit2`) when the VM has them, and the clock (`clock`).
+   */
+  getState(): Record<string, Uint8Array>;
+  /** Restores blobs from {@link getState}; unknown names are rejected, not ignored. */
+  setState(state: Readonly<Record<string, Uint8Array>>): void;
   /** Installs (or replaces) memslot `slot`. */
   mapMemory(slot: number, start: bigint, host: HostMemory, size: number, flags: { readonly: boolean; logDirty: boolean }): void;
   /** Deletes memslot `slot`. */
@@ -149,7 +162,18 @@ export interface BackendVcpu {
   setGuestDebug(control: number, debugreg?: readonly bigint[]): void;
   /** Drains the coalesced ring. */
   drainCoalesced(): CoalescedEntry[];
-  /** Opaque state blobs for snapshots. */
+  /**
+   * Finishes the exit `run()` last returned without running further guest code, as KVM
+   * requires before state is saved (an `in`/`out` or MMIO access completes on the next
+   * `KVM_RUN`). An unanswered read reads all-ones. A no-op when nothing is pending.
+   */
+  completePendingExit(): void;
+  /** The MSRs KVM saves and restores for a vCPU (`KVM_GET_MSR_INDEX_LIST`). */
+  msrIndexList(): readonly number[];
+  /**
+   * Opaque state blobs for snapshots (`fpu`, `xsave`, `xcrs`, `lapic`, `events`, `debugregs`,
+   * `mp-state`; each only where the host has it).
+   */
   getState(): Record<string, Uint8Array>;
   /** Restores blobs from {@link getState}. */
   setState(state: Record<string, Uint8Array>): void;

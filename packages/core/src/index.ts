@@ -13,6 +13,8 @@
  *   `@tsvm/core/testing` has a `MockBackend`.
  * - Loaders ({@link loadElf}, {@link loadMultiboot}, {@link loadLinux}, {@link loadPvh}) place an
  *   image and return an entry state that {@link Machine.enter} applies.
+ * - {@link Snapshot}: `machine.snapshot()`, `Machine.restore()`, `Machine.fork()` (copy-on-write
+ *   RAM) and `machine.reset()` (re-copies dirty pages only).
  * - Errors: one hierarchy rooted at {@link TsvmError}.
  * @module
  */
@@ -31,6 +33,10 @@ export type { Stop, StopCommon, StopReason, StopRequest } from './stop.js';
 export { ExitCounters, type ExitStats, type ExitKindStats } from './stats.js';
 export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilities, NmiWakeState, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
 export { KvmBackend, kvmBackend } from './backend/kvm.js';
+export {
+  Snapshot, parseManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION,
+  type RestoreOptions, type ResetResult, type ResetOptions, type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu, type SnapshotHost,
+} from './snapshot/index.js';
 export * from './loaders/index.js';
 export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';
 export { bitnessOf, linearRip, translateVirtual, codeAt } from './cpu/paging.js';

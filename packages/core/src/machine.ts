@@ -23,6 +23,7 @@ import { EXCEPTION_PORT, SYS, SYSTEM_AREA_SIZE, VECTORS_WITH_ERROR_CODE, setupCp
 import { bitnessOf, codeAt } from './cpu/paging.js';
 import type { EntryState } from './loaders/bootinfo.js';
 import { instructionRipOf } from './cpu/exit-rip.js';
+import { Snapshot, takeSnapshot, restoreMachine, resetMachine, type RestoreOptions, type ResetResult, type ResetOptions, type MachineInternals } from './snapshot/index.js';
 
 /** A memory region to create. */
 export interface RegionOptions {
@@ -734,6 +735,60 @@ export class Machine {
   /** The backend this machine runs on. */
   get backend(): Backend {
     return this.#backend;
+  }
+
+  /**
+   * Captures this (stopped) machine: vCPU, VM and device state plus a sparse copy of RAM.
+   * With `path`, the snapshot is also written there ({@link Snapshot.save}).
+   */
+  async snapshot(path?: string): Promise<Snapshot> {
+    this.#assertOpen();
+    const snap = takeSnapshot(this, this.#internals());
+    if (path !== undefined) {
+      try { snap.save(path); } catch (e) { snap.close(); throw e; }
+    }
+    return snap;
+  }
+
+  /**
+   * A new machine in the state of `snapshot`, its RAM mapped copy-on-write from the snapshot.
+   * @throws SnapshotFormatError naming the field when the snapshot cannot be restored here.
+   */
+  static async restore(snapshot: Snapshot, options: RestoreOptions = {}): Promise<Machine> {
+    return restoreMachine(snapshot, options, (o) => Machine.create(o), (m) => m.#internals());
+  }
+
+  /**
+   * A child of `snapshot` sharing its pages copy-on-write: its writes are invisible to the
+   * snapshot and to siblings. The same operation as {@link restore}, named for intent.
+   */
+  static async fork(snapshot: Snapshot, options: RestoreOptions = {}): Promise<Machine> {
+    return Machine.restore(snapshot, options);
+  }
+
+  /**
+   * Puts a restored or forked machine back into its snapshot's state, re-copying only the pages
+   * dirtied since (the dirty log, plus device DMA), plus vCPU, VM and device state.
+   */
+  reset(options: ResetOptions = {}): ResetResult {
+    this.#assertOpen();
+    return resetMachine(this, this.#internals(), options);
+  }
+
+  #internals(): MachineInternals {
+    const self = this;
+    return {
+      vm: this.#vm,
+      get running() { return self.#running; },
+      devices: () => [...this.#devices],
+      cpu: () => ({ mode: this.#mode, systemArea: this.#systemArea }),
+      setCpu: (mode, systemArea) => {
+        this.#mode = mode;
+        this.#systemArea = systemArea;
+        if (mode !== 'real') this.#registerExceptionReporter();
+      },
+      logsDirty: (slot) => this.#logDirty.has(slot),
+    };
   }
 }
 

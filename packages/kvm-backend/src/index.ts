@@ -18,7 +18,7 @@
 export { TsvmError, KvmError, KvmUnavailableError, errnoName } from './errors.js';
 export { KvmSystem } from './system.js';
 export { KvmVm, type MemslotFlags } from './vm.js';
-export { KvmVcpu } from './vcpu.js';
+export { KvmVcpu, type KvmStateBlob } from './vcpu.js';
 export type {
   KvmExit, KvmIoExit, KvmMmioExit, KvmHltExit, KvmShutdownExit, KvmIntrExit, KvmDebugExit, KvmHypercallExit,
   KvmMsrExit, KvmFailEntryExit, KvmInternalErrorExit, KvmSystemEventExit, KvmExceptionExit, KvmUnsupportedExit,

@@ -22,9 +22,11 @@ export class MemfdMapping {
   bytes: Uint8Array;
   #ptr: NativePointer;
   #closed = false;
+  readonly #ownsFd: boolean;
 
-  private constructor(fd: number, ptr: NativePointer, size: number) {
+  private constructor(fd: number, ptr: NativePointer, size: number, ownsFd = true) {
     this.fd = fd;
+    this.#ownsFd = ownsFd;
     this.#ptr = ptr;
     this.size = size;
     this.hostAddress = addressOf(ptr);
@@ -60,13 +62,26 @@ export class MemfdMapping {
     return new MemfdMapping(fd, ptr, size);
   }
 
+  /**
+   * Maps `size` bytes of `fd` from `offset` `MAP_PRIVATE` (copy-on-write): writes land in
+   * private anonymous pages and never reach the file, so many mappings of one frozen image
+   * (a snapshot) share its untouched pages. Does *not* take ownership of `fd` (the image
+   * outlives its forks); the result's `fd` is -1, since its contents are not the file's.
+   * @param offset - page-aligned offset into the file.
+   */
+  static mapPrivate(fd: number, offset: number, size: number): MemfdMapping {
+    const ptr = libc().mmap(null, size, C.PROT_READ | C.PROT_WRITE, C.MAP_PRIVATE | C.MAP_NORESERVE, fd, offset);
+    if (ptr === null || addressOf(ptr) === 0xffffffffffffffffn) throw new KvmError('mmap(MAP_PRIVATE)', errno());
+    return new MemfdMapping(-1, ptr, size, false);
+  }
+
   /** Unmaps and closes the memfd. Idempotent. */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
     this.bytes = new Uint8Array(0);
     libc().munmap(this.#ptr, this.size);
-    closeFd(this.fd);
+    if (this.#ownsFd) closeFd(this.fd);
     this.fd = -1;
   }
 }

@@ -4,7 +4,7 @@
  */
 import { existsSync } from 'node:fs';
 import { C, errno, libc } from './raw/libc.js';
-import { KVM_CAP, KVM_CONST } from './raw/ioctls.js';
+import { KVM, KVM_CAP, KVM_CONST } from './raw/ioctls.js';
 import * as S from './raw/structs.js';
 import { decodeCpuid, dv } from './raw/codec.js';
 import { KvmError, KvmUnavailableError, errnoName } from './errors.js';
@@ -78,6 +78,22 @@ export class KvmSystem {
     dv(buf).setUint32(0, max, true);
     ioctlPtr(this.fd, 'KVM_GET_SUPPORTED_CPUID', buf);
     return decodeCpuid(buf);
+  }
+
+  /**
+   * `KVM_GET_MSR_INDEX_LIST`: the MSRs KVM saves and restores for a vCPU (what a snapshot
+   * must carry). Asked twice: first for the count (E2BIG), then for the list.
+   */
+  msrIndexList(): number[] {
+    const probe = new Uint8Array(4);
+    libc().ioctlPtr(this.fd, KVM.KVM_GET_MSR_INDEX_LIST, probe);
+    const n = dv(probe).getUint32(0, true);
+    const b = new Uint8Array(4 + n * 4);
+    dv(b).setUint32(0, n, true);
+    ioctlPtr(this.fd, 'KVM_GET_MSR_INDEX_LIST', b);
+    const v = dv(b);
+    const got = v.getUint32(0, true);
+    return Array.from({ length: Math.min(got, n) }, (_, i) => v.getUint32(4 + i * 4, true));
   }
 
   /** `KVM_CREATE_VM` (type 0). */

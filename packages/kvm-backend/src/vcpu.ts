@@ -17,6 +17,9 @@ import type { CoalescedEntry, CpuidEntry, MsrEntry, Regs, Sregs } from './types.
 const PAGE = 4096;
 const O = S.KVM_RUN_OFFSETS;
 
+/** Which raw vCPU state blob {@link KvmVcpu.getBlob} reads (each is one `KVM_GET_*` ioctl). */
+export type KvmStateBlob = 'fpu' | 'lapic' | 'events' | 'debugregs' | 'xsave' | 'xcrs';
+
 /** An open vCPU. */
 export class KvmVcpu {
   /** vCPU fd, or -1 after close. */
@@ -242,8 +245,8 @@ export class KvmVcpu {
     ioctlPtr(this.fd, 'KVM_ENABLE_CAP', b);
   }
 
-  /** Raw state blobs for snapshots: `KVM_GET_{FPU,LAPIC,VCPU_EVENTS,DEBUGREGS,XSAVE}`. */
-  getBlob(kind: 'fpu' | 'lapic' | 'events' | 'debugregs' | 'xsave'): Uint8Array {
+  /** Raw state blobs for snapshots: `KVM_GET_{FPU,LAPIC,VCPU_EVENTS,DEBUGREGS,XSAVE,XCRS}`. */
+  getBlob(kind: KvmStateBlob): Uint8Array {
     const [name, type] = BLOBS[kind];
     const b = new Uint8Array(S.sizeOf(type));
     ioctlPtr(this.fd, `KVM_GET_${name}`, b);
@@ -251,7 +254,7 @@ export class KvmVcpu {
   }
 
   /** Writes a blob produced by {@link getBlob}. */
-  setBlob(kind: 'fpu' | 'lapic' | 'events' | 'debugregs' | 'xsave', data: Uint8Array): void {
+  setBlob(kind: KvmStateBlob, data: Uint8Array): void {
     const [name, type] = BLOBS[kind];
     if (data.length !== S.sizeOf(type)) throw new KvmError(`KVM_SET_${name}`, 22, `blob must be ${S.sizeOf(type)} bytes`);
     ioctlPtr(this.fd, `KVM_SET_${name}`, data);
@@ -302,4 +305,5 @@ const BLOBS = {
   events: ['VCPU_EVENTS', S.kvm_vcpu_events],
   debugregs: ['DEBUGREGS', S.kvm_debugregs],
   xsave: ['XSAVE', S.kvm_xsave],
+  xcrs: ['XCRS', S.kvm_xcrs],
 } as const;

@@ -7,6 +7,12 @@ import { dv } from './raw/codec.js';
 import { KVM_CONST } from './raw/ioctls.js';
 import { closeFd, ioctlInt, ioctlPtr } from './fd.js';
 import { KvmVcpu } from './vcpu.js';
+import { KvmError } from './errors.js';
+
+/** A raw state blob must be exactly its struct's size: KVM would read past a short one. */
+function checkSize(ioctl: string, data: Uint8Array, size: number): void {
+  if (data.length !== size) throw new KvmError(ioctl, 22, `blob must be ${size} bytes, got ${data.length}`);
+}
 
 /** Flags of a memslot. */
 export interface MemslotFlags {
@@ -56,17 +62,6 @@ export class KvmVm {
   /** `KVM_CREATE_IRQCHIP` (PIC + IOAPIC + per-vCPU LAPIC in the kernel). */
   createIrqchip(): void {
     ioctlInt(this.fd, 'KVM_CREATE_IRQCHIP');
-  }
-
-  /**
-   * `KVM_GET_IRQCHIP` for chip `chipId` (0 = master PIC, 1 = slave PIC, 2 = IOAPIC).
-   * @returns a copy of the 512-byte `chip` union.
-   */
-  getIrqchip(chipId: 0 | 1 | 2): Uint8Array {
-    const b = new Uint8Array(S.sizeOf(S.kvm_irqchip));
-    dv(b).setUint32(0, chipId, true);
-    ioctlPtr(this.fd, 'KVM_GET_IRQCHIP', b);
-    return b.slice(8);
   }
 
   /** `KVM_CREATE_PIT2`. */
@@ -173,9 +168,40 @@ export class KvmVm {
     return b;
   }
 
-  /** `KVM_SET_CLOCK`. */
+  /** `KVM_SET_CLOCK` with bytes from {@link getClock}. */
   setClock(data: Uint8Array): void {
+    checkSize('KVM_SET_CLOCK', data, S.sizeOf(S.kvm_clock_data));
     ioctlPtr(this.fd, 'KVM_SET_CLOCK', data);
+  }
+
+  /**
+   * `KVM_GET_IRQCHIP` for one chip (`KVM_CONST.IRQCHIP_*`): the whole `struct kvm_irqchip`
+   * as raw bytes (for snapshots; the caller never needs to look inside).
+   */
+  getIrqchip(chipId: number): Uint8Array {
+    const b = new Uint8Array(S.sizeOf(S.kvm_irqchip));
+    dv(b).setUint32(0, chipId, true);
+    ioctlPtr(this.fd, 'KVM_GET_IRQCHIP', b);
+    return b;
+  }
+
+  /** `KVM_SET_IRQCHIP` with bytes from {@link getIrqchip} (the chip id is inside them). */
+  setIrqchip(data: Uint8Array): void {
+    checkSize('KVM_SET_IRQCHIP', data, S.sizeOf(S.kvm_irqchip));
+    ioctlPtr(this.fd, 'KVM_SET_IRQCHIP', data);
+  }
+
+  /** `KVM_GET_PIT2`: the in-kernel PIT's `struct kvm_pit_state2` as raw bytes. */
+  getPit2(): Uint8Array {
+    const b = new Uint8Array(S.sizeOf(S.kvm_pit_state2));
+    ioctlPtr(this.fd, 'KVM_GET_PIT2', b);
+    return b;
+  }
+
+  /** `KVM_SET_PIT2` with bytes from {@link getPit2}. */
+  setPit2(data: Uint8Array): void {
+    checkSize('KVM_SET_PIT2', data, S.sizeOf(S.kvm_pit_state2));
+    ioctlPtr(this.fd, 'KVM_SET_PIT2', data);
   }
 
   /** `KVM_CREATE_VCPU` and mmap of its `kvm_run`. */

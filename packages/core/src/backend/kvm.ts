@@ -46,6 +46,7 @@ export class KvmBackend implements Backend {
   /** What the I/O-exit RIP probe found when this backend opened (`capabilities.ioExitRip`). */
   readonly ioRipProbe: IoRipProbeResult;
   #cpuid: CpuidEntry[] | undefined;
+  #msrs: readonly number[] | undefined;
 
   /** Opens `/dev/kvm` (throws `KvmUnavailableError` with a reason). */
   constructor(path = '/dev/kvm') {
@@ -81,6 +82,12 @@ export class KvmBackend implements Backend {
     return this.#cpuid;
   }
 
+  /** The MSRs KVM saves and restores (`KVM_GET_MSR_INDEX_LIST`), asked once. */
+  msrIndexList(): readonly number[] {
+    this.#msrs ??= Object.freeze(this.system.msrIndexList());
+    return this.#msrs;
+  }
+
   /** Creates a VM. */
   createVm(options: BackendVmOptions): BackendVm {
     const vm = retryInterrupted(() => this.system.createVm());
@@ -98,7 +105,7 @@ export class KvmBackend implements Backend {
       vm.close();
       throw e;
     }
-    return new KvmBackendVm(vm, this);
+    return new KvmBackendVm(vm, this, options.irqchip);
   }
 
   /** Closes `/dev/kvm`. */
@@ -113,13 +120,46 @@ class KvmBackendVm implements BackendVm {
   readonly #dirtyBufs = new Map<number, MemfdMapping>();
   #msrFilterEnabled = false;
 
-  constructor(vm: KvmVm, backend: KvmBackend) {
+  readonly #irqchip: boolean;
+
+  constructor(vm: KvmVm, backend: KvmBackend, irqchip: boolean) {
     this.#vm = vm;
     this.#backend = backend;
+    this.#irqchip = irqchip;
   }
 
   allocateMemory(size: number, name: string): HostMemory {
     return MemfdMapping.create(size, name);
+  }
+
+  allocateMemoryFrom(source: HostMemory, offset: number, size: number): HostMemory {
+    if (source.fd < 0) throw new KvmError('mmap(MAP_PRIVATE)', 9, 'the source memory has no file to map');
+    return MemfdMapping.mapPrivate(source.fd, offset, size);
+  }
+
+  getState(): Record<string, Uint8Array> {
+    const vm = this.#vm;
+    const out: Record<string, Uint8Array> = {};
+    if (this.#irqchip) {
+      out['pic-master'] = vm.getIrqchip(KVM_CONST.IRQCHIP_PIC_MASTER);
+      out['pic-slave'] = vm.getIrqchip(KVM_CONST.IRQCHIP_PIC_SLAVE);
+      out['ioapic'] = vm.getIrqchip(KVM_CONST.IRQCHIP_IOAPIC);
+      out['pit2'] = vm.getPit2();
+    }
+    out['clock'] = vm.getClock();
+    return out;
+  }
+
+  setState(state: Readonly<Record<string, Uint8Array>>): void {
+    for (const [k, b] of Object.entries(state)) {
+      switch (k) {
+        case 'pic-master': case 'pic-slave': case 'ioapic': this.#vm.setIrqchip(b); break;
+        case 'pit2': this.#vm.setPit2(b); break;
+        // KVM_SET_CLOCK takes only `clock` (and flags); the realtime/host_tsc fields are outputs.
+        case 'clock': { const c = b.slice(); new DataView(c.buffer).setUint32(8, 0, true); this.#vm.setClock(c); break; }
+        default: throw new KvmError('KVM_SET_*', 22, `unknown VM state blob '${k}'`);
+      }
+    }
   }
 
   mapMemory(slot: number, start: bigint, host: HostMemory, size: number, flags: { readonly: boolean; logDirty: boolean }): void {
@@ -181,7 +221,7 @@ class KvmBackendVm implements BackendVm {
       const cpuid = this.#backend.supportedCpuid();
       vcpu.setCpuid(cpuid);
       vcpu.setSignalMask(runSignalMask());
-      return new KvmBackendVcpu(vcpu, cpuid, this.#vm);
+      return new KvmBackendVcpu(vcpu, cpuid, this.#vm, this.#backend);
     } catch (e) {
       vcpu.close();
       throw e;
@@ -195,6 +235,8 @@ class KvmBackendVm implements BackendVm {
   }
 }
 
+const VCPU_BLOBS = new Set(['fpu', 'xsave', 'xcrs', 'lapic', 'events', 'debugregs', 'mp-state']);
+
 /** Stands for "no exit waiting for an answer". */
 const NO_EXIT: VcpuExit = Object.freeze({ kind: 'intr' });
 
@@ -206,9 +248,12 @@ class KvmBackendVcpu implements BackendVcpu {
   #last: VcpuExit = NO_EXIT;
   readonly #vm: KvmVm;
 
-  constructor(v: KvmVcpu, cpuid: CpuidEntry[], vm: KvmVm) {
+  readonly #backend: KvmBackend;
+
+  constructor(v: KvmVcpu, cpuid: CpuidEntry[], vm: KvmVm, backend: KvmBackend) {
     this.#v = v;
     this.#vm = vm;
+    this.#backend = backend;
     this.id = v.id;
     this.#cpuid = cpuid;
   }
@@ -277,8 +322,8 @@ class KvmBackendVcpu implements BackendVcpu {
       }
     } catch { /* no in-kernel LAPIC: nothing routes NMIs */ }
     try {
-      const io = this.#vm.getIrqchip(2);
-      const v = new DataView(io.buffer, io.byteOffset + IOAPIC_REDIRTBL_OFFSET);
+      const io = this.#vm.getIrqchip(KVM_CONST.IRQCHIP_IOAPIC); // the whole struct kvm_irqchip: the chip union is at 8
+      const v = new DataView(io.buffer, io.byteOffset + 8 + IOAPIC_REDIRTBL_OFFSET);
       for (let pin = 0; pin < 24; pin++) if (nmiMode(v.getUint32(pin * 8, true))) return `IOAPIC pin ${pin}`;
     } catch { /* no in-kernel IOAPIC */ }
     return undefined;
@@ -286,18 +331,41 @@ class KvmBackendVcpu implements BackendVcpu {
   setGuestDebug(control: number, debugreg: readonly bigint[] = []) { this.#v.setGuestDebug(control, debugreg); }
   drainCoalesced() { return this.#v.drainCoalesced(); }
 
+  completePendingExit(): void {
+    if (this.#last === NO_EXIT) return;
+    this.#last = NO_EXIT;
+    this.#v.completePendingExit();
+  }
+
+  msrIndexList(): readonly number[] { return this.#backend.msrIndexList(); }
+
   getState(): Record<string, Uint8Array> {
     const out: Record<string, Uint8Array> = {};
-    for (const k of ['fpu', 'lapic', 'events', 'debugregs', 'xsave'] as const) {
+    for (const k of ['fpu', 'xsave', 'xcrs', 'lapic', 'events', 'debugregs'] as const) {
       try { out[k] = this.#v.getBlob(k); } catch { /* lapic without irqchip, xsave on old hosts */ }
     }
+    const mp = new Uint8Array(4);
+    new DataView(mp.buffer).setUint32(0, this.#v.getMpState(), true);
+    out['mp-state'] = mp;
     return out;
   }
 
   setState(state: Record<string, Uint8Array>): void {
-    for (const k of ['fpu', 'xsave', 'lapic', 'events', 'debugregs'] as const) {
+    // Firecracker's order: XCRs before XSAVE (XCR0 decides which XSAVE components load), the
+    // LAPIC before events and MP state (a pending interrupt refers to it).
+    for (const k of ['fpu', 'xcrs', 'xsave', 'debugregs', 'lapic', 'mp-state', 'events'] as const) {
       const b = state[k];
-      if (b) this.#v.setBlob(k, b);
+      if (!b) continue;
+      // XSAVE's legacy region is the FPU/SSE state: with XSAVE, KVM_SET_FPU would be a second
+      // write of the same registers (one ioctl less per restore and reset, as QEMU does).
+      if (k === 'fpu' && state['xsave']) continue;
+      if (k === 'mp-state') {
+        if (b.length !== 4) throw new KvmError('KVM_SET_MP_STATE', 22, 'blob must be 4 bytes');
+        this.#v.setMpState(new DataView(b.buffer, b.byteOffset, 4).getUint32(0, true));
+      } else this.#v.setBlob(k, b);
+    }
+    for (const k of Object.keys(state)) {
+      if (!VCPU_BLOBS.has(k)) throw new KvmError('KVM_SET_*', 22, `unknown vCPU state blob '${k}'`);
     }
   }
 

@@ -4,6 +4,7 @@
  * `ArrayBuffer`s; registers are stored; completions are recorded for assertions.
  * @module
  */
+import { readSync } from 'node:fs';
 import type { Backend, BackendVcpu, BackendVm, CoalescedEntry, CpuidEntry, HostCapabilities, MsrEntry, NmiWakeState, Regs, Sregs } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
@@ -86,8 +87,16 @@ export class MockVcpu implements BackendVcpu {
   readonly debug: Array<{ control: number; debugreg: readonly bigint[] }> = [];
   setGuestDebug(control: number, debugreg: readonly bigint[] = []): void { this.debug.push({ control, debugreg: debugreg.slice() }); }
   drainCoalesced(): CoalescedEntry[] { const c = this.coalesced; this.coalesced = []; return c; }
-  getState(): Record<string, Uint8Array> { return {}; }
-  setState(): void { /* no opaque state */ }
+  /** `completePendingExit()` calls. */
+  pendingCompletions = 0;
+  completePendingExit(): void { this.pendingCompletions++; }
+  /** What {@link msrIndexList} returns (MSRs a snapshot saves). */
+  msrIndices: number[] = [0x10, 0xc0000080];
+  msrIndexList(): readonly number[] { return this.msrIndices; }
+  /** Opaque state blobs (tests may put any here; snapshots carry them through). */
+  state: Record<string, Uint8Array> = {};
+  getState(): Record<string, Uint8Array> { return Object.fromEntries(Object.entries(this.state).map(([k, v]) => [k, v.slice()])); }
+  setState(state: Record<string, Uint8Array>): void { this.state = Object.fromEntries(Object.entries(state).map(([k, v]) => [k, v.slice()])); }
   close(): void { this.steps.length = 0; }
 }
 
@@ -116,6 +125,17 @@ export class MockVm implements BackendVm {
     const mem = { bytes: new Uint8Array(size), hostAddress: 0n, fd: -1, close: () => { if (open) { open = false; this.openMemory--; } } };
     return mem;
   }
+  allocateMemoryFrom(source: HostMemory, offset: number, size: number): HostMemory {
+    const m = this.allocateMemory(size);
+    // A file (a loaded snapshot) has no bytes in the mock: read it, as a private mapping would.
+    if (source.bytes.length >= offset + size || source.fd < 0) m.bytes.set(source.bytes.subarray(offset, offset + size));
+    else readSync(source.fd, m.bytes, 0, size, offset);
+    return m;
+  }
+  /** VM-wide state blobs (irqchip, PIT, clock on KVM). */
+  state: Record<string, Uint8Array> = {};
+  getState(): Record<string, Uint8Array> { return Object.fromEntries(Object.entries(this.state).map(([k, v]) => [k, v.slice()])); }
+  setState(state: Readonly<Record<string, Uint8Array>>): void { this.state = Object.fromEntries(Object.entries(state).map(([k, v]) => [k, v.slice()])); }
   mapMemory(slot: number, start: bigint, _host: HostMemory, size: number, flags: { readonly: boolean }): void { this.slots.set(slot, { start, size, readonly: flags.readonly }); }
   unmapMemory(slot: number): void { this.slots.delete(slot); }
   dirtyLog(_slot: number, size: number): Uint8Array { return new Uint8Array(Math.ceil(size / 4096 / 64) * 8); }

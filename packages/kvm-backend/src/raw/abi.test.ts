@@ -43,6 +43,11 @@ const structs: Array<[string, Parameters<typeof S.sizeOf>[0], string[]]> = [
   ['kvm_lapic_state', S.kvm_lapic_state, ['regs']],
   ['kvm_xsave', S.kvm_xsave, ['region']],
   ['kvm_clock_data', S.kvm_clock_data, ['clock', 'flags', 'realtime', 'host_tsc']],
+  ['kvm_irqchip', S.kvm_irqchip, ['chip_id', 'chip']],
+  ['kvm_pit_channel_state', S.kvm_pit_channel_state, ['count', 'latched_count', 'status', 'gate', 'count_load_time']],
+  ['kvm_pit_state2', S.kvm_pit_state2, ['channels', 'flags', 'reserved']],
+  ['kvm_xcrs', S.kvm_xcrs, ['nr_xcrs', 'flags', 'xcrs', 'padding']],
+  ['kvm_msr_list', S.kvm_msr_list, ['nmsrs']],
   ['kvm_translation', S.kvm_translation, ['linear_address', 'physical_address', 'valid', 'writeable', 'usermode']],
 ];
 

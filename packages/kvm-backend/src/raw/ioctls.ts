@@ -37,12 +37,16 @@ export const KVM = {
   KVM_SET_TSS_ADDR: io(0x47),
   KVM_SET_IDENTITY_MAP_ADDR: iow(0x48, 8),
   KVM_CREATE_IRQCHIP: io(0x60),
-  KVM_GET_IRQCHIP: iowr(0x62, sz(S.kvm_irqchip)),
   KVM_IRQ_LINE: iow(0x61, sz(S.kvm_irq_level)),
+  KVM_GET_IRQCHIP: iowr(0x62, sz(S.kvm_irqchip)),
+  // Declared `_IOR` in <linux/kvm.h> although it writes to the kernel: kept as the header has it.
+  KVM_SET_IRQCHIP: ior(0x63, sz(S.kvm_irqchip)),
   KVM_REGISTER_COALESCED_MMIO: iow(0x67, sz(S.kvm_coalesced_mmio_zone)),
   KVM_UNREGISTER_COALESCED_MMIO: iow(0x68, sz(S.kvm_coalesced_mmio_zone)),
   KVM_IRQFD: iow(0x76, sz(S.kvm_irqfd)),
   KVM_CREATE_PIT2: iow(0x77, sz(S.kvm_pit_config)),
+  KVM_GET_PIT2: ior(0x9f, sz(S.kvm_pit_state2)),
+  KVM_SET_PIT2: iow(0xa0, sz(S.kvm_pit_state2)),
   KVM_IOEVENTFD: iow(0x79, sz(S.kvm_ioeventfd)),
   KVM_SET_CLOCK: iow(0x7b, sz(S.kvm_clock_data)),
   KVM_GET_CLOCK: ior(0x7c, sz(S.kvm_clock_data)),
@@ -73,6 +77,8 @@ export const KVM = {
   KVM_SET_DEBUGREGS: iow(0xa2, sz(S.kvm_debugregs)),
   KVM_GET_XSAVE: ior(0xa4, sz(S.kvm_xsave)),
   KVM_SET_XSAVE: iow(0xa5, sz(S.kvm_xsave)),
+  KVM_GET_XCRS: ior(0xa6, sz(S.kvm_xcrs)),
+  KVM_SET_XCRS: iow(0xa7, sz(S.kvm_xcrs)),
 } as const;
 
 /** Name of an ioctl request. */
@@ -132,6 +138,10 @@ export const KVM_CONST = {
   MP_STATE_UNINITIALIZED: 1,
   MP_STATE_INIT_RECEIVED: 2,
   MP_STATE_HALTED: 3,
+  /** `kvm_irqchip.chip_id`: master PIC, slave PIC, IOAPIC. */
+  IRQCHIP_PIC_MASTER: 0,
+  IRQCHIP_PIC_SLAVE: 1,
+  IRQCHIP_IOAPIC: 2,
   MSR_EXIT_REASON_INVAL: 1,
   MSR_EXIT_REASON_UNKNOWN: 2,
   MSR_EXIT_REASON_FILTER: 4,

@@ -105,7 +105,7 @@ export const kvm_irq_level = struct('kvm_irq_level', { irq: u32, level: u32 });
 export const kvm_pit_config = struct('kvm_pit_config', { flags: u32, pad: array(u32, 15) });
 /** `struct kvm_irqchip`: `chip` is the PIC or IOAPIC state union (opaque bytes; see {@link IOAPIC_REDIRTBL_OFFSET}). */
 export const kvm_irqchip = struct('kvm_irqchip', { chip_id: u32, pad: u32, chip: array(u8, 512) });
-/** Offset of `redirtbl[0]` inside `kvm_irqchip.chip` for the IOAPIC (`struct kvm_ioapic_state`: base u64, ioregsel, id, irr, pad u32). */
+/** Offset of `redirtbl[0]` inside `kvm_irqchip.chip` for the IOAPIC (`struct kvm_ioapic_state`: base u64, ioregsel, id, irr, pad u32); the chip union itself starts at byte 8 of `struct kvm_irqchip`. */
 export const IOAPIC_REDIRTBL_OFFSET = 24;
 /** `struct kvm_coalesced_mmio_zone` (`pad` is `pio` since Linux 5.0). */
 export const kvm_coalesced_mmio_zone = struct('kvm_coalesced_mmio_zone', { addr: u64, size: u32, pio: u32 });
@@ -159,6 +159,17 @@ export const kvm_xsave = struct('kvm_xsave', { region: array(u32, 1024) });
 export const kvm_clock_data = struct('kvm_clock_data', {
   clock: u64, flags: u32, pad0: u32, realtime: u64, host_tsc: u64, pad: array(u32, 4),
 });
+/** `struct kvm_pit_channel_state`. */
+export const kvm_pit_channel_state = struct('kvm_pit_channel_state', {
+  count: u32, latched_count: u16, count_latched: u8, status_latched: u8, status: u8, read_state: u8,
+  write_state: u8, write_latch: u8, rw_mode: u8, mode: u8, bcd: u8, gate: u8, count_load_time: u64,
+});
+/** `struct kvm_pit_state2`. */
+export const kvm_pit_state2 = struct('kvm_pit_state2', { channels: array(kvm_pit_channel_state, 3), flags: u32, reserved: array(u32, 9) });
+/** `struct kvm_xcrs` (16 `{xcr, reserved, value}` entries). */
+export const kvm_xcrs = struct('kvm_xcrs', { nr_xcrs: u32, flags: u32, xcrs: array(struct('kvm_xcr', { xcr: u32, reserved: u32, value: u64 }), 16), padding: array(u64, 16) });
+/** `struct kvm_msr_list` header (`nmsrs`, then that many `u32` indices). */
+export const kvm_msr_list = struct('kvm_msr_list', { nmsrs: u32 });
 /** `struct kvm_translation`. */
 export const kvm_translation = struct('kvm_translation', {
   linear_address: u64, physical_address: u64, valid: u8, writeable: u8, usermode: u8, pad: array(u8, 5),

@@ -1,0 +1,53 @@
+/**
+ * Applying a manifest's CPU-side state — VM blobs (irqchip, PIT, clock) and every vCPU's
+ * registers, MSRs and blobs — to backend objects. Shared by restore, reset and the VM pool
+ * (which applies it ahead of time, off the fork's path). Each failure is a
+ * {@link SnapshotFormatError} naming the manifest field, the backend's error as `cause`.
+ * @module
+ */
+import type { BackendVcpu, BackendVm, VirtFlavour } from '../backend.js';
+import { SnapshotFormatError } from '../errors.js';
+import type { SnapshotManifest } from './manifest.js';
+
+/** Runs `f`, turning any failure into a `SnapshotFormatError` naming `field`. */
+export function step(field: string, f: () => void): void {
+  try {
+    f();
+  } catch (e) {
+    if (e instanceof SnapshotFormatError) throw new SnapshotFormatError(`snapshot: ${field}: ${e.message}`, { cause: e });
+    throw new SnapshotFormatError(`snapshot: ${field}: the backend refused it: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+  }
+}
+
+/**
+ * Writes MSRs; ones this host refuses (KVM lists some it will not take back, e.g. PVM refuses
+ * `MSR_KVM_POLL_CONTROL` when the guest's CPUID lacks the feature) are found once, remembered
+ * per snapshot in `rejected` and skipped after.
+ */
+function setMsrs(b: BackendVcpu, msrs: readonly { index: number; data: bigint }[], rejected: Set<number>): void {
+  const list = rejected.size === 0 ? msrs : msrs.filter((e) => !rejected.has(e.index));
+  try {
+    b.setMsrs(list);
+  } catch {
+    for (const e of list) {
+      try { b.setMsrs([e]); } catch { rejected.add(e.index); }
+    }
+  }
+}
+
+/** Applies VM blobs and vCPU state (`vcpus[i]` gets `manifest.vcpus[i]`). */
+export function applyCpuState(vm: BackendVm, vcpus: readonly BackendVcpu[], manifest: SnapshotManifest, flavour: VirtFlavour, rejected: Set<number>): void {
+  step('vm', () => vm.setState(manifest.vm));
+  manifest.vcpus.forEach((s, i) => {
+    const b = vcpus[i];
+    const at = `vcpus[${i}]`;
+    if (!b) throw new SnapshotFormatError(`snapshot: ${at}: the machine has no such vCPU`);
+    step(`${at}.regs`, () => b.setRegs(s.regs));
+    const sregs = flavour === 'svm' && s.sregs.tr.type === 11
+      // SVM reports TR busy whatever was set: put back the available type the loader set there.
+      ? { ...s.sregs, tr: { ...s.sregs.tr, type: 9 } } : s.sregs;
+    step(`${at}.sregs`, () => b.setSregs(sregs));
+    step(`${at}.msrs`, () => setMsrs(b, s.msrs, rejected));
+    step(`${at}.blobs`, () => b.setState({ ...s.blobs }));
+  });
+}

@@ -1,0 +1,270 @@
+import { createHash } from 'node:crypto';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Machine } from '../machine.js';
+import { asm } from '../asm.js';
+import { kvmAvailability } from '../testing/kvm-gate.js';
+import type { Device } from '../device.js';
+import { Snapshot } from './snapshot.js';
+import { SnapshotFormatError } from '../errors.js';
+import { DeviceMemory } from '../dma.js';
+import { kvmBackend } from '../backend/kvm.js';
+
+const kvm = kvmAvailability();
+const MiB = 1024 * 1024;
+const PAUSE = 0x501;
+
+/** Console sink with state (bytes seen), so device state travels by name. */
+function sink(): Device & { text: () => string } {
+  let bytes: number[] = [];
+  return {
+    name: 'console',
+    write: (_o, v) => { bytes.push(v); },
+    snapshot: () => ({ bytes: bytes.slice() }),
+    restore: (s) => { bytes = ((s as { bytes: number[] }).bytes).slice(); },
+    text: () => String.fromCharCode(...bytes),
+  };
+}
+const exitDev: Device = { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) };
+const pauseDev: Device = { name: 'pause', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: 0x100 + v }) };
+
+// Ring 3, long mode: 64 rounds of compute + a store into RAM + a console byte; pauses (an
+// exit the host turns into a stop) every 16 rounds, ends with a debug-exit.
+const program = `
+  xor ecx, ecx
+  mov r12, 0x1234567
+round:
+  mov rax, 6364136223846793005
+  imul r12, rax
+  add r12, rcx
+  mov rax, rcx
+  shl rax, 12
+  mov [rax + 0x100000], r12
+  mov eax, ecx
+  and eax, 31
+  add eax, 0x41
+  mov dx, 0x3f8
+  out dx, al
+  inc ecx
+  test ecx, 15
+  jnz next
+  mov dx, ${PAUSE}
+  out dx, al
+next:
+  cmp ecx, 64
+  jne round
+  mov dx, 0xf4
+  mov al, 7
+  out dx, al`;
+
+async function build(): Promise<{ vm: Machine; out: ReturnType<typeof sink> }> {
+  const vm = await Machine.create({ memory: 2 * MiB, name: 'A' });
+  const out = sink();
+  vm.attach({ port: 0x3f8, size: 1 }, out);
+  vm.attach({ port: 0xf4, size: 1 }, exitDev);
+  vm.attach({ port: PAUSE, size: 1 }, pauseDev);
+  vm.loadFlat(await asm(program, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+  return { vm, out };
+}
+
+async function runToEnd(vm: Machine): Promise<void> {
+  for (;;) {
+    const s = await vm.run({ timeout: 10_000 });
+    if (s.reason === 'debug-exit' && s.code === 7) return;
+    expect(s.reason).toBe('debug-exit');
+  }
+}
+
+const hash = (vm: Machine) => createHash('sha256').update(vm.memory.read(0, vm.memory.totalSize)).digest('hex');
+const devices = () => { const out = sink(); return { out, mappings: [
+  { range: { port: 0x3f8, size: 1 }, device: out },
+  { range: { port: 0xf4, size: 1 }, device: exitDev },
+  { range: { port: PAUSE, size: 1 }, device: pauseDev },
+] }; };
+
+describe.skipIf(!kvm.available)(`snapshot / restore / fork / reset on KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  let reference: { text: string; regs: unknown; hash: string };
+  let dir: string;
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'tsvm-snap-'));
+    const { vm, out } = await build();
+    await runToEnd(vm);
+    reference = { text: out.text(), regs: vm.vcpu(0).getRegs(), hash: hash(vm) };
+    await vm.close();
+    expect(reference.text).toHaveLength(64);
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('a machine restored from a mid-run snapshot finishes with the same output, registers and memory', async () => {
+    const { vm: a, out } = await build();
+    // Paused after 16 rounds: the last byte out was 'A' + 15.
+    expect(await a.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 0x100 + 0x41 + 15 });
+    using snap = await a.snapshot();
+    expect(snap.storedBytes).toBeLessThan(snap.memorySize / 4); // sparse: zero pages not stored
+    // The original goes on; nothing it writes may reach the snapshot.
+    await runToEnd(a);
+    expect(hash(a)).toBe(reference.hash);
+    await a.close();
+    const d = devices();
+    await using b = await Machine.restore(snap, { devices: d.mappings });
+    expect(d.out.text()).toBe(reference.text.slice(0, 16));
+    await runToEnd(b);
+    expect(d.out.text()).toBe(reference.text);
+    expect(b.vcpu(0).getRegs()).toEqual(reference.regs);
+    expect(hash(b)).toBe(reference.hash);
+  });
+
+  it('a snapshot saved to a file loads and restores the same way; a truncated file is a SnapshotFormatError', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 });
+    const path = join(dir, 'mid.tsvm');
+    (await a.snapshot(path)).close();
+    await a.close();
+    // Sparse on disk: blocks allocated are far fewer than the file's length.
+    expect(statSync(path).blocks * 512).toBeLessThan(statSync(path).size / 4);
+    const fileHash = () => createHash('sha256').update(readFileSync(path)).digest('hex');
+    const before = fileHash();
+    using snap = Snapshot.load(path, kvmBackend());
+    const d = devices();
+    await using b = await Machine.restore(snap, { devices: d.mappings });
+    await runToEnd(b);
+    expect(hash(b)).toBe(reference.hash);
+    // The machine ran on a copy-on-write mapping of the file: the file is untouched.
+    expect(fileHash()).toBe(before);
+    const cut = join(dir, 'cut.tsvm');
+    copyFileSync(path, cut);
+    truncateSync(cut, statSync(cut).size - 4096);
+    expect(() => Snapshot.load(cut, kvmBackend())).toThrow(/imageSize.*truncated/);
+  });
+
+  it('restore is refused without the devices the snapshot has state for, and nothing is left open', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 });
+    using snap = await a.snapshot();
+    await a.close();
+    await expect(Machine.restore(snap)).rejects.toThrow(SnapshotFormatError);
+    await expect(Machine.restore(snap)).rejects.toThrow(/devices\.console/);
+  });
+
+  it('forks share the snapshot copy-on-write: a child’s writes reach neither siblings nor the snapshot', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 });
+    using snap = await a.snapshot();
+    await a.close();
+    const kids = await Promise.all([0, 1, 2, 3].map(async () => Machine.fork(snap, { devices: devices().mappings })));
+    try {
+      const at = 0x180000;
+      const before = kids[1]!.memory.read(0x100000, 8);
+      kids[0]!.memory.write(0x100000, Uint8Array.of(1, 2, 3, 4, 5, 6, 7, 8));
+      kids[0]!.memory.write(at, Uint8Array.of(0xee));
+      expect(kids[1]!.memory.read(0x100000, 8)).toEqual(before);
+      expect(kids[2]!.memory.readUint(at, 1)).toBe(0);
+      // A guest run in one child changes nothing in another.
+      await runToEnd(kids[2]!);
+      expect(hash(kids[2]!)).toBe(reference.hash);
+      expect(kids[3]!.memory.read(0x100000, 8)).toEqual(before);
+      // From a warm pool the fork is the same machine, minus KVM_CREATE_VM on its path.
+      snap.prewarm(2);
+      const e = await Machine.fork(snap, { devices: devices().mappings });
+      expect(e.memory.read(0x100000, 8)).toEqual(before);
+      await runToEnd(e);
+      expect(hash(e)).toBe(reference.hash);
+      expect(e.vcpu(0).getRegs()).toEqual(reference.regs);
+      await e.close();
+    } finally {
+      for (const k of kids) await k!.close();
+    }
+  });
+
+  it('reset re-copies exactly the dirtied pages and the machine replays identically', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 }); // paused after round 16
+    using snap = await a.snapshot();
+    await a.close();
+    const d = devices();
+    await using b = await Machine.fork(snap, { devices: d.mappings });
+    expect(b.reset().pagesCopied).toBe(0);
+    // One segment (16 rounds) stores into 16 distinct pages (page-per-round); the stack is unused.
+    expect(await b.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 0x100 + 0x41 + 31 });
+    const afterOne = hash(b);
+    const r = b.reset();
+    expect(r.pagesCopied).toBe(16);
+    expect(d.out.text()).toBe(reference.text.slice(0, 16));
+    for (let i = 0; i < 3; i++) {
+      await b.run({ timeout: 10_000 });
+      expect(hash(b)).toBe(afterOne);
+      expect(b.reset().pagesCopied).toBe(16);
+    }
+    await runToEnd(b);
+    expect(hash(b)).toBe(reference.hash);
+    expect(b.vcpu(0).getRegs()).toEqual(reference.regs);
+    expect(d.out.text()).toBe(reference.text);
+  });
+
+  it('with an in-kernel irqchip, PIC and PIT state travel too (the guest reads back what it programmed)', async () => {
+    // Mask the PIC (IMR = 0xa5), program PIT channel 2 and open its gate (port 0x61 bit 0),
+    // pause, then echo IMR and the gate bits. Not the counter or its output: KVM_SET_PIT2
+    // reloads a channel's count at the time of the call, so those are time-dependent on any
+    // restore (as a PC's PIT is), unlike the programmed state.
+    const code = `
+      mov al, 0xa5
+      out 0x21, al
+      mov al, 0xb0
+      out 0x43, al
+      mov al, 0x34
+      out 0x42, al
+      mov al, 0x12
+      out 0x42, al
+      mov al, 1
+      out 0x61, al
+      mov dx, ${PAUSE}
+      out dx, al
+      in al, 0x21
+      mov dx, 0x3f8
+      out dx, al
+      in al, 0x61
+      and al, 3
+      out dx, al
+      mov dx, 0xf4
+      mov al, 7
+      out dx, al`;
+    const a = await Machine.create({ memory: 2 * MiB, irqchip: true });
+    const d = devices();
+    a.attachDevice(d.mappings);
+    a.loadFlat(await asm(code, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    expect((await a.run({ timeout: 10_000 })).reason).toBe('debug-exit');
+    using snap = await a.snapshot();
+    expect(Object.keys(snap.manifest.vm).sort()).toEqual(['clock', 'ioapic', 'pic-master', 'pic-slave', 'pit2']);
+    // A disturbs its own PIC after the snapshot: B must not see it.
+    await runToEnd(a);
+    const expected = d.out.text();
+    expect([expected.charCodeAt(0), expected.charCodeAt(1)]).toEqual([0xa5, 1]);
+    await a.close();
+    const e = devices();
+    await using b = await Machine.restore(snap, { devices: e.mappings });
+    expect(b.irqchip).toBe(true);
+    await runToEnd(b);
+    expect(e.out.text()).toBe(expected);
+  });
+
+  it('reset also undoes device DMA; host writes need reset({ full: true })', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 });
+    using snap = await a.snapshot();
+    await a.close();
+    await using b = await Machine.fork(snap, { devices: devices().mappings });
+    const dma = new DeviceMemory(b.memory, 'blk');
+    dma.write(0x1e0000n, Uint8Array.of(1, 2, 3)); // one page, through the DMA gate
+    expect(b.reset().pagesCopied).toBe(1);
+    expect(b.memory.read(0x1e0000, 3)).toEqual(new Uint8Array(3));
+    b.memory.write(0x1e1000, Uint8Array.of(9)); // the host's own write: no log sees it
+    expect(b.reset().pagesCopied).toBe(0);
+    expect(b.memory.readUint(0x1e1000, 1)).toBe(9);
+    expect(b.reset({ full: true }).pagesCopied).toBe(1);
+    expect(b.memory.readUint(0x1e1000, 1)).toBe(0);
+    await runToEnd(b);
+    expect(hash(b)).toBe(reference.hash);
+  });
+});

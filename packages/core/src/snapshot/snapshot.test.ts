@@ -1,0 +1,247 @@
+import { createHash } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import { afterAll, describe, expect, it } from 'vitest';
+import { Machine } from '../machine.js';
+import { MockBackend, MockVcpu, type MockVm } from '../testing/mock.js';
+import { SnapshotFormatError, StateError } from '../errors.js';
+import type { Device } from '../device.js';
+import { Snapshot } from './snapshot.js';
+import { encodeManifest, parseManifest } from './manifest.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'tsvm-snap-unit-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function counter(name = 'ctr'): Device & { n: number } {
+  const d = {
+    name, n: 0,
+    write: () => { d.n++; },
+    snapshot: () => ({ version: 1, n: d.n }),
+    restore: (s: unknown) => {
+      const o = s as { version?: unknown; n?: unknown };
+      if (o?.version !== 1 || typeof o.n !== 'number') throw new SnapshotFormatError(`${name}: field 'n' must be a number`);
+      d.n = o.n;
+    },
+  };
+  return d;
+}
+
+async function source(backend = new MockBackend()): Promise<{ vm: Machine; dev: ReturnType<typeof counter> }> {
+  const vm = await Machine.create({ memory: [{ start: 0, size: 64 * 1024 }, { start: 0x100000, size: 16 * 4096, name: 'hi' }], backend });
+  const dev = counter();
+  vm.attach({ port: 0x80, size: 1 }, dev);
+  dev.n = 5;
+  vm.memory.write(0x2000, Uint8Array.of(1, 2, 3));
+  vm.memory.write(0x100000 + 3 * 4096, Uint8Array.of(9));
+  vm.vcpu(0).setRegs({ rax: 0x1122n, rip: 0x4000n });
+  const mv = backend.vms.at(-1) as MockVm;
+  mv.state = { clock: Uint8Array.of(7, 7) };
+  (mv.vcpus[0] as MockVcpu).state = { fpu: Uint8Array.of(1, 2, 3, 4) };
+  return { vm, dev };
+}
+
+/** Writes a snapshot file around arbitrary manifest bytes, with a valid checksum. */
+function writeRaw(path: string, json: Buffer, image: Uint8Array): void {
+  const header = Buffer.alloc(48);
+  header.write('TSVMSNP\0', 0, 'latin1');
+  header.writeUInt32LE(1, 8);
+  header.writeUInt32LE(json.length, 12);
+  createHash('sha256').update(json).digest().copy(header, 16);
+  const at = Math.ceil((48 + json.length) / 4096) * 4096;
+  const out = Buffer.alloc(at + image.length);
+  header.copy(out, 0);
+  json.copy(out, 48);
+  out.set(image, at);
+  writeFileSync(path, out);
+}
+
+describe('snapshot (mock backend)', () => {
+  it('round-trips registers, opaque blobs, VM state, devices by name and sparse memory', async () => {
+    const backend = new MockBackend();
+    const { vm } = await source(backend);
+    using snap = await vm.snapshot();
+    expect(snap.storedBytes).toBe(2 * 4096);
+    vm.memory.write(0x2000, Uint8Array.of(0xff)); // later writes never reach the snapshot
+    const dev = counter();
+    await using b = await Machine.restore(snap, { backend, devices: [{ range: { port: 0x80, size: 1 }, device: dev }] });
+    expect(b.memory.read(0x2000, 3)).toEqual(Uint8Array.of(1, 2, 3));
+    expect(b.memory.readUint(0x100000 + 3 * 4096, 1)).toBe(9);
+    expect(b.vcpu(0).getRegs()).toMatchObject({ rax: 0x1122n, rip: 0x4000n });
+    expect(dev.n).toBe(5);
+    const mv = backend.vms.at(-1) as MockVm;
+    expect(mv.state).toEqual({ clock: Uint8Array.of(7, 7) });
+    expect((mv.vcpus[0] as MockVcpu).state).toEqual({ fpu: Uint8Array.of(1, 2, 3, 4) });
+    await vm.close();
+  });
+
+  it('saves and loads a file; the manifest it writes is what it reads', async () => {
+    const backend = new MockBackend();
+    const { vm } = await source(backend);
+    using snap = await vm.snapshot(join(dir, 'a.tsvm'));
+    using again = Snapshot.load(join(dir, 'a.tsvm'), backend);
+    expect(encodeManifest(again.manifest)).toEqual(encodeManifest(snap.manifest));
+    await vm.close();
+  });
+
+  it.each([
+    ['another version', (m: Record<string, unknown>) => { m['version'] = 2; }, /version.*2/],
+    ['another format', (m: Record<string, unknown>) => { m['format'] = 'qemu'; }, /format/],
+    ['another tsvm version', (m: Record<string, unknown>) => { m['tsvm'] = '0.0.1'; }, /tsvm.*0\.0\.1/],
+    ['a region outside the image', (m: any) => { m.memory[1].offset = 1 << 20; }, /memory\[1\]\.offset/],
+    ['a system area outside RAM', (m: any) => { m.machine.systemArea = 0x200000; }, /machine\.systemArea/],
+    ['overlapping regions', (m: any) => { m.memory[1].start = '0x1000'; }, /overlap/],
+    ['a malformed register', (m: any) => { m.vcpus[0].regs.rip = 12; }, /vcpus\[0\]\.regs\.rip/],
+    ['a segment field out of range', (m: any) => { m.vcpus[0].sregs.cs.dpl = 4; }, /vcpus\[0\]\.sregs\.cs\.dpl/],
+    ['a missing field', (m: any) => { delete m.vcpus[0].sregs.gdt; }, /vcpus\[0\]\.sregs\.gdt/],
+    ['a bad blob', (m: any) => { m.vm.clock = '*'; }, /vm\.clock/],
+  ])('parseManifest rejects %s with a SnapshotFormatError naming the field', async (_what, mutate, re) => {
+    const { vm } = await source();
+    using snap = await vm.snapshot();
+    const json = JSON.parse(JSON.stringify(encodeManifest(snap.manifest)));
+    mutate(json);
+    expect(() => parseManifest(json)).toThrow(SnapshotFormatError);
+    expect(() => parseManifest(json)).toThrow(re);
+    await vm.close();
+  });
+
+  it('refuses another flavour or CPU, and a device state of the wrong shape, leaving nothing open', async () => {
+    const backend = new MockBackend();
+    const { vm } = await source(backend);
+    using snap = await vm.snapshot();
+    await expect(Machine.restore(snap, { backend: new MockBackend({ flavour: 'pvm' }) })).rejects.toThrow(/host\.flavour/);
+    const other = new MockBackend();
+    other.nextVcpu = new MockVcpu(0);
+    other.nextVcpu.setCpuid([{ function: 0, index: 0, flags: 0, eax: 1, ebx: 0x756e6547, ecx: 0x6c65746e, edx: 0x49656e69 }, { function: 1, index: 0, flags: 0, eax: 0x906ea, ebx: 0, ecx: 0, edx: 0 }]);
+    await expect(Machine.restore(snap, { backend: other, devices: [{ range: { port: 0x80, size: 1 }, device: counter() }] })).rejects.toThrow(/host\.cpu/);
+    const bad = counter();
+    bad.restore = () => { throw new SnapshotFormatError("ctr: field 'n' must be a number"); };
+    const third = new MockBackend();
+    await expect(Machine.restore(snap, { backend: third, devices: [{ range: { port: 0x80, size: 1 }, device: bad }] })).rejects.toThrow(/devices\.ctr.*field 'n'/);
+    for (const b of [other, third]) for (const v of b.vms) expect(v.openMemory).toBe(0);
+    expect(other.vms.every((v) => v.closed)).toBe(true);
+    await vm.close();
+  });
+
+  it('reset needs a machine made from a snapshot, and copies back only dirty pages', async () => {
+    const backend = new MockBackend();
+    const { vm } = await source(backend);
+    expect(() => vm.reset()).toThrow(StateError);
+    using snap = await vm.snapshot();
+    await using b = await Machine.fork(snap, { backend, devices: [{ range: { port: 0x80, size: 1 }, device: counter() }] });
+    b.vcpu(0).setRegs({ rax: 0n });
+    // The mock's dirty log is always clean, so a host write is not copied back: what reset
+    // copies is exactly what the log names (the KVM test checks the count on real pages).
+    expect(b.reset().pagesCopied).toBe(0);
+    expect(b.vcpu(0).getRegs().rax).toBe(0x1122n);
+    await vm.close();
+  });
+
+  it('prewarm keeps VMs ready for forks, refills between them, and close releases the rest', async () => {
+    const backend = new MockBackend();
+    const { vm } = await source(backend);
+    const snap = await vm.snapshot();
+    const before = backend.vms.length;
+    snap.prewarm(2, backend);
+    expect(backend.vms.length).toBe(before + 2);
+    const pooled = backend.vms.slice(before);
+    const child = await Machine.fork(snap, { backend, devices: [{ range: { port: 0x80, size: 1 }, device: counter() }] });
+    expect(backend.vms.length).toBe(before + 2); // the fork took a ready VM, made none
+    expect(child.memory.read(0x2000, 3)).toEqual(Uint8Array.of(1, 2, 3));
+    await new Promise((r) => setImmediate(r));
+    expect(backend.vms.length).toBe(before + 3); // refilled on the event loop
+    await child.close();
+    snap.close();
+    expect(pooled.every((v) => v.closed)).toBe(true);
+    expect(backend.vms.at(-1)?.closed).toBe(true);
+    expect(() => snap.prewarm(1, backend)).toThrow(StateError);
+    await vm.close();
+  });
+
+  it('refuses to snapshot or reset a running machine', async () => {
+    const backend = new MockBackend();
+    backend.script((v) => { v.whenEmpty = { kind: 'intr' }; return { kind: 'intr' }; });
+    const vm = await Machine.create({ memory: 64 * 1024, backend });
+    const ac = new AbortController();
+    const running = vm.run({ signal: ac.signal });
+    await expect(vm.snapshot()).rejects.toThrow(StateError);
+    ac.abort();
+    await running;
+    await vm.close();
+  });
+
+  it('fuzz: random corruption of a snapshot file is a SnapshotFormatError or a valid load, never a crash', async () => {
+    const backend = new MockBackend();
+    const { vm } = await source(backend);
+    const path = join(dir, 'fuzz-src.tsvm');
+    (await vm.snapshot(path)).close();
+    await vm.close();
+    const good = readFileSync(path);
+    const target = join(dir, 'fuzz.tsvm');
+    fc.assert(fc.property(
+      fc.oneof(
+        fc.record({ kind: fc.constant('flip' as const), at: fc.nat(good.length - 1), value: fc.integer({ min: 0, max: 255 }) }),
+        fc.record({ kind: fc.constant('truncate' as const), at: fc.nat(good.length - 1), value: fc.constant(0) }),
+      ),
+      ({ kind, at, value }) => {
+        const bytes = Buffer.from(good);
+        if (kind === 'flip') bytes[at] = value;
+        writeFileSync(target, kind === 'truncate' ? bytes.subarray(0, at) : bytes);
+        try {
+          Snapshot.load(target, backend).close();
+        } catch (e) {
+          if (!(e instanceof SnapshotFormatError)) throw e;
+        }
+      },
+    ), { numRuns: 300 });
+  });
+
+  it('fuzz: a checksummed but hostile manifest is rejected by the schema or restores cleanly', async () => {
+    const backend = new MockBackend();
+    const { vm } = await source(backend);
+    const snap = await vm.snapshot();
+    await vm.close();
+    const base = JSON.stringify(encodeManifest(snap.manifest));
+    const image = new Uint8Array(snap.manifest.imageSize);
+    snap.close();
+    const target = join(dir, 'hostile.tsvm');
+    await fc.assert(fc.asyncProperty(
+      fc.nat(base.length - 1), fc.string({ maxLength: 12 }), fc.nat(8), fc.jsonValue({ maxDepth: 2 }), fc.boolean(),
+      async (at, insert, cut, value, textual) => {
+        let text: string;
+        if (textual) {
+          text = base.slice(0, at) + insert + base.slice(at + cut);
+        } else {
+          // Replace one value somewhere in the tree with an arbitrary JSON value.
+          const tree = JSON.parse(base) as Record<string, unknown>;
+          const paths: Array<[Record<string, unknown> | unknown[], string | number]> = [];
+          const walk = (o: unknown): void => {
+            if (o && typeof o === 'object') for (const k of Object.keys(o)) { paths.push([o as Record<string, unknown>, k]); walk((o as Record<string, unknown>)[k]); }
+          };
+          walk(tree);
+          const [obj, key] = paths[at % paths.length]!;
+          (obj as Record<string, unknown>)[key as string] = value;
+          text = JSON.stringify(tree);
+        }
+        writeRaw(target, Buffer.from(text, 'utf8'), image);
+        let loaded: Snapshot;
+        try {
+          loaded = Snapshot.load(target, backend);
+        } catch (e) {
+          if (!(e instanceof SnapshotFormatError)) throw e;
+          return;
+        }
+        try {
+          const m = await Machine.restore(loaded, { backend, devices: [{ range: { port: 0x80, size: 1 }, device: counter() }] });
+          await m.close();
+        } catch (e) {
+          if (!(e instanceof SnapshotFormatError)) throw e;
+        } finally {
+          loaded.close();
+        }
+      },
+    ), { numRuns: 300 });
+    for (const v of backend.vms) expect(v.openMemory).toBe(0);
+  });
+});
