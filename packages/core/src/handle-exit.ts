@@ -14,6 +14,14 @@ import { show } from './check.js';
 import type { StopRequest } from './stop.js';
 import type { GuestMemory } from './memory.js';
 
+/** The vCPU's MSRs, as core's MSR pass-through reaches them. */
+export interface MsrAccess {
+  /** Reads MSR `index` (`KVM_GET_MSRS`). */
+  read(index: number): bigint;
+  /** Writes MSR `index` (`KVM_SET_MSRS`). */
+  write(index: number, data: bigint): void;
+}
+
 /** Everything {@link handleExit} needs. */
 export interface ExitContext {
   /** Port-I/O bus. */
@@ -31,7 +39,7 @@ export interface ExitContext {
   /** Guest RAM: an allowed store to a read-only region (a write-watched page) is written through. */
   readonly memory?: GuestMemory;
   /** The vCPU's MSRs: an allowed intercepted `rdmsr`/`wrmsr` passes through to them. */
-  readonly msrs?: { read(index: number): bigint; write(index: number, data: bigint): void };
+  readonly msrs?: MsrAccess;
   /** Adds an explanation (e.g. the instruction at RIP) to an unhandled-exit stop. */
   readonly explain?: (exit: VcpuExit, info: HookInfo) => string | undefined;
 }

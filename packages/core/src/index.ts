@@ -27,7 +27,7 @@ export { Bus, type BusEntry, type BusRange, type RangeSpec } from './bus.js';
 export type { Device, Access, AccessSize, DeviceStopRequest, IrqLine, DeviceMapping } from './device.js';
 export { EXIT_KINDS, describeExit, exitValue, emulationFailure, INTERNAL_ERROR_EMULATION, EMULATION_FLAG_INSTRUCTION_BYTES } from './exits.js';
 export type { VcpuExit, ExitKind, IoExit, MmioExit, HltExit, ShutdownExit, DebugExit, HypercallExit, MsrExit, IntrExit, FailEntryExit, InternalErrorExit, SystemEventExit, ExceptionExit, UnsupportedExit } from './exits.js';
-export { handleExit, checkDecision, type ExitContext, type ExitOutcome } from './handle-exit.js';
+export { handleExit, checkDecision, type ExitContext, type MsrAccess, type ExitOutcome } from './handle-exit.js';
 export type { ExitHook, HookDecision, HookInfo, HookStats, DenyEffect } from './hooks.js';
 export type { Stop, StopCommon, StopReason, StopRequest } from './stop.js';
 export { ExitCounters, type ExitStats, type ExitKindStats } from './stats.js';

@@ -1,7 +1,7 @@
 /**
  * Restore, fork and reset. A restored machine's RAM is the snapshot's image mapped
  * copy-on-write (no copy); restore and fork are the same operation, and every machine made
- * from a snapshot logs dirty pages so {@link resetMachine} re-copies only what the guest wrote.
+ * from a snapshot logs dirty pages so `Machine.reset()` re-copies only what the guest wrote.
  * Restore is all or nothing: the new machine is closed again on any failure and the error is a
  * {@link SnapshotFormatError} naming the field, with the backend's error as `cause`.
  * @module
@@ -30,7 +30,7 @@ export interface RestoreOptions {
   readonly setup?: (machine: Machine) => void | Promise<void>;
 }
 
-/** What {@link resetMachine} did. */
+/** What `Machine.reset()` did. */
 export interface ResetResult {
   /** Pages copied back from the snapshot (the ones dirtied since it or the last reset). */
   readonly pagesCopied: number;
@@ -101,7 +101,7 @@ function checkHost(manifest: SnapshotManifest, backend: Backend): void {
 
 /**
  * Creates a machine in the state of `snap`: RAM mapped copy-on-write from the snapshot's image,
- * vCPU, VM and device state applied. The result can be {@link resetMachine reset} to `snap`.
+ * vCPU, VM and device state applied. The result can be reset (`Machine.reset()`) to `snap`.
  */
 export async function restoreMachine(
   snap: Snapshot,
