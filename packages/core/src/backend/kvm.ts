@@ -12,7 +12,7 @@ import {
   consumeSliceSignal, runSignalMask, KvmError, VCPU_EVENTS_OFFSETS as EV, IOAPIC_REDIRTBL_OFFSET,
   type KvmVcpu, type KvmVm, type CpuidEntry,
 } from '@tsvm/kvm-backend';
-import type { Backend, BackendVcpu, BackendVm, BackendVmOptions, HostCapabilities, NmiWakeState, VirtFlavour } from '../backend.js';
+import type { Backend, BackendVcpu, BackendVm, BackendVmOptions, HostCapabilities, NmiWakeState, Regs, Sregs, VirtFlavour } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
 import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
@@ -247,6 +247,13 @@ class KvmBackendVcpu implements BackendVcpu {
   /** The exit `run()` last returned, until it is answered. */
   #last: VcpuExit = NO_EXIT;
   readonly #vm: KvmVm;
+  /**
+   * Registers as last read or written, until the vCPU runs again. Consumers of one exit (the
+   * RIP helper, probes, the audit line, deny messages) each ask for RIP or CR3; on PVM each
+   * KVM_GET_REGS / KVM_GET_SREGS costs 17–76 µs, so the first one pays and the rest share it.
+   */
+  #regs: Regs | undefined;
+  #sregs: Sregs | undefined;
 
   readonly #backend: KvmBackend;
 
@@ -259,6 +266,7 @@ class KvmBackendVcpu implements BackendVcpu {
   }
 
   run(): VcpuExit {
+    this.#regs = this.#sregs = undefined;
     const exit = this.#v.run();
     this.#last = exit;
     return exit;
@@ -278,10 +286,11 @@ class KvmBackendVcpu implements BackendVcpu {
     // onto the accessing instruction (which the caller derived for this flavour), RAX as
     // before an `in` — and queue the exception, so the guest sees a fault *on* the access and
     // the access had no effect.
-    const regs = { ...this.#v.getRegs(), rip };
+    const regs = { ...this.getRegs(), rip };
     this.#last = NO_EXIT;
+    this.#regs = this.#sregs = undefined;
     this.#v.completePendingExit();
-    this.#v.setRegs(regs);
+    this.setRegs(regs);
     this.#v.injectException(vector, errorCode);
   }
 
@@ -293,14 +302,28 @@ class KvmBackendVcpu implements BackendVcpu {
 
   beginSlice(ns: number): void { armSlice(ns); }
   endSlice(): void { disarmSlice(); consumeSliceSignal(); }
-  getRegs() { return this.#v.getRegs(); }
-  setRegs(regs: Parameters<BackendVcpu['setRegs']>[0]) { this.#v.setRegs(regs); }
-  getSregs() { return this.#v.getSregs(); }
-  setSregs(s: Parameters<BackendVcpu['setSregs']>[0]) { this.#v.setSregs(s); }
+  getRegs(): Regs {
+    this.#regs ??= this.#v.getRegs();
+    return { ...this.#regs };
+  }
+  setRegs(regs: Regs): void {
+    this.#regs = undefined;
+    this.#v.setRegs(regs);
+    this.#regs = { ...regs };
+  }
+  getSregs(): Sregs {
+    this.#sregs ??= this.#v.getSregs();
+    return structuredClone(this.#sregs);
+  }
+  setSregs(s: Sregs): void {
+    this.#sregs = undefined;
+    this.#v.setSregs(s);
+  }
   setCpuid(entries: readonly CpuidEntry[]) { this.#v.setCpuid(entries); }
   supportedCpuid() { return this.#cpuid.slice(); }
   getMsrs(indices: readonly number[]) { return this.#v.getMsrs(indices); }
-  setMsrs(entries: Parameters<BackendVcpu['setMsrs']>[0]) { this.#v.setMsrs(entries); }
+  // An MSR write can change special registers (EFER, APIC base): the cached copy goes.
+  setMsrs(entries: Parameters<BackendVcpu['setMsrs']>[0]) { this.#sregs = undefined; this.#v.setMsrs(entries); }
   isHalted() { return this.#v.getMpState() === KVM_CONST.MP_STATE_HALTED; }
 
   nmiWakeState(): NmiWakeState {
@@ -334,6 +357,7 @@ class KvmBackendVcpu implements BackendVcpu {
   completePendingExit(): void {
     if (this.#last === NO_EXIT) return;
     this.#last = NO_EXIT;
+    this.#regs = this.#sregs = undefined;
     this.#v.completePendingExit();
   }
 
@@ -351,6 +375,7 @@ class KvmBackendVcpu implements BackendVcpu {
   }
 
   setState(state: Record<string, Uint8Array>): void {
+    this.#regs = this.#sregs = undefined;
     // Firecracker's order: XCRs before XSAVE (XCR0 decides which XSAVE components load), the
     // LAPIC before events and MP state (a pending interrupt refers to it).
     for (const k of ['fpu', 'xcrs', 'xsave', 'debugregs', 'lapic', 'mp-state', 'events'] as const) {
