@@ -176,7 +176,7 @@ describe('FlowMonitor messages', () => {
     const c = (await mon.connect({ source: 'outside', destination: 'vault', port: 1 })).connection as FlowConnection;
     const fwd = mon.message(c, 'forward', text('hi'));
     expect(fwd).not.toBeInstanceOf(Promise);
-    expect(fwd.verdict).toBe('allow');
+    expect((fwd as { verdict: string }).verdict).toBe('allow');
     // The vault's reply would carry `key` to `outside`.
     expect(mon.message(c, 'reverse', text('key'))).toMatchObject({ verdict: 'deny', reason: expect.stringMatching(/lower secrecy \{key\}/) });
     mon.close(c);
