@@ -4,7 +4,7 @@
  * it before the receiver sees a byte. Every decision — labels, rule, guard, reason — goes to the
  * same hash-chained {@link AuditLog} as the machine monitor's, and to `tsvm:monitor:decision`.
  *
- * In `learn` mode nothing is denied: each connection is allowed, what the policy *would* have said
+ * In `learn` mode nothing between known principals is denied (an unknown one still is): each connection is allowed, what the policy *would* have said
  * is recorded, and {@link FlowMonitor.observations} feeds {@link learnPolicy}.
  * @module
  */
