@@ -39,7 +39,7 @@ export class VsockTestGuest {
   readonly device: VirtioVsock;
   /** The transport in front of it. */
   readonly transport: VirtioMmio;
-  /** The test driver. */
+  /** The test driver (from `@tsvm/devices/testing`). @internal */
   readonly driver: VirtioMmioTestDriver;
   /** The guest's CID. */
   readonly cid: number;
