@@ -59,5 +59,6 @@ export {
   type ObservedFlow, type FlowStats, type FlowAuditEntry, type AskFn,
 } from './flow/monitor.js';
 export { explain } from './flow/explain.js';
+export { FlowCostMeter, type FlowCostReport, type FlowCostRow } from './flow/costs.js';
 export { analyzeFlows, renderFlowDot, type FlowAnalysis, type FlowEdge, type FlowPath, type TagReach, type RuleFinding, type AnalyzeOptions } from './flow/analysis.js';
 export { learnPolicy, type LearnOptions, type LearnedPolicy, type UnresolvedFlow } from './flow/learning.js';

@@ -185,3 +185,21 @@ describe('FlowMonitor messages', () => {
     expect(verifyAuditLog(lines)).toMatchObject({ ok: true, count: 5 });
   });
 });
+
+describe('FlowMonitor costs', () => {
+  it('prices connection decisions, unguarded and guarded messages per rule and guard', async () => {
+    const { mon } = mk();
+    const out = (await mon.connect({ source: 'worker', destination: 'outside', port: 80 })).connection as FlowConnection;
+    const key = (await mon.connect({ source: 'vault', destination: 'worker', port: 1 })).connection as FlowConnection;
+    await mon.connect({ source: 'vault', destination: 'worker', port: 9 });
+    for (let i = 0; i < 5; i++) await mon.message(out, 'forward', text('fine'));
+    for (let i = 0; i < 3; i++) mon.message(key, 'forward', text('k'));
+    const c = mon.costs();
+    expect(c.rows.find((r) => r.kind === 'guard' && r.name === 'dlp')).toMatchObject({ messages: 5, bytes: 20 });
+    expect(c.rows.find((r) => r.kind === 'rule' && r.name === 'key')).toMatchObject({ connections: 1, messages: 3, bytes: 3 });
+    expect(c.rows.find((r) => r.name === 'default')).toMatchObject({ connections: 1, messages: 0 });
+    expect(c.perConnectionNs).toBeGreaterThan(0);
+    expect(c.perGuardedMessageNs).toBeGreaterThan(0);
+    expect(c.hints.join('\n')).toMatch(/guard 'dlp': .*\/message/);
+  });
+});

@@ -11,6 +11,7 @@
 import { InvalidArgumentError } from '@tsvm/core';
 import { decisionChannel, type AuditEntry, type AuditLog } from '../audit.js';
 import { PolicyError } from '../errors.js';
+import { FlowCostMeter, type FlowCostReport } from './costs.js';
 import { evaluateConnect, latticeRefusal, type TraceStep } from './evaluate.js';
 import { runGuard, type GuardFn, type GuardOutcome } from './guards.js';
 import { declassify, latticeGap, type Label, type LatticeGap } from './labels.js';
@@ -207,6 +208,7 @@ export class FlowMonitor {
   readonly #audit: AuditLog | undefined;
   readonly #logAll: boolean;
   readonly #live = new Map<number, Live>();
+  readonly #meter = new FlowCostMeter();
   readonly #observed: ObservedFlow[] = [];
   #nextId = 1;
 
@@ -250,6 +252,7 @@ export class FlowMonitor {
 
   /** Decides a connection request. Never throws for a hostile request: it is denied. */
   async connect(request: ConnectRequest): Promise<ConnectDecision> {
+    const t0 = process.hrtime.bigint();
     const ev = evaluateConnect(this.policy, this.topology, request);
     let verdict: 'allow' | 'deny' = ev.verdict === 'allow' ? 'allow' : 'deny';
     let reason = ev.reason;
@@ -295,6 +298,8 @@ export class FlowMonitor {
       ...(this.mode === 'learn' ? { wouldBe } : {}),
     };
     this.#log('flow:connect', verdict, reason, src?.name ?? request.source, dst?.name ?? request.destination, request.port, connection?.id ?? null, decision.rule, guardName, src?.label, dst?.label);
+    // Time spent waiting for an `ask` answer is a person's, not the monitor's: not counted.
+    this.#meter.connection(decision.rule, asked ? 0 : Number(process.hrtime.bigint() - t0));
     return decision;
   }
 
@@ -303,14 +308,15 @@ export class FlowMonitor {
    * synchronous; with one, it is as synchronous as the guard.
    */
   message(connection: FlowConnection | number, direction: FlowDirection, data: Uint8Array): MessageDecision | Promise<MessageDecision> {
+    const t0 = process.hrtime.bigint();
     const live = this.#live.get(typeof connection === 'number' ? connection : connection.id);
-    if (live === undefined) return this.#messageDone(null, direction, data.length, { verdict: 'deny', guard: null, reason: 'unknown or closed connection' });
+    if (live === undefined) return this.#messageDone(t0, null, direction, data.length, { verdict: 'deny', guard: null, reason: 'unknown or closed connection' });
     const fwd = direction === 'forward';
     const sender = fwd ? live.src : live.dst;
     const receiver = fwd ? live.dst : live.src;
     if (live.guardFn === null || live.guard === null) {
       const refusal = fwd ? live.forward : live.reverse;
-      return this.#messageDone(live, direction, data.length, refusal === null
+      return this.#messageDone(t0, live, direction, data.length, refusal === null
         ? { verdict: 'allow', data, label: sender.label, declassified: [], rewritten: false, guard: null, reason: 'connection allowed' }
         : { verdict: 'deny', guard: null, reason: refusal });
     }
@@ -318,12 +324,12 @@ export class FlowMonitor {
     const g = live.guard;
     const out = runGuard(live.guardFn, data, { guard: g.name, connection: live.conn.id, from: sender.name, to: receiver.name, label: sender.label, port: live.conn.port }, g.declassify, g.timeoutMs);
     const finish = (o: GuardOutcome): MessageDecision => {
-      if (!o.ok) return this.#messageDone(live, direction, data.length, { verdict: 'deny', guard: g.name, reason: o.reason });
+      if (!o.ok) return this.#messageDone(t0, live, direction, data.length, { verdict: 'deny', guard: g.name, reason: o.reason });
       const label = declassify(sender.label, o.declassified);
       const refusal = this.policy.lattice && this.mode === 'enforce' ? latticeRefusal(latticeGap(label, receiver.label), [], null) : null;
-      if (refusal !== null) return this.#messageDone(live, direction, data.length, { verdict: 'deny', guard: g.name, reason: `guard '${g.name}' allowed, but ${refusal}` });
+      if (refusal !== null) return this.#messageDone(t0, live, direction, data.length, { verdict: 'deny', guard: g.name, reason: `guard '${g.name}' allowed, but ${refusal}` });
       const why = `guard '${g.name}' ${o.rewritten ? 'rewrote' : 'allowed'}${o.declassified.length ? `, declassifying {${o.declassified.join(',')}}` : ''}`;
-      return this.#messageDone(live, direction, o.data.length, { verdict: 'allow', data: o.data, label, declassified: o.declassified, rewritten: o.rewritten, guard: g.name, reason: why });
+      return this.#messageDone(t0, live, direction, o.data.length, { verdict: 'allow', data: o.data, label, declassified: o.declassified, rewritten: o.rewritten, guard: g.name, reason: why });
     };
     return out instanceof Promise ? out.then(finish) : finish(out);
   }
@@ -331,6 +337,14 @@ export class FlowMonitor {
   /** Forgets a connection (its later messages are denied). Idempotent. */
   close(connection: FlowConnection | number): void {
     this.#live.delete(typeof connection === 'number' ? connection : connection.id);
+  }
+
+  /**
+   * What mediation cost so far, per rule and guard (measured on every decision, audit logging
+   * included), with cheaper alternatives.
+   */
+  costs(): FlowCostReport {
+    return this.#meter.report();
   }
 
   /** Connections currently open. */
@@ -357,7 +371,7 @@ export class FlowMonitor {
     }
   }
 
-  #messageDone(live: Live | null, direction: FlowDirection, bytes: number, d: MessageDecision): MessageDecision {
+  #messageDone(t0: bigint, live: Live | null, direction: FlowDirection, bytes: number, d: MessageDecision): MessageDecision {
     if (d.verdict === 'allow') {
       this.stats.messagesAllowed++;
       this.stats.bytesAllowed += bytes;
@@ -371,6 +385,7 @@ export class FlowMonitor {
         c ? (fwd ? c.sourceLabel : c.destinationLabel) : undefined, c ? (fwd ? c.destinationLabel : c.sourceLabel) : undefined,
         { bytes, ...(d.verdict === 'allow' && d.declassified.length ? { declassified: d.declassified } : {}) });
     }
+    this.#meter.message(live?.conn.rule ?? null, d.guard, bytes, Number(process.hrtime.bigint() - t0));
     return d;
   }
 
