@@ -17,7 +17,7 @@
 import { VsockRouter } from '@tsvm/devices';
 import {
   AuditLog, FlowMonitor, analyzeFlows, explain, verifyAuditLog,
-  type FlowPolicy, type GuardFn, type Topology, type TagReach, type AuditVerification, type ConnectDecision,
+  type FlowPolicy, type GuardFn, type FlowCostReport, formatNs, type Topology, type TagReach, type AuditVerification, type ConnectDecision,
 } from '@tsvm/monitor';
 import { GuestSockets, tick, type GuestStream } from './flow-support.js';
 import { isMain, runCli } from './support.js';
@@ -66,6 +66,8 @@ export interface FlowVaultResult {
   readonly direct: ConnectDecision;
   /** Whether the vault's own attempt through the router got an RST. */
   readonly directViaRouterRefused: boolean;
+  /** What mediation cost, per rule and guard. */
+  readonly costs: FlowCostReport;
   /** Audit lines. */
   readonly audit: readonly string[];
   /** Chain check. */
@@ -116,6 +118,7 @@ export async function runFlowVault(): Promise<FlowVaultResult> {
     exfiltrationReset: out?.reset ?? false,
     direct,
     directViaRouterRefused: viaRouter === null,
+    costs: flow.costs(),
     audit,
     verification: verifyAuditLog(audit, { head: log.head }),
   };
@@ -137,6 +140,9 @@ export async function main(): Promise<number> {
     console.log(`  ${e.event.padEnd(13)} ${e.flow.from} → ${e.flow.to}  ${e.decision.toUpperCase().padEnd(5)} ${e.reason}`);
   }
   console.log(`chain: ${r.verification.ok ? 'intact' : 'BROKEN'}`);
+  console.log('\ncost of mediation (measured, audit logging included):');
+  for (const row of r.costs.rows) console.log(`  ${row.kind} ${row.name.padEnd(10)} ${row.connections} conn  ${row.messages} msg  ${row.bytes} B  ${formatNs(row.connectionNs + row.messageNs)} total`);
+  for (const h of r.costs.hints) console.log(`  hint: ${h}`);
   const blocked = r.audit.some((l) => l.includes('"decision":"deny"') && l.includes('key material'));
   const ok = r.onlyThroughDlp && r.reach.reachable && blocked && r.exfiltrationReset && r.direct.verdict === 'deny' && r.directViaRouterRefused && r.verification.ok && !r.outsideReceived.includes('K3Y');
   console.log(ok ? '\nOK: the key reaches outside only through dlp, and the exfiltration was blocked' : '\nFAILED');
