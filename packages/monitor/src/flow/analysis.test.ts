@@ -82,6 +82,14 @@ describe('analyzeFlows', () => {
     expect(dot).toMatch(/"worker" -> "vault" \[style=dotted, label="key \(reply\): 1"\]/);
   });
 
+  it('renders a standalone SVG with every principal and guard', () => {
+    const svg = a.toSvg();
+    expect(svg).toMatch(/^<svg xmlns="http:\/\/www.w3.org\/2000\/svg"/);
+    for (const n of ['vault', 'worker', 'relay', 'outside', 'dlp', 'audit']) expect(svg).toContain(`>${n}</text>`);
+    expect(svg.trim().endsWith('</svg>')).toBe(true);
+    expect(svg).not.toContain('NaN');
+  });
+
   it('caps path enumeration', () => {
     const principals: Record<string, { kind: 'machine'; secrecy: string[] }> = {};
     for (let i = 0; i < 8; i++) principals[`m${i}`] = { kind: 'machine', secrecy: ['t'] };

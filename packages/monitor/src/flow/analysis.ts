@@ -7,13 +7,14 @@
  *
  * It is exact, not sampled: ports and services are split into the classes the rules distinguish,
  * and every (source, destination, class) is evaluated with the same {@link evaluateConnect} the
- * monitor uses. Labels are static, so a message carries its sender's label and only a guard on the
+ * monitor uses. The graph renders as DOT or SVG. Labels are static, so a message carries its sender's label and only a guard on the
  * edge can lift a tag.
  * @module
  */
 import { PolicyError } from '../errors.js';
 import { evaluateConnect, latticeRefusal } from './evaluate.js';
 import { latticeGap } from './labels.js';
+import { renderFlowSvg } from './svg.js';
 import {
   compileFlowPolicy,
   compileTopology,
@@ -97,6 +98,8 @@ export interface FlowAnalysis {
   onlyThrough(tag: string, target: string, guard: string): boolean;
   /** The flow graph in Graphviz DOT. */
   toDot(): string;
+  /** The flow graph as standalone SVG. */
+  toSvg(): string;
 }
 
 /** Options of {@link analyzeFlows}. */
@@ -195,6 +198,7 @@ export function analyzeFlows(policy: unknown, topology: unknown, options: Analyz
       return r.paths.every((p) => p.guards.includes(guard));
     },
     toDot: () => renderFlowDot(top, edgeList),
+    toSvg: () => renderFlowSvg(top, edgeList),
   };
 }
 
