@@ -168,10 +168,14 @@ export interface FlowAuditEntry extends AuditEntry {
     readonly rule: string | null;
     /** Guard, or null. */
     readonly guard: string | null;
-    /** Sender label. */
-    readonly fromLabel: Label;
-    /** Receiver label. */
-    readonly toLabel: Label;
+    /**
+     * Sender label. On connection lines, denied messages and declassified messages; a plain
+     * allowed message only names its connection, whose connect line carries the labels (this
+     * keeps a per-message line small: it is written for every message).
+     */
+    readonly fromLabel?: Label;
+    /** Receiver label (where `fromLabel` is). */
+    readonly toLabel?: Label;
     /** Message length, for messages. */
     readonly bytes?: number;
     /** Tags declassified, for messages. */
@@ -381,8 +385,9 @@ export class FlowMonitor {
     if (d.verdict === 'deny' || this.#logAll) {
       const fwd = direction === 'forward';
       const c = live?.conn;
+      const labelled = c !== undefined && (d.verdict === 'deny' || d.declassified.length > 0);
       this.#log('flow:message', d.verdict, d.reason, c ? (fwd ? c.source : c.destination) : '?', c ? (fwd ? c.destination : c.source) : '?', c?.port ?? -1, c?.id ?? null, c?.rule ?? null, d.guard,
-        c ? (fwd ? c.sourceLabel : c.destinationLabel) : undefined, c ? (fwd ? c.destinationLabel : c.sourceLabel) : undefined,
+        labelled ? (fwd ? c.sourceLabel : c.destinationLabel) : undefined, labelled ? (fwd ? c.destinationLabel : c.sourceLabel) : undefined,
         { bytes, ...(d.verdict === 'allow' && d.declassified.length ? { declassified: d.declassified } : {}) });
     }
     this.#meter.message(live?.conn.rule ?? null, d.guard, bytes, Number(process.hrtime.bigint() - t0));
@@ -392,11 +397,10 @@ export class FlowMonitor {
   #log(event: string, verdict: 'allow' | 'deny', reason: string, from: string, to: string, port: number, connection: number | null, rule: string | null, guard: string | null,
     fromLabel: Label | undefined, toLabel: Label | undefined, extra: { bytes?: number; declassified?: readonly string[] } = {}): void {
     if (this.#audit === undefined && !decisionChannel.hasSubscribers) return;
-    const none: Label = { secrecy: [], integrity: [] };
     // Flow decisions are not tied to a vCPU or an exit: vcpu and exit are -1, rip is '-'.
     const entry: FlowAuditEntry = {
       machine: from, vcpu: -1, rip: '-', event, address: `${to}:${port}`, hook: rule ?? (guard ? `guard:${guard}` : 'default'), decision: verdict, reason, exit: -1,
-      flow: { connection, from, to, port, rule, guard, fromLabel: fromLabel ?? none, toLabel: toLabel ?? none, ...extra, mode: this.mode },
+      flow: { connection, from, to, port, rule, guard, ...(fromLabel && toLabel ? { fromLabel, toLabel } : {}), ...extra, mode: this.mode },
     };
     this.#audit?.append(entry);
     if (decisionChannel.hasSubscribers) decisionChannel.publish(entry);
