@@ -135,6 +135,7 @@ describe('FlowMonitor messages', () => {
     const { mon, c, lines } = await open();
     const ok = await mon.message(c, 'forward', text('hello'));
     expect(ok).toMatchObject({ verdict: 'allow', declassified: ['key'], label: { secrecy: [] } });
+    expect(explain(ok)).toMatch(/ALLOW\n  guard 'dlp' inspected it\n  delivered with label \{s: -; i: -\}\n  declassified \{key\}/);
     expect(await mon.message(c, 'forward', text('the SECRET'))).toMatchObject({ verdict: 'deny', reason: expect.stringMatching(/blocked: key material/) });
     expect(verifyAuditLog(lines).ok).toBe(true);
     const denied = JSON.parse(lines.at(-1) as string);
