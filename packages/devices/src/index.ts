@@ -66,3 +66,35 @@ export {
 } from './virtio/block.js';
 export { MemoryBacking, FileBacking, type BlockBacking } from './virtio/block-backing.js';
 export { VirtioRng, hostEntropy, MAX_ENTROPY_PER_REQUEST, type EntropySource, type VirtioRngOptions } from './virtio/rng.js';
+
+// virtio-vsock and its host-side router (channels between machines)
+export {
+  VirtioVsock,
+  VsockOp,
+  VsockShutdown,
+  VSOCK_DEVICE_ID,
+  VSOCK_HEADER_SIZE,
+  VSOCK_MAX_PAYLOAD,
+  VSOCK_HOST_CID,
+  VSOCK_TYPE_STREAM,
+  encodeVsockHeader,
+  decodeVsockHeader,
+  type VirtioVsockOptions,
+  type VsockPacket,
+  type VsockUplink,
+  type VsockDeviceStats,
+  type VsockDropReason,
+} from './virtio/vsock.js';
+export {
+  VsockRouter,
+  allowAllMediator,
+  type VsockRouterOptions,
+  type VsockRouterStats,
+  type VsockMediator,
+  type VsockConnectRequest,
+  type VsockConnectVerdict,
+  type VsockMessageVerdict,
+  type VsockHostStream,
+} from './net/vsock-router.js';
+/** Driver side of a vsock device without a guest, for tests and host-level demos. */
+export { VsockTestGuest, type VsockTestGuestOptions } from './net/vsock-test-guest.js';

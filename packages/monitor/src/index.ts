@@ -43,3 +43,24 @@ export { ExitTimer } from './calibration/exit-timer.js';
 export { calibrate, remeasure, measureHookDispatch, type CalibrateOptions, type RemeasureOptions } from './calibration/calibrate.js';
 export { predict, report, baselineNs, type Prediction, type HookPrediction, type CostReport, type HookCost, type Alternative } from './cost/model.js';
 export { renderTable, renderJson, renderSvg, formatNs } from './cost/render.js';
+/**
+ * Information flow between machines (`flow/`): labels, a qrexec-style flow policy with a lattice
+ * rule, guards, the {@link FlowMonitor}, {@link analyzeFlows}, {@link explain}, {@link learnPolicy}.
+ */
+export { PUBLIC, makeLabel, canFlow, latticeGap, declassify, hasTag, formatLabel, type Label, type LatticeGap } from './flow/labels.js';
+export {
+  compileFlowPolicy, compileTopology, matchesPattern, ruleMismatch, DEFAULT_GUARD_TIMEOUT_MS,
+  type FlowPolicy, type FlowRule, type FlowAction, type GuardDeclaration, type Topology, type PrincipalSpec, type Principal,
+  type CompiledFlowPolicy, type CompiledFlowRule, type CompiledGuard, type CompiledTopology, type ConnectRequest,
+} from './flow/policy.js';
+export { evaluateConnect, latticeRefusal, type ConnectEvaluation, type TraceStep } from './flow/evaluate.js';
+export { runGuard, type GuardFn, type GuardVerdict, type GuardContext, type GuardOutcome } from './flow/guards.js';
+export {
+  FlowMonitor, type FlowMonitorOptions, type FlowConnection, type ConnectDecision, type MessageDecision, type FlowDirection,
+  type ObservedFlow, type FlowStats, type FlowAuditEntry, type AskFn,
+} from './flow/monitor.js';
+export { explain } from './flow/explain.js';
+export { FlowCostMeter, type FlowCostReport, type FlowCostRow } from './flow/costs.js';
+export { renderFlowSvg } from './flow/svg.js';
+export { analyzeFlows, renderFlowDot, type FlowAnalysis, type FlowEdge, type FlowPath, type TagReach, type RuleFinding, type AnalyzeOptions } from './flow/analysis.js';
+export { learnPolicy, type LearnOptions, type LearnedPolicy, type UnresolvedFlow } from './flow/learning.js';

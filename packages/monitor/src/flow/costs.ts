@@ -1,0 +1,102 @@
+/**
+ * What flow mediation costs, measured on every decision (always on, like the exit counters): a
+ * connection decision, an unguarded per-message check and a guarded per-message inspection are
+ * different events with different prices, reported per rule and per guard, with the cheaper
+ * alternative where one exists. These are measured host-side figures; predicting them from a
+ * calibration table (as `predict` does for hooks) is not done yet.
+ * @module
+ */
+import { formatNs } from '../cost/render.js';
+
+/** Costs of one rule or guard. */
+export interface FlowCostRow {
+  /** `rule` (connection decisions and unguarded messages) or `guard` (inspections). */
+  readonly kind: 'rule' | 'guard';
+  /** Rule id (`default` for requests no rule matched) or guard name. */
+  readonly name: string;
+  /** Connection decisions made by this rule. */
+  readonly connections: number;
+  /** Messages decided. */
+  readonly messages: number;
+  /** Message bytes decided. */
+  readonly bytes: number;
+  /** Time spent on connection decisions, ns. */
+  readonly connectionNs: number;
+  /** Time spent on messages, ns (for a guard: until its verdict settled). */
+  readonly messageNs: number;
+  /** Mean per message, ns (0 without messages). */
+  readonly perMessageNs: number;
+  /** Mean per byte, ns (0 without bytes). */
+  readonly perByteNs: number;
+}
+
+/** The flow cost report. */
+export interface FlowCostReport {
+  /** Rows, rules first, then guards, each by descending total time. */
+  readonly rows: readonly FlowCostRow[];
+  /** Mean connection decision, ns. */
+  readonly perConnectionNs: number;
+  /** Mean unguarded message check, ns. */
+  readonly perUnguardedMessageNs: number;
+  /** Mean guarded message, ns. */
+  readonly perGuardedMessageNs: number;
+  /** Cheaper alternatives, one line each. */
+  readonly hints: readonly string[];
+}
+
+interface Acc { connections: number; messages: number; bytes: number; connectionNs: number; messageNs: number }
+
+/** Accumulates flow decision costs. */
+export class FlowCostMeter {
+  readonly #rules = new Map<string, Acc>();
+  readonly #guards = new Map<string, Acc>();
+
+  #acc(m: Map<string, Acc>, k: string): Acc {
+    let a = m.get(k);
+    if (a === undefined) {
+      a = { connections: 0, messages: 0, bytes: 0, connectionNs: 0, messageNs: 0 };
+      m.set(k, a);
+    }
+    return a;
+  }
+
+  /** Records one connection decision by `rule` (null: no rule matched). */
+  connection(rule: string | null, ns: number): void {
+    const a = this.#acc(this.#rules, rule ?? 'default');
+    a.connections++;
+    a.connectionNs += ns;
+  }
+
+  /** Records one message decided on a connection of `rule`, inspected by `guard` if not null. */
+  message(rule: string | null, guard: string | null, bytes: number, ns: number): void {
+    const a = guard === null ? this.#acc(this.#rules, rule ?? 'default') : this.#acc(this.#guards, guard);
+    a.messages++;
+    a.bytes += bytes;
+    a.messageNs += ns;
+  }
+
+  /** The report so far. */
+  report(): FlowCostReport {
+    const row = (kind: 'rule' | 'guard', name: string, a: Acc): FlowCostRow => ({
+      kind, name, ...a, perMessageNs: a.messages ? a.messageNs / a.messages : 0, perByteNs: a.bytes ? a.messageNs / a.bytes : 0,
+    });
+    const total = (r: FlowCostRow): number => r.connectionNs + r.messageNs;
+    const rules = [...this.#rules].map(([n, a]) => row('rule', n, a)).sort((x, y) => total(y) - total(x));
+    const guards = [...this.#guards].map(([n, a]) => row('guard', n, a)).sort((x, y) => total(y) - total(x));
+    const sum = (rs: FlowCostRow[], f: (r: FlowCostRow) => number): number => rs.reduce((s, r) => s + f(r), 0);
+    const conns = sum(rules, (r) => r.connections);
+    const unguarded = sum(rules, (r) => r.messages);
+    const guarded = sum(guards, (r) => r.messages);
+    const perConnectionNs = conns ? sum(rules, (r) => r.connectionNs) / conns : 0;
+    const perUnguardedMessageNs = unguarded ? sum(rules, (r) => r.messageNs) / unguarded : 0;
+    const perGuardedMessageNs = guarded ? sum(guards, (r) => r.messageNs) / guarded : 0;
+    const hints: string[] = [];
+    for (const g of guards) {
+      if (g.messages === 0) continue;
+      const extra = g.perMessageNs - perUnguardedMessageNs;
+      hints.push(`guard '${g.name}': ${formatNs(g.perMessageNs)}/message (${formatNs(g.perByteNs)}/byte); `
+        + `if its content check is not needed, an unguarded rule between principals whose labels already flow costs ~${formatNs(perUnguardedMessageNs || perConnectionNs)} per message (saves ~${formatNs(Math.max(0, extra) * g.messages)} over this run)`);
+    }
+    return { rows: [...rules, ...guards], perConnectionNs, perUnguardedMessageNs, perGuardedMessageNs, hints };
+  }
+}
