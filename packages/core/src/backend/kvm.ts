@@ -313,7 +313,7 @@ class KvmBackendVcpu implements BackendVcpu {
   }
   getSregs(): Sregs {
     this.#sregs ??= this.#v.getSregs();
-    return structuredClone(this.#sregs);
+    return cloneSregs(this.#sregs);
   }
   setSregs(s: Sregs): void {
     this.#sregs = undefined;
@@ -395,6 +395,16 @@ class KvmBackendVcpu implements BackendVcpu {
   }
 
   close(): void { this.#v.close(); }
+}
+
+/** A deep copy of `s` (callers may modify what they get; structuredClone costs ~30 µs here). */
+function cloneSregs(s: Sregs): Sregs {
+  return {
+    cs: { ...s.cs }, ds: { ...s.ds }, es: { ...s.es }, fs: { ...s.fs }, gs: { ...s.gs }, ss: { ...s.ss }, tr: { ...s.tr }, ldt: { ...s.ldt },
+    gdt: { ...s.gdt }, idt: { ...s.idt },
+    cr0: s.cr0, cr2: s.cr2, cr3: s.cr3, cr4: s.cr4, cr8: s.cr8, efer: s.efer, apic_base: s.apic_base,
+    interrupt_bitmap: [...s.interrupt_bitmap],
+  };
 }
 
 const EINTR = 4;
