@@ -16,7 +16,8 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { Machine, KvmUnavailableError, type Stop } from '@tsvm/core';
 import { asm } from '@tsvm/core/testing';
 import { median, spread, type Spread } from './stats.js';
-import { ExitTimer, Monitor, allow, calibrate, emulate, predict, priceOf, remeasure, type CalibrationTable, type Cpl, type MechanismId } from '@tsvm/monitor';
+import { Monitor, allow, emulate, predict, priceOf, type CalibrationTable, type Cpl, type MechanismId } from '@tsvm/monitor';
+import { ExitTimer, calibrate, remeasure } from '@tsvm/monitor/calibrate';
 
 const MiB = 1024 * 1024;
 const DEV_PORT = 0x3f8;

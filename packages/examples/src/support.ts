@@ -6,7 +6,8 @@
  */
 import { pathToFileURL } from 'node:url';
 import { KvmUnavailableError } from '@tsvm/core';
-import { calibrate, type CalibrationTable } from '@tsvm/monitor';
+import type { CalibrationTable } from '@tsvm/monitor';
+import { calibrate } from '@tsvm/monitor/calibrate';
 
 /** Whether the module with `url` (`import.meta.url`) is the script node was started with. */
 export function isMain(url: string): boolean {

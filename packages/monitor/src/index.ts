@@ -12,7 +12,7 @@
  * - Policy as data: {@link compilePolicy} / {@link applyPolicy}.
  * - Audit: {@link AuditLog} (hash-chained JSON lines), {@link verifyAuditLog},
  *   `diagnostics_channel` {@link DECISION_CHANNEL}.
- * - Cost: {@link calibrate} and {@link remeasure} (need `/dev/kvm`), {@link ExitTimer}, {@link assumedTable}, {@link predict},
+ * - Cost: `calibrate()`, `remeasure()` and `ExitTimer` (`@tsvm/monitor/calibrate`; need `/dev/kvm`), {@link assumedTable}, {@link predict},
  *   {@link report}, rendered by {@link renderTable}, {@link renderJson}, {@link renderSvg}.
  * - Decoding: {@link formatInstructionAt}, {@link successors} (iced-x86).
  * @module
@@ -38,9 +38,7 @@ export { compilePolicy, applyPolicy, type Policy, type PolicyRule, type RuleEven
 export { AuditLog, verifyAuditLog, DECISION_CHANNEL, decisionChannel, GENESIS, type AuditEntry, type AuditLine, type AuditSink, type AuditVerification } from './audit.js';
 export { MECHANISMS, assumedTable, priceOf, resultOf, type CalibrationTable, type MechanismId, type MechanismResult, type HostIdentity, type Cpl } from './calibration/table.js';
 export { hostIdentity, hostKey, cpuModel } from './calibration/host.js';
-export { loadCalibration, saveCalibration, validateTable, defaultCachePath } from './calibration/cache.js';
-export { ExitTimer } from './calibration/exit-timer.js';
-export { calibrate, remeasure, measureHookDispatch, type CalibrateOptions, type RemeasureOptions } from './calibration/calibrate.js';
+// Measuring the host (calibrate, remeasure, the cache) is `@tsvm/monitor/calibrate`.
 export { predict, report, baselineNs, type Prediction, type HookPrediction, type CostReport, type HookCost, type Alternative } from './cost/model.js';
 export { renderTable, renderJson, renderSvg, formatNs } from './cost/render.js';
 /**
