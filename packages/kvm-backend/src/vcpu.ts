@@ -155,6 +155,37 @@ export class KvmVcpu {
     this.setBlob('events', b);
   }
 
+  /**
+   * Asks KVM to store the general-purpose registers into `kvm_run.s.regs` at every exit
+   * (`kvm_valid_regs = KVM_SYNC_X86_REGS`; needs `KVM_CAP_SYNC_REGS`), so
+   * {@link syncedRegs} reads them without an ioctl; `false` stops it.
+   */
+  setSyncRegs(on: boolean): void {
+    this.#run.setBigUint64(O.kvm_valid_regs, on ? BigInt(KVM_CONST.SYNC_X86_REGS) : 0n, true);
+  }
+
+  /** The registers KVM stored at the last exit (valid only with {@link setSyncRegs} on, after a `KVM_RUN`). */
+  syncedRegs(): Regs {
+    return decodeRegs(this.#runBytes.subarray(O.sync_regs, O.sync_regs + this.#regsBuf.length));
+  }
+
+  /**
+   * Writes registers into `kvm_run.s.regs` and marks them dirty: KVM loads them at the start
+   * of the next `KVM_RUN`, without a `KVM_SET_REGS`. Note that KVM's register load also drops
+   * a pending exception, so an exception queued since is lost: use {@link setRegs} then.
+   */
+  setSyncedRegs(regs: Regs): void {
+    encodeRegs(regs, this.#runBytes.subarray(O.sync_regs, O.sync_regs + this.#regsBuf.length));
+    const d = this.#run.getBigUint64(O.kvm_dirty_regs, true);
+    this.#run.setBigUint64(O.kvm_dirty_regs, d | BigInt(KVM_CONST.SYNC_X86_REGS), true);
+  }
+
+  /** Forgets registers written with {@link setSyncedRegs} that KVM has not loaded yet. */
+  dropSyncedRegs(): void {
+    const d = this.#run.getBigUint64(O.kvm_dirty_regs, true);
+    this.#run.setBigUint64(O.kvm_dirty_regs, d & ~BigInt(KVM_CONST.SYNC_X86_REGS), true);
+  }
+
   /** `KVM_GET_REGS`. */
   getRegs(): Regs {
     ioctlPtr(this.fd, 'KVM_GET_REGS', this.#regsBuf);

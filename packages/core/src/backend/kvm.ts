@@ -43,6 +43,8 @@ export class KvmBackend implements Backend {
   readonly capabilities: HostCapabilities;
   /** The open `/dev/kvm`. */
   readonly system: KvmSystem;
+  /** `KVM_CAP_SYNC_REGS` offers the general-purpose registers (`KVM_SYNC_X86_REGS`). */
+  readonly syncRegs: boolean;
   /** What the I/O-exit RIP probe found when this backend opened (`capabilities.ioExitRip`). */
   readonly ioRipProbe: IoRipProbeResult;
   #cpuid: CpuidEntry[] | undefined;
@@ -52,6 +54,7 @@ export class KvmBackend implements Backend {
   constructor(path = '/dev/kvm') {
     this.system = KvmSystem.open(path);
     const s = this.system;
+    this.syncRegs = (s.checkExtension(KVM_CAP.SYNC_REGS) & KVM_CONST.SYNC_X86_REGS) !== 0 && process.env['TSVM_NO_SYNC_REGS'] !== '1';
     this.capabilities = {
       flavour: detectFlavour(),
       readonlyMemory: s.has('READONLY_MEM'),
@@ -254,6 +257,15 @@ class KvmBackendVcpu implements BackendVcpu {
    */
   #regs: Regs | undefined;
   #sregs: Sregs | undefined;
+  /**
+   * `KVM_CAP_SYNC_REGS`: KVM stores the registers into `kvm_run` at every exit and loads
+   * changed ones at the next entry, so reading and writing them costs no ioctl.
+   */
+  readonly #sync: boolean;
+  /** `kvm_run`'s register copy is what KVM stored at the last real exit. */
+  #syncFresh = false;
+  /** Registers written to `kvm_run` that KVM has not loaded yet. */
+  #syncDirty = false;
 
   readonly #backend: KvmBackend;
 
@@ -263,13 +275,26 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#backend = backend;
     this.id = v.id;
     this.#cpuid = cpuid;
+    this.#sync = backend.syncRegs;
+    if (this.#sync) v.setSyncRegs(true);
   }
 
   run(): VcpuExit {
     this.#regs = this.#sregs = undefined;
     const exit = this.#v.run();
+    this.#syncDirty = false;
+    // An interrupted KVM_RUN may not have stored the registers: ask KVM then.
+    this.#syncFresh = this.#sync && exit.kind !== 'intr';
     this.#last = exit;
     return exit;
+  }
+
+  /** Loads registers still waiting in `kvm_run` now (KVM's deferred load would drop a queued exception). */
+  #flushRegs(): void {
+    if (!this.#syncDirty || !this.#regs) return;
+    this.#v.setRegs(this.#regs);
+    this.#v.dropSyncedRegs();
+    this.#syncDirty = false;
   }
 
   completeRead(data: Uint8Array): void {
@@ -289,8 +314,13 @@ class KvmBackendVcpu implements BackendVcpu {
     const regs = { ...this.getRegs(), rip };
     this.#last = NO_EXIT;
     this.#regs = this.#sregs = undefined;
+    this.#syncDirty = false;
+    this.#v.dropSyncedRegs();
     this.#v.completePendingExit();
-    this.setRegs(regs);
+    this.#syncFresh = false;
+    // KVM_SET_REGS now, not the deferred load: that would drop the exception queued next.
+    this.#v.setRegs(regs);
+    this.#regs = { ...regs };
     this.#v.injectException(vector, errorCode);
   }
 
@@ -303,12 +333,17 @@ class KvmBackendVcpu implements BackendVcpu {
   beginSlice(ns: number): void { armSlice(ns); }
   endSlice(): void { disarmSlice(); consumeSliceSignal(); }
   getRegs(): Regs {
-    this.#regs ??= this.#v.getRegs();
+    this.#regs ??= this.#syncFresh ? this.#v.syncedRegs() : this.#v.getRegs();
     return { ...this.#regs };
   }
   setRegs(regs: Regs): void {
     this.#regs = undefined;
-    this.#v.setRegs(regs);
+    if (this.#sync && this.#syncFresh) {
+      this.#v.setSyncedRegs(regs);
+      this.#syncDirty = true;
+    } else {
+      this.#v.setRegs(regs);
+    }
     this.#regs = { ...regs };
   }
   getSregs(): Sregs {
@@ -357,7 +392,9 @@ class KvmBackendVcpu implements BackendVcpu {
   completePendingExit(): void {
     if (this.#last === NO_EXIT) return;
     this.#last = NO_EXIT;
+    this.#flushRegs();
     this.#regs = this.#sregs = undefined;
+    this.#syncFresh = false;
     this.#v.completePendingExit();
   }
 
@@ -375,7 +412,9 @@ class KvmBackendVcpu implements BackendVcpu {
   }
 
   setState(state: Record<string, Uint8Array>): void {
+    this.#flushRegs();
     this.#regs = this.#sregs = undefined;
+    this.#syncFresh = false;
     // Firecracker's order: XCRs before XSAVE (XCR0 decides which XSAVE components load), the
     // LAPIC before events and MP state (a pending interrupt refers to it).
     for (const k of ['fpu', 'xcrs', 'xsave', 'debugregs', 'lapic', 'mp-state', 'events'] as const) {

@@ -93,6 +93,7 @@ export const KVM_CAP = {
   EXT_CPUID: 7,
   NR_VCPUS: 9,
   NR_MEMSLOTS: 10,
+  SYNC_REGS: 74,
   PIT: 11,
   COALESCED_MMIO: 15,
   SET_GUEST_DEBUG: 23,
@@ -121,6 +122,8 @@ export const KVM_EXIT = {
 /** Other KVM ABI constants. */
 export const KVM_CONST = {
   API_VERSION: 12,
+  /** `KVM_SYNC_X86_REGS`: the general-purpose registers travel in `kvm_run.s.regs`. */
+  SYNC_X86_REGS: 1,
   MEM_LOG_DIRTY_PAGES: 1,
   MEM_READONLY: 2,
   EXIT_IO_IN: 0,

@@ -226,6 +226,12 @@ export const KVM_RUN_OFFSETS = {
   hypercall_nr: 32,
   hypercall_args: 40,
   hypercall_ret: 88,
+  /** Register sets KVM stores into `s.regs` at every exit (`KVM_SYNC_X86_*`; `KVM_CAP_SYNC_REGS`). */
+  kvm_valid_regs: 288,
+  /** Register sets userspace changed in `s.regs`: KVM loads them at the next `KVM_RUN`. */
+  kvm_dirty_regs: 296,
+  /** `s.regs.regs`: a `struct kvm_regs` (the x86 `struct kvm_sync_regs` starts with it). */
+  sync_regs: 304,
 } as const;
 
 /** Byte offset of a field of a struct layout. Throws for a field the struct does not have. */
