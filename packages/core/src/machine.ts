@@ -631,7 +631,7 @@ export class Machine {
         if (this.irqchip && b.isHalted() && (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState())) return { kind: 'stop', stop: { reason: 'halt' } };
         return { kind: 'yield' };
       }
-      if (exit.kind === 'io') c.byPort[exit.port] = (c.byPort[exit.port] as number) + 1;
+      if (exit.kind === 'io') c.countPort(exit.port);
       const out = handleExit(exit, ctx);
       t0 = performance.now();
       k.handleNs += (t0 - t1) * 1e6;

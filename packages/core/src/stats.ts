@@ -25,8 +25,9 @@ export interface ExitStats {
   readonly byPort: ReadonlyMap<number, number>;
 }
 
-function portMap(counts: Uint32Array): Map<number, number> {
+function portMap(counts: Uint32Array | undefined): Map<number, number> {
   const m = new Map<number, number>();
+  if (counts === undefined) return m;
   for (let p = 0; p < counts.length; p++) if (counts[p] !== 0) m.set(p, counts[p] as number);
   return m;
 }
@@ -35,8 +36,17 @@ function portMap(counts: Uint32Array): Map<number, number> {
 export class ExitCounters {
   total = 0;
   readonly byKind: Record<ExitKind, ExitKindStats>;
-  /** Exits per port, indexed by port: a typed array, so counting costs no Map operation per exit. */
-  readonly byPort = new Uint32Array(0x10000);
+  /**
+   * Exits per port, indexed by port: a typed array, so counting costs no Map operation per
+   * exit; allocated at the first port exit (256 KiB a machine that never does port I/O need not pay).
+   */
+  #byPort: Uint32Array | undefined;
+
+  /** Counts one exit on `port`. */
+  countPort(port: number): void {
+    const a = (this.#byPort ??= new Uint32Array(0x10000));
+    a[port] = (a[port] as number) + 1;
+  }
 
   constructor() {
     this.byKind = Object.fromEntries(EXIT_KINDS.map((k) => [k, { count: 0, runNs: 0, handleNs: 0 }])) as Record<ExitKind, ExitKindStats>;
@@ -46,7 +56,7 @@ export class ExitCounters {
   reset(): void {
     this.total = 0;
     for (const k of EXIT_KINDS) this.byKind[k] = { count: 0, runNs: 0, handleNs: 0 };
-    this.byPort.fill(0);
+    this.#byPort?.fill(0);
   }
 
   /** A copy safe to hand to users. */
@@ -54,7 +64,7 @@ export class ExitCounters {
     return {
       total: this.total,
       byKind: Object.fromEntries(EXIT_KINDS.map((k) => [k, { ...this.byKind[k] }])) as Record<ExitKind, ExitKindStats>,
-      byPort: portMap(this.byPort),
+      byPort: portMap(this.#byPort),
     };
   }
 }
