@@ -9,7 +9,7 @@
  * | `mockRun` | `MockVcpu.run()` (subtracted: KVM's side replaces it) |
  * | `ffiIoctl` | `ioctl(/dev/null, TCGETS)` through koffi (ENOTTY): the price of the FFI call |
  * | `decode` | kvm-backend's `decodeExit` over a fabricated `kvm_run` page (`@tsvm/kvm-backend/raw`) |
- * | `counters` | the slice loop's per-exit bookkeeping (a replica of `Machine.#slice`) |
+ * | `counters` | the slice loop's per-exit bookkeeping (a replica of `slice` in `core/src/machine/run-loop.ts`) |
  * | `busFind` | `Bus.find` with the bench's three devices |
  * | `deviceWrite` | `exitValue` + the device's `write` |
  * | `handleExit` | `handleExit` without hooks (bus + device + outcome) |
@@ -93,7 +93,7 @@ function decoder(): { decode: () => VcpuExit; complete: (d: Uint8Array) => void 
   return { decode, complete };
 }
 
-/** The per-exit bookkeeping of `Machine.#slice` (three clock reads, per-kind and per-port counters, seq). */
+/** The per-exit bookkeeping of the run loop's `slice` (`core/src/machine/run-loop.ts`) (three clock reads, per-kind and per-port counters, seq). */
 function countersReplica(): () => number {
   const byKind = { io: { count: 0, runNs: 0, handleNs: 0 } };
   const byPort = new Map<number, number>();

@@ -1,0 +1,223 @@
+/**
+ * The run loop, the hot path of every exit: `run` cuts time into slices (timer, timeout,
+ * `AbortSignal`, slice hooks, a yield to the event loop between them); `slice` is one
+ * synchronous loop of `KVM_RUN`s (counters, coalesced drain, `handleExit`); `apply` carries an
+ * outcome back to the vCPU; `finish` turns the stop request into the `Stop` `run()` returns.
+ * The loop allocates nothing of its own per exit (only the coalesced drain builds its late exits).
+ * @module
+ */
+import type { EventEmitter } from 'eventemitter3';
+import type { NmiWakeState } from '../backend.js';
+import { checkObject, show } from '../check.js';
+import { bitnessOf, codeAt } from '../cpu/paging.js';
+import { VECTORS_WITH_ERROR_CODE } from '../cpu/x86.js';
+import { InvalidArgumentError, StateError, TsvmError } from '../errors.js';
+import type { VcpuExit } from '../exits.js';
+import { handleExit, type ExitContext, type ExitOutcome } from '../handle-exit.js';
+import type { MachineEvents } from '../machine.js';
+import type { Stop, StopRequest } from '../stop.js';
+import type { Vcpu } from '../vcpu.js';
+import { exitContext, runSliceHooks } from './hook-table.js';
+import type { MachineState } from './state.js';
+
+/** Options of {@link Machine.run}. */
+export interface RunOptions {
+  /** Stop with `timeout` after this many milliseconds. */
+  readonly timeout?: number;
+  /** Stop with `aborted` when this signal fires. */
+  readonly signal?: AbortSignal;
+  /** Slice length in milliseconds (default 10): the longest Node waits for the event loop. */
+  readonly sliceMs?: number;
+}
+
+const DEFAULT_SLICE_MS = 10;
+type SliceResult = { kind: 'stop'; stop: StopRequest } | { kind: 'yield' } | { kind: 'async'; outcome: Promise<ExitOutcome>; exit: VcpuExit };
+
+/** @internal `Machine.run`. */
+export async function run(s: MachineState, events: EventEmitter<MachineEvents>, options: RunOptions): Promise<Stop> {
+  s.assertOpen();
+  if (s.running) throw new StateError('the machine is already running');
+  checkObject(options, 'options');
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw new InvalidArgumentError('signal', `must be an AbortSignal, got ${show(options.signal)}`);
+  const timeout = options.timeout;
+  if (timeout !== undefined && (typeof timeout !== 'number' || !(timeout >= 0))) throw new InvalidArgumentError('timeout', 'must be a non-negative number of milliseconds');
+  const sliceMs = options.sliceMs ?? DEFAULT_SLICE_MS;
+  if (typeof sliceMs !== 'number' || !(sliceMs > 0) || sliceMs > 1000) throw new InvalidArgumentError('sliceMs', 'must be in (0, 1000]');
+  const signal = options.signal;
+  s.running = true;
+  const t0 = performance.now();
+  const deadline = timeout === undefined ? Infinity : t0 + timeout;
+  const exits0 = s.counters.total;
+  events.emit('started');
+  const vcpu = s.vcpu(0);
+  let stop: StopRequest | undefined;
+  try {
+    while (!stop) {
+      if (signal?.aborted) { stop = { reason: 'aborted' }; break; }
+      const left = deadline - performance.now();
+      if (left <= 0) { stop = { reason: 'timeout' }; break; }
+      vcpu.backend.beginSlice(Math.max(50_000, Math.min(sliceMs, left) * 1e6));
+      let r: SliceResult;
+      try {
+        r = slice(s, vcpu);
+      } finally {
+        vcpu.backend.endSlice();
+      }
+      events.emit('slice');
+      const failed = runSliceHooks(s);
+      if (failed) { stop = failed; break; }
+      if (r.kind === 'stop') { stop = r.stop; break; }
+      if (r.kind === 'async') {
+        const out = await raceDeadline(r.outcome, deadline, signal);
+        if (out === 'timeout' || out === 'aborted') { stop = { reason: out }; break; }
+        const next = apply(s, vcpu, out);
+        if (next) { stop = next; break; }
+        continue;
+      }
+      // Let timers, I/O and other machines run between slices.
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    const final = finish(s, vcpu, stop as StopRequest, t0, exits0);
+    events.emit('stopped', final);
+    return final;
+  } finally {
+    s.running = false;
+  }
+}
+
+/** One time slice: a synchronous exit loop (no awaits, so the slice timer stays ours). */
+function slice(s: MachineState, vcpu: Vcpu): SliceResult {
+  const b = vcpu.backend;
+  const c = s.counters;
+  const ctx = exitContext(s, vcpu);
+  const info = ctx.info as { seq: number };
+  // One clock read per phase: the end of handling one exit is the start of the next run.
+  let t0 = performance.now();
+  for (;;) {
+    let exit: VcpuExit;
+    s.exit = undefined;
+    try {
+      exit = b.run();
+    } catch (e) {
+      return { kind: 'stop', stop: backendError(e) };
+    }
+    const t1 = performance.now();
+    const k = c.byKind[exit.kind];
+    k.count++;
+    k.runNs += (t1 - t0) * 1e6;
+    c.total++;
+    s.seq++;
+    info.seq = s.seq;
+    if (s.coalesced.length > 0) {
+      const stop = drainCoalesced(vcpu, ctx);
+      if (stop) return { kind: 'stop', stop };
+    }
+    s.exit = exit;
+    if (exit.kind === 'intr') {
+      t0 = performance.now();
+      k.handleNs += (t0 - t1) * 1e6;
+      // With an in-kernel irqchip `hlt` never exits. Halted with IF=0, only an NMI can wake the
+      // vCPU: report `halt` at once unless one is pending or some source is routed to deliver one.
+      if (s.irqchip && b.isHalted() && (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState())) return { kind: 'stop', stop: { reason: 'halt' } };
+      return { kind: 'yield' };
+    }
+    if (exit.kind === 'io') c.countPort(exit.port);
+    const out = handleExit(exit, ctx);
+    t0 = performance.now();
+    k.handleNs += (t0 - t1) * 1e6;
+    if (out.action === 'async') return { kind: 'async', outcome: out.outcome, exit };
+    const stop = apply(s, vcpu, out);
+    if (stop) return { kind: 'stop', stop };
+  }
+}
+
+/** Carries an outcome back to the vCPU: complete a read or MSR, raise a fault, or stop. */
+function apply(s: MachineState, vcpu: Vcpu, out: ExitOutcome): StopRequest | undefined {
+  if (out.action === 'stop') return out.stop;
+  if (out.action === 'fault') {
+    try {
+      vcpu.backend.faultInstruction(out.vector, out.errorCode, s.instructionRip(vcpu));
+    } catch (e) {
+      return backendError(e);
+    }
+    return undefined;
+  }
+  if (out.action === 'resume') {
+    if (out.read) vcpu.backend.completeRead(out.read);
+    if (out.msr) vcpu.backend.completeMsr(out.msr.data, out.msr.error);
+  }
+  return undefined;
+}
+
+/** Delivers the writes waiting in the coalesced ring, marked `late`, to devices and observers. */
+function drainCoalesced(vcpu: Vcpu, ctx: ExitContext): StopRequest | undefined {
+  for (const e of vcpu.backend.drainCoalesced()) {
+    const exit: VcpuExit = e.pio
+      ? { kind: 'io', direction: 'out', port: Number(e.address), size: e.length as 1 | 2 | 4, count: 1, data: e.data, late: true }
+      : { kind: 'mmio', address: e.address, isWrite: true, size: e.length, data: e.data, late: true };
+    // Coalesced writes already happened; only devices and observers see them.
+    const out = handleExit(exit, { ...ctx, mediate: [] });
+    if (out.action === 'stop') return out.stop;
+  }
+  return undefined;
+}
+
+/** The `Stop` for `stop`: where the vCPU is, what the exception or internal error was, counts. */
+function finish(s: MachineState, vcpu: Vcpu, stop: StopRequest, t0: number, exits0: number): Stop {
+  let rip = 0n;
+  let req = stop;
+  try {
+    const regs = vcpu.backend.getRegs();
+    // A stop an exit caused names the instruction behind it, the same on every flavour.
+    rip = req.reason === 'timeout' || req.reason === 'aborted' ? regs.rip : s.instructionRip(vcpu);
+    if (req.reason === 'timeout' || req.reason === 'aborted') {
+      req = { ...req, halted: s.irqchip && vcpu.backend.isHalted() };
+    }
+    if (req.reason === 'exception') {
+      // The stub's `out` ran on the exception frame: [error code] RIP CS RFLAGS RSP SS.
+      const w = s.mode === 'long' ? 8 : 4;
+      const hasCode = VECTORS_WITH_ERROR_CODE.has(req.vector);
+      const sp = regs.rsp;
+      const errorCode = hasCode ? s.memory.readUint(sp, 4) : undefined;
+      const ripAt = sp + BigInt(hasCode ? w : 0);
+      const faultRip = w === 8 ? s.memory.readU64(ripAt) : BigInt(s.memory.readUint(ripAt, 4));
+      req = { ...req, errorCode, faultRip, cr2: vcpu.backend.getSregs().cr2 };
+    }
+    if (req.reason === 'internal-error') {
+      const sregs = vcpu.backend.getSregs();
+      req = { ...req, code: codeAt(s.memory, sregs, rip), bitness: bitnessOf(sregs) };
+    }
+  } catch { /* registers unavailable (backend failed): report what we have */ }
+  return { ...req, rip, vcpu: vcpu.id, exits: s.counters.total - exits0, elapsedMs: performance.now() - t0 } as Stop;
+}
+
+/** Whether an NMI can still wake a halted vCPU (a masked NMI waits for an `iret` that never comes). */
+function nmiCanWake(w: NmiWakeState): boolean {
+  return !w.masked && (w.pending || w.source !== undefined);
+}
+
+/** A `backend-error` stop for something the backend threw. */
+function backendError(e: unknown): StopRequest {
+  return { reason: 'backend-error', error: e instanceof TsvmError ? e : new TsvmError('TSVM_BACKEND', String(e), { cause: e }) };
+}
+
+/** `p`, unless the deadline passes or the signal aborts first. */
+async function raceDeadline<T>(p: Promise<T>, deadline: number, signal: AbortSignal | undefined): Promise<T | 'timeout' | 'aborted'> {
+  let timer: NodeJS.Timeout | undefined;
+  let onAbort: (() => void) | undefined;
+  try {
+    return await Promise.race([
+      p,
+      new Promise<'timeout'>((resolve) => { if (deadline !== Infinity) timer = setTimeout(() => resolve('timeout'), Math.max(0, deadline - performance.now())); }),
+      new Promise<'aborted'>((resolve) => {
+        if (!signal) return;
+        if (signal.aborted) resolve('aborted');
+        onAbort = () => resolve('aborted');
+        signal.addEventListener('abort', onAbort, { once: true });
+      }),
+    ]);
+  } finally {
+    if (timer) clearTimeout(timer);
+    if (onAbort) signal?.removeEventListener('abort', onAbort);
+  }
+}

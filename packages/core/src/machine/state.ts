@@ -1,0 +1,91 @@
+/**
+ * The private state one `Machine` shares with the modules it delegates to (`memory-map`,
+ * `cpu-entry`, `attachments`, `hooks`, `run-loop`, `teardown`). Not public API: `Machine` keeps
+ * it in a private field and never hands it out (snapshots get `MachineInternals`, a narrower view).
+ * @module
+ */
+import { show } from '../check.js';
+import type { Backend, BackendVm, HostCapabilities } from '../backend.js';
+import { Bus } from '../bus.js';
+import type { CpuMode } from '../cpu/x86.js';
+import { instructionRipOf } from '../cpu/exit-rip.js';
+import type { Device } from '../device.js';
+import { InvalidArgumentError, StateError } from '../errors.js';
+import type { VcpuExit } from '../exits.js';
+import type { ExitHook, HookInfo, HookStats } from '../hooks.js';
+import { GuestMemory } from '../memory.js';
+import { ExitCounters } from '../stats.js';
+import type { Vcpu } from '../vcpu.js';
+
+/** @internal A range routed to the coalesced ring. */
+export interface CoalescedRange {
+  readonly start: bigint;
+  readonly size: number;
+  readonly pio: boolean;
+}
+
+/** @internal A function run at every slice boundary, named for `hook-error` stops. */
+export interface SliceHook {
+  readonly name: string;
+  readonly fn: () => void;
+}
+
+/**
+ * @internal Everything a machine owns. A class (not a literal) so every machine's state has one
+ * shape: the run loop reads `seq`, `exit` and `coalesced` once per exit.
+ */
+export class MachineState {
+  readonly memory = new GuestMemory();
+  readonly io = new Bus('pio');
+  readonly mmio = new Bus('mmio');
+  readonly vcpus: Vcpu[] = [];
+  readonly counters = new ExitCounters();
+  readonly hooks: ExitHook[] = [];
+  readonly hookStats = new Map<ExitHook, HookStats>();
+  readonly sliceHooks: SliceHook[] = [];
+  /** Memslots in use. */
+  readonly slots = new Set<number>();
+  /** Memslots that log dirty pages. */
+  readonly logDirty = new Set<number>();
+  /** Devices attached with `attach` / `attachDevice` (closed with the machine). */
+  readonly devices = new Set<Device>();
+  coalesced: CoalescedRange[] = [];
+  hooksSealed = false;
+  running = false;
+  closed = false;
+  /** Exits since creation: `HookInfo.seq`. */
+  seq = 0;
+  /** The exit being handled (undefined between exits): what `instructionRip()` explains. */
+  exit: VcpuExit | undefined = undefined;
+  explainer: ((exit: VcpuExit, info: HookInfo) => string | undefined) | undefined = undefined;
+  /** Base of the host's system area (protected/long mode), undefined in real mode. */
+  systemArea: number | undefined = undefined;
+  mode: CpuMode = 'real';
+  readonly capabilities: HostCapabilities;
+
+  constructor(
+    readonly name: string,
+    readonly backend: Backend,
+    readonly vm: BackendVm,
+    readonly irqchip: boolean,
+  ) {
+    this.capabilities = backend.capabilities;
+  }
+
+  /** @throws StateError once the machine is closed. */
+  assertOpen(): void {
+    if (this.closed) throw new StateError(`machine '${this.name}' is closed`);
+  }
+
+  /** vCPU `id`, or an error naming it. */
+  vcpu(id: number): Vcpu {
+    const v = Number.isInteger(id) ? this.vcpus[id] : undefined;
+    if (!v) throw new InvalidArgumentError('id', `no vCPU ${show(id)}`);
+    return v;
+  }
+
+  /** The instruction that caused the exit being handled (see `HookInfo.instructionRip`). */
+  instructionRip(vcpu: Vcpu): bigint {
+    return instructionRipOf(this.exit, vcpu.backend, this.memory, this.capabilities.ioExitRip);
+  }
+}
