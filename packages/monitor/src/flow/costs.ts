@@ -32,7 +32,7 @@ export interface FlowCostRow {
   readonly frames: number;
   /** Frame bytes decided. */
   readonly frameBytes: number;
-  /** Time spent on frames, ns (including the link decision a first frame triggers). */
+  /** Time spent on frames, ns (a link's first decision is counted under `connectionNs`). */
   readonly frameNs: number;
   /** Mean per frame, ns (0 without frames). */
   readonly perFrameNs: number;

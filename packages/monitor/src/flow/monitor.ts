@@ -349,9 +349,14 @@ export class FlowMonitor {
     if (typeof link === 'number') return this.#inspect(t0, this.#live.get(link), 'forward', request.data, 'frame');
     if (typeof link === 'string') return this.#messageDone(t0, null, 'forward', request.data.length, { verdict: 'deny', guard: null, reason: link }, 'frame', request);
     const pending = link ?? this.#openLink(key, request);
-    return pending.then((id) => (typeof id === 'number'
-      ? this.#inspect(t0, this.#live.get(id), 'forward', request.data, 'frame')
-      : this.#messageDone(t0, null, 'forward', request.data.length, { verdict: 'deny', guard: null, reason: id }, 'frame', request)));
+    // The link decision is priced as a connection; the frame's own price starts once it is known
+    // (otherwise the wait for the event loop would be billed to the first frame).
+    return pending.then((id) => {
+      const t1 = process.hrtime.bigint();
+      return typeof id === 'number'
+        ? this.#inspect(t1, this.#live.get(id), 'forward', request.data, 'frame')
+        : this.#messageDone(t1, null, 'forward', request.data.length, { verdict: 'deny', guard: null, reason: id }, 'frame', request);
+    });
   }
 
   #openLink(key: string, request: FrameRequest): Promise<number | string> {
