@@ -98,3 +98,40 @@ export {
 } from './net/vsock-router.js';
 /** Driver side of a vsock device without a guest, for tests and host-level demos. */
 export { VsockTestGuest, type VsockTestGuestOptions } from './net/vsock-test-guest.js';
+
+// virtio-net and its host-side L2 switch (frames between machines)
+export {
+  VirtioNet,
+  NetFeature,
+  NET_DEVICE_ID,
+  NET_HEADER_SIZE,
+  NET_HDR_F_NEEDS_CSUM,
+  NET_HDR_GSO_NONE,
+  NET_S_LINK_UP,
+  ETHERNET_HEADER_SIZE,
+  VLAN_TAG_SIZE,
+  DEFAULT_MTU,
+  parseMac,
+  formatMac,
+  maxFrameSize,
+  type MacAddress,
+  type VirtioNetOptions,
+  type NetUplink,
+  type NetDeviceStats,
+  type NetDropReason,
+} from './virtio/net.js';
+export {
+  VirtualSwitch,
+  allowAllFrames,
+  type VirtualSwitchOptions,
+  type SwitchPortOptions,
+  type SwitchPortStats,
+  type SwitchStats,
+  type SwitchDropReason,
+  type SwitchFrame,
+  type FrameVerdict,
+  type FrameMediator,
+  type HostPort,
+} from './net/switch.js';
+/** Driver side of a virtio-net card without a guest, for tests, host-level demos and benchmarks. */
+export { NetTestGuest, ethernetFrame, BROADCAST_MAC, type NetTestGuestOptions, type ReceivedFrame } from './net/net-test-guest.js';

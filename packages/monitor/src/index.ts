@@ -62,3 +62,5 @@ export { FlowCostMeter, type FlowCostReport, type FlowCostRow } from './flow/cos
 export { renderFlowSvg } from './flow/svg.js';
 export { analyzeFlows, renderFlowDot, type FlowAnalysis, type FlowEdge, type FlowPath, type TagReach, type RuleFinding, type AnalyzeOptions } from './flow/analysis.js';
 export { learnPolicy, type LearnOptions, type LearnedPolicy, type UnresolvedFlow } from './flow/learning.js';
+/** L2 frames through the flow monitor (the `FrameMediator` of `@tsvm/devices`' `VirtualSwitch`). */
+export { type FrameRequest } from './flow/monitor.js';

@@ -28,6 +28,16 @@ export interface FlowCostRow {
   readonly perMessageNs: number;
   /** Mean per byte, ns (0 without bytes). */
   readonly perByteNs: number;
+  /** Frames decided (a switch's L2 frames: their own cost class, apart from stream messages). */
+  readonly frames: number;
+  /** Frame bytes decided. */
+  readonly frameBytes: number;
+  /** Time spent on frames, ns (a link's first decision is counted under `connectionNs`). */
+  readonly frameNs: number;
+  /** Mean per frame, ns (0 without frames). */
+  readonly perFrameNs: number;
+  /** Mean per frame byte, ns (0 without frames). */
+  readonly perFrameByteNs: number;
 }
 
 /** The flow cost report. */
@@ -40,11 +50,15 @@ export interface FlowCostReport {
   readonly perUnguardedMessageNs: number;
   /** Mean guarded message, ns. */
   readonly perGuardedMessageNs: number;
+  /** Mean unguarded frame check, ns. */
+  readonly perUnguardedFrameNs: number;
+  /** Mean guarded frame, ns. */
+  readonly perGuardedFrameNs: number;
   /** Cheaper alternatives, one line each. */
   readonly hints: readonly string[];
 }
 
-interface Acc { connections: number; messages: number; bytes: number; connectionNs: number; messageNs: number }
+interface Acc { connections: number; messages: number; bytes: number; connectionNs: number; messageNs: number; frames: number; frameBytes: number; frameNs: number }
 
 /** Accumulates flow decision costs. */
 export class FlowCostMeter {
@@ -54,7 +68,7 @@ export class FlowCostMeter {
   #acc(m: Map<string, Acc>, k: string): Acc {
     let a = m.get(k);
     if (a === undefined) {
-      a = { connections: 0, messages: 0, bytes: 0, connectionNs: 0, messageNs: 0 };
+      a = { connections: 0, messages: 0, bytes: 0, connectionNs: 0, messageNs: 0, frames: 0, frameBytes: 0, frameNs: 0 };
       m.set(k, a);
     }
     return a;
@@ -75,12 +89,21 @@ export class FlowCostMeter {
     a.messageNs += ns;
   }
 
+  /** Records one frame decided on a link of `rule`, inspected by `guard` if not null. */
+  frame(rule: string | null, guard: string | null, bytes: number, ns: number): void {
+    const a = guard === null ? this.#acc(this.#rules, rule ?? 'default') : this.#acc(this.#guards, guard);
+    a.frames++;
+    a.frameBytes += bytes;
+    a.frameNs += ns;
+  }
+
   /** The report so far. */
   report(): FlowCostReport {
     const row = (kind: 'rule' | 'guard', name: string, a: Acc): FlowCostRow => ({
       kind, name, ...a, perMessageNs: a.messages ? a.messageNs / a.messages : 0, perByteNs: a.bytes ? a.messageNs / a.bytes : 0,
+      perFrameNs: a.frames ? a.frameNs / a.frames : 0, perFrameByteNs: a.frameBytes ? a.frameNs / a.frameBytes : 0,
     });
-    const total = (r: FlowCostRow): number => r.connectionNs + r.messageNs;
+    const total = (r: FlowCostRow): number => r.connectionNs + r.messageNs + r.frameNs;
     const rules = [...this.#rules].map(([n, a]) => row('rule', n, a)).sort((x, y) => total(y) - total(x));
     const guards = [...this.#guards].map(([n, a]) => row('guard', n, a)).sort((x, y) => total(y) - total(x));
     const sum = (rs: FlowCostRow[], f: (r: FlowCostRow) => number): number => rs.reduce((s, r) => s + f(r), 0);
@@ -90,13 +113,21 @@ export class FlowCostMeter {
     const perConnectionNs = conns ? sum(rules, (r) => r.connectionNs) / conns : 0;
     const perUnguardedMessageNs = unguarded ? sum(rules, (r) => r.messageNs) / unguarded : 0;
     const perGuardedMessageNs = guarded ? sum(guards, (r) => r.messageNs) / guarded : 0;
+    const unguardedFrames = sum(rules, (r) => r.frames);
+    const guardedFrames = sum(guards, (r) => r.frames);
+    const perUnguardedFrameNs = unguardedFrames ? sum(rules, (r) => r.frameNs) / unguardedFrames : 0;
+    const perGuardedFrameNs = guardedFrames ? sum(guards, (r) => r.frameNs) / guardedFrames : 0;
     const hints: string[] = [];
     for (const g of guards) {
+      if (g.frames > 0) {
+        hints.push(`guard '${g.name}': ${formatNs(g.perFrameNs)}/frame (${formatNs(g.perFrameByteNs)}/byte); `
+          + `frames between principals whose labels already flow need no content filter: an unguarded link costs ~${formatNs(perUnguardedFrameNs || perConnectionNs)} per frame`);
+      }
       if (g.messages === 0) continue;
       const extra = g.perMessageNs - perUnguardedMessageNs;
       hints.push(`guard '${g.name}': ${formatNs(g.perMessageNs)}/message (${formatNs(g.perByteNs)}/byte); `
         + `if its content check is not needed, an unguarded rule between principals whose labels already flow costs ~${formatNs(perUnguardedMessageNs || perConnectionNs)} per message (saves ~${formatNs(Math.max(0, extra) * g.messages)} over this run)`);
     }
-    return { rows: [...rules, ...guards], perConnectionNs, perUnguardedMessageNs, perGuardedMessageNs, hints };
+    return { rows: [...rules, ...guards], perConnectionNs, perUnguardedMessageNs, perGuardedMessageNs, perUnguardedFrameNs, perGuardedFrameNs, hints };
   }
 }

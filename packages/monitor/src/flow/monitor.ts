@@ -124,6 +124,21 @@ export type MessageDecision =
     readonly reason: string;
   };
 
+/** Most (source, destination, EtherType) links the monitor remembers; the oldest is forgotten first. */
+const MAX_LINKS = 4096;
+
+/** One L2 frame as a switch asks about it (structurally the `SwitchFrame` of `@tsvm/devices`). */
+export interface FrameRequest {
+  /** Sending port's principal. */
+  readonly source: string;
+  /** Receiving port's principal. */
+  readonly destination: string;
+  /** EtherType: the link's "port" in rules (0x0800 IPv4, 0x0806 ARP, 0x86dd IPv6). */
+  readonly ethertype: number;
+  /** The frame, Ethernet header included. */
+  readonly data: Uint8Array;
+}
+
 /** A connection observed in learn mode. */
 export interface ObservedFlow {
   /** The request. */
@@ -214,6 +229,8 @@ export class FlowMonitor {
   readonly #live = new Map<number, Live>();
   readonly #meter = new FlowCostMeter();
   readonly #observed: ObservedFlow[] = [];
+  /** L2 links by `source\ndestination\nethertype`: connection id, refusal reason, or the pending decision. */
+  readonly #links = new Map<string, number | string | Promise<number | string>>();
   #nextId = 1;
 
   /**
@@ -313,8 +330,53 @@ export class FlowMonitor {
    */
   message(connection: FlowConnection | number, direction: FlowDirection, data: Uint8Array): MessageDecision | Promise<MessageDecision> {
     const t0 = process.hrtime.bigint();
-    const live = this.#live.get(typeof connection === 'number' ? connection : connection.id);
-    if (live === undefined) return this.#messageDone(t0, null, direction, data.length, { verdict: 'deny', guard: null, reason: 'unknown or closed connection' });
+    return this.#inspect(t0, this.#live.get(typeof connection === 'number' ? connection : connection.id), direction, data, 'message');
+  }
+
+  /**
+   * Decides one L2 frame from port `source` to port `destination` before that port sees it (the
+   * `FrameMediator` of `@tsvm/devices`' `VirtualSwitch`). A frame is a message on a *link*: the
+   * first frame of a (source, destination, EtherType) triple is decided like a connection
+   * request with `port` = EtherType and `service` = `ethernet` (audited as `flow:connect`, cached;
+   * a rule without `service` covers frames too), every frame then like a message on it — the
+   * link's guard inspects it and may drop or rewrite it — audited as `flow:frame` and priced in
+   * its own cost class. Synchronous once the link is known and the guard is.
+   */
+  frame(request: FrameRequest): MessageDecision | Promise<MessageDecision> {
+    const t0 = process.hrtime.bigint();
+    const key = `${request.source}\n${request.destination}\n${request.ethertype}`;
+    const link = this.#links.get(key);
+    if (typeof link === 'number') return this.#inspect(t0, this.#live.get(link), 'forward', request.data, 'frame');
+    if (typeof link === 'string') return this.#messageDone(t0, null, 'forward', request.data.length, { verdict: 'deny', guard: null, reason: link }, 'frame', request);
+    const pending = link ?? this.#openLink(key, request);
+    // The link decision is priced as a connection; the frame's own price starts once it is known
+    // (otherwise the wait for the event loop would be billed to the first frame).
+    return pending.then((id) => {
+      const t1 = process.hrtime.bigint();
+      return typeof id === 'number'
+        ? this.#inspect(t1, this.#live.get(id), 'forward', request.data, 'frame')
+        : this.#messageDone(t1, null, 'forward', request.data.length, { verdict: 'deny', guard: null, reason: id }, 'frame', request);
+    });
+  }
+
+  #openLink(key: string, request: FrameRequest): Promise<number | string> {
+    // Bounded: a guest cycling through EtherTypes must not grow the cache without end.
+    if (this.#links.size >= MAX_LINKS) {
+      const [oldKey, old] = this.#links.entries().next().value as [string, number | string | Promise<number | string>];
+      this.#links.delete(oldKey);
+      if (typeof old === 'number') this.#live.delete(old);
+    }
+    const p = this.connect({ source: request.source, destination: request.destination, port: request.ethertype, service: 'ethernet' }).then((d) => {
+      const v = d.connection !== null ? d.connection.id : `link refused: ${d.reason}`;
+      if (this.#links.get(key) === p) this.#links.set(key, v);
+      return v;
+    });
+    this.#links.set(key, p);
+    return p;
+  }
+
+  #inspect(t0: bigint, live: Live | undefined, direction: FlowDirection, data: Uint8Array, kind: 'message' | 'frame'): MessageDecision | Promise<MessageDecision> {
+    if (live === undefined) return this.#messageDone(t0, null, direction, data.length, { verdict: 'deny', guard: null, reason: 'unknown or closed connection' }, kind);
     const fwd = direction === 'forward';
     const sender = fwd ? live.src : live.dst;
     const receiver = fwd ? live.dst : live.src;
@@ -322,18 +384,18 @@ export class FlowMonitor {
       const refusal = fwd ? live.forward : live.reverse;
       return this.#messageDone(t0, live, direction, data.length, refusal === null
         ? { verdict: 'allow', data, label: sender.label, declassified: [], rewritten: false, guard: null, reason: 'connection allowed' }
-        : { verdict: 'deny', guard: null, reason: refusal });
+        : { verdict: 'deny', guard: null, reason: refusal }, kind);
     }
     this.stats.guardInspections++;
     const g = live.guard;
     const out = runGuard(live.guardFn, data, { guard: g.name, connection: live.conn.id, from: sender.name, to: receiver.name, label: sender.label, port: live.conn.port }, g.declassify, g.timeoutMs);
     const finish = (o: GuardOutcome): MessageDecision => {
-      if (!o.ok) return this.#messageDone(t0, live, direction, data.length, { verdict: 'deny', guard: g.name, reason: o.reason });
+      if (!o.ok) return this.#messageDone(t0, live, direction, data.length, { verdict: 'deny', guard: g.name, reason: o.reason }, kind);
       const label = declassify(sender.label, o.declassified);
       const refusal = this.policy.lattice && this.mode === 'enforce' ? latticeRefusal(latticeGap(label, receiver.label), [], null) : null;
-      if (refusal !== null) return this.#messageDone(t0, live, direction, data.length, { verdict: 'deny', guard: g.name, reason: `guard '${g.name}' allowed, but ${refusal}` });
+      if (refusal !== null) return this.#messageDone(t0, live, direction, data.length, { verdict: 'deny', guard: g.name, reason: `guard '${g.name}' allowed, but ${refusal}` }, kind);
       const why = `guard '${g.name}' ${o.rewritten ? 'rewrote' : 'allowed'}${o.declassified.length ? `, declassifying {${o.declassified.join(',')}}` : ''}`;
-      return this.#messageDone(t0, live, direction, o.data.length, { verdict: 'allow', data: o.data, label, declassified: o.declassified, rewritten: o.rewritten, guard: g.name, reason: why });
+      return this.#messageDone(t0, live, direction, o.data.length, { verdict: 'allow', data: o.data, label, declassified: o.declassified, rewritten: o.rewritten, guard: g.name, reason: why }, kind);
     };
     return out instanceof Promise ? out.then(finish) : finish(out);
   }
@@ -375,7 +437,7 @@ export class FlowMonitor {
     }
   }
 
-  #messageDone(t0: bigint, live: Live | null, direction: FlowDirection, bytes: number, d: MessageDecision): MessageDecision {
+  #messageDone(t0: bigint, live: Live | null | undefined, direction: FlowDirection, bytes: number, d: MessageDecision, kind: 'message' | 'frame' = 'message', link?: FrameRequest): MessageDecision {
     if (d.verdict === 'allow') {
       this.stats.messagesAllowed++;
       this.stats.bytesAllowed += bytes;
@@ -386,11 +448,12 @@ export class FlowMonitor {
       const fwd = direction === 'forward';
       const c = live?.conn;
       const labelled = c !== undefined && (d.verdict === 'deny' || d.declassified.length > 0);
-      this.#log('flow:message', d.verdict, d.reason, c ? (fwd ? c.source : c.destination) : '?', c ? (fwd ? c.destination : c.source) : '?', c?.port ?? -1, c?.id ?? null, c?.rule ?? null, d.guard,
+      this.#log(`flow:${kind}`, d.verdict, d.reason, c ? (fwd ? c.source : c.destination) : link?.source ?? '?', c ? (fwd ? c.destination : c.source) : link?.destination ?? '?', c?.port ?? link?.ethertype ?? -1, c?.id ?? null, c?.rule ?? null, d.guard,
         labelled ? (fwd ? c.sourceLabel : c.destinationLabel) : undefined, labelled ? (fwd ? c.destinationLabel : c.sourceLabel) : undefined,
         { bytes, ...(d.verdict === 'allow' && d.declassified.length ? { declassified: d.declassified } : {}) });
     }
-    this.#meter.message(live?.conn.rule ?? null, d.guard, bytes, Number(process.hrtime.bigint() - t0));
+    if (kind === 'frame') this.#meter.frame(live?.conn.rule ?? null, d.guard, bytes, Number(process.hrtime.bigint() - t0));
+    else this.#meter.message(live?.conn.rule ?? null, d.guard, bytes, Number(process.hrtime.bigint() - t0));
     return d;
   }
 
