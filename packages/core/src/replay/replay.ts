@@ -66,7 +66,7 @@ export interface ReplayOptions {
   /** The hypervisor (wrapped with `tappable`); defaults to the process-wide KVM backend. */
   readonly backend?: Backend;
   /**
-   * Sets up the analysis on the new machine before it runs (attach a `Monitor`, add hooks).
+   * Sets up the analysis on the restored machine before it runs (attach a `Monitor`, add hooks).
    * Do not seal the machine's hooks here: the replay adds its own afterwards.
    */
   readonly monitor?: (machine: Machine) => void | Promise<void>;
@@ -166,9 +166,11 @@ export async function replay(recording: { readonly snapshot: Snapshot; readonly 
     backend: tappable(options.backend ?? kvmBackend()),
     ...(options.name !== undefined ? { name: options.name } : {}),
     ...(options.devices ? { devices: options.devices } : {}),
-    ...(options.monitor ? { setup: options.monitor } : {}),
   });
   try {
+    // After restore, so the monitor sees the machine as the recording began (paging on, CPU
+    // state applied: an exec hook can translate its address and arm its probe).
+    await options.monitor?.(m);
     return await drive(m, log, timeout);
   } catch (e) {
     await m.close().catch(() => undefined);
