@@ -1,7 +1,7 @@
 /**
  * Record and replay (single vCPU): record what a guest receives from the host at exit
  * boundaries, replay it from the base snapshot without the devices, under another monitor, and
- * get the first divergence named by exit number. See `docs/replay.md`.
+ * get the first divergence named by exit number.
  * @module
  */
 export { tappable, countsAsGuestExit } from './tap.js';
