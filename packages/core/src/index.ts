@@ -15,6 +15,9 @@
  *   image and return an entry state that {@link Machine.enter} applies.
  * - {@link Snapshot}: `machine.snapshot()`, `Machine.restore()`, `Machine.fork()` (copy-on-write
  *   RAM) and `machine.reset()` (re-copies dirty pages only).
+ * - Record/replay: {@link record} a machine created on a {@link tappable} backend, then
+ *   {@link replay} the {@link Recording} without its devices, under another monitor;
+ *   {@link ReplayDivergence} names the first exit that differs.
  * - Errors: one hierarchy rooted at {@link TsvmError}.
  * @module
  */
@@ -51,3 +54,9 @@ export {
   TsvmError, KvmError, KvmUnavailableError, errnoName, InvalidArgumentError, GuestMemoryError, StateError,
   SnapshotFormatError, ImageFormatError, MonitorViolation, HookFailure,
 } from './errors.js';
+export {
+  tappable, countsAsGuestExit, record, startRecording, Recorder, replay, ReplayDivergence,
+  parseLog, encodeLog, snapshotDigest, REPLAY_FORMAT, REPLAY_VERSION,
+  type RecordOptions, type Recording, type ReplayOptions, type ReplayResult,
+  type ReplayLog, type LoggedExit, type LoggedDma, type LoggedIrq, type LoggedStop,
+} from './replay/index.js';

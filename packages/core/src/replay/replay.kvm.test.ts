@@ -1,0 +1,128 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { describe, expect, it } from 'vitest';
+import { Machine } from '../machine.js';
+import { asm } from '../asm.js';
+import { kvmAvailability } from '../testing/kvm-gate.js';
+import { kvmBackend } from '../backend/kvm.js';
+import { DeviceMemory } from '../dma.js';
+import type { Device } from '../device.js';
+import { tappable, record, replay, parseLog, encodeLog, ReplayDivergence } from './index.js';
+
+const kvm = kvmAvailability();
+const MiB = 1024 * 1024;
+
+// Ring 3, long mode: 20 rounds of (read a random 32-bit value from port 0x60, ask the DMA
+// device on port 0x64 for 8 random bytes at 0x100000, fold both into r13, store r13), then a
+// debug-exit. Every run of the real devices gives other values.
+export const PROGRAM = `
+  xor r13, r13
+  xor ecx, ecx
+round:
+  mov dx, 0x60
+  in eax, dx
+  add r13, rax
+  mov dx, 0x64
+  out dx, al
+  mov rax, [0x100000]
+  xor r13, rax
+  rol r13, 7
+  mov [rcx*8 + 0x101000], r13
+  inc ecx
+  cmp ecx, 20
+  jne round
+  mov dx, 0xf4
+  mov al, 7
+  out dx, al`;
+
+/** The devices: a random port, a DMA engine (through the DMA gate), a debug-exit. */
+export function devices(vm: Machine): void {
+  const dma = new DeviceMemory(vm.memory, 'rng-dma');
+  const random: Device = { name: 'random', read: () => randomBytes(4).readUInt32LE(0) };
+  const engine: Device = { name: 'rng-dma', write: () => { dma.write(0x100000n, randomBytes(8)); } };
+  const exit: Device = { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) };
+  vm.attach({ port: 0x60, size: 4 }, random);
+  vm.attach({ port: 0x64, size: 1 }, engine);
+  vm.attach({ port: 0xf4, size: 1 }, exit);
+}
+
+const hash = (vm: Machine): string => createHash('sha256').update(vm.memory.read(0, vm.memory.totalSize)).digest('hex');
+
+async function recordOnce(): Promise<{ rec: Awaited<ReturnType<typeof record>>; regs: unknown; hash: string }> {
+  const vm = await Machine.create({ memory: 2 * MiB, name: 'rec', backend: tappable(kvmBackend()) });
+  devices(vm);
+  vm.loadFlat(await asm(PROGRAM, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+  const rec = await record(vm, { timeout: 10_000 });
+  const out = { rec, regs: vm.vcpu(0).getRegs(), hash: hash(vm) };
+  await vm.close();
+  return out;
+}
+
+describe.skipIf(!kvm.available)(`record / replay on KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  it('a ring-3 guest fed random device values and DMA replays without its devices: same registers, same memory', async () => {
+    const a = await recordOnce();
+    const b = await recordOnce();
+    expect(a.rec.stop).toMatchObject({ reason: 'debug-exit', code: 7 });
+    expect(a.rec.log.exits).toHaveLength(41); // 20 × (in + out) + the debug-exit
+    expect(a.rec.log.dma).toHaveLength(20);
+    expect(a.hash).not.toBe(b.hash); // the inputs really differ per run
+    const r = await replay(a.rec);
+    try {
+      expect(r.divergence).toBeUndefined();
+      expect(r.exits).toBe(41);
+      expect(r.machine.vcpu(0).getRegs()).toEqual(a.regs);
+      expect(hash(r.machine)).toBe(a.hash);
+    } finally {
+      await r.machine.close();
+    }
+    // The same through the JSON log format.
+    const again = await replay({ snapshot: a.rec.snapshot, log: parseLog(JSON.parse(JSON.stringify(encodeLog(a.rec.log)))) });
+    expect(again.divergence).toBeUndefined();
+    expect(hash(again.machine)).toBe(a.hash);
+    await again.machine.close();
+    a.rec.snapshot.close();
+    b.rec.snapshot.close();
+  });
+
+  it('a tampered read changes what the guest does: the divergence names the exit number and instruction', async () => {
+    const { rec } = await recordOnce();
+    const log = structuredClone(rec.log);
+    // Round i makes exits 2i+1 (`in`) and 2i+2 (`out`, AL = the value read): exit 8 is
+    // round 3's `out`, whose byte the replay checks at the exit itself.
+    const e = log.exits[7];
+    if (!e?.wrote) throw new Error('exit 8 should be the out to 0x64');
+    (e as { wrote: Uint8Array }).wrote = Uint8Array.of((e.wrote[0] as number) ^ 1);
+    const r = await replay({ snapshot: rec.snapshot, log });
+    expect(r.divergence).toBeInstanceOf(ReplayDivergence);
+    expect(r.divergence).toMatchObject({ exit: 8, field: 'wrote' });
+    expect(r.divergence?.rip).toBeGreaterThan(0x1000n);
+    await r.machine.close();
+    // A tampered read value (exit 7's `in`): the guest writes what it read at the next exit.
+    const log2 = structuredClone(rec.log);
+    (log2.exits[6] as { read?: Uint8Array }).read = Uint8Array.of(1, 2, 3, 4);
+    const r2 = await replay({ snapshot: rec.snapshot, log: log2 });
+    expect(r2.divergence).toMatchObject({ exit: 8, field: 'wrote', expected: `[${Buffer.from(rec.log.exits[7]?.wrote ?? []).toString('hex')}]`, got: '[01]' });
+    await r2.machine.close();
+    rec.snapshot.close();
+  });
+
+  it('rdtsc at CPL3: CR4.TSD makes it fault where the host honours it; where not (PVM) the replay reports the divergence', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB, backend: tappable(kvmBackend()) });
+    vm.attach({ port: 0xf4, size: 1 }, { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+    // AL (the TSC's low byte) goes out at the first exit: a new TSC value shows there.
+    vm.loadFlat(await asm('rdtsc\n mov dx, 0xf4\n out dx, al', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    const rec = await record(vm, { timeout: 10_000 });
+    if (vm.capabilities.flavour === 'pvm') {
+      // Measured: PVM runs CPL3 code natively and ignores CR4.TSD; rdtsc reads the host's TSC.
+      expect(rec.stop.reason).toBe('debug-exit');
+      const r = await replay(rec);
+      expect(r.divergence).toMatchObject({ exit: 1, field: 'wrote' });
+      await r.machine.close();
+    } else {
+      expect(rec.stop).toMatchObject({ reason: 'exception', vector: 13, faultRip: 0x1000n });
+      const r = await replay(rec);
+      expect(r.divergence).toBeUndefined();
+      await r.machine.close();
+    }
+    rec.snapshot.close();
+  });
+});
