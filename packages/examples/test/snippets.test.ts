@@ -1,0 +1,77 @@
+/**
+ * Every TypeScript snippet in README.md and the package READMEs typechecks as written (strict,
+ * like the repository). Snippets are written to `packages/examples/.snippets/` (git-ignored) so
+ * `@tsvm/*` resolves through the workspace; each becomes a module of its own so top-level
+ * `await` and `await using` work. A block fenced as ```ts no-check is shown but not checked.
+ */
+import { execFile } from 'node:child_process';
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { dirname, join, relative, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { afterAll, describe, expect, it } from 'vitest';
+
+const repo = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
+const dir = join(repo, 'packages/examples/.snippets');
+const run = promisify(execFile);
+
+/** One fenced block: where it is and its code. */
+export interface Snippet { readonly file: string; readonly line: number; readonly lang: string; readonly code: string }
+
+/** The fenced ```ts / ```js blocks of a Markdown text, with the line each starts on. */
+export function extractSnippets(file: string, text: string): Snippet[] {
+  const out: Snippet[] = [];
+  const lines = text.split('\n');
+  for (let i = 0; i < lines.length; i++) {
+    const open = /^```(ts|typescript|js|javascript)(\s+no-check)?\s*$/.exec(lines[i] ?? '');
+    if (!open) continue;
+    const start = i + 1;
+    let end = start;
+    while (end < lines.length && !/^```\s*$/.test(lines[end] ?? '')) end++;
+    if (!open[2]) out.push({ file, line: start + 1, lang: open[1]?.startsWith('t') ? 'ts' : 'js', code: lines.slice(start, end).join('\n') });
+    i = end;
+  }
+  return out;
+}
+
+const readmes = ['README.md', ...readdirSync(join(repo, 'packages')).map((p) => `packages/${p}/README.md`)]
+  .filter((f) => { try { readFileSync(join(repo, f)); return true; } catch { return false; } });
+const snippets = readmes.flatMap((f) => extractSnippets(f, readFileSync(join(repo, f), 'utf8')));
+
+describe('README snippets', () => {
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('extracts fenced blocks with their starting line', () => {
+    expect(extractSnippets('x.md', 'a\n```ts\nlet x = 1;\n```\n```ts no-check\nnope\n```\n```js\nf()\n```\n'))
+      .toEqual([{ file: 'x.md', line: 3, lang: 'ts', code: 'let x = 1;' }, { file: 'x.md', line: 9, lang: 'js', code: 'f()' }]);
+  });
+
+  it('every ts/js snippet typechecks as written', async () => {
+    rmSync(dir, { recursive: true, force: true });
+    mkdirSync(dir, { recursive: true });
+    const names = new Map<string, Snippet>();
+    for (const s of snippets) {
+      const name = `${s.file.replace(/[/.]/g, '_')}_L${s.line}.${s.lang === 'ts' ? 'ts' : 'mjs'}`;
+      names.set(name, s);
+      // `export {}` makes each block a module (top-level await); JS is checked with checkJs.
+      writeFileSync(join(dir, name), `${s.code}\nexport {};\n`);
+    }
+    writeFileSync(join(dir, 'tsconfig.json'), JSON.stringify({
+      extends: '../../../tsconfig.base.json',
+      compilerOptions: { noEmit: true, allowJs: true, checkJs: true, noUnusedLocals: false, declaration: false, sourceMap: false },
+      include: ['*.ts', '*.mjs'],
+    }));
+    let output = '';
+    try {
+      await run(process.execPath, [join(repo, 'node_modules/typescript/bin/tsc'), '-p', dir], { cwd: dir, timeout: 120_000 });
+    } catch (e) {
+      output = String((e as { stdout?: string }).stdout ?? e);
+    }
+    // Point each error at the README line it came from.
+    const located = output.replace(/^(\S+?\.(?:ts|mjs))\((\d+),(\d+)\)/gm, (m, f: string, l: string, c: string) => {
+      const s = names.get(relative(dir, join(dir, f)));
+      return s ? `${s.file}:${s.line + Number(l) - 1}:${c}` : m;
+    });
+    expect(located).toBe('');
+  }, 120_000);
+});
