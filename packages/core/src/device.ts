@@ -47,6 +47,12 @@ export interface Device {
   snapshot?(): unknown;
   /** Restores state produced by `snapshot()`; throws `SnapshotFormatError` on a bad shape. */
   restore?(state: unknown): void;
+  /**
+   * Delivers output the device still buffers (a UART batches bytes until a newline or the next
+   * turn of the event loop). `Machine.run()` calls it before it returns, so everything the guest
+   * printed before the stop has been delivered when the stop is.
+   */
+  flush?(): void;
   /** Releases host resources (streams, files). */
   close?(): void | Promise<void>;
 }

@@ -202,3 +202,19 @@ describe('Uart16550', () => {
     expect(irq.level).toBe(false);
   });
 });
+
+describe('output at the stop', () => {
+  it("everything the guest printed before the stop is delivered when run() returns (no newline needed)", async () => {
+    const { Machine } = await import('@tsvm/core');
+    const { MockBackend, outExit } = await import('@tsvm/core/testing');
+    const backend = new MockBackend();
+    backend.script(outExit(0x3f8, 0x6f), outExit(0x3f8, 0x6b), { kind: 'hlt' });
+    await using vm = await Machine.create({ memory: 64 * 1024, backend });
+    let out = '';
+    const uart = new Uart16550({ sink: (b) => { out += Buffer.from(b).toString('latin1'); } });
+    vm.attachDevice(uart);
+    const stop = await vm.run();
+    expect(stop.reason).toBe('halt');
+    expect(out).toBe('ok'); // synchronously, before any later turn of the event loop
+  });
+});

@@ -77,7 +77,17 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
       // Let timers, I/O and other machines run between slices.
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
-    const final = finish(s, vcpu, stop as StopRequest, t0, exits0);
+    let req = stop as StopRequest;
+    // Output produced before the stop is delivered before the stop is.
+    for (const d of s.devices) {
+      try {
+        d.flush?.();
+      } catch (error) {
+        req = { reason: 'device-error', device: d.name, error };
+        break;
+      }
+    }
+    const final = finish(s, vcpu, req, t0, exits0);
     events.emit('stopped', final);
     return final;
   } finally {

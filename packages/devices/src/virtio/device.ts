@@ -63,6 +63,8 @@ export interface VirtioDevice {
   snapshot(): unknown;
   /** Restores {@link VirtioDevice.snapshot} output; throws `SnapshotFormatError` on a bad shape. */
   restore(state: unknown): void;
+  /** Delivers output still buffered (called through the transport when `Machine.run()` stops). */
+  flush?(): void;
   /** Releases host resources (files, streams). */
   close?(): void;
 }

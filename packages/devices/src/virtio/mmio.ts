@@ -312,6 +312,11 @@ export class VirtioMmio implements Device {
   }
 
   /** Drops deferred work and closes the device model's host resources. */
+  /** Delivers output the device model still buffers (`Device.flush`). */
+  flush(): void {
+    this.#dev.flush?.();
+  }
+
   close(): void {
     this.#cancelDeferred();
     this.#dev.close?.();
