@@ -28,3 +28,12 @@ describe('Bus', () => {
     expect(() => bus.register({ address: 0xe5n, size: 1 }, dev('low-mmio'))).not.toThrow();
   });
 });
+
+describe('sealing', () => {
+  it('refuses devices after seal, but not the reserved port tsvm claims for itself (no order trap for loadFlat)', () => {
+    const bus = new Bus('pio');
+    bus.seal();
+    expect(() => bus.register({ port: 0x3f8, size: 8 }, dev('late'))).toThrow(/sealed/);
+    expect(() => bus.register({ port: 0xee0, size: 1 }, dev('tsvm-exception-reporter'), { claim: 'exception' })).not.toThrow();
+  });
+});

@@ -47,7 +47,10 @@ export class Bus {
    * @returns a function that unregisters the device.
    */
   register(range: RangeSpec, device: Device, options: { readonly claim?: ReservedPorts['owner'] } = {}): () => void {
-    if (this.#sealed) throw new InvalidArgumentError('range', `the ${this.space} bus is sealed; register devices before sealing`);
+    // tsvm's own reserved ports (the exception reporter `loadFlat` installs) may still be taken
+    // after sealing: they add no device behind the monitor's back, and sealing before loading
+    // an image must not be an order trap.
+    if (this.#sealed && options.claim === undefined) throw new InvalidArgumentError('range', `the ${this.space} bus is sealed; register devices before sealing`);
     checkObject(range, 'range');
     if (!device || typeof device !== 'object' || typeof device.name !== 'string') throw new InvalidArgumentError('device', 'must be a Device with a name');
     for (const m of ['read', 'write'] as const) if (device[m] !== undefined && typeof device[m] !== 'function') throw new InvalidArgumentError(`device.${m}`, `must be a function, got ${show(device[m])}`);

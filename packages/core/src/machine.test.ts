@@ -392,3 +392,14 @@ describe('attaching devices', () => {
     await vm.close();
   });
 });
+
+describe('order of set-up', () => {
+  it('sealing before loadFlat is no trap: the exception reporter is tsvm\'s own reserved port', async () => {
+    const { vm } = await mockMachine({ kind: 'hlt' });
+    vm.sealHooks();
+    expect(() => vm.loadFlat(Uint8Array.of(0xf4), { at: 0x1000, mode: 'long' })).not.toThrow();
+    expect(vm.io.find(0xee0n)?.device.name).toBe('tsvm-exception-reporter');
+    expect(() => vm.io.register({ port: 0x80, size: 1 }, { name: 'late' })).toThrow(/sealed/);
+    await vm.close();
+  });
+});
