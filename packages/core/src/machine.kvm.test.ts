@@ -106,8 +106,12 @@ describe.skipIf(!kvm.available)(`Machine on real KVM${kvm.available ? '' : ` (SK
       case 'pvm': // HOST-FACTS: KVM's emulator has completed a non-repeated `out` already.
         expect([r['out-imm'], r['out-dx'], r.outs, r['rep-outs']]).toEqual(['after', 'after', 'after', 'on']);
         break;
-      case 'vmx': case 'svm':
-        expect([r['out-imm'], r['out-dx'], r.outs, r['rep-outs']]).toEqual(['on', 'on', 'on', 'on']);
+      case 'svm': // measured under nested SVM: KVM emulates a non-repeated `outs` and has completed it.
+        expect([r['out-imm'], r['out-dx'], r.outs, r['rep-outs']]).toEqual(['on', 'on', 'after', 'on']);
+        break;
+      case 'vmx': // VMX completes `out imm`/`out dx` only on the next entry; `outs` goes through the
+        // emulator as on SVM (not measured on a VMX host yet: logged above, not asserted).
+        expect([r['out-imm'], r['out-dx'], r['rep-outs']]).toEqual(['on', 'on', 'on']);
         break;
       default: break;
     }

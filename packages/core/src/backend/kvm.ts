@@ -262,6 +262,8 @@ class KvmBackendVcpu implements BackendVcpu {
    * changed ones at the next entry, so reading and writing them costs no ioctl.
    */
   readonly #sync: boolean;
+  /** The host is SVM (see `setSregs`). */
+  readonly #svm: boolean;
   /** `kvm_run`'s register copy is what KVM stored at the last real exit. */
   #syncFresh = false;
   /** Registers written to `kvm_run` that KVM has not loaded yet. */
@@ -276,6 +278,7 @@ class KvmBackendVcpu implements BackendVcpu {
     this.id = v.id;
     this.#cpuid = cpuid;
     this.#sync = backend.syncRegs;
+    this.#svm = backend.capabilities.flavour === 'svm';
     if (this.#sync) v.setSyncRegs(true);
   }
 
@@ -352,7 +355,10 @@ class KvmBackendVcpu implements BackendVcpu {
   }
   setSregs(s: Sregs): void {
     this.#sregs = undefined;
-    this.#v.setSregs(s);
+    // KVM on SVM reports TR busy (type 11) whatever was set, and QEMU's emulated AMD honours the
+    // TSS I/O bitmap only for a TR loaded as available (type 9): a get → set round trip (a
+    // snapshot, CR4.TSD for recording) would otherwise make ring-3 port I/O #GP there.
+    this.#v.setSregs(this.#svm && s.tr.type === 11 ? { ...s, tr: { ...s.tr, type: 9 } } : s);
   }
   setCpuid(entries: readonly CpuidEntry[]) { this.#v.setCpuid(entries); }
   supportedCpuid() { return this.#cpuid.slice(); }

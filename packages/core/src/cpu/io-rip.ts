@@ -1,8 +1,9 @@
 /**
  * Where the instruction behind a port-I/O exit is. KVM flavours disagree on RIP at an
- * `KVM_EXIT_IO`: on VMX and SVM it stays on the `in`/`out` until the next `KVM_RUN` completes
- * it; on PVM, KVM's instruction emulator has already completed an `out` (RIP is *past* it) but
- * not an `in` or a `rep outs` (RIP is *on* it). Nothing in `kvm_run` says which, so the backend
+ * `KVM_EXIT_IO`: on VMX and SVM it stays on an `in`/`out` until the next `KVM_RUN` completes
+ * it, but a non-repeated `outs` goes through KVM's emulator and is already complete (RIP past
+ * it; measured under nested SVM); on PVM the emulator has also completed a plain `out`, but not
+ * an `in` or a `rep outs` (RIP *on* it). Nothing in `kvm_run` says which, so the backend
  * learns the rule per instruction class once per host ({@link IoRipBehaviour}) and this module
  * turns "RIP now" into "the accessing instruction" by decoding the guest's bytes. Every
  * consumer — the unhandled-exit report, `deny({ effect: 'gp' })`, probes, the audit log — goes
@@ -23,7 +24,7 @@ export type IoRipRule = 'on' | 'after';
 /** RIP at an I/O exit, per instruction class, as this host's KVM reports it. */
 export type IoRipBehaviour = Readonly<Record<IoInstructionClass, IoRipRule>>;
 
-/** What VMX and SVM do (and what is assumed when the host could not be probed): RIP stays on the instruction. */
+/** RIP stays on the instruction for every form: what is assumed when the host could not be probed (and on the mock). */
 export const RIP_ON_INSTRUCTION: IoRipBehaviour = Object.freeze({
   'out-imm': 'on', 'out-dx': 'on', outs: 'on', 'rep-outs': 'on', 'in-imm': 'on', 'in-dx': 'on', ins: 'on', 'rep-ins': 'on',
 });

@@ -190,12 +190,15 @@ describe.skipIf(!kvm.available)(`snapshot / restore / fork / reset on KVM${kvm.a
     expect(await b.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 0x100 + 0x41 + 31 });
     const afterOne = hash(b);
     const r = b.reset();
-    expect(r.pagesCopied).toBe(16);
+    // PVM: exactly the 16 data pages. VMX/SVM: the CPU also sets accessed/dirty bits in the host
+    // page tables (PML4, PDPT, the 4 PD pages), which the dirty log rightly reports (nested SVM: 19).
+    if (b.capabilities.flavour === 'pvm') expect(r.pagesCopied).toBe(16);
+    else { expect(r.pagesCopied).toBeGreaterThanOrEqual(16); expect(r.pagesCopied).toBeLessThanOrEqual(16 + 6); }
     expect(d.out.text()).toBe(reference.text.slice(0, 16));
     for (let i = 0; i < 3; i++) {
       await b.run({ timeout: 10_000 });
       expect(hash(b)).toBe(afterOne);
-      expect(b.reset().pagesCopied).toBe(16);
+      expect(b.reset().pagesCopied).toBe(r.pagesCopied);
     }
     await runToEnd(b);
     expect(hash(b)).toBe(reference.hash);
