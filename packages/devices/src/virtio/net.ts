@@ -30,6 +30,7 @@ import { InvalidArgumentError, SnapshotFormatError } from '@tsvm/core';
 import { SnapshotReader } from '../snapshot-fields.js';
 import { ChainReader, ChainWriter } from './chain-io.js';
 import { readConfigBytes, type VirtioContext, type VirtioDevice } from './device.js';
+import { BoundedFifo } from './fifo.js';
 
 /** Virtio device ID of a network card. */
 export const NET_DEVICE_ID = 1;
@@ -146,11 +147,9 @@ export class VirtioNet implements VirtioDevice {
     rxFrames: 0, rxBytes: 0, rxOverflow: 0, rxTooSmall: 0,
   };
   readonly #config: Uint8Array;
-  readonly #maxBacklog: number;
   #ctx: VirtioContext | undefined;
   #uplink: NetUplink | undefined;
-  #backlog: Uint8Array[] = [];
-  #head = 0;
+  readonly #backlog: BoundedFifo<Uint8Array>;
 
   /** @param options - MAC, name, MTU, queue size, backlog bound. */
   constructor(options: VirtioNetOptions) {
@@ -162,8 +161,9 @@ export class VirtioNet implements VirtioDevice {
     this.name = options.name ?? 'virtio-net';
     const q = options.queueSize ?? 256;
     this.queueMaxSizes = [q, q];
-    this.#maxBacklog = options.maxBacklog ?? 256;
-    if (!Number.isInteger(this.#maxBacklog) || this.#maxBacklog < 1) throw new InvalidArgumentError('maxBacklog', 'must be a positive integer');
+    const maxBacklog = options.maxBacklog ?? 256;
+    if (!Number.isInteger(maxBacklog) || maxBacklog < 1) throw new InvalidArgumentError('maxBacklog', 'must be a positive integer');
+    this.#backlog = new BoundedFifo(maxBacklog);
     // struct virtio_net_config: mac[6], status le16, max_virtqueue_pairs le16, mtu le16.
     this.#config = new Uint8Array(12);
     this.#config.set(mac, 0);
@@ -180,7 +180,7 @@ export class VirtioNet implements VirtioDevice {
 
   /** Frames waiting for rx buffers. */
   get backlog(): number {
-    return this.#backlog.length - this.#head;
+    return this.#backlog.size;
   }
 
   /** Whether the driver has set DRIVER_OK and the device works. */
@@ -194,11 +194,10 @@ export class VirtioNet implements VirtioDevice {
    * @returns false if the backlog was full and the frame was dropped.
    */
   deliver(frame: Uint8Array): boolean {
-    if (this.backlog >= this.#maxBacklog) {
+    if (!this.#backlog.push(frame)) {
       this.stats.rxOverflow++;
       return false;
     }
-    this.#backlog.push(frame);
     this.#fill();
     return true;
   }
@@ -229,8 +228,7 @@ export class VirtioNet implements VirtioDevice {
 
   /** Device reset: frames waiting for the guest are dropped. */
   reset(): void {
-    this.#backlog = [];
-    this.#head = 0;
+    this.#backlog.clear();
   }
 
   /** State as JSON: the MAC and MTU (frames in flight do not survive a snapshot, as on a wire). */
@@ -276,13 +274,7 @@ export class VirtioNet implements VirtioDevice {
     const ctx = this.#ctx;
     if (ctx === undefined || !ctx.active || this.backlog === 0) return;
     ctx.processQueue(RX, (chain) => {
-      const frame = this.#backlog[this.#head] as Uint8Array;
-      this.#backlog[this.#head] = undefined as unknown as Uint8Array;
-      this.#head++;
-      if (this.#head > 64 && this.#head * 2 > this.#backlog.length) {
-        this.#backlog = this.#backlog.slice(this.#head);
-        this.#head = 0;
-      }
+      const frame = this.#backlog.shift() as Uint8Array;
       const w = new ChainWriter(ctx.memory, chain.writable);
       if (w.remaining < NET_HEADER_SIZE + frame.length) {
         this.stats.rxTooSmall++;

@@ -25,6 +25,7 @@ import { InvalidArgumentError } from '@tsvm/core';
 import { SnapshotReader } from '../snapshot-fields.js';
 import { ChainReader, ChainWriter } from './chain-io.js';
 import { readConfigBytes, type VirtioContext, type VirtioDevice } from './device.js';
+import { BoundedFifo } from './fifo.js';
 
 /** Virtio device ID of vsock. */
 export const VSOCK_DEVICE_ID = 19;
@@ -167,11 +168,9 @@ export class VirtioVsock implements VirtioDevice {
     rxPackets: 0, rxOverflow: 0, rxTooSmall: 0,
   };
   readonly #config: Uint8Array;
-  readonly #maxBacklog: number;
   #ctx: VirtioContext | undefined;
   #uplink: VsockUplink | undefined;
-  #backlog: VsockPacket[] = [];
-  #backlogHead = 0;
+  readonly #backlog: BoundedFifo<VsockPacket>;
   #backlogBytes = 0;
 
   /** @param options - CID, name, queue size, backlog bound. */
@@ -181,7 +180,9 @@ export class VirtioVsock implements VirtioDevice {
     this.name = options.name ?? 'virtio-vsock';
     const q = options.queueSize ?? 128;
     this.queueMaxSizes = [q, q, q];
-    this.#maxBacklog = options.maxBacklog ?? 1024;
+    const maxBacklog = options.maxBacklog ?? 1024;
+    if (!Number.isInteger(maxBacklog) || maxBacklog < 1) throw new InvalidArgumentError('maxBacklog', 'must be a positive integer');
+    this.#backlog = new BoundedFifo(maxBacklog);
     this.#config = new Uint8Array(8);
     new DataView(this.#config.buffer).setBigUint64(0, BigInt(this.cid), true);
   }
@@ -193,7 +194,7 @@ export class VirtioVsock implements VirtioDevice {
 
   /** Packets waiting for rx buffers. */
   get backlog(): number {
-    return this.#backlog.length - this.#backlogHead;
+    return this.#backlog.size;
   }
 
   /** Payload bytes waiting for rx buffers. */
@@ -211,11 +212,10 @@ export class VirtioVsock implements VirtioDevice {
    * @returns false if the backlog was full and the packet was dropped.
    */
   deliver(packet: VsockPacket): boolean {
-    if (this.backlog >= this.#maxBacklog) {
+    if (!this.#backlog.push(packet)) {
       this.stats.rxOverflow++;
       return false;
     }
-    this.#backlog.push(packet);
     this.#backlogBytes += packet.payload.length;
     this.#fill();
     return true;
@@ -249,8 +249,7 @@ export class VirtioVsock implements VirtioDevice {
 
   /** Device reset: the backlog is dropped and the router forgets this guest's connections. */
   reset(): void {
-    this.#backlog = [];
-    this.#backlogHead = 0;
+    this.#backlog.clear();
     this.#backlogBytes = 0;
     this.#uplink?.deviceReset();
   }
@@ -298,7 +297,7 @@ export class VirtioVsock implements VirtioDevice {
         this.stats.rxTooSmall++;
         return 0;
       }
-      const p = this.#backlog[this.#backlogHead] as VsockPacket;
+      const p = this.#backlog.peek() as VsockPacket;
       const room = w.remaining - VSOCK_HEADER_SIZE;
       const take = Math.min(room, p.payload.length);
       const part = take === p.payload.length ? p : { ...p, payload: p.payload.subarray(0, take) };
@@ -307,14 +306,9 @@ export class VirtioVsock implements VirtioDevice {
       this.#backlogBytes -= take;
       if (take < p.payload.length) {
         // The rest goes into the next buffer with a fresh header (Linux reassembles by len).
-        this.#backlog[this.#backlogHead] = { ...p, payload: p.payload.subarray(take) };
+        this.#backlog.replaceHead({ ...p, payload: p.payload.subarray(take) });
       } else {
-        this.#backlog[this.#backlogHead] = undefined as unknown as VsockPacket;
-        this.#backlogHead++;
-        if (this.#backlogHead > 64 && this.#backlogHead * 2 > this.#backlog.length) {
-          this.#backlog = this.#backlog.slice(this.#backlogHead);
-          this.#backlogHead = 0;
-        }
+        this.#backlog.shift();
       }
       this.stats.rxPackets++;
       return w.written;
