@@ -403,3 +403,20 @@ describe('order of set-up', () => {
     await vm.close();
   });
 });
+
+describe('a mock guest that never stops', () => {
+  it('is preempted like a real one: run({ timeout }) ends and the event loop keeps turning', async () => {
+    const backend = new MockBackend();
+    const vcpu = backend.script();
+    vcpu.whenEmpty = outExit(0x3f8, 0x41);
+    await using vm = await Machine.create({ memory: 2 * MiB, backend });
+    vm.io.register({ port: 0x3f8, size: 1 }, { name: 'sink', write: () => {} });
+    let ticks = 0;
+    const iv = setInterval(() => { ticks++; }, 5);
+    const stop = await vm.run({ timeout: 100 });
+    clearInterval(iv);
+    expect(stop.reason).toBe('timeout');
+    expect(stop.exits).toBeGreaterThan(1000);
+    expect(ticks).toBeGreaterThanOrEqual(1);
+  });
+});

@@ -63,16 +63,26 @@ export class MockVcpu implements BackendVcpu {
 
   run(): VcpuExit {
     this.runs++;
+    // Like KVM's slice timer: a script that never stops (say `whenEmpty` is an `out`) still
+    // hands control back, so `run({ timeout })` ends and the event loop turns. The clock is read
+    // every 256 runs only, which keeps the mock's own cost per exit at a few ns.
+    if ((this.runs & 255) === 0 && this.#sliceEnd !== 0 && performance.now() >= this.#sliceEnd) {
+      this.#sliceEnd = 0;
+      return { kind: 'intr' };
+    }
     const s = this.steps.shift();
     if (s === undefined) return this.whenEmpty;
     return typeof s === 'function' ? s(this) : s;
   }
 
+  /** When the current slice ends (performance.now() ms; 0 when none is armed). */
+  #sliceEnd = 0;
+
   completeRead(data: Uint8Array): void { this.reads.push(data.slice()); }
   completeMsr(data: bigint, error: boolean): void { this.msrs.push({ data, error }); }
   faultInstruction(vector: number, errorCode: number | undefined, rip: bigint): void { this.faults.push({ vector, errorCode, rip }); }
-  beginSlice(): void { this.slices++; }
-  endSlice(): void { /* nothing to disarm */ }
+  beginSlice(ns: number): void { this.slices++; this.#sliceEnd = performance.now() + ns / 1e6; }
+  endSlice(): void { this.#sliceEnd = 0; }
   getRegs(): Regs { return { ...this.regs }; }
   setRegs(regs: Regs): void { this.regs = { ...regs }; }
   getSregs(): Sregs { return structuredClone(this.sregs); }
