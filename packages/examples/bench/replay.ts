@@ -6,8 +6,9 @@
  * One table line per figure, then JSON.
  * @module
  */
-import { createHash, randomBytes } from 'node:crypto';
-import { Machine, DeviceMemory, tappable, kvmBackend, record, replay, type Device, type Recording } from '@tsvm/core';
+import { createHash } from 'node:crypto';
+import { Machine, tappable, kvmBackend, record, replay, type Recording } from '@tsvm/core';
+import { REPLAY_GUEST_LOOP, attachReplayDevices, replayGuestSource } from '@tsvm/core/testing';
 import { asm } from '@tsvm/core/asm';
 import { Monitor } from '@tsvm/monitor';
 import type { CalibrationTable } from '@tsvm/monitor';
@@ -16,39 +17,13 @@ import { hostCalibration, isMain } from '../src/support.js';
 /** Rounds the guest runs: two exits (an `in`, an `out` that triggers DMA) each. */
 export const ROUNDS = 200;
 /** Guest-virtual address of the loop head (`round:`), where the analysis puts its exec hook. */
-export const LOOP = 0x1005;
-
-const PROGRAM = `
-  xor r13, r13
-  xor ecx, ecx
-round:
-  mov dx, 0x60
-  in eax, dx
-  add r13, rax
-  mov dx, 0x64
-  out dx, al
-  mov rax, [0x100000]
-  xor r13, rax
-  rol r13, 7
-  mov [rcx*8 + 0x101000], r13
-  inc ecx
-  cmp ecx, ${ROUNDS}
-  jne round
-  mov dx, 0xf4
-  mov al, 7
-  out dx, al`;
+export const LOOP = REPLAY_GUEST_LOOP;
 
 /** A machine with the guest loaded and its devices (random port, DMA engine, debug-exit) attached. */
 export async function guest(recordable: boolean): Promise<Machine> {
   const vm = await Machine.create({ memory: 2 * 1024 * 1024, name: 'replay-bench', ...(recordable ? { backend: tappable(kvmBackend()) } : {}) });
-  const dma = new DeviceMemory(vm.memory, 'rng-dma');
-  const random: Device = { name: 'random', read: () => randomBytes(4).readUInt32LE(0) };
-  const engine: Device = { name: 'rng-dma', write: () => { dma.write(0x100000n, randomBytes(8)); } };
-  const exit: Device = { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) };
-  vm.attach({ port: 0x60, size: 4 }, random);
-  vm.attach({ port: 0x64, size: 1 }, engine);
-  vm.attach({ port: 0xf4, size: 1 }, exit);
-  vm.loadFlat(await asm(PROGRAM, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+  attachReplayDevices(vm);
+  vm.loadFlat(await asm(replayGuestSource(ROUNDS), { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
   return vm;
 }
 

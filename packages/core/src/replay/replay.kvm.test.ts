@@ -1,49 +1,18 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { Machine } from '../machine.js';
 import { asm } from '../asm.js';
 import { kvmAvailability } from '../testing/kvm-gate.js';
 import { kvmBackend } from '../backend/kvm.js';
-import { DeviceMemory } from '../dma.js';
-import type { Device } from '../device.js';
+import { attachReplayDevices, replayGuestSource } from '../testing/replay-guest.js';
 import { tappable, record, replay, parseLog, encodeLog, ReplayDivergence } from './index.js';
 
 const kvm = kvmAvailability();
 const MiB = 1024 * 1024;
 
-// Ring 3, long mode: 20 rounds of (read a random 32-bit value from port 0x60, ask the DMA
-// device on port 0x64 for 8 random bytes at 0x100000, fold both into r13, store r13), then a
-// debug-exit. Every run of the real devices gives other values.
-export const PROGRAM = `
-  xor r13, r13
-  xor ecx, ecx
-round:
-  mov dx, 0x60
-  in eax, dx
-  add r13, rax
-  mov dx, 0x64
-  out dx, al
-  mov rax, [0x100000]
-  xor r13, rax
-  rol r13, 7
-  mov [rcx*8 + 0x101000], r13
-  inc ecx
-  cmp ecx, 20
-  jne round
-  mov dx, 0xf4
-  mov al, 7
-  out dx, al`;
-
-/** The devices: a random port, a DMA engine (through the DMA gate), a debug-exit. */
-export function devices(vm: Machine): void {
-  const dma = new DeviceMemory(vm.memory, 'rng-dma');
-  const random: Device = { name: 'random', read: () => randomBytes(4).readUInt32LE(0) };
-  const engine: Device = { name: 'rng-dma', write: () => { dma.write(0x100000n, randomBytes(8)); } };
-  const exit: Device = { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) };
-  vm.attach({ port: 0x60, size: 4 }, random);
-  vm.attach({ port: 0x64, size: 1 }, engine);
-  vm.attach({ port: 0xf4, size: 1 }, exit);
-}
+// The shared test guest (20 rounds of a random port read and a DMA'd random block, folded into memory).
+const PROGRAM = replayGuestSource(20);
+const devices = attachReplayDevices;
 
 const hash = (vm: Machine): string => createHash('sha256').update(vm.memory.read(0, vm.memory.totalSize)).digest('hex');
 

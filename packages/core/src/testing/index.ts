@@ -7,3 +7,4 @@ export { MockBackend, MockVcpu, MockVm, outExit, inExit, mmioExit, type MockStep
 /** Re-exported from `@tsvm/core/asm` for tests. */
 export { asm, type AsmOptions } from '../asm.js';
 export { kvmAvailability, type KvmAvailability } from './kvm-gate.js';
+export { replayGuestSource, attachReplayDevices, REPLAY_GUEST_LOOP } from './replay-guest.js';
