@@ -111,7 +111,12 @@ function le(value: number | bigint, bytes: number): Uint8Array {
 /**
  * Handles one exit. Returns what the loop must do; never throws for guest-controlled input.
  */
-export function handleExit(exit: VcpuExit, ctx: ExitContext, allowed = false): ExitOutcome {
+export function handleExit(exit: VcpuExit, ctx: ExitContext): ExitOutcome {
+  return handleFrom(exit, ctx, false);
+}
+
+/** {@link handleExit} after some mediate hooks already ran (`allowed`: one of them explicitly allowed). */
+function handleFrom(exit: VcpuExit, ctx: ExitContext, allowed: boolean): ExitOutcome {
   // 1. Mediate hooks, in order. First deny wins; emulate supplies the value; an explicit
   //    allow lets core's defaults (MSR pass-through, write-through to watched RAM) apply.
   for (let i = 0; i < ctx.mediate.length; i++) {
@@ -133,7 +138,7 @@ export function handleExit(exit: VcpuExit, ctx: ExitContext, allowed = false): E
             if (out) return out;
             // A later async hook yields another 'async' outcome: flatten it so the loop
             // never receives one it would mistake for "resume".
-            const next = handleExit(exit, { ...ctx, mediate: rest }, allowed || (dec as HookDecision)?.verdict === 'allow');
+            const next = handleFrom(exit, { ...ctx, mediate: rest }, allowed || (dec as HookDecision)?.verdict === 'allow');
             return next.action === 'async' ? next.outcome : next;
           },
           (error: unknown) => hookError(hook, error),

@@ -91,21 +91,6 @@ export function explainInternalError(stop: Extract<Stop, { reason: 'internal-err
   return `${stop.message} at ${at}: ${d.text} [${hex}] (bytes ${kvm ? 'from KVM' : 'read at RIP'})`;
 }
 
-/**
- * The port-I/O instruction that ends exactly at `rip` (KVM reports RIP *after* an `in`/`out`),
- * found by trying the possible lengths; undefined when none decodes as port I/O.
- */
-export function formatIoInstructionBefore(mem: GuestMemory, rip: bigint, physical: bigint, bitness: 16 | 32 | 64): string | undefined {
-  for (let len = 1; len <= 4; len++) {
-    if (physical < BigInt(len)) break;
-    let bytes: Uint8Array;
-    try { bytes = mem.read(physical - BigInt(len), len); } catch { continue; }
-    const d = decodeBytes(bytes, rip - BigInt(len), bitness);
-    if (!d.invalid && d.length === len && /^(in|out|ins|outs|rep)/.test(d.text)) return formatInstructionAt(mem, rip - BigInt(len), bitness, { physical: physical - BigInt(len) });
-  }
-  return undefined;
-}
-
 /** Reads a pointer-sized value at a guest *virtual* address (the caller translates). */
 export type ReadPointer = (linear: bigint, width: 2 | 4 | 8) => bigint | undefined;
 

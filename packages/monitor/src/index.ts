@@ -31,7 +31,7 @@ export { MechanismUnavailableError, PolicyError, PolicyConflictError, MediationB
 export { PatchBreakpoints, PROBE_PORT, type TrapKind, type BreakpointTarget, type CpuAccess, type PatchStats } from './probe.js';
 export { DebugUnit, GUESTDBG, type DebugCause, type DebugTarget } from './debug-unit.js';
 export { RegionFlags, dirtyPageAddresses } from './write-watch.js';
-export { formatInstructionAt, formatIoInstructionBefore, explainInternalError, decodeBytes, successors, readCode, type DecodedInstruction, type Successors, type MachineView, type ReadPointer } from './decode.js';
+export { formatInstructionAt, explainInternalError, decodeBytes, successors, readCode, type DecodedInstruction, type Successors, type MachineView, type ReadPointer } from './decode.js';
 /** Re-exported from `@tsvm/core` (where the page walk lives: core's stops and the I/O-exit RIP helper need it). */
 export { translateVirtual, bitnessOf, linearRip } from '@tsvm/core';
 export { compilePolicy, applyPolicy, type Policy, type PolicyRule, type RuleEvent, type CompiledRule, type JsonInt } from './policy.js';

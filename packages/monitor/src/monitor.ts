@@ -306,7 +306,7 @@ export class Monitor implements InternalEnv {
     const cpl: Cpl = (spec.event === 'exec' || spec.event === 'step') && spec.cpl !== undefined ? spec.cpl : this.#currentCpl();
     const selection = this.#select(spec, mode, cpl);
     const id = this.#nextId++;
-    const rec: HookRecord = { id, name: options.name ?? `${mode}:${spec.event}#${id}`, mode, spec, fn, cpl, selection, core: undefined, events: 0, elements: 0, handlerNs: 0, timedCalls: 0, timedNs: 0, verdicts: { allow: 0, deny: 0, emulate: 0 } };
+    const rec: HookRecord = { id, name: options.name ?? `${mode}:${spec.event}#${id}`, mode, spec, fn, cpl, selection, events: 0, elements: 0, handlerNs: 0, timedCalls: 0, timedNs: 0, verdicts: { allow: 0, deny: 0, emulate: 0 } };
     this.#install(rec);
     this.#records.push(rec);
     this.#rebuild();

@@ -4,7 +4,7 @@
  * publish it on `diagnostics_channel`, and explain denies (RIP + disassembly).
  * @module
  */
-import { HookFailure, checkDecision as checkCoreDecision, type ExitHook, type HookDecision, type HookInfo, type Machine, type VcpuExit } from '@tsvm/core';
+import { HookFailure, checkDecision as checkCoreDecision, type HookDecision, type HookInfo, type Machine, type VcpuExit } from '@tsvm/core';
 import { decisionChannel, type AuditLog } from './audit.js';
 import type { Decision, HookContext, MediateFn, ObserveFn } from './decisions.js';
 import { formatInstructionAt } from './decode.js';
@@ -29,8 +29,6 @@ export interface HookRecord {
   readonly cpl: Cpl;
   /** Chosen mechanism (observe pio/mmio may change when hooks or devices change). */
   selection: Selection;
-  /** The core hook delivering it, for exit-matched events. */
-  core: ExitHook | undefined;
   /** Events delivered. */
   events: number;
   /** Elements those events covered (string I/O: the exit's `count`). */

@@ -120,7 +120,7 @@ export interface HookCost {
   readonly unitNs: number;
   /** Time in the hook function (ns). */
   readonly handlerNs: number;
-  /** Time in core's hook call beyond the function (audit, mechanism bookkeeping), when measured (ns). */
+  /** The monitor's dispatch beyond the function (table lookup, decision check, audit): events × the calibrated dispatch price (ns). */
   readonly dispatchNs: number;
   /** events × unit + handler + dispatch (ns). */
   readonly totalNs: number;
@@ -176,7 +176,6 @@ function alternativeFor(table: CalibrationTable, machine: Machine, h: { mode: st
 export function report(mon: Monitor, options: { run?: Stop | { readonly ns: number }; table?: CalibrationTable } = {}): CostReport {
   const table = options.table ?? mon.calibration;
   const stats = mon.machine.stats();
-  const core = mon.machine.hookStats();
   const runNs = options.run === undefined
     ? Object.values(stats.byKind).reduce((n, k) => n + k.runNs + k.handleNs, 0)
     : 'ns' in options.run ? options.run.ns : options.run.elapsedMs * 1e6;
@@ -185,8 +184,8 @@ export function report(mon: Monitor, options: { run?: Stop | { readonly ns: numb
     const p = plan.get(r.id);
     const mechanism = p?.mechanism ?? r.selection.mechanism;
     const unit = priceOf(table, mechanism, r.cpl) ?? 0;
-    const cs = r.core ? core.get(r.core) : undefined;
-    const dispatchNs = cs ? Math.max(0, cs.ns - r.handlerNs) : r.events * extraDispatch(table, mechanism, r.cpl, r.mode);
+    // One dispatcher serves every hook, so the per-hook dispatch is the calibrated price.
+    const dispatchNs = r.events * extraDispatch(table, mechanism, r.cpl, r.mode);
     const totalNs = r.events * unit + r.handlerNs + dispatchNs;
     const overheadNs = r.events * (unit - baselineNs(table, mechanism, r.cpl)) + r.handlerNs + dispatchNs;
     const onlyAllowed = r.mode === 'mediate' && r.verdicts.deny === 0 && r.verdicts.emulate === 0;
