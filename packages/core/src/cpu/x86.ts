@@ -138,12 +138,6 @@ export interface CpuSetup {
   readonly stack: number;
   /** Base of the 64 KiB system area (unused in real mode). */
   readonly systemArea: number;
-  /**
-   * Load TR as a *busy* TSS (type 11). VMX requires it at VM entry; SVM does not check, and
-   * QEMU's emulated AMD (our nested test host) only honours the I/O bitmap of a TR whose cached
-   * type is *available* (9). Default true.
-   */
-  readonly tssBusy?: boolean;
 }
 
 /**
@@ -176,7 +170,8 @@ export function setupCpu(mem: GuestMemory, base: { regs: Regs; sregs: Sregs }, s
   writeTables(mem, sys, long);
   s.gdt = { base: BigInt(sys + SYS.GDT), limit: 9 * 8 - 1 };
   s.idt = { base: BigInt(sys + SYS.IDT), limit: (long ? 16 : 8) * 32 - 1 };
-  s.tr = { base: BigInt(sys + SYS.TSS), limit: TSS_LIMIT, selector: SEL.TSS, type: setup.tssBusy === false ? 9 : 11, present: 1, dpl: 0, db: 0, s: 0, l: 0, g: 0, avl: 0, unusable: 0 };
+  // Busy (11), as VMX requires at entry; on SVM the KVM backend loads it available (9), see its setSregs.
+  s.tr = { base: BigInt(sys + SYS.TSS), limit: TSS_LIMIT, selector: SEL.TSS, type: 11, present: 1, dpl: 0, db: 0, s: 0, l: 0, g: 0, avl: 0, unusable: 0 };
   s.ldt = { base: 0n, limit: 0xffff, selector: 0, type: 2, present: 1, dpl: 0, db: 0, s: 0, l: 0, g: 0, avl: 0, unusable: 0 };
   const user = setup.ring === 3;
   const dataSel = user ? SEL.USER_DATA : SEL.KERNEL_DATA;

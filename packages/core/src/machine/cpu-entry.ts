@@ -89,7 +89,7 @@ export function loadFlat(s: MachineState, image: Uint8Array, options: LoadFlatOp
   if (!s.memory.contains(entry, 1)) throw new InvalidArgumentError('entry', `${hex(entry)} is not inside guest RAM`);
   s.memory.write(at, image);
   const vcpu = s.vcpu(0).backend;
-  const state = setupCpu(s.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring, entry, stack, systemArea: systemArea ?? 0, tssBusy: s.capabilities.flavour !== 'svm' });
+  const state = setupCpu(s.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring, entry, stack, systemArea: systemArea ?? 0 });
   vcpu.setSregs(state.sregs);
   vcpu.setRegs(state.regs);
   adoptCpu(s, mode, systemArea);
@@ -112,7 +112,7 @@ export function enter(s: MachineState, entry: EntryState): void {
   const mode: CpuMode = entry.mode === 'long64' ? 'long' : 'protected';
   // A stack below the system area until the guest sets its own: with RSP=0 the first
   // exception would push into unmapped memory and triple-fault instead of being reported.
-  const state = setupCpu(s.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring: 0, entry: Number(entry.rip), stack: sys, systemArea: sys, tssBusy: s.capabilities.flavour !== 'svm' });
+  const state = setupCpu(s.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring: 0, entry: Number(entry.rip), stack: sys, systemArea: sys });
   if (mode === 'protected') { state.sregs.cr4 = 0n; }
   for (const [k, v] of Object.entries(entry.registers)) if (v !== undefined) state.regs[k as 'rax' | 'rbx' | 'rsi'] = v;
   vcpu.setSregs(state.sregs);

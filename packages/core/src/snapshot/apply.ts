@@ -5,7 +5,7 @@
  * {@link SnapshotFormatError} naming the manifest field, the backend's error as `cause`.
  * @module
  */
-import type { BackendVcpu, BackendVm, VirtFlavour } from '../backend.js';
+import type { BackendVcpu, BackendVm } from '../backend.js';
 import { SnapshotFormatError } from '../errors.js';
 import type { SnapshotManifest } from './manifest.js';
 
@@ -36,17 +36,15 @@ function setMsrs(b: BackendVcpu, msrs: readonly { index: number; data: bigint }[
 }
 
 /** Applies VM blobs and vCPU state (`vcpus[i]` gets `manifest.vcpus[i]`). */
-export function applyCpuState(vm: BackendVm, vcpus: readonly BackendVcpu[], manifest: SnapshotManifest, flavour: VirtFlavour, rejected: Set<number>): void {
+export function applyCpuState(vm: BackendVm, vcpus: readonly BackendVcpu[], manifest: SnapshotManifest, rejected: Set<number>): void {
   step('vm', () => vm.setState(manifest.vm));
   manifest.vcpus.forEach((s, i) => {
     const b = vcpus[i];
     const at = `vcpus[${i}]`;
     if (!b) throw new SnapshotFormatError(`snapshot: ${at}: the machine has no such vCPU`);
     step(`${at}.regs`, () => b.setRegs(s.regs));
-    const sregs = flavour === 'svm' && s.sregs.tr.type === 11
-      // SVM reports TR busy whatever was set: put back the available type the loader set there.
-      ? { ...s.sregs, tr: { ...s.sregs.tr, type: 9 } } : s.sregs;
-    step(`${at}.sregs`, () => b.setSregs(sregs));
+    // (SVM's busy-TR quirk is the KVM backend's to undo, at every setSregs.)
+    step(`${at}.sregs`, () => b.setSregs(s.sregs));
     step(`${at}.msrs`, () => setMsrs(b, s.msrs, rejected));
     step(`${at}.blobs`, () => b.setState({ ...s.blobs }));
   });

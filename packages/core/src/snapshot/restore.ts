@@ -163,7 +163,7 @@ export async function restoreMachine(
 /** Applies the snapshot's VM, vCPU (unless a pooled VM has it already) and device state. */
 function applyState(m: Machine, x: MachineInternals, snap: Snapshot, cpu = true): void {
   const manifest = snap.manifest;
-  if (cpu) applyCpuState(x.vm, m.vcpus.map((v) => v.backend), manifest, m.capabilities.flavour, snap.rejectedMsrs);
+  if (cpu) applyCpuState(x.vm, m.vcpus.map((v) => v.backend), manifest, snap.rejectedMsrs);
   const attached = new Map(x.devices().map((d) => [d.name, d]));
   for (const [name, state] of Object.entries(manifest.devices)) {
     const d = attached.get(name);

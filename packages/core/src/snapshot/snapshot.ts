@@ -183,7 +183,7 @@ export class Snapshot {
     this.#pool?.close();
     const manifest = this.manifest;
     this.#pool = count === 0 ? undefined : new VmPool(backend, manifest.machine.irqchip, count,
-      (vm, vcpu) => applyCpuState(vm, [vcpu], manifest, backend.capabilities.flavour, this.rejectedMsrs));
+      (vm, vcpu) => applyCpuState(vm, [vcpu], manifest, this.rejectedMsrs));
   }
 
   /** @internal a ready VM for a fork on `backend`, if this snapshot keeps a pool for it. */
