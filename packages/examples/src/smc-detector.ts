@@ -16,7 +16,7 @@
  */
 import { Machine, type Stop } from '@tsvm/core';
 import { asm } from '@tsvm/core/asm';
-import { Monitor, allow, formatInstructionAt, type PlanEntry } from '@tsvm/monitor';
+import { Monitor, allow, formatInstruction, type PlanEntry } from '@tsvm/monitor';
 import { hex, hostCalibration, isMain, runCli } from './support.js';
 
 /** Code page the unpacker writes into. */
@@ -121,7 +121,7 @@ export async function runSmcDetector(): Promise<SmcDetectorResult> {
     if (ev.event !== 'exec' || detection) return;
     const by = written.get(ev.address);
     if (!by) return; // original code executing: not self-modified
-    detection = { address: ev.address, instruction: formatInstructionAt(ctx.machine.memory, ev.rip, 64, { physical: ev.address }), writtenBy: by, writesBefore: writes.length };
+    detection = { address: ev.address, instruction: formatInstruction(ev.code, ev.rip, 64), writtenBy: by, writesBefore: writes.length };
   }, { name: 'buffer-entry' });
   mon.seal();
   const plan = mon.plan();

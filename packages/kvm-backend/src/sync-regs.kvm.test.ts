@@ -42,4 +42,35 @@ describe.skipIf(!usable)(`sync regs on real KVM${usable ? '' : ' (SKIPPED: /dev/
       sys.close();
     }
   });
+
+  it('synced special registers match KVM_GET_SREGS at every exit, including after the guest changes a segment', () => {
+    const sys = KvmSystem.open();
+    const bits = sys.checkExtension(KVM_CAP.SYNC_REGS);
+    if ((bits & KVM_CONST.SYNC_X86_SREGS) === 0) { sys.close(); expect(bits & KVM_CONST.SYNC_X86_SREGS).toBe(0); return; }
+    const vm = sys.createVm();
+    const mem = MemfdMapping.create(4096);
+    // Real mode at 0:0: out 0x80, al ; mov ax, 0x40 ; mov ds, ax ; out 0x81, al ; hlt
+    mem.bytes.set([0xe6, 0x80, 0xb8, 0x40, 0x00, 0x8e, 0xd8, 0xe6, 0x81, 0xf4], 0);
+    vm.setUserMemoryRegion(0, 0n, 4096, mem.hostAddress);
+    const v = vm.createVcpu(0);
+    try {
+      const s = v.getSregs();
+      for (const seg of [s.cs, s.ds, s.es, s.ss]) { seg.base = 0n; seg.selector = 0; }
+      v.setSregs(s);
+      v.setRegs({ ...v.getRegs(), rip: 0n, rflags: 2n });
+      v.setSyncRegs(true, true);
+      expect(v.run()).toMatchObject({ kind: 'io', port: 0x80 });
+      expect(v.syncedSregs()).toEqual(v.getSregs());
+      expect(v.run()).toMatchObject({ kind: 'io', port: 0x81 });
+      const after = v.syncedSregs();
+      expect(after).toEqual(v.getSregs());
+      expect(after.ds.selector).toBe(0x40);
+      expect(after.ds.base).toBe(0x400n);
+    } finally {
+      v.close();
+      vm.close();
+      mem.close();
+      sys.close();
+    }
+  });
 });

@@ -158,15 +158,24 @@ export class KvmVcpu {
   /**
    * Asks KVM to store the general-purpose registers into `kvm_run.s.regs` at every exit
    * (`kvm_valid_regs = KVM_SYNC_X86_REGS`; needs `KVM_CAP_SYNC_REGS`), so
-   * {@link syncedRegs} reads them without an ioctl; `false` stops it.
+   * {@link syncedRegs} reads them without an ioctl; `false` stops it. With `sregs` the special
+   * registers travel too (`KVM_SYNC_X86_SREGS`, read with {@link syncedSregs}); they are never
+   * loaded from `kvm_run` (this class never marks them dirty): write them with {@link setSregs}.
    */
-  setSyncRegs(on: boolean): void {
-    this.#run.setBigUint64(O.kvm_valid_regs, on ? BigInt(KVM_CONST.SYNC_X86_REGS) : 0n, true);
+  setSyncRegs(on: boolean, sregs = false): void {
+    const bits = on ? KVM_CONST.SYNC_X86_REGS | (sregs ? KVM_CONST.SYNC_X86_SREGS : 0) : 0;
+    this.#run.setBigUint64(O.kvm_valid_regs, BigInt(bits), true);
   }
 
   /** The registers KVM stored at the last exit (valid only with {@link setSyncRegs} on, after a `KVM_RUN`). */
   syncedRegs(): Regs {
     return decodeRegs(this.#runBytes.subarray(O.sync_regs, O.sync_regs + this.#regsBuf.length));
+  }
+
+  /** The special registers KVM stored at the last exit (valid only with `setSyncRegs(true, true)`, after a `KVM_RUN`). */
+  syncedSregs(): Sregs {
+    const at = O.sync_regs + this.#regsBuf.length; // struct kvm_sync_regs { kvm_regs regs; kvm_sregs sregs; ... }
+    return decodeSregs(this.#runBytes.subarray(at, at + this.#sregsBuf.length));
   }
 
   /**

@@ -3,7 +3,9 @@
  * instruction for the probe mechanism (where will control go after this instruction?).
  * @module
  */
-import { Decoder, DecoderOptions, FlowControl, Formatter, FormatterSyntax, Mnemonic, OpKind, Register, type Instruction } from 'iced-x86';
+import {
+  BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Formatter, FormatterSyntax, Instruction, Mnemonic, OpKind, Register,
+} from 'iced-x86';
 import type { GuestMemory, Regs, Stop } from '@tsvm/core';
 
 /** x86 instructions are at most 15 bytes. */
@@ -70,7 +72,14 @@ export function decodeBytes(bytes: Uint8Array, ip: bigint, bitness: 16 | 32 | 64
  * mapping). Never throws: unreadable memory gives `0x1000: (unreadable)`.
  */
 export function formatInstructionAt(mem: GuestMemory, rip: bigint, bitness: 16 | 32 | 64, options: { physical?: bigint } = {}): string {
-  const bytes = readCode(mem, options.physical ?? rip);
+  return formatInstruction(readCode(mem, options.physical ?? rip), rip, bitness);
+}
+
+/**
+ * Formats the first instruction of `bytes` at guest address `rip` like
+ * {@link formatInstructionAt}, e.g. `0x1000: out 0E5h,al [e6 e5]` (for an exec event's `code`).
+ */
+export function formatInstruction(bytes: Uint8Array, rip: bigint, bitness: 16 | 32 | 64): string {
   if (bytes.length === 0) return `0x${rip.toString(16)}: (unreadable)`;
   const d = decodeBytes(bytes, rip, bitness);
   return `0x${rip.toString(16)}: ${d.text} [${Array.from(d.bytes, (b) => b.toString(16).padStart(2, '0')).join(' ')}]`;
@@ -173,4 +182,95 @@ export function successors(bytes: Uint8Array, ip: bigint, bitness: 16 | 32 | 64,
 
 function uniq(a: bigint[]): bigint[] {
   return [...new Set(a)];
+}
+
+const MEMORY_OPERANDS = new Set<OpKind>([
+  OpKind.Memory, OpKind.MemorySegSI, OpKind.MemorySegESI, OpKind.MemorySegRSI, OpKind.MemorySegDI, OpKind.MemorySegEDI,
+  OpKind.MemorySegRDI, OpKind.MemoryESDI, OpKind.MemoryESEDI, OpKind.MemoryESRDI,
+]);
+/** Reported at (or completed by) the host with RIP on them: never moved out of line. */
+const STAYS_IN_PLACE = new Set<Mnemonic>([
+  Mnemonic.In, Mnemonic.Out, Mnemonic.Insb, Mnemonic.Insw, Mnemonic.Insd, Mnemonic.Outsb, Mnemonic.Outsw, Mnemonic.Outsd, Mnemonic.Hlt,
+]);
+
+/**
+ * Whether `i` behaves the same at another address: straight-line code or a direct near branch,
+ * no port I/O or `hlt` (exits that would report the copy's address), and no memory operand
+ * other than `lea`'s or a long `nop`'s — an access that faults would show the guest's fault
+ * handler the copy's RIP (a guest that looks up its faulting RIP, e.g. Linux's exception
+ * tables, would not find it), so those instructions stay in place.
+ */
+function movable(i: Instruction): boolean {
+  if (i.isInvalid || STAYS_IN_PLACE.has(i.mnemonic)) return false;
+  const fc = i.flowControl;
+  if (fc === FlowControl.ConditionalBranch || fc === FlowControl.UnconditionalBranch) {
+    return i.op0Kind === OpKind.NearBranch16 || i.op0Kind === OpKind.NearBranch32 || i.op0Kind === OpKind.NearBranch64;
+  }
+  if (fc !== FlowControl.Next) return false;
+  if (i.mnemonic === Mnemonic.Lea || i.mnemonic === Mnemonic.Nop) return true;
+  for (let k = 0; k < i.opCount; k++) if (MEMORY_OPERANDS.has(i.opKind(k))) return false;
+  return true;
+}
+
+/** Code that runs instructions away from their address and then jumps back. */
+export interface OutOfLine {
+  /** The relocated instructions followed by a jump to `resume`, encoded for address `at`. */
+  readonly code: Uint8Array;
+  /** How many original bytes the copied instructions cover. */
+  readonly covered: number;
+  /** Where the copy jumps back to (the first instruction not copied). */
+  readonly resume: bigint;
+}
+
+/**
+ * Relocates the whole instructions at the start of `bytes` (decoded as if at `ip`) that cover
+ * at least `minLength` bytes so they run at `at`, followed by a jump back to the first
+ * instruction not copied — execute-out-of-line, as kprobes and uprobes do. Branches and
+ * RIP-relative operands are re-encoded for the new address (iced-x86's block encoder). Returns
+ * undefined when an instruction is not {@link movable}, a branch is not the last one copied,
+ * or the copy cannot be encoded (e.g. out of `rel32` range); 16-bit code is never moved.
+ */
+export function relocateOutOfLine(bytes: Uint8Array, ip: bigint, bitness: 16 | 32 | 64, minLength: number, at: bigint): OutOfLine | undefined {
+  if (bitness === 16 || bytes.length === 0) return undefined;
+  const d = new Decoder(bitness, bytes, DecoderOptions.None);
+  const made: Instruction[] = [];
+  try {
+    d.ip = ip;
+    let covered = 0;
+    while (covered < minLength) {
+      if (!d.canDecode) return undefined;
+      const i = d.decode();
+      made.push(i);
+      if (!movable(i)) return undefined;
+      covered += i.length;
+      // A branch ends the copy: the bytes after it are not on its taken path.
+      if (i.flowControl !== FlowControl.Next && covered < minLength) return undefined;
+    }
+    const resume = BigInt.asUintN(bitness, ip + BigInt(covered));
+    made.push(Instruction.createBranch(bitness === 64 ? Code.Jmp_rel32_64 : Code.Jmp_rel32_32, resume));
+    // One instruction per encoder call: a block encoder given the whole group would aim a branch
+    // back to the group's first address at the copy, and the guest would loop past the trap.
+    const parts: Uint8Array[] = [];
+    let off = 0n;
+    for (const i of made) {
+      const be = new BlockEncoder(bitness, BlockEncoderOptions.None);
+      try {
+        be.add(i);
+        const b = be.encode(at + off);
+        parts.push(b);
+        off += BigInt(b.length);
+      } finally {
+        be.free();
+      }
+    }
+    const code = new Uint8Array(Number(off));
+    let k = 0;
+    for (const b of parts) { code.set(b, k); k += b.length; }
+    return { code, covered, resume };
+  } catch {
+    return undefined; // out of branch range, or an instruction the encoder cannot place there
+  } finally {
+    for (const i of made) i.free();
+    d.free();
+  }
 }

@@ -63,7 +63,12 @@ export type MonitorEvent =
   | { readonly event: 'mmio'; readonly address: bigint; readonly direction: 'read' | 'write'; readonly size: number; readonly value: bigint | undefined }
   | { readonly event: 'msr'; readonly index: number; readonly direction: 'read' | 'write'; readonly value: bigint | undefined }
   | { readonly event: 'hypercall'; readonly port: number; readonly nr: number }
-  | { readonly event: 'exec'; readonly address: bigint; readonly rip: bigint }
+  /**
+   * `code`: the hooked instruction's bytes as the guest's program has them (up to 15; the
+   * monitor's own traps, which stay in guest RAM while a probe is armed, replaced by the bytes
+   * they cover). Decode it rather than guest RAM at `address`.
+   */
+  | { readonly event: 'exec'; readonly address: bigint; readonly rip: bigint; readonly code: Uint8Array }
   | { readonly event: 'step'; readonly rip: bigint }
   /**
    * `value` is undefined when the write was sampled from the dirty log (observe): then `size` is a

@@ -14,7 +14,7 @@
  *   `diagnostics_channel` {@link DECISION_CHANNEL}.
  * - Cost: `calibrate()`, `remeasure()` and `ExitTimer` (`@tsvm/monitor/calibrate`; need `/dev/kvm`), {@link assumedTable}, {@link predict},
  *   {@link report}, rendered by {@link renderTable}, {@link renderJson}, {@link renderSvg}.
- * - Decoding: {@link formatInstructionAt}, {@link successors} (iced-x86).
+ * - Decoding: {@link formatInstructionAt}, {@link formatInstruction}, {@link successors} (iced-x86).
  * @module
  */
 export { Monitor, type MonitorOptions, type HookOptions, type HookHandle, type PlanEntry, type MonitorHookStats, type CpuidOverride } from './monitor.js';
@@ -31,7 +31,7 @@ export { MechanismUnavailableError, PolicyError, PolicyConflictError, MediationB
 export { PatchBreakpoints, PROBE_PORT, type TrapKind, type BreakpointTarget, type CpuAccess, type PatchStats } from './probe.js';
 export { DebugUnit, GUESTDBG, type DebugCause, type DebugTarget } from './debug-unit.js';
 export { RegionFlags, dirtyPageAddresses } from './write-watch.js';
-export { formatInstructionAt, explainInternalError, decodeBytes, successors, readCode, type DecodedInstruction, type Successors, type MachineView, type ReadPointer } from './decode.js';
+export { formatInstructionAt, formatInstruction, explainInternalError, decodeBytes, successors, readCode, type DecodedInstruction, type Successors, type MachineView, type ReadPointer } from './decode.js';
 /** Re-exported from `@tsvm/core` (where the page walk lives: core's stops and the I/O-exit RIP helper need it). */
 export { translateVirtual, bitnessOf, linearRip } from '@tsvm/core';
 export { compilePolicy, applyPolicy, type Policy, type PolicyRule, type RuleEvent, type CompiledRule, type JsonInt } from './policy.js';

@@ -11,6 +11,7 @@ import { bitnessOf, linearRip, type ExitHook, type HookDecision, type HookInfo, 
 import type { MonitorEvent } from './events.js';
 import { callObserve, hookContext, runMediators, thenDecision, type HookRecord, type PipelineEnv } from './records.js';
 import { PROBE_PORT, type PatchBreakpoints } from './probe.js';
+import { readCode } from './decode.js';
 import type { DebugUnit } from './debug-unit.js';
 
 const RESUME: HookDecision = { verdict: 'emulate', value: 0 };
@@ -33,7 +34,10 @@ export interface InternalEnv extends PipelineEnv {
 /** Runs exec hooks for a hit at `physical`: mediate ones decide, observe ones are told. Resumes unless denied. */
 function execHit(env: InternalEnv, physical: bigint, rip: bigint, exit: VcpuExit, info: HookInfo): HookDecision | Promise<HookDecision> {
   const recs = env.records().filter((r) => r.spec.event === 'exec' && r.spec.address === physical);
-  const ev: MonitorEvent = { event: 'exec', address: physical, rip };
+  const probe = env.probe(), int3 = env.int3();
+  const engine = probe ?? int3;
+  const code = engine ? engine.originalCode(physical, engine === probe ? int3 : undefined) : readCode(env.machine.memory, physical);
+  const ev: MonitorEvent = { event: 'exec', address: physical, rip, code };
   const decided = runMediators(env, recs.filter((r) => r.mode === 'mediate'), ev, exit, info);
   return thenDecision(decided, (d) => {
     if (d.verdict === 'deny') return { ...d, effect: 'stop' };
@@ -63,9 +67,12 @@ export function probeHook(env: InternalEnv): ExitHook {
       const engine = env.probe();
       if (!engine) return undefined;
       const vcpu = env.machine.vcpu(info.vcpu);
-      // The probe's own `out`: where it is comes from core's one helper (on PVM RIP is already
-      // past it, on VMX/SVM on it).
-      const trapRip = info.instructionRip();
+      // The probe's own `out imm8`: RIP is on it or past it as this host's KVM does for that form
+      // (`capabilities.ioExitRip`). No decode is needed to tell it from another `out` to the
+      // probe port: the engine owns the trap only if its bytes are at that address, and an
+      // `out dx`/`outs` cannot start on the trap's second byte (0xe5 is not one of them).
+      const rip = vcpu.getRegs().rip;
+      const trapRip = env.machine.capabilities.ioExitRip['out-imm'] === 'after' ? rip - BigInt(engine.trapLength) : rip;
       const sregs = vcpu.getSregs();
       const r = engine.onTrap(linearRip(sregs, trapRip), trapRip, info.seq);
       if (!r.ours) return undefined;

@@ -52,6 +52,23 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
     await vm.close();
   });
 
+  it.each([true, false])('CPL3 probe, outOfLine %s: every iteration is seen and the guest computes the same', async (outOfLine) => {
+    // 0x1000: xor eax, eax (2)  mov ecx, 50 (5)  0x1007: l: add eax, 3 (3)  dec ecx  jnz l — then al goes out.
+    const vm = await machine('xor eax, eax\n mov ecx, 50\n l: add eax, 3\n dec ecx\n jnz l', 3);
+    const mon = new Monitor(vm, { outOfLine });
+    let hits = 0;
+    const h = mon.observe({ event: 'exec', address: 0x1007, cpl: 3 }, () => { hits++; });
+    expect(h.mechanism).toBe('probe-breakpoint');
+    const stop = await vm.run({ timeout: 10_000 });
+    expect(stop.reason).toBe('debug-exit');
+    if (stop.reason === 'debug-exit') expect(stop.code).toBe(150);
+    expect(hits).toBe(50);
+    // One exit per hit out of line, two in place (the successor trap), plus the final out.
+    const io = vm.stats().byKind.io.count;
+    expect(io).toBe(outOfLine ? 51 : 101);
+    await vm.close();
+  });
+
   it('a forbidden port stops the guest with a violation naming the port and the instruction', async () => {
     const vm = await machine('mov dx, 0x3f8\n mov al, 0x41\n out dx, al\n mov dx, 0x70\n out dx, al', 3);
     vm.io.register({ port: 0x3f8, size: 8 }, { name: 'uart', write: () => {} });

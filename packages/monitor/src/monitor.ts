@@ -34,6 +34,13 @@ export interface MonitorOptions {
    * was bypassed by a coalesced zone registered behind the monitor's back (default true).
    */
   readonly guard?: boolean;
+  /**
+   * Probe `exec` hooks run the hooked instruction out of line where it can be moved (a
+   * relocated copy in the trampoline page, then a jump back): one exit per hit instead of two
+   * (default true). With `false` every hit takes the two-exit path, so the guest never runs an
+   * instruction away from its address (RIP is never inside the trampoline between exits).
+   */
+  readonly outOfLine?: boolean;
 }
 
 /** Options of one registration. */
@@ -124,10 +131,14 @@ export class Monitor implements InternalEnv {
    * Attaches to `machine`: installs the monitor's two core hooks (one mediate, one observe
    * dispatcher) and names the instruction in core's unhandled-exit stops.
    */
+  readonly #outOfLine: boolean;
+
   constructor(machine: Machine, options: MonitorOptions = {}) {
     if (!machine || typeof machine.addHook !== 'function') throw new InvalidArgumentError('machine', 'must be a Machine');
     this.machine = machine;
     this.name = options.name ?? machine.name;
+    if (options.outOfLine !== undefined && typeof options.outOfLine !== 'boolean') throw new InvalidArgumentError('options.outOfLine', 'must be a boolean');
+    this.#outOfLine = options.outOfLine ?? true;
     this.audit = options.audit === undefined ? undefined : options.audit instanceof AuditLog ? options.audit : new AuditLog(options.audit);
     this.calibration = options.calibration ?? assumedTable(hostIdentity(machine.capabilities.flavour));
     this.debug = new DebugUnit(machine.vcpu(0));
@@ -362,7 +373,7 @@ export class Monitor implements InternalEnv {
       this.#int3.add({ physical, virtual });
       this.debug.softwareBreakpoints(true);
     } else {
-      this.#probe ??= new PatchBreakpoints('probe', cpu);
+      this.#probe ??= new PatchBreakpoints('probe', cpu, { outOfLine: this.#outOfLine });
       this.#probe.add({ physical, virtual });
     }
   }

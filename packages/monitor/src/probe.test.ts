@@ -4,6 +4,7 @@ import { MockBackend, asm, mmioExit, outExit, type MockStep, type MockVcpu } fro
 import { Monitor } from './monitor.js';
 import { assumedTable } from './calibration/table.js';
 import { PROBE_PORT } from './probe.js';
+import { decodeBytes } from './decode.js';
 import { allow, deny } from './decisions.js';
 
 const MiB = 1024 * 1024;
@@ -35,11 +36,11 @@ async function guest(source: string, ...steps: MockStep[]) {
 
 const bytes = (vm: Machine, a: number, n = 2) => Array.from(vm.memory.read(a, n));
 
-describe('exec hooks on PVM at CPL3 use the VMM-side probe (two exits per hit, no single-step)', () => {
+describe('exec hooks on PVM at CPL3 use the VMM-side probe (no single-step; the two-exit path with outOfLine: false)', () => {
   it('patches, restores, rewinds RIP, arms the successor, and re-arms the target', async () => {
     // 0x1000: mov eax, 1 (5 bytes)   0x1005: add eax, 2 (3)   0x1008: nop
     const { vm, vcpu, code } = await guest('mov eax, 1\n add eax, 2\n nop\n hlt');
-    const mon = new Monitor(vm, { calibration: pvm });
+    const mon = new Monitor(vm, { calibration: pvm, outOfLine: false });
     const hits: bigint[] = [];
     const h = mon.observe({ event: 'exec', address: 0x1005 }, (ev) => { if (ev.event === 'exec') hits.push(ev.rip); });
     expect(h.mechanism).toBe('probe-breakpoint');
@@ -75,7 +76,7 @@ describe('exec hooks on PVM at CPL3 use the VMM-side probe (two exits per hit, n
   it('a conditional branch arms both successors; the taken one disarms the other', async () => {
     // 0x1000: test eax, eax (2)  0x1002: jz +4 → 0x1008 (2)  0x1004: mov ecx, 1 (5) ...  0x1009
     const { vm, code } = await guest('test eax, eax\n jz t\n mov ecx, 1\n t: nop\n hlt');
-    const mon = new Monitor(vm, { calibration: pvm });
+    const mon = new Monitor(vm, { calibration: pvm, outOfLine: false });
     mon.observe({ event: 'exec', address: 0x1002 }, () => {});
     const tgt = 0x1002 + 2 + (code[0x3] ?? 0);
     vm.vcpu(0); // script after registration
@@ -107,7 +108,7 @@ describe('exec hooks on PVM at CPL3 use the VMM-side probe (two exits per hit, n
 
   it('a mediate exec hook that denies stops the machine with a violation naming the instruction', async () => {
     const { vm, vcpu } = await guest('mov eax, 1\n add eax, 2\n hlt');
-    const mon = new Monitor(vm, { calibration: pvm });
+    const mon = new Monitor(vm, { calibration: pvm, outOfLine: false });
     let n = 0;
     mon.mediate({ event: 'exec', address: 0x1005 }, () => (++n > 1 ? deny({ reason: 'second execution' }) : allow()));
     vcpu.script(trapAt(0x1005n), trapAt(0x1008n), trapAt(0x1005n));
@@ -147,7 +148,7 @@ describe('exec hooks on PVM at CPL3 use the VMM-side probe (two exits per hit, n
   it('a guest write over a hooked instruction on a write-watched page keeps the probe, which then restores the new bytes', async () => {
     // Self-modifying code: the probe sits at 0x1005 on a mediated write-watch page; the guest overwrites it.
     const { vm, vcpu } = await guest('mov eax, 1\n add eax, 2\n nop\n hlt');
-    const mon = new Monitor(vm, { calibration: pvm });
+    const mon = new Monitor(vm, { calibration: pvm, outOfLine: false });
     const writes: bigint[] = [];
     mon.mediate({ event: 'write-watch', range: [0x1000, 0x1fff] }, (ev) => { if (ev.event === 'write-watch') writes.push(ev.address); return allow(); });
     const hits: bigint[] = [];
@@ -177,7 +178,7 @@ describe('exec hooks on PVM at CPL3 use the VMM-side probe (two exits per hit, n
 
   it('a probe on a 1-byte instruction is not re-armed over the instruction the guest resumes at: it hops one further', async () => {
     const { vm, vcpu } = await guest('nop\n nop\n nop\n hlt');
-    const mon = new Monitor(vm, { calibration: pvm });
+    const mon = new Monitor(vm, { calibration: pvm, outOfLine: false });
     let hits = 0;
     mon.observe({ event: 'exec', address: 0x1000 }, () => { hits++; });
     vcpu.script(
@@ -193,5 +194,121 @@ describe('exec hooks on PVM at CPL3 use the VMM-side probe (two exits per hit, n
     );
     expect((await vm.run()).reason).toBe('halt');
     expect(hits).toBe(1);
+  });
+});
+
+/** The instructions at `rip` (guest-identity-mapped) decoded one after another, as text. */
+function disassemble(vm: Machine, rip: bigint, count: number): string[] {
+  const bytes = vm.memory.read(rip, 32);
+  const out: string[] = [];
+  let off = 0;
+  for (let k = 0; k < count; k++) {
+    const d = decodeBytes(bytes.subarray(off), rip + BigInt(off), 64);
+    out.push(d.text);
+    off += d.length;
+  }
+  return out;
+}
+
+describe('exec hooks through the probe run the hooked instruction out of line (one exit per hit)', () => {
+  it('the trap stays armed; the guest resumes at a relocated copy that jumps back', async () => {
+    // 0x1000: mov eax, 1 (5)   0x1005: add eax, 2 (3)   0x1008: nop   0x1009: hlt
+    const { vm, vcpu, code } = await guest('mov eax, 1\n add eax, 2\n nop\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    const seen: Array<{ rip: bigint; code: number[] }> = [];
+    mon.observe({ event: 'exec', address: 0x1005 }, (ev) => { if (ev.event === 'exec') seen.push({ rip: ev.rip, code: Array.from(ev.code.subarray(0, 3)) }); });
+    const slots: bigint[] = [];
+    vcpu.script(
+      trapAt(0x1005n),
+      (v) => {
+        slots.push(v.regs.rip);
+        expect(v.regs.rip).not.toBe(0x1005n);
+        expect(bytes(vm, 0x1005)).toEqual([0xe6, PROBE_PORT]); // still armed: no second trap is needed
+        expect(bytes(vm, 0x1008, 1)).toEqual([code[8]]);
+        expect(disassemble(vm, v.regs.rip, 2)).toEqual(['add eax,2', 'jmp 0000000000001008h']);
+        return trapAt(0x1005n)(v);
+      },
+      (v) => { slots.push(v.regs.rip); return { kind: 'hlt' }; },
+    );
+    const st = await vm.run();
+    expect(st.reason === 'backend-error' ? String((st as { error?: unknown }).error ?? JSON.stringify(Object.keys(st))) : st.reason).toBe('halt');
+    expect(seen).toEqual([{ rip: 0x1005n, code: Array.from(code.subarray(5, 8)) }, { rip: 0x1005n, code: Array.from(code.subarray(5, 8)) }]);
+    expect(slots[1]).toBe(slots[0]); // the copy is made once and reused
+    mon.close();
+    expect(bytes(vm, 0x1005, 3)).toEqual(Array.from(code.subarray(5, 8)));
+  });
+
+  it('a 1-byte instruction moves together with the next one, and a branch is re-encoded for its new address', async () => {
+    // 0x1000: nop (1)   0x1001: jnz 0x1000 (2)   0x1003: hlt — the 2-byte trap covers nop and jnz's opcode.
+    const { vm, vcpu } = await guest('l: nop\n jnz l\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    mon.observe({ event: 'exec', address: 0x1000 }, () => {});
+    vcpu.script(trapAt(0x1000n), (v) => {
+      expect(disassemble(vm, v.regs.rip, 3)).toEqual(['nop', 'jne 0000000000001000h', 'jmp 0000000000001003h']);
+      return { kind: 'hlt' };
+    });
+    const st = await vm.run();
+    expect(st.reason === 'backend-error' ? String((st as { error?: unknown }).error ?? JSON.stringify(Object.keys(st))) : st.reason).toBe('halt');
+  });
+
+  it('a RIP-relative operand still points at the same address from the copy', async () => {
+    // 0x1000: lea rax, [rip + 0x100] → 0x1107 wherever it runs.
+    const { vm, vcpu } = await guest('lea rax, [rip + 0x100]\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    mon.observe({ event: 'exec', address: 0x1000 }, () => {});
+    vcpu.script(trapAt(0x1000n), (v) => {
+      expect(disassemble(vm, v.regs.rip, 2)).toEqual(['lea rax,[1107h]', 'jmp 0000000000001007h']);
+      return { kind: 'hlt' };
+    });
+    expect((await vm.run()).reason).toBe('halt');
+  });
+
+  it('an instruction with a memory operand runs in place: original bytes back, successor armed (two exits)', async () => {
+    // 0x1000: mov [rbx], eax (2)   0x1002: nop   0x1003: hlt
+    const { vm, vcpu, code } = await guest('mov [rbx], eax\n nop\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    let hits = 0;
+    mon.observe({ event: 'exec', address: 0x1000 }, () => { hits++; });
+    vcpu.script(
+      trapAt(0x1000n),
+      (v) => {
+        expect(resumesAt(vm, v.regs.rip)).toBe(0x1000n);
+        expect(bytes(vm, 0x1000)).toEqual(Array.from(code.subarray(0, 2)));
+        expect(bytes(vm, 0x1002)).toEqual([0xe6, PROBE_PORT]);
+        return trapAt(0x1002n)(v);
+      },
+      () => ({ kind: 'hlt' }),
+    );
+    expect((await vm.run()).reason).toBe('halt');
+    expect(hits).toBe(1);
+    expect(bytes(vm, 0x1000)).toEqual([0xe6, PROBE_PORT]);
+  });
+
+  it('a deny names the hooked instruction from its own bytes, not the trap in guest RAM', async () => {
+    const { vm, vcpu } = await guest('mov eax, 1\n add eax, 2\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    let n = 0;
+    mon.mediate({ event: 'exec', address: 0x1005 }, () => (++n > 1 ? deny({ reason: 'second execution' }) : allow()));
+    vcpu.script(trapAt(0x1005n), trapAt(0x1005n));
+    const stop = await vm.run();
+    expect(stop.reason).toBe('violation');
+    if (stop.reason === 'violation') expect(stop.violation.message).toMatch(/second execution.*0x1005: add eax,2 \[83 c0 02\]/);
+  });
+
+  it('bytes the guest changed under a hooked instruction give a new copy at the next hit', async () => {
+    const { vm, vcpu } = await guest('mov eax, 1\n add eax, 2\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    mon.observe({ event: 'exec', address: 0x1005 }, () => {});
+    vcpu.script(
+      trapAt(0x1005n),
+      (v) => {
+        expect(disassemble(vm, v.regs.rip, 1)).toEqual(['add eax,2']);
+        // add eax, 2 → add eax, 7: the byte after the trap is live code.
+        vm.memory.write(0x1007n, Uint8Array.of(7));
+        return trapAt(0x1005n)(v);
+      },
+      (v) => { expect(disassemble(vm, v.regs.rip, 1)).toEqual(['add eax,7']); return { kind: 'hlt' }; },
+    );
+    expect((await vm.run()).reason).toBe('halt');
   });
 });

@@ -1,9 +1,13 @@
 /**
- * Patch breakpoints: the monitor writes a trap over the first bytes of an instruction, and on
- * the trap's exit puts the original bytes back, moves RIP back to the instruction, and arms a
- * second trap at the instruction's successor(s) (decoded with iced-x86). When the second trap
- * fires, it is removed and the first re-armed: two exits per hit, no single-step — so it works
- * where KVM guest debug does not (every CPL on PVM).
+ * Patch breakpoints: the monitor writes a trap over the first bytes of an instruction. When the
+ * trap fires, the hooked instruction runs *out of line* where it can: a copy of it (and of
+ * whatever else the trap's bytes cover), relocated with iced-x86's block encoder into a slot of
+ * the trampoline page and followed by a jump back, while the trap stays armed — one exit per hit,
+ * as kprobes' and uprobes' execute-out-of-line. Instructions that must run in place (a memory
+ * operand that may fault, calls, returns, indirect branches, port I/O: see
+ * {@link relocateOutOfLine}) take the two-exit path instead: the original bytes go back, RIP
+ * returns to the instruction, and a second trap at its successor(s) re-arms the first when it
+ * fires. No single-step either way — so it works where KVM guest debug does not (every CPL on PVM).
  *
  * Two trap kinds share this engine:
  * - `probe`: `out 0xe5, al` (`e6 e5`), a PIO exit on every host. `out imm8` only reaches ports
@@ -19,7 +23,7 @@
  * @module
  */
 import { InvalidArgumentError, StateError, type GuestMemory, type Regs, type Sregs } from '@tsvm/core';
-import { readCode, successors } from './decode.js';
+import { readCode, relocateOutOfLine, successors } from './decode.js';
 import { bitnessOf, linearRip, translateVirtual } from '@tsvm/core';
 
 import { PROBE_PORT } from '@tsvm/core';
@@ -52,7 +56,8 @@ export interface CpuAccess {
   readonly trampoline?: { readonly physical: bigint; readonly virtual: bigint; readonly size: number };
 }
 
-const SLOT = 16;
+/** Bytes per trampoline slot: a relocated instruction group plus the jump back fits in 32. */
+const SLOT = 32;
 
 /** A hooked instruction. */
 export interface BreakpointTarget {
@@ -78,6 +83,18 @@ export interface PatchStats {
   rearms: number;
   /** Targets that had to wait for the next exit to be re-armed. */
   lazyRearms: number;
+  /** Hits resumed through an out-of-line copy (one exit; the trap stayed armed). */
+  outOfLine: number;
+}
+
+/** A target's out-of-line copy, valid while its bytes and address are unchanged. */
+interface OutOfLineCopy {
+  /** The original bytes it was made from. */
+  readonly bytes: Uint8Array;
+  /** RIP of the target it was made for. */
+  readonly rip: bigint;
+  /** Slot (virtual) holding the copy; undefined when the instruction must run in place. */
+  readonly slot: bigint | undefined;
 }
 
 /** The engine: one per trap kind per machine. */
@@ -88,12 +105,19 @@ export class PatchBreakpoints {
   readonly #patches = new Map<bigint, Uint8Array>(); // physical → original bytes
   readonly #targets = new Map<bigint, TargetState>();
   readonly #rearmAt = new Map<bigint, Set<TargetState>>(); // trap address → targets to re-arm
-  readonly #stats: PatchStats = { hits: 0, rearms: 0, lazyRearms: 0 };
+  readonly #stats: PatchStats = { hits: 0, rearms: 0, lazyRearms: 0, outOfLine: 0 };
+  readonly #copies = new Map<bigint, OutOfLineCopy>(); // target physical → out-of-line copy
 
-  /** @param kind - trap kind. @param cpu - vCPU access. */
-  constructor(kind: TrapKind, cpu: CpuAccess) {
+  readonly #outOfLineOn: boolean;
+
+  /**
+   * @param kind - trap kind. @param cpu - vCPU access.
+   * @param options - `outOfLine` (default true): run movable hooked instructions out of line (`probe` kind only).
+   */
+  constructor(kind: TrapKind, cpu: CpuAccess, options: { readonly outOfLine?: boolean } = {}) {
     this.kind = kind;
     this.#cpu = cpu;
+    this.#outOfLineOn = kind === 'probe' && options.outOfLine !== false;
   }
 
   /** Length of the trap in bytes. */
@@ -139,6 +163,7 @@ export class PatchBreakpoints {
     const t = this.#targets.get(physical);
     if (!t) return;
     this.#targets.delete(physical);
+    this.#copies.delete(physical);
     for (const [at, set] of this.#rearmAt) {
       if (set.delete(t) && set.size === 0) { this.#rearmAt.delete(at); if (!this.#targets.has(at)) this.#unpatch(at); }
     }
@@ -182,6 +207,7 @@ export class PatchBreakpoints {
     for (const at of [...this.#patches.keys()]) this.#unpatch(at);
     this.#targets.clear();
     this.#rearmAt.clear();
+    this.#copies.clear();
   }
 
   /**
@@ -194,6 +220,16 @@ export class PatchBreakpoints {
     const sregs = this.#cpu.sregs();
     const physical = translateVirtual(this.#cpu.memory, sregs, linear);
     if (physical === undefined || !this.#patches.has(physical)) return { ours: false, hit: undefined };
+    const armed = this.#targets.get(physical);
+    if (this.#outOfLineOn && armed?.state === 'armed' && !this.#rearmAt.has(physical)) {
+      const slot = this.#outOfLine(armed, rip, sregs);
+      if (slot !== undefined) {
+        this.#stats.hits++;
+        this.#stats.outOfLine++;
+        this.#cpu.setRip(slot);
+        return { ours: true, hit: armed };
+      }
+    }
     this.#unpatch(physical);
     this.#cpu.setRip(this.kind === 'probe' ? this.#resumeVia(rip, sregs) : rip);
     const waiting = this.#rearmAt.get(physical);
@@ -216,8 +252,34 @@ export class PatchBreakpoints {
     return { ours: true, hit: t };
   }
 
-  readonly #slots = new Map<bigint, bigint>(); // resume RIP → trampoline slot (virtual)
+  readonly #slotOf = new Map<string, number>(); // owner key → slot index
+  readonly #slotOwner: Array<string | undefined> = [];
   #nextSlot = 0;
+
+  /** Whether the trampoline page can be used by code at this CPU state. */
+  #trampoline(sregs: Sregs): { readonly physical: bigint; readonly virtual: bigint; readonly size: number } | undefined {
+    const tr = this.#cpu.trampoline;
+    if (!tr || bitnessOf(sregs) === 16 || translateVirtual(this.#cpu.memory, sregs, tr.virtual) !== tr.physical) return undefined;
+    return tr;
+  }
+
+  /**
+   * The slot owned by `key`, and whether it was already there. Slots are kept per owner (an
+   * interrupt may run before the guest leaves one); when all are used, the oldest is recycled.
+   */
+  #slot(tr: { readonly physical: bigint; readonly virtual: bigint; readonly size: number }, key: string): { index: number; fresh: boolean } {
+    const have = this.#slotOf.get(key);
+    if (have !== undefined) return { index: have, fresh: false };
+    const index = this.#nextSlot++ % Math.floor(tr.size / SLOT);
+    const old = this.#slotOwner[index];
+    if (old !== undefined) {
+      this.#slotOf.delete(old);
+      if (old.startsWith('x')) this.#copies.delete(BigInt(old.slice(1)));
+    }
+    this.#slotOwner[index] = key;
+    this.#slotOf.set(key, index);
+    return { index, fresh: true };
+  }
 
   /**
    * Where to put RIP so the guest resumes at `rip`. At a PIO exit KVM leaves RIP *at* the `out`
@@ -226,20 +288,12 @@ export class PatchBreakpoints {
    * at a per-address trampoline slot holding `jmp rip` instead (one extra jump, no extra exit).
    */
   #resumeVia(rip: bigint, sregs: Sregs): bigint {
-    const tr = this.#cpu.trampoline;
+    const tr = this.#trampoline(sregs);
     const bits = bitnessOf(sregs);
-    if (!tr || bits === 16 || translateVirtual(this.#cpu.memory, sregs, tr.virtual) !== tr.physical) {
-      throw new StateError(`cannot resume a probe at 0x${rip.toString(16)}: no trampoline page is mapped (KVM would skip the restored instruction)`);
-    }
-    let slot = this.#slots.get(rip);
-    if (slot === undefined) {
-      const count = Math.floor(tr.size / SLOT);
-      // Slots are kept per address (an interrupt may run before the jump); when all are used, the oldest is recycled.
-      const i = this.#nextSlot++ % count;
-      slot = tr.virtual + BigInt(i * SLOT);
-      for (const [k, v] of this.#slots) if (v === slot) this.#slots.delete(k);
-      this.#slots.set(rip, slot);
-      const at = tr.physical + BigInt(i * SLOT);
+    if (!tr) throw new StateError(`cannot resume a probe at 0x${rip.toString(16)}: no trampoline page is mapped (KVM would skip the restored instruction)`);
+    const { index, fresh } = this.#slot(tr, `j${rip}`);
+    const slot = tr.virtual + BigInt(index * SLOT);
+    if (fresh) {
       const rel = rip - (slot + 5n);
       const code = new Uint8Array(SLOT).fill(0xcc);
       if (rel >= -(1n << 31n) && rel < 1n << 31n) {
@@ -249,10 +303,61 @@ export class PatchBreakpoints {
         code.set([0xff, 0x25, 0, 0, 0, 0]); // jmp [rip+0]; .quad rip
         new DataView(code.buffer).setBigUint64(6, rip, true);
       } else {
+        this.#slotOf.delete(`j${rip}`);
+        this.#slotOwner[index] = undefined;
         throw new StateError(`cannot resume a probe at 0x${rip.toString(16)}: out of jump range of the trampoline`);
       }
-      this.#cpu.memory.write(at, code);
+      this.#cpu.memory.write(tr.physical + BigInt(index * SLOT), code);
     }
+    return slot;
+  }
+
+  /**
+   * Up to 15 bytes of guest code at `physical` (to the end of its page) as the guest's program
+   * has them: this engine's traps (and `other`'s) replaced by the bytes they cover.
+   */
+  originalCode(physical: bigint, other?: PatchBreakpoints): Uint8Array {
+    const room = 4096 - Number(physical & 0xfffn);
+    const bytes = readCode(this.#cpu.memory, physical).slice(0, room);
+    const end = physical + BigInt(bytes.length);
+    for (const patches of other ? [this.#patches, other.#patches] : [this.#patches]) {
+      for (const [at, original] of patches) {
+        if (at + BigInt(original.length) <= physical || at >= end) continue;
+        for (let i = 0; i < original.length; i++) {
+          const a = at + BigInt(i);
+          if (a >= physical && a < end) bytes[Number(a - physical)] = original[i] as number;
+        }
+      }
+    }
+    return bytes;
+  }
+
+  /**
+   * The slot of target `t`'s out-of-line copy (made on first use, remade when its bytes
+   * changed), or undefined when it must run in place (see {@link relocateOutOfLine}).
+   */
+  #outOfLine(t: TargetState, rip: bigint, sregs: Sregs): bigint | undefined {
+    const bytes = this.originalCode(t.physical);
+    const have = this.#copies.get(t.physical);
+    if (have && have.rip === rip && sameBytes(have.bytes, bytes)) return have.slot;
+    const tr = this.#trampoline(sregs);
+    const bits = bitnessOf(sregs);
+    // Outside 64-bit mode RIP is CS-relative; the trampoline's address is linear.
+    if (!tr || (bits !== 64 && sregs.cs.base !== 0n)) return undefined;
+    const key = `x${t.physical}`;
+    const { index } = this.#slot(tr, key);
+    const slot = tr.virtual + BigInt(index * SLOT);
+    const copy = relocateOutOfLine(bytes, rip, bits, this.trapLength, slot);
+    if (!copy || copy.code.length > SLOT) {
+      this.#slotOf.delete(key);
+      this.#slotOwner[index] = undefined;
+      this.#copies.set(t.physical, { bytes, rip, slot: undefined });
+      return undefined;
+    }
+    const code = new Uint8Array(SLOT).fill(0xcc);
+    code.set(copy.code);
+    this.#cpu.memory.write(tr.physical + BigInt(index * SLOT), code);
+    this.#copies.set(t.physical, { bytes, rip, slot });
     return slot;
   }
 
@@ -332,4 +437,10 @@ export class PatchBreakpoints {
     this.#cpu.memory.write(at, original);
     this.#patches.delete(at);
   }
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
 }

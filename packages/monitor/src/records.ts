@@ -7,7 +7,7 @@
 import { HookFailure, checkDecision as checkCoreDecision, type HookDecision, type HookInfo, type Machine, type VcpuExit } from '@tsvm/core';
 import { decisionChannel, type AuditLog } from './audit.js';
 import type { Decision, HookContext, MediateFn, ObserveFn } from './decisions.js';
-import { formatInstructionAt } from './decode.js';
+import { formatInstruction, formatInstructionAt } from './decode.js';
 import type { MonitorEvent, NormalSpec } from './events.js';
 import type { Selection } from './mechanisms.js';
 import type { Cpl } from './calibration/table.js';
@@ -94,7 +94,7 @@ function eventAddress(ev: MonitorEvent): bigint | number | undefined {
 }
 
 /** Where the guest is, with the instruction, for deny messages: `RIP 0x1004: out dx,al [ee]`. */
-export function whereIs(machine: Machine, info: HookInfo | undefined, at?: bigint): string {
+export function whereIs(machine: Machine, info: HookInfo | undefined, at?: bigint, code?: Uint8Array): string {
   try {
     const vcpu = machine.vcpu(0);
     // Exec events know their instruction (RIP may already point at a probe trampoline); any
@@ -102,6 +102,8 @@ export function whereIs(machine: Machine, info: HookInfo | undefined, at?: bigin
     const rip = at ?? (info ? info.instructionRip() : vcpu.getRegs().rip);
     const sregs = vcpu.getSregs();
     const bits = bitnessOf(sregs);
+    // An exec event brings its instruction's bytes: guest RAM there may hold the probe's trap.
+    if (code !== undefined) return `RIP ${formatInstruction(code, rip, bits)}`;
     const pa = translateVirtual(machine.memory, sregs, linearRip(sregs, rip));
     if (pa === undefined) return `RIP 0x${rip.toString(16)} (code not mapped)`;
     return `RIP ${formatInstructionAt(machine.memory, rip, bits, { physical: pa })}`;
@@ -122,7 +124,7 @@ export function settle(env: PipelineEnv, rec: HookRecord, ev: MonitorEvent, raw:
     throw new HookFailure(rec.name, e);
   }
   rec.verdicts[d.verdict]++;
-  if (d.verdict === 'deny') d = { ...d, reason: `${d.reason ?? 'denied'} — ${whereIs(env.machine, info, ev.event === 'exec' ? ev.rip : undefined)}` };
+  if (d.verdict === 'deny') d = { ...d, reason: `${d.reason ?? 'denied'} — ${whereIs(env.machine, info, ev.event === 'exec' ? ev.rip : undefined, ev.event === 'exec' ? ev.code : undefined)}` };
   if (env.audit || decisionChannel.hasSubscribers) {
     const addr = eventAddress(ev);
     const entry = {

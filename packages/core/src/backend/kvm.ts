@@ -45,6 +45,8 @@ export class KvmBackend implements Backend {
   readonly system: KvmSystem;
   /** `KVM_CAP_SYNC_REGS` offers the general-purpose registers (`KVM_SYNC_X86_REGS`). */
   readonly syncRegs: boolean;
+  /** `KVM_CAP_SYNC_REGS` also offers the special registers (`KVM_SYNC_X86_SREGS`). */
+  readonly syncSregs: boolean;
   /** What the I/O-exit RIP probe found when this backend opened (`capabilities.ioExitRip`). */
   readonly ioRipProbe: IoRipProbeResult;
   #cpuid: CpuidEntry[] | undefined;
@@ -54,7 +56,9 @@ export class KvmBackend implements Backend {
   constructor(path = '/dev/kvm') {
     this.system = KvmSystem.open(path);
     const s = this.system;
-    this.syncRegs = (s.checkExtension(KVM_CAP.SYNC_REGS) & KVM_CONST.SYNC_X86_REGS) !== 0 && process.env['TSVM_NO_SYNC_REGS'] !== '1';
+    const sync = process.env['TSVM_NO_SYNC_REGS'] === '1' ? 0 : s.checkExtension(KVM_CAP.SYNC_REGS);
+    this.syncRegs = (sync & KVM_CONST.SYNC_X86_REGS) !== 0;
+    this.syncSregs = this.syncRegs && (sync & KVM_CONST.SYNC_X86_SREGS) !== 0;
     this.capabilities = {
       flavour: detectFlavour(),
       readonlyMemory: s.has('READONLY_MEM'),
@@ -262,6 +266,15 @@ class KvmBackendVcpu implements BackendVcpu {
    * changed ones at the next entry, so reading and writing them costs no ioctl.
    */
   readonly #sync: boolean;
+  /**
+   * `KVM_SYNC_X86_SREGS` is offered, and whether it is on. It is switched on the first time a
+   * consumer reads special registers at an exit (a monitor's probe translates addresses at every
+   * hit; each KVM_GET_SREGS costs ~6 µs on PVM), so a machine that never asks pays nothing.
+   */
+  readonly #syncSregsOffered: boolean;
+  #syncSregsOn = false;
+  /** `kvm_run`'s special-register copy is what KVM stored at the last real exit (nothing set since). */
+  #sregsFresh = false;
   /** The host is SVM (see `setSregs`). */
   readonly #svm: boolean;
   /** `kvm_run`'s register copy is what KVM stored at the last real exit. */
@@ -278,6 +291,7 @@ class KvmBackendVcpu implements BackendVcpu {
     this.id = v.id;
     this.#cpuid = cpuid;
     this.#sync = backend.syncRegs;
+    this.#syncSregsOffered = backend.syncSregs;
     this.#svm = backend.capabilities.flavour === 'svm';
     if (this.#sync) v.setSyncRegs(true);
   }
@@ -288,6 +302,7 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#syncDirty = false;
     // An interrupted KVM_RUN may not have stored the registers: ask KVM then.
     this.#syncFresh = this.#sync && exit.kind !== 'intr';
+    this.#sregsFresh = this.#syncSregsOn && this.#syncFresh;
     this.#last = exit;
     return exit;
   }
@@ -320,7 +335,7 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#syncDirty = false;
     this.#v.dropSyncedRegs();
     this.#v.completePendingExit();
-    this.#syncFresh = false;
+    this.#syncFresh = this.#sregsFresh = false;
     // KVM_SET_REGS now, not the deferred load: that would drop the exception queued next.
     this.#v.setRegs(regs);
     this.#regs = { ...regs };
@@ -350,11 +365,21 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#regs = { ...regs };
   }
   getSregs(): Sregs {
-    this.#sregs ??= this.#v.getSregs();
+    this.#sregs ??= this.#sregsFresh ? this.#v.syncedSregs() : this.#readSregs();
     return cloneSregs(this.#sregs);
+  }
+  #readSregs(): Sregs {
+    const s = this.#v.getSregs();
+    // Asked at an exit: from now on KVM stores them into kvm_run at every exit (no ioctl).
+    if (this.#syncSregsOffered && !this.#syncSregsOn && this.#syncFresh) {
+      this.#v.setSyncRegs(true, true);
+      this.#syncSregsOn = true;
+    }
+    return s;
   }
   setSregs(s: Sregs): void {
     this.#sregs = undefined;
+    this.#sregsFresh = false;
     // KVM on SVM reports TR busy (type 11) whatever was set, and QEMU's emulated AMD honours the
     // TSS I/O bitmap only for a TR loaded as available (type 9): a get → set round trip (a
     // snapshot, CR4.TSD for recording) would otherwise make ring-3 port I/O #GP there.
@@ -364,7 +389,7 @@ class KvmBackendVcpu implements BackendVcpu {
   supportedCpuid() { return this.#cpuid.slice(); }
   getMsrs(indices: readonly number[]) { return this.#v.getMsrs(indices); }
   // An MSR write can change special registers (EFER, APIC base): the cached copy goes.
-  setMsrs(entries: Parameters<BackendVcpu['setMsrs']>[0]) { this.#sregs = undefined; this.#v.setMsrs(entries); }
+  setMsrs(entries: Parameters<BackendVcpu['setMsrs']>[0]) { this.#sregs = undefined; this.#sregsFresh = false; this.#v.setMsrs(entries); }
   isHalted() { return this.#v.getMpState() === KVM_CONST.MP_STATE_HALTED; }
 
   nmiWakeState(): NmiWakeState {
@@ -400,7 +425,7 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#last = NO_EXIT;
     this.#flushRegs();
     this.#regs = this.#sregs = undefined;
-    this.#syncFresh = false;
+    this.#syncFresh = this.#sregsFresh = false;
     this.#v.completePendingExit();
   }
 
@@ -420,7 +445,7 @@ class KvmBackendVcpu implements BackendVcpu {
   setState(state: Record<string, Uint8Array>): void {
     this.#flushRegs();
     this.#regs = this.#sregs = undefined;
-    this.#syncFresh = false;
+    this.#syncFresh = this.#sregsFresh = false;
     // Firecracker's order: XCRs before XSAVE (XCR0 decides which XSAVE components load), the
     // LAPIC before events and MP state (a pending interrupt refers to it).
     for (const k of ['fpu', 'xcrs', 'xsave', 'debugregs', 'lapic', 'mp-state', 'events'] as const) {

@@ -124,6 +124,8 @@ export const KVM_CONST = {
   API_VERSION: 12,
   /** `KVM_SYNC_X86_REGS`: the general-purpose registers travel in `kvm_run.s.regs`. */
   SYNC_X86_REGS: 1,
+  /** `KVM_SYNC_X86_SREGS`: the special registers travel in `kvm_run.s.regs.sregs`. */
+  SYNC_X86_SREGS: 2,
   MEM_LOG_DIRTY_PAGES: 1,
   MEM_READONLY: 2,
   EXIT_IO_IN: 0,
