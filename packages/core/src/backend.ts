@@ -97,6 +97,11 @@ export interface BackendVm {
   createVcpu(id: number): BackendVcpu;
   /** Releases the VM. vCPUs and memory are closed first by the caller. */
   close(): void;
+  /**
+   * Optional: like {@link close}, with the kernel's teardown on another thread; resolves when
+   * the kernel has released the VM. The VM is unusable as soon as this returns.
+   */
+  closeInBackground?(): Promise<void>;
 }
 
 /**

@@ -161,9 +161,11 @@ describe.skipIf(!kvm.available)(`Machine on real KVM${kvm.available ? '' : ` (SK
       await vm.close();
     };
     for (let i = 0; i < 20; i++) await cycle(); // warm up caches and JIT
+    await Machine.released(); // VMs closed so far are released by the kernel in the background
     const fd0 = fds();
     const rss0 = process.memoryUsage().rss;
     for (let i = 0; i < cycles; i++) await cycle();
+    await Machine.released();
     const grew = process.memoryUsage().rss - rss0;
     console.log(`[tsvm] ${cycles} cycles: fds ${fd0} -> ${fds()}, RSS ${grew >= 0 ? '+' : ''}${(grew / MiB).toFixed(1)} MiB`);
     expect(fds()).toBe(fd0);

@@ -26,4 +26,16 @@ export function closeFd(fd: number): void {
   if (fd >= 0) libc().close(fd);
 }
 
+
+
+/**
+ * Closes an fd on a libuv thread-pool thread (koffi's async call): for a VM fd the kernel's
+ * teardown (~0.1–1 ms on PVM: memslots, MMU, SRCU grace periods) then runs off the caller's
+ * thread. Resolves when `close` returned.
+ */
+export function closeFdInBackground(fd: number): Promise<void> {
+  if (fd < 0) return Promise.resolve();
+  return new Promise((resolve) => { libc().closeAsync(fd, () => resolve()); });
+}
+
 export { C };

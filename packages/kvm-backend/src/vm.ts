@@ -5,7 +5,7 @@
 import * as S from './raw/structs.js';
 import { dv } from './raw/codec.js';
 import { KVM_CONST } from './raw/ioctls.js';
-import { closeFd, ioctlInt, ioctlPtr } from './fd.js';
+import { closeFd, closeFdInBackground, ioctlInt, ioctlPtr } from './fd.js';
 import { KvmVcpu } from './vcpu.js';
 import { KvmError } from './errors.js';
 
@@ -219,5 +219,16 @@ export class KvmVm {
   close(): void {
     closeFd(this.fd);
     this.fd = -1;
+  }
+
+  /**
+   * Like {@link close}, but the kernel's teardown of the VM runs on a thread-pool thread: this
+   * object is closed at once (`fd` is -1), and the promise resolves when the kernel has released
+   * the VM. Close the vCPUs first, as for `close()`.
+   */
+  closeInBackground(): Promise<void> {
+    const fd = this.fd;
+    this.fd = -1;
+    return closeFdInBackground(fd);
   }
 }

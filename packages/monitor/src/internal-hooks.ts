@@ -74,7 +74,7 @@ export function probeHook(env: InternalEnv): ExitHook {
       const rip = vcpu.getRegs().rip;
       const trapRip = env.machine.capabilities.ioExitRip['out-imm'] === 'after' ? rip - BigInt(engine.trapLength) : rip;
       const sregs = vcpu.getSregs();
-      const r = engine.onTrap(linearRip(sregs, trapRip), trapRip, info.seq);
+      const r = engine.onTrap(linearRip(sregs, trapRip), trapRip, info.seq, sregs);
       if (!r.ours) return undefined;
       return r.hit ? execHit(env, r.hit.physical, trapRip, exit, info) : RESUME;
     },
@@ -101,7 +101,7 @@ export function debugHook(env: InternalEnv): ExitHook {
           const engine = env.int3();
           const sregs = vcpu.getSregs();
           const rip = bitnessOf(sregs) === 64 ? cause.address : cause.address - sregs.cs.base;
-          const r = engine?.onTrap(cause.address, rip, info.seq);
+          const r = engine?.onTrap(cause.address, rip, info.seq, sregs);
           if (!r?.ours) return undefined;
           return r.hit ? execHit(env, r.hit.physical, rip, exit, info) : RESUME;
         }

@@ -214,10 +214,10 @@ export class PatchBreakpoints {
    * Handles a trap whose first byte is at linear address `linear`; `rip` is the RIP value that
    * points at it (RIP excludes the CS base outside 64-bit mode). Restores the original bytes,
    * rewinds RIP, re-arms what waited for this trap and, if it was a target, arms its successors.
+   * `sregs`: the vCPU's special registers at this exit, when the caller already has them.
    * @returns whether the trap was ours and which target (if any) was hit.
    */
-  onTrap(linear: bigint, rip: bigint, seq: number): { readonly ours: boolean; readonly hit: BreakpointTarget | undefined } {
-    const sregs = this.#cpu.sregs();
+  onTrap(linear: bigint, rip: bigint, seq: number, sregs: Sregs = this.#cpu.sregs()): { readonly ours: boolean; readonly hit: BreakpointTarget | undefined } {
     const physical = translateVirtual(this.#cpu.memory, sregs, linear);
     if (physical === undefined || !this.#patches.has(physical)) return { ours: false, hit: undefined };
     const armed = this.#targets.get(physical);

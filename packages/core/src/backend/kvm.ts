@@ -240,6 +240,12 @@ class KvmBackendVm implements BackendVm {
     this.#dirtyBufs.clear();
     this.#vm.close();
   }
+
+  closeInBackground(): Promise<void> {
+    for (const b of this.#dirtyBufs.values()) b.close();
+    this.#dirtyBufs.clear();
+    return this.#vm.closeInBackground();
+  }
 }
 
 const VCPU_BLOBS = new Set(['fpu', 'xsave', 'xcrs', 'lapic', 'events', 'debugregs', 'mp-state']);

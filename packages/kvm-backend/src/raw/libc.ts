@@ -31,6 +31,8 @@ export interface Libc {
   open(path: string, flags: number): number;
   /** libc `close` (see its man page). */
   close(fd: number): number;
+  /** libc `close` on a libuv thread-pool thread; `done` gets koffi's error or the result. */
+  closeAsync(fd: number, done: (err: unknown, result: number) => void): void;
   /** libc `ioctl` (pointer argument). */
   ioctlPtr(fd: number, request: number, arg: Uint8Array | null): number;
   /** libc `ioctl` (integer argument). */
@@ -79,9 +81,11 @@ export function libc(): Libc {
   if (cached) return cached;
   lib = koffi().load('libc.so.6');
   const l = lib;
+  const closeFn = l.func('int close(int fd)');
   cached = {
     open: l.func('int open(const char *path, int flags)'),
-    close: l.func('int close(int fd)'),
+    close: closeFn,
+    closeAsync: (fd: number, done: (err: unknown, result: number) => void) => { closeFn.async(fd, done); },
     ioctlPtr: l.func('ioctl', 'int', ['int', 'unsigned long', 'void *']),
     ioctlInt: l.func('ioctl', 'int', ['int', 'unsigned long', 'uint64_t']),
     mmap: l.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)'),
