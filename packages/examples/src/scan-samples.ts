@@ -6,6 +6,7 @@
  * never reads it (the test compares the two).
  * @module
  */
+import { InvalidArgumentError } from '@tsvm/core';
 import { asm } from '@tsvm/core/asm';
 import { CODE, CONSOLE_PORT, DATA, DISK_SIZE, EXIT_PORT, LOADER, STACK_TOP, VIRTIO_BASE } from './scan-sandbox.js';
 import type { Verdict } from './scan-monitor.js';
@@ -218,10 +219,10 @@ export async function assembleSamples(samples: readonly Sample[], loaderNotify: 
   const names = new Set<string>();
   const out: AssembledSample[] = [];
   for (const s of samples) {
-    if (names.has(s.name)) throw new Error(`two samples are named '${s.name}'`);
+    if (names.has(s.name)) throw new InvalidArgumentError('samples', `two samples are named '${s.name}'`);
     names.add(s.name);
     const code = await asm(s.source.replaceAll('LOADER_NOTIFY', String(loaderNotify)), { bits: 64, address: CODE.start });
-    if (code.length > DISK_SIZE) throw new RangeError(`sample '${s.name}' has ${code.length} bytes; the disk holds ${DISK_SIZE}`);
+    if (code.length > DISK_SIZE) throw new InvalidArgumentError('samples', `sample '${s.name}' has ${code.length} bytes; the disk holds ${DISK_SIZE}`);
     out.push({ ...s, code });
   }
   return out;

@@ -21,7 +21,7 @@
  * | everything else below 4 GiB | no RAM; the disk controller at 0xd0000000 | nothing |
  * @module
  */
-import type { Machine } from '@tsvm/core';
+import { InvalidArgumentError, type Machine } from '@tsvm/core';
 import { asm } from '@tsvm/core/asm';
 import { MemoryBacking, VirtioBlock, VirtioMmio, type BlockBacking } from '@tsvm/devices';
 
@@ -158,7 +158,7 @@ export function attachSandboxDevices(vm: Machine, backing: BlockBacking): Sandbo
 
 /** A disk image holding `payload` at sector 0, zero-padded to {@link DISK_SIZE}. */
 export function diskImage(payload: Uint8Array): Uint8Array {
-  if (payload.length > DISK_SIZE) throw new RangeError(`a sample has at most ${DISK_SIZE} bytes, got ${payload.length}`);
+  if (!(payload instanceof Uint8Array) || payload.length > DISK_SIZE) throw new InvalidArgumentError('payload', `must be a Uint8Array of at most ${DISK_SIZE} bytes`);
   const img = new Uint8Array(DISK_SIZE);
   img.set(payload);
   return img;
@@ -175,7 +175,7 @@ export async function buildTemplate(create: (regions: typeof REGIONS) => Promise
     attachSandboxDevices(vm, new MemoryBacking(new Uint8Array(DISK_SIZE)));
     vm.io.register({ port: PAUSE_PORT, size: 1 }, { name: 'pause', write: (_o, _v, _s, a) => a.requestStop({ reason: 'debug-exit', code: 0x100 }) });
     const code = await asm(LOADER_SOURCE, { bits: 64, address: LOADER.start });
-    if (code.length > 0x1000) throw new RangeError('the loader outgrew its page');
+    if (code.length > 0x1000) throw new Error('the loader outgrew its page');
     const notify = Buffer.from(await asm('mov dword ptr [rbx + 0x50], 0', { bits: 64 }));
     const notifyAt = Buffer.from(code).indexOf(notify);
     if (notifyAt < 0) throw new Error('the loader has no notify instruction');

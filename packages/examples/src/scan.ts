@@ -12,7 +12,7 @@
  *
  * @module
  */
-import { Machine, type Snapshot, type StopReason } from '@tsvm/core';
+import { InvalidArgumentError, Machine, type Snapshot, type StopReason } from '@tsvm/core';
 import { MemoryBacking } from '@tsvm/devices';
 import { Monitor, verifyAuditLog, type AuditVerification } from '@tsvm/monitor';
 import { attachSandboxDevices, buildTemplate, diskImage, DISK_SIZE, type SandboxIo } from './scan-sandbox.js';
@@ -100,7 +100,11 @@ export class Sandbox {
 
   /** Runs every sample in a clean machine and returns the verdicts. */
   async scan(samples: readonly AssembledSample[], options: ScanOptions): Promise<ScanReport> {
+    if (!Array.isArray(samples)) throw new InvalidArgumentError('samples', 'must be an array of assembled samples (Sandbox.assemble)');
+    if (options === null || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
+    if (options.mode !== 'fork' && options.mode !== 'reset') throw new InvalidArgumentError('options.mode', `must be 'fork' or 'reset', got ${String(options.mode)}`);
     const timeoutMs = options.timeoutMs ?? 50;
+    if (typeof timeoutMs !== 'number' || !Number.isFinite(timeoutMs) || timeoutMs <= 0) throw new InvalidArgumentError('options.timeoutMs', `must be a positive number of milliseconds, got ${String(timeoutMs)}`);
     const reports: SampleReport[] = [];
     let pagesCopied = 0;
     if (options.mode === 'fork') {
