@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { InvalidArgumentError } from '@tsvm/core';
 import { kvmAvailability } from '@tsvm/core/testing';
 import { verifyAuditLog } from '@tsvm/monitor';
 import { Sandbox, type ScanReport } from './scan.js';
@@ -74,6 +75,12 @@ describe.skipIf(!kvm.available)(`example: scan${kvm.available ? '' : ` (SKIPPED:
     const lying = samples.filter((s) => s.name === 'hello' || s.name === 'cmos-read').map((s) => ({ ...s, expected: 'timeout' as const }));
     const r = await box.scan(lying, { mode: 'reset', timeoutMs: TIMEOUT_MS });
     expect(r.samples.map((x) => x.verdict)).toEqual(['benign', 'malicious:forbidden-port']);
+  });
+
+  it('bad scan options are typed errors, before any machine is made', async () => {
+    await expect(box.scan(samples, { mode: 'spawn' as 'fork' })).rejects.toThrow(InvalidArgumentError);
+    await expect(box.scan(samples, { mode: 'reset', timeoutMs: -1 })).rejects.toThrow(/timeoutMs/);
+    await expect(box.assemble([SAMPLES[0]!, SAMPLES[0]!])).rejects.toThrow(/two samples are named 'hello'/);
   });
 
   it('reports samples/s for both modes', () => {
