@@ -6,8 +6,9 @@
  * else: the sample's expected verdict is never consulted.
  *
  * Rules (see `scan-sandbox.ts` for the layout):
- * - ports: `out` to the console and the debug-exit port is allowed, any other port access is a
- *   `forbidden-port` (core's exception-reporting port is left to core);
+ * - ports: `out` to the console and the debug-exit port is allowed, and core's exception
+ *   reporting port when ring 0 writes it (the exception stubs); any other port access is a
+ *   `forbidden-port`;
  * - the disk controller's window: allowed until the disk has delivered the payload (the device's
  *   DMA into the used ring ends the loading phase), a `device-access` afterwards, whichever code
  *   makes it (a sample jumping into the loader's notify instruction is caught too);
@@ -18,7 +19,7 @@
  * - everything that is not RAM or the controller: a store is a `wild-write`, a load a `wild-read`.
  * @module
  */
-import type { Stop } from '@tsvm/core';
+import { EXCEPTION_PORT, type Stop } from '@tsvm/core';
 import { allow, deny, type Decision, type HookContext, type Monitor, type MonitorEvent } from '@tsvm/monitor';
 import { CODE, CONSOLE_PORT, DISK_NAME, EXIT_PORT, LOADER, LOADER_FAILED, VIRTIO_BASE } from './scan-sandbox.js';
 
@@ -54,7 +55,6 @@ export interface Watch {
   loaded: boolean;
 }
 
-const EXCEPTION_PORT = 0xee0; // core's exception stubs report here; a hook over it would take it from core
 const VECTOR_NAMES: Readonly<Record<number, string>> = { 0: '#DE', 1: '#DB', 3: '#BP', 4: '#OF', 5: '#BR', 6: '#UD', 7: '#NM', 8: '#DF', 10: '#TS', 11: '#NP', 12: '#SS', 13: '#GP', 14: '#PF', 16: '#MF', 17: '#AC', 18: '#MC', 19: '#XM' };
 const hex = (v: bigint | number): string => `0x${v.toString(16)}`;
 const USED_RING = BigInt(LOADER.start + 0x2000);
@@ -69,10 +69,11 @@ export function watchSandbox(mon: Monitor): Watch {
   const ports = (ev: MonitorEvent, ctx: HookContext): Decision => {
     if (ev.event !== 'pio') return allow();
     if (ev.direction === 'out' && (ev.port === CONSOLE_PORT || ev.port === EXIT_PORT)) return allow();
+    // Core's exception stubs (ring 0) report a fault's vector here; a ring-3 sample writing it would fake a crash.
+    if (ev.direction === 'out' && ev.port === EXCEPTION_PORT && ctx.machine.vcpu(ctx.vcpu).getSregs().cs.dpl === 0) return allow();
     return forbid('forbidden-port', ctx, BigInt(ev.port), `${ev.direction} port ${hex(ev.port)}`);
   };
-  mon.mediate({ event: 'pio', ports: [0, EXCEPTION_PORT - 1] }, ports, { name: 'ports' });
-  mon.mediate({ event: 'pio', ports: [EXCEPTION_PORT + 1, 0xffff] }, ports, { name: 'ports-high' });
+  mon.mediate({ event: 'pio', ports: [0, 0xffff] }, ports, { name: 'ports' });
 
   mon.mediate({ event: 'mmio', range: [VIRTIO_BASE, VIRTIO_BASE + 0x1ffn] }, (ev, ctx) => {
     if (ev.event !== 'mmio') return allow();

@@ -1,6 +1,6 @@
 /**
  * The scan example's samples: tiny 64-bit ring-3 programs, each delivered to a sandbox child as
- * the contents of its virtio-blk disk and run from the code area. Half are benign, the rest do
+ * the contents of its virtio-blk disk and run from the code area. Ten are benign, the rest do
  * one thing the sandbox forbids (self-modifying code, forbidden ports, wild writes, driving the
  * disk again), spin, or crash. `expected` is what a correct monitor must conclude; the monitor
  * never reads it (the test compares the two).
@@ -191,6 +191,7 @@ export const SAMPLES: readonly Sample[] = [
   { name: 'cmos-read', description: 'reads the CMOS clock', expected: 'malicious:forbidden-port', source: `mov al, 0\n out 0x70, al\n in al, 0x71\n${exit()}` },
   { name: 'pci-probe', description: 'probes PCI configuration space', expected: 'malicious:forbidden-port', source: `mov dx, 0xcf8\n mov eax, 0x80000000\n out dx, eax\n mov dx, 0xcfc\n in eax, dx\n${exit()}` },
   { name: 'console-read', description: 'reads from the console port (only writes are allowed)', expected: 'malicious:forbidden-port', source: `mov dx, ${CONSOLE_PORT + 5}\n in al, dx\n${exit()}` },
+  { name: 'fake-crash', description: 'writes a #GP vector to core\u2019s exception port to pass for a crash', expected: 'malicious:forbidden-port', source: `mov dx, 0xee0\n mov al, 13\n out dx, al\n${exit()}` },
   { name: 'reboot', description: 'asks the keyboard controller for a reset', expected: 'malicious:forbidden-port', source: `mov al, 0xfe\n out 0x64, al\n${exit()}` },
   // ── wild writes and reads ────────────────────────────────────────────────
   { name: 'loader-overwrite', description: 'overwrites the loader stub', expected: 'malicious:wild-write', source: `mov rax, ${LOADER.start}\n mov dword ptr [rax], 0xcccccccc\n${exit()}` },

@@ -191,6 +191,11 @@ export async function main(): Promise<number> {
       const audit = `${r.audit.lines.length} lines, head ${r.audit.head.slice(0, 12)}… ${r.verification.ok ? 'verified' : 'BROKEN'}`;
       console.log(`| ${r.name} | ${r.verdict}${same ? '' : ` (reset: ${again?.verdict})`} | ${good ? '✓' : `✗ ${r.expected}`} | ${saw} | ${audit} |`);
     });
+    const shown = fork.samples.find((r) => r.verdict.startsWith('malicious:'));
+    if (shown) {
+      console.log(`\naudit chain of '${shown.name}' (fork mode; sha256-chained, the last line is the deny that stopped it):`);
+      for (const line of shown.audit.lines) console.log(`  ${line}`);
+    }
     for (const s of [fork, reset]) {
       console.log(`\n${s.mode}: ${s.samples.length} samples in ${s.elapsedMs.toFixed(0)} ms = ${s.samplesPerSecond.toFixed(1)} samples/s${s.mode === 'reset' ? ` (${s.pagesCopied} pages re-copied by resets)` : ''}`);
     }
