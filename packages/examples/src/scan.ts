@@ -12,11 +12,11 @@
  *
  * @module
  */
-import { InvalidArgumentError, Machine, type Snapshot, type StopReason } from '@tsvm/core';
+import { InvalidArgumentError, Machine, type Snapshot, type Stop, type StopReason } from '@tsvm/core';
 import { MemoryBacking } from '@tsvm/devices';
 import { Monitor, verifyAuditLog, type AuditVerification } from '@tsvm/monitor';
 import { attachSandboxDevices, buildTemplate, diskImage, DISK_SIZE, type SandboxIo } from './scan-sandbox.js';
-import { verdictOf, watchSandbox, type AuditChain, type Finding, type Verdict } from './scan-monitor.js';
+import { verdictOf, watchSandbox, type AuditChain, type Finding, type Verdict, type Watch } from './scan-monitor.js';
 import { SAMPLES, assembleSamples, type AssembledSample, type Sample } from './scan-samples.js';
 import { isMain, runCli } from './support.js';
 
@@ -155,8 +155,8 @@ export class Sandbox {
 async function runSample(vm: Machine, io: SandboxIo, s: AssembledSample, timeoutMs: number, seal: boolean, t0: number): Promise<SampleReport> {
   const lines: string[] = [];
   const mon = new Monitor(vm, { audit: lines, name: `scan:${s.name}` });
-  let stop;
-  let watch;
+  let stop: Stop;
+  let watch: Watch;
   try {
     watch = watchSandbox(mon);
     if (seal) mon.seal();
