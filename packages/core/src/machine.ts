@@ -65,6 +65,8 @@ export interface MachineEvents {
   closed: [];
   /** A time slice ended (the vCPU is stopped): a place for sampling work such as dirty logs. */
   slice: [];
+  /** `reset()` put guest RAM and CPU state back to the snapshot (host-made changes to RAM are gone too). */
+  reset: [];
 }
 
 /** A virtual machine. Create with {@link Machine.create}; release with `close()` or `await using`. */
@@ -352,11 +354,15 @@ export class Machine {
 
   /**
    * Puts a restored or forked machine back into its snapshot's state, re-copying only the pages
-   * dirtied since (the dirty log, plus device DMA), plus vCPU, VM and device state.
+   * dirtied since (the guest's stores from the dirty log, plus every host write: device DMA, a
+   * monitor's write-through or traps), plus vCPU, VM and device state. Emits `reset` after, so
+   * attachments that keep state in guest RAM (a monitor's probe traps) can put it back.
    */
   reset(options: ResetOptions = {}): ResetResult {
     this.#s.assertOpen();
-    return resetMachine(this, this.#internals(), options);
+    const r = resetMachine(this, this.#internals(), options);
+    this.events.emit('reset');
+    return r;
   }
 
   /** What `snapshot/` may see of the private state: a narrower view than `MachineState`. */

@@ -167,6 +167,26 @@ export class GuestMemory {
     checkBytes(data, 'data');
     const { bytes, offset } = this.#translate(address, data.length);
     bytes.set(data, offset);
+    if (this.#hostWrites) this.#mark(address, data.length);
+  }
+
+  #hostWrites: Set<bigint> | undefined;
+
+  /**
+   * @internal From now on, every page the host writes through this object (`write`, `fill`,
+   * `writeUint`, `writeU64`) is added to the returned set (guest-physical page addresses): KVM's
+   * dirty log sees only the guest's own stores, and a reset must also undo the host's (a
+   * monitor's write-through, probe traps, device DMA).
+   */
+  trackHostWrites(): Set<bigint> {
+    this.#hostWrites ??= new Set();
+    return this.#hostWrites;
+  }
+
+  #mark(address: number | bigint, length: number): void {
+    const set = this.#hostWrites as Set<bigint>;
+    const a = BigInt(address);
+    for (let p = a & ~0xfffn; p < a + BigInt(length); p += 0x1000n) set.add(p);
   }
 
   /** Fills `length` bytes with `value`. */
@@ -174,6 +194,7 @@ export class GuestMemory {
     checkInt(value, 'value', 0, 0xff);
     const { bytes, offset } = this.#translate(address, length);
     bytes.fill(value, offset, offset + length);
+    if (this.#hostWrites) this.#mark(address, length);
   }
 
   /** Reads a little-endian unsigned integer of 1, 2 or 4 bytes. */
@@ -204,6 +225,7 @@ export class GuestMemory {
       bytes[offset + i] = v & 0xff;
       v >>>= 8;
     }
+    if (this.#hostWrites) this.#mark(address, width);
   }
 
   /** Writes a little-endian 64-bit integer (`value` a bigint, unsigned or two's complement). */
@@ -211,6 +233,7 @@ export class GuestMemory {
     if (typeof value !== 'bigint' || value < -(1n << 63n) || value >= 1n << 64n) throw new InvalidArgumentError('value', `must be a 64-bit bigint, got ${show(value)}`);
     const { bytes, offset } = this.#translate(address, 8);
     new DataView(bytes.buffer, bytes.byteOffset + offset, 8).setBigUint64(0, BigInt.asUintN(64, value), true);
+    if (this.#hostWrites) this.#mark(address, 8);
   }
 
   /** Reads a NUL-terminated string of at most `max` bytes (latin1). */

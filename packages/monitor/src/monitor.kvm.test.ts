@@ -69,6 +69,30 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
     await vm.close();
   });
 
+  it('a fork with a CPL3 probe keeps seeing every hit across resets (the reset puts traps and slots back)', async () => {
+    const base = await machine('xor eax, eax\n mov ecx, 50\n l: add eax, 3\n dec ecx\n jnz l', 3);
+    const snap = await base.snapshot();
+    await base.close();
+    const child = await Machine.fork(snap, { setup: (m) => { m.io.register({ port: END, size: 1 }, { name: 'end', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) }); } });
+    try {
+      const mon = new Monitor(child);
+      let hits = 0;
+      mon.observe({ event: 'exec', address: 0x1007, cpl: 3 }, () => { hits++; });
+      for (let round = 1; round <= 3; round++) {
+        const stop = await child.run({ timeout: 10_000 });
+        expect(stop.reason).toBe('debug-exit');
+        if (stop.reason === 'debug-exit') expect(stop.code).toBe(150);
+        expect(hits).toBe(50 * round);
+        const r = child.reset();
+        // The trap page (and the trampoline's) were written by the host: the reset re-copies them.
+        expect(r.pagesCopied).toBeGreaterThan(0);
+      }
+    } finally {
+      await child.close();
+      snap.close();
+    }
+  });
+
   it('a forbidden port stops the guest with a violation naming the port and the instruction', async () => {
     const vm = await machine('mov dx, 0x3f8\n mov al, 0x41\n out dx, al\n mov dx, 0x70\n out dx, al', 3);
     vm.io.register({ port: 0x3f8, size: 8 }, { name: 'uart', write: () => {} });

@@ -150,6 +150,7 @@ export class Monitor implements InternalEnv {
     } catch { /* another monitor already explains this machine's stops */ }
     this.#dma = dmaWatchHook(this);
     machine.events.on('started', this.#onStarted);
+    machine.events.on('reset', this.#onReset);
     // Sampled write-watch observers run at every slice boundary; a throw stops the run.
     this.#unsample = machine.addSliceHook('monitor:write-watch-sample', () => this.sample());
     this.#rebuild();
@@ -258,6 +259,7 @@ export class Monitor implements InternalEnv {
     if (this.#closed) return;
     this.#closed = true;
     this.machine.events.off('started', this.#onStarted);
+    this.machine.events.off('reset', this.#onReset);
     this.#unsample();
     this.#probe?.clear();
     this.#int3?.clear();
@@ -277,6 +279,12 @@ export class Monitor implements InternalEnv {
 
   readonly #onStarted = (): void => {
     if (!this.#sealed) this.#reconcileCoalescing();
+  };
+
+  /** `Machine.reset` put guest RAM back, probe traps and trampoline slots included: re-arm. */
+  readonly #onReset = (): void => {
+    this.#probe?.afterReset();
+    this.#int3?.afterReset();
   };
 
   #assertOpen(): void {

@@ -202,6 +202,26 @@ export class PatchBreakpoints {
     return false;
   }
 
+  /**
+   * After the machine's RAM was put back to a snapshot (`Machine.reset`): the traps and the
+   * trampoline's slots are gone from guest RAM. Takes the current bytes as the originals,
+   * writes every trap again and forgets the slots (made again at the next hit).
+   */
+  afterReset(): void {
+    this.#copies.clear();
+    this.#slotOf.clear();
+    this.#slotOwner.length = 0;
+    this.#nextSlot = 0;
+    // A hit in progress (a successor trap armed) belongs to CPU state the reset discarded.
+    this.#rearmAt.clear();
+    this.#patches.clear();
+    for (const t of this.#targets.values()) {
+      t.state = 'armed';
+      t.lazy = false;
+      this.#patch(t.physical);
+    }
+  }
+
   /** Restores all original bytes (monitor detach). */
   clear(): void {
     for (const at of [...this.#patches.keys()]) this.#unpatch(at);

@@ -50,8 +50,11 @@ interface ResetBase {
   readonly snapshot: Snapshot;
   /** Region slots in manifest order (restored slots may be numbered differently). */
   readonly slots: readonly number[];
-  /** Pages (guest-physical, 4 KiB aligned) device DMA wrote since the last reset: KVM's log misses them. */
-  readonly dmaPages: Set<bigint>;
+  /**
+   * Pages (guest-physical, 4 KiB aligned) the host wrote since the last reset — device DMA, a
+   * monitor's write-through, probe traps, any `memory.write`: KVM's dirty log misses them.
+   */
+  readonly hostPages: Set<bigint>;
 }
 
 const bases = new WeakMap<Machine, ResetBase>();
@@ -146,12 +149,14 @@ export async function restoreMachine(
     // No dirty-log harvest here: a new memslot's log starts clean and applying state writes no
     // guest page, so the first reset sees exactly what the guest wrote (and a fork saves the
     // bitmap allocation and one ioctl).
-    const dmaPages = new Set<bigint>();
+    // Host writes are tracked from here on (restoring wrote the snapshot's own state).
+    const hostPages = m.memory.trackHostWrites();
+    hostPages.clear();
     DmaGate.of(m.memory).add({
       name: 'tsvm-reset',
-      observe: (w) => { for (let a = w.address & ~0xfffn; a < w.address + BigInt(w.length); a += 4096n) dmaPages.add(a); },
+      observe: (w) => { for (let a = w.address & ~0xfffn; a < w.address + BigInt(w.length); a += 4096n) hostPages.add(a); },
     });
-    bases.set(m, { snapshot: snap, slots, dmaPages });
+    bases.set(m, { snapshot: snap, slots, hostPages });
     return m;
   } catch (e) {
     await m.close().catch(() => undefined);
@@ -174,7 +179,7 @@ function applyState(m: Machine, x: MachineInternals, snap: Snapshot, cpu = true)
 
 /**
  * Puts `m` back into the state of the snapshot it came from: re-copies the pages the dirty log
- * names, then vCPU, VM and device state.
+ * names and those the host wrote (see `ResetBase.hostPages`), then vCPU, VM and device state.
  * @throws StateError when `m` was not made by `Machine.restore` / `Machine.fork`, or is running.
  */
 export function resetMachine(m: Machine, x: MachineInternals, options: ResetOptions = {}): ResetResult {
@@ -203,7 +208,7 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
       return;
     }
     const end = r.start + BigInt(r.size);
-    for (const a of base.dmaPages) {
+    for (const a of [...base.hostPages]) {
       if (a < r.start || a >= end) continue;
       const off = Number(a - r.start);
       const bit = off / PAGE_SIZE;
@@ -219,11 +224,12 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
       }
     }
   });
-  base.dmaPages.clear();
   try {
     applyState(m, x, snap);
   } catch (e) {
     throw e instanceof TsvmError ? e : new StateError(`reset of '${m.name}' failed: ${String(e)}`);
+  } finally {
+    base.hostPages.clear(); // the copies above are host writes too: memory now equals the snapshot
   }
   return { pagesCopied: pages };
 }
