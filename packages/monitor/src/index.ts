@@ -13,7 +13,8 @@
  * - Audit: {@link AuditLog} (hash-chained JSON lines), {@link verifyAuditLog},
  *   `diagnostics_channel` {@link DECISION_CHANNEL}.
  * - Cost: `calibrate()`, `remeasure()` and `ExitTimer` (`@tsvm/monitor/calibrate`; need `/dev/kvm`), {@link assumedTable}, {@link predict},
- *   {@link report}, rendered by {@link renderTable}, {@link renderJson}, {@link renderSvg}.
+ *   {@link report}; rows for `console.table` ({@link planRows}, {@link costRows}), text ({@link formatPlan}, {@link formatReport}),
+ *   {@link renderJson}, and an SVG of predicted vs measured overhead ({@link renderSvg}, {@link renderChart}).
  * - Decoding: {@link formatInstructionAt}, {@link formatInstruction}, {@link successors} (iced-x86).
  * @module
  */
@@ -39,8 +40,9 @@ export { AuditLog, verifyAuditLog, DECISION_CHANNEL, decisionChannel, GENESIS, t
 export { MECHANISMS, assumedTable, priceOf, resultOf, type CalibrationTable, type MechanismId, type MechanismResult, type HostIdentity, type Cpl } from './calibration/table.js';
 export { hostIdentity, hostKey, cpuModel } from './calibration/host.js';
 // Measuring the host (calibrate, remeasure, the cache) is `@tsvm/monitor/calibrate`.
-export { predict, report, baselineNs, type Prediction, type HookPrediction, type CostReport, type HookCost, type Alternative } from './cost/model.js';
-export { renderTable, renderJson, renderSvg, formatNs } from './cost/render.js';
+export { predict, report, baselineNs, type Prediction, type HookPrediction, type CostReport, type HookCost, type RunTime, type Alternative } from './cost/model.js';
+export { renderTable, renderJson, renderSvg, reportChart, formatNs, formatOverhead, planRows, costRows, textTable, formatPlan, formatReport, type PlanRow, type CostRow } from './cost/render.js';
+export { renderChart, chartUnit, CHART, type CostChart, type ChartRow, type ChartSpread } from './cost/chart.js';
 /**
  * Information flow between machines (`flow/`): labels, a qrexec-style flow policy with a lattice
  * rule, guards, the {@link FlowMonitor}, {@link analyzeFlows}, {@link explain}, {@link learnPolicy}.

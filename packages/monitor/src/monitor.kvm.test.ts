@@ -1,7 +1,7 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { Machine } from '@tsvm/core';
 import { asm, kvmAvailability } from '@tsvm/core/testing';
 import { Monitor } from './monitor.js';
@@ -25,7 +25,10 @@ async function machine(source: string, ring: 0 | 3) {
 
 // What works here, measured once for this file (guest debug does not work everywhere: nested TCG, PVM).
 let measured: ReturnType<typeof calibrate> | undefined;
-const hostTable = () => (measured ??= calibrate({ quick: true, cachePath: join(mkdtempSync(join(tmpdir(), 'tsvm-cal-')), 'c.json') }));
+const tmpDirs: string[] = [];
+const tmpDir = (prefix: string): string => { const d = mkdtempSync(join(tmpdir(), prefix)); tmpDirs.push(d); return d; };
+afterAll(() => { for (const d of tmpDirs) rmSync(d, { recursive: true, force: true }); });
+const hostTable = () => (measured ??= calibrate({ quick: true, cachePath: join(tmpDir('tsvm-cal-'), 'c.json') }));
 
 describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
   it.each([0, 3] as const)('CPL%i: an exec hook in a loop fires once per iteration, whatever mechanism the host allows', async (ring) => {
@@ -148,7 +151,7 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
     const prediction = predict(mon.plan(), { 'uart-gate': 2000 }, mon.calibration);
     const r = report(mon, { run: await vm.run({ timeout: 10_000 }) });
     process.stderr.write(`${renderTable(r)}\n`);
-    writeFileSync(join(mkdtempSync(join(tmpdir(), 'tsvm-svg-')), 'cost.svg'), renderSvg(r, prediction));
+    writeFileSync(join(tmpDir('tsvm-svg-'), 'cost.svg'), renderSvg(r, prediction));
     expect(r.hooks[0]?.events).toBe(2000);
     await vm.close();
   });

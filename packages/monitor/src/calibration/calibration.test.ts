@@ -1,7 +1,7 @@
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { assumedTable, priceOf, resultOf, MECHANISMS, type CalibrationTable } from './table.js';
 import { loadCalibration, saveCalibration, validateTable } from './cache.js';
 import { hostIdentity, hostKey } from './host.js';
@@ -10,7 +10,9 @@ import { selectMechanism } from '../mechanisms.js';
 import { normaliseSpec } from '../events.js';
 import { MockBackend } from '@tsvm/core/testing';
 
-const tmp = () => join(mkdtempSync(join(tmpdir(), 'tsvm-cal-')), 'sub', 'calibration.json');
+const dirs: string[] = [];
+const tmp = (): string => { const d = mkdtempSync(join(tmpdir(), 'tsvm-cal-')); dirs.push(d); return join(d, 'sub', 'calibration.json'); };
+afterAll(() => { for (const d of dirs) rmSync(d, { recursive: true, force: true }); });
 
 describe('calibration tables and cache', () => {
   it('the assumed PVM table matches HOST-FACTS: what works per CPL and the figures', () => {

@@ -61,8 +61,12 @@ export interface HookPrediction {
   readonly dispatchNs: number;
   /** Expected handler time per event (ns), if given. */
   readonly handlerNs: number;
-  /** Predicted overhead over the run without the hook (ns). */
+  /** Predicted overhead per event over the run without the hook (ns): unit − baseline + dispatch + handler; negative when the hook's mechanism is cheaper than the exit it replaces. */
+  readonly perEventNs: number;
+  /** Predicted overhead over the run without the hook (ns), signed: negative is a saving (see {@link HookPrediction.savesNs}). */
   readonly overheadNs: number;
+  /** What the hook saves over the run without it (ns, ≥ 0): `max(0, −overheadNs)`. Renderers show this, never a negative overhead. */
+  readonly savesNs: number;
 }
 
 /** A plan's prediction. */
@@ -86,8 +90,11 @@ export function predict(plan: readonly PlanEntry[], counts: Readonly<Record<stri
     if (!Number.isFinite(events) || events < 0) throw new InvalidArgumentError(`counts['${p.name}']`, 'must be a non-negative number');
     const unit = priceOf(table, p.mechanism, p.cpl) ?? NaN;
     const handler = options.handlerNs?.[p.name] ?? 0;
-    const induced = unit - baselineNs(table, p.mechanism, p.cpl);
-    return { name: p.name, mechanism: p.mechanism, cpl: p.cpl, events, unitNs: unit, dispatchNs: dispatch, handlerNs: handler, overheadNs: events * (induced + dispatch + handler) };
+    // A hook whose mechanism is the exit the event makes anyway (a mediate hook on a port that
+    // exits to its device) adds dispatch and handler, not an exit: baselineNs cancels the unit.
+    const perEventNs = unit - baselineNs(table, p.mechanism, p.cpl) + dispatch + handler;
+    const overheadNs = events * perEventNs;
+    return { name: p.name, mechanism: p.mechanism, cpl: p.cpl, events, unitNs: unit, dispatchNs: dispatch, handlerNs: handler, perEventNs, overheadNs, savesNs: Math.max(0, -overheadNs) };
   });
   return { hooks, totalNs: hooks.reduce((n, h) => n + h.overheadNs, 0), source: table.source };
 }
@@ -122,26 +129,56 @@ export interface HookCost {
   readonly handlerNs: number;
   /** The monitor's dispatch beyond the function (table lookup, decision check, audit): events × the calibrated dispatch price (ns). */
   readonly dispatchNs: number;
-  /** events × unit + handler + dispatch (ns). */
+  /** events × unit + handler + dispatch (ns): what delivering the events cost, all of it per event. */
   readonly totalNs: number;
-  /** Overhead over the run without the hook (ns). */
+  /** totalNs / events: the price of one event, mechanism + dispatch + handler (ns; unit + dispatch when no event came). */
+  readonly perEventNs: number;
+  /** Overhead over the run without the hook (ns), signed: negative when the hook's mechanism is cheaper than the exit it replaces (see {@link HookCost.savesNs}). */
   readonly overheadNs: number;
+  /** What the hook saved over the run without it (ns, ≥ 0): `max(0, −overheadNs)`. */
+  readonly savesNs: number;
   /** totalNs / run time. */
   readonly share: number;
   /** The cheaper alternative, if any. */
   readonly alternative: Alternative | undefined;
 }
 
+/**
+ * Where a run's time went, from core's exit counters: the one run figure ({@link RunTime.ns},
+ * whose source is named) split into time in the guest, per-exit handling in the VMM, and what
+ * the run paid outside both (once: set-up, first entry, slice boundaries).
+ */
+export interface RunTime {
+  /** The run figure (ns): the same number every renderer prints. */
+  readonly ns: number;
+  /** Where {@link RunTime.ns} came from: `stop` (`Stop.elapsedMs`, wall time of `run()`), `given` (the caller's ns) or `exit-counters` (Σ time in KVM_RUN + exit handling). */
+  readonly source: 'stop' | 'given' | 'exit-counters';
+  /** Exits the run made. */
+  readonly exits: number;
+  /** Σ time inside KVM_RUN (guest code and the kernel's side of each exit), ns. */
+  readonly guestNs: number;
+  /** Σ time handling exits in the VMM (devices, hooks, decisions, deny explanations), ns. */
+  readonly vmmNs: number;
+  /** The part of {@link RunTime.vmmNs} not charged to any hook's handler or dispatch: devices, and one-time work on a first use (e.g. loading the disassembler for the first deny's explanation), ns. */
+  readonly unchargedVmmNs: number;
+  /** One-time: ns − guestNs − vmmNs (≥ 0): machine set-up inside `run()`, first entry, slice boundaries, event-loop turns. */
+  readonly oneTimeNs: number;
+}
+
 /** A run's cost report. */
 export interface CostReport {
   /** Monitor name. */
   readonly monitor: string;
-  /** Run wall time (ns). */
+  /** Run time (ns): the same figure as {@link RunTime.ns}. */
   readonly runNs: number;
+  /** The run figure, its source and where the time went. */
+  readonly run: RunTime;
   /** Per hook. */
   readonly hooks: readonly HookCost[];
   /** Sum of hook totals (ns). */
   readonly totalNs: number;
+  /** Sum of hook overheads (ns, signed). */
+  readonly overheadNs: number;
   /** Whether the prices were measured or assumed. */
   readonly source: CalibrationTable['source'];
 }
@@ -176,24 +213,31 @@ function alternativeFor(table: CalibrationTable, machine: Machine, h: { mode: st
 export function report(mon: Monitor, options: { run?: Stop | { readonly ns: number }; table?: CalibrationTable } = {}): CostReport {
   const table = options.table ?? mon.calibration;
   const stats = mon.machine.stats();
-  const runNs = options.run === undefined
-    ? Object.values(stats.byKind).reduce((n, k) => n + k.runNs + k.handleNs, 0)
-    : 'ns' in options.run ? options.run.ns : options.run.elapsedMs * 1e6;
+  const kinds = Object.values(stats.byKind);
+  const guestNs = kinds.reduce((n, k) => n + k.runNs, 0), vmmNs = kinds.reduce((n, k) => n + k.handleNs, 0);
+  const source: RunTime['source'] = options.run === undefined ? 'exit-counters' : 'ns' in options.run ? 'given' : 'stop';
+  const runNs = options.run === undefined ? guestNs + vmmNs : 'ns' in options.run ? options.run.ns : options.run.elapsedMs * 1e6;
   const plan = new Map(mon.plan().map((p) => [p.id, p]));
   const hooks = mon.recordsForReport().map((r): HookCost => {
     const p = plan.get(r.id);
     const mechanism = p?.mechanism ?? r.selection.mechanism;
     const unit = priceOf(table, mechanism, r.cpl) ?? 0;
-    // One dispatcher serves every hook, so the per-hook dispatch is the calibrated price.
+    // One dispatcher serves every hook, so the per-hook dispatch is the calibrated price per
+    // event. Nothing measured around the dispatcher is charged: that time holds one-time work
+    // (the first deny's explanation loads the disassembler, an audit sink may block) which is
+    // no event's price; it stays in the run's uncharged VMM time.
     const dispatchNs = r.events * extraDispatch(table, mechanism, r.cpl, r.mode);
     const totalNs = r.events * unit + r.handlerNs + dispatchNs;
     const overheadNs = r.events * (unit - baselineNs(table, mechanism, r.cpl)) + r.handlerNs + dispatchNs;
     const onlyAllowed = r.mode === 'mediate' && r.verdicts.deny === 0 && r.verdicts.emulate === 0;
     return {
       name: r.name, mode: r.mode, event: r.spec.event, mechanism, cpl: r.cpl, events: r.events, unitNs: unit, handlerNs: r.handlerNs,
-      dispatchNs, totalNs, overheadNs, share: runNs > 0 ? totalNs / runNs : 0,
+      dispatchNs, totalNs, perEventNs: r.events > 0 ? totalNs / r.events : unit + extraDispatch(table, mechanism, r.cpl, r.mode),
+      overheadNs, savesNs: Math.max(0, -overheadNs), share: runNs > 0 ? totalNs / runNs : 0,
       alternative: alternativeFor(table, mon.machine, { mode: r.mode, event: r.spec.event, mechanism, cpl: r.cpl, events: r.events, onlyAllowed }),
     };
   });
-  return { monitor: mon.name, runNs, hooks, totalNs: hooks.reduce((n, h) => n + h.totalNs, 0), source: table.source };
+  const charged = hooks.reduce((n, h) => n + h.handlerNs + h.dispatchNs, 0);
+  const run: RunTime = { ns: runNs, source, exits: stats.total, guestNs, vmmNs, unchargedVmmNs: Math.max(0, vmmNs - charged), oneTimeNs: Math.max(0, runNs - guestNs - vmmNs) };
+  return { monitor: mon.name, runNs, run, hooks, totalNs: hooks.reduce((n, h) => n + h.totalNs, 0), overheadNs: hooks.reduce((n, h) => n + h.overheadNs, 0), source: table.source };
 }

@@ -1,9 +1,12 @@
 /**
- * Rendering cost reports: a console table, JSON, and a self-contained SVG bar chart of
- * predicted vs measured cost per hook (labelled axes, legend, no external fonts or scripts).
+ * Rendering plans and cost reports: flat rows for `console.table` ({@link planRows},
+ * {@link costRows}), text tables ({@link formatPlan}, {@link formatReport}), JSON, and an SVG chart
+ * of predicted vs measured overhead per hook ({@link renderSvg}, drawn by `chart.ts`).
  * @module
  */
+import type { PlanEntry } from '../monitor.js';
 import type { CostReport, Prediction } from './model.js';
+import { renderChart, type CostChart } from './chart.js';
 
 /** Formats nanoseconds for people: `850 ns`, `12.3 µs`, `4.56 ms`, `1.20 s`. */
 export function formatNs(ns: number): string {
@@ -15,23 +18,122 @@ export function formatNs(ns: number): string {
   return `${(ns / 1e9).toFixed(2)} s`;
 }
 
-function table(headers: readonly string[], rows: readonly (readonly string[])[]): string {
-  const widths = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: readonly string[]): string => cells.map((c, i) => (i === 0 || i === 1 || i === 2 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ').trimEnd();
-  return [line(headers), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line)].join('\n');
+/** A signed overhead for people: `+1.20 ms`, or `saves 4.56 ms` when negative (never a negative overhead). */
+export function formatOverhead(ns: number): string {
+  if (!Number.isFinite(ns)) return '—';
+  return ns < 0 ? `saves ${formatNs(-ns)}` : `+${formatNs(ns)}`;
 }
 
-/** The report as a console table, one row per hook, with the cheaper alternatives below. */
-export function renderTable(r: CostReport): string {
-  const rows = r.hooks.map((h) => [
-    h.name, h.mechanism, `CPL${h.cpl}`, String(h.events), formatNs(h.unitNs), formatNs(h.handlerNs), formatNs(h.totalNs), formatNs(h.overheadNs), `${(h.share * 100).toFixed(1)}%`,
-  ]);
+const pct = (x: number): string => (Number.isFinite(x) ? `${(x * 100).toFixed(1)} %` : '—');
+
+/** One flat row per plan entry (primitive columns only), for `console.table` or a CSV. */
+export interface PlanRow {
+  /** Hook name. */
+  readonly hook: string;
+  /** Mediate or observe. */
+  readonly mode: string;
+  /** What it watches. */
+  readonly target: string;
+  /** `CPL0` / `CPL3`. */
+  readonly cpl: string;
+  /** Chosen mechanism. */
+  readonly mechanism: string;
+  /** Price per event, formatted. */
+  readonly unit: string;
+  /** Why the mechanism was chosen. */
+  readonly why: string;
+  /** The rejected mechanisms, `name: why; …` (empty when none). */
+  readonly rejected: string;
+}
+
+/** The plan as flat rows: `console.table(planRows(mon.plan()))` prints readably. */
+export function planRows(plan: readonly PlanEntry[]): PlanRow[] {
+  return plan.map((p) => ({
+    hook: p.name, mode: p.mode, target: p.target, cpl: `CPL${p.cpl}`, mechanism: p.mechanism, unit: formatNs(p.unitNs), why: p.why,
+    rejected: p.rejected.map((r) => `${r.mechanism}: ${r.why}`).join('; '),
+  }));
+}
+
+/** One flat row per hook of a report (primitive columns only, times formatted). */
+export interface CostRow {
+  /** Hook name. */
+  readonly hook: string;
+  /** Mediate or observe. */
+  readonly mode: string;
+  /** Mechanism. */
+  readonly mechanism: string;
+  /** `CPL0` / `CPL3`. */
+  readonly cpl: string;
+  /** Events delivered. */
+  readonly events: number;
+  /** Mechanism price per event. */
+  readonly unit: string;
+  /** Dispatch per event. */
+  readonly dispatch: string;
+  /** Handler time per event. */
+  readonly handler: string;
+  /** unit + dispatch + handler: one event's price. */
+  readonly 'per event': string;
+  /** events × per event. */
+  readonly total: string;
+  /** Against the run without the hook: `+x` or `saves x`. */
+  readonly 'vs no hook': string;
+  /** total / run. */
+  readonly share: string;
+  /** The cheaper alternative and what it would save (empty when none). */
+  readonly cheaper: string;
+}
+
+/** The report as flat rows: `console.table(costRows(report(mon)))` prints readably. */
+export function costRows(r: CostReport): CostRow[] {
+  return r.hooks.map((h) => ({
+    hook: h.name, mode: h.mode, mechanism: h.mechanism, cpl: `CPL${h.cpl}`, events: h.events,
+    unit: formatNs(h.unitNs), dispatch: formatNs(h.events > 0 ? h.dispatchNs / h.events : 0), handler: formatNs(h.events > 0 ? h.handlerNs / h.events : 0),
+    'per event': formatNs(h.perEventNs), total: formatNs(h.totalNs), 'vs no hook': formatOverhead(h.overheadNs), share: pct(h.share),
+    cheaper: h.alternative ? `${h.alternative.change} (${h.alternative.mechanism}): saves ${formatNs(h.alternative.savesNs)}` : '',
+  }));
+}
+
+/** Plain-text table of `rows` (strings left-aligned, numbers and times right-aligned). */
+export function textTable<R extends object>(rows: readonly R[], columns?: readonly (keyof R & string)[]): string {
+  const cols: readonly string[] = columns ?? Object.keys(rows[0] ?? {});
+  const cells = rows.map((r) => cols.map((c) => String((r as Record<string, unknown>)[c] ?? '')));
+  const widths = cols.map((c, i) => Math.max(c.length, ...cells.map((r) => (r[i] as string).length)));
+  const numeric = cols.map((_c, i) => cells.length > 0 && cells.every((r) => /^[-+−]?[\d.]+( ?(ns|µs|ms|s|%))?$|^—$|^saves /.test(r[i] as string)));
+  const line = (cs: readonly string[]): string => cs.map((c, i) => (numeric[i] ? c.padStart(widths[i] ?? 0) : c.padEnd(widths[i] ?? 0))).join('  ').trimEnd();
+  return [line(cols), widths.map((w) => '-'.repeat(w)).join('  '), ...cells.map(line)].join('\n');
+}
+
+/** The plan as a text table, one line per hook. */
+export function formatPlan(plan: readonly PlanEntry[]): string {
+  return textTable(planRows(plan), ['hook', 'mode', 'target', 'cpl', 'mechanism', 'unit', 'why']);
+}
+
+/**
+ * The report as text: the run figure with its source, where the run's time went (one-time costs
+ * apart from per-event ones), one row per hook, and the cheaper alternatives.
+ */
+export function formatReport(r: CostReport): string {
+  const run = r.run;
+  const src = run.source === 'stop' ? 'Stop.elapsedMs, wall time of run()' : run.source === 'given' ? 'given by the caller' : 'exit counters: Σ KVM_RUN + exit handling';
+  const rows = costRows(r);
   const alts = r.hooks.filter((h) => h.alternative).map((h) => `  ${h.name}: ${h.alternative?.change} (${h.alternative?.mechanism}) would save ${formatNs(h.alternative?.savesNs ?? NaN)}`);
+  const net = r.overheadNs;
   return [
-    `cost report for '${r.monitor}' — run ${formatNs(r.runNs)}, hooks ${formatNs(r.totalNs)} (${r.source} prices)`,
-    table(['hook', 'mechanism', 'cpl', 'events', 'unit', 'handler', 'total', 'overhead', 'share'], rows),
+    `cost report for '${r.monitor}' (${r.source} prices)`,
+    `run ${formatNs(run.ns)} (${src}); ${run.exits} exits`,
+    `  in the guest (KVM_RUN)        ${formatNs(run.guestNs)}`,
+    `  exit handling in the VMM      ${formatNs(run.vmmNs)}, of which charged to no hook ${formatNs(run.unchargedVmmNs)} (devices, first-use set-up)`,
+    `  one-time (set-up, first entry, slices)  ${formatNs(run.oneTimeNs)}`,
+    `hooks: per-event total ${formatNs(r.totalNs)}, against the run without them ${formatOverhead(net)}`,
+    textTable(rows, ['hook', 'mechanism', 'cpl', 'events', 'unit', 'dispatch', 'handler', 'per event', 'total', 'vs no hook', 'share']),
     ...(alts.length ? ['cheaper alternatives:', ...alts] : []),
   ].join('\n');
+}
+
+/** Same as {@link formatReport} (the older name). */
+export function renderTable(r: CostReport): string {
+  return formatReport(r);
 }
 
 /** The report as JSON (numbers in ns; NaN becomes null). */
@@ -39,58 +141,24 @@ export function renderJson(r: CostReport): string {
   return JSON.stringify(r, (_k, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? null : v), 2);
 }
 
-function esc(s: string): string {
-  return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
-}
-
-function niceMax(v: number): number {
-  if (!(v > 0)) return 1;
-  const p = 10 ** Math.floor(Math.log10(v));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
-  return 10 * p;
-}
-
 /**
- * A grouped bar chart, per hook: predicted overhead vs measured total. Pure SVG 1.1 with
- * inline styles, so it renders the same in a browser, a paper or a PR.
+ * The chart of a report: per hook, the predicted overhead (from {@link predict}) against the
+ * overhead priced after the run from what the monitor counted (events, handler time). Both are
+ * overheads over the run without the hook, so like is compared with like. A report holds one run,
+ * so it has no spread; the cost benchmark draws the spread over repeats with {@link renderChart}.
  */
-export function renderSvg(measured: CostReport, predicted: Prediction | undefined, options: { title?: string } = {}): string {
-  const names = measured.hooks.map((h) => h.name);
+export function reportChart(measured: CostReport, predicted: Prediction | undefined, options: { title?: string } = {}): CostChart {
   const pred = new Map(predicted?.hooks.map((h) => [h.name, h.overheadNs]) ?? []);
-  const W = 720, H = 420, left = 90, right = 20, top = 50, bottom = 110;
-  const plotW = W - left - right, plotH = H - top - bottom;
-  const values = measured.hooks.flatMap((h) => [h.totalNs, pred.get(h.name) ?? 0]).filter(Number.isFinite);
-  const max = niceMax(Math.max(0, ...values) / 1e3); // µs
-  const y = (us: number): number => top + plotH - (Math.max(0, us) / max) * plotH;
-  const group = plotW / Math.max(1, names.length);
-  const bar = Math.min(40, group / 3);
-  const out: string[] = [];
-  out.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="Helvetica, Arial, sans-serif" font-size="12">`);
-  out.push(`<title>${esc(options.title ?? `Hook cost — ${measured.monitor}`)}</title>`);
-  out.push(`<rect x="0" y="0" width="${W}" height="${H}" fill="#ffffff"/>`);
-  out.push(`<text x="${W / 2}" y="24" text-anchor="middle" font-size="15" font-weight="bold">${esc(options.title ?? `Hook cost — ${measured.monitor}`)}</text>`);
-  for (let i = 0; i <= 5; i++) {
-    const v = (max * i) / 5, yy = y(v);
-    out.push(`<line class="grid" x1="${left}" y1="${yy}" x2="${W - right}" y2="${yy}" stroke="#e0e0e0"/>`);
-    out.push(`<text class="tick" x="${left - 6}" y="${yy + 4}" text-anchor="end">${+v.toFixed(2)}</text>`);
-  }
-  out.push(`<line class="axis" x1="${left}" y1="${top}" x2="${left}" y2="${top + plotH}" stroke="#000"/>`);
-  out.push(`<line class="axis" x1="${left}" y1="${top + plotH}" x2="${W - right}" y2="${top + plotH}" stroke="#000"/>`);
-  out.push(`<text class="axis-label" transform="translate(22 ${top + plotH / 2}) rotate(-90)" text-anchor="middle">cost per run (µs)</text>`);
-  out.push(`<text class="axis-label" x="${left + plotW / 2}" y="${H - 12}" text-anchor="middle">hook (mechanism)</text>`);
-  measured.hooks.forEach((h, i) => {
-    const cx = left + group * i + group / 2;
-    const p = pred.get(h.name);
-    if (p !== undefined && Number.isFinite(p)) {
-      out.push(`<rect class="bar predicted" x="${cx - bar}" y="${y(p / 1e3)}" width="${bar}" height="${top + plotH - y(p / 1e3)}" fill="#9ecae1"><title>${esc(h.name)} predicted ${(p / 1e3).toFixed(2)} µs</title></rect>`);
-    }
-    out.push(`<rect class="bar measured" x="${cx}" y="${y(h.totalNs / 1e3)}" width="${bar}" height="${top + plotH - y(h.totalNs / 1e3)}" fill="#3182bd"><title>${esc(h.name)} measured ${(h.totalNs / 1e3).toFixed(2)} µs</title></rect>`);
-    out.push(`<text class="label" transform="translate(${cx} ${top + plotH + 14}) rotate(30)" text-anchor="start">${esc(h.name)} (${esc(h.mechanism)})</text>`);
-  });
-  const lx = W - right - 170;
-  out.push(`<g class="legend"><rect x="${lx}" y="${top - 8}" width="12" height="12" fill="#9ecae1"/><text x="${lx + 18}" y="${top + 2}">predicted overhead</text>`);
-  out.push(`<rect x="${lx}" y="${top + 10}" width="12" height="12" fill="#3182bd"/><text x="${lx + 18}" y="${top + 20}">measured total</text></g>`);
-  out.push(`<text x="${W - right}" y="${H - 12}" text-anchor="end" fill="#666" font-size="10">${esc(measured.source)} prices</text>`);
-  out.push('</svg>');
-  return out.join('\n');
+  return {
+    title: options.title ?? `Hook overhead — ${measured.monitor}`,
+    predictedLabel: 'predicted (before the run)',
+    measuredLabel: 'priced after the run (counted events, timed handlers)',
+    rows: measured.hooks.map((h) => ({ label: h.name, detail: `${h.mechanism}, CPL${h.cpl}, ${h.events} events`, predictedNs: pred.get(h.name), measuredNs: h.overheadNs })),
+    footnote: `${measured.source} prices; run ${formatNs(measured.runNs)} (${measured.run.source})`,
+  };
+}
+
+/** The report as an SVG chart ({@link reportChart} drawn by {@link renderChart}). */
+export function renderSvg(measured: CostReport, predicted: Prediction | undefined, options: { title?: string } = {}): string {
+  return renderChart(reportChart(measured, predicted, options));
 }
