@@ -3,7 +3,9 @@
  * run. Prints a table and writes JSON to bench-results/foundation.json.
  *
  * - PIO / MMIO exit round trip through the full Machine.run path vs a minimal C KVM_RUN loop
- *   (bench/exitloop.c, built here with cc) running the *identical* guest state, ring 0 and 3.
+ *   (bench/exitloop.c, built here with cc) running the *identical* guest state, ring 0 and 3;
+ *   `floorRatio`: the same loop in Node through kvm-backend with no handling at all (the least
+ *   any Node VMM pays here, so the most tsvm's own code can be held to).
  * - create → load 4 KiB → run to hlt → close latency.
  * - RSS growth per idle 2 MiB machine, over 100 machines.
  * @module
@@ -15,7 +17,8 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Machine, KvmUnavailableError } from '@tsvm/core';
 import { asm } from '@tsvm/core/testing';
-import { encodeRegs, encodeSregs } from '@tsvm/kvm-backend';
+import { readFileSync } from 'node:fs';
+import { KvmSystem, MemfdMapping, decodeRegs, decodeSregs, encodeRegs, encodeSregs } from '@tsvm/kvm-backend';
 import { Monitor, allow } from '@tsvm/monitor';
 import { interleave, ratios, spread, type Spread } from './stats.js';
 import { tsPathBench } from './ts-path.js';
@@ -63,8 +66,8 @@ async function tsvmOnce(kind: 'pio' | 'mmio', ring: 0 | 3, monitored: boolean): 
   }
 }
 
-/** The C loop on tsvm's exact initial state for the same guest: ns per exit. */
-async function cOnce(cBin: string, dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<number> {
+/** Writes tsvm's exact initial state for the guest (memory image, kvm_regs, kvm_sregs) into `dir`. */
+async function dumpState(dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<void> {
   const vm = await prepare(kind, ring);
   try {
     writeFileSync(join(dir, 'mem.bin'), vm.memory.read(0, RAM));
@@ -80,9 +83,54 @@ async function cOnce(cBin: string, dir: string, kind: 'pio' | 'mmio', ring: 0 | 
   } finally {
     await vm.close();
   }
+}
+
+/** The C loop on tsvm's exact initial state for the same guest: ns per exit. */
+async function cOnce(cBin: string, dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<number> {
+  await dumpState(dir, kind, ring);
   const out = JSON.parse(execFileSync(cBin, [join(dir, 'mem.bin'), join(dir, 'regs.bin'), join(dir, 'sregs.bin'), String(RAM)], { encoding: 'utf8' })) as { exits: number; ns: number };
   return out.ns / out.exits;
 }
+
+let rawSystem: KvmSystem | undefined;
+/**
+ * The floor for any Node VMM on this host: kvm-backend's `KvmVcpu.run()` (one koffi KVM_RUN and
+ * the exit decode) in a loop that handles nothing, on the state `cOnce` dumped: ns per exit.
+ * What it adds over C is the price of calling KVM from Node at all (FFI, and a JS process's
+ * larger footprint around each world switch), which no TypeScript-side work can remove.
+ */
+async function rawOnce(dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<number> {
+  await dumpState(dir, kind, ring);
+  const sys = (rawSystem ??= KvmSystem.open());
+  const vm = sys.createVm();
+  const mem = MemfdMapping.create(RAM);
+  try {
+    if (sys.checkExtension(KVM_CAP_SET_TSS_ADDR) > 0) vm.setTssAddr(0xfffbd000);
+    mem.bytes.set(readFileSync(join(dir, 'mem.bin')));
+    vm.setUserMemoryRegion(0, 0n, RAM, mem.hostAddress);
+    const v = vm.createVcpu(0);
+    try {
+      v.setCpuid(sys.supportedCpuid());
+      v.setSregs(decodeSregs(new Uint8Array(readFileSync(join(dir, 'sregs.bin')))));
+      v.setRegs(decodeRegs(new Uint8Array(readFileSync(join(dir, 'regs.bin')))));
+      let exits = 0;
+      const t0 = process.hrtime.bigint();
+      for (;;) {
+        const e = v.run();
+        exits++;
+        if (e.kind === 'io' && e.port === 0xf4) break;
+        if (e.kind !== 'io' && e.kind !== 'mmio') throw new Error(`raw loop: unexpected exit ${e.kind}`);
+      }
+      return Number(process.hrtime.bigint() - t0) / exits;
+    } finally {
+      v.close();
+    }
+  } finally {
+    vm.close();
+    mem.close();
+  }
+}
+const KVM_CAP_SET_TSS_ADDR = 4;
 
 /**
  * C loop, tsvm and tsvm + Monitor, interleaved round by round (one warm-up round discarded).
@@ -92,12 +140,13 @@ async function cOnce(cBin: string, dir: string, kind: 'pio' | 'mmio', ring: 0 | 
 async function exitBench(cBin: string, dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<BenchLine> {
   const r = await interleave(REPS, {
     c: () => cOnce(cBin, dir, kind, ring),
+    floor: () => rawOnce(dir, kind, ring),
     tsvm: () => tsvmOnce(kind, ring, false),
     monitored: () => tsvmOnce(kind, ring, true),
   });
   return {
-    cNsPerExit: spread(r.c), tsvmNsPerExit: spread(r.tsvm), monitoredNsPerExit: spread(r.monitored),
-    ratio: spread(ratios(r.tsvm, r.c)), monitoredRatio: spread(ratios(r.monitored, r.c)),
+    cNsPerExit: spread(r.c), floorNsPerExit: spread(r.floor), tsvmNsPerExit: spread(r.tsvm), monitoredNsPerExit: spread(r.monitored),
+    floorRatio: spread(ratios(r.floor, r.c)), ratio: spread(ratios(r.tsvm, r.c)), monitoredRatio: spread(ratios(r.monitored, r.c)),
     target: 1.03, monitoredTarget: 1.05,
   };
 }
