@@ -6,7 +6,7 @@
  */
 import { execFile, spawnSync } from 'node:child_process';
 import { promisify } from 'node:util';
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -27,6 +27,7 @@ async function settle(cmd: string, args: string[], cwd: string, timeout: number)
     return { status: typeof x.code === 'number' ? x.code : -1, stdout: x.stdout ?? '', stderr: x.stderr ?? String(e) };
   }
 }
+const VITEST = (JSON.parse(readFileSync(join(repo, 'node_modules/vitest/package.json'), 'utf8')) as { version: string }).version;
 const PUBLIC = ['@tsvm/core', '@tsvm/devices', '@tsvm/kvm-backend', '@tsvm/monitor'];
 
 function registryReachable(): string {
@@ -50,12 +51,46 @@ try {
   vm.attachDevice(uart);
   vm.attachDevice(new DebugExit());
   vm.loadFlat(await asm('mov dx, 0x3f8 ; mov al, 0x6f ; out dx, al ; mov al, 0x6b ; out dx, al ; mov dx, 0xf4 ; mov al, 3 ; out dx, al', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
-  const stop = await vm.run({ timeout: 5000 });
-  uart.flush();
+  const stop = await vm.run({ timeout: 5000 }); // run() delivers device output before it returns
   console.log(JSON.stringify({ reason: stop.reason, code: stop.code, out }));
 } finally {
   await vm.close();
 }
+`;
+
+const GUEST_TEST = `
+import { expect, it } from 'vitest';
+import { Machine } from '@tsvm/core';
+import { asm } from '@tsvm/core/asm';
+import { Uart16550, DebugExit } from '@tsvm/devices';
+
+it('boots a tiny guest in a test', async () => {
+  await using vm = await Machine.create({ memory: 2 * 1024 * 1024 });
+  const uart = new Uart16550();
+  let out = '';
+  uart.onOutput((bytes) => { out += Buffer.from(bytes).toString('latin1'); });
+  vm.attachDevice(uart);
+  vm.attachDevice(new DebugExit());
+  vm.loadFlat(await asm('mov dx, 0x3f8 ; mov al, 0x68 ; out dx, al ; mov al, 0x69 ; out dx, al ; mov dx, 0xf4 ; mov al, 1 ; out dx, al', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+  const stop = await vm.run({ timeout: 5000 });
+  expect(stop.reason).toBe('debug-exit');
+  expect(out).toBe('hi');
+});
+`;
+
+const MAIN_CJS = `
+const { Machine } = require('@tsvm/core');
+const { asm } = require('@tsvm/core/asm');
+(async () => {
+  const vm = await Machine.create({ memory: 2 * 1024 * 1024 });
+  try {
+    vm.loadFlat(await asm('hlt', { bits: 16 }), { at: 0x1000 });
+    const stop = await vm.run({ timeout: 5000 });
+    console.log(JSON.stringify({ reason: stop.reason }));
+  } finally {
+    await vm.close();
+  }
+})();
 `;
 
 const CHECK_TS = `
@@ -90,7 +125,8 @@ describe.skipIf(offline !== '')('installing the packed tarballs into a fresh npm
     mkdirSync(project);
     writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'stranger', private: true, type: 'module' }));
     const files = readdirSync(tarballs).map((f) => join(tarballs, f));
-    await run('npm', ['install', '--no-audit', '--no-fund', '--loglevel=error', ...files, '@types/node@20'], { cwd: project, timeout: 180_000 });
+    // vitest at the repository's own version: the stranger's test runner of choice.
+    await run('npm', ['install', '--no-audit', '--no-fund', '--loglevel=error', ...files, '@types/node@20', `vitest@${VITEST}`], { cwd: project, timeout: 240_000 });
   }, 420_000);
 
   afterAll(() => {
@@ -128,4 +164,28 @@ describe.skipIf(offline !== '')('installing the packed tarballs into a fresh npm
     expect(r.stderr).toBe('');
     expect(JSON.parse(r.stdout.trim())).toEqual({ reason: 'debug-exit', code: 7, out: 'ok' }); // isa-debug-exit reports (3 << 1) | 1
   }, 60_000);
+
+  it('a CommonJS script require()s the packages and runs a guest', async (ctx) => {
+    const kvm = kvmAvailability();
+    if (!kvm.available) {
+      process.stderr.write(`\n[tsvm] ***** SKIPPING THE INSTALLED CJS BOOT: ${kvm.reason} *****\n\n`);
+      ctx.skip();
+    }
+    writeFileSync(join(project, 'main.cjs'), MAIN_CJS);
+    const r = await settle(process.execPath, ['main.cjs'], project, 60_000);
+    expect(r.stderr).toBe('');
+    expect(JSON.parse(r.stdout.trim())).toEqual({ reason: 'halt' });
+  }, 60_000);
+
+  it('a vitest test in the stranger\'s project boots a guest and asserts its output and stop', async (ctx) => {
+    const kvm = kvmAvailability();
+    if (!kvm.available) {
+      process.stderr.write(`\n[tsvm] ***** SKIPPING THE INSTALLED VITEST RUN: ${kvm.reason} *****\n\n`);
+      ctx.skip();
+    }
+    writeFileSync(join(project, 'guest.test.ts'), GUEST_TEST);
+    const r = await settle(process.execPath, [join(project, 'node_modules/vitest/vitest.mjs'), 'run', '--root', project, '--reporter', 'dot'], project, 120_000);
+    expect(r.stdout + r.stderr).toMatch(/1 passed/);
+    expect(r.status).toBe(0);
+  }, 120_000);
 });
