@@ -22,7 +22,7 @@ import { kvmBackend } from './backend/kvm.js';
 import type { Bus, RangeSpec } from './bus.js';
 import { show } from './check.js';
 import type { Device, DeviceMapping, IrqLine } from './device.js';
-import { InvalidArgumentError } from './errors.js';
+import { InvalidArgumentError, StateError } from './errors.js';
 import type { VcpuExit } from './exits.js';
 import type { ExitHook, HookInfo, HookStats } from './hooks.js';
 import type { EntryState } from './loaders/bootinfo.js';
@@ -67,6 +67,10 @@ export interface MachineEvents {
   slice: [];
   /** `reset()` put guest RAM and CPU state back to the snapshot (host-made changes to RAM are gone too). */
   reset: [];
+  /** `snapshot()` is about to capture guest RAM: take host-made changes (probe traps) out of it now. */
+  snapshotting: [];
+  /** `snapshot()` has captured guest RAM (or failed): put them back. */
+  snapshotted: [];
 }
 
 /** A virtual machine. Create with {@link Machine.create}; release with `close()` or `await using`. */
@@ -329,7 +333,17 @@ export class Machine {
    */
   async snapshot(path?: string): Promise<Snapshot> {
     this.#s.assertOpen();
-    const snap = takeSnapshot(this, this.#internals());
+    if (this.#s.running) throw new StateError('cannot snapshot a running machine; let run() return first');
+    // Attachments that keep state in guest RAM (a monitor's probe traps) take it out for the
+    // capture, so the image holds the guest's own bytes, and put it back after (synchronously:
+    // nothing runs in between).
+    this.events.emit('snapshotting');
+    let snap: Snapshot;
+    try {
+      snap = takeSnapshot(this, this.#internals());
+    } finally {
+      this.events.emit('snapshotted');
+    }
     if (path !== undefined) {
       try { snap.save(path); } catch (e) { snap.close(); throw e; }
     }

@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Machine } from '@tsvm/core';
 import { asm, kvmAvailability } from '@tsvm/core/testing';
+import { PROBE_PORT } from './probe.js';
 import { Monitor } from './monitor.js';
 import { allow, deny } from './decisions.js';
 import { calibrate } from './calibration/calibrate.js';
@@ -93,6 +94,43 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
     } finally {
       await child.close();
       snap.close();
+    }
+  });
+
+  it('a snapshot of a monitored machine holds the guest\'s code, not the probe traps: forks run with or without a monitor', async () => {
+    const vm = await machine('xor eax, eax\n mov ecx, 50\n l: add eax, 3\n dec ecx\n jnz l', 3);
+    const mon = new Monitor(vm);
+    let hits = 0;
+    mon.observe({ event: 'exec', address: 0x1007, cpl: 3 }, () => { hits++; });
+    expect(Array.from(vm.memory.read(0x1007, 2))).toEqual([0xe6, PROBE_PORT]); // armed in guest RAM
+    const snap = await vm.snapshot();
+    expect(Array.from(vm.memory.read(0x1007, 2))).toEqual([0xe6, PROBE_PORT]); // and armed again after the capture
+    const end = (m: Machine): void => { m.io.register({ port: END, size: 1 }, { name: 'end', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) }); };
+    try {
+      // The original still works after the capture.
+      const s0 = await vm.run({ timeout: 10_000 });
+      expect(s0.reason === 'debug-exit' && s0.code).toBe(150);
+      expect(hits).toBe(50);
+      // A fork without a monitor runs the guest's own code.
+      const bare = await Machine.fork(snap, { setup: end });
+      try {
+        expect(Array.from(bare.memory.read(0x1007, 3))).toEqual([0x83, 0xc0, 0x03]);
+        const s1 = await bare.run({ timeout: 10_000 });
+        expect(s1.reason === 'debug-exit' && s1.code).toBe(150);
+      } finally { await bare.close(); }
+      // A fork with a new monitor behaves like the original.
+      const watched = await Machine.fork(snap, { setup: end });
+      try {
+        const mon2 = new Monitor(watched);
+        let hits2 = 0;
+        mon2.observe({ event: 'exec', address: 0x1007, cpl: 3 }, () => { hits2++; });
+        const s2 = await watched.run({ timeout: 10_000 });
+        expect(s2.reason === 'debug-exit' && s2.code).toBe(150);
+        expect(hits2).toBe(50);
+      } finally { await watched.close(); }
+    } finally {
+      snap.close();
+      await vm.close();
     }
   });
 

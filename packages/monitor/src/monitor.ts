@@ -151,6 +151,8 @@ export class Monitor implements InternalEnv {
     this.#dma = dmaWatchHook(this);
     machine.events.on('started', this.#onStarted);
     machine.events.on('reset', this.#onReset);
+    machine.events.on('snapshotting', this.#onSnapshotting);
+    machine.events.on('snapshotted', this.#onSnapshotted);
     // Sampled write-watch observers run at every slice boundary; a throw stops the run.
     this.#unsample = machine.addSliceHook('monitor:write-watch-sample', () => this.sample());
     this.#rebuild();
@@ -260,6 +262,8 @@ export class Monitor implements InternalEnv {
     this.#closed = true;
     this.machine.events.off('started', this.#onStarted);
     this.machine.events.off('reset', this.#onReset);
+    this.machine.events.off('snapshotting', this.#onSnapshotting);
+    this.machine.events.off('snapshotted', this.#onSnapshotted);
     this.#unsample();
     this.#probe?.clear();
     this.#int3?.clear();
@@ -279,6 +283,20 @@ export class Monitor implements InternalEnv {
 
   readonly #onStarted = (): void => {
     if (!this.#sealed) this.#reconcileCoalescing();
+  };
+
+  /**
+   * A snapshot holds the guest's own code, not the probe traps: a machine restored from it runs
+   * correctly without a monitor, and a new monitor attached to it arms its probes afresh.
+   */
+  readonly #onSnapshotting = (): void => {
+    this.#probe?.suspend();
+    this.#int3?.suspend();
+  };
+
+  readonly #onSnapshotted = (): void => {
+    this.#probe?.resume();
+    this.#int3?.resume();
   };
 
   /** `Machine.reset` put guest RAM back, probe traps and trampoline slots included: re-arm. */

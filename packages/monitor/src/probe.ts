@@ -222,6 +222,17 @@ export class PatchBreakpoints {
     }
   }
 
+  /** Puts the original bytes back but keeps every trap on record, for {@link resume} (a snapshot's capture). */
+  suspend(): void {
+    for (const [at, original] of this.#patches) this.#cpu.memory.write(at, original);
+  }
+
+  /** Writes the traps {@link suspend} took out back into guest RAM. */
+  resume(): void {
+    const trap = TRAP[this.kind];
+    for (const at of this.#patches.keys()) this.#cpu.memory.write(at, trap);
+  }
+
   /** Restores all original bytes (monitor detach). */
   clear(): void {
     for (const at of [...this.#patches.keys()]) this.#unpatch(at);
