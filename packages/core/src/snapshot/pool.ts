@@ -7,6 +7,21 @@
  * @module
  */
 import type { Backend, BackendVcpu, BackendVm } from '../backend.js';
+import type { HostMemory } from '../memory.js';
+
+/** @internal Guest RAM a pooled VM has mapped already (a memslot registration costs an SRCU grace period). */
+export interface PremappedRegion {
+  /** Memslot. */
+  readonly slot: number;
+  /** Guest-physical start. */
+  readonly start: bigint;
+  /** Bytes. */
+  readonly size: number;
+  /** Read-only memslot. */
+  readonly readonly: boolean;
+  /** The mapping (copy-on-write of the snapshot's image). */
+  readonly host: HostMemory;
+}
 
 /** @internal One ready VM. */
 export interface PooledVm {
@@ -16,6 +31,8 @@ export interface PooledVm {
   readonly vcpu: BackendVcpu;
   /** Whether the snapshot's VM and vCPU state is already applied (only devices remain). */
   readonly prepared: boolean;
+  /** Guest RAM already mapped and registered, in the machine's region order. */
+  readonly memory: readonly PremappedRegion[];
 }
 
 /** @internal Keeps `target` VMs ready. */
@@ -28,11 +45,16 @@ export class VmPool {
   #closed = false;
 
   readonly #prepare: ((vm: BackendVm, vcpu: BackendVcpu) => void) | undefined;
+  readonly #premap: ((vm: BackendVm) => PremappedRegion[]) | undefined;
 
-  /** @param prepare - applies state to a new VM ahead of use (a failure leaves it unprepared). */
-  constructor(backend: Backend, irqchip: boolean, target: number, prepare?: (vm: BackendVm, vcpu: BackendVcpu) => void) {
+  /**
+   * @param prepare - applies state to a new VM ahead of use (a failure leaves it unprepared).
+   * @param premap - maps and registers guest RAM ahead of use (a failure leaves it to the fork).
+   */
+  constructor(backend: Backend, irqchip: boolean, target: number, prepare?: (vm: BackendVm, vcpu: BackendVcpu) => void, premap?: (vm: BackendVm) => PremappedRegion[]) {
     this.backend = backend;
     this.#prepare = prepare;
+    this.#premap = premap;
     this.#irqchip = irqchip;
     this.#target = target;
     while (this.#ready.length < target) this.#ready.push(this.#make());
@@ -50,7 +72,9 @@ export class VmPool {
       let prepared = false;
       // Not fatal: an unprepared VM still forks (restore applies the state itself and reports).
       try { this.#prepare?.(vm, vcpu); prepared = this.#prepare !== undefined; } catch { /* see above */ }
-      return { vm, vcpu, prepared };
+      let memory: PremappedRegion[] = [];
+      try { memory = this.#premap?.(vm) ?? []; } catch { memory = []; /* the fork maps its own */ }
+      return { vm, vcpu, prepared, memory };
     } catch (e) {
       vm.close();
       throw e;
@@ -78,9 +102,10 @@ export class VmPool {
   /** Releases the VMs still waiting. Idempotent. */
   close(): void {
     this.#closed = true;
-    for (const { vm, vcpu } of this.#ready.splice(0)) {
+    for (const { vm, vcpu, memory } of this.#ready.splice(0)) {
       try { vcpu.close(); } catch { /* keep going */ }
       try { vm.close(); } catch { /* keep going */ }
+      for (const r of memory) { try { r.host.close(); } catch { /* keep going */ } }
     }
   }
 }

@@ -17,6 +17,7 @@ import type { MachineInternals } from './internals.js';
 import { PAGE_SIZE, type SnapshotManifest } from './manifest.js';
 import { Snapshot, cpuSignature } from './snapshot.js';
 import { applyCpuState, step } from './apply.js';
+import type { PremappedRegion } from './pool.js';
 
 /** Options of `Machine.restore` / `Machine.fork`. */
 export interface RestoreOptions {
@@ -64,7 +65,7 @@ let forks = 0;
  * A BackendVm whose `allocateMemory` hands out the image's regions copy-on-write, in order,
  * and whose `createVcpu(0)` hands out a pooled VM's ready vCPU.
  */
-function imageBackedVm(vm: BackendVm, source: { memory: HostMemory; base: number }, manifest: SnapshotManifest, ready?: BackendVcpu): BackendVm {
+function imageBackedVm(vm: BackendVm, source: { memory: HostMemory; base: number }, manifest: SnapshotManifest, ready?: BackendVcpu, premapped: readonly PremappedRegion[] = []): BackendVm {
   let vcpu0 = ready;
   const createVcpu = (id: number): BackendVcpu => {
     const v = id === 0 ? vcpu0 : undefined;
@@ -73,15 +74,30 @@ function imageBackedVm(vm: BackendVm, source: { memory: HostMemory; base: number
   };
   const queue = manifest.memory.map((r) => r);
   const cache = new Map<PropertyKey, unknown>();
+  // A pooled VM's RAM is mapped and registered already: hand it out, and skip re-registering it.
+  const ahead = [...premapped];
+  const given = new Set<HostMemory>();
   const allocate = (size: number, name: string): HostMemory => {
     const r = queue.shift();
+    const p = ahead.shift();
+    if (p && r && p.size === size && p.start === r.start) { given.add(p.host); return p.host; }
+    if (p) p.host.close();
     if (!r || r.size !== size) return vm.allocateMemory(size, name);
     return vm.allocateMemoryFrom(source.memory, source.base + r.offset, r.size, name);
+  };
+  const mapMemory: BackendVm['mapMemory'] = (slot, start, host, size, flags) => {
+    const p = premapped.find((x) => x.host === host);
+    if (p && given.has(host) && p.slot === slot && p.start === start && p.size === size && p.readonly === flags.readonly && flags.logDirty) {
+      given.delete(host); // registered once: a later remap (flag change) goes to KVM
+      return;
+    }
+    vm.mapMemory(slot, start, host, size, flags);
   };
   return new Proxy(vm, {
     get(target, key) {
       if (key === 'allocateMemory') return allocate;
       if (key === 'createVcpu') return createVcpu;
+      if (key === 'mapMemory') return mapMemory;
       let f = cache.get(key);
       if (f === undefined) {
         const v = (target as unknown as Record<PropertyKey, unknown>)[key];
@@ -122,7 +138,7 @@ export async function restoreMachine(
   const wrapped: Backend = {
     name: backend.name,
     capabilities: backend.capabilities,
-    createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), source, manifest, pooled?.vcpu),
+    createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), source, manifest, pooled?.vcpu, pooled?.memory),
   };
   let m: Machine;
   try {
@@ -135,6 +151,7 @@ export async function restoreMachine(
   } catch (e) {
     // Machine.create has already released whatever it made; a pooled vCPU it never took is ours.
     pooled?.vcpu.close();
+    for (const r of pooled?.memory ?? []) { try { r.host.close(); } catch { /* may be closed already */ } }
     throw new SnapshotFormatError(`snapshot: memory: a machine of this shape cannot be created: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
   }
   try {

@@ -151,11 +151,23 @@ describe('snapshot (mock backend)', () => {
     snap.prewarm(2, backend);
     expect(backend.vms.length).toBe(before + 2);
     const pooled = backend.vms.slice(before);
+    // The pool registered the snapshot's RAM too (both regions, in slot order): the fork does not again.
+    const first = pooled[0] as (typeof pooled)[number];
+    expect([...first.slots.entries()]).toEqual([[0, { start: 0n, size: 64 * 1024, readonly: false }], [1, { start: 0x100000n, size: 16 * 4096, readonly: false }]]);
+    let registered = 0;
+    const map = first.mapMemory.bind(first);
+    first.mapMemory = (...a) => { registered++; map(...a); };
     const child = await Machine.fork(snap, { backend, devices: [{ range: { port: 0x80, size: 1 }, device: counter() }] });
     expect(backend.vms.length).toBe(before + 2); // the fork took a ready VM, made none
+    expect(registered).toBe(0);
     expect(child.memory.read(0x2000, 3)).toEqual(Uint8Array.of(1, 2, 3));
+    child.memory.write(0x2000, Uint8Array.of(7)); // copy-on-write: the next fork still sees the snapshot
+    const sibling = await Machine.fork(snap, { backend, devices: [{ range: { port: 0x80, size: 1 }, device: counter() }] });
+    expect(sibling.memory.read(0x2000, 3)).toEqual(Uint8Array.of(1, 2, 3));
+    await sibling.close();
     await new Promise((r) => setImmediate(r));
-    expect(backend.vms.length).toBe(before + 3); // refilled on the event loop
+    await new Promise((r) => setImmediate(r));
+    expect(backend.vms.length).toBe(before + 4); // refilled on the event loop (two taken)
     await child.close();
     snap.close();
     expect(pooled.every((v) => v.closed)).toBe(true);

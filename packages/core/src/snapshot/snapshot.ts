@@ -14,7 +14,7 @@ import type { HostMemory, GuestMemory } from '../memory.js';
 import type { Machine } from '../machine.js';
 import type { MachineInternals } from './internals.js';
 import { kvmBackend } from '../backend/kvm.js';
-import { VmPool } from './pool.js';
+import { VmPool, type PremappedRegion } from './pool.js';
 import { applyCpuState } from './apply.js';
 import {
   PAGE_SIZE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION, encodeManifest, parseManifest,
@@ -182,8 +182,24 @@ export class Snapshot {
     this.image();
     this.#pool?.close();
     const manifest = this.manifest;
+    const source = this.mapSource();
     this.#pool = count === 0 ? undefined : new VmPool(backend, manifest.machine.irqchip, count,
-      (vm, vcpu) => applyCpuState(vm, [vcpu], manifest, this.rejectedMsrs));
+      (vm, vcpu) => applyCpuState(vm, [vcpu], manifest, this.rejectedMsrs),
+      // Guest RAM too: a fresh machine's regions get slots 0, 1, … in order, as here.
+      (vm) => {
+        const out: PremappedRegion[] = [];
+        try {
+          manifest.memory.forEach((r, slot) => {
+            const host = vm.allocateMemoryFrom(source.memory, source.base + r.offset, r.size, `tsvm-${r.name}`);
+            out.push({ slot, start: r.start, size: r.size, readonly: r.readonly, host });
+            vm.mapMemory(slot, r.start, host, r.size, { readonly: r.readonly, logDirty: true });
+          });
+          return out;
+        } catch (e) {
+          for (const r of out) r.host.close();
+          throw e;
+        }
+      });
   }
 
   /** @internal a ready VM for a fork on `backend`, if this snapshot keeps a pool for it. */
