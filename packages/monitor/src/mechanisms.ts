@@ -117,7 +117,7 @@ function selectExec(inp: SelectionInput): Selection {
   if (!best) throw new MechanismUnavailableError('exec', `no breakpoint mechanism works at CPL${cpl}`, { cpl, alternatives: ['pio/mmio hooks on what the code touches'] });
   for (const c of candidates.slice(1)) rejected.push({ mechanism: c.id, why: `dearer (~${c.ns} ns vs ~${best.ns} ns)` });
   const why = best.id === 'probe-breakpoint'
-    ? `patched 'out 0xe5, al' probe re-armed at the next instruction (2 exits/hit); guest debug does not work at CPL${cpl} here`
+    ? `patched 'out 0xe5, al' probe, the instruction run out of line (1 exit/hit; 2 if it must run in place); guest debug does not work at CPL${cpl} here`
     : `${best.id} works at CPL${cpl} and is cheapest (~${best.ns} ns)`;
   return { mechanism: best.id, why, rejected };
 }

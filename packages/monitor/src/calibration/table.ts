@@ -84,7 +84,7 @@ function pvmResults(): CalibrationTable['results'] {
     'single-step': both(ok(9_600), broken('first step exits, then #DB is delivered to the guest')),
     'sw-breakpoint': both(broken('KVM_EXIT_INTERNAL_ERROR (int3 emulation fails)'), broken('#BP is delivered to the guest')),
     'hw-breakpoint': both(ok(52_000, 'RF ignored: step over by disable, single-step, re-enable'), broken('debug registers never fire')),
-    'probe-breakpoint': both(ok(24_000, 'two PIO exits per hit'), ok(64_000, 'two PIO exits per hit')),
+    'probe-breakpoint': both(ok(12_000, 'one PIO exit per hit (out of line; in place: two)'), ok(32_000, 'one PIO exit per hit (out of line; in place: two)')),
     'hook-dispatch': both(ok(300)),
     'observe-dispatch': both(ok(200)),
     'cpuid-table': both(ok(0), broken("CPUID at CPL3 returns the outer hypervisor's values, not the table")),

@@ -35,13 +35,13 @@ describe('cost model', () => {
   it('predict prices a plan from the table: exits that happen anyway cost only dispatch, probes cost in full', async () => {
     const { mon } = await scenario();
     const plan = mon.plan();
-    expect(plan.map((p) => [p.name, p.mechanism, p.unitNs])).toEqual([['uart-gate', 'pio-exit', 11_000], ['post-gate', 'pio-exit', 11_000], ['entry', 'probe-breakpoint', 64_000]]);
+    expect(plan.map((p) => [p.name, p.mechanism, p.unitNs])).toEqual([['uart-gate', 'pio-exit', 11_000], ['post-gate', 'pio-exit', 11_000], ['entry', 'probe-breakpoint', 32_000]]);
     const p = predict(plan, { 'uart-gate': 100, entry: 10 }, pvm, { handlerNs: { 'uart-gate': 50 } });
     expect(p.hooks[0]?.overheadNs).toBe(100 * (300 + 50));
     expect(p.hooks[1]?.overheadNs).toBe(0);
     // 'entry' observes: an observer pays the observe dispatch (no decision pipeline).
-    expect(p.hooks[2]?.overheadNs).toBe(10 * (64_000 + 200));
-    expect(p.totalNs).toBe(35_000 + 642_000);
+    expect(p.hooks[2]?.overheadNs).toBe(10 * (32_000 + 200));
+    expect(p.totalNs).toBe(35_000 + 322_000);
     expect(p.source).toBe('assumed');
     expect(() => predict(plan, { entry: -1 }, pvm)).toThrow(InvalidArgumentError);
   });
@@ -52,7 +52,7 @@ describe('cost model', () => {
     const measured = { ...pvm, source: 'measured' as const };
     const p = predict(plan, { 'uart-gate': 100, entry: 10 }, measured);
     expect(p.hooks[0]?.overheadNs).toBe(100 * 300); // an exit that happens anyway: dispatch only
-    expect(p.hooks[2]?.overheadNs).toBe(10 * 64_000); // the probe's unit price holds its delivery
+    expect(p.hooks[2]?.overheadNs).toBe(10 * 32_000); // the probe's unit price holds its delivery
   });
 
   it('report after a run: events, unit price, handler time from the counters, share, and the cheaper alternative', async () => {
