@@ -105,9 +105,9 @@ function errorText(e: unknown): string {
 export function errorStatus(e: unknown): { status: number; message: string } {
   if (e instanceof CliError) return { status: e.status, message: e.message };
   if (e instanceof CommanderError) {
-    // help and --version exit 0; commander has printed its own message already.
-    const quiet = e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help';
-    return { status: quiet ? EXIT.ok : EXIT.usage, message: '' };
+    // --help and --version exit 0, help shown for a missing subcommand is a usage error;
+    // commander has printed its own message already.
+    return { status: e.exitCode === 0 ? EXIT.ok : EXIT.usage, message: '' };
   }
   if (e instanceof KvmUnavailableError || (e instanceof TsvmError && e.code === 'TSVM_KVM_UNAVAILABLE')) return { status: EXIT.noKvm, message: `KVM not usable: ${e.message}` };
   if (e instanceof ImageFormatError) return { status: EXIT.badImage, message: `bad image: ${e.message}` };

@@ -3,7 +3,7 @@
  * loaders of `@tsvm/core`. Every rejection is an `ImageFormatError` (exit 4) or a {@link CliError}.
  * @module
  */
-import { ImageFormatError, MULTIBOOT_HEADER_MAGIC, MULTIBOOT_SEARCH_LIMIT, loadElf, loadLinux, loadMultiboot, parseElf, type CpuMode, type Machine } from '@tsvm/core';
+import { ImageFormatError, MULTIBOOT_HEADER_MAGIC, MULTIBOOT_SEARCH_LIMIT, findMultibootHeader, loadElf, loadLinux, loadMultiboot, parseBzImage, parseElf, type CpuMode, type Machine } from '@tsvm/core';
 import { CliError, EXIT } from './exit-codes.js';
 
 /** Image formats `tsvm run` loads. */
@@ -55,9 +55,21 @@ export interface LoadOptions {
   readonly cmdline?: string;
 }
 
+/**
+ * Checks the headers of `bytes` as `format` without a machine, so a bad image is reported as one
+ * (exit 4) on any host, before `/dev/kvm` is opened.
+ * @throws ImageFormatError naming the field.
+ */
+export function checkImage(bytes: Uint8Array, format: ImageFormat): void {
+  if (bytes.length === 0) throw new ImageFormatError('file', 'the image is empty');
+  if (format === 'elf') parseElf(bytes);
+  else if (format === 'multiboot') findMultibootHeader(bytes);
+  else if (format === 'linux') parseBzImage(bytes);
+}
+
 /** Loads `bytes` into `vm` and sets up the CPU to enter it. @returns a one-line description. */
 export function loadImage(vm: Machine, bytes: Uint8Array, o: LoadOptions): string {
-  if (bytes.length === 0) throw new ImageFormatError('file', 'the image is empty');
+  checkImage(bytes, o.format);
   if (o.format !== 'flat' && o.ring !== 0) throw new CliError(EXIT.usage, `--ring 3 applies to flat images only; a ${o.format} image starts at ring 0`);
   switch (o.format) {
     case 'flat':

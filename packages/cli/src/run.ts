@@ -10,7 +10,7 @@ import { KvmBackend, Machine, type Access, type AccessSize, type Backend, type C
 import { DebugExit, Uart16550 } from '@tsvm/devices';
 import { Monitor, applyPolicy, formatReport, renderJson, renderSvg, report } from '@tsvm/monitor';
 import { CliError, EXIT, describeStop, stopStatus } from './exit-codes.js';
-import { detectFormat, loadImage, type ImageFormat } from './image.js';
+import { checkImage, detectFormat, loadImage, type ImageFormat } from './image.js';
 import { readPolicyFile } from './policy-check.js';
 
 /** Options of {@link runImage} (what the command line said, parsed). */
@@ -90,6 +90,8 @@ export async function runImage(o: RunCommandOptions): Promise<number> {
   // Everything that can be wrong with the input is checked before a machine exists.
   const bytes = readImage(o.image);
   const format = o.format ?? detectFormat(bytes);
+  checkImage(bytes, format);
+  if (format !== 'flat' && (o.ring ?? 0) !== 0) throw new CliError(EXIT.usage, `--ring 3 applies to flat images only; a ${format} image starts at ring 0`);
   const policy = o.policy === undefined ? undefined : readPolicyFile(o.policy);
   if (policy?.kind === 'flow') throw new CliError(EXIT.usage, `--policy ${o.policy}: a flow policy governs connections between machines; tsvm run runs one machine without vsock, give a port/MSR policy`);
   if (o.gdb) {

@@ -1,0 +1,133 @@
+// The `tsvm` binary as a child process on real KVM: exit statuses from the guest's stop, the
+// serial console, timeouts, bad input (one line, its own status), the cost report and the audit log.
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer, type Server } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { asm, kvmAvailability } from '@tsvm/core/testing';
+import { EXIT } from './exit-codes.js';
+
+const kvm = kvmAvailability();
+const ROOT = resolve(import.meta.dirname, '../../..');
+const BIN = join(ROOT, 'packages/cli/src/bin.ts');
+let dir = '';
+beforeAll(() => { dir = mkdtempSync(join(tmpdir(), 'tsvm-cli-kvm-')); });
+afterAll(() => { rmSync(dir, { recursive: true, force: true }); });
+const path = (name: string): string => join(dir, name);
+
+interface Result { status: number | null; stdout: string; stderr: string; ms: number }
+/** Runs `tsvm ...args` to completion (a hung child fails the test at the vitest timeout). */
+function tsvm(...args: string[]): Promise<Result> {
+  const t0 = Date.now();
+  return new Promise((done) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', BIN, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '', stderr = '';
+    child.stdout.on('data', (b: Buffer) => { stdout += b.toString(); });
+    child.stderr.on('data', (b: Buffer) => { stderr += b.toString(); });
+    child.on('close', (status) => done({ status, stdout, stderr, ms: Date.now() - t0 }));
+  });
+}
+const lines = (s: string): string[] => s.split('\n').filter((l) => l !== '');
+
+async function image(name: string, source: string): Promise<string> {
+  writeFileSync(path(name), await asm(source, { bits: 64, address: 0x1000 }));
+  return path(name);
+}
+const PRINT_HI = 'mov dx, 0x3f8\n mov al, 0x68\n out dx, al\n mov al, 0x69\n out dx, al\n mov al, 0x0a\n out dx, al\n';
+
+// Bad input that never reaches KVM: these run on any host.
+describe('tsvm: bad input, one line and its own status', () => {
+  it('a missing image, a truncated ELF, a malformed policy, no /dev/kvm, a port in use', async () => {
+    const flat = await image('halt.bin', 'hlt');
+    const missing = await tsvm('run', path('nope.bin'));
+    expect(missing.status).toBe(EXIT.noFile);
+    expect(lines(missing.stderr)).toEqual([expect.stringMatching(/^tsvm: cannot read image .*nope\.bin: ENOENT$/)]);
+
+    writeFileSync(path('short.elf'), Uint8Array.from([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0x3e]));
+    const elf = await tsvm('run', path('short.elf'));
+    expect(elf.status).toBe(EXIT.badImage);
+    expect(lines(elf.stderr)).toEqual([expect.stringMatching(/^tsvm: bad image: /)]);
+
+    writeFileSync(path('bad.json'), JSON.stringify({ version: 1, rules: [{ id: 'x', event: 'pio', ports: [1], action: 'allow' }] }));
+    const pol = await tsvm('run', flat, '--policy', path('bad.json'));
+    expect(pol.status).toBe(EXIT.policyInvalid);
+    expect(lines(pol.stderr)).toEqual([expect.stringMatching(/rules\[0\]\.ports/)]);
+    const check = await tsvm('policy', 'check', path('bad.json'));
+    expect([check.status, lines(check.stderr).length]).toEqual([EXIT.policyInvalid, 1]);
+
+    const noKvm = await tsvm('run', flat, '--kvm-device', path('no-kvm'));
+    expect(noKvm.status).toBe(EXIT.noKvm);
+    expect(lines(noKvm.stderr)).toEqual([expect.stringMatching(/^tsvm: KVM not usable: .*ENOENT/)]);
+
+    const server: Server = createServer();
+    const port = await new Promise<number>((r) => server.listen(0, '127.0.0.1', () => r((server.address() as { port: number }).port)));
+    try {
+      const busy = await tsvm('run', flat, '--gdb', `:${port}`);
+      expect(busy.status).toBe(EXIT.portInUse);
+      expect(lines(busy.stderr)).toEqual([expect.stringMatching(/port already in use/)]);
+    } finally { server.close(); }
+    const gdb = await tsvm('run', flat, '--gdb', ':1');
+    // Port 1 needs root to bind; as root it is free and the missing stub is what is reported.
+    expect([EXIT.gdbUnavailable, EXIT.usage]).toContain(gdb.status);
+    expect(lines(gdb.stderr)).toHaveLength(1);
+    const usage = await tsvm('run', flat, '--memory', 'lots');
+    expect(usage.status).toBe(EXIT.usage);
+  }, 120_000);
+});
+
+describe.skipIf(!kvm.available)(`tsvm run on real KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  it('the exit status is the value the guest wrote to the debug-exit port; --serial streams the UART to stdout', async () => {
+    const seven = await tsvm('run', await image('seven.bin', `${PRINT_HI} mov al, 7\n out 0xf4, al\n hlt`), '--mode', 'long', '--serial');
+    expect(seven.status).toBe(7);
+    expect(seven.stdout).toBe('hi\n');
+    expect(seven.stderr).toMatch(/guest wrote 7 to the debug-exit port/);
+    const zero = await tsvm('run', await image('zero.bin', 'xor eax, eax\n out 0xf4, al\n hlt'), '--mode', 'long', '--ring', '3');
+    expect(zero.status).toBe(0);
+    const qemu = await tsvm('run', path('seven.bin'), '--mode', 'long', '--serial', '--qemu-exit');
+    expect(qemu.status).toBe(15); // (7 << 1) | 1
+    // Without --serial nothing is at 0x3f8: the first `out` is an exit nobody handles.
+    const bare = await tsvm('run', path('seven.bin'), '--mode', 'long');
+    expect([bare.status, bare.stdout]).toEqual([EXIT.guestCrash, '']);
+    expect(bare.stderr).toMatch(/unhandled exit: out port 0x3f8/);
+  }, 120_000);
+
+  it('--timeout stops a spinning guest with its own status, and --progress reports while it runs', async () => {
+    const r = await tsvm('run', await image('spin.bin', 'l: jmp l'), '--mode', 'long', '--ring', '3', '--timeout', '2500', '--progress');
+    expect(r.status).toBe(EXIT.timeout);
+    expect(r.stderr).toMatch(/timed out after 25\d\d ms/);
+    expect(r.stderr).toMatch(/tsvm: running [12] s, \d+ exits/);
+  }, 60_000);
+
+  it('a policy violation exits 10; --report and --audit are written; audit verify passes it and fails a tampered copy', async () => {
+    const policy = { version: 1, default: 'deny', rules: [
+      { id: 'uart', event: 'pio', ports: [0x3f8, 0x3ff], direction: 'out', action: 'allow' },
+      { id: 'cmos', event: 'pio', ports: [0x70, 0x71], action: 'deny', reason: 'no clock for this guest' },
+      { id: 'exit', event: 'pio', ports: [0xf4, 0xf4], direction: 'out', action: 'allow' },
+    ] };
+    writeFileSync(path('policy.json'), JSON.stringify(policy));
+    expect((await tsvm('policy', 'check', path('policy.json'))).stdout).toMatch(/port\/MSR policy OK: 3 rules/);
+    const img = await image('cmos.bin', `${PRINT_HI} mov al, 0\n out 0x70, al\n mov al, 3\n out 0xf4, al\n hlt`);
+    const r = await tsvm('run', img, '--mode', 'long', '--ring', '3', '--serial', '--policy', path('policy.json'), '--report', path('cost.json'), '--audit', path('audit.log'));
+    expect(r.status).toBe(EXIT.violation);
+    expect(r.stdout).toBe('hi\n');
+    expect(r.stderr).toMatch(/policy violation: .*no clock for this guest/);
+    const report = JSON.parse(readFileSync(path('cost.json'), 'utf8')) as { hooks: { name: string; events: number }[] };
+    expect(report.hooks.find((h) => h.name === 'policy:uart')?.events).toBe(3);
+    const log = readFileSync(path('audit.log'), 'utf8');
+    expect(log).toMatch(/"decision":"deny"/);
+
+    const ok = await tsvm('audit', 'verify', path('audit.log'));
+    expect(ok.status).toBe(0);
+    expect(ok.stdout).toMatch(new RegExp(`OK, ${lines(log).length} lines, head [0-9a-f]{64}`));
+    writeFileSync(path('tampered.log'), log.replace('"decision":"deny"', '"decision":"allow"'));
+    const bad = await tsvm('audit', 'verify', path('tampered.log'));
+    expect(bad.status).toBe(EXIT.failed);
+    expect(bad.stdout).toMatch(/line \d+ is bad: hash does not match/);
+
+    const svg = await tsvm('run', img, '--mode', 'long', '--serial', '--policy', path('policy.json'), '--report', path('cost.svg'));
+    expect(svg.status).toBe(EXIT.violation);
+    expect(readFileSync(path('cost.svg'), 'utf8')).toMatch(/^<svg|^<\?xml/);
+  }, 120_000);
+});
