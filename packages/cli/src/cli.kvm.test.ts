@@ -1,7 +1,7 @@
 // The `tsvm` binary as a child process on real KVM: exit statuses from the guest's stop, the
 // serial console, timeouts, bad input (one line, its own status), the cost report and the audit log.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -34,6 +34,20 @@ const lines = (s: string): string[] => s.split('\n').filter((l) => l !== '');
 async function image(name: string, source: string): Promise<string> {
   writeFileSync(path(name), await asm(source, { bits: 64, address: 0x1000 }));
   return path(name);
+}
+/** A minimal static ELF64 executable: one PT_LOAD of `code` at `at` (file offset 0x1000), entry `at`. */
+function elf64(code: Uint8Array, at: number): Uint8Array {
+  const f = new Uint8Array(0x1000 + code.length);
+  const v = new DataView(f.buffer);
+  f.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1]);
+  v.setUint16(16, 2, true); v.setUint16(18, 0x3e, true); v.setUint32(20, 1, true);
+  v.setBigUint64(24, BigInt(at), true); v.setBigUint64(32, 64n, true);
+  v.setUint16(52, 64, true); v.setUint16(54, 56, true); v.setUint16(56, 1, true);
+  v.setUint32(64, 1, true); v.setUint32(68, 5, true); v.setBigUint64(72, 0x1000n, true);
+  v.setBigUint64(80, BigInt(at), true); v.setBigUint64(88, BigInt(at), true);
+  v.setBigUint64(96, BigInt(code.length), true); v.setBigUint64(104, BigInt(code.length), true); v.setBigUint64(112, 0x1000n, true);
+  f.set(code, 0x1000);
+  return f;
 }
 const PRINT_HI = 'mov dx, 0x3f8\n mov al, 0x68\n out dx, al\n mov al, 0x69\n out dx, al\n mov al, 0x0a\n out dx, al\n';
 
@@ -93,6 +107,16 @@ describe.skipIf(!kvm.available)(`tsvm run on real KVM${kvm.available ? '' : ` (S
     expect(bare.stderr).toMatch(/unhandled exit: out port 0x3f8/);
   }, 120_000);
 
+  it('an ELF64 image is detected from its bytes and entered in long mode at e_entry', async () => {
+    writeFileSync(path('exit42.elf'), elf64(await asm('mov al, 42\n out 0xf4, al\n hlt', { bits: 64, address: 0x100000 }), 0x100000));
+    const r = await tsvm('run', path('exit42.elf'));
+    expect(r.stderr).toMatch(/ELF64, 1 segments, entry 0x100000/);
+    expect(r.status).toBe(42);
+    // Forced to flat, the same bytes are the ELF header run as real-mode code: not 42.
+    const flat = await tsvm('run', path('exit42.elf'), '--format', 'flat', '--timeout', '500');
+    expect(flat.status).not.toBe(42);
+  }, 60_000);
+
   it('--timeout stops a spinning guest with its own status, and --progress reports while it runs', async () => {
     const r = await tsvm('run', await image('spin.bin', 'l: jmp l'), '--mode', 'long', '--ring', '3', '--timeout', '2500', '--progress');
     expect(r.status).toBe(EXIT.timeout);
@@ -130,4 +154,17 @@ describe.skipIf(!kvm.available)(`tsvm run on real KVM${kvm.available ? '' : ` (S
     expect(svg.status).toBe(EXIT.violation);
     expect(readFileSync(path('cost.svg'), 'utf8')).toMatch(/^<svg|^<\?xml/);
   }, 120_000);
+
+  it('calibrate --quick measures with progress on stderr, says where it cached the table, and reuses it', async () => {
+    const cache = path('cal.json');
+    const r = await tsvm('calibrate', '--quick', '--cache', cache);
+    expect(r.status).toBe(0);
+    expect(r.stderr).toMatch(/tsvm: calibrating, \d+ s, \d+ guest runs/);
+    expect(r.stdout).toMatch(new RegExp(`calibrated \\w+ host in .*; cached in ${cache.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}`));
+    expect(r.stdout).toMatch(/pio-exit\s+CPL0 /);
+    expect(existsSync(cache)).toBe(true);
+    const again = await tsvm('calibrate', '--cache', cache, '--no-progress');
+    expect([again.status, again.stderr]).toEqual([0, '']);
+    expect(again.stdout).toMatch(/already cached/);
+  }, 180_000);
 });

@@ -117,10 +117,11 @@ export function program(io: ProgramIo | ((text: string) => void) = {}): Command 
     .option('--quick', 'fewer iterations (about 5 s)')
     .option('--force', "measure even if this host's table is cached")
     .option('--cache <file>', 'cache file (default ~/.cache/tsvm/calibration.json)')
+    .option('--progress', 'a progress line on stderr every second (the default)')
     .option('--no-progress', 'no progress lines')
     .addOption(new Option('--kvm-device <path>', 'KVM device to open').hideHelp())
-    .action(async (f: { quick?: boolean; force?: boolean; cache?: string; progress: boolean; kvmDevice?: string }) => {
-      const { lines } = await runCalibrate({ ...f, stderr: err });
+    .action(async (f: { quick?: boolean; force?: boolean; cache?: string; progress?: boolean; kvmDevice?: string }) => {
+      const { lines } = await runCalibrate({ ...f, progress: f.progress !== false, stderr: err });
       out(lines.join('\n'));
       setStatus(EXIT.ok);
     });
