@@ -49,6 +49,29 @@ function elf64(code: Uint8Array, at: number): Uint8Array {
   f.set(code, 0x1000);
   return f;
 }
+/** A fake bzImage (boot protocol 2.15, 64-bit entry): 4 setup sectors, then `code` at kernel offset 0x200. */
+function bzImage(code: Uint8Array): Uint8Array {
+  const setup = 5 * 512, kernel = (0x200 + code.length + 15) & ~15; // syssize counts 16-byte units
+  const f = new Uint8Array(setup + kernel);
+  const v = new DataView(f.buffer);
+  f[0x1f1] = 4; v.setUint32(0x1f4, Math.ceil(kernel / 16), true); v.setUint16(0x1fe, 0xaa55, true);
+  f[0x200] = 0xeb; f[0x201] = 0x6a;
+  v.setUint32(0x202, 0x53726448, true); v.setUint16(0x206, 0x020f, true); f[0x211] = 0x01;
+  v.setUint32(0x22c, 0x7fffffff, true); v.setUint32(0x230, 0x200000, true); f[0x234] = 1;
+  v.setUint16(0x236, 0x1, true); v.setUint32(0x238, 255, true);
+  v.setBigUint64(0x258, 0x1000000n, true); v.setUint32(0x260, 0x400000, true);
+  f.set(code, setup + 0x200);
+  return f;
+}
+/** A multiboot v1 kernel with the a.out kludge: loaded whole at 0x100000, entry at 0x100020 (32-bit `code`). */
+function multiboot(code: Uint8Array): Uint8Array {
+  const f = new Uint8Array(0x20 + code.length);
+  const v = new DataView(f.buffer);
+  const flags = 0x10000;
+  [0x1badb002, flags, (-(0x1badb002 + flags)) >>> 0, 0x100000, 0x100000, 0, 0, 0x100020].forEach((x, i) => v.setUint32(i * 4, x, true));
+  f.set(code, 0x20);
+  return f;
+}
 const PRINT_HI = 'mov dx, 0x3f8\n mov al, 0x68\n out dx, al\n mov al, 0x69\n out dx, al\n mov al, 0x0a\n out dx, al\n';
 
 // Bad input that never reaches KVM: these run on any host.
@@ -115,6 +138,23 @@ describe.skipIf(!kvm.available)(`tsvm run on real KVM${kvm.available ? '' : ` (S
     // Forced to flat, the same bytes are the ELF header run as real-mode code: not 42.
     const flat = await tsvm('run', path('exit42.elf'), '--format', 'flat', '--timeout', '500');
     expect(flat.status).not.toBe(42);
+  }, 60_000);
+
+  it('a bzImage is detected and entered at its 64-bit entry on a minimal PC (irqchip, UART on IRQ 4)', async () => {
+    writeFileSync(path('fake.bz'), bzImage(await asm(`${PRINT_HI} mov al, 9\n out 0xf4, al\n hlt`, { bits: 64, address: 0x100200 })));
+    const r = await tsvm('run', path('fake.bz'), '--serial', '--cmdline', 'console=ttyS0');
+    expect(r.stderr).toMatch(/Linux bzImage, boot protocol 2\.15, 64-bit entry; 256 MiB/);
+    expect([r.status, r.stdout]).toEqual([9, 'hi\n']);
+    const ring3 = await tsvm('run', path('fake.bz'), '--ring', '3');
+    expect([ring3.status, lines(ring3.stderr)]).toEqual([EXIT.usage, [expect.stringMatching(/--ring 3 applies to flat images only/)]]);
+  }, 60_000);
+
+  it('a multiboot kernel is detected and entered in protected mode with the multiboot magic in eax', async () => {
+    const code = await asm('cmp eax, 0x2badb002\n jne bad\n mov al, 21\n out 0xf4, al\n bad: mov al, 22\n out 0xf4, al', { bits: 32, address: 0x100020 });
+    writeFileSync(path('mb.bin'), multiboot(code));
+    const r = await tsvm('run', path('mb.bin'));
+    expect(r.stderr).toMatch(/multiboot \(aout-kludge\), entry 0x100020/);
+    expect(r.status).toBe(21);
   }, 60_000);
 
   it('--timeout stops a spinning guest with its own status, and --progress reports while it runs', async () => {

@@ -3,7 +3,7 @@
  * loaders of `@tsvm/core`. Every rejection is an `ImageFormatError` (exit 4) or a {@link CliError}.
  * @module
  */
-import { ImageFormatError, MULTIBOOT_HEADER_MAGIC, MULTIBOOT_SEARCH_LIMIT, findMultibootHeader, loadElf, loadLinux, loadMultiboot, parseBzImage, parseElf, type CpuMode, type Machine } from '@tsvm/core';
+import { ImageFormatError, LEGACY_BIOS_HOLE, MULTIBOOT_HEADER_MAGIC, writeAcpiTables, writeMpTable, MULTIBOOT_SEARCH_LIMIT, findMultibootHeader, loadElf, loadLinux, loadMultiboot, parseBzImage, parseElf, type CpuMode, type Machine } from '@tsvm/core';
 import { CliError, EXIT } from './exit-codes.js';
 
 /** Image formats `tsvm run` loads. */
@@ -87,7 +87,15 @@ export function loadImage(vm: Machine, bytes: Uint8Array, o: LoadOptions): strin
       return `multiboot (${r.format}), entry 0x${r.entry.toString(16)}`;
     }
     case 'linux': {
-      const r = loadLinux(vm.memory, bytes, o.cmdline === undefined ? {} : { cmdline: o.cmdline });
+      // As the Linux example does: tell the kernel about the CPU and the in-kernel I/O APIC (MP
+      // table and MADT), and keep the loader off the host's GDT, page tables and stack.
+      const reserved = vm.hostReserved();
+      writeMpTable(vm.memory);
+      const acpi = writeAcpiTables(vm.memory);
+      const r = loadLinux(vm.memory, bytes, {
+        reserved: [LEGACY_BIOS_HOLE, ...reserved], avoid: reserved, rsdpAddress: acpi.rsdpAddress,
+        ...(o.cmdline === undefined ? {} : { cmdline: o.cmdline }),
+      });
       vm.enter(r.entryState);
       return `Linux bzImage, boot protocol ${r.protocolVersion >> 8}.${(r.protocolVersion & 0xff).toString().padStart(2, '0')}, ${r.mode}-bit entry`;
     }

@@ -46,7 +46,7 @@ export function gdbArg(v: string): { host: string; port: number } {
 }
 
 interface RunFlags {
-  format?: ImageFormat; mode?: CpuMode; ring?: string; at?: number; memory: number; cmdline?: string; timeout?: number;
+  format?: ImageFormat; mode?: CpuMode; ring?: string; at?: number; memory?: number; cmdline?: string; timeout?: number;
   serial?: boolean; qemuExit?: boolean; policy?: string; report?: string; audit?: string; gdb?: { host: string; port: number };
   progress?: boolean; kvmDevice?: string;
 }
@@ -54,7 +54,8 @@ interface RunFlags {
 /** The run flags as {@link RunCommandOptions}. */
 export function runOptions(image: string, f: RunFlags, isTty: boolean): RunCommandOptions {
   return {
-    image, memory: f.memory,
+    image,
+    ...(f.memory !== undefined ? { memory: f.memory } : {}),
     ...(f.format ? { format: f.format } : {}),
     ...(f.mode ? { mode: f.mode } : {}),
     ...(f.ring !== undefined ? { ring: f.ring === '3' ? 3 : 0 } : {}),
@@ -96,7 +97,7 @@ export function program(io: ProgramIo | ((text: string) => void) = {}): Command 
     .addOption(new Option('--mode <mode>', 'flat images: CPU mode').choices(['real', 'protected', 'long']).default('real'))
     .addOption(new Option('--ring <ring>', 'flat images: privilege level').choices(['0', '3']))
     .option('--at <address>', 'flat images: load address and entry point (default 0x1000)', intArg)
-    .option('--memory <size>', 'guest RAM, e.g. 16M', sizeArg, 16 * 1024 * 1024)
+    .option('--memory <size>', 'guest RAM, e.g. 16M (default 16M; 256M for Linux)', sizeArg)
     .option('--cmdline <text>', 'kernel command line (Linux, multiboot)')
     .option('--timeout <ms>', 'stop the guest after this many milliseconds (exit 11)', intArg)
     .option('--serial', 'attach a 16550 UART at 0x3f8 and stream its output to stdout')

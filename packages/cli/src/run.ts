@@ -7,7 +7,7 @@
 import { closeSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { KvmBackend, Machine, type Access, type AccessSize, type Backend, type CpuMode, type Device, type Stop } from '@tsvm/core';
-import { DebugExit, Uart16550 } from '@tsvm/devices';
+import { CmosRtc, DebugExit, I8042, Uart16550, Unpopulated } from '@tsvm/devices';
 import { Monitor, applyPolicy, formatReport, renderJson, renderSvg, report } from '@tsvm/monitor';
 import { CliError, EXIT, describeStop, stopStatus } from './exit-codes.js';
 import { checkImage, detectFormat, loadImage, type ImageFormat } from './image.js';
@@ -25,8 +25,8 @@ export interface RunCommandOptions {
   readonly ring?: 0 | 3;
   /** Flat images: load address (default 0x1000). */
   readonly at?: number;
-  /** Guest RAM in bytes. */
-  readonly memory: number;
+  /** Guest RAM in bytes (default 16 MiB; 256 MiB for a Linux image). */
+  readonly memory?: number;
   /** Kernel command line (Linux, multiboot). */
   readonly cmdline?: string;
   /** Stop after this many ms. */
@@ -102,7 +102,9 @@ export async function runImage(o: RunCommandOptions): Promise<number> {
 
   let backend: Backend | undefined;
   if (o.kvmDevice !== undefined) backend = new KvmBackend(o.kvmDevice);
-  const vm = await Machine.create({ memory: o.memory, name: 'tsvm-run', irqchip: format === 'linux', ...(backend ? { backend } : {}) });
+  const linux = format === 'linux';
+  const memory = o.memory ?? (linux ? 256 : 16) * 1024 * 1024;
+  const vm = await Machine.create({ memory, name: 'tsvm-run', irqchip: linux, ...(backend ? { backend } : {}) });
   let auditFd: number | undefined;
   let mon: Monitor | undefined;
   let uart: Uart16550 | undefined;
@@ -110,9 +112,16 @@ export async function runImage(o: RunCommandOptions): Promise<number> {
   const abort = new AbortController();
   const onSigint = (): void => abort.abort();
   try {
+    if (linux) {
+      // The minimal PC a kernel probes (see the Linux example): an i8042 with nothing plugged in,
+      // the CMOS clock, and the ranges it probes marked unpopulated rather than unhandled.
+      vm.attachDevice(new I8042({ kbdIrq: vm.irqLine(I8042.kbdIrq), auxIrq: vm.irqLine(I8042.auxIrq) }));
+      vm.attachDevice(new CmosRtc());
+      for (const d of Unpopulated.ranges()) vm.attachDevice(d);
+    }
     const what = loadImage(vm, bytes, { format, mode: o.mode ?? 'real', ring: o.ring ?? 0, at: o.at ?? 0x1000, ...(o.cmdline === undefined ? {} : { cmdline: o.cmdline }) });
     if (o.serial) {
-      uart = new Uart16550({ sink: (b) => out(b) });
+      uart = new Uart16550({ sink: (b) => out(b), ...(linux ? { irq: vm.irqLine(Uart16550.defaultIrq) } : {}) });
       vm.attachDevice(uart);
     }
     vm.attachDevice(o.debugExit === 'qemu' ? new DebugExit() : [{ range: { port: DebugExit.defaultPort, size: 1 }, device: new RawDebugExit() }]);
@@ -125,7 +134,7 @@ export async function runImage(o: RunCommandOptions): Promise<number> {
       if (policy) applyPolicy(mon, policy.doc);
       mon.seal();
     }
-    err(`tsvm: ${what}; ${o.memory / 1024 / 1024} MiB${policy ? `, policy ${o.policy}` : ''}`);
+    err(`tsvm: ${what}; ${memory / 1024 / 1024} MiB${policy ? `, policy ${o.policy}` : ''}`);
     if (o.progress) {
       const t0 = Date.now();
       timer = setInterval(() => err(`tsvm: running ${((Date.now() - t0) / 1000).toFixed(0)} s, ${vm.stats().total} exits`), 1000);
