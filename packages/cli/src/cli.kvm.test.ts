@@ -20,6 +20,9 @@ const path = (name: string): string => join(dir, name);
 interface Result { status: number | null; stdout: string; stderr: string; ms: number }
 /** Runs `tsvm ...args` to completion (a hung child fails the test at the vitest timeout). */
 function tsvm(...args: string[]): Promise<Result> {
+  return tsvmWith(() => {}, ...args);
+}
+function tsvmWith(onStart: (child: ReturnType<typeof spawn>) => void, ...args: string[]): Promise<Result> {
   const t0 = Date.now();
   return new Promise((done) => {
     const child = spawn(process.execPath, ['--import', 'tsx', BIN, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -27,6 +30,7 @@ function tsvm(...args: string[]): Promise<Result> {
     child.stdout.on('data', (b: Buffer) => { stdout += b.toString(); });
     child.stderr.on('data', (b: Buffer) => { stderr += b.toString(); });
     child.on('close', (status) => done({ status, stdout, stderr, ms: Date.now() - t0 }));
+    onStart(child);
   });
 }
 const lines = (s: string): string[] => s.split('\n').filter((l) => l !== '');
@@ -162,6 +166,15 @@ describe.skipIf(!kvm.available)(`tsvm run on real KVM${kvm.available ? '' : ` (S
     expect(r.status).toBe(EXIT.timeout);
     expect(r.stderr).toMatch(/timed out after 25\d\d ms/);
     expect(r.stderr).toMatch(/tsvm: running [12] s, \d+ exits/);
+  }, 60_000);
+
+  it('SIGINT stops a running guest, closes the machine and exits 130', async () => {
+    const img = await image('spin3.bin', 'l: jmp l');
+    const r = await tsvmWith((child) => {
+      child.stderr?.on('data', (b: Buffer) => { if (b.toString().includes('flat image')) setTimeout(() => child.kill('SIGINT'), 300); });
+    }, 'run', img, '--mode', 'long', '--ring', '3');
+    expect(r.status).toBe(EXIT.interrupted);
+    expect(r.stderr).toMatch(/interrupted at rip=0x100[0-9a-f]; .*exit 130/);
   }, 60_000);
 
   it('a policy violation exits 10; --report and --audit are written; audit verify passes it and fails a tampered copy', async () => {

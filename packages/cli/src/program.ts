@@ -73,12 +73,17 @@ export function runOptions(image: string, f: RunFlags, isTty: boolean): RunComma
   };
 }
 
-/** Builds the `tsvm` program. `io.out` receives what it prints (stdout by default). */
+/**
+ * Builds the `tsvm` program. `io.out` receives what it prints (stdout by default); the exit
+ * status goes to `io.setStatus`, or to `process.exitCode` when no `io` is given.
+ */
 export function program(io: ProgramIo | ((text: string) => void) = {}): Command {
   const o: ProgramIo = typeof io === 'function' ? { out: io } : io;
   const out = o.out ?? ((t: string) => process.stdout.write(`${t}\n`));
   const err = o.err ?? ((l: string) => process.stderr.write(`${l}\n`));
-  const setStatus = o.setStatus ?? ((s: number) => { process.exitCode = s; });
+  // Only the real entry point (no io given) sets the process's exit code; a test that captures
+  // output does not want its own process's status changed.
+  const setStatus = o.setStatus ?? (typeof io === 'function' || o.out ? () => {} : (s: number) => { process.exitCode = s; });
   const p = new Command('tsvm').description('build and inspect monitored virtual machines on Linux KVM').exitOverride();
   p.command('doctor')
     .description("what this host's KVM offers, where RIP is at an I/O exit, and which monitor mechanisms work at which CPL")
