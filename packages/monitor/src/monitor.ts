@@ -81,6 +81,11 @@ export interface PlanEntry {
   readonly rejected: Selection['rejected'];
   /** Price per event of the mechanism at this CPL (ns), from the calibration table. */
   readonly unitNs: number;
+  /**
+   * Exits per event, for a probe `exec` hook: 1 when the hooked instruction runs out of line,
+   * 2 when it must run in place (the table prices the out-of-line hit; `unitNs` includes this).
+   */
+  readonly exitsPerHit?: 1 | 2;
 }
 
 /** Per-hook counters kept by the monitor. */
@@ -215,11 +220,16 @@ export class Monitor implements InternalEnv {
   /** Each hook with its mechanism, why it was chosen and its unit price. */
   plan(): PlanEntry[] {
     this.#reselect();
-    const out: PlanEntry[] = this.#records.map((r) => ({
-      id: r.id, name: r.name, mode: r.mode, event: r.spec.event, target: describeSpec(r.spec), cpl: r.cpl,
-      mechanism: r.selection.mechanism, why: r.selection.why, rejected: r.selection.rejected,
-      unitNs: priceOf(this.calibration, r.selection.mechanism, r.cpl) ?? NaN,
-    }));
+    const out: PlanEntry[] = this.#records.map((r) => {
+      const unitNs = priceOf(this.calibration, r.selection.mechanism, r.cpl) ?? NaN;
+      const entry: PlanEntry = {
+        id: r.id, name: r.name, mode: r.mode, event: r.spec.event, target: describeSpec(r.spec), cpl: r.cpl,
+        mechanism: r.selection.mechanism, why: r.selection.why, rejected: r.selection.rejected, unitNs,
+      };
+      if (r.selection.mechanism !== 'probe-breakpoint' || r.spec.event !== 'exec') return entry;
+      const exits = this.#probeExitsPerHit(r.spec.address, r.spec.virtualAddress);
+      return { ...entry, exitsPerHit: exits, unitNs: unitNs * exits, why: exits === 2 ? `${entry.why}; this instruction runs in place: 2 exits/hit` : entry.why };
+    });
     if (this.#cpuid) {
       const cpl3 = priceOf(this.calibration, 'cpuid-table', 3) === undefined;
       out.push({
@@ -279,6 +289,17 @@ export class Monitor implements InternalEnv {
   /** `using mon = new Monitor(vm)`. */
   [Symbol.dispose](): void {
     this.close();
+  }
+
+  /** 1 or 2 exits per probe hit at `physical`, judged from the guest's code and CPU mode now. */
+  #probeExitsPerHit(physical: bigint, virtual: bigint): 1 | 2 {
+    try {
+      const sregs = this.machine.vcpu(0).getSregs();
+      if (this.#probe) return this.#probe.runsOutOfLine(physical, virtual, sregs) ? 1 : 2;
+      return this.#outOfLine ? 1 : 2;
+    } catch {
+      return this.#outOfLine ? 1 : 2;
+    }
   }
 
   readonly #onStarted = (): void => {

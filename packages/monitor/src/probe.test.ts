@@ -269,6 +269,7 @@ describe('exec hooks through the probe run the hooked instruction out of line (o
     const mon = new Monitor(vm, { calibration: pvm });
     let hits = 0;
     mon.observe({ event: 'exec', address: 0x1000 }, () => { hits++; });
+
     vcpu.script(
       trapAt(0x1000n),
       (v) => {
@@ -282,6 +283,21 @@ describe('exec hooks through the probe run the hooked instruction out of line (o
     expect((await vm.run()).reason).toBe('halt');
     expect(hits).toBe(1);
     expect(bytes(vm, 0x1000)).toEqual([0xe6, PROBE_PORT]);
+  });
+
+  it('the plan prices an in-place hit as two exits and an out-of-line one as one', async () => {
+    // 0x1000: mov [rbx], eax (2, memory operand)   0x1002: nop   0x1003: add eax, 1 (3)
+    const { vm } = await guest('mov [rbx], eax\n nop\n add eax, 1\n hlt');
+    const mon = new Monitor(vm, { calibration: pvm });
+    mon.observe({ event: 'exec', address: 0x1000 }, () => {}, { name: 'store' });
+    mon.observe({ event: 'exec', address: 0x1003 }, () => {}, { name: 'add' });
+    const [store, add] = mon.plan();
+    expect([store?.exitsPerHit, add?.exitsPerHit]).toEqual([2, 1]);
+    expect(store?.unitNs).toBe(2 * (add?.unitNs ?? NaN));
+    expect(store?.why).toMatch(/runs in place: 2 exits\/hit/);
+    const forced = new Monitor(await (await guest('add eax, 1\n hlt')).vm, { calibration: pvm, outOfLine: false });
+    forced.observe({ event: 'exec', address: 0x1000 }, () => {});
+    expect(forced.plan()[0]?.exitsPerHit).toBe(2);
   });
 
   it('a deny names the hooked instruction from its own bytes, not the trap in guest RAM', async () => {

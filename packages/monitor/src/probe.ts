@@ -364,6 +364,19 @@ export class PatchBreakpoints {
   }
 
   /**
+   * Whether a hit on the target at `physical` (RIP `rip`) would run out of line (one exit) with
+   * the CPU in the state `sregs`, or in place (two exits). For the cost model; changes nothing.
+   */
+  runsOutOfLine(physical: bigint, rip: bigint, sregs: Sregs): boolean {
+    if (!this.#outOfLineOn) return false;
+    const tr = this.#trampoline(sregs);
+    const bits = bitnessOf(sregs);
+    if (!tr || (bits !== 64 && sregs.cs.base !== 0n)) return false;
+    const copy = relocateOutOfLine(this.originalCode(physical), rip, bits, this.trapLength, tr.virtual);
+    return copy !== undefined && copy.code.length <= SLOT;
+  }
+
+  /**
    * The slot of target `t`'s out-of-line copy (made on first use, remade when its bytes
    * changed), or undefined when it must run in place (see {@link relocateOutOfLine}).
    */

@@ -24,6 +24,8 @@ async function scenario() {
   const vm = await Machine.create({ memory: 2 * 1024 * 1024, backend, name: 'costed' });
   vm.io.register({ port: 0x3f8, size: 8 }, { name: 'uart', write: () => {} });
   vm.io.register({ port: 0x80, size: 1 }, { name: 'post', write: () => {} });
+  // A movable instruction at the exec hook's address: one exit per hit (see PlanEntry.exitsPerHit).
+  vm.loadFlat(Uint8Array.of(0x90, 0x90, 0xf4), { at: 0x1000, mode: 'long', ring: 0 });
   const mon = new Monitor(vm, { calibration: pvm });
   mon.mediate({ event: 'pio', ports: [0x3f8, 0x3f8] }, () => allow(), { name: 'uart-gate' });
   mon.mediate({ event: 'pio', ports: [0x80, 0x80] }, (ev) => (ev.event === 'pio' && ev.value === 99 ? deny() : allow()), { name: 'post-gate' });

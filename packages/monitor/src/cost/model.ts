@@ -88,7 +88,8 @@ export function predict(plan: readonly PlanEntry[], counts: Readonly<Record<stri
     const dispatch = extraDispatch(table, p.mechanism, p.cpl, p.mode);
     const events = counts[p.name] ?? 0;
     if (!Number.isFinite(events) || events < 0) throw new InvalidArgumentError(`counts['${p.name}']`, 'must be a non-negative number');
-    const unit = priceOf(table, p.mechanism, p.cpl) ?? NaN;
+    // A probe hit on an instruction that must run in place costs two exits (see PlanEntry.exitsPerHit).
+    const unit = (priceOf(table, p.mechanism, p.cpl) ?? NaN) * (p.exitsPerHit ?? 1);
     const handler = options.handlerNs?.[p.name] ?? 0;
     // A hook whose mechanism is the exit the event makes anyway (a mediate hook on a port that
     // exits to its device) adds dispatch and handler, not an exit: baselineNs cancels the unit.
@@ -221,7 +222,7 @@ export function report(mon: Monitor, options: { run?: Stop | { readonly ns: numb
   const hooks = mon.recordsForReport().map((r): HookCost => {
     const p = plan.get(r.id);
     const mechanism = p?.mechanism ?? r.selection.mechanism;
-    const unit = priceOf(table, mechanism, r.cpl) ?? 0;
+    const unit = (priceOf(table, mechanism, r.cpl) ?? 0) * (p?.exitsPerHit ?? 1);
     // One dispatcher serves every hook, so the per-hook dispatch is the calibrated price per
     // event. Nothing measured around the dispatcher is charged: that time holds one-time work
     // (the first deny's explanation loads the disassembler, an audit sink may block) which is
