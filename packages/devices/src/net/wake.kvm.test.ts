@@ -1,0 +1,74 @@
+// Prompt cross-machine wake-ups on real KVM: a receiver halted in `hlt` (IF = 1, in-kernel
+// irqchip) wakes for a vsock message without waiting for the sender's slice to expire. Two
+// machines share this thread and run alternately, so the receiver is never inside KVM_RUN when
+// the sender's exit delivers into its rx queue: the interrupt stays pending until the receiver's
+// run loop gets its turn, which the router's `yieldSlice()` gives it at once.
+import { Machine } from '@tsvm/core';
+import { asm, kvmAvailability } from '@tsvm/core/testing';
+import { describe, expect, it } from 'vitest';
+import { allowAllMediator, VsockRouter, type VsockHostStream } from './vsock-router.js';
+import { buildVsockGuest, VSOCK_GUEST, vsockGuestMachine, vsockGuestToolchain } from './vsock-guest.fixture.js';
+
+const kvm = kvmAvailability();
+const cc = vsockGuestToolchain();
+const skip = !kvm.available ? kvm.reason : !cc.available ? cc.reason : '';
+const SLICE_MS = 10;
+const MESSAGES = 20;
+const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] as number;
+
+describe.skipIf(skip !== '')(`cross-machine wake-up on real KVM${skip ? ` (SKIPPED: ${skip})` : ''}`, () => {
+  it(`a message to a machine halted in hlt wakes it far sooner than one ${SLICE_MS} ms slice`, async () => {
+    const elf = await buildVsockGuest();
+    const router = new VsockRouter({ mediator: allowAllMediator });
+    const rx = await vsockGuestMachine(elf, { role: 'halt-rx', cid: 3, peerCid: 2, port: 9000, count: MESSAGES });
+    await using receiver = rx.vm;
+    router.attach(rx.device, 'receiver');
+    let stream: VsockHostStream | undefined;
+    router.listen(9000, 'host', (s) => { stream = s; });
+
+    // The receiver's progress: 1 = connected and going to sleep, 2 = its interrupt handler runs,
+    // 3 = it consumed the message (the next may be sent).
+    let ready = false, sentAt: number | undefined, canSend = false;
+    const latencies: number[] = [];
+    receiver.attach({ port: VSOCK_GUEST.wakePort, size: 1 }, {
+      name: 'wake-probe',
+      write: (_o, v) => {
+        if (v === 1) { ready = true; canSend = true; }
+        if (v === 2 && sentAt !== undefined) { latencies.push(performance.now() - sentAt); sentAt = undefined; }
+        if (v === 3) canSend = true;
+      },
+    });
+
+    // The sender: a ring-3 guest that computes and checks in through a port now and then; the
+    // host endpoint writes to the receiver from inside that exit, i.e. during the sender's slice.
+    await using sender = await Machine.create({ memory: 2 << 20 });
+    sender.loadFlat(await asm('l: out 0x80, al\n mov ecx, 20000\n d: dec ecx\n jnz d\n jmp l', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    let sent = 0;
+    sender.attach({ port: 0x80, size: 1 }, {
+      name: 'send-when-ready',
+      write: () => {
+        if (!ready || !canSend || stream === undefined || sent >= MESSAGES) return;
+        canSend = false;
+        sent++;
+        sentAt = performance.now();
+        stream.write(new Uint8Array(64).fill(sent));
+      },
+    });
+
+    const done = new AbortController();
+    const [rs, ss] = await Promise.all([
+      receiver.run({ timeout: 30_000, sliceMs: SLICE_MS }).finally(() => done.abort()),
+      sender.run({ timeout: 30_000, sliceMs: SLICE_MS, signal: done.signal }),
+    ]);
+    router.close();
+    const r = rx.results();
+    process.stderr.write(`[tsvm] wake-up latency send → receiver's handler, ${SLICE_MS} ms slices: ${latencies.map((l) => `${(l * 1000).toFixed(0)} µs`).join(', ')} (median ${(median(latencies) * 1000).toFixed(0)} µs)\n`);
+    expect(rs.reason, JSON.stringify(rs, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString(16) : v))).toBe('debug-exit');
+    expect(rs.reason === 'debug-exit' && rs.code).toBe(1);
+    expect(ss.reason).toBe('aborted');
+    expect(r).toMatchObject({ messages: MESSAGES, error: 0, bytes: 64 * MESSAGES });
+    expect(latencies).toHaveLength(MESSAGES);
+    // Without the yield the message waits for the rest of the sender's slice (~SLICE_MS).
+    expect(median(latencies)).toBeLessThan(SLICE_MS / 4);
+  });
+});
