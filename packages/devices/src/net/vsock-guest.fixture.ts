@@ -8,10 +8,11 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { EXCEPTION_PORT, InvalidArgumentError, loadElf, Machine, type IrqLine } from '@tsvm/core';
+import { EXCEPTION_PORT, InvalidArgumentError, loadElf, Machine, type IrqLine, type Stop } from '@tsvm/core';
 import { DebugExit } from '../debug-exit.js';
 import { VirtioMmio } from '../virtio/mmio.js';
 import { VirtioVsock } from '../virtio/vsock.js';
+import { VsockRouter, type VsockMediator, type VsockRouterStats } from './vsock-router.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const COMMON = join(here, '../../test/guest');
@@ -83,6 +84,16 @@ export async function buildVsockGuest(): Promise<Uint8Array> {
   }
 }
 
+/** RESULT[0..5) of the guest. */
+export interface VsockGuestResults {
+  readonly messages: number;
+  /** The guest's first failing step (0 = none). */
+  readonly error: number;
+  readonly bytes: number;
+  readonly packets: number;
+  readonly rsts: number;
+}
+
 const ROLE = { 'halt-rx': 1, server: 2, client: 3 } as const;
 
 /** A machine running the vsock guest: its device (attach it to a router) and its results. */
@@ -106,10 +117,51 @@ export async function vsockGuestMachine(elf: Uint8Array, p: VsockGuestParams, op
   if (!vm.io.find(BigInt(EXCEPTION_PORT))) {
     vm.io.register({ port: EXCEPTION_PORT, size: 1 }, { name: 'exception-reporter', write: (_o, v, _s, a) => a.requestStop({ reason: 'exception', vector: v }) });
   }
-  /** RESULT[0..5): messages, first error, payload bytes, packets received, RSTs seen. */
-  const results = () => {
+  const results = (): VsockGuestResults => {
     const w = Array.from({ length: 5 }, (_, i) => vm.memory.readUint(VSOCK_GUEST.result + 4 * i, 4));
     return { messages: w[0] as number, error: w[1] as number, bytes: w[2] as number, packets: w[3] as number, rsts: w[4] as number };
   };
   return { vm, device, mmio, results };
+}
+
+/** What {@link runGuestPair} measured. */
+export interface GuestPairResult {
+  readonly client: VsockGuestResults;
+  readonly server: VsockGuestResults;
+  readonly clientStop: Stop;
+  readonly serverStop: Stop;
+  /** When each forward (client → server) message was mediated, ms (performance.now()). */
+  readonly forwardAt: readonly number[];
+  /** Router counters. */
+  readonly router: VsockRouterStats;
+}
+
+/**
+ * Two vsock guests on one router (client CID 3 → server CID 4, port 80, principals `client` and
+ * `server`), run together on this thread until both exit: the client sends `count` messages of
+ * `msg` bytes and waits each time for the server's `reply`-byte answer.
+ */
+export async function runGuestPair<C>(elf: Uint8Array, mediator: VsockMediator<C>, p: { count: number; msg: number; reply: number; timeoutMs?: number }): Promise<GuestPairResult> {
+  const forwardAt: number[] = [];
+  const timed: VsockMediator<C> = {
+    connect: (r) => mediator.connect(r),
+    message: (c, d, data) => { if (d === 'forward') forwardAt.push(performance.now()); return mediator.message(c, d, data); },
+    ...(mediator.close ? { close: (c: C) => mediator.close?.(c) } : {}),
+  };
+  const router = new VsockRouter({ mediator: timed, connectionBuffer: 1 << 20 });
+  const server = await vsockGuestMachine(elf, { role: 'server', cid: 4, port: 80, count: p.count, msg: p.msg, reply: p.reply });
+  const client = await vsockGuestMachine(elf, { role: 'client', cid: 3, peerCid: 4, port: 80, count: p.count, msg: p.msg, reply: p.reply });
+  try {
+    router.attach(server.device, 'server');
+    router.attach(client.device, 'client');
+    const timeout = p.timeoutMs ?? 60_000;
+    // The server first: it must be waiting when the client's REQUEST arrives (else RST).
+    const serverRun = server.vm.run({ timeout });
+    const [serverStop, clientStop] = await Promise.all([serverRun, client.vm.run({ timeout })]);
+    return { client: client.results(), server: server.results(), clientStop, serverStop, forwardAt, router: { ...router.stats } };
+  } finally {
+    router.close();
+    await client.vm.close();
+    await server.vm.close();
+  }
 }

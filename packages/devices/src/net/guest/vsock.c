@@ -13,7 +13,7 @@
  * kick (the device takes them at its next delivery), so the only exits are one notify per packet
  * sent. Message i carries i in 7-bit groups in its first and last 4 bytes (never 0xff, so a
  * content guard that blocks 0xff lets every message through) and k & 0x7f elsewhere.
- * RESULT[0] = messages handled, [1] = first error (0 = none), [2] = payload bytes received,
+ * RESULT[0] = messages completed, [1] = first error (0 = none), [2] = payload bytes received,
  * [3] = packets received, [4] = RST seen. Returns 0 or a failing step. */
 #include "virtio.h"
 
@@ -216,6 +216,7 @@ static void client(void) {
 			}
 			rx_post(id);
 		}
+		if (RESULT[1]) break;
 		RESULT[0]++;
 	}
 	finish(RESULT[1] ? 2 : 0);
@@ -259,6 +260,7 @@ static void server(void) {
 			}
 			rx_post(id);
 		}
+		if (RESULT[1]) break;
 		while (peer_buf - (tx_cnt - peer_fwd) < reply) {
 			h = rx_next(&id);
 			if (h) rx_post(id);
