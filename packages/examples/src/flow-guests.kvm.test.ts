@@ -3,6 +3,7 @@
 // requests and replies through a VsockRouter whose mediator is a FlowMonitor; every message is
 // decided and audited before the receiver sees it. A content guard that blocks one message
 // resets the connection and both guests see it.
+import type { Stop } from '@tsvm/core';
 import { kvmAvailability } from '@tsvm/core/testing';
 import { AuditLog, FlowMonitor, type FlowPolicy, type GuardFn, type Topology } from '@tsvm/monitor';
 import { describe, expect, it } from 'vitest';
@@ -21,7 +22,7 @@ const policy = (guard: boolean): FlowPolicy => ({
   ...(guard ? { guards: { scan: { declassify: [] } } } : {}),
   rules: [{ id: 'rpc', source: 'client', destination: 'server', port: 80, action: 'allow', ...(guard ? { guard: 'scan' } : {}) }],
 });
-const code = (s: { reason: string; code?: number }) => (s.reason === 'debug-exit' ? s.code : s.reason);
+const code = (s: Stop): number | string => (s.reason === 'debug-exit' ? s.code : s.reason);
 
 describe.skipIf(skip !== '')(`vsock guest to guest under a FlowMonitor on real KVM${skip ? ` (SKIPPED: ${skip})` : ''}`, () => {
   it(`${ROUND_TRIPS} round trips of 64 B, each message mediated and audited`, async () => {
