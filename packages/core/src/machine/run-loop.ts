@@ -52,7 +52,19 @@ let yieldRequested = false;
 export function yieldSlice(): void {
   if (sliceRunning) yieldRequested = true;
 }
-type SliceResult = { kind: 'stop'; stop: StopRequest } | { kind: 'yield' } | { kind: 'async'; outcome: Promise<ExitOutcome>; exit: VcpuExit };
+type SliceResult = { kind: 'stop'; stop: StopRequest } | { kind: 'yield'; halted?: boolean } | { kind: 'async'; outcome: Promise<ExitOutcome>; exit: VcpuExit };
+
+/**
+ * Longest slice of a vCPU that was halted at the end of its last slice while other machines run
+ * on this thread. With an in-kernel irqchip `hlt` does not exit: a halted vCPU sits in KVM_RUN
+ * until its slice timer fires, and the thread with it, so an idle machine would take a full
+ * slice from every busy machine sharing the thread. Its own interrupts still wake it at once
+ * (routers end the sender's slice, and a pending interrupt is taken on entry); only in-kernel
+ * timers wait up to this long plus the other machines' slices.
+ */
+const HALTED_SLICE_MS = 1;
+/** Machines inside `run()` on this thread. */
+let runningOnThread = 0;
 
 /** @internal `Machine.run`. */
 export async function run(s: MachineState, events: EventEmitter<MachineEvents>, options: RunOptions): Promise<Stop> {
@@ -72,12 +84,15 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
   events.emit('started');
   const vcpu = s.vcpu(0);
   let stop: StopRequest | undefined;
+  let halted = false;
+  runningOnThread++;
   try {
     while (!stop) {
       if (signal?.aborted) { stop = { reason: 'aborted' }; break; }
       const left = deadline - performance.now();
       if (left <= 0) { stop = { reason: 'timeout' }; break; }
-      vcpu.backend.beginSlice(Math.max(50_000, Math.min(sliceMs, left) * 1e6));
+      const length = halted && runningOnThread > 1 ? Math.min(sliceMs, HALTED_SLICE_MS) : sliceMs;
+      vcpu.backend.beginSlice(Math.max(50_000, Math.min(length, left) * 1e6));
       let r: SliceResult;
       sliceRunning = true;
       yieldRequested = false;
@@ -91,6 +106,7 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
       const failed = runSliceHooks(s);
       if (failed) { stop = failed; break; }
       if (r.kind === 'stop') { stop = r.stop; break; }
+      halted = r.kind === 'yield' && r.halted === true;
       if (r.kind === 'async') {
         const out = await raceDeadline(r.outcome, deadline, signal);
         if (out === 'timeout' || out === 'aborted') { stop = { reason: out }; break; }
@@ -115,6 +131,7 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
     events.emit('stopped', final);
     return final;
   } finally {
+    runningOnThread--;
     s.running = false;
   }
 }
@@ -152,8 +169,9 @@ function slice(s: MachineState, vcpu: Vcpu): SliceResult {
       k.handleNs += (t0 - t1) * 1e6;
       // With an in-kernel irqchip `hlt` never exits. Halted with IF=0, only an NMI can wake the
       // vCPU: report `halt` at once unless one is pending or some source is routed to deliver one.
-      if (s.irqchip && b.isHalted() && (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState())) return { kind: 'stop', stop: { reason: 'halt' } };
-      return { kind: 'yield' };
+      const halted = s.irqchip && b.isHalted();
+      if (halted && (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState())) return { kind: 'stop', stop: { reason: 'halt' } };
+      return { kind: 'yield', halted };
     }
     if (exit.kind === 'io') c.countPort(exit.port);
     const out = handleExit(exit, ctx);

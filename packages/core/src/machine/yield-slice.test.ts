@@ -3,7 +3,7 @@
 // a halted receiver is devices/src/net/wake.kvm.test.ts).
 import { describe, expect, it } from 'vitest';
 import { Machine } from '../machine.js';
-import { MockBackend, outExit } from '../testing/mock.js';
+import { MockBackend, outExit, type MockVcpu } from '../testing/mock.js';
 import { yieldSlice } from './run-loop.js';
 
 const MiB = 1024 * 1024;
@@ -63,5 +63,39 @@ describe('yieldSlice', () => {
     expect(slices).toBeGreaterThanOrEqual(2);
     expect(vcpu.reads.map((r) => r[0])).toEqual([0x42]);
     await vm.close();
+  });
+
+  it('a vCPU halted in the kernel gets short slices while another machine runs on the thread, full ones alone', async () => {
+    /** A mock machine with an irqchip whose vCPU stays halted with IF = 1; records slice lengths. */
+    const halted = async () => {
+      const backend = new MockBackend();
+      const v: MockVcpu = backend.script();
+      v.halted = true;
+      v.regs = { ...v.regs, rflags: 0x202n };
+      v.whenEmpty = { kind: 'intr' };
+      const lengths: number[] = [];
+      const begin = v.beginSlice.bind(v);
+      v.beginSlice = (ns: number) => { lengths.push(ns / 1e6); begin(ns); };
+      const vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true });
+      return { vm, lengths };
+    };
+    // Stop after a few slices, far from the deadline (a slice never outlasts the time left).
+    const stopAfter = (vm: Machine, n: number, ac: AbortController) => { let k = 0; vm.events.on('slice', () => { if (++k === n) ac.abort(); }); };
+    const alone = await halted();
+    const a1 = new AbortController();
+    stopAfter(alone.vm, 5, a1);
+    await alone.vm.run({ timeout: 5000, sliceMs: 10, signal: a1.signal });
+    expect(alone.lengths).toEqual([10, 10, 10, 10, 10]);
+    await alone.vm.close();
+
+    const idle = await halted();
+    const busy = await spinner('b', 0x81, [], () => false);
+    const a2 = new AbortController();
+    stopAfter(idle.vm, 5, a2);
+    await Promise.all([idle.vm.run({ timeout: 5000, sliceMs: 10, signal: a2.signal }), busy.vm.run({ timeout: 5000, sliceMs: 10, signal: a2.signal })]);
+    // The first slice is full (nothing was known yet), later ones are 1 ms at most.
+    expect(idle.lengths).toEqual([10, 1, 1, 1, 1]);
+    await idle.vm.close();
+    await busy.vm.close();
   });
 });

@@ -71,4 +71,30 @@ describe.skipIf(skip !== '')(`cross-machine wake-up on real KVM${skip ? ` (SKIPP
     // Without the yield the message waits for the rest of the sender's slice (~SLICE_MS).
     expect(median(latencies)).toBeLessThan(SLICE_MS / 4);
   });
+
+  it('a machine halted in hlt with nothing to do takes short slices: a busy machine on the same thread keeps most of it', async () => {
+    const elf = await buildVsockGuest();
+    const router = new VsockRouter({ mediator: allowAllMediator });
+    const rx = await vsockGuestMachine(elf, { role: 'halt-rx', cid: 3, peerCid: 2, port: 9000, count: 1 });
+    await using idle = rx.vm;
+    router.attach(rx.device, 'idle');
+    router.listen(9000, 'host', () => {});
+    await using busy = await Machine.create({ memory: 2 << 20 });
+    busy.loadFlat(await asm('l: out 0x80, al\n mov ecx, 2000000\n d: dec ecx\n jnz d\n jmp l', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    busy.attach({ port: 0x80, size: 1 }, { name: 'tick', write: () => {} });
+    const ran = () => Object.values(busy.stats().byKind).reduce((n, k) => n + k.runNs, 0) / 1e6;
+    // From the moment the idle machine sleeps: how much of the wall time the busy one ran.
+    let from: { t: number; ran: number } | undefined;
+    idle.attach({ port: VSOCK_GUEST.wakePort, size: 1 }, { name: 'ready', write: (_o, v) => { if (v === 1) from = { t: performance.now(), ran: ran() }; } });
+    const [is, bs] = await Promise.all([idle.run({ timeout: 600, sliceMs: SLICE_MS }), busy.run({ timeout: 600, sliceMs: SLICE_MS })]);
+    router.close();
+    expect(is.reason).toBe('timeout');
+    expect(is.reason === 'timeout' && is.halted).toBe(true);
+    expect(bs.reason).toBe('timeout');
+    expect(from).toBeDefined();
+    const share = (ran() - (from?.ran ?? 0)) / (performance.now() - (from?.t ?? 0));
+    process.stderr.write(`[tsvm] busy machine's share of the thread while the other sleeps in hlt: ${(share * 100).toFixed(0)} %\n`);
+    // Two full 10 ms slices in turn would give it half; 10 ms against 1 ms gives it ~90 %.
+    expect(share).toBeGreaterThan(0.7);
+  });
 });
