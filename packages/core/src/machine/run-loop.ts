@@ -4,6 +4,9 @@
  * synchronous loop of `KVM_RUN`s (counters, coalesced drain, `handleExit`); `apply` carries an
  * outcome back to the vCPU; `finish` turns the stop request into the `Stop` `run()` returns.
  * The loop allocates nothing of its own per exit (only the coalesced drain builds its late exits).
+ * Machines sharing a thread take turns slice by slice: {@link yieldSlice} ends a slice early when
+ * a device hands work to another machine, and a vCPU halted in the kernel gets short slices while
+ * others run, so neither a message nor an idle neighbour waits a whole slice.
  * @module
  */
 import type { EventEmitter } from 'eventemitter3';
