@@ -18,7 +18,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { allowAllMediator, VsockOp, VsockRouter, VsockTestGuest, type VsockMediator, type VsockPacket } from '@tsvm/devices';
 import { kvmAvailability } from '@tsvm/core/testing';
-import { AuditLog, FlowMonitor, type FlowPolicy, type Topology } from '@tsvm/monitor';
+import { AuditLog, calibrateFlowCosts, FlowMonitor, formatNs, type FlowPolicy, type Topology } from '@tsvm/monitor';
 import { buildVsockGuest, runGuestPair, vsockGuestToolchain } from '../../devices/src/net/vsock-guest.fixture.js';
 
 const N = Number(process.env.TSVM_BENCH_FLOW_N ?? 3000);
@@ -114,6 +114,15 @@ console.log(`host-side vsock through the router: 64 B round trip (median of ${N}
 console.log('case'.padEnd(54), 'round trip'.padStart(12), 'ratio'.padStart(7), 'MB/s'.padStart(9));
 for (const r of rows) console.log(r.case.padEnd(54), `${r.roundTripUs.toFixed(1)} µs`.padStart(12), `${(r.roundTripUs / base.roundTripUs).toFixed(2)}×`.padStart(7), r.throughputMBs.toFixed(0).padStart(9));
 
+// The flow cost model: prices calibrated on this host, then a guarded stream priced in advance
+// (row by row, from the counts it produced) against what the monitor measured.
+const model = await calibrateFlowCosts({ guards: { scan } });
+const priced = new FlowMonitor({ policy: policy(true), topology: topology('a', 'b'), guards: { scan }, audit: new AuditLog(() => {}), costModel: model });
+await throughput(priced as VsockMediator<unknown>);
+const modelRows = priced.costs().rows.map((r) => ({ kind: r.kind, name: r.name, measuredNs: r.connectionNs + r.messageNs + r.frameNs, predictedNs: r.predictedNs ?? Number.NaN }));
+console.log(`\nflow cost model (calibrated: connection ${formatNs(model.connectionNs)}, message ${formatNs(model.messageNs)} + audit line ${formatNs(model.auditLineNs)}, guard 'scan' ${formatNs(model.guards['scan']?.messageNs ?? 0)} + ${(model.guards['scan']?.byteNs ?? 0).toFixed(3)} ns/B): ${MB} MiB guarded stream`);
+for (const r of modelRows) console.log(`  ${r.kind} ${r.name}`.padEnd(30), `measured ${formatNs(r.measuredNs)}`.padStart(20), `predicted ${formatNs(r.predictedNs)}`.padStart(22), `${(r.predictedNs / r.measuredNs).toFixed(2)}×`.padStart(7));
+
 // Part 2: real guests. The mediator sees principals `client` and `server` (runGuestPair's names).
 const guestCases = [
   ['no monitor (allow-all mediator)', () => allowAllMediator],
@@ -156,4 +165,4 @@ if (skipGuests) {
 }
 if (skipGuests) guestRows = [];
 mkdirSync('bench-results', { recursive: true });
-writeFileSync('bench-results/flow.json', `${JSON.stringify({ n: N, mb: MB, rows, guests: skipGuests ? { skipped: skipGuests } : { n: GUEST_N, messages: GUEST_MSGS, rows: guestRows } }, null, 2)}\n`);
+writeFileSync('bench-results/flow.json', `${JSON.stringify({ n: N, mb: MB, rows, model, modelRows, guests: skipGuests ? { skipped: skipGuests } : { n: GUEST_N, messages: GUEST_MSGS, rows: guestRows } }, null, 2)}\n`);

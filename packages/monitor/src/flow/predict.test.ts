@@ -79,15 +79,20 @@ describe('calibrateFlowCosts', () => {
     expect(reader?.byteNs).toBeGreaterThan(0.1);
     expect(blind?.byteNs ?? Infinity).toBeLessThan((reader?.byteNs ?? 0) / 3);
 
-    // The model against a fresh run of 4 KiB messages through the reading guard.
+    // The model against fresh runs of 4 KiB messages through the reading guard: five batches on
+    // fresh monitors, the median ratio (a batch the shared host preempted says nothing).
     const p: FlowPolicy = { version: 1, guards: { reader: { declassify: [] } }, rules: [{ id: 'r', source: 'a', destination: 'b', port: 1, action: 'allow', guard: 'reader' }] };
-    const mon = new FlowMonitor({ policy: p, topology, guards: { reader: guards.reader }, audit: new AuditLog(() => {}), costModel: m });
-    const c = await mon.connect({ source: 'a', destination: 'b', port: 1 });
     const data = new Uint8Array(4096);
-    for (let i = 0; i < 300; i++) await mon.message(c.connection!, 'forward', data);
-    const row = mon.costs().rows.find((r) => r.kind === 'guard');
-    const ratio = (row?.predictedNs ?? 0) / (row?.messageNs ?? 1);
-    process.stderr.write(`[tsvm] flow cost model: reader guard ${reader?.messageNs.toFixed(0)} ns + ${reader?.byteNs.toFixed(2)} ns/B; 300 × 4 KiB predicted/measured = ${ratio.toFixed(2)}\n`);
+    const ratios: number[] = [];
+    for (let b = 0; b < 5; b++) {
+      const mon = new FlowMonitor({ policy: p, topology, guards: { reader: guards.reader }, audit: new AuditLog(() => {}), logMessages: 'denied', costModel: m });
+      const c = await mon.connect({ source: 'a', destination: 'b', port: 1 });
+      for (let i = 0; i < 100; i++) await mon.message(c.connection!, 'forward', data);
+      const row = mon.costs().rows.find((r) => r.kind === 'guard');
+      ratios.push((row?.predictedNs ?? 0) / (row?.messageNs ?? 1));
+    }
+    const ratio = [...ratios].sort((x, y) => x - y)[2] as number;
+    process.stderr.write(`[tsvm] flow cost model: reader guard ${reader?.messageNs.toFixed(0)} ns + ${reader?.byteNs.toFixed(2)} ns/B; 100 × 4 KiB predicted/measured = ${ratio.toFixed(2)} (median of 5 batches)\n`);
     expect(ratio).toBeGreaterThan(0.2);
     expect(ratio).toBeLessThan(5);
   });

@@ -160,6 +160,15 @@ export function withPredictions(report: FlowCostReport, model: FlowCostModel, lo
   return { ...report, rows };
 }
 
+const BATCHES = 5;
+const median = (xs: readonly number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? 0;
+/** Runs `f` `n` times one after the other (never concurrently: they would share the clock). */
+async function sequence<T>(n: number, f: () => Promise<T>): Promise<T[]> {
+  const out: T[] = [];
+  for (let i = 0; i < n; i++) out.push(await f());
+  return out;
+}
+
 /** Options of {@link calibrateFlowCosts}. */
 export interface CalibrateFlowOptions {
   /** Guards to price, by name, with their code (each is run on synthetic messages). */
@@ -193,20 +202,21 @@ export async function calibrateFlowCosts(options: CalibrateFlowOptions = {}): Pr
     rules: [{ id: 'plain', source: 'a', destination: 'b', port: 1, action: 'allow' }, ...names.map((g, i) => ({ id: `g${i}`, source: 'a', destination: 'b', port: 2 + i, action: 'allow' as const, guard: g }))],
   };
   const monitor = (logMessages: 'all' | 'denied') => new FlowMonitor({ policy, topology, guards: guardFns, audit: new AuditLog(() => {}), logMessages });
-  /** Mean ns per message of `size` on a connection to `port`, as the monitor's meter saw it. */
+  /**
+   * ns per message of `size` on a connection to `port`, as the monitor's meter saw it: the median
+   * of five batches, each on a fresh monitor (a batch the host preempted does not move the price).
+   */
   const perMessage = async (logMessages: 'all' | 'denied', port: number, size: number, iterations: number, row: (r: FlowCostRow) => boolean): Promise<number> => {
-    const m = monitor(logMessages);
-    const c = await m.connect({ source: 'a', destination: 'b', port });
-    if (c.connection === null) throw new InvalidArgumentError('guards', `calibration connection refused: ${c.reason}`);
     const data = sample(size);
-    // Warm-up (JIT), then a fresh monitor so its meter holds the measured part only.
-    for (let i = 0; i < Math.min(200, iterations); i++) await m.message(c.connection, 'forward', data);
-    const m2 = monitor(logMessages);
-    const c2 = await m2.connect({ source: 'a', destination: 'b', port });
-    if (c2.connection === null) throw new InvalidArgumentError('guards', `calibration connection refused: ${c2.reason}`);
-    for (let i = 0; i < iterations; i++) await m2.message(c2.connection, 'forward', data);
-    const r = m2.costs().rows.find(row);
-    return r ? r.perMessageNs : 0;
+    const batch = async (k: number): Promise<number> => {
+      const m = monitor(logMessages);
+      const c = await m.connect({ source: 'a', destination: 'b', port });
+      if (c.connection === null) throw new InvalidArgumentError('guards', `calibration connection refused: ${c.reason}`);
+      for (let i = 0; i < k; i++) await m.message(c.connection, 'forward', data);
+      return m.costs().rows.find(row)?.perMessageNs ?? 0;
+    };
+    await batch(Math.min(200, iterations)); // warm-up (JIT)
+    return median(await sequence(BATCHES, () => batch(Math.max(2, Math.floor(iterations / BATCHES)))));
   };
   const slope = (a: number, b: number) => Math.max(0, (b - a) / (large - small));
   const plain = (r: FlowCostRow) => r.kind === 'rule' && r.name === 'plain';
@@ -215,11 +225,14 @@ export async function calibrateFlowCosts(options: CalibrateFlowOptions = {}): Pr
   const plainLarge = await perMessage('denied', 1, large, bigN, plain);
   const plainAudited = await perMessage('all', 1, small, n, plain);
   const messageByteNs = slope(plainSmall, plainLarge);
-  // Connection decisions: many on one monitor (each is audited), read from its meter.
-  const cm = monitor('denied');
-  for (let i = 0; i < Math.min(n, 500); i++) await cm.connect({ source: 'a', destination: 'b', port: 1 });
-  const cm2 = monitor('denied');
-  for (let i = 0; i < Math.min(n, 500); i++) await cm2.connect({ source: 'a', destination: 'b', port: 1 });
+  // Connection decisions (each is audited), read from the meter, median of batches as above.
+  const connections = async (k: number): Promise<number> => {
+    const m = monitor('denied');
+    for (let i = 0; i < k; i++) await m.connect({ source: 'a', destination: 'b', port: 1 });
+    return m.costs().perConnectionNs;
+  };
+  await connections(100);
+  const connectionNs = median(await sequence(BATCHES, () => connections(Math.max(2, Math.floor(Math.min(n, 500) / BATCHES)))));
   const guards: Record<string, { messageNs: number; byteNs: number }> = {};
   for (const [i, g] of names.entries()) {
     const mine = (r: FlowCostRow) => r.kind === 'guard' && r.name === g;
@@ -231,7 +244,7 @@ export async function calibrateFlowCosts(options: CalibrateFlowOptions = {}): Pr
   return {
     version: 1,
     source: 'measured',
-    connectionNs: cm2.costs().perConnectionNs,
+    connectionNs,
     messageNs: Math.max(0, plainSmall - messageByteNs * small),
     messageByteNs,
     auditLineNs: Math.max(0, plainAudited - plainSmall),
