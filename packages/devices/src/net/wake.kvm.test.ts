@@ -30,12 +30,18 @@ describe.skipIf(skip !== '')(`cross-machine wake-up on real KVM${skip ? ` (SKIPP
     // 3 = it consumed the message (the next may be sent).
     let ready = false, sentAt: number | undefined, canSend = false;
     const latencies: number[] = [];
+    let awake = 0;
     receiver.attach({ port: VSOCK_GUEST.wakePort, size: 1 }, {
       name: 'wake-probe',
       write: (_o, v) => {
         if (v === 1) { ready = true; canSend = true; }
         if (v === 2 && sentAt !== undefined) { latencies.push(performance.now() - sentAt); sentAt = undefined; }
-        if (v === 3) canSend = true;
+        if (v === 3) {
+          // Taken without an interrupt: the host preempted the receiver between its last look at
+          // the ring and its `hlt` (a loaded host ends slices anywhere), so it was never asleep.
+          if (sentAt !== undefined) { awake++; sentAt = undefined; }
+          canSend = true;
+        }
       },
     });
 
@@ -62,12 +68,13 @@ describe.skipIf(skip !== '')(`cross-machine wake-up on real KVM${skip ? ` (SKIPP
     ]);
     router.close();
     const r = rx.results();
-    process.stderr.write(`[tsvm] wake-up latency send → receiver's handler, ${SLICE_MS} ms slices: ${latencies.map((l) => `${(l * 1000).toFixed(0)} µs`).join(', ')} (median ${(median(latencies) * 1000).toFixed(0)} µs)\n`);
+    process.stderr.write(`[tsvm] wake-up latency send → receiver's handler, ${SLICE_MS} ms slices: ${latencies.map((l) => `${(l * 1000).toFixed(0)} µs`).join(', ')} (median ${(median(latencies) * 1000).toFixed(0)} µs${awake ? `; ${awake} taken awake` : ''})\n`);
     expect(rs.reason, JSON.stringify(rs, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString(16) : v))).toBe('debug-exit');
     expect(rs.reason === 'debug-exit' && rs.code).toBe(1);
     expect(ss.reason).toBe('aborted');
     expect(r).toMatchObject({ messages: MESSAGES, error: 0, bytes: 64 * MESSAGES });
-    expect(latencies).toHaveLength(MESSAGES);
+    expect(latencies.length + awake).toBe(MESSAGES);
+    expect(latencies.length).toBeGreaterThanOrEqual(MESSAGES / 2);
     // Without the yield the message waits for the rest of the sender's slice (~SLICE_MS).
     expect(median(latencies)).toBeLessThan(SLICE_MS / 4);
   });
@@ -82,19 +89,23 @@ describe.skipIf(skip !== '')(`cross-machine wake-up on real KVM${skip ? ` (SKIPP
     await using busy = await Machine.create({ memory: 2 << 20 });
     busy.loadFlat(await asm('l: out 0x80, al\n mov ecx, 2000000\n d: dec ecx\n jnz d\n jmp l', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
     busy.attach({ port: 0x80, size: 1 }, { name: 'tick', write: () => {} });
-    const ran = () => Object.values(busy.stats().byKind).reduce((n, k) => n + k.runNs, 0) / 1e6;
-    // From the moment the idle machine sleeps: how much of the wall time the busy one ran.
-    let from: { t: number; ran: number } | undefined;
-    idle.attach({ port: VSOCK_GUEST.wakePort, size: 1 }, { name: 'ready', write: (_o, v) => { if (v === 1) from = { t: performance.now(), ran: ran() }; } });
-    const [is, bs] = await Promise.all([idle.run({ timeout: 600, sliceMs: SLICE_MS }), busy.run({ timeout: 600, sliceMs: SLICE_MS })]);
+    const ran = (vm: Machine) => Object.values(vm.stats().byKind).reduce((n, k) => n + k.runNs, 0) / 1e6;
+    // From the moment the idle machine sleeps: how much of the wall time each one spent in KVM_RUN.
+    let from: { t: number; busy: number; idle: number } | undefined;
+    idle.attach({ port: VSOCK_GUEST.wakePort, size: 1 }, { name: 'ready', write: (_o, v) => { if (v === 1) from = { t: performance.now(), busy: ran(busy), idle: ran(idle) }; } });
+    const [is, bs] = await Promise.all([idle.run({ timeout: 1500, sliceMs: SLICE_MS }), busy.run({ timeout: 1500, sliceMs: SLICE_MS })]);
     router.close();
     expect(is.reason).toBe('timeout');
-    expect(is.reason === 'timeout' && is.halted).toBe(true);
+    expect(rx.results()).toMatchObject({ messages: 0, error: 0 }); // still waiting, nothing went wrong
     expect(bs.reason).toBe('timeout');
     expect(from).toBeDefined();
-    const share = (ran() - (from?.ran ?? 0)) / (performance.now() - (from?.t ?? 0));
-    process.stderr.write(`[tsvm] busy machine's share of the thread while the other sleeps in hlt: ${(share * 100).toFixed(0)} %\n`);
-    // Two full 10 ms slices in turn would give it half; 10 ms against 1 ms gives it ~90 %.
-    expect(share).toBeGreaterThan(0.7);
+    const wall = performance.now() - (from?.t ?? 0);
+    const busyShare = (ran(busy) - (from?.busy ?? 0)) / wall;
+    const idleShare = (ran(idle) - (from?.idle ?? 0)) / wall;
+    process.stderr.write(`[tsvm] share of the thread while one machine sleeps in hlt: busy ${(busyShare * 100).toFixed(0)} %, sleeping ${(idleShare * 100).toFixed(0)} %\n`);
+    // Full slices in turn would split the thread about evenly; 10 ms against 1 ms gives the
+    // sleeper ~1/11 (JS between slices, slower on a loaded host, is in neither share).
+    expect(idleShare).toBeLessThan(0.3);
+    expect(busyShare).toBeGreaterThan(2 * idleShare);
   });
 });
