@@ -343,6 +343,7 @@ export class VirtualSwitch {
       }
       if (v instanceof Promise) {
         port.busy = true;
+        yieldSlice(); // the verdict settles on the event loop, which the running slice holds
         v.then((r) => r, (e: unknown): FrameVerdict => ({ verdict: 'deny', reason: `mediator failed: ${String(e)}` })).then((r) => {
           port.busy = false;
           if (port.closed) return;

@@ -339,8 +339,13 @@ export class VsockRouter<C> {
         this.#send(c, c.b, VsockOp.Request);
       }
     };
-    if (v instanceof Promise) v.then(done, (e: unknown) => done({ verdict: 'deny', connection: null, reason: `mediator failed: ${String(e)}` }));
-    else done(v);
+    if (v instanceof Promise) {
+      v.then(done, (e: unknown) => done({ verdict: 'deny', connection: null, reason: `mediator failed: ${String(e)}` }));
+      // The verdict settles on the event loop, which the running slice holds until it ends.
+      yieldSlice();
+    } else {
+      done(v);
+    }
   }
 
   #open(c: Conn<C>): void {
@@ -491,6 +496,7 @@ export class VsockRouter<C> {
       }
       if (v instanceof Promise) {
         d.busy = true;
+        yieldSlice(); // as in #decide: the verdict needs the event loop
         v.then((r) => r, (e: unknown): VsockMessageVerdict => ({ verdict: 'deny', reason: `mediator failed: ${String(e)}` })).then((r) => {
           d.busy = false;
           if (c.state !== 'open') return;

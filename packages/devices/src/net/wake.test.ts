@@ -63,4 +63,21 @@ describe('routers wake the receiving machine', () => {
     expect(exits).toBe(3);
     expect(b.receive()).toHaveLength(1);
   });
+
+  it('a verdict that is a promise (an async guard) ends the sender’s slice, so it settles now', async () => {
+    const router = new VsockRouter({
+      mediator: { connect: () => ({ verdict: 'allow', connection: null, reason: '' }), message: async (_c, _d, data) => ({ verdict: 'allow', data }) },
+    });
+    const a = new VsockTestGuest({ cid: 3 });
+    const b = new VsockTestGuest({ cid: 4 });
+    router.attach(a.device, 'a');
+    router.attach(b.device, 'b');
+    a.send({ op: VsockOp.Request, dstCid: 4, srcPort: 1000, dstPort: 80 });
+    b.receive();
+    b.send({ op: VsockOp.Response, dstCid: 3, srcPort: 80, dstPort: 1000 });
+    a.receive();
+    const exits = await firstSlice(() => a.send({ op: VsockOp.Rw, dstCid: 4, srcPort: 1000, dstPort: 80, payload: new Uint8Array(64) }));
+    expect(exits).toBe(3);
+    expect(b.receive().map((p) => p.op)).toEqual([VsockOp.Rw]);
+  });
 });
