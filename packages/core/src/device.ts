@@ -30,7 +30,13 @@ export interface Access {
   requestStop(request: DeviceStopRequest): void;
 }
 
-/** A register-file device mapped on a {@link Bus}. */
+/**
+ * A register-file device mapped on a {@link Bus}.
+ *
+ * A device whose handler hands work to *another* machine (a message, a frame) calls
+ * `yieldSlice()` from `@tsvm/core` there, so the receiver's run loop gets its turn now rather than
+ * when the running machine's slice expires.
+ */
 export interface Device {
   /** Short name used in diagnostics and snapshots, e.g. `uart0`. */
   readonly name: string;

@@ -4,7 +4,8 @@
  * - {@link Machine}: memory regions, one vCPU, PIO/MMIO {@link Bus}es, hooks, and a
  *   time-sliced `run()` that returns a {@link Stop} (why it stopped) instead of throwing.
  * - {@link GuestMemory}: every guest-physical access is bounds-checked in one place.
- * - {@link Device}: the register-file contract devices implement.
+ * - {@link Device}: the register-file contract devices implement; {@link yieldSlice} lets a
+ *   device that hands work to another machine end the running slice so that machine runs now.
  * - {@link DeviceMemory} / {@link DmaGate}: devices reach guest RAM through a device-scoped
  *   accessor whose writes (DMA) pass one hook point, so a monitor mediates them like guest stores.
  * - {@link VcpuExit}: exits as a discriminated union; {@link handleExit} is the pure exit path
@@ -22,6 +23,7 @@
  * @module
  */
 export { Machine, type MachineOptions, type RegionOptions, type LoadFlatOptions, type RunOptions, type MachineEvents, type MachineLayout } from './machine.js';
+export { yieldSlice } from './machine/run-loop.js';
 export { Vcpu } from './vcpu.js';
 export { GuestMemory, checkRegionSize, type HostMemory, type MemoryRegion, type IntWidth } from './memory.js';
 export { DmaGate, DeviceMemory, DmaDeniedError, type DmaWrite, type DmaDecision, type DmaHook } from './dma.js';

@@ -61,6 +61,10 @@ export {
 } from './flow/monitor.js';
 export { explain } from './flow/explain.js';
 export { FlowCostMeter, type FlowCostReport, type FlowCostRow } from './flow/costs.js';
+export {
+  calibrateFlowCosts, predictFlowCosts, withPredictions, checkFlowCostModel,
+  type FlowCostModel, type FlowTraffic, type FlowCostPrediction, type FlowCostPredictionRow, type PredictFlowOptions, type CalibrateFlowOptions,
+} from './flow/predict.js';
 export { renderFlowSvg } from './flow/svg.js';
 export { analyzeFlows, renderFlowDot, type FlowAnalysis, type FlowEdge, type FlowPath, type TagReach, type RuleFinding, type AnalyzeOptions } from './flow/analysis.js';
 export { learnPolicy, type LearnOptions, type LearnedPolicy, type UnresolvedFlow } from './flow/learning.js';

@@ -4,6 +4,9 @@
  * synchronous loop of `KVM_RUN`s (counters, coalesced drain, `handleExit`); `apply` carries an
  * outcome back to the vCPU; `finish` turns the stop request into the `Stop` `run()` returns.
  * The loop allocates nothing of its own per exit (only the coalesced drain builds its late exits).
+ * Machines sharing a thread take turns slice by slice: {@link yieldSlice} ends a slice early when
+ * a device hands work to another machine, and a vCPU halted in the kernel gets short slices while
+ * others run, so neither a message nor an idle neighbour waits a whole slice.
  * @module
  */
 import type { EventEmitter } from 'eventemitter3';
@@ -31,7 +34,40 @@ export interface RunOptions {
 }
 
 const DEFAULT_SLICE_MS = 10;
-type SliceResult = { kind: 'stop'; stop: StopRequest } | { kind: 'yield' } | { kind: 'async'; outcome: Promise<ExitOutcome>; exit: VcpuExit };
+
+/**
+ * Slices are synchronous, so at most one runs on a thread at a time: these two flags are the
+ * thread's, not a machine's (each worker thread has its own copy of this module).
+ */
+let sliceRunning = false;
+let yieldRequested = false;
+
+/**
+ * Ends the time slice running on this thread after the exit being handled, so the event loop
+ * turns and the run loops of other machines on this thread get their turn now instead of when
+ * the slice timer fires. A device that hands work to *another* machine calls it from inside the
+ * exit that caused the hand-off (the vsock router and the virtual switch do, on delivery): two
+ * machines in one thread run alternately, so the receiver is never inside `KVM_RUN` while the
+ * sender's exit is handled, and without this a message to a halted or polling receiver waits up
+ * to one slice of the sender (10 ms by default). Outside a slice (a timer, a host service) it
+ * does nothing. Cheap: one flag, read once per exit.
+ */
+export function yieldSlice(): void {
+  if (sliceRunning) yieldRequested = true;
+}
+type SliceResult = { kind: 'stop'; stop: StopRequest } | { kind: 'yield'; halted?: boolean } | { kind: 'async'; outcome: Promise<ExitOutcome>; exit: VcpuExit };
+
+/**
+ * Longest slice of a vCPU that was halted at the end of its last slice while other machines run
+ * on this thread. With an in-kernel irqchip `hlt` does not exit: a halted vCPU sits in KVM_RUN
+ * until its slice timer fires, and the thread with it, so an idle machine would take a full
+ * slice from every busy machine sharing the thread. Its own interrupts still wake it at once
+ * (routers end the sender's slice, and a pending interrupt is taken on entry); only in-kernel
+ * timers wait up to this long plus the other machines' slices.
+ */
+const HALTED_SLICE_MS = 1;
+/** Machines inside `run()` on this thread. */
+let runningOnThread = 0;
 
 /** @internal `Machine.run`. */
 export async function run(s: MachineState, events: EventEmitter<MachineEvents>, options: RunOptions): Promise<Stop> {
@@ -51,22 +87,29 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
   events.emit('started');
   const vcpu = s.vcpu(0);
   let stop: StopRequest | undefined;
+  let halted = false;
+  runningOnThread++;
   try {
     while (!stop) {
       if (signal?.aborted) { stop = { reason: 'aborted' }; break; }
       const left = deadline - performance.now();
       if (left <= 0) { stop = { reason: 'timeout' }; break; }
-      vcpu.backend.beginSlice(Math.max(50_000, Math.min(sliceMs, left) * 1e6));
+      const length = halted && runningOnThread > 1 ? Math.min(sliceMs, HALTED_SLICE_MS) : sliceMs;
+      vcpu.backend.beginSlice(Math.max(50_000, Math.min(length, left) * 1e6));
       let r: SliceResult;
+      sliceRunning = true;
+      yieldRequested = false;
       try {
         r = slice(s, vcpu);
       } finally {
+        sliceRunning = false;
         vcpu.backend.endSlice();
       }
       events.emit('slice');
       const failed = runSliceHooks(s);
       if (failed) { stop = failed; break; }
       if (r.kind === 'stop') { stop = r.stop; break; }
+      halted = r.kind === 'yield' && r.halted === true;
       if (r.kind === 'async') {
         const out = await raceDeadline(r.outcome, deadline, signal);
         if (out === 'timeout' || out === 'aborted') { stop = { reason: out }; break; }
@@ -91,6 +134,7 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
     events.emit('stopped', final);
     return final;
   } finally {
+    runningOnThread--;
     s.running = false;
   }
 }
@@ -128,8 +172,9 @@ function slice(s: MachineState, vcpu: Vcpu): SliceResult {
       k.handleNs += (t0 - t1) * 1e6;
       // With an in-kernel irqchip `hlt` never exits. Halted with IF=0, only an NMI can wake the
       // vCPU: report `halt` at once unless one is pending or some source is routed to deliver one.
-      if (s.irqchip && b.isHalted() && (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState())) return { kind: 'stop', stop: { reason: 'halt' } };
-      return { kind: 'yield' };
+      const halted = s.irqchip && b.isHalted();
+      if (halted && (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState())) return { kind: 'stop', stop: { reason: 'halt' } };
+      return { kind: 'yield', halted };
     }
     if (exit.kind === 'io') c.countPort(exit.port);
     const out = handleExit(exit, ctx);
@@ -138,6 +183,7 @@ function slice(s: MachineState, vcpu: Vcpu): SliceResult {
     if (out.action === 'async') return { kind: 'async', outcome: out.outcome, exit };
     const stop = apply(s, vcpu, out);
     if (stop) return { kind: 'stop', stop };
+    if (yieldRequested) return { kind: 'yield' };
   }
 }
 

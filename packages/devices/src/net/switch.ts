@@ -18,7 +18,7 @@
  * makes the switch throw.
  * @module
  */
-import { InvalidArgumentError, StateError } from '@tsvm/core';
+import { InvalidArgumentError, StateError, yieldSlice } from '@tsvm/core';
 import { DEFAULT_MTU, ETHERNET_HEADER_SIZE, formatMac, maxFrameSize, parseMac, type MacAddress, type VirtioNet } from '../virtio/net.js';
 
 /** One frame as the switch asks the mediator about it, for one receiving port. */
@@ -223,7 +223,9 @@ export class VirtualSwitch {
   /** Attaches a machine's card as port `name` (its principal); returns a detach function. */
   attach(device: VirtioNet, name: string, options: SwitchPortOptions = {}): () => void {
     const lock = options.mac === null ? null : parseMac(options.mac ?? device.mac, 'options.mac');
-    const port = this.#addPort(name, lock, (f) => device.deliver(f));
+    // A frame for another machine's card ends the sender's slice so the receiver runs now (frames
+    // never hairpin, so the target is never the machine whose exit is being handled).
+    const port = this.#addPort(name, lock, (f) => { const ok = device.deliver(f); yieldSlice(); return ok; });
     device.setUplink({ transmit: (f) => this.#input(port, f) });
     return () => {
       if (port.closed) return;
@@ -341,6 +343,7 @@ export class VirtualSwitch {
       }
       if (v instanceof Promise) {
         port.busy = true;
+        yieldSlice(); // the verdict settles on the event loop, which the running slice holds
         v.then((r) => r, (e: unknown): FrameVerdict => ({ verdict: 'deny', reason: `mediator failed: ${String(e)}` })).then((r) => {
           port.busy = false;
           if (port.closed) return;

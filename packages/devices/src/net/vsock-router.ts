@@ -17,7 +17,7 @@
  * connection only. No packet from a guest makes the router throw.
  * @module
  */
-import { InvalidArgumentError, StateError } from '@tsvm/core';
+import { InvalidArgumentError, StateError, yieldSlice } from '@tsvm/core';
 import {
   VSOCK_HOST_CID,
   VSOCK_MAX_PAYLOAD,
@@ -228,6 +228,8 @@ export class VsockRouter<C> {
   readonly #byKey = new Map<string, Conn<C>>();
   readonly #byId = new Map<number, Conn<C>>();
   readonly #perPeer = new Map<string, number>();
+  /** The device whose packet is being routed (a delivery back to it needs no other machine). */
+  #handling: VirtioVsock | undefined;
   #nextId = 1;
   #nextHostPort = 0x40000000;
   #closed = false;
@@ -337,8 +339,13 @@ export class VsockRouter<C> {
         this.#send(c, c.b, VsockOp.Request);
       }
     };
-    if (v instanceof Promise) v.then(done, (e: unknown) => done({ verdict: 'deny', connection: null, reason: `mediator failed: ${String(e)}` }));
-    else done(v);
+    if (v instanceof Promise) {
+      v.then(done, (e: unknown) => done({ verdict: 'deny', connection: null, reason: `mediator failed: ${String(e)}` }));
+      // The verdict settles on the event loop, which the running slice holds until it ends.
+      yieldSlice();
+    } else {
+      done(v);
+    }
   }
 
   #open(c: Conn<C>): void {
@@ -359,6 +366,16 @@ export class VsockRouter<C> {
 
   #fromGuest(dev: VirtioVsock, name: string, p: VsockPacket): void {
     if (this.#closed) return;
+    const outer = this.#handling;
+    this.#handling = dev;
+    try {
+      this.#route(dev, name, p);
+    } finally {
+      this.#handling = outer;
+    }
+  }
+
+  #route(dev: VirtioVsock, name: string, p: VsockPacket): void {
     const c = this.#byKey.get(this.#key({ cid: p.srcCid, port: p.srcPort }, { cid: p.dstCid, port: p.dstPort }));
     if (p.type !== VSOCK_TYPE_STREAM) {
       if (c) this.#reset(c, `${name} sent socket type ${p.type}`, null);
@@ -479,6 +496,7 @@ export class VsockRouter<C> {
       }
       if (v instanceof Promise) {
         d.busy = true;
+        yieldSlice(); // as in #decide: the verdict needs the event loop
         v.then((r) => r, (e: unknown): VsockMessageVerdict => ({ verdict: 'deny', reason: `mediator failed: ${String(e)}` })).then((r) => {
           d.busy = false;
           if (c.state !== 'open') return;
@@ -576,10 +594,21 @@ export class VsockRouter<C> {
     const from = to === c.a ? c.b : c.a;
     const back = to === c.a ? c.ab : c.ba;
     back.advertised = back.fwdCnt;
-    return to.dev.deliver({
+    const ok = to.dev.deliver({
       srcCid: from.cid, srcPort: from.port, dstCid: to.cid, dstPort: to.port, type: VSOCK_TYPE_STREAM, op, flags,
       bufAlloc: this.#buf, fwdCnt: u32(back.fwdCnt), payload,
     });
+    this.#wake(to.dev);
+    return ok;
+  }
+
+  /**
+   * A packet for another machine than the one whose exit is being handled: end the running slice
+   * so the receiver's run loop runs now (machines sharing a thread run alternately; see
+   * `yieldSlice`). Without it a reply waits for the rest of the sender's slice.
+   */
+  #wake(dev: VirtioVsock): void {
+    if (dev !== this.#handling) yieldSlice();
   }
 
   #rstReply(dev: VirtioVsock, p: VsockPacket): void {
@@ -609,7 +638,9 @@ export class VsockRouter<C> {
   }
 
   #sendRst(to: Side, from: Side): void {
-    to.dev?.deliver({ srcCid: from.cid, srcPort: from.port, dstCid: to.cid, dstPort: to.port, type: VSOCK_TYPE_STREAM, op: VsockOp.Rst, flags: 0, bufAlloc: 0, fwdCnt: 0, payload: new Uint8Array(0) });
+    if (to.dev === null) return;
+    to.dev.deliver({ srcCid: from.cid, srcPort: from.port, dstCid: to.cid, dstPort: to.port, type: VSOCK_TYPE_STREAM, op: VsockOp.Rst, flags: 0, bufAlloc: 0, fwdCnt: 0, payload: new Uint8Array(0) });
+    this.#wake(to.dev);
   }
 
   #dropDevice(dev: VirtioVsock, why: string): void {

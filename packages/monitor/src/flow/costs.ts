@@ -2,11 +2,13 @@
  * What flow mediation costs, measured on every decision (always on, like the exit counters): a
  * connection decision, an unguarded per-message check and a guarded per-message inspection are
  * different events with different prices, reported per rule and per guard, with the cheaper
- * alternative where one exists. These are measured host-side figures; predicting them from a
- * calibration table (as `predict` does for hooks) is not done yet.
+ * alternative where one exists. These are measured host-side figures; `predict.ts` prices them
+ * in advance from a calibrated {@link FlowCostModel}, and a monitor given one puts the prediction
+ * beside each measured row.
  * @module
  */
 import { formatNs } from '../cost/render.js';
+import type { FlowCostModel } from './predict.js';
 
 /** Costs of one rule or guard. */
 export interface FlowCostRow {
@@ -38,6 +40,11 @@ export interface FlowCostRow {
   readonly perFrameNs: number;
   /** Mean per frame byte, ns (0 without frames). */
   readonly perFrameByteNs: number;
+  /**
+   * What the monitor's `costModel` predicts for this row's own counts, ns (compare with
+   * `connectionNs + messageNs + frameNs`); absent without a model or a price for the guard.
+   */
+  readonly predictedNs?: number;
 }
 
 /** The flow cost report. */

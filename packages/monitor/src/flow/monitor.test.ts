@@ -204,3 +204,23 @@ describe('FlowMonitor costs', () => {
     expect(c.hints.join('\n')).toMatch(/guard 'dlp': .*\/message/);
   });
 });
+
+describe('guard signals', () => {
+  it('a guard that looks at its signal sees it abort when the inspection times out; one that does not pays for no controller', async () => {
+    const topo = { version: 1, principals: { a: { kind: 'machine', cid: 3 }, b: { kind: 'machine', cid: 4 } } };
+    const pol = { version: 1, guards: { slow: { declassify: [], timeoutMs: 20 } }, rules: [{ id: 'r', source: 'a', destination: 'b', port: 1, action: 'allow', guard: 'slow' }] };
+    let aborted = false;
+    const slow = (_d: Uint8Array, ctx: { signal: AbortSignal }) => new Promise<{ action: 'allow' }>((resolve) => {
+      ctx.signal.addEventListener('abort', () => { aborted = true; resolve({ action: 'allow' }); });
+    });
+    const m = new FlowMonitor({ policy: pol, topology: topo, guards: { slow } });
+    const c = await m.connect({ source: 'a', destination: 'b', port: 1 });
+    const d = await m.message(c.connection!, 'forward', new Uint8Array(4));
+    expect(d).toMatchObject({ verdict: 'deny', reason: expect.stringMatching(/did not settle within 20 ms/) });
+    expect(aborted).toBe(true);
+    // A synchronous guard that never reads `signal` still gets a verdict through.
+    const quick = new FlowMonitor({ policy: pol, topology: topo, guards: { slow: () => ({ action: 'allow' }) } });
+    const q = await quick.connect({ source: 'a', destination: 'b', port: 1 });
+    expect(await quick.message(q.connection!, 'forward', new Uint8Array(4))).toMatchObject({ verdict: 'allow' });
+  });
+});

@@ -14,6 +14,7 @@ import { PolicyError } from '../errors.js';
 import { FlowCostMeter, type FlowCostReport } from './costs.js';
 import { evaluateConnect, latticeRefusal, type TraceStep } from './evaluate.js';
 import { runGuard, type GuardFn, type GuardOutcome } from './guards.js';
+import { checkFlowCostModel, withPredictions, type FlowCostModel } from './predict.js';
 import { declassify, latticeGap, type Label, type LatticeGap } from './labels.js';
 import {
   compileFlowPolicy,
@@ -46,6 +47,8 @@ export interface FlowMonitorOptions {
   readonly mode?: 'enforce' | 'learn';
   /** Log every message decision (`all`, default) or only denied ones (cheaper at high rates). */
   readonly logMessages?: 'all' | 'denied';
+  /** Unit prices ({@link calibrateFlowCosts}): `costs()` then shows each row's predicted cost beside the measured one. */
+  readonly costModel?: FlowCostModel;
 }
 
 /** An allowed connection, as the monitor knows it. */
@@ -226,6 +229,7 @@ export class FlowMonitor {
   readonly #askTimeout: number;
   readonly #audit: AuditLog | undefined;
   readonly #logAll: boolean;
+  readonly #costModel: FlowCostModel | undefined;
   readonly #live = new Map<number, Live>();
   readonly #meter = new FlowCostMeter();
   readonly #observed: ObservedFlow[] = [];
@@ -253,6 +257,8 @@ export class FlowMonitor {
     this.#audit = options.audit;
     this.mode = options.mode ?? 'enforce';
     this.#logAll = (options.logMessages ?? 'all') === 'all';
+    if (options.costModel !== undefined) checkFlowCostModel(options.costModel);
+    this.#costModel = options.costModel;
   }
 
   /** Connections observed so far (learn mode records every one; enforce mode records none). */
@@ -410,7 +416,8 @@ export class FlowMonitor {
    * included), with cheaper alternatives.
    */
   costs(): FlowCostReport {
-    return this.#meter.report();
+    const r = this.#meter.report();
+    return this.#costModel ? withPredictions(r, this.#costModel, this.#logAll ? 'all' : 'denied') : r;
   }
 
   /** Connections currently open. */
