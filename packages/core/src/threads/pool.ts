@@ -306,7 +306,6 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
     const slot = machine instanceof PooledMachine ? this.#leases.get(machine) : undefined;
     if (!slot) throw new InvalidArgumentError('machine', machine instanceof PooledMachine ? 'belongs to another pool' : `must be a PooledMachine, got ${show(machine)}`);
     if (!machine.spend()) throw new StateError('the pooled machine was already released');
-    this.#leases.delete(machine);
     if (this.#closed || slot.lease !== machine) return; // its worker died; the slot is already being replaced
     const handle = slot.handle as MachineWorker<I, R, A>;
     slot.lease = undefined;
