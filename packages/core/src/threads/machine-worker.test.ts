@@ -1,3 +1,4 @@
+import { getPriority } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { GuestMemoryError, InvalidArgumentError, StateError, TsvmError, WorkerExitedError } from '../errors.js';
 import { MachineWorker } from './machine-worker.js';
@@ -22,10 +23,18 @@ describe('MachineWorker (mock backend in a worker)', () => {
     expect(await w.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
     expect(text).toBe('ok\nok\n');
     const report = await w.report();
-    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId });
+    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, nice: getPriority() });
     expect(audit).toEqual([{ run: 1, code: 7 }, { run: 2, code: 7 }]);
     expect((await w.stats()).total).toBe(8);
     expect(w.threadId).toBeGreaterThan(0);
+  });
+
+  it('nice lowers the worker thread\'s priority only; a value that would raise it is refused', async () => {
+    const before = getPriority();
+    await using w = await start('hello', { nice: Math.min(19, before + 7) });
+    expect((await w.report()).nice).toBe(Math.min(19, before + 7));
+    expect(getPriority()).toBe(before);
+    await expect(start('hello', { nice: -1 })).rejects.toBeInstanceOf(InvalidArgumentError);
   });
 
   it('a device error inside the worker comes back as a device-error stop carrying the same error class and fields', async () => {

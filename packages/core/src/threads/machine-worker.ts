@@ -109,13 +109,15 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown> {
     if (typeof exportName !== 'string' || exportName === '') throw new InvalidArgumentError('export', 'must be a non-empty string');
     if (options.snapshot !== undefined && (typeof options.snapshot !== 'string' || options.snapshot === '')) throw new InvalidArgumentError('snapshot', 'must be a file path');
     const startTimeout = positive(options.startTimeout, 'startTimeout') ?? 60_000;
+    const nice = options.nice ?? 0;
+    if (typeof nice !== 'number' || !Number.isInteger(nice) || nice < 0 || nice > 19) throw new InvalidArgumentError('nice', `must be an integer in [0, 19], got ${show(nice)}`);
     const c = options.console ?? {};
     const consoleFlushMs = positive(c.flushMs, 'console.flushMs', 1000) ?? 5;
     const consoleChunk = positive(c.chunkBytes, 'console.chunkBytes', 16 << 20) ?? 64 << 10;
     const consoleLimit = positive(c.limitBytes, 'console.limitBytes', 256 << 20) ?? 1 << 20;
     const worker = spawnWorker({
       module, export: exportName, init: options.init, snapshotFile: options.snapshot,
-      template: options.template === true && options.snapshot === undefined, consoleFlushMs, consoleChunk, consoleLimit,
+      template: options.template === true && options.snapshot === undefined, nice, consoleFlushMs, consoleChunk, consoleLimit,
     }, options);
     const handle = new MachineWorker<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>>(worker);
     await handle.#ready(startTimeout);

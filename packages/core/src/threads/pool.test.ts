@@ -3,13 +3,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError, StateError, WorkerExitedError } from '../errors.js';
-import { MachinePool, type PooledMachine } from './pool.js';
+import { MachinePool, type MachinePoolOptions } from './pool.js';
 import { PoolQueueFullError, PoolTimeoutError } from './errors.js';
 import type MockGuest from './fixtures/mock-guest.js';
 import type { MockInit } from './fixtures/mock-guest.js';
 
 const module = new URL('./fixtures/mock-guest.ts', import.meta.url);
-const create = (size: number, mode: MockInit['mode'] = 'hello', extra: Partial<Parameters<typeof MachinePool.create>[0]> = {}) =>
+const create = (size: number, mode: MockInit['mode'] = 'hello', extra: Partial<MachinePoolOptions<MockInit>> = {}) =>
   MachinePool.create<typeof MockGuest>({ module, init: { mode }, size, ...extra });
 
 async function until(cond: () => boolean, ms = 10_000): Promise<void> {
@@ -71,11 +71,11 @@ describe('MachinePool (mock backend in workers)', () => {
     const p2 = await create(1);
     try {
       const m = await p1.acquire();
-      await expect(p2.release(m as unknown as PooledMachine<MockInit, unknown, unknown>)).rejects.toBeInstanceOf(InvalidArgumentError);
+      await expect(p2.release(m as never)).rejects.toBeInstanceOf(InvalidArgumentError);
       await m.release();
       await expect(m.release()).rejects.toBeInstanceOf(StateError);
       await expect(m.run()).rejects.toBeInstanceOf(StateError); // a spent lease cannot run
-      await expect(p1.release({} as PooledMachine<MockInit, unknown, unknown>)).rejects.toBeInstanceOf(InvalidArgumentError);
+      await expect(p1.release({} as never)).rejects.toBeInstanceOf(InvalidArgumentError);
       await expect(p1.acquire({ timeout: 0 })).rejects.toBeInstanceOf(InvalidArgumentError);
       await expect(MachinePool.create({ module, size: 0 })).rejects.toBeInstanceOf(InvalidArgumentError);
     } finally {

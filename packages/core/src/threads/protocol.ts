@@ -26,6 +26,8 @@ export interface WorkerBoot {
   readonly consoleChunk: number;
   /** Console bytes buffered in the worker beyond which output is dropped (and counted). */
   readonly consoleLimit: number;
+  /** Nice value for the worker's thread (0: leave it). */
+  readonly nice: number;
   /** URL of tsx's ESM API to register before importing TypeScript, if needed. */
   readonly tsx: string | undefined;
   /** URL of the worker's own entry (imported by the bootstrap). */

@@ -62,6 +62,12 @@ export interface SpawnOptions {
   readonly resourceLimits?: ResourceLimits;
   /** Node flags of the worker (default: the process's own). */
   readonly execArgv?: readonly string[];
+  /**
+   * Nice value of the worker's thread, 0–19 (default 0; only lowering priority needs no
+   * privilege). Linux schedules threads, not processes: with more spinning guests than cores, a
+   * positive value keeps the calling thread's wake-ups prompt (measured in `bench:threads`).
+   */
+  readonly nice?: number;
 }
 
 /** Starts a worker for `boot` (whose `tsx` and `entry` this fills in). */

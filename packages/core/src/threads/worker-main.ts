@@ -6,7 +6,9 @@
  * Not a public module: the bootstrap in `spawn.ts` imports it inside the worker.
  * @module
  */
+import { setPriority } from 'node:os';
 import { parentPort, threadId, workerData } from 'node:worker_threads';
+import { libc } from '@tsvm/kvm-backend';
 import { kvmBackend } from '../backend/kvm.js';
 import type { Backend } from '../backend.js';
 import type { Device } from '../device.js';
@@ -154,6 +156,8 @@ async function serve(built: BuiltMachine, op: keyof Ops, args: unknown): Promise
 
 async function main(): Promise<void> {
   if (!port) throw new StateError('worker-main runs only inside a machine worker');
+  // setpriority(PRIO_PROCESS, tid) on Linux sets one thread's nice value: this worker's only.
+  if (boot.nice !== 0) setPriority(libc().gettid(), boot.nice);
   let built: BuiltMachine;
   try {
     built = await build();
