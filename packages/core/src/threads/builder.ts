@@ -13,7 +13,8 @@
  *   uses must handle both: from scratch for the template, `Machine.fork(snap, { devices })` after.
  * - `ctx.console(bytes)` streams guest output to the handle's `console` event (batched, bounded);
  *   `ctx.consoleDevice()` is a ready `Device` for a byte-wide output port.
- * - `ctx.audit(entry)` streams one audit entry (any structured-cloneable value) to `audit`.
+ * - `ctx.audit(entry)` streams one audit entry (any structured-cloneable value) to `audit`
+ *   (batched and bounded like the console).
  * - Return the machine, or `{ machine, report, close }`: `report()` answers `handle.report()`,
  *   `close()` runs after the machine is closed (release what the builder made).
  *

@@ -15,7 +15,7 @@ describe('MachineWorker (mock backend in a worker)', () => {
     let text = '';
     const audit: unknown[] = [];
     w.events.on('console', (d) => { text += Buffer.from(d).toString('latin1'); });
-    w.events.on('audit', (e) => audit.push(e));
+    w.events.on('audit', (es, dropped) => { audit.push(...es); expect(dropped).toBe(0); });
     const stop = await w.run({ timeout: 5000 });
     expect(stop).toMatchObject({ reason: 'debug-exit', code: 7, exits: 4 });
     expect(typeof stop.rip).toBe('bigint');
@@ -75,6 +75,17 @@ describe('MachineWorker (mock backend in a worker)', () => {
     expect(dropped).toBeGreaterThan(0);
     // Every message holds at most the limit; at most one message per flush interval (+ the final flush).
     expect(got).toBeLessThanOrEqual(1024 * 5);
+  });
+
+  it('audit entries are bounded too: beyond auditEntries, and those structured clone cannot carry, are dropped and counted', async () => {
+    await using w = await start('audit-flood', { console: { auditEntries: 20 } });
+    let got = 0;
+    let dropped = 0;
+    w.events.on('audit', (es, n) => { got += es.length; dropped += n; });
+    expect((await w.run({ timeout: 5000 })).reason).toBe('debug-exit');
+    // 20 buffered (the run entry, the function, 18 more), 32 over the bound; the function is dropped at the post.
+    expect(got).toBe(19);
+    expect(dropped).toBe(33);
   });
 
   it('a builder error rejects start() with that error, typed', async () => {

@@ -34,8 +34,12 @@ export interface MachineWorkerOptions<I = unknown> extends SpawnOptions {
   readonly template?: boolean;
   /** Milliseconds the worker may take to build its machine (default 60 000); then it is terminated. */
   readonly startTimeout?: number;
-  /** Console batching and its bound: flush after `flushMs` (default 5) or at `chunkBytes` (64 KiB); drop beyond `limitBytes` (1 MiB) buffered. */
-  readonly console?: { readonly flushMs?: number; readonly chunkBytes?: number; readonly limitBytes?: number };
+  /**
+   * Console and audit batching and their bounds: flush after `flushMs` (default 5) or at
+   * `chunkBytes` (64 KiB); drop console bytes beyond `limitBytes` (1 MiB) and audit entries beyond
+   * `auditEntries` (10 000) buffered between flushes, and count them.
+   */
+  readonly console?: { readonly flushMs?: number; readonly chunkBytes?: number; readonly limitBytes?: number; readonly auditEntries?: number };
 }
 
 /** Options of {@link MachineWorker.run}. */
@@ -52,8 +56,8 @@ export interface WorkerRunOptions {
 export interface MachineWorkerEvents<A = unknown> {
   /** Guest console bytes, batched; `dropped` counts bytes lost to the bound since the last batch. */
   console: [data: Uint8Array, dropped: number];
-  /** One audit entry the builder streamed with `ctx.audit`. */
-  audit: [entry: A];
+  /** Audit entries the builder streamed with `ctx.audit`, batched; `dropped` counts entries lost to the bound or to structured clone. */
+  audit: [entries: readonly A[], dropped: number];
   /** The worker ended: `error` is set when it was not closed by `close()`. */
   exit: [error: WorkerExitedError | undefined];
 }
@@ -115,9 +119,10 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown> {
     const consoleFlushMs = positive(c.flushMs, 'console.flushMs', 1000) ?? 5;
     const consoleChunk = positive(c.chunkBytes, 'console.chunkBytes', 16 << 20) ?? 64 << 10;
     const consoleLimit = positive(c.limitBytes, 'console.limitBytes', 256 << 20) ?? 1 << 20;
+    const auditLimit = positive(c.auditEntries, 'console.auditEntries', 1 << 24) ?? 10_000;
     const worker = spawnWorker({
       module, export: exportName, init: options.init, snapshotFile: options.snapshot,
-      template: options.template === true && options.snapshot === undefined, nice, consoleFlushMs, consoleChunk, consoleLimit,
+      template: options.template === true && options.snapshot === undefined, nice, consoleFlushMs, consoleChunk, consoleLimit, auditLimit,
     }, options);
     const handle = new MachineWorker<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>>(worker);
     await handle.#ready(startTimeout);
@@ -160,7 +165,7 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown> {
   #onMessage(m: FromWorker): void {
     switch (m.t) {
       case 'console': this.events.emit('console', m.data, m.dropped); return;
-      case 'audit': this.events.emit('audit', m.entry as A); return;
+      case 'audit': this.events.emit('audit', m.entries as readonly A[], m.dropped); return;
       case 'ready': this.#settle(0, true, undefined); return;
       case 'failed': this.#settle(0, false, decodeError(m.error)); return;
       case 'result': this.#settle(m.id, m.ok, m.ok ? m.value : decodeError(m.error)); return;

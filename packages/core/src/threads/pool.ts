@@ -11,6 +11,7 @@ import { checkObject, show } from '../check.js';
 import { InvalidArgumentError, StateError, type WorkerExitedError } from '../errors.js';
 import type { ExitStats } from '../stats.js';
 import type { Stop } from '../stop.js';
+import type { SnapshotFileInfo } from './protocol.js';
 import type { BuilderAudit, BuilderInit, BuilderReport, MachineBuilder } from './builder.js';
 import { PoolQueueFullError, PoolTimeoutError } from './errors.js';
 import { MachineWorker, type MachineWorkerEvents, type MachineWorkerOptions, type WorkerRunOptions } from './machine-worker.js';
@@ -126,6 +127,11 @@ export class PooledMachine<I = unknown, R = unknown, A = unknown> {
     if (!this.#released) this.#handle.stop();
   }
 
+  /** Snapshots the machine to a file in its worker (as {@link MachineWorker.snapshot}). */
+  async snapshot(path: string): Promise<SnapshotFileInfo> {
+    return this.#live().snapshot(path);
+  }
+
   /** The builder's report. */
   async report(): Promise<R> {
     return this.#live().report();
@@ -210,7 +216,7 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
     slot.handle = handle;
     slot.failures = 0;
     handle.events.on('console', (d, n) => slot.lease?.events.emit('console', d, n));
-    handle.events.on('audit', (e) => slot.lease?.events.emit('audit', e as A));
+    handle.events.on('audit', (e, n) => slot.lease?.events.emit('audit', e as readonly A[], n));
     handle.events.on('exit', (e) => this.#onDeath(slot, handle, e));
     this.#toIdle(slot);
   }

@@ -22,6 +22,8 @@ export interface WorkerBoot {
   readonly template: boolean;
   /** Console batching: flush after this many milliseconds, or at `consoleChunk` bytes. */
   readonly consoleFlushMs: number;
+  /** Audit entries buffered in the worker beyond which entries are dropped (and counted). */
+  readonly auditLimit: number;
   /** Largest console message, in bytes. */
   readonly consoleChunk: number;
   /** Console bytes buffered in the worker beyond which output is dropped (and counted). */
@@ -82,4 +84,4 @@ export type FromWorker =
   | { readonly t: 'result'; readonly id: number; readonly ok: true; readonly value: unknown }
   | { readonly t: 'result'; readonly id: number; readonly ok: false; readonly error: WireError }
   | { readonly t: 'console'; readonly data: Uint8Array; readonly dropped: number }
-  | { readonly t: 'audit'; readonly entry: unknown };
+  | { readonly t: 'audit'; readonly entries: readonly unknown[]; readonly dropped: number };

@@ -64,7 +64,37 @@ class ConsoleStream {
   }
 }
 
+/** Audit entries batched like console bytes, and bounded in count. */
+class AuditStream {
+  #entries: unknown[] = [];
+  #dropped = 0;
+  #timer: NodeJS.Timeout | undefined;
+
+  write(entry: unknown): void {
+    if (this.#entries.length >= boot.auditLimit) this.#dropped++;
+    else this.#entries.push(entry);
+    this.#timer ??= setTimeout(() => { this.#timer = undefined; this.flush(); }, boot.consoleFlushMs);
+  }
+
+  flush(): void {
+    if (this.#timer) { clearTimeout(this.#timer); this.#timer = undefined; }
+    if (this.#entries.length === 0 && this.#dropped === 0) return;
+    let entries = this.#entries;
+    let dropped = this.#dropped;
+    this.#entries = [];
+    this.#dropped = 0;
+    try {
+      post({ t: 'audit', entries, dropped });
+    } catch {
+      // An entry structured clone cannot carry (a function, a socket): drop those, count them.
+      entries = entries.filter((e) => { try { structuredClone(e); return true; } catch { dropped++; return false; } });
+      post({ t: 'audit', entries, dropped });
+    }
+  }
+}
+
 const consoleStream = new ConsoleStream();
+const auditStream = new AuditStream();
 let template: Snapshot | undefined;
 let fileSnapshot: Snapshot | undefined;
 
@@ -84,7 +114,7 @@ const ctx: WorkerContext = {
     return { name, write: (_offset, value) => { one[0] = value & 0xff; consoleStream.write(one); } };
   },
   audit(entry: unknown): void {
-    post({ t: 'audit', entry });
+    auditStream.write(entry);
   },
 };
 
@@ -126,6 +156,7 @@ async function serve(built: BuiltMachine, op: keyof Ops, args: unknown): Promise
       } finally {
         controller = undefined;
         consoleStream.flush();
+        auditStream.flush();
       }
     }
     case 'snapshot': {
@@ -147,6 +178,7 @@ async function serve(built: BuiltMachine, op: keyof Ops, args: unknown): Promise
       return vm.stats();
     case 'close':
       consoleStream.flush();
+      auditStream.flush();
       await closeBuilt(built);
       template?.close();
       fileSnapshot?.close();
