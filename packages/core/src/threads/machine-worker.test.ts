@@ -98,6 +98,7 @@ describe('MachineWorker (mock backend in a worker)', () => {
     await expect(MachineWorker.start({ module, export: 'nope' })).rejects.toMatchObject({ name: 'InvalidArgumentError', argument: 'export' });
     await expect(MachineWorker.start({ module: 'https://example.com/x.js' })).rejects.toBeInstanceOf(InvalidArgumentError);
     await expect(MachineWorker.start({ module, startTimeout: -1 })).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(MachineWorker.start({ module, init: { f: () => 1 } })).rejects.toMatchObject({ name: 'InvalidArgumentError', argument: 'init' });
   });
 
   it('a worker that exits while building rejects start() with WorkerExitedError (how: exit, its code)', async () => {

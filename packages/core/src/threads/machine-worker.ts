@@ -120,6 +120,9 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown> {
     const consoleChunk = positive(c.chunkBytes, 'console.chunkBytes', 16 << 20) ?? 64 << 10;
     const consoleLimit = positive(c.limitBytes, 'console.limitBytes', 256 << 20) ?? 1 << 20;
     const auditLimit = positive(c.auditEntries, 'console.auditEntries', 1 << 24) ?? 10_000;
+    try { structuredClone(options.init); } catch (e) {
+      throw new InvalidArgumentError('init', `must be structured-cloneable (no functions, class instances lose their class): ${(e as Error).message}`);
+    }
     const worker = spawnWorker({
       module, export: exportName, init: options.init, snapshotFile: options.snapshot,
       template: options.template === true && options.snapshot === undefined, nice, consoleFlushMs, consoleChunk, consoleLimit, auditLimit,
