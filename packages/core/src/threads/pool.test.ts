@@ -33,7 +33,9 @@ describe('MachinePool (mock backend in workers)', () => {
     await a.release();
     expect(a.released).toBe(true);
     expect(pool.metrics()).toMatchObject({ idle: 1, inUse: 0, resets: 1 });
-    expect(pool.metrics().resetsPerSecond).toBeGreaterThan(0);
+    const rate = pool.metrics().resetsPerSecond;
+    expect(rate).toBeGreaterThan(0);
+    expect(rate).toBeLessThanOrEqual(10); // one reset in a window of at least 100 ms
     const b = await pool.acquire();
     expect(b.threadId).toBe(a.threadId);
     expect(await b.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 7, exits: 4 });
@@ -136,6 +138,16 @@ describe('MachinePool (mock backend in workers)', () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  it('a worker that keeps dying idle (not its guest\'s doing) is restarted with backoff, then given up after maxRestarts', async () => {
+    await using pool = await create(1, 'exit-when-idle', { maxRestarts: 2 });
+    const t0 = performance.now();
+    await until(() => pool.metrics().size === 0);
+    // Three deaths, backoff 100 + 200 ms between the restarts.
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(300);
+    expect(pool.metrics().replaced).toBe(2);
+    await expect(pool.acquire()).rejects.toThrow(/every machine of the pool died.*exit code 4/);
   });
 
   it('create() rejects with the builder error when a worker cannot build its machine', async () => {

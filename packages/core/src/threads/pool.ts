@@ -62,6 +62,9 @@ export interface PoolMetrics {
   readonly rejected: number;
 }
 
+/** 100 ms buckets of the resets/s window (10 s). */
+const RATE_BUCKETS = 100;
+
 type SlotState = 'starting' | 'idle' | 'leased' | 'resetting' | 'dead';
 interface Slot<I, R, A> { handle: MachineWorker<I, R, A> | undefined; state: SlotState; lease: PooledMachine<I, R, A> | undefined; failures: number }
 interface Waiter<I, R, A> { resolve: (m: PooledMachine<I, R, A>) => void; reject: (e: unknown) => void; done: () => void }
@@ -161,8 +164,8 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
   readonly #acquireTimeout: number;
   readonly #maxRestarts: number;
   readonly #t0 = performance.now();
-  /** Resets per whole second, for the last 11 seconds (ring indexed by second). */
-  readonly #buckets = new Array<{ second: number; count: number }>(11).fill({ second: -1, count: 0 }).map(() => ({ second: -1, count: 0 }));
+  /** Resets per 100 ms, for the last 10 s (a ring indexed by the 100 ms tick). */
+  readonly #buckets = Array.from({ length: RATE_BUCKETS }, () => ({ tick: -1, count: 0 }));
   #closed = false;
   #closing: Promise<void> | undefined;
   #lastError: unknown;
@@ -214,7 +217,6 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
     const handle = await MachineWorker.start<MachineBuilder<I, R, A>>({ ...rest, template: rest.snapshot === undefined }) as unknown as MachineWorker<I, R, A>;
     if (this.#closed) { await handle.close(); return; }
     slot.handle = handle;
-    slot.failures = 0;
     handle.events.on('console', (d, n) => slot.lease?.events.emit('console', d, n));
     handle.events.on('audit', (e, n) => slot.lease?.events.emit('audit', e as readonly A[], n));
     handle.events.on('exit', (e) => this.#onDeath(slot, handle, e));
@@ -223,16 +225,19 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
 
   #onDeath(slot: Slot<I, R, A>, handle: MachineWorker<I, R, A>, error: WorkerExitedError | undefined): void {
     if (slot.handle !== handle) return;
+    // A worker that dies under a lease died of its guest (the pool's job is to absorb that); one
+    // that dies idle or in its reset is the pool's own failure, and counts toward maxRestarts.
+    if (slot.state === 'idle' || slot.state === 'resetting') slot.failures++;
     slot.lease?.events.emit('exit', error);
     this.#lastError = error;
     slot.lease = undefined;
     slot.handle = undefined;
-    if (this.#closed) { slot.state = 'dead'; return; }
     this.#replace(slot);
   }
 
   /** Replaces a slot's worker, backing off after failures; gives the slot up after `maxRestarts`. */
   #replace(slot: Slot<I, R, A>): void {
+    if (this.#closed || slot.failures > this.#maxRestarts) { slot.state = 'dead'; this.#failWaitersIfEmpty(); return; }
     slot.state = 'starting';
     const delay = slot.failures === 0 ? 0 : Math.min(5000, 100 * 2 ** (slot.failures - 1));
     setTimeout(() => {
@@ -240,7 +245,6 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
       this.#spawn(slot).then(() => { this.#replaced++; }, (e: unknown) => {
         this.#lastError = e;
         slot.failures++;
-        if (this.#closed || slot.failures > this.#maxRestarts) { slot.state = 'dead'; this.#failWaitersIfEmpty(); return; }
         this.#replace(slot);
       });
     }, delay).unref();
@@ -325,19 +329,21 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
       this.#lastError = e;
       slot.handle = undefined;
       await handle.terminate();
-      if (!this.#closed) this.#replace(slot);
+      slot.failures++;
+      this.#replace(slot);
       return;
     }
     this.#countReset();
+    slot.failures = 0;
     if (this.#closed) return;
     this.#toIdle(slot);
   }
 
   #countReset(): void {
     this.#resets++;
-    const second = Math.floor(performance.now() / 1000);
-    const b = this.#buckets[second % this.#buckets.length] as { second: number; count: number };
-    if (b.second !== second) { b.second = second; b.count = 0; }
+    const tick = Math.floor(performance.now() / 100);
+    const b = this.#buckets[tick % RATE_BUCKETS] as { tick: number; count: number };
+    if (b.tick !== tick) { b.tick = tick; b.count = 0; }
     b.count++;
   }
 
@@ -345,17 +351,15 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
   metrics(): PoolMetrics {
     const count = (s: SlotState) => this.#slots.filter((x) => x.state === s).length;
     const now = performance.now();
-    const second = Math.floor(now / 1000);
+    const tick = Math.floor(now / 100);
     let recent = 0;
-    for (const b of this.#buckets) if (b.second >= second - 10 && b.second < second) recent += b.count;
-    const window = Math.min(10, Math.max(1, Math.floor((now - this.#t0) / 1000)));
-    const sinceStart = (now - this.#t0) / 1000;
+    for (const b of this.#buckets) if (b.tick > tick - RATE_BUCKETS) recent += b.count;
+    // The window is the last 10 s, or the pool's life when shorter (at least 100 ms).
+    const windowS = Math.max(0.1, Math.min(RATE_BUCKETS / 10, (now - this.#t0) / 1000));
     return {
       size: this.#slots.filter((s) => s.state !== 'dead').length,
       idle: count('idle'), inUse: count('leased'), resetting: count('resetting'), starting: count('starting'),
-      waiting: this.#waiters.length, resets: this.#resets,
-      // Under a second of life there is no whole second to count: use the total so far.
-      resetsPerSecond: sinceStart < 1 ? this.#resets / Math.max(sinceStart, 1e-3) : recent / window,
+      waiting: this.#waiters.length, resets: this.#resets, resetsPerSecond: recent / windowS,
       replaced: this.#replaced, timeouts: this.#timeouts, rejected: this.#rejected,
     };
   }
