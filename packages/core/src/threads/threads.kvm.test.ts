@@ -60,7 +60,7 @@ describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' 
     expect(ticks).toBeGreaterThan(10); // ~50 expected over 0.5 s; on the calling thread the storm's 10 ms slices would still allow some
   });
 
-  it('snapshot to a file in one worker, fork from it in another: the guest goes on where it paused', async () => {
+  it('snapshot to a file in one worker, fork from it in another and in a pool: the guest goes on where it paused', async () => {
     const path = join(dir, 'pause.tsvm');
     {
       await using a = await start('pause');
@@ -79,6 +79,16 @@ describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' 
     expect((await b.reset()).pagesCopied).toBeGreaterThanOrEqual(0);
     expect(await b.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 2 });
     expect(out.s).toBe('BB');
+    // A pool forks every machine from the same file: each job goes on from the pause.
+    await using pool = await MachinePool.create<typeof KvmGuest>({ module, init: { program: 'pause' }, size: 1, snapshot: path });
+    for (let i = 0; i < 2; i++) {
+      const m = await pool.acquire();
+      let s = '';
+      m.events.on('console', (d) => { s += Buffer.from(d).toString('latin1'); });
+      expect(await m.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 2 });
+      expect(s).toBe('B');
+      await m.release();
+    }
   });
 
   it('terminating a worker inside a spin rejects the run with WorkerExitedError; the process and other machines go on', async () => {
