@@ -116,3 +116,35 @@ export class MonitorViolation extends TsvmError {
     this.rip = details.rip;
   }
 }
+
+/**
+ * The worker thread that ran a machine ended while calls on it were pending, or before one was
+ * made: it was terminated, ran out of memory, called `process.exit`, or threw where nothing
+ * caught it. Every pending call of that machine's handle rejects with this error; the machine
+ * (and its guest state) is gone. `cause` is the worker's own error when it reported one.
+ */
+export class WorkerExitedError extends TsvmError {
+  /** `threadId` of the worker that ended. */
+  readonly threadId: number;
+  /** The worker's exit code (1 after an uncaught error; what it passed to `process.exit`). */
+  readonly exitCode: number;
+  /**
+   * How it ended: `terminated` (its handle or pool stopped it), `out-of-memory` (its heap limit),
+   * `error` (an uncaught exception) or `exit` (it exited on its own).
+   */
+  readonly how: 'terminated' | 'out-of-memory' | 'error' | 'exit';
+
+  /**
+   * @param threadId - the worker's `threadId`.
+   * @param exitCode - its exit code.
+   * @param how - how it ended.
+   * @param options - `cause`: the worker's error, if any.
+   */
+  constructor(threadId: number, exitCode: number, how: WorkerExitedError['how'], options?: { cause?: unknown }) {
+    const why = options?.cause instanceof Error ? `: ${options.cause.message}` : '';
+    super('TSVM_WORKER_EXITED', `machine worker ${threadId} ended (${how}, exit code ${exitCode})${why}`, options);
+    this.threadId = threadId;
+    this.exitCode = exitCode;
+    this.how = how;
+  }
+}

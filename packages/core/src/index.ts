@@ -54,7 +54,7 @@ export { instructionRipOf, readCodeBytes } from './cpu/exit-rip.js';
 export { probeIoRip, type IoRipProbeResult } from './backend/io-rip-probe.js';
 export {
   TsvmError, KvmError, KvmUnavailableError, errnoName, InvalidArgumentError, GuestMemoryError, StateError,
-  SnapshotFormatError, ImageFormatError, MonitorViolation, HookFailure,
+  SnapshotFormatError, ImageFormatError, MonitorViolation, HookFailure, WorkerExitedError,
 } from './errors.js';
 export {
   tappable, countsAsGuestExit, record, startRecording, Recorder, replay, ReplayDivergence,

@@ -1,0 +1,150 @@
+import { getPriority } from 'node:os';
+import { describe, expect, it } from 'vitest';
+import { GuestMemoryError, InvalidArgumentError, StateError, TsvmError, WorkerExitedError } from '../errors.js';
+import { MachineWorker } from './machine-worker.js';
+import type MockGuest from './fixtures/mock-guest.js';
+import type { MockInit } from './fixtures/mock-guest.js';
+
+const module = new URL('./fixtures/mock-guest.ts', import.meta.url);
+const start = (mode: MockInit['mode'], extra: Partial<Parameters<typeof MachineWorker.start>[0]> = {}) =>
+  MachineWorker.start<typeof MockGuest>({ module, init: { mode }, ...extra });
+
+describe('MachineWorker (mock backend in a worker)', () => {
+  it('runs a guest in a worker: console bytes stream back before the stop, which comes back typed; report and audit', async () => {
+    await using w = await start('hello');
+    let text = '';
+    const audit: unknown[] = [];
+    w.events.on('console', (d) => { text += Buffer.from(d).toString('latin1'); });
+    w.events.on('audit', (es, dropped) => { audit.push(...es); expect(dropped).toBe(0); });
+    const stop = await w.run({ timeout: 5000 });
+    expect(stop).toMatchObject({ reason: 'debug-exit', code: 7, exits: 4 });
+    expect(typeof stop.rip).toBe('bigint');
+    expect(text).toBe('ok\n');
+    expect(await w.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
+    expect(text).toBe('ok\nok\n');
+    const report = await w.report();
+    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, nice: getPriority() });
+    expect(audit).toEqual([{ run: 1, code: 7 }, { run: 2, code: 7 }]);
+    expect((await w.stats()).total).toBe(8);
+    expect(w.threadId).toBeGreaterThan(0);
+  });
+
+  it('nice lowers the worker thread\'s priority only; a value that would raise it is refused', async () => {
+    const before = getPriority();
+    await using w = await start('hello', { nice: Math.min(19, before + 7) });
+    expect((await w.report()).nice).toBe(Math.min(19, before + 7));
+    expect(getPriority()).toBe(before);
+    await expect(start('hello', { nice: -1 })).rejects.toBeInstanceOf(InvalidArgumentError);
+  });
+
+  it('a device error inside the worker comes back as a device-error stop carrying the same error class and fields', async () => {
+    await using w = await start('device-error');
+    const stop = await w.run({ timeout: 5000 });
+    expect(stop.reason).toBe('device-error');
+    if (stop.reason !== 'device-error') return;
+    expect(stop.device).toBe('crash');
+    expect(stop.error).toBeInstanceOf(GuestMemoryError);
+    expect(stop.error).toBeInstanceOf(TsvmError);
+    expect(stop.error).toMatchObject({ code: 'TSVM_GUEST_MEMORY', address: 0x1234n, length: 8, name: 'GuestMemoryError' });
+  });
+
+  it('misuse inside the worker rejects typed: run while running is a StateError; stop() ends a storming guest with aborted', async () => {
+    await using w = await start('storm');
+    let bytes = 0;
+    w.events.on('console', (d, dropped) => { bytes += d.length + dropped; });
+    const run = w.run({ timeout: 20_000 });
+    await expect(w.run()).rejects.toBeInstanceOf(StateError);
+    await new Promise((r) => setTimeout(r, 100));
+    w.stop();
+    const stop = await run;
+    expect(stop.reason).toBe('aborted');
+    expect(stop.elapsedMs).toBeLessThan(10_000);
+    expect(bytes).toBeGreaterThan(100); // the storm's console output arrived, batched
+    // A reset of a machine not made from a snapshot is refused in the worker, typed here.
+    await expect(w.reset()).rejects.toBeInstanceOf(StateError);
+  });
+
+  it('the console stream is bounded: a storm beyond the limit is dropped and counted, not queued', async () => {
+    await using w = await start('storm', { console: { limitBytes: 1024, flushMs: 200, chunkBytes: 4096 } });
+    let got = 0;
+    let dropped = 0;
+    w.events.on('console', (d, n) => { got += d.length; dropped += n; });
+    const run = w.run({ timeout: 500 });
+    expect((await run).reason).toBe('timeout');
+    await new Promise((r) => setTimeout(r, 50));
+    expect(dropped).toBeGreaterThan(0);
+    // Every message holds at most the limit; at most one message per flush interval (+ the final flush).
+    expect(got).toBeLessThanOrEqual(1024 * 5);
+  });
+
+  it('audit entries are bounded too: beyond auditEntries, and those structured clone cannot carry, are dropped and counted', async () => {
+    await using w = await start('audit-flood', { console: { auditEntries: 20 } });
+    let got = 0;
+    let dropped = 0;
+    w.events.on('audit', (es, n) => { got += es.length; dropped += n; });
+    expect((await w.run({ timeout: 5000 })).reason).toBe('debug-exit');
+    // 20 buffered (the run entry, the function, 18 more), 32 over the bound; the function is dropped at the post.
+    expect(got).toBe(19);
+    expect(dropped).toBe(33);
+  });
+
+  it('a builder error rejects start() with that error, typed', async () => {
+    const e = await start('throw-on-build').catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(InvalidArgumentError);
+    expect(e).toMatchObject({ argument: 'init.mode', code: 'TSVM_INVALID_ARGUMENT' });
+  });
+
+  it('a module without the named export is an InvalidArgumentError; bad options are refused before a worker starts', async () => {
+    await expect(MachineWorker.start({ module, export: 'nope' })).rejects.toMatchObject({ name: 'InvalidArgumentError', argument: 'export' });
+    await expect(MachineWorker.start({ module: 'https://example.com/x.js' })).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(MachineWorker.start({ module, startTimeout: -1 })).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(MachineWorker.start({ module, init: { f: () => 1 } })).rejects.toMatchObject({ name: 'InvalidArgumentError', argument: 'init' });
+  });
+
+  it('a worker that exits while building rejects start() with WorkerExitedError (how: exit, its code)', async () => {
+    const e = await start('exit-on-build').catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(WorkerExitedError);
+    expect(e).toMatchObject({ how: 'exit', exitCode: 3, code: 'TSVM_WORKER_EXITED' });
+  });
+
+  it('a builder that never finishes is terminated after startTimeout', async () => {
+    const t0 = performance.now();
+    const e = await start('slow-build', { startTimeout: 300 }).catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(WorkerExitedError);
+    expect((e as WorkerExitedError).how).toBe('terminated');
+    expect(performance.now() - t0).toBeLessThan(10_000);
+  });
+
+  it('a worker that calls process.exit mid-run: the run rejects with WorkerExitedError, later calls too, the caller lives on', async () => {
+    const w = await start('exit-on-run');
+    const exited = new Promise((r) => w.events.once('exit', r));
+    const e = await w.run({ timeout: 5000 }).catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(WorkerExitedError);
+    expect(e).toMatchObject({ how: 'exit', exitCode: 5 });
+    expect(await exited).toBe(e);
+    expect(w.alive).toBe(false);
+    await expect(w.report()).rejects.toBe(e);
+    await w.close(); // idempotent on a dead worker
+  });
+
+  it('a worker that runs out of heap: WorkerExitedError with how out-of-memory', async () => {
+    const w = await start('oom-on-run', { resourceLimits: { maxOldGenerationSizeMb: 32, maxYoungGenerationSizeMb: 8 } });
+    const e = await w.run({ timeout: 30_000 }).catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(WorkerExitedError);
+    expect((e as WorkerExitedError).how).toBe('out-of-memory');
+    expect((e as WorkerExitedError).cause).toMatchObject({ code: 'ERR_WORKER_OUT_OF_MEMORY' });
+  });
+
+  it('terminate() rejects a pending run with how terminated; close() after close() is a no-op; calls after close are StateErrors', async () => {
+    const w = await start('storm');
+    const run = w.run({ timeout: 20_000 });
+    await w.terminate();
+    await expect(run).rejects.toMatchObject({ name: 'WorkerExitedError', how: 'terminated' });
+    const v = await start('hello');
+    await v.close();
+    await v.close();
+    await expect(v.run()).rejects.toBeInstanceOf(StateError);
+    expect(v.alive).toBe(false);
+    expect(v.exitError).toBeUndefined();
+  });
+});

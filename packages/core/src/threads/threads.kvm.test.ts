@@ -1,0 +1,136 @@
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { kvmAvailability } from '../testing/kvm-gate.js';
+import { WorkerExitedError } from '../errors.js';
+import { MachineWorker } from './machine-worker.js';
+import { MachinePool } from './pool.js';
+import type KvmGuest from './fixtures/kvm-guest.js';
+import type { KvmInit } from './fixtures/kvm-guest.js';
+
+const kvm = kvmAvailability();
+const module = new URL('./fixtures/kvm-guest.ts', import.meta.url);
+const start = (program: KvmInit['program'], extra: Partial<Parameters<typeof MachineWorker.start>[0]> = {}) =>
+  MachineWorker.start<typeof KvmGuest>({ module, init: { program }, ...extra });
+const text = (w: { events: MachineWorker['events'] }) => {
+  const out = { s: '' };
+  w.events.on('console', (d) => { out.s += Buffer.from(d).toString('latin1'); });
+  return out;
+};
+
+describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  let dir: string;
+  beforeAll(() => { dir = mkdtempSync(join(tmpdir(), 'tsvm-threads-')); });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('runs a real guest in a worker: its console output arrives before its stop', async () => {
+    await using w = await start('hello');
+    const out = text(w);
+    expect(await w.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
+    expect(out.s).toBe('hello from a worker\n');
+    expect((await w.stats()).total).toBeGreaterThanOrEqual(21);
+  });
+
+  it('a guest spinning in a worker with 500 ms slices leaves the caller\'s timers on time', async () => {
+    await using w = await start('spin');
+    const h = monitorEventLoopDelay({ resolution: 1 });
+    h.enable();
+    // On the calling thread a 500 ms slice would hold the event loop ~500 ms at a time (p99 ≥ 500 ms).
+    const stop = await w.run({ timeout: 2000, sliceMs: 500 });
+    h.disable();
+    expect(stop).toMatchObject({ reason: 'timeout', halted: false });
+    expect(stop.exits).toBeLessThan(50); // it really spun: a few slice-end interrupts, no I/O
+    // Generous (a shared, often overloaded 2-core host): far below one 500 ms slice.
+    expect(h.percentile(99) / 1e6).toBeLessThan(100);
+  });
+
+  it('an exit storm in a worker is stopped by stop(); the caller kept its timers', async () => {
+    await using w = await start('storm');
+    let ticks = 0;
+    const iv = setInterval(() => { ticks++; }, 10);
+    const run = w.run({ timeout: 20_000 });
+    await new Promise((r) => setTimeout(r, 500));
+    w.stop();
+    const stop = await run;
+    clearInterval(iv);
+    expect(stop.reason).toBe('aborted');
+    expect(stop.exits).toBeGreaterThan(1000);
+    expect(ticks).toBeGreaterThan(10); // ~50 expected over 0.5 s; on the calling thread the storm's 10 ms slices would still allow some
+  });
+
+  it('snapshot to a file in one worker, fork from it in another and in a pool: the guest goes on where it paused', async () => {
+    const path = join(dir, 'pause.tsvm');
+    {
+      await using a = await start('pause');
+      const out = text(a);
+      expect(await a.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 0x141 });
+      expect(out.s).toBe('A');
+      const info = await a.snapshot(path);
+      expect(info).toMatchObject({ path, memorySize: 2 << 20 });
+      expect(statSync(path).size).toBe(info.fileBytes);
+    }
+    await using b = await start('pause', { snapshot: path });
+    const out = text(b);
+    expect(await b.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 2 });
+    expect(out.s).toBe('B');
+    // Forked from a snapshot: reset takes it back to the pause, and it prints B again.
+    expect((await b.reset()).pagesCopied).toBeGreaterThanOrEqual(0);
+    expect(await b.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 2 });
+    expect(out.s).toBe('BB');
+    // A pool forks every machine from the same file: each job goes on from the pause.
+    await using pool = await MachinePool.create<typeof KvmGuest>({ module, init: { program: 'pause' }, size: 1, snapshot: path });
+    for (let i = 0; i < 2; i++) {
+      const m = await pool.acquire();
+      let s = '';
+      m.events.on('console', (d) => { s += Buffer.from(d).toString('latin1'); });
+      expect(await m.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 2 });
+      expect(s).toBe('B');
+      await m.release();
+    }
+  });
+
+  it('terminating a worker inside a spin rejects the run with WorkerExitedError; the process and other machines go on', async () => {
+    const w = await start('spin');
+    const run = w.run({ timeout: 20_000 });
+    await new Promise((r) => setTimeout(r, 200));
+    await w.terminate();
+    await expect(run).rejects.toMatchObject({ name: 'WorkerExitedError', how: 'terminated' });
+    await using v = await start('hello');
+    expect(await v.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
+  });
+
+  it('a worker exiting mid-run (process.exit from a device) rejects with WorkerExitedError; a pool replaces it', async () => {
+    await using pool = await MachinePool.create<typeof KvmGuest>({ module, init: { program: 'crash' }, size: 1 });
+    const a = await pool.acquire();
+    const e = await a.run({ timeout: 10_000 }).catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(WorkerExitedError);
+    expect(e).toMatchObject({ how: 'exit', exitCode: 9 });
+    await a.release();
+    const t0 = performance.now();
+    while (pool.metrics().idle < 1) {
+      if (performance.now() - t0 > 30_000) throw new Error('no replacement');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    expect(pool.metrics()).toMatchObject({ replaced: 1 });
+    const b = await pool.acquire();
+    expect(b.threadId).not.toBe(a.threadId);
+    await b.release();
+  });
+
+  it('a pool of 2 forked machines: jobs run, release resets (dirty pages only), the same output every time', async () => {
+    await using pool = await MachinePool.create<typeof KvmGuest>({ module, init: { program: 'job' }, size: 2 });
+    const outputs: string[] = [];
+    await Promise.all(Array.from({ length: 8 }, async () => {
+      const m = await pool.acquire({ timeout: 30_000 });
+      let s = '';
+      m.events.on('console', (d) => { s += Buffer.from(d).toString('latin1'); });
+      const stop = await m.run({ timeout: 10_000 });
+      outputs.push(`${stop.reason}:${s}`);
+      await m.release();
+    }));
+    expect(outputs).toEqual(Array(8).fill('debug-exit:ok\n'));
+    expect(pool.metrics()).toMatchObject({ resets: 8, idle: 2, inUse: 0, waiting: 0 });
+  });
+});

@@ -1,0 +1,219 @@
+/**
+ * The worker side of a {@link MachineWorker}: imports the machine module, builds the machine
+ * with its builder and answers requests. The guest's run loop lives here, on this thread's own
+ * event loop and slice timer, so a guest that spins or storms exits costs the caller's thread
+ * nothing but the CPU the scheduler gives this one.
+ * Not a public module: the bootstrap in `spawn.ts` imports it inside the worker.
+ * @module
+ */
+import { setPriority } from 'node:os';
+import { parentPort, threadId, workerData } from 'node:worker_threads';
+import { libc } from '@tsvm/kvm-backend';
+import { kvmBackend } from '../backend/kvm.js';
+import type { Backend } from '../backend.js';
+import type { Device } from '../device.js';
+import { InvalidArgumentError, StateError } from '../errors.js';
+import { Machine } from '../machine.js';
+import { Snapshot } from '../snapshot/snapshot.js';
+import type { BuiltMachine, MachineBuilder, WorkerContext } from './builder.js';
+import type { FromWorker, Ops, RemoteRunOptions, ToWorker, WorkerBoot } from './protocol.js';
+import { encodeError, encodeStop } from './wire.js';
+
+const port = parentPort;
+const boot = workerData as WorkerBoot;
+const post = (m: FromWorker, transfer?: ArrayBuffer[]): void => port?.postMessage(m, transfer);
+
+/** Console bytes batched into few messages: a guest printing a byte per exit must not post a message per exit. */
+class ConsoleStream {
+  #parts: Uint8Array[] = [];
+  #bytes = 0;
+  #dropped = 0;
+  #timer: NodeJS.Timeout | undefined;
+
+  write(data: Uint8Array): void {
+    if (this.#bytes + data.length > boot.consoleLimit) {
+      this.#dropped += data.length;
+      this.#arm();
+      return;
+    }
+    this.#parts.push(data.slice());
+    this.#bytes += data.length;
+    if (this.#bytes >= boot.consoleChunk) this.flush();
+    else this.#arm();
+  }
+
+  #arm(): void {
+    this.#timer ??= setTimeout(() => { this.#timer = undefined; this.flush(); }, boot.consoleFlushMs);
+  }
+
+  flush(): void {
+    if (this.#timer) { clearTimeout(this.#timer); this.#timer = undefined; }
+    if (this.#bytes === 0 && this.#dropped === 0) return;
+    const all = new Uint8Array(this.#bytes);
+    let at = 0;
+    for (const p of this.#parts) { all.set(p, at); at += p.length; }
+    const dropped = this.#dropped;
+    this.#parts = [];
+    this.#bytes = 0;
+    this.#dropped = 0;
+    if (all.length === 0) { post({ t: 'console', data: all, dropped }); return; }
+    for (let off = 0; off < all.length; off += boot.consoleChunk) {
+      const chunk = all.slice(off, off + boot.consoleChunk);
+      post({ t: 'console', data: chunk, dropped: off === 0 ? dropped : 0 }, [chunk.buffer as ArrayBuffer]);
+    }
+  }
+}
+
+/** Audit entries batched like console bytes, and bounded in count. */
+class AuditStream {
+  #entries: unknown[] = [];
+  #dropped = 0;
+  #timer: NodeJS.Timeout | undefined;
+
+  write(entry: unknown): void {
+    if (this.#entries.length >= boot.auditLimit) this.#dropped++;
+    else this.#entries.push(entry);
+    this.#timer ??= setTimeout(() => { this.#timer = undefined; this.flush(); }, boot.consoleFlushMs);
+  }
+
+  flush(): void {
+    if (this.#timer) { clearTimeout(this.#timer); this.#timer = undefined; }
+    if (this.#entries.length === 0 && this.#dropped === 0) return;
+    let entries = this.#entries;
+    let dropped = this.#dropped;
+    this.#entries = [];
+    this.#dropped = 0;
+    try {
+      post({ t: 'audit', entries, dropped });
+    } catch {
+      // An entry structured clone cannot carry (a function, a socket): drop those, count them.
+      entries = entries.filter((e) => { try { structuredClone(e); return true; } catch { dropped++; return false; } });
+      post({ t: 'audit', entries, dropped });
+    }
+  }
+}
+
+const consoleStream = new ConsoleStream();
+const auditStream = new AuditStream();
+let template: Snapshot | undefined;
+let fileSnapshot: Snapshot | undefined;
+
+const ctx: WorkerContext = {
+  threadId,
+  snapshot(backend?: Backend): Snapshot | undefined {
+    if (template) return template;
+    if (boot.snapshotFile === undefined) return undefined;
+    fileSnapshot ??= Snapshot.load(boot.snapshotFile, backend ?? kvmBackend());
+    return fileSnapshot;
+  },
+  console(data: Uint8Array | string): void {
+    consoleStream.write(typeof data === 'string' ? Buffer.from(data, 'utf8') : data);
+  },
+  consoleDevice(name = 'console'): Device {
+    const one = new Uint8Array(1);
+    return { name, write: (_offset, value) => { one[0] = value & 0xff; consoleStream.write(one); } };
+  },
+  audit(entry: unknown): void {
+    auditStream.write(entry);
+  },
+};
+
+function normalize(b: Machine | BuiltMachine): BuiltMachine {
+  if (b instanceof Machine) return { machine: b };
+  if (typeof b === 'object' && b !== null && (b as BuiltMachine).machine instanceof Machine) return b;
+  throw new InvalidArgumentError('builder', 'must resolve to a Machine or { machine, report?, close? }');
+}
+
+async function closeBuilt(b: BuiltMachine): Promise<void> {
+  try { await b.machine.close(); } finally { await b.close?.(); }
+}
+
+async function build(): Promise<BuiltMachine> {
+  const mod = await import(boot.module) as Record<string, unknown>;
+  const builder = mod[boot.export];
+  if (typeof builder !== 'function') throw new InvalidArgumentError('export', `the module ${boot.module} has no function export '${boot.export}'`);
+  const make = builder as MachineBuilder;
+  let built = normalize(await make(boot.init, ctx));
+  if (boot.template) {
+    // Fork from an in-memory snapshot of what the builder made, so reset() has a base to return to.
+    try { template = await built.machine.snapshot(); } finally { await closeBuilt(built); }
+    built = normalize(await make(boot.init, ctx));
+  }
+  return built;
+}
+
+let controller: AbortController | undefined;
+
+async function serve(built: BuiltMachine, op: keyof Ops, args: unknown): Promise<unknown> {
+  const vm = built.machine;
+  switch (op) {
+    case 'run': {
+      const a = (args ?? {}) as RemoteRunOptions;
+      if (controller) throw new StateError('the machine is already running');
+      controller = new AbortController();
+      try {
+        return encodeStop(await vm.run({ ...a, signal: controller.signal }));
+      } finally {
+        controller = undefined;
+        consoleStream.flush();
+        auditStream.flush();
+      }
+    }
+    case 'snapshot': {
+      const { path } = args as Ops['snapshot']['args'];
+      if (typeof path !== 'string' || path === '') throw new InvalidArgumentError('path', 'must be a non-empty string');
+      const snap = await vm.snapshot();
+      try {
+        const fileBytes = snap.save(path);
+        return { path, fileBytes, memorySize: snap.memorySize, storedBytes: snap.storedBytes };
+      } finally {
+        snap.close();
+      }
+    }
+    case 'reset':
+      return vm.reset({ full: (args as Ops['reset']['args']).full === true });
+    case 'report':
+      return built.report ? await built.report() : undefined;
+    case 'stats':
+      return vm.stats();
+    case 'close':
+      consoleStream.flush();
+      auditStream.flush();
+      await closeBuilt(built);
+      template?.close();
+      fileSnapshot?.close();
+      return null;
+  }
+}
+
+async function main(): Promise<void> {
+  if (!port) throw new StateError('worker-main runs only inside a machine worker');
+  // setpriority(PRIO_PROCESS, tid) on Linux sets one thread's nice value: this worker's only.
+  if (boot.nice !== 0) setPriority(libc().gettid(), boot.nice);
+  let built: BuiltMachine;
+  try {
+    built = await build();
+  } catch (e) {
+    post({ t: 'failed', error: encodeError(e) });
+    return;
+  }
+  let closing = false;
+  port.on('message', (m: ToWorker) => {
+    if (m.t === 'abort') { controller?.abort(); return; }
+    if (closing) {
+      post({ t: 'result', id: m.id, ok: false, error: encodeError(new StateError('the machine worker is closing')) });
+      return;
+    }
+    if (m.op === 'close') closing = true;
+    serve(built, m.op, m.args).then(
+      (value) => {
+        post({ t: 'result', id: m.id, ok: true, value });
+        if (m.op === 'close') port.close();
+      },
+      (e: unknown) => post({ t: 'result', id: m.id, ok: false, error: encodeError(e) }),
+    );
+  });
+  post({ t: 'ready' });
+}
+
+await main();
