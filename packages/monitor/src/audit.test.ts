@@ -64,4 +64,17 @@ describe('hash-chained audit log', () => {
     expect(published).toHaveLength(2);
     expect(mon.audit?.length).toBe(2);
   });
+
+  it('each line is canonical JSON with the hash last, over text with quotes and unicode', () => {
+    const lines: string[] = [];
+    const log = new AuditLog(lines);
+    log.append({ machine: 'm "q" é', vcpu: 0, rip: '0x1', event: 'pio', hook: 'h\\n', decision: 'allow' } as never, new Date(0));
+    log.append({ machine: 'm', vcpu: 0, rip: '0x2', event: 'pio', hook: 'h', decision: 'deny' } as never, new Date(0));
+    for (const l of lines) {
+      const parsed = JSON.parse(l) as Record<string, unknown>;
+      expect(JSON.stringify(parsed)).toBe(l);
+      expect(Object.keys(parsed).at(-1)).toBe('hash');
+    }
+    expect(verifyAuditLog(lines)).toMatchObject({ ok: true, count: 2, head: log.head });
+  });
 });

@@ -108,7 +108,8 @@ export class AuditLog {
     const body = { ...entry, time: time.toISOString(), seq: this.#seq, prev: this.#prev };
     const unsigned = JSON.stringify(body);
     const hash = sha256(this.#prev + unsigned);
-    const line = JSON.stringify({ ...body, hash });
+    // The same bytes as JSON.stringify({ ...body, hash }) (hash is the last key), for one stringify less.
+    const line = `${unsigned.slice(0, -1)},"hash":"${hash}"}`;
     this.#prev = hash;
     this.#seq++;
     const s = this.#sink;
