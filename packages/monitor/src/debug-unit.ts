@@ -77,6 +77,17 @@ export class DebugUnit {
     this.#apply();
   }
 
+  /**
+   * Issues `KVM_SET_GUEST_DEBUG` again even if nothing changed here: after the vCPU's state was
+   * replaced (`Machine.reset` sets sregs, MSRs, events, …) a host may have dropped the #BP/#DB
+   * intercepts guest debug needs (seen on nested SVM: int3 then reached the guest).
+   */
+  reapply(): void {
+    if (this.#applied === '' || this.#applied.startsWith('0:')) return; // guest debug is off: nothing to restore
+    this.#applied = '';
+    this.#apply();
+  }
+
   /** Classifies a debug exit and performs the step-over bookkeeping for hardware breakpoints. */
   onDebugExit(exit: DebugExit): DebugCause {
     if (exit.exception === 3) return this.#swbp ? { kind: 'sw', address: exit.pc } : { kind: 'unknown' };

@@ -79,15 +79,16 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
     await vm.close();
   });
 
-  it('a fork with a CPL3 probe keeps seeing every hit across resets (the reset puts traps and slots back)', async () => {
+  it.each(['host', 'probe'] as const)('a fork with a CPL3 exec hook (%s mechanism) keeps seeing every hit across resets (the reset puts traps, slots and guest debug back)', async (which) => {
     const base = await machine('xor eax, eax\n mov ecx, 50\n l: add eax, 3\n dec ecx\n jnz l', 3);
     const snap = await base.snapshot();
     await base.close();
     const child = await Machine.fork(snap, { setup: (m) => { m.io.register({ port: END, size: 1 }, { name: 'end', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) }); } });
     try {
-      const mon = new Monitor(child);
+      const mon = new Monitor(child, which === 'probe' ? { calibration: probeOnly() } : {});
       let hits = 0;
-      mon.observe({ event: 'exec', address: 0x1007, cpl: 3 }, () => { hits++; });
+      const h = mon.observe({ event: 'exec', address: 0x1007, cpl: 3 }, () => { hits++; });
+      process.stderr.write(`[tsvm] exec across resets at CPL3 (${which}): ${h.mechanism}\n`);
       for (let round = 1; round <= 3; round++) {
         const stop = await child.run({ timeout: 10_000 });
         expect(stop.reason).toBe('debug-exit');
@@ -105,7 +106,7 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
 
   it('a snapshot of a monitored machine holds the guest\'s code, not the probe traps: forks run with or without a monitor', async () => {
     const vm = await machine('xor eax, eax\n mov ecx, 50\n l: add eax, 3\n dec ecx\n jnz l', 3);
-    const mon = new Monitor(vm);
+    const mon = new Monitor(vm, { calibration: probeOnly() });
     let hits = 0;
     mon.observe({ event: 'exec', address: 0x1007, cpl: 3 }, () => { hits++; });
     expect(Array.from(vm.memory.read(0x1007, 2))).toEqual([0xe6, PROBE_PORT]); // armed in guest RAM
@@ -127,7 +128,7 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
       // A fork with a new monitor behaves like the original.
       const watched = await Machine.fork(snap, { setup: end });
       try {
-        const mon2 = new Monitor(watched);
+        const mon2 = new Monitor(watched, { calibration: probeOnly() });
         let hits2 = 0;
         mon2.observe({ event: 'exec', address: 0x1007, cpl: 3 }, () => { hits2++; });
         const s2 = await watched.run({ timeout: 10_000 });

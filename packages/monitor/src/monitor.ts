@@ -324,6 +324,7 @@ export class Monitor implements InternalEnv {
   readonly #onReset = (): void => {
     this.#probe?.afterReset();
     this.#int3?.afterReset();
+    this.debug.reapply();
   };
 
   #assertOpen(): void {
