@@ -16,7 +16,7 @@
  *   through the patch engines, so a write over a hooked instruction keeps its trap armed.
  * @module
  */
-import { GuestMemoryError, bitnessOf, linearRip, translateVirtual, type Machine, type Regs, type Sregs, type Stop } from '@tsvm/core';
+import { bitnessOf, linearRip, translateVirtual, type Machine, type Regs, type Sregs, type Stop } from '@tsvm/core';
 import { deny } from '../decisions.js';
 import { successors } from '../decode.js';
 import type { HookHandle, Monitor } from '../monitor.js';
@@ -225,13 +225,17 @@ export class GdbSession {
     const want = Number(len > BigInt(MAX_READ) ? BigInt(MAX_READ) : len);
     if (want === 0) return '';
     const parts: Uint8Array[] = [];
+    const mem = this.#machine.memory;
     for (const piece of this.#pieces(address, want, this.#sregs())) {
-      try {
-        parts.push(this.#monitor.readOriginal(piece.physical, piece.length));
-      } catch (e) {
-        if (!(e instanceof GuestMemoryError)) throw e;
-        break; // outside guest RAM: what was read so far, or an error
+      // Mapped but past the end of guest RAM: what is there, then stop (gdb asks for the rest and gets E).
+      let n = piece.length;
+      if (!mem.contains(piece.physical, n)) {
+        let lo = 0, hi = n; // the longest contained prefix: contains() is monotonic in the length
+        while (lo < hi) { const mid = (lo + hi + 1) >> 1; if (mem.contains(piece.physical, mid)) lo = mid; else hi = mid - 1; }
+        n = lo;
       }
+      if (n > 0) parts.push(this.#monitor.readOriginal(piece.physical, n));
+      if (n < piece.length) break;
     }
     if (parts.length === 0) return E_FAULT;
     return parts.map(toHex).join('');
