@@ -107,6 +107,33 @@ describe.skipIf(!kvm.available)(`gdb stub on real KVM${kvm.available ? '' : ` (S
     await vm.close();
   }, 90_000);
 
+  it.skipIf(!haveGdb)('gdb: a breakpoint on a ret (run in place), stepi to the return address, continue to the next hit, detach; the owner resumes', async () => {
+    // 0x1000: jmp start (2)  0x1002: f: add edx, 5 (3)  0x1005: ret (1)  0x1006: nop (the probe's second byte)
+    // 0x1007: start: xor edx, edx (2)  0x1009: mov ecx, 3 (5)  0x100e: l: call f (5)  0x1013: dec ecx (2)
+    // 0x1015: jnz l (2)  0x1017: mov eax, edx (2)  then the exit port gets al.
+    const vm = await machine('jmp start\n f: add edx, 5\n ret\n nop\n start: xor edx, edx\n mov ecx, 3\n l: call f\n dec ecx\n jnz l\n mov eax, edx');
+    expect(Array.from(vm.memory.read(0x1005, 2))).toEqual([0xc3, 0x90]);
+    await using server = await gdbServer(vm);
+    const out = await gdb(server.address.port, [
+      'break *0x1005', 'continue', 'print $rdx', 'x/2xb 0x1005', 'stepi', 'info registers rip', 'stepi', 'stepi', 'info registers rip',
+      'continue', 'print $rdx', 'print $rcx', 'detach',
+    ]);
+    process.stderr.write(`[tsvm] gdb said:\n${out}\n`);
+    expect(out).toMatch(/Breakpoint 1, 0x0+1005 in/);
+    expect(out).toMatch(/\$1 = 5\b/);
+    expect(out).toMatch(/0x1005:\s+0xc3\s+0x90/);
+    expect(out).toMatch(/rip\s+0x1013\s/); // ret went back behind the call
+    expect(out).toMatch(/rip\s+0x100e\s/); // dec ecx, then jnz taken
+    expect(out).toMatch(/\$2 = 10\b/);
+    expect(out).toMatch(/\$3 = 2\b/);
+    expect(out).toMatch(/Detaching from program|detached/);
+    await new Promise<void>((r) => { if (!server.connected) r(); else server.events.once('disconnect', () => r()); });
+    // The breakpoint is gone and the machine, stopped at the hit, finishes the program.
+    expect(Array.from(vm.memory.read(0x1005, 2))).toEqual([0xc3, 0x90]);
+    expect(await vm.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 15 });
+    await vm.close();
+  }, 90_000);
+
   it('Ctrl-C interrupts a spinning guest (T02); registers read; a client that disconnects mid-run leaves a resumable machine', async () => {
     const vm = await machine('xor eax, eax\n l: inc rax\n cmp rax, 0x7fffffff\n jne l\n mov eax, 9');
     await using server = await gdbServer(vm);
