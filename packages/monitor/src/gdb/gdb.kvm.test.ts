@@ -46,6 +46,7 @@ class RawClient {
   closed = false;
   private constructor(socket: Socket) {
     this.#socket = socket;
+    socket.setNoDelay(true); // the ack and the next packet are two small writes: no Nagle wait between them
     socket.on('data', (b) => {
       for (const ev of this.#reader.push(b)) if (ev.kind === 'packet') { this.#replies.push(ev.payload); socket.write('+'); }
       this.#wake?.();
@@ -133,6 +134,29 @@ describe.skipIf(!kvm.available)(`gdb stub on real KVM${kvm.available ? '' : ` (S
     expect(await vm.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 15 });
     await vm.close();
   }, 90_000);
+
+  it('every continue stops at the breakpoint again, one loop iteration later (and how long a hit round trip takes)', async () => {
+    // 0x1000: xor edx, edx (2)  0x1002: mov ecx, 100 (5)  0x1007: l: inc edx (2)  0x1009: dec ecx (2)  0x100b: jnz l (2)
+    const vm = await machine('xor edx, edx\n mov ecx, 100\n l: inc edx\n dec ecx\n jnz l\n mov eax, edx');
+    await using server = await gdbServer(vm);
+    const c = await RawClient.open(server.address.port);
+    expect(await c.ask('Z0,1007,1')).toBe('OK');
+    const rdx: bigint[] = [];
+    const t0 = performance.now();
+    for (let i = 0; i < 100; i++) {
+      expect(await c.ask('c')).toBe('T05thread:1;swbreak:;');
+      const g = await c.ask('g');
+      expect(Buffer.from(g.slice(16 * 16, 17 * 16), 'hex').readBigUInt64LE()).toBe(0x1007n);
+      rdx.push(Buffer.from(g.slice(3 * 16, 4 * 16), 'hex').readBigUInt64LE());
+    }
+    const ms = (performance.now() - t0) / 100;
+    process.stderr.write(`[tsvm] gdb stub: breakpoint hit → T05 → g → c round trip over TCP, CPL3: ${ms.toFixed(2)} ms (${server.monitor.plan()[0]?.mechanism})\n`);
+    expect(rdx).toEqual(Array.from({ length: 100 }, (_, i) => BigInt(i)));
+    expect(await c.ask('z0,1007,1')).toBe('OK');
+    expect(await c.ask('c')).toBe('W64');
+    c.destroy();
+    await vm.close();
+  }, 60_000);
 
   it('Ctrl-C interrupts a spinning guest (T02); registers read; a client that disconnects mid-run leaves a resumable machine', async () => {
     const vm = await machine('xor eax, eax\n l: inc rax\n cmp rax, 0x7fffffff\n jne l\n mov eax, 9');

@@ -24,7 +24,9 @@ export interface GdbServerOptions {
   readonly host?: string;
   /**
    * The machine's monitor, not sealed (gdb's breakpoints are hooks registered and removed while
-   * the session runs). Default: the server makes one, and closes it with the server.
+   * the session runs). Default: the server makes one, and closes it with the server. A machine
+   * that already has a monitor must pass it: two monitors would patch the same code. A hit is a
+   * `deny` of that monitor, so its audit log (if any) records gdb's breakpoint hits.
    */
   readonly monitor?: Monitor;
 }
@@ -61,7 +63,8 @@ export interface GdbServer extends AsyncDisposable {
  * depend on the monitor, so the stub is this function of `@tsvm/monitor`.
  *
  * While a client is connected the stub drives the machine (`continue` calls `machine.run()`);
- * between runs, and after the client goes, the machine is stopped and its owner may run it.
+ * between runs, and after the client goes, the machine is stopped and its owner may run it. A
+ * `continue` while the owner is running it gets an error reply (`run()` refuses a second run).
  * @throws InvalidArgumentError for bad options; StateError when the monitor is sealed or closed.
  */
 export async function gdbServer(machine: Machine, options: GdbServerOptions = {}): Promise<GdbServer> {
