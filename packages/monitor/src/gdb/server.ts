@@ -100,13 +100,21 @@ class Stub implements GdbServer {
   readonly #server: Server;
   #client: Client | undefined;
   #closed: Promise<void> | undefined;
+  #machineClosed = false;
 
   constructor(machine: Machine, monitor: Monitor, ownsMonitor: boolean) {
     this.#machine = machine;
     this.monitor = monitor;
     this.#ownsMonitor = ownsMonitor;
     this.#server = createServer((socket) => this.#accept(socket));
+    machine.events.once('closed', this.#onMachineClosed);
   }
+
+  /** The machine went away under the stub: drop the client, nothing is left to restore. */
+  readonly #onMachineClosed = (): void => {
+    this.#machineClosed = true;
+    void this.close();
+  };
 
   get address(): { readonly host: string; readonly port: number } {
     const a = this.#server.address() as AddressInfo | null;
@@ -167,11 +175,14 @@ class Stub implements GdbServer {
   /** Ends `client`'s session: the machine stopped, breakpoints removed, the socket closed. */
   #end(client: Client): Promise<void> {
     client.ended ??= (async () => {
-      await client.session.end();
-      client.socket.end();
-      client.socket.destroy();
-      if (this.#client === client) this.#client = undefined;
-      this.events.emit('disconnect', client.remote);
+      try {
+        await client.session.end(!this.#machineClosed);
+      } finally {
+        client.socket.end();
+        client.socket.destroy();
+        if (this.#client === client) this.#client = undefined;
+        this.events.emit('disconnect', client.remote);
+      }
     })();
     return client.ended;
   }
@@ -183,7 +194,9 @@ class Stub implements GdbServer {
         if (this.#client) void this.#end(this.#client);
       });
       if (this.#client) await this.#end(this.#client);
-      if (this.#ownsMonitor) this.monitor.close();
+      this.#machine.events.off('closed', this.#onMachineClosed);
+      // A closed machine has no RAM to restore the monitor's patches into.
+      if (this.#ownsMonitor && !this.#machineClosed) this.monitor.close();
     })();
     return this.#closed;
   }

@@ -173,4 +173,24 @@ describe('gdbServer over TCP (MockBackend)', () => {
     await vm.close();
     await vm2.close();
   });
+
+  it('a machine closed under the stub drops the client; closing the stub afterwards does not touch the gone RAM', async () => {
+    const vm = await Machine.create({ memory: 2 * MiB, backend: new MockBackend() });
+    vm.loadFlat(await asm('nop\n nop\n hlt', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    const server = await gdbServer(vm);
+    const s = connect(server.address.port, '127.0.0.1');
+    const got: string[] = [];
+    const reader = new PacketReader();
+    s.on('data', (b: Buffer) => { for (const e of reader.push(b)) if (e.kind === 'packet') got.push(e.payload); });
+    await new Promise((r) => s.once('connect', r));
+    s.write(frame('Z0,1000,1'));
+    for (let i = 0; i < 200 && got.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(got).toEqual(['OK']);
+    expect(vm.memory.read(0x1000, 1)[0]).not.toBe(0x90); // armed (int3 or probe: the mock host's pick)
+    const gone = new Promise((r) => s.once('close', r));
+    await vm.close();
+    await gone;
+    expect(server.connected).toBe(false);
+    await expect(server.close()).resolves.toBeUndefined();
+  });
 });

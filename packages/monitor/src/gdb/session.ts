@@ -95,13 +95,17 @@ export class GdbSession {
 
   /**
    * Ends the session (detach, kill or disconnect): stops a run in progress, removes gdb's
-   * breakpoints. The machine is left stopped, in its state, for its owner to resume.
+   * breakpoints. The machine is left stopped, in its state, for its owner to resume. With
+   * `restore: false` (the machine was closed: its RAM is gone) the hooks are only forgotten.
    */
-  async end(): Promise<void> {
+  async end(restore = true): Promise<void> {
     const r = this.#running;
     if (r) { r.abort.abort(); await r.done; }
-    this.#clearSteps();
-    for (const b of this.#breakpoints.values()) b.handle.remove();
+    if (restore) {
+      this.#clearSteps();
+      for (const b of this.#breakpoints.values()) b.handle.remove();
+    }
+    this.#steps = [];
     this.#breakpoints.clear();
   }
 
