@@ -37,7 +37,7 @@ export interface GdbServerEvents {
   connect: [remote: string];
   /** The client detached, killed the session or disconnected; the machine is stopped and can be resumed. */
   disconnect: [remote: string];
-  /** A `continue`/`step` ended with this stop. */
+  /** A `continue`/`step` ended with this stop (a breakpoint hit or step is a `violation` of gdb's own hook). */
   stop: [stop: Stop];
 }
 

@@ -114,6 +114,17 @@ describe('gdb session on MockBackend', () => {
     expect(ask('vCont?')).toBe('vCont;c;C;s;S');
   });
 
+  it('continue while the owner is running the machine gets an error reply; the owner\'s run is undisturbed', async () => {
+    const { vm, mon, run } = await setup(outExit(0x80, 1), { kind: 'hlt' });
+    let release: (() => void) | undefined;
+    mon.mediate({ event: 'pio', ports: [0x80, 0x80] }, () => new Promise((r) => { release = () => r({ verdict: 'emulate', value: 0 }); }));
+    const owner = vm.run();
+    for (let i = 0; i < 100 && !release; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(await run('c')).toBe('E10');
+    release?.();
+    expect((await owner).reason).toBe('halt');
+  });
+
   it('target.xml in chunks, qSupported, unknown packets get the empty reply', async () => {
     const { ask } = await setup();
     expect(ask('qSupported:multiprocess+;swbreak+')).toMatch(/qXfer:features:read\+.*swbreak\+;hwbreak\+/);

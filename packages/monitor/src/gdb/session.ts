@@ -360,12 +360,11 @@ export class GdbSession {
     this.#hit = undefined;
     const done = this.#machine.run({ signal: abort.signal }).then(
       (stop) => this.#finish(stop),
-      (error: unknown) => {
-        // run() throws only for misuse (already running under its owner, closed).
+      () => {
+        // run() rejects only for misuse (already running under its owner, closed): an error reply.
         this.#running = undefined;
         this.#clearSteps();
-        this.#hooks.send(`E${hex2(16)}`);
-        void error;
+        this.#hooks.send(E_BUSY);
       },
     );
     this.#running = { abort, done };
