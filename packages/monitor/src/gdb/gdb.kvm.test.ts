@@ -85,9 +85,14 @@ describe.skipIf(!kvm.available)(`gdb stub on real KVM${kvm.available ? '' : ` (S
     await using server = await gdbServer(vm, { monitor: mon });
     // gdb's breakpoints are inserted while the guest runs: the hooks in place at each stop.
     const hooked: string[] = [];
-    server.events.on('stop', () => { hooked.push(mon.plan().map((e) => `${e.name}=${e.mechanism}`).join(',')); });
+    const ram: number[][] = [];
+    server.events.on('stop', () => {
+      hooked.push(mon.plan().map((e) => `${e.name}=${e.mechanism}`).join(','));
+      ram.push(Array.from(vm.memory.read(0x1005, 2)));
+    });
     const out = await gdb(server.address.port, [
-      'break *0x1005', 'continue', 'info registers rip', 'print/x $rax', 'x/5xb 0x1005',
+      // Breakpoints stay in guest RAM while stopped, so `x` reads over the armed trap.
+      'set breakpoint always-inserted on', 'break *0x1005', 'continue', 'info registers rip', 'print/x $rax', 'x/5xb 0x1005',
       'stepi', 'info registers rip', 'print/x $rbx', 'stepi', 'print/x $rax',
       'hbreak *0x1017', 'continue', 'info registers rip', 'print $rdx',
       'delete', 'continue',
@@ -105,6 +110,7 @@ describe.skipIf(!kvm.available)(`gdb stub on real KVM${kvm.available ? '' : ` (S
     expect(out).toMatch(/Breakpoint 2, 0x0+1017 in/);
     process.stderr.write(`[tsvm] hooks at each stop: ${hooked.join(' | ')}\n`);
     expect(hooked[0]).toMatch(/^gdb:swbreak@0x1005=/);
+    expect(ram[0]).toEqual([0xe6, 0xe5]); // at the hit the trap was in RAM (and stayed: always-inserted)
     // `hbreak` is a Z1: an exec hook too, its mechanism the monitor's choice for this host and CPL.
     expect(hooked.some((h) => /gdb:hwbreak@0x1017=/.test(h))).toBe(true);
     expect(out).toMatch(/rip\s+0x1017\s/);
@@ -125,7 +131,8 @@ describe.skipIf(!kvm.available)(`gdb stub on real KVM${kvm.available ? '' : ` (S
     expect(Array.from(vm.memory.read(0x1005, 2))).toEqual([0xc3, 0x90]);
     await using server = await gdbServer(vm);
     const out = await gdb(server.address.port, [
-      'break *0x1005', 'continue', 'print $rdx', 'x/2xb 0x1005', 'stepi', 'info registers rip', 'stepi', 'stepi', 'info registers rip',
+      // Breakpoints stay in guest RAM while stopped, so `x` reads over the armed trap.
+      'set breakpoint always-inserted on', 'break *0x1005', 'continue', 'print $rdx', 'x/2xb 0x1005', 'stepi', 'info registers rip', 'stepi', 'stepi', 'info registers rip',
       'continue', 'print $rdx', 'print $rcx', 'detach',
     ]);
     process.stderr.write(`[tsvm] gdb said:\n${out}\n`);
@@ -150,6 +157,8 @@ describe.skipIf(!kvm.available)(`gdb stub on real KVM${kvm.available ? '' : ` (S
     await using server = await gdbServer(vm);
     const c = await RawClient.open(server.address.port);
     expect(await c.ask('Z0,1007,1')).toBe('OK');
+    expect(Array.from(vm.memory.read(0x1007, 2))).toEqual([0xe6, 0xe5]); // the probe's trap in guest RAM
+    expect(await c.ask('m1007,4')).toBe('ffc2ffc9'); // inc edx; dec ecx: what gdb is shown
     const rdx: bigint[] = [];
     const t0 = performance.now();
     for (let i = 0; i < 100; i++) {
