@@ -15,6 +15,7 @@
  * - Cost: `calibrate()`, `remeasure()` and `ExitTimer` (`@tsvm/monitor/calibrate`; need `/dev/kvm`), {@link assumedTable}, {@link predict},
  *   {@link report}; rows for `console.table` ({@link planRows}, {@link costRows}), text ({@link formatPlan}, {@link formatReport}),
  *   {@link renderJson}, and an SVG of predicted vs measured overhead ({@link renderSvg}, {@link renderChart}).
+ * - Debugging: {@link gdbServer}, a gdb remote stub on a TCP port.
  * - Decoding: {@link formatInstructionAt}, {@link formatInstruction}, {@link successors} (iced-x86).
  * @module
  */
@@ -32,6 +33,12 @@ export { MechanismUnavailableError, PolicyError, PolicyConflictError, MediationB
 export { PatchBreakpoints, PROBE_PORT, type TrapKind, type BreakpointTarget, type CpuAccess, type PatchStats } from './probe.js';
 export { DebugUnit, GUESTDBG, type DebugCause, type DebugTarget } from './debug-unit.js';
 export { RegionFlags, dirtyPageAddresses } from './write-watch.js';
+/**
+ * A gdb remote stub (`gdb/`): {@link gdbServer} — registers, memory (the code under the monitor's
+ * traps, {@link Monitor.readOriginal}), breakpoints as the monitor's exec hooks, emulated
+ * single-step, continue, Ctrl-C, detach. Core's `Machine` has no `gdb()`: core does not depend on the monitor.
+ */
+export { gdbServer, type GdbServer, type GdbServerOptions, type GdbServerEvents } from './gdb/server.js';
 export { formatInstructionAt, formatInstruction, explainInternalError, decodeBytes, successors, readCode, type DecodedInstruction, type Successors, type MachineView, type ReadPointer } from './decode.js';
 /** Re-exported from `@tsvm/core` (where the page walk lives: core's stops and the I/O-exit RIP helper need it). */
 export { translateVirtual, bitnessOf, linearRip } from '@tsvm/core';

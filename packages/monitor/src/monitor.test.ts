@@ -155,4 +155,19 @@ describe('Monitor: hooks by event', () => {
     if (monitored.reason === 'unhandled-exit') expect(monitored.message).toMatch(/deny by default.*RIP 0x1000: mov ax,\[bx\+si\] \[8b 00\]/);
     if (bare.reason === 'unhandled-exit') expect(bare.message).not.toMatch(/RIP/);
   });
+
+  it('readOriginal shows the code under probe traps, while guest RAM holds the trap; removing the hook restores RAM', async () => {
+    const { vm } = await setup();
+    const code = Uint8Array.of(0xb8, 1, 0, 0, 0, 0x83, 0xc0, 0x02, 0x90, 0xf4); // mov eax,1; add eax,2; nop; hlt
+    vm.memory.write(0x1000, code);
+    const mon = new Monitor(vm, { calibration: pvm });
+    const h = mon.observe({ event: 'exec', address: 0x1005, cpl: 3 }, () => {});
+    expect(h.mechanism).toBe('probe-breakpoint');
+    expect(Array.from(vm.memory.read(0x1005, 2))).toEqual([0xe6, 0xe5]);
+    expect(Array.from(mon.readOriginal(0x1000, code.length))).toEqual(Array.from(code));
+    expect(Array.from(mon.readOriginal(0x1006n, 1))).toEqual([0xc0]); // the trap's second byte alone
+    expect(() => mon.readOriginal(0x7fff_ffffn, 16)).toThrow(/not backed by guest RAM/);
+    h.remove();
+    expect(Array.from(vm.memory.read(0x1000, code.length))).toEqual(Array.from(code));
+  });
 });

@@ -250,6 +250,25 @@ export class Monitor implements InternalEnv {
     return this.#records;
   }
 
+  /**
+   * Reads `length` bytes of guest RAM at guest-physical `physical` as the guest's program has
+   * them: the bytes under the monitor's probe and `int3` traps are the original code, not the
+   * trap (a debugger's or dumper's view of hooked code).
+   * @throws GuestMemoryError when the range is not guest RAM; InvalidArgumentError for a bad length.
+   */
+  readOriginal(physical: number | bigint, length: number): Uint8Array {
+    const bytes = this.machine.memory.read(physical, length);
+    const engine = this.#probe ?? this.#int3;
+    if (!engine) return bytes;
+    const other = engine === this.#probe ? this.#int3 : undefined;
+    const at = BigInt(physical);
+    for (let i = 0; i < bytes.length; i++) {
+      const a = at + BigInt(i);
+      if (engine.covers(a) || other?.covers(a)) bytes[i] = engine.originalCode(a, other)[0] ?? (bytes[i] as number);
+    }
+    return bytes;
+  }
+
   /** Harvests the dirty log now and delivers observe write-watch events (the run loop also does it at every slice boundary). */
   sample(): void {
     const recs = this.#records.filter((r) => r.spec.event === 'write-watch' && r.mode === 'observe');
