@@ -73,7 +73,24 @@ export interface MachineEvents {
   snapshotted: [];
 }
 
-/** A virtual machine. Create with {@link Machine.create}; release with `close()` or `await using`. */
+/**
+ * A virtual machine. Create with {@link Machine.create}; release with `close()` or `await using`.
+ *
+ * @example A ring-3 guest that prints through a 16550 UART and ends with a debug-exit write
+ * ```ts
+ * import { Machine } from '@tsvm/core';
+ * import { asm } from '@tsvm/core/asm';
+ * import { DebugExit, Uart16550 } from '@tsvm/devices';
+ *
+ * await using vm = await Machine.create({ memory: 2 * 1024 * 1024 });
+ * const uart = new Uart16550();
+ * uart.pipe(process.stdout);
+ * vm.attachDevice(uart);
+ * vm.attachDevice(new DebugExit());
+ * vm.loadFlat(await asm('mov dx, 0x3f8; mov al, 0x41; out dx, al; mov dx, 0xf4; out dx, al'), { at: 0x1000, mode: 'long', ring: 3 });
+ * const stop = await vm.run({ timeout: 1000 });   // { reason: 'debug-exit', code: 0x83, rip, exits, elapsedMs }
+ * ```
+ */
 export class Machine {
   /** Guest RAM (bounds-checked). */
   readonly memory: GuestMemory;
@@ -107,6 +124,20 @@ export class Machine {
   /**
    * Creates a machine with guest RAM and one vCPU. Validates every option before touching KVM.
    * @throws InvalidArgumentError for bad options; KvmUnavailableError when KVM is missing.
+   *
+   * @example RAM as one region at 0, or as explicit regions; a mock backend for unit tests
+   * ```ts
+   * import { Machine } from '@tsvm/core';
+   * import { MockBackend, outExit } from '@tsvm/core/testing';
+   *
+   * await using small = await Machine.create({ memory: 2 * 1024 * 1024, name: 'small' });
+   * await using split = await Machine.create({ memory: [{ start: 0, size: 0x100000 }, { start: 0x200000, size: 0x100000 }] });
+   * await using withIrqs = await Machine.create({ memory: 64 * 1024 * 1024, irqchip: true });   // in-kernel PIC/IOAPIC/PIT
+   *
+   * const backend = new MockBackend();
+   * backend.script(outExit(0x80, 1), { kind: 'hlt' });              // the exits the vCPU will report
+   * await using mocked = await Machine.create({ memory: 2 * 1024 * 1024, backend });
+   * ```
    */
   static async create(options: MachineOptions): Promise<Machine> {
     if (!options || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
@@ -309,6 +340,18 @@ export class Machine {
   /**
    * Runs the guest until it stops, the timeout passes or the signal aborts. Returns why it
    * stopped; throws only for misuse (already running, closed).
+   *
+   * @example Bound a run by time and by a signal, then switch on the reason
+   * ```ts
+   * const stop = await vm.run({ timeout: 5000, signal: AbortSignal.timeout(10_000) });
+   * switch (stop.reason) {
+   *   case 'debug-exit': console.log('guest exit code', stop.code); break;
+   *   case 'violation': console.log('monitor stopped it:', stop.violation.message); break;
+   *   case 'unhandled-exit': console.log(stop.message, 'at', stop.rip.toString(16)); break;
+   *   case 'timeout': console.log('still running after 5 s', stop.halted ? '(halted)' : ''); break;
+   *   default: console.log(stop.reason, 'after', stop.exits, 'exits in', stop.elapsedMs, 'ms');
+   * }
+   * ```
    */
   async run(options: runLoop.RunOptions = {}): Promise<Stop> {
     return runLoop.run(this.#s, this.events, options);
@@ -330,6 +373,15 @@ export class Machine {
   /**
    * Captures this (stopped) machine: vCPU, VM and device state plus a sparse copy of RAM.
    * With `path`, the snapshot is also written there ({@link Snapshot.save}).
+   *
+   * @example Snapshot once a guest is set up, fork per task, reset between tasks
+   * ```ts
+   * await vm.run({ timeout: 1000 });                    // run to the point to start from
+   * using snap = await vm.snapshot();                    // or vm.snapshot('/tmp/guest.snap')
+   * await using child = await Machine.fork(snap, { devices: new DebugExit().mappings() });
+   * await child.run({ timeout: 1000 });
+   * const { pagesCopied } = child.reset();               // back to the snapshot's state
+   * ```
    */
   async snapshot(path?: string): Promise<Snapshot> {
     this.#s.assertOpen();
@@ -361,6 +413,16 @@ export class Machine {
   /**
    * A child of `snapshot` sharing its pages copy-on-write: its writes are invisible to the
    * snapshot and to siblings. The same operation as {@link restore}, named for intent.
+   *
+   * @example Two isolated children of one snapshot, each with its own devices
+   * ```ts
+   * using snap = await vm.snapshot();
+   * snap.prewarm(2);                                     // optional: VMs created ahead of the forks
+   * await using a = await Machine.fork(snap, { devices: new DebugExit().mappings() });
+   * await using b = await Machine.fork(snap, { setup: (m) => { m.attachDevice(new DebugExit()); } });
+   * const first = await a.run({ timeout: 1000 });
+   * const second = await b.run({ timeout: 1000 });      // starts from the snapshot, not from where `a` got to
+   * ```
    */
   static async fork(snapshot: Snapshot, options: RestoreOptions = {}): Promise<Machine> {
     return Machine.restore(snapshot, options);

@@ -15,7 +15,19 @@ export interface DebugExitOptions {
   readonly size?: AccessSize;
 }
 
-/** The debug-exit port. Reads return all ones (no register behind them), as in QEMU. */
+/**
+ * The debug-exit port. Reads return all ones (no register behind them), as in QEMU.
+ *
+ * @example A guest ends its run with a status
+ * Writing `v` stops the run with `code: (v << 1) | 1`, as QEMU's `isa-debug-exit`.
+ * ```ts
+ * import { DebugExit } from '@tsvm/devices';
+ *
+ * vm.attachDevice(new DebugExit());                    // port 0xf4 (DebugExit.defaultPort), 1 byte wide
+ * vm.loadFlat(await asm('mov dx, 0xf4; mov al, 7; out dx, al'), { at: 0x1000, mode: 'long', ring: 3 });
+ * const stop = await vm.run({ timeout: 1000 });        // { reason: 'debug-exit', code: 15, ... }
+ * ```
+ */
 export class DebugExit implements Device {
   /** QEMU's default `iobase`. */
   static readonly defaultPort = 0xf4;

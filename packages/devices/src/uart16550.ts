@@ -63,7 +63,23 @@ export interface Uart16550State {
   readonly backlog: string;
 }
 
-/** A 16550A UART register file (8 ports). Register it with {@link Uart16550.mappings}. */
+/**
+ * A 16550A UART register file (8 ports). Register it with {@link Uart16550.mappings}.
+ *
+ * @example COM1 with its interrupt line, output to the terminal and to a string, input from stdin
+ * ```ts
+ * import { Machine } from '@tsvm/core';
+ * import { Uart16550 } from '@tsvm/devices';
+ *
+ * await using vm = await Machine.create({ memory: 2 * 1024 * 1024, irqchip: true });
+ * const uart = new Uart16550({ irq: vm.irqLine(Uart16550.defaultIrq) });   // IRQ 4
+ * uart.pipe(process.stdout);                          // batched: per line, 4 KiB or event-loop turn
+ * let text = '';
+ * uart.onOutput((bytes) => { text += Buffer.from(bytes).toString('latin1'); });
+ * uart.attachInput(process.stdin);                     // with backpressure
+ * vm.attachDevice(uart);                               // ports 0x3f8-0x3ff (Uart16550.defaultPort)
+ * ```
+ */
 export class Uart16550 implements Device {
   /** COM1's I/O base. */
   static readonly defaultPort = 0x3f8;

@@ -1,6 +1,6 @@
 /**
- * Every TypeScript snippet in README.md and the package READMEs typechecks as written (strict,
- * like the repository). Snippets are written to `packages/examples/.snippets/` (git-ignored) so
+ * Every TypeScript snippet in README.md, the package READMEs and the guides (`docs/guides/*.md`)
+ * typechecks as written (strict, like the repository). Snippets are written to `packages/examples/.snippets/` (git-ignored) so
  * `@tsvm/*` resolves through the workspace; each becomes a module of its own so top-level
  * `await` and `await using` work. A block fenced as ```ts no-check is shown but not checked; one
  * fenced as ```ts run (or ```js run) boots a guest and is also run as written (`node --import tsx`:
@@ -38,7 +38,8 @@ export function extractSnippets(file: string, text: string): Snippet[] {
   return out;
 }
 
-const readmes = ['README.md', ...readdirSync(join(repo, 'packages')).map((p) => `packages/${p}/README.md`)]
+const readmes = ['README.md', ...readdirSync(join(repo, 'packages')).map((p) => `packages/${p}/README.md`),
+  ...readdirSync(join(repo, 'docs/guides')).filter((f) => f.endsWith('.md')).map((f) => `docs/guides/${f}`)]
   .filter((f) => { try { readFileSync(join(repo, f)); return true; } catch { return false; } });
 const snippets = readmes.flatMap((f) => extractSnippets(f, readFileSync(join(repo, f), 'utf8')));
 

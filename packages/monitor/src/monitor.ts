@@ -103,7 +103,29 @@ export interface MonitorHookStats {
 /** A CPUID override for {@link Monitor.emulateCpuid}. */
 export interface CpuidOverride { readonly function: number; readonly index?: number; readonly eax?: number; readonly ebx?: number; readonly ecx?: number; readonly edx?: number }
 
-/** A reference monitor on one machine. */
+/**
+ * A reference monitor on one machine.
+ *
+ * @example Mediate the UART and the CMOS ports, observe executions of one instruction, audit
+ * ```ts
+ * import { Monitor, allow, deny, formatPlan, verifyAuditLog } from '@tsvm/monitor';
+ *
+ * const audit: string[] = [];
+ * const mon = new Monitor(vm, { audit });                  // or { audit: process.stdout }
+ * mon.mediate({ event: 'pio', ports: [0x3f8, 0x3ff], direction: 'out' }, () => allow(), { name: 'uart' });
+ * mon.mediate({ event: 'pio', ports: [0x70, 0x71] }, () => deny({ reason: 'no CMOS' }), { name: 'cmos' });
+ * mon.observe({ event: 'exec', address: 0x1005 }, (ev) => { if (ev.event === 'exec') console.log('exec', ev.rip); });
+ * console.log(formatPlan(mon.plan()));                      // the mechanism per hook, and why
+ * mon.seal();
+ * const stop = await vm.run({ timeout: 5000 });            // { reason: 'violation', ... } at the CMOS access
+ * verifyAuditLog(audit);                                   // { ok: true, count, head }
+ * ```
+ *
+ * @example Force the two-exit probe path (the guest never runs an instruction away from its address)
+ * ```ts
+ * const mon = new Monitor(vm, { outOfLine: false });
+ * ```
+ */
 export class Monitor implements InternalEnv {
   /** The machine. */
   readonly machine: Machine;
@@ -172,12 +194,37 @@ export class Monitor implements InternalEnv {
   /** @internal (InternalEnv). */
   protectedPages(): ReadonlyArray<readonly [bigint, bigint]> { return this.#protected; }
 
-  /** Registers a mediate hook: it runs synchronously on the trap path and decides. */
+  /**
+   * Registers a mediate hook: it runs synchronously on the trap path and decides.
+   *
+   * @example Allow, deny (stop, ignore or fault) and emulate
+   * ```ts
+   * mon.mediate({ event: 'pio', ports: [0x3f8, 0x3ff], direction: 'out' }, () => allow());
+   * mon.mediate({ event: 'pio', ports: [0x60, 0x60], direction: 'in' }, () => emulate(0x22));     // the `in` reads 0x22
+   * mon.mediate({ event: 'pio', ports: [0x40, 0x43] }, () => deny({ effect: 'ignore' }));         // reads all ones, writes dropped
+   * mon.mediate({ event: 'msr', indices: [0xc0000103], direction: 'read' }, () => emulate(0));
+   * mon.mediate({ event: 'write-watch', range: [0x200000, 0x200fff] }, (ev) =>
+   *   ev.event === 'write-watch' && ev.source === 'dma' ? deny({ reason: 'no DMA here' }) : allow());
+   * mon.mediate({ event: 'mmio', range: [0xfee00000, 0xfee00fff] }, () => deny({ effect: 'gp', reason: 'LAPIC off limits' }));
+   * ```
+   */
   mediate(spec: EventSpec, fn: MediateFn, options: HookOptions = {}): HookHandle {
     return this.#register('mediate', spec, fn, options);
   }
 
-  /** Registers an observe hook: it sees events (maybe late, maybe batched) and cannot change them. */
+  /**
+   * Registers an observe hook: it sees events (maybe late, maybe batched) and cannot change them.
+   *
+   * @example Cheaper than mediating: coalesced port writes, dirty-log write-watch, exec probes
+   * ```ts
+   * const bytes: number[] = [];
+   * mon.observe({ event: 'pio', ports: [0x3f8, 0x3f8], direction: 'out' }, (ev) => { if (ev.event === 'pio') bytes.push(...ev.values); });
+   * mon.observe({ event: 'write-watch', range: [0x100000, 0x1fffff] }, (ev) => console.log('page written', ev));
+   * mon.observe({ event: 'exec', address: 0x1000 }, (ev, ctx) => {
+   *   if (ev.event === 'exec') console.log(formatInstruction(ev.code, ev.rip, 64), 'on vCPU', ctx.vcpu);
+   * });
+   * ```
+   */
   observe(spec: EventSpec, fn: ObserveFn, options: HookOptions = {}): HookHandle {
     return this.#register('observe', spec, fn, options);
   }

@@ -195,6 +195,19 @@ export function planElf(
  * Loads an ELF executable into guest RAM. Everything is validated first; on any error guest
  * memory is unchanged.
  * @throws ImageFormatError - malformed or truncated file, segment outside RAM or overlapping another.
+ *
+ * @example Load a static ELF and enter it at ring 0 (32-bit protected mode, or long mode for ELF64)
+ * ```ts
+ * import { readFileSync } from 'node:fs';
+ * import { Machine, loadElf } from '@tsvm/core';
+ *
+ * await using vm = await Machine.create({ memory: 16 * 1024 * 1024 });
+ * const r = loadElf(vm.memory, readFileSync('guest.elf'));          // validated first: memory untouched on error
+ * vm.enter(r.class === 64
+ *   ? { mode: 'long64', rip: r.entry, registers: {}, identityMap: r.segments }
+ *   : { mode: 'protected32', rip: r.entry, registers: {} });
+ * const stop = await vm.run({ timeout: 5000 });
+ * ```
  */
 export function loadElf(memory: GuestMemory, image: Uint8Array, options: ElfLoadOptions = {}): ElfLoadResult {
   const { plan, result } = planElf(image, new AddressAllocator(memory), options);

@@ -245,6 +245,21 @@ function kernelFootprint(bz: BzImage, load: bigint): { start: bigint; end: bigin
  * @throws ImageFormatError - malformed image or a kernel that does not fit in RAM.
  * @throws InvalidArgumentError - command line longer than `cmdline_size`, an initrd that cannot
  * be placed, caller-chosen addresses that collide, too many E820 entries.
+ *
+ * @example A bzImage and an initrd through the Linux boot protocol
+ * ```ts
+ * import { readFileSync } from 'node:fs';
+ * import { Machine, loadLinux } from '@tsvm/core';
+ *
+ * await using vm = await Machine.create({ memory: 256 * 1024 * 1024, irqchip: true });
+ * const r = loadLinux(vm.memory, readFileSync('bzImage'), {
+ *   cmdline: 'console=ttyS0 panic=-1',
+ *   initrd: readFileSync('initrd.img'),
+ *   avoid: vm.hostReserved(),
+ * });
+ * vm.enter(r.entryState);                                 // 64-bit entry when the image has one (r.mode)
+ * const stop = await vm.run({ timeout: 300_000 });
+ * ```
  */
 export function loadLinux(memory: GuestMemory, image: Uint8Array, options: LinuxBootOptions = {}): LinuxLoadResult {
   const bz = parseBzImage(image);

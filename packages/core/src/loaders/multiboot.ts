@@ -207,6 +207,21 @@ function memoryInfo(map: readonly MemoryMapEntry[]): { lower: number; upper: num
  * guest memory is written.
  * @throws ImageFormatError - bad or missing header, a kernel or module that does not fit.
  * @throws InvalidArgumentError - bad options (e.g. an `infoAddress` that collides).
+ *
+ * @example A multiboot kernel with one module, entered as a boot loader would (EAX magic, EBX info)
+ * ```ts
+ * import { readFileSync } from 'node:fs';
+ * import { Machine, loadMultiboot } from '@tsvm/core';
+ *
+ * await using vm = await Machine.create({ memory: 64 * 1024 * 1024 });
+ * const r = loadMultiboot(vm.memory, readFileSync('kernel.bin'), {
+ *   cmdline: 'console=com1',
+ *   modules: [{ data: readFileSync('initrd.img'), cmdline: 'initrd' }],
+ *   avoid: vm.hostReserved(),                                        // keep clear of the host's tables
+ * });
+ * vm.enter(r.entryState);
+ * const stop = await vm.run({ timeout: 10_000 });
+ * ```
  */
 export function loadMultiboot(memory: GuestMemory, image: Uint8Array, options: MultibootOptions = {}): MultibootLoadResult {
   const header = findMultibootHeader(image);

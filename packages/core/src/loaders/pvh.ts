@@ -98,6 +98,21 @@ export function findPvhEntry(image: Uint8Array): bigint | undefined {
  * memory is written.
  * @throws ImageFormatError - malformed ELF, no PVH note or a bad one, segments outside RAM.
  * @throws InvalidArgumentError - bad options or a `startInfoAddress` that collides.
+ *
+ * @example Boot a distribution kernel without firmware
+ * The complete platform is in `packages/examples/src/linux-boot.ts`.
+ * ```ts
+ * import { readFileSync } from 'node:fs';
+ * import { Machine, extractVmlinux, loadPvh, writeAcpiTables } from '@tsvm/core';
+ *
+ * await using vm = await Machine.create({ memory: 256 * 1024 * 1024, irqchip: true });
+ * // … attach a Uart16550 on IRQ 4, an I8042, a CmosRtc and Unpopulated.ranges() …
+ * const { vmlinux } = extractVmlinux(readFileSync('/boot/vmlinuz'));   // the bzImage's payload, unpacked
+ * const acpi = writeAcpiTables(vm.memory);
+ * const r = loadPvh(vm.memory, vmlinux, { cmdline: 'console=ttyS0', rsdpAddress: acpi.rsdpAddress, avoid: vm.hostReserved() });
+ * vm.enter(r.entryState);                                               // 32-bit protected mode at the PVH entry
+ * const stop = await vm.run({ timeout: 300_000 });
+ * ```
  */
 export function loadPvh(memory: GuestMemory, image: Uint8Array, options: PvhOptions = {}): PvhLoadResult {
   const entry = findPvhEntry(image);

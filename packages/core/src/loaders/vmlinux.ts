@@ -30,6 +30,12 @@ const MAX_VMLINUX = 1024 * 1024 * 1024;
  * Unpacks the `vmlinux` ELF from a bzImage.
  * @throws ImageFormatError - not a bzImage, a boot protocol without payload fields, an unknown
  *   compression (the field names its magic bytes), or a corrupt payload.
+ *
+ * @example
+ * ```ts
+ * const { vmlinux, compression } = extractVmlinux(readFileSync('/boot/vmlinuz'));   // 'gzip' or 'lz4'
+ * const r = loadPvh(vm.memory, vmlinux, { avoid: vm.hostReserved() });
+ * ```
  */
 export function extractVmlinux(bzImage: Uint8Array): ExtractedVmlinux {
   const bz = parseBzImage(bzImage);

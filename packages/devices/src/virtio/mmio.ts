@@ -81,7 +81,22 @@ function setHalf(v: bigint, half: 0 | 1, value: number): bigint {
   return (v & ~(0xffffffffn << shift)) | (BigInt(value >>> 0) << shift);
 }
 
-/** A virtio-mmio register window in front of one {@link VirtioDevice}. */
+/**
+ * A virtio-mmio register window in front of one {@link VirtioDevice}.
+ *
+ * @example A read-only disk at the default window, announced on the kernel command line
+ * ```ts
+ * import { VirtioBlock, VirtioMmio } from '@tsvm/devices';
+ *
+ * const disk = new VirtioMmio({
+ *   device: new VirtioBlock({ path: 'rootfs.img', readonly: true }),
+ *   memory: vm.memory,                                 // rings and buffers, through the checked accessor
+ *   irq: vm.irqLine(5),                                // needs Machine.create({ irqchip: true })
+ * });
+ * vm.attachDevice(disk.mappings(0xd000_0000n));        // one 0x200-byte window per device
+ * const cmdline = `console=ttyS0 ${VirtioMmio.kernelParameter(0xd000_0000n, 5)}`;   // virtio_mmio.device=512@0xd0000000:5
+ * ```
+ */
 export class VirtioMmio implements Device {
   /** Bytes of MMIO space one device occupies (registers + config space), as in QEMU. */
   static readonly windowSize = 0x200;

@@ -31,7 +31,18 @@ export interface VirtioRngOptions {
   readonly queueSize?: number;
 }
 
-/** A virtio entropy device. Put it behind a {@link VirtioMmio} transport. */
+/**
+ * A virtio entropy device. Put it behind a {@link VirtioMmio} transport.
+ *
+ * @example The host's CSPRNG, or a deterministic source for reproducible tests
+ * ```ts
+ * import { VirtioMmio, VirtioRng } from '@tsvm/devices';
+ *
+ * const rng = new VirtioMmio({ device: new VirtioRng(), memory: vm.memory, irq: vm.irqLine(6) });
+ * vm.attachDevice(rng.mappings(0xd000_0200n));         // the window after a device at 0xd0000000
+ * const fixed = new VirtioRng({ source: (into) => { into.fill(0x42); } });
+ * ```
+ */
 export class VirtioRng implements VirtioDevice {
   /** Device name. */
   readonly name: string;
