@@ -41,7 +41,8 @@ export function intArg(v: string): number {
 export function gdbArg(v: string): { host: string; port: number } {
   const m = /^(.*):(\d+)$/.exec(v);
   const port = m ? Number(m[2]) : NaN;
-  if (!m || !(port >= 1 && port <= 65535)) throw new InvalidArgumentError(`'${v}' is not [HOST]:PORT with PORT 1-65535`);
+  // Port 0: the system picks a free one, printed on stderr ("waiting for gdb on HOST:PORT").
+  if (!m || !(port >= 0 && port <= 65535)) throw new InvalidArgumentError(`'${v}' is not [HOST]:PORT with PORT 0-65535`);
   return { host: m[1] || '127.0.0.1', port };
 }
 
@@ -110,7 +111,7 @@ export function program(io: ProgramIo | ((text: string) => void) = {}): Command 
     .option('--policy <file.json>', 'port/MSR policy for the monitor (see @tsvm/monitor compilePolicy)')
     .option('--report <file>', 'write the cost report: .svg chart, .json, or text for any other name')
     .option('--audit <file>', "write the monitor's hash-chained audit log (JSON lines)")
-    .option('--gdb <[host]:port>', 'serve the gdb remote protocol (needs the gdb stub in this build)', gdbArg)
+    .option('--gdb <[host]:port>', 'start stopped and serve the gdb remote protocol there (port 0: any free port, printed); gdb drives the run', gdbArg)
     .option('--progress', 'a progress line on stderr every second (default when stderr is a TTY)')
     .option('--no-progress', 'no progress lines')
     .addOption(new Option('--kvm-device <path>', 'KVM device to open').default(undefined).hideHelp())

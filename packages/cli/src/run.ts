@@ -8,7 +8,7 @@ import { closeSync, openSync, readFileSync, writeFileSync, writeSync } from 'nod
 import { createServer } from 'node:net';
 import { KvmBackend, Machine, type Access, type AccessSize, type Backend, type CpuMode, type Device, type Stop } from '@tsvm/core';
 import { CmosRtc, DebugExit, I8042, Uart16550, Unpopulated } from '@tsvm/devices';
-import { Monitor, applyPolicy, formatReport, renderJson, renderSvg, report } from '@tsvm/monitor';
+import { Monitor, applyPolicy, formatReport, gdbServer, renderJson, renderSvg, report, type GdbServer } from '@tsvm/monitor';
 import { CliError, EXIT, describeStop, stopStatus } from './exit-codes.js';
 import { checkImage, detectFormat, loadImage, type ImageFormat } from './image.js';
 import { readPolicyFile } from './policy-check.js';
@@ -83,6 +83,31 @@ export async function gdbStubAvailable(): Promise<boolean> {
   return typeof mod['gdbServer'] === 'function';
 }
 
+/**
+ * `--gdb`: the machine starts stopped and gdb drives it (`continue`, `stepi`, Ctrl-C). When the
+ * guest ends under gdb, that stop is the result; when gdb detaches or disconnects first, the
+ * guest runs on to its end as without gdb (as a detached process does). SIGINT ends the wait.
+ */
+async function underGdb(vm: Machine, monitor: Monitor, at: { readonly host: string; readonly port: number }, signal: AbortSignal, err: (line: string) => void, timeout: number | undefined): Promise<Stop> {
+  const server: GdbServer = await gdbServer(vm, { host: at.host, port: at.port, monitor });
+  try {
+    err(`tsvm: waiting for gdb on ${server.address.host}:${server.address.port} (target remote ${server.address.host}:${server.address.port})`);
+    let final: Stop | undefined;
+    server.events.on('stop', (stop, byGdb) => { if (!byGdb) final = stop; });
+    await new Promise<void>((resolve) => {
+      const done = (): void => { signal.removeEventListener('abort', done); resolve(); };
+      server.events.on('disconnect', () => { if (final === undefined) err('tsvm: gdb detached; the guest runs on'); done(); });
+      server.events.on('stop', () => { if (final !== undefined) done(); });
+      signal.addEventListener('abort', done, { once: true });
+    });
+    if (final) return final;
+    await server.close(); // removes gdb's breakpoints before the guest runs on
+    return await vm.run({ signal, ...(timeout === undefined ? {} : { timeout }) });
+  } finally {
+    await server.close();
+  }
+}
+
 /** Runs the image. @returns the exit status (errors before the run throw {@link CliError} or a `TsvmError`). */
 export async function runImage(o: RunCommandOptions): Promise<number> {
   const err = o.stderr ?? ((l: string) => process.stderr.write(`${l}\n`));
@@ -96,8 +121,7 @@ export async function runImage(o: RunCommandOptions): Promise<number> {
   if (policy?.kind === 'flow') throw new CliError(EXIT.usage, `--policy ${o.policy}: a flow policy governs connections between machines; tsvm run runs one machine without vsock, give a port/MSR policy`);
   if (o.gdb) {
     await checkPortFree(o.gdb.host, o.gdb.port);
-    // The stub lives in @tsvm/monitor once merged; wiring it into this loop is the lead's step.
-    throw new CliError(EXIT.gdbUnavailable, (await gdbStubAvailable()) ? 'gdb stub found in @tsvm/monitor but not yet wired into tsvm run' : 'gdb stub not available in this build');
+    if (!(await gdbStubAvailable())) throw new CliError(EXIT.gdbUnavailable, 'gdb stub not available in this build');
   }
 
   let backend: Backend | undefined;
@@ -125,14 +149,15 @@ export async function runImage(o: RunCommandOptions): Promise<number> {
       vm.attachDevice(uart);
     }
     vm.attachDevice(o.debugExit === 'qemu' ? new DebugExit() : [{ range: { port: DebugExit.defaultPort, size: 1 }, device: new RawDebugExit() }]);
-    if (policy || o.report !== undefined || o.audit !== undefined) {
+    if (policy || o.report !== undefined || o.audit !== undefined || o.gdb) {
       if (o.audit !== undefined) {
         try { auditFd = openSync(o.audit, 'w'); } catch (e) { throw new CliError(EXIT.noFile, `cannot write audit log ${o.audit}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`); }
       }
       const fd = auditFd;
       mon = new Monitor(vm, { name: 'tsvm-run', ...(fd === undefined ? {} : { audit: (line: string) => { writeSync(fd, `${line}\n`); } }) });
       if (policy) applyPolicy(mon, policy.doc);
-      mon.seal();
+      // gdb's breakpoints are hooks added and removed during the session: not sealed then.
+      if (!o.gdb) mon.seal();
     }
     err(`tsvm: ${what}; ${memory / 1024 / 1024} MiB${policy ? `, policy ${o.policy}` : ''}`);
     if (o.progress) {
@@ -141,7 +166,9 @@ export async function runImage(o: RunCommandOptions): Promise<number> {
       timer.unref();
     }
     process.once('SIGINT', onSigint);
-    const stop: Stop = await vm.run({ signal: abort.signal, ...(o.timeout === undefined ? {} : { timeout: o.timeout }) });
+    const stop: Stop = o.gdb && mon
+      ? await underGdb(vm, mon, o.gdb, abort.signal, err, o.timeout)
+      : await vm.run({ signal: abort.signal, ...(o.timeout === undefined ? {} : { timeout: o.timeout }) });
     uart?.flush();
     const status = stopStatus(stop);
     err(`tsvm: ${describeStop(stop)}; ${stop.exits} exits in ${stop.elapsedMs.toFixed(1)} ms; exit ${status}`);

@@ -37,8 +37,11 @@ export interface GdbServerEvents {
   connect: [remote: string];
   /** The client detached, killed the session or disconnected; the machine is stopped and can be resumed. */
   disconnect: [remote: string];
-  /** A `continue`/`step` ended with this stop (a breakpoint hit or step is a `violation` of gdb's own hook). */
-  stop: [stop: Stop];
+  /**
+   * A `continue`/`step` ended with this stop; `byGdb` when it is one of gdb's own breakpoints or
+   * steps (a `violation` of gdb's hook), false when the guest stopped for its own reasons.
+   */
+  stop: [stop: Stop, byGdb: boolean];
 }
 
 /** A listening gdb stub. */
@@ -138,7 +141,7 @@ class Stub implements GdbServer {
     const remote = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`;
     const reader = new PacketReader();
     const send = (payload: string): void => { if (!socket.destroyed) socket.write(frame(payload)); };
-    const session = new GdbSession(this.#machine, this.monitor, { send, stopped: (stop) => this.events.emit('stop', stop) });
+    const session = new GdbSession(this.#machine, this.monitor, { send, stopped: (stop, byGdb) => this.events.emit('stop', stop, byGdb) });
     const client: Client = { socket, session, remote, ended: undefined };
     this.#client = client;
     this.events.emit('connect', remote);

@@ -44,8 +44,8 @@ interface Breakpoint { readonly handle: HookHandle; readonly physical: bigint }
 export interface SessionHooks {
   /** Sends one reply payload (framed by the caller). */
   send(payload: string): void;
-  /** A run ended (for the server's `stop` event). */
-  stopped?(stop: Stop): void;
+  /** A run ended (for the server's `stop` event); `byGdb`: at one of gdb's breakpoints or steps. */
+  stopped?(stop: Stop, byGdb: boolean): void;
 }
 
 /** A gdb session on one machine (vCPU 0). */
@@ -377,7 +377,7 @@ export class GdbSession {
     const hit = this.#hit;
     this.#hit = undefined;
     this.#stop = stopState(stop, hit);
-    this.#hooks.stopped?.(stop);
+    this.#hooks.stopped?.(stop, hit !== undefined && stop.reason === 'violation');
     this.#hooks.send(this.#stop.reply);
   }
 }
