@@ -42,7 +42,9 @@ export async function runCalibrate(o: CalibrateCommandOptions): Promise<{ table:
   } finally {
     if (timer) clearInterval(timer);
   }
-  const fresh = Date.parse(table.createdAt) >= t0 - 1000;
+  // The table is dated when its measurement ends, inside this call when it is fresh (ISO times
+  // have millisecond resolution, so a table from an earlier process is always older than t0).
+  const fresh = Date.parse(table.createdAt) >= t0;
   const lines = [
     fresh
       ? `calibrated ${table.host.flavour} host in ${((Date.now() - t0) / 1000).toFixed(1)} s (${runs} guest runs${table.quick ? ', quick' : ''}); cached in ${path}`
