@@ -172,8 +172,9 @@ export class Machine {
    * Resolves when the kernel has released every machine closed so far. `close()` returns once
    * the machine is unusable and its guest RAM is unmapped; on KVM the VM's final teardown
    * (~0.1–1 ms of kernel work on PVM) then runs on a libuv thread-pool thread, off the event
-   * loop (at most 4 at a time: a fifth `close()` waits for the oldest). Await this before
-   * counting a process's fds or its kernel memory.
+   * loop (at most 4 at a time: a fifth `close()` waits for the oldest). It also waits for the
+   * spare VM the KVM backend keeps ready for the next `create` (made on the thread pool after
+   * each create; `TSVM_SPARE_VM=0` turns that off). Await this before counting a process's fds.
    */
   static released(): Promise<void> {
     return teardown.released();

@@ -8,7 +8,7 @@ import { KVM, KVM_CAP, KVM_CONST } from './raw/ioctls.js';
 import * as S from './raw/structs.js';
 import { decodeCpuid, dv } from './raw/codec.js';
 import { KvmError, KvmUnavailableError, errnoName } from './errors.js';
-import { closeFd, ioctlInt, ioctlPtr } from './fd.js';
+import { closeFd, ioctlAsync, ioctlInt, ioctlPtr } from './fd.js';
 import { KvmVm } from './vm.js';
 import type { CpuidEntry } from './types.js';
 
@@ -101,6 +101,13 @@ export class KvmSystem {
     // Asked once here so the VM need not know its system (imports go system → vm → vcpu).
     const mmapSize = this.vcpuMmapSize();
     const fd = ioctlInt(this.fd, 'KVM_CREATE_VM', 0);
+    return new KvmVm(fd, mmapSize);
+  }
+
+  /** `KVM_CREATE_VM` (type 0) with the kernel's work on a thread-pool thread (see `ioctlAsync`). */
+  async createVmAsync(): Promise<KvmVm> {
+    const mmapSize = this.vcpuMmapSize();
+    const fd = await ioctlAsync(this.fd, 'KVM_CREATE_VM', 0);
     return new KvmVm(fd, mmapSize);
   }
 

@@ -3,9 +3,10 @@
  * @module
  */
 import * as S from './raw/structs.js';
-import { dv } from './raw/codec.js';
+import { dv, encodeCpuid } from './raw/codec.js';
+import type { CpuidEntry } from './types.js';
 import { KVM_CONST } from './raw/ioctls.js';
-import { closeFd, closeFdInBackground, ioctlInt, ioctlPtr } from './fd.js';
+import { closeFd, closeFdInBackground, ioctlAsync, ioctlInt, ioctlPtr } from './fd.js';
 import { KvmVcpu } from './vcpu.js';
 import { KvmError } from './errors.js';
 
@@ -202,6 +203,42 @@ export class KvmVm {
   setPit2(data: Uint8Array): void {
     checkSize('KVM_SET_PIT2', data, S.sizeOf(S.kvm_pit_state2));
     ioctlPtr(this.fd, 'KVM_SET_PIT2', data);
+  }
+
+  /**
+   * The set-up of a new VM and its vCPU 0 with the kernel's work on thread-pool threads (see
+   * `ioctlAsync`): `KVM_SET_TSS_ADDR` (when `tssAddress` is given), `KVM_CREATE_IRQCHIP` and
+   * `KVM_CREATE_PIT2` (when `pitFlags` is given), `KVM_CREATE_VCPU`, `KVM_SET_CPUID2` and
+   * `KVM_SET_SIGNAL_MASK` (the mask as `KvmVcpu.setSignalMask` takes it, made on the thread that
+   * will run the vCPU). On failure everything it made is closed and the promise rejects.
+   */
+  async prepareAsync(options: { tssAddress?: number; pitFlags?: number; cpuid: readonly CpuidEntry[]; signalMask: Uint8Array }): Promise<KvmVcpu> {
+    if (options.tssAddress !== undefined) await ioctlAsync(this.fd, 'KVM_SET_TSS_ADDR', options.tssAddress);
+    if (options.pitFlags !== undefined) {
+      await ioctlAsync(this.fd, 'KVM_CREATE_IRQCHIP', 0);
+      const pit = new Uint8Array(S.sizeOf(S.kvm_pit_config));
+      dv(pit).setUint32(0, options.pitFlags, true);
+      await ioctlAsync(this.fd, 'KVM_CREATE_PIT2', pit);
+    }
+    const fd = await ioctlAsync(this.fd, 'KVM_CREATE_VCPU', 0);
+    let vcpu: KvmVcpu;
+    try {
+      vcpu = new KvmVcpu(fd, 0, this.vcpuMmapSize);
+    } catch (e) {
+      closeFd(fd);
+      throw e;
+    }
+    try {
+      await ioctlAsync(fd, 'KVM_SET_CPUID2', encodeCpuid(options.cpuid));
+      const mask = new Uint8Array(4 + options.signalMask.length);
+      dv(mask).setUint32(0, options.signalMask.length, true);
+      mask.set(options.signalMask, 4);
+      await ioctlAsync(fd, 'KVM_SET_SIGNAL_MASK', mask);
+      return vcpu;
+    } catch (e) {
+      vcpu.close();
+      throw e;
+    }
   }
 
   /** `KVM_CREATE_VCPU` and mmap of its `kvm_run`. */

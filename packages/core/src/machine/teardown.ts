@@ -7,6 +7,7 @@ import type { EventEmitter } from 'eventemitter3';
 import { StateError } from '../errors.js';
 import type { MachineEvents } from '../machine.js';
 import type { MachineState } from './state.js';
+import { sharedBackendSettled } from '../backend/kvm.js';
 
 /**
  * VM releases still running on a thread-pool thread (see {@link close}). Bounded: a close that
@@ -19,6 +20,7 @@ const MAX_BACKGROUND_RELEASES = 4;
 /** @internal Resolves when every VM handed to a background release so far has been released. */
 export async function released(): Promise<void> {
   while (releasing.size > 0) await Promise.all([...releasing]);
+  await sharedBackendSettled(); // and the spare VM the backend may be making (fds in flight)
 }
 
 /**

@@ -12,8 +12,10 @@
  * - Stops and errors cross the boundary typed ({@link encodeError} / {@link decodeError}).
  *
  * Isolation is that of `worker_threads`: a worker's exit, uncaught throw or heap exhaustion
- * (`resourceLimits`) ends that worker only. A native fault (SIGSEGV in koffi or the kernel
- * interface) still ends the whole process; only a child process would contain that.
+ * (`resourceLimits`) ends that worker only — almost always: V8 can abort the whole process
+ * when a worker hits its heap limit during its own clean-up (seen under load, "Ineffective
+ * mark-compacts" in the worker's teardown). A native fault (SIGSEGV in koffi or the kernel
+ * interface) ends the whole process too; only a child process contains those.
  * @module
  */
 export { MachineWorker, type MachineWorkerOptions, type MachineWorkerEvents, type WorkerRunOptions } from './machine-worker.js';

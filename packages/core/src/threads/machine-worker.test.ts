@@ -1,4 +1,6 @@
+import { spawnSync } from 'node:child_process';
 import { getPriority } from 'node:os';
+import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { GuestMemoryError, InvalidArgumentError, StateError, TsvmError, WorkerExitedError } from '../errors.js';
 import { MachineWorker } from './machine-worker.js';
@@ -127,13 +129,21 @@ describe('MachineWorker (mock backend in a worker)', () => {
     await w.close(); // idempotent on a dead worker
   });
 
-  it('a worker that runs out of heap: WorkerExitedError with how out-of-memory', async () => {
-    const w = await start('oom-on-run', { resourceLimits: { maxOldGenerationSizeMb: 32, maxYoungGenerationSizeMb: 8 } });
-    const e = await w.run({ timeout: 30_000 }).catch((x: unknown) => x);
-    expect(e).toBeInstanceOf(WorkerExitedError);
-    expect((e as WorkerExitedError).how).toBe('out-of-memory');
-    expect((e as WorkerExitedError).cause).toMatchObject({ code: 'ERR_WORKER_OUT_OF_MEMORY' });
-  });
+  it('a worker that runs out of heap: WorkerExitedError with how out-of-memory (in a child process: V8 may abort the process)', async () => {
+    // V8 can abort the whole process when a worker hits its heap limit during its own clean-up;
+    // run the scenario in a child so that never takes this test file (and the rest) down. An abort
+    // is retried (it is V8's, not ours); the typed error must come at least once in three.
+    const child = fileURLToPath(new URL('./fixtures/oom-child.ts', import.meta.url));
+    let last = '';
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const r = spawnSync(process.execPath, ['--import', 'tsx', child], { encoding: 'utf8', timeout: 60_000 });
+      last = `status ${r.status} signal ${r.signal}: ${r.stdout}${r.stderr.slice(0, 400)}`;
+      if (r.status !== 0) continue;
+      expect(JSON.parse(r.stdout.trim())).toEqual({ typed: true, how: 'out-of-memory', code: 'ERR_WORKER_OUT_OF_MEMORY' });
+      return;
+    }
+    expect.fail(`the child never reported the typed error: ${last}`);
+  }, 200_000);
 
   it('terminate() rejects a pending run with how terminated; close() after close() is a no-op; calls after close are StateErrors', async () => {
     const w = await start('storm');

@@ -37,6 +37,10 @@ export interface Libc {
   ioctlPtr(fd: number, request: number, arg: Uint8Array | null): number;
   /** libc `ioctl` (integer argument). */
   ioctlInt(fd: number, request: number, arg: number | bigint): number;
+  /** libc `ioctl` (pointer argument) on a libuv thread-pool thread; `done` gets koffi's error or the result. */
+  ioctlPtrAsync(fd: number, request: number, arg: Uint8Array | null, done: (err: unknown, result: number) => void): void;
+  /** libc `ioctl` (integer argument) on a libuv thread-pool thread. */
+  ioctlIntAsync(fd: number, request: number, arg: number | bigint, done: (err: unknown, result: number) => void): void;
   /** libc `mmap` (see its man page). */
   mmap(addr: null, length: number, prot: number, flags: number, fd: number, offset: number): NativePointer;
   /** libc `munmap` (see its man page). */
@@ -82,12 +86,16 @@ export function libc(): Libc {
   lib = koffi().load('libc.so.6');
   const l = lib;
   const closeFn = l.func('int close(int fd)');
+  const ioctlPtrFn = l.func('ioctl', 'int', ['int', 'unsigned long', 'void *']);
+  const ioctlIntFn = l.func('ioctl', 'int', ['int', 'unsigned long', 'uint64_t']);
   cached = {
     open: l.func('int open(const char *path, int flags)'),
     close: closeFn,
     closeAsync: (fd: number, done: (err: unknown, result: number) => void) => { closeFn.async(fd, done); },
-    ioctlPtr: l.func('ioctl', 'int', ['int', 'unsigned long', 'void *']),
-    ioctlInt: l.func('ioctl', 'int', ['int', 'unsigned long', 'uint64_t']),
+    ioctlPtr: ioctlPtrFn,
+    ioctlInt: ioctlIntFn,
+    ioctlPtrAsync: (fd: number, request: number, arg: Uint8Array | null, done: (err: unknown, result: number) => void) => { ioctlPtrFn.async(fd, request, arg, done); },
+    ioctlIntAsync: (fd: number, request: number, arg: number | bigint, done: (err: unknown, result: number) => void) => { ioctlIntFn.async(fd, request, arg, done); },
     mmap: l.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)'),
     munmap: l.func('int munmap(void *addr, size_t length)'),
     memfd_create: l.func('int memfd_create(const char *name, unsigned int flags)'),
