@@ -42,6 +42,27 @@ describe.skipIf(!kvm.available)(`Machine on real KVM${kvm.available ? '' : ` (SK
     expect(stop.reason).toBe(ring === 3 ? 'debug-exit' : 'halt');
   });
 
+  it('machines come from spare VMs made ahead on the thread pool, and run like any other (CPUID, signal mask, irqchip)', async () => {
+    const backend = kvmBackend();
+    await Machine.released(); // spares of both kinds settled
+    for (const irqchip of [false, true]) {
+      const warm = await Machine.create({ memory: 2 * MiB, irqchip });
+      await warm.close();
+      await Machine.released();
+      expect(backend.sparesReady(irqchip)).toBe(2);
+      const vm = await Machine.create({ memory: 2 * MiB, irqchip });
+      expect(backend.sparesReady(irqchip)).toBe(1); // this one took a spare
+      // cpuid leaf 0 (set on the spare's vCPU on the thread pool) then a debug-exit of EAX's low byte.
+      vm.io.register({ port: 0xf4, size: 1 }, { name: 'end', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+      vm.loadFlat(await asm('xor eax, eax\n cpuid\n mov al, bl\n out 0xf4, al\n hlt', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long' });
+      const stop = await vm.run({ timeout: 5000 });
+      // EBX of leaf 0 is the vendor's first four letters: 'Genu' / 'Auth' / 'Hygo' …: its low byte is a letter.
+      expect(stop.reason).toBe('debug-exit');
+      if (stop.reason === 'debug-exit') expect(String.fromCharCode(stop.code)).toMatch(/[A-Za-z]/);
+      await vm.close();
+    }
+  });
+
   it('a triple fault is a shutdown stop', async () => {
     await using vm = await Machine.create({ memory: 2 * MiB });
     // Empty IDT, then fault: #UD → no handler → #DF → triple fault.

@@ -120,6 +120,11 @@ export class KvmBackend implements Backend {
     return made;
   }
 
+  /** How many spare VMs of this irqchip kind are ready now (diagnostics). */
+  sparesReady(irqchip: boolean): number {
+    return this.#spares.get(irqchip)?.length ?? 0;
+  }
+
   /** Resolves when no spare VM is being prepared (a test counting fds waits for it). */
   async settled(): Promise<void> {
     while (this.#preparing.size > 0) await Promise.all([...this.#preparing.values()]);
