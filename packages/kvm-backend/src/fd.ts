@@ -32,7 +32,8 @@ export function closeFd(fd: number): void {
  * Issues `ioctl(fd, KVM_x, arg)` on a libuv thread-pool thread (koffi's async call): the kernel's
  * work (creating a VM or vCPU: ~0.05–0.5 ms on PVM) runs off the caller's thread. Rejects with a
  * {@link KvmError} when it returns -1 (errno is the pool thread's and cannot be read here: EIO
- * stands for it). `arg` must stay untouched until the promise settles.
+ * stands for it). `arg` must stay untouched until the promise settles. Not in a worker thread
+ * that may be terminated: a completion arriving while the worker is torn down aborts the process.
  */
 export function ioctlAsync(fd: number, name: KvmIoctl, arg: number | bigint | Uint8Array | null = 0): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -49,7 +50,8 @@ export function ioctlAsync(fd: number, name: KvmIoctl, arg: number | bigint | Ui
 /**
  * Closes an fd on a libuv thread-pool thread (koffi's async call): for a VM fd the kernel's
  * teardown (~0.1–1 ms on PVM: memslots, MMU, SRCU grace periods) then runs off the caller's
- * thread. Resolves when `close` returned.
+ * thread. Resolves when `close` returned. Not in a worker thread that may be terminated (see
+ * {@link ioctlAsync}).
  */
 export function closeFdInBackground(fd: number): Promise<void> {
   if (fd < 0) return Promise.resolve();

@@ -7,6 +7,7 @@
  * @module
  */
 import { readFileSync } from 'node:fs';
+import { isMainThread } from 'node:worker_threads';
 import {
   KVM_CAP, KVM_CONST, KvmSystem, MemfdMapping, armSlice, disarmSlice,
   consumeSliceSignal, runSignalMask, KvmError, VCPU_EVENTS_OFFSETS as EV, IOAPIC_REDIRTBL_OFFSET,
@@ -88,7 +89,10 @@ export class KvmBackend implements Backend {
     // Learned, not assumed: the probe VM runs on this very backend (it needs only createVm).
     this.ioRipProbe = probeIoRip(this);
     this.capabilities = { ...this.capabilities, ioExitRip: this.ioRipProbe.behaviour };
-    this.#spareOn = process.env['TSVM_SPARE_VM'] !== '0';
+    // Only on the main thread: koffi's async calls complete through the thread's event loop, and
+    // a worker terminated with one in flight aborts the whole process (napi_throw during the
+    // worker's teardown, seen when a MachineWorker was terminated mid-spin).
+    this.#spareOn = isMainThread && process.env['TSVM_SPARE_VM'] !== '0';
   }
 
   /**
