@@ -53,7 +53,18 @@ export interface MachineOptions {
   readonly irqchip?: boolean;
   /** Name used in diagnostics. */
   readonly name?: string;
+  /**
+   * Number of vCPUs (default 1, at most {@link MAX_VCPUS}). vCPU 0 is the bootstrap processor
+   * that `loadFlat` and `enter` set up; with more than one, `irqchip: true` is required: each
+   * vCPU gets an in-kernel LAPIC and the others (application processors) wait for INIT/SIPI
+   * from the guest, as on hardware. `run()` runs them round-robin, one slice each, on the
+   * calling thread; every exit of every vCPU passes through the same hooks and devices.
+   */
+  readonly vcpus?: number;
 }
+
+/** Most vCPUs a machine may have (`MachineOptions.vcpus`). */
+export const MAX_VCPUS = 64;
 
 /** Lifecycle events (errors are returned or thrown, never emitted). */
 export interface MachineEvents {
@@ -122,7 +133,7 @@ export class Machine {
   // ── Lifecycle ───────────────────────────────────────────────────────────────────────────
 
   /**
-   * Creates a machine with guest RAM and one vCPU. Validates every option before touching KVM.
+   * Creates a machine with guest RAM and `options.vcpus` vCPUs (default one). Validates every option before touching KVM.
    * @throws InvalidArgumentError for bad options; KvmUnavailableError when KVM is missing.
    *
    * @example RAM as one region at 0, or as explicit regions; a mock backend for unit tests
@@ -145,13 +156,16 @@ export class Machine {
     if (options.irqchip !== undefined && typeof options.irqchip !== 'boolean') throw new InvalidArgumentError('irqchip', 'must be a boolean');
     if (options.name !== undefined && typeof options.name !== 'string') throw new InvalidArgumentError('name', `must be a string, got ${show(options.name)}`);
     if (options.backend !== undefined && (options.backend === null || typeof options.backend !== 'object' || typeof options.backend.createVm !== 'function')) throw new InvalidArgumentError('backend', 'must be a Backend');
-    const backend = options.backend ?? kvmBackend();
+    const nVcpus = options.vcpus ?? 1;
+    if (typeof nVcpus !== 'number' || !Number.isInteger(nVcpus) || nVcpus < 1 || nVcpus > MAX_VCPUS) throw new InvalidArgumentError('vcpus', `must be an integer in [1, ${MAX_VCPUS}], got ${show(options.vcpus)}`);
     const irqchip = options.irqchip ?? false;
+    if (nVcpus > 1 && !irqchip) throw new InvalidArgumentError('vcpus', `${nVcpus} vCPUs need irqchip: true (each vCPU's LAPIC delivers the INIT/SIPI that starts it)`);
+    const backend = options.backend ?? kvmBackend();
     const vm = backend.createVm({ irqchip });
     const s = new MachineState(options.name ?? 'machine', backend, vm, irqchip);
     try {
       for (const r of regions) memoryMap.addRegion(s, r);
-      s.vcpus.push(new Vcpu(vm.createVcpu(0)));
+      for (let id = 0; id < nVcpus; id++) s.vcpus.push(new Vcpu(vm.createVcpu(id)));
     } catch (e) {
       teardown.teardown(s);
       throw e;
@@ -189,12 +203,15 @@ export class Machine {
     return this.#s.backend;
   }
 
-  /** The vCPUs. */
+  /** The vCPUs, by index (vCPU 0 is the bootstrap processor). */
   get vcpus(): readonly Vcpu[] {
     return this.#s.vcpus;
   }
 
-  /** vCPU `id`. */
+  /**
+   * vCPU `id` (default 0, the bootstrap processor).
+   * @throws InvalidArgumentError when there is no such vCPU.
+   */
   vcpu(id = 0): Vcpu {
     return this.#s.vcpu(id);
   }

@@ -1,0 +1,76 @@
+/**
+ * Two vCPUs on real KVM: the bootstrap processor starts the application processor with
+ * INIT + SIPI + SIPI through its in-kernel LAPIC (those MMIO writes never exit), the AP runs a
+ * real-mode stub at the SIPI vector's page, and every exit of both reaches the same hooks.
+ * Ring-0 and real-mode code are emulated on some hosts (~1 µs per instruction): the guests are tiny.
+ */
+import { describe, expect, it } from 'vitest';
+import { Machine } from '../machine.js';
+import { asm } from '../asm.js';
+import { kvmAvailability } from '../testing/kvm-gate.js';
+import type { ExitHook } from '../hooks.js';
+
+const kvm = kvmAvailability();
+const MiB = 1024 * 1024;
+const FLAG = 0x7000;
+const SIPI_VECTOR = 0x08; // the AP starts at CS=0x0800, IP=0: physical 0x8000
+
+// BSP, 64-bit ring 0. RAX holds the LAPIC base: an absolute 0xfee00300 operand would be
+// sign-extended in 64-bit mode. ICR high (0x310) = 0, low (0x300): shorthand "all excluding
+// self" (0b11 << 18), level assert (1 << 14), delivery mode INIT (0b101 << 8) / start-up (0b110 << 8).
+const bsp = `
+  mov eax, 0xfee00000
+  mov dword ptr [rax + 0xf0], 0x1ff
+  mov dword ptr [rax + 0x310], 0
+  mov dword ptr [rax + 0x300], 0x000c4500
+  mov dword ptr [rax + 0x300], ${0x000c4600 | SIPI_VECTOR}
+  mov dword ptr [rax + 0x300], ${0x000c4600 | SIPI_VECTOR}
+wait:
+  cmp byte ptr [${FLAG}], 0
+  je wait
+  mov al, byte ptr [${FLAG}]
+  mov dx, 0xf4
+  out dx, al
+  hlt`;
+
+// AP, real mode (DS base 0 after INIT): report on port 0x80, raise the flag, halt for good.
+const ap = `
+  mov al, 0x42
+  out 0x80, al
+  mov byte ptr [${FLAG}], al
+  cli
+  hlt`;
+
+describe.skipIf(!kvm.available)(`SMP on real KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  it('the BSP starts the AP with INIT/SIPI/SIPI; both vCPUs\' exits reach the hooks; the stop names vCPU 0', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB, irqchip: true, vcpus: 2 });
+    expect(vm.vcpus).toHaveLength(2);
+    const posted: number[] = [];
+    vm.attach({ port: 0x80, size: 1 }, { name: 'post', write: (_o, v) => { posted.push(v); } });
+    vm.attach({ port: 0xf4, size: 1 }, { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+    const seen: Array<[vcpu: number, port: number]> = [];
+    const hook: ExitHook = {
+      name: 'all-ports', mode: 'mediate',
+      matches: (e) => e.kind === 'io',
+      handle: (e, info) => { if (e.kind === 'io') seen.push([info.vcpu, e.port]); },
+    };
+    vm.addHook(hook);
+    vm.memory.write(SIPI_VECTOR << 12, await asm(ap, { bits: 16, address: 0 }));
+    vm.loadFlat(await asm(bsp, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 0 });
+    const stop = await vm.run({ timeout: 20_000 });
+    expect(stop).toMatchObject({ reason: 'debug-exit', code: 0x42, vcpu: 0 });
+    expect(posted).toEqual([0x42]);
+    expect(seen).toEqual([[1, 0x80], [0, 0xf4]]);
+    expect(vm.memory.readUint(FLAG, 1)).toBe(0x42);
+    // The AP is halted with IF=0 for good; the BSP ended on its `out`.
+    expect(vm.vcpu(1).getRegs().rflags & 0x200n).toBe(0n);
+  }, 30_000);
+
+  it('a machine whose AP is never started and whose BSP halts with IF=0 stops as halt', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB, irqchip: true, vcpus: 2 });
+    vm.loadFlat(await asm('cli\n hlt', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 0 });
+    const stop = await vm.run({ timeout: 10_000 });
+    expect(stop).toMatchObject({ reason: 'halt', vcpu: 0 });
+    expect(stop.elapsedMs).toBeLessThan(5000);
+  }, 20_000);
+});

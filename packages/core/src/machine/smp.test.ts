@@ -1,0 +1,162 @@
+/**
+ * Several vCPUs on MockBackend: creation rules, round-robin slices on one thread, every exit of
+ * every vCPU through the one hook pipeline, and stops that name the vCPU.
+ */
+import { describe, expect, it } from 'vitest';
+import { Machine, MAX_VCPUS } from '../machine.js';
+import { MockBackend, MockVcpu, outExit } from '../testing/mock.js';
+import { InvalidArgumentError } from '../errors.js';
+import type { ExitHook } from '../hooks.js';
+
+const MiB = 1024 * 1024;
+const intr = { kind: 'intr' } as const;
+
+/** An observe hook that records (vCPU, port, value) of every `out`. */
+function recorder(): { hook: ExitHook; seen: Array<[number, number, number]> } {
+  const seen: Array<[number, number, number]> = [];
+  return {
+    seen,
+    hook: {
+      name: 'rec', mode: 'mediate',
+      matches: (e) => e.kind === 'io',
+      handle: (e, info) => { if (e.kind === 'io') seen.push([info.vcpu, e.port, e.data[0] ?? -1]); },
+    },
+  };
+}
+
+/** Port 0x80 swallows writes; a write to 0xf4 ends the run as a debug exit with that code. */
+function attachPorts(vm: Machine): void {
+  vm.attach({ port: 0x80, size: 1 }, { name: 'post', write: () => {} });
+  vm.attach({ port: 0xf4, size: 1 }, { name: 'exit', write: (_o, v, _s, access) => access.requestStop({ reason: 'debug-exit', code: v }) });
+}
+
+describe('Machine.create({ vcpus })', () => {
+  it.each([[0], [1.5], ['2'], [MAX_VCPUS + 1], [-1]])('rejects vcpus: %j', async (vcpus) => {
+    const p = Machine.create({ memory: 2 * MiB, backend: new MockBackend(), irqchip: true, vcpus: vcpus as number });
+    await expect(p).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(p).rejects.toThrow(/vcpus/);
+  });
+
+  it('requires the in-kernel irqchip for more than one vCPU, before touching the backend', async () => {
+    const backend = new MockBackend();
+    const p = Machine.create({ memory: 2 * MiB, backend, vcpus: 2 });
+    await expect(p).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(p).rejects.toThrow(/irqchip: true/);
+    expect(backend.vms).toHaveLength(0);
+  });
+
+  it('creates vCPUs 0..N-1 and exposes them', async () => {
+    const backend = new MockBackend();
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 3 });
+    expect(vm.vcpus.map((v) => v.id)).toEqual([0, 1, 2]);
+    expect(vm.vcpu(2).id).toBe(2);
+    expect(backend.vms[0]?.vcpus.map((v) => v.id)).toEqual([0, 1, 2]);
+    expect(() => vm.vcpu(3)).toThrow(InvalidArgumentError);
+  });
+});
+
+describe('run() with several vCPUs (round-robin on the calling thread)', () => {
+  it('runs the vCPUs one slice each, in turn, and every exit reaches the hooks with its vCPU', async () => {
+    const backend = new MockBackend();
+    backend.scriptVcpu(0, outExit(0x80, 1), intr, outExit(0x80, 3), intr, outExit(0x80, 5), intr);
+    backend.scriptVcpu(1, outExit(0x80, 2), intr, outExit(0x80, 4), intr, outExit(0xf4, 9));
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 2 });
+    attachPorts(vm);
+    const { hook, seen } = recorder();
+    vm.addHook(hook);
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop).toMatchObject({ reason: 'debug-exit', code: 9, vcpu: 1 });
+    expect(seen).toEqual([[0, 0x80, 1], [1, 0x80, 2], [0, 0x80, 3], [1, 0x80, 4], [0, 0x80, 5], [1, 0xf4, 9]]);
+  });
+
+  it('a stop of one vCPU stops the machine and names that vCPU', async () => {
+    const backend = new MockBackend();
+    backend.scriptVcpu(0, outExit(0x80, 1), intr, outExit(0xf4, 3));
+    const ap = backend.scriptVcpu(1, outExit(0x80, 2), intr, outExit(0x80, 7), intr);
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 2 });
+    attachPorts(vm);
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop).toMatchObject({ reason: 'debug-exit', code: 3, vcpu: 0 });
+    expect(ap.steps).toHaveLength(2);   // vCPU 1 ran exactly one slice
+  });
+
+  it('names the vCPU in an unhandled-exit stop', async () => {
+    const backend = new MockBackend();
+    backend.scriptVcpu(0, intr, intr, intr);
+    backend.scriptVcpu(1, outExit(0x99, 1));
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 2 });
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop).toMatchObject({ reason: 'unhandled-exit', vcpu: 1 });
+  });
+
+  it('never runs a vCPU waiting for SIPI, and runs it once it has been started', async () => {
+    const backend = new MockBackend();
+    const ap = new MockVcpu(1);
+    ap.waitingSipi = true;
+    ap.script(outExit(0x80, 0x42), intr);
+    ap.whenEmpty = intr;
+    backend.nextVcpus.set(1, ap);
+    let apRunsBeforeSipi = -1;
+    backend.scriptVcpu(0,
+      outExit(0x80, 1), intr, intr,
+      (v) => { apRunsBeforeSipi = ap.runs; ap.waitingSipi = false; void v; return outExit(0x80, 2); }, intr,
+      intr, outExit(0xf4, 0));
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 2 });
+    attachPorts(vm);
+    const { hook, seen } = recorder();
+    vm.addHook(hook);
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop).toMatchObject({ reason: 'debug-exit', vcpu: 0 });
+    expect(apRunsBeforeSipi).toBe(0);
+    expect(ap.slices).toBe(2);   // started after the BSP's third slice: two turns before the BSP's fifth
+    expect(seen).toEqual([[0, 0x80, 1], [0, 0x80, 2], [1, 0x80, 0x42], [0, 0xf4, 0]]);
+  });
+
+  it('stops as halt when every vCPU is halted with IF=0 or waits for SIPI, naming the last one to halt', async () => {
+    const backend = new MockBackend();
+    const bsp = backend.scriptVcpu(0, outExit(0x80, 1), (v) => { v.halted = true; return intr; });
+    const ap = backend.scriptVcpu(1);
+    ap.waitingSipi = true;
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 2 });
+    attachPorts(vm);
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop).toMatchObject({ reason: 'halt', vcpu: 0 });
+    expect(bsp.steps).toHaveLength(0);
+    expect(ap.runs).toBe(0);
+  });
+
+  it('does not stop as halt while another vCPU can still run, or a halted one has IF=1', async () => {
+    const backend = new MockBackend();
+    // vCPU 1 halts for good at once; vCPU 0 keeps working, then halts with interrupts enabled.
+    const ap = backend.scriptVcpu(1, (v) => { v.halted = true; return intr; });
+    ap.whenEmpty = intr;
+    const bsp = backend.scriptVcpu(0, outExit(0x80, 1), intr, outExit(0x80, 2), intr, (v) => { v.halted = true; v.regs.rflags = 0x202n; return intr; });
+    bsp.whenEmpty = intr;
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 2 });
+    attachPorts(vm);
+    const { hook, seen } = recorder();
+    vm.addHook(hook);
+    const stop = await vm.run({ timeout: 100 });
+    expect(stop).toMatchObject({ reason: 'timeout', halted: true });
+    expect(seen).toEqual([[0, 0x80, 1], [0, 0x80, 2]]);
+  });
+
+  it('gives a halted vCPU short (≤1 ms) slices while another runs', async () => {
+    const backend = new MockBackend();
+    const lengths: number[][] = [[], []];
+    const bsp = backend.scriptVcpu(0, intr, intr, intr, outExit(0xf4, 0));
+    const ap = backend.scriptVcpu(1, (v) => { v.halted = true; v.regs.rflags = 0x202n; return intr; });
+    ap.whenEmpty = intr;
+    for (const v of [bsp, ap]) {
+      const begin = v.beginSlice.bind(v);
+      v.beginSlice = (ns) => { lengths[v.id]?.push(ns); begin(ns); };
+    }
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 2 });
+    attachPorts(vm);
+    const stop = await vm.run({ timeout: 5000, sliceMs: 10 });
+    expect(stop).toMatchObject({ reason: 'debug-exit', vcpu: 0 });
+    expect(lengths[0]).toEqual([10e6, 10e6, 10e6, 10e6]);
+    // First slice before it was seen halted: full length; the rest short.
+    expect(lengths[1]).toEqual([10e6, 1e6, 1e6]);
+  });
+});
