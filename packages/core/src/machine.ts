@@ -31,7 +31,9 @@ import type { ExitStats } from './stats.js';
 import type { Stop } from './stop.js';
 import { Vcpu } from './vcpu.js';
 import { Snapshot, takeSnapshot, restoreMachine, resetMachine, type RestoreOptions, type ResetResult, type ResetOptions, type MachineInternals } from './snapshot/index.js';
-import { MachineState } from './machine/state.js';
+import { MachineState, MAX_VCPUS } from './machine/state.js';
+
+export { MAX_VCPUS };
 import * as memoryMap from './machine/memory-map.js';
 import * as cpuEntry from './machine/cpu-entry.js';
 import * as attachments from './machine/attachments.js';
@@ -63,8 +65,6 @@ export interface MachineOptions {
   readonly vcpus?: number;
 }
 
-/** Most vCPUs a machine may have (`MachineOptions.vcpus`). */
-export const MAX_VCPUS = 64;
 
 /** Lifecycle events (errors are returned or thrown, never emitted). */
 export interface MachineEvents {

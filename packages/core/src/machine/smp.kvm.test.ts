@@ -41,6 +41,41 @@ const ap = `
   cli
   hlt`;
 
+// Two phases for snapshots: the BSP starts the AP (stub 1 at 0x8000), checkpoints on port 0xf5,
+// then restarts the halted AP with INIT/SIPI to stub 2 (0x9000) and ends with stub 2's value.
+const startAp = (vector: number): string => `
+  mov dword ptr [rax + 0x300], 0x000c4500
+  mov dword ptr [rax + 0x300], ${0x000c4600 | vector}
+  mov dword ptr [rax + 0x300], ${0x000c4600 | vector}`;
+const twoPhase = `
+  mov eax, 0xfee00000
+  mov dword ptr [rax + 0xf0], 0x1ff
+  mov dword ptr [rax + 0x310], 0
+  ${startAp(0x08)}
+wait1:
+  cmp byte ptr [${FLAG}], 0
+  je wait1
+  mov dx, 0xf5
+  out dx, al
+  mov eax, 0xfee00000
+  ${startAp(0x09)}
+wait2:
+  cmp byte ptr [${FLAG + 4}], 0
+  je wait2
+  mov al, byte ptr [${FLAG + 4}]
+  mov dx, 0xf4
+  out dx, al
+  hlt`;
+const ap2 = ap.replace('0x42', '0x43').replace(`[${FLAG}]`, `[${FLAG + 4}]`);
+
+/** Ports of the guests: 0x80 records (vCPU, value); 0xf4 ends the run; 0xf5 is a checkpoint stop (code 0xf5). */
+function ports(m: Machine, posted: Array<[number, number]>): void {
+  m.attach({ port: 0xf4, size: 1 }, { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+  m.attach({ port: 0xf5, size: 1 }, { name: 'checkpoint', write: (_o, _v, _s, a) => a.requestStop({ reason: 'debug-exit', code: 0xf5 }) });
+  m.attach({ port: 0x80, size: 1 }, { name: 'post', write: () => {} });
+  m.addHook({ name: 'post-seen', mode: 'mediate', matches: (e) => e.kind === 'io' && e.port === 0x80, handle: (e, info) => { if (e.kind === 'io') posted.push([info.vcpu, e.data[0] ?? -1]); } });
+}
+
 describe.skipIf(!kvm.available)(`SMP on real KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
   it('the BSP starts the AP with INIT/SIPI/SIPI; both vCPUs\' exits reach the hooks; the stop names vCPU 0', async () => {
     await using vm = await Machine.create({ memory: 2 * MiB, irqchip: true, vcpus: 2 });
@@ -73,4 +108,35 @@ describe.skipIf(!kvm.available)(`SMP on real KVM${kvm.available ? '' : ` (SKIPPE
     expect(stop).toMatchObject({ reason: 'halt', vcpu: 0 });
     expect(stop.elapsedMs).toBeLessThan(5000);
   }, 20_000);
+
+  it('snapshot, fork and restore carry both vCPUs: a halted AP is restarted by INIT/SIPI in each copy', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB, irqchip: true, vcpus: 2 });
+    const posted: Array<[number, number]> = [];
+    ports(vm, posted);
+    vm.memory.write(0x8000, await asm(ap, { bits: 16, address: 0 }));
+    vm.memory.write(0x9000, await asm(ap2, { bits: 16, address: 0 }));
+    vm.loadFlat(await asm(twoPhase, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 0 });
+    expect(await vm.run({ timeout: 20_000 })).toMatchObject({ reason: 'debug-exit', code: 0xf5, vcpu: 0 });
+    expect(posted).toEqual([[1, 0x42]]);
+    // The AP sits halted in real mode in stub 1's code segment.
+    expect(vm.vcpu(1).getSregs().cs.selector).toBe(0x0800);
+    using snap = await vm.snapshot();
+    expect(snap.manifest.vcpus.map((v) => v.id)).toEqual([0, 1]);
+    for (const how of ['fork', 'restore'] as const) {
+      const mine: Array<[number, number]> = [];
+      const options = { setup: (m: Machine) => ports(m, mine) };
+      await using copy = await (how === 'fork' ? Machine.fork(snap, options) : Machine.restore(snap, options));
+      expect(copy.vcpus).toHaveLength(2);
+      expect(copy.vcpu(1).getSregs().cs.selector).toBe(0x0800);
+      expect(copy.memory.readUint(FLAG, 1)).toBe(0x42);
+      const stop = await copy.run({ timeout: 20_000 });
+      expect(stop).toMatchObject({ reason: 'debug-exit', code: 0x43, vcpu: 0 });
+      expect(mine).toEqual([[1, 0x43]]);
+      expect(copy.vcpu(1).getSregs().cs.selector).toBe(0x0900);
+    }
+    // The original was not disturbed by its copies and finishes the same way.
+    expect(vm.memory.readUint(FLAG + 4, 1)).toBe(0);
+    expect(await vm.run({ timeout: 20_000 })).toMatchObject({ reason: 'debug-exit', code: 0x43, vcpu: 0 });
+    expect(posted).toEqual([[1, 0x42], [1, 0x43]]);
+  }, 60_000);
 });

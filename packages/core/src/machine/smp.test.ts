@@ -2,10 +2,16 @@
  * Several vCPUs on MockBackend: creation rules, round-robin slices on one thread, every exit of
  * every vCPU through the one hook pipeline, and stops that name the vCPU.
  */
+import { createHash } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { Machine, MAX_VCPUS } from '../machine.js';
-import { MockBackend, MockVcpu, outExit } from '../testing/mock.js';
-import { InvalidArgumentError } from '../errors.js';
+import { MockBackend, MockVcpu, outExit, type MockVm } from '../testing/mock.js';
+import { InvalidArgumentError, SnapshotFormatError } from '../errors.js';
+import { encodeManifest, parseManifest } from '../snapshot/manifest.js';
+import { Snapshot } from '../snapshot/snapshot.js';
 import type { ExitHook } from '../hooks.js';
 
 const MiB = 1024 * 1024;
@@ -158,5 +164,67 @@ describe('run() with several vCPUs (round-robin on the calling thread)', () => {
     expect(lengths[0]).toEqual([10e6, 10e6, 10e6, 10e6]);
     // First slice before it was seen halted: full length; the rest short.
     expect(lengths[1]).toEqual([10e6, 1e6, 1e6]);
+  });
+});
+
+describe('snapshot, restore and fork of several vCPUs (mock backend)', () => {
+  async function twoVcpus(backend: MockBackend): Promise<Machine> {
+    const vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 2 });
+    vm.vcpu(0).setRegs({ rip: 0x1000n, rax: 1n });
+    vm.vcpu(1).setRegs({ rip: 0x0n, rax: 2n });
+    const mv = backend.vms.at(-1) as MockVm;
+    (mv.vcpus[0] as MockVcpu).state = { 'mp-state': Uint8Array.of(0, 0, 0, 0) };
+    (mv.vcpus[1] as MockVcpu).state = { 'mp-state': Uint8Array.of(1, 0, 0, 0), lapic: Uint8Array.of(9) };
+    return vm;
+  }
+
+  it('captures every vCPU and restores and forks them all, each with its own state', async () => {
+    const backend = new MockBackend();
+    await using vm = await twoVcpus(backend);
+    using snap = await vm.snapshot();
+    expect(snap.manifest.vcpus.map((v) => [v.id, v.regs.rax])).toEqual([[0, 1n], [1, 2n]]);
+    for (const make of [() => Machine.restore(snap, { backend }), () => Machine.fork(snap, { backend })]) {
+      await using copy = await make();
+      expect(copy.vcpus.map((v) => v.getRegs().rax)).toEqual([1n, 2n]);
+      expect(copy.vcpu(1).getRegs().rip).toBe(0n);
+      const mv = backend.vms.at(-1) as MockVm;
+      expect(mv.vcpus.map((v) => Array.from(v.getState()['mp-state'] ?? []))).toEqual([[0, 0, 0, 0], [1, 0, 0, 0]]);
+      expect(Array.from(mv.vcpus[1]?.getState().lapic ?? [])).toEqual([9]);
+      // A reset puts every vCPU back.
+      copy.vcpu(1).setRegs({ rax: 77n });
+      copy.reset();
+      expect(copy.vcpu(1).getRegs().rax).toBe(2n);
+    }
+  });
+
+  it('refuses a several-vCPU snapshot without the irqchip, as a SnapshotFormatError', async () => {
+    const backend = new MockBackend();
+    await using vm = await twoVcpus(backend);
+    using snap = await vm.snapshot();
+    const tree = encodeManifest(snap.manifest) as { machine: { irqchip: boolean } };
+    tree.machine.irqchip = false;
+    const json = Buffer.from(JSON.stringify(tree), 'utf8');
+    expect(parseManifest(JSON.parse(json.toString('utf8')) as unknown).vcpus).toHaveLength(2);
+    const dir = mkdtempSync(join(tmpdir(), 'tsvm-smp-unit-'));
+    try {
+      // The file format: magic, version, manifest length and SHA-256, the manifest, the image page-aligned.
+      const header = Buffer.alloc(48);
+      header.write('TSVMSNP\0', 0, 'latin1');
+      header.writeUInt32LE(1, 8);
+      header.writeUInt32LE(json.length, 12);
+      createHash('sha256').update(json).digest().copy(header, 16);
+      const at = Math.ceil((48 + json.length) / 4096) * 4096;
+      const out = Buffer.alloc(at + snap.manifest.imageSize);
+      header.copy(out, 0);
+      json.copy(out, 48);
+      const path = join(dir, 'no-irqchip.tsvm');
+      writeFileSync(path, out);
+      using loaded = Snapshot.load(path, backend);
+      const p = Machine.restore(loaded, { backend });
+      await expect(p).rejects.toBeInstanceOf(SnapshotFormatError);
+      await expect(p).rejects.toThrow(/machine\.irqchip is not set/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
