@@ -74,7 +74,7 @@ export interface MachineEvents {
   stopped: [stop: Stop];
   /** The machine was closed. */
   closed: [];
-  /** A time slice ended (the vCPU is stopped): a place for sampling work such as dirty logs. */
+  /** A time slice of one vCPU ended (no vCPU is running): a place for sampling work such as dirty logs. */
   slice: [];
   /** `reset()` put guest RAM and CPU state back to the snapshot (host-made changes to RAM are gone too). */
   reset: [];
@@ -144,6 +144,7 @@ export class Machine {
    * await using small = await Machine.create({ memory: 2 * 1024 * 1024, name: 'small' });
    * await using split = await Machine.create({ memory: [{ start: 0, size: 0x100000 }, { start: 0x200000, size: 0x100000 }] });
    * await using withIrqs = await Machine.create({ memory: 64 * 1024 * 1024, irqchip: true });   // in-kernel PIC/IOAPIC/PIT
+   * await using smp = await Machine.create({ memory: 64 * 1024 * 1024, irqchip: true, vcpus: 4 }); // APs wait for INIT/SIPI
    *
    * const backend = new MockBackend();
    * backend.script(outExit(0x80, 1), { kind: 'hlt' });              // the exits the vCPU will report
@@ -247,7 +248,8 @@ export class Machine {
   // ── CPU entry (machine/cpu-entry.ts) ────────────────────────────────────────────────────
 
   /**
-   * Copies `image` to `at` and sets the vCPU up to execute it in `mode` at `ring`.
+   * Copies `image` to `at` and sets vCPU 0 (the bootstrap processor) up to execute it in `mode`
+   * at `ring`; other vCPUs wait for the guest to start them with INIT/SIPI.
    * @throws InvalidArgumentError when the image does not fit in RAM or collides with the system area.
    */
   loadFlat(image: Uint8Array, options: cpuEntry.LoadFlatOptions): void {
@@ -265,7 +267,7 @@ export class Machine {
   /**
    * Establishes the CPU state a loader asked for (`result.entryState` of `loadElf`-style
    * loaders): 32-bit protected mode with paging off, or 64-bit long mode with the host's
-   * identity map of the low 4 GiB, both at ring 0, then the loader's registers.
+   * identity map of the low 4 GiB, both at ring 0, then the loader's registers (on vCPU 0).
    */
   enter(entry: EntryState): void {
     cpuEntry.enter(this.#s, entry);
@@ -356,7 +358,8 @@ export class Machine {
 
   /**
    * Runs the guest until it stops, the timeout passes or the signal aborts. Returns why it
-   * stopped; throws only for misuse (already running, closed).
+   * stopped; throws only for misuse (already running, closed). Several vCPUs take turns on
+   * the calling thread, one slice each; a stop of any of them stops the machine and names it.
    *
    * @example Bound a run by time and by a signal, then switch on the reason
    * ```ts

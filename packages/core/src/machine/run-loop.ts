@@ -7,6 +7,9 @@
  * Machines sharing a thread take turns slice by slice: {@link yieldSlice} ends a slice early when
  * a device hands work to another machine, and a vCPU halted in the kernel gets short slices while
  * others run, so neither a message nor an idle neighbour waits a whole slice.
+ * The vCPUs of one machine take turns the same way (round-robin, one slice each, on the calling
+ * thread): one still waiting for INIT/SIPI is skipped, a halted one gets short slices, and every
+ * exit of every vCPU goes through the same `handleExit`, so hooks and devices stay single-threaded.
  * @module
  */
 import type { EventEmitter } from 'eventemitter3';
