@@ -17,7 +17,7 @@
  * @module
  */
 import { EventEmitter } from 'eventemitter3';
-import type { Backend, HostCapabilities } from './backend.js';
+import type { Backend, CpuidEntry, HostCapabilities } from './backend.js';
 import { kvmBackend } from './backend/kvm.js';
 import type { Bus, RangeSpec } from './bus.js';
 import { show } from './check.js';
@@ -166,7 +166,11 @@ export class Machine {
     const s = new MachineState(options.name ?? 'machine', backend, vm, irqchip);
     try {
       for (const r of regions) memoryMap.addRegion(s, r);
-      for (let id = 0; id < nVcpus; id++) s.vcpus.push(new Vcpu(vm.createVcpu(id)));
+      for (let id = 0; id < nVcpus; id++) {
+        const b = vm.createVcpu(id);
+        s.vcpus.push(new Vcpu(b));
+        if (nVcpus > 1) b.setCpuid(withApicId(b.supportedCpuid(), id));
+      }
     } catch (e) {
       teardown.teardown(s);
       throw e;
@@ -473,4 +477,18 @@ export class Machine {
       logsDirty: (slot) => s.logDirty.has(slot),
     };
   }
+}
+
+/**
+ * `cpuid` as vCPU `id` should see it: its initial APIC id in leaf 1 EBX[31:24] and its x2APIC id
+ * in leaves 0xB and 0x1F EDX. KVM gives every vCPU the same table and does not patch these (a
+ * VMM does, as QEMU), while KVM's LAPIC ids are the vCPU index: a guest that matches one
+ * against the other (Linux when it brings up APs) must find them equal.
+ */
+function withApicId(entries: readonly CpuidEntry[], id: number): CpuidEntry[] {
+  return entries.map((e) => {
+    if (e.function === 1) return { ...e, ebx: ((e.ebx & 0x00ff_ffff) | (id << 24)) >>> 0 };
+    if (e.function === 0xb || e.function === 0x1f) return { ...e, edx: id };
+    return e;
+  });
 }

@@ -139,4 +139,37 @@ describe.skipIf(!kvm.available)(`SMP on real KVM${kvm.available ? '' : ` (SKIPPE
     expect(await vm.run({ timeout: 20_000 })).toMatchObject({ reason: 'debug-exit', code: 0x43, vcpu: 0 });
     expect(posted).toEqual([[1, 0x42], [1, 0x43]]);
   }, 60_000);
+
+  it('three vCPUs: both APs start from one broadcast SIPI and each sees its own APIC id in CPUID', async () => {
+    const COUNT = 0x7010;
+    await using vm = await Machine.create({ memory: 2 * MiB, irqchip: true, vcpus: 3 });
+    const ids: Array<[vcpu: number, apicId: number]> = [];
+    vm.attach({ port: 0x81, size: 1 }, { name: 'apic-id', write: () => {} });
+    vm.attach({ port: 0xf4, size: 1 }, { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+    vm.addHook({ name: 'ids', mode: 'mediate', matches: (e) => e.kind === 'io' && e.port === 0x81, handle: (e, info) => { if (e.kind === 'io') ids.push([info.vcpu, e.data[0] ?? -1]); } });
+    vm.memory.write(0x8000, await asm(`
+      mov eax, 1
+      cpuid
+      shr ebx, 24
+      mov al, bl
+      out 0x81, al
+      lock inc byte ptr [${COUNT}]
+      cli
+      hlt`, { bits: 16, address: 0 }));
+    vm.loadFlat(await asm(`
+      mov eax, 0xfee00000
+      mov dword ptr [rax + 0xf0], 0x1ff
+      mov dword ptr [rax + 0x310], 0
+      ${startAp(0x08)}
+    wait:
+      cmp byte ptr [${COUNT}], 2
+      jne wait
+      mov al, byte ptr [${COUNT}]
+      mov dx, 0xf4
+      out dx, al
+      hlt`, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 0 });
+    const stop = await vm.run({ timeout: 20_000 });
+    expect(stop).toMatchObject({ reason: 'debug-exit', code: 2, vcpu: 0 });
+    expect(ids.sort((a, b) => a[0] - b[0])).toEqual([[1, 1], [2, 2]]);
+  }, 30_000);
 });

@@ -59,6 +59,24 @@ describe('Machine.create({ vcpus })', () => {
     expect(backend.vms[0]?.vcpus.map((v) => v.id)).toEqual([0, 1, 2]);
     expect(() => vm.vcpu(3)).toThrow(InvalidArgumentError);
   });
+
+  it('gives each vCPU of several its own APIC id in CPUID leaves 1, 0xB and 0x1F', async () => {
+    const backend = new MockBackend();
+    const table = [
+      { function: 1, index: 0, flags: 0, eax: 0x906ea, ebx: 0x0010_0800, ecx: 0, edx: 0 },
+      { function: 0xb, index: 0, flags: 1, eax: 0, ebx: 1, ecx: 0x100, edx: 0 },
+      { function: 0x1f, index: 1, flags: 1, eax: 0, ebx: 1, ecx: 0x201, edx: 0 },
+      { function: 7, index: 0, flags: 1, eax: 0, ebx: 0x1234, ecx: 0, edx: 0 },
+    ];
+    for (let id = 0; id < 3; id++) backend.scriptVcpu(id).setCpuid(table);
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 3 });
+    for (const v of vm.vcpus) {
+      const got = v.supportedCpuid();
+      expect(got.find((e) => e.function === 1)?.ebx).toBe((0x0010_0800 | (v.id << 24)) >>> 0);
+      expect(got.filter((e) => e.function === 0xb || e.function === 0x1f).map((e) => e.edx)).toEqual([v.id, v.id]);
+      expect(got.find((e) => e.function === 7)).toEqual(table[3]);
+    }
+  });
 });
 
 describe('run() with several vCPUs (round-robin on the calling thread)', () => {
