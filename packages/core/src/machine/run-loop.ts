@@ -111,16 +111,17 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
       // Round-robin: the next vCPU's turn (with one vCPU, always vCPU 0).
       if (n > 1) {
         at = at + 1 === n ? 0 : at + 1;
-        vcpu = vcpus[at] as Vcpu;
         // A vCPU waiting for SIPI would only sleep in KVM_RUN: skip it until another vCPU's IPI
-        // starts it (asking KVM_GET_MP_STATE also makes KVM take a pending SIPI).
+        // starts it (asking KVM_GET_MP_STATE also makes KVM take a pending SIPI). The stop then
+        // names the vCPU that ran last.
         if (parked[at]) {
-          parked[at] = vcpu.backend.waitingForSipi();
+          parked[at] = (vcpus[at] as Vcpu).backend.waitingForSipi();
           if (parked[at]) {
             if (allIdle(s, parked, idle)) { stop = { reason: 'halt' }; break; }
             continue;
           }
         }
+        vcpu = vcpus[at] as Vcpu;
       }
       const i = at;
       // A halted vCPU gets short slices while other machines or other vCPUs run.

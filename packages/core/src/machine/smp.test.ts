@@ -165,6 +165,19 @@ describe('run() with several vCPUs (round-robin on the calling thread)', () => {
     expect(seen).toEqual([[0, 0x80, 1], [0, 0x80, 2]]);
   });
 
+  it('a timeout names the vCPU that ran last, never one skipped while it waits for SIPI', async () => {
+    const backend = new MockBackend();
+    const bsp = backend.scriptVcpu(0);
+    bsp.whenEmpty = intr;
+    const ap = backend.scriptVcpu(1);
+    ap.waitingSipi = true;
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 2 });
+    const stop = await vm.run({ timeout: 30, sliceMs: 1 });
+    expect(stop).toMatchObject({ reason: 'timeout', vcpu: 0, halted: false });
+    expect(ap.runs).toBe(0);
+    expect(bsp.slices).toBeGreaterThan(1);
+  });
+
   it('gives a halted vCPU short (≤1 ms) slices while another runs', async () => {
     const backend = new MockBackend();
     const lengths: number[][] = [[], []];
