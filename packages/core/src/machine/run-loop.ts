@@ -8,7 +8,8 @@
  * a device hands work to another machine, and a vCPU halted in the kernel gets short slices while
  * others run, so neither a message nor an idle neighbour waits a whole slice.
  * The vCPUs of one machine take turns the same way (round-robin, one slice each, on the calling
- * thread): one still waiting for INIT/SIPI is skipped, a halted one gets short slices, and every
+ * thread): one waiting for INIT/SIPI or halted for good is skipped until another vCPU wakes it,
+ * one halted with interrupts enabled gets short slices, and every
  * exit of every vCPU goes through the same `handleExit`, so hooks and devices stay single-threaded.
  * @module
  */
@@ -111,12 +112,15 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
       // Round-robin: the next vCPU's turn (with one vCPU, always vCPU 0).
       if (n > 1) {
         at = at + 1 === n ? 0 : at + 1;
-        // A vCPU waiting for SIPI would only sleep in KVM_RUN: skip it until another vCPU's IPI
-        // starts it (asking KVM_GET_MP_STATE also makes KVM take a pending SIPI). The stop then
+        // A vCPU waiting for SIPI, or halted with IF=0 and no NMI to come, would only sleep in
+        // KVM_RUN: skip it until another vCPU's IPI wakes it (asked afresh each turn, a few
+        // ioctls; KVM_GET_MP_STATE also makes KVM take a pending INIT or SIPI). The stop then
         // names the vCPU that ran last.
-        if (parked[at]) {
-          parked[at] = (vcpus[at] as Vcpu).backend.waitingForSipi();
-          if (parked[at]) {
+        if (parked[at] || idle[at]) {
+          const next = vcpus[at] as Vcpu;
+          parked[at] = next.backend.waitingForSipi();
+          idle[at] = !parked[at] && next.backend.isHalted() && stuck(next);
+          if (parked[at] || idle[at]) {
             if (allIdle(s, parked, idle)) { stop = { reason: 'halt' }; break; }
             continue;
           }

@@ -165,6 +165,24 @@ describe('run() with several vCPUs (round-robin on the calling thread)', () => {
     expect(seen).toEqual([[0, 0x80, 1], [0, 0x80, 2]]);
   });
 
+  it('skips a vCPU halted for good until another vCPU wakes it (here: an NMI becomes pending)', async () => {
+    const backend = new MockBackend();
+    const ap = backend.scriptVcpu(1, (v) => { v.halted = true; return intr; }, outExit(0x80, 0x4e), intr);
+    ap.whenEmpty = intr;
+    let apRunsWhileIdle = -1;
+    backend.scriptVcpu(0, outExit(0x80, 1), intr, intr, intr,
+      () => { apRunsWhileIdle = ap.runs; ap.halted = false; ap.nmi = { pending: true, masked: false, source: undefined }; return intr; },
+      intr, outExit(0xf4, 0));
+    await using vm = await Machine.create({ memory: 2 * MiB, backend, irqchip: true, vcpus: 2 });
+    attachPorts(vm);
+    const { hook, seen } = recorder();
+    vm.addHook(hook);
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop).toMatchObject({ reason: 'debug-exit', vcpu: 0 });
+    expect(apRunsWhileIdle).toBe(1);   // ran once (and halted), then skipped for three BSP slices
+    expect(seen).toEqual([[0, 0x80, 1], [1, 0x80, 0x4e], [0, 0xf4, 0]]);
+  });
+
   it('a timeout names the vCPU that ran last, never one skipped while it waits for SIPI', async () => {
     const backend = new MockBackend();
     const bsp = backend.scriptVcpu(0);
