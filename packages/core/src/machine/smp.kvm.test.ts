@@ -172,4 +172,20 @@ describe.skipIf(!kvm.available)(`SMP on real KVM${kvm.available ? '' : ` (SKIPPE
     expect(stop).toMatchObject({ reason: 'debug-exit', code: 2, vcpu: 0 });
     expect(ids.sort((a, b) => a[0] - b[0])).toEqual([[1, 1], [2, 2]]);
   }, 30_000);
+
+  it('an exit of the AP nobody handles stops the machine, naming vCPU 1 and its instruction', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB, irqchip: true, vcpus: 2 });
+    vm.memory.write(0x8000, await asm('mov al, 0x42\n out 0x99, al\n cli\n hlt', { bits: 16, address: 0 }));
+    vm.loadFlat(await asm(`
+      mov eax, 0xfee00000
+      mov dword ptr [rax + 0xf0], 0x1ff
+      mov dword ptr [rax + 0x310], 0
+      ${startAp(0x08)}
+    spin:
+      jmp spin`, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 0 });
+    const stop = await vm.run({ timeout: 20_000 });
+    expect(stop).toMatchObject({ reason: 'unhandled-exit', kind: 'io', address: 0x99n, vcpu: 1 });
+    // The `out` is at IP 2 of the AP's real-mode code segment, whatever the flavour does with RIP.
+    expect(stop.rip).toBe(2n);
+  }, 30_000);
 });
