@@ -105,8 +105,8 @@ export interface BackendVm {
 }
 
 /**
- * What could still wake a vCPU that is halted with `IF=0`: only an NMI can (single vCPU: no
- * INIT/SIPI). Read from `KVM_GET_VCPU_EVENTS`, the LAPIC registers and the IOAPIC.
+ * What could still wake a vCPU that is halted with `IF=0`: an NMI (and, with several vCPUs,
+ * an INIT or NMI IPI from another vCPU, which the run loop checks for itself). Read from `KVM_GET_VCPU_EVENTS`, the LAPIC registers and the IOAPIC.
  */
 export interface NmiWakeState {
   /** An NMI is pending or being injected (`nmi.pending` / `nmi.injected`). */
@@ -161,6 +161,12 @@ export interface BackendVcpu {
   setMsrs(entries: readonly MsrEntry[]): void;
   /** Whether the vCPU is halted in the kernel (in-kernel irqchip). */
   isHalted(): boolean;
+  /**
+   * Whether the vCPU waits for INIT/SIPI (an application processor not yet started, or one an
+   * INIT stopped): `KVM_RUN` would only sleep until another vCPU's IPI or the slice timer.
+   * Always false without an in-kernel irqchip.
+   */
+  waitingForSipi(): boolean;
   /** Whether an NMI could still wake it (see {@link NmiWakeState}); only meaningful with an in-kernel irqchip. */
   nmiWakeState(): NmiWakeState;
   /** Configures guest debug (`KVM_GUESTDBG_*` control flags, debug registers). */

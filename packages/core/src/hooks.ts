@@ -28,7 +28,7 @@ export type HookDecision =
 
 /** Facts about the exit a hook may want besides the exit itself. */
 export interface HookInfo {
-  /** vCPU index. */
+  /** Index of the vCPU whose exit this is (every vCPU's exits pass through the same hooks). */
   readonly vcpu: number;
   /** Sequence number of this exit in the machine's life. */
   readonly seq: number;

@@ -1,7 +1,7 @@
 /**
  * `@tsvm/core` — assemble a monitored virtual machine from parts.
  *
- * - {@link Machine}: memory regions, one vCPU, PIO/MMIO {@link Bus}es, hooks, and a
+ * - {@link Machine}: memory regions, one or more vCPUs, PIO/MMIO {@link Bus}es, hooks, and a
  *   time-sliced `run()` that returns a {@link Stop} (why it stopped) instead of throwing.
  * - {@link GuestMemory}: every guest-physical access is bounds-checked in one place.
  * - {@link Device}: the register-file contract devices implement; {@link yieldSlice} lets a
@@ -22,7 +22,7 @@
  * - Errors: one hierarchy rooted at {@link TsvmError}.
  * @module
  */
-export { Machine, type MachineOptions, type RegionOptions, type LoadFlatOptions, type RunOptions, type MachineEvents, type MachineLayout } from './machine.js';
+export { Machine, MAX_VCPUS, type MachineOptions, type RegionOptions, type LoadFlatOptions, type RunOptions, type MachineEvents, type MachineLayout } from './machine.js';
 export { yieldSlice } from './machine/run-loop.js';
 export { Vcpu } from './vcpu.js';
 export { GuestMemory, checkRegionSize, type HostMemory, type MemoryRegion, type IntWidth } from './memory.js';

@@ -17,7 +17,7 @@
  * @module
  */
 import { EventEmitter } from 'eventemitter3';
-import type { Backend, HostCapabilities } from './backend.js';
+import type { Backend, CpuidEntry, HostCapabilities } from './backend.js';
 import { kvmBackend } from './backend/kvm.js';
 import type { Bus, RangeSpec } from './bus.js';
 import { show } from './check.js';
@@ -31,7 +31,9 @@ import type { ExitStats } from './stats.js';
 import type { Stop } from './stop.js';
 import { Vcpu } from './vcpu.js';
 import { Snapshot, takeSnapshot, restoreMachine, resetMachine, type RestoreOptions, type ResetResult, type ResetOptions, type MachineInternals } from './snapshot/index.js';
-import { MachineState } from './machine/state.js';
+import { MachineState, MAX_VCPUS } from './machine/state.js';
+
+export { MAX_VCPUS };
 import * as memoryMap from './machine/memory-map.js';
 import * as cpuEntry from './machine/cpu-entry.js';
 import * as attachments from './machine/attachments.js';
@@ -53,7 +55,16 @@ export interface MachineOptions {
   readonly irqchip?: boolean;
   /** Name used in diagnostics. */
   readonly name?: string;
+  /**
+   * Number of vCPUs (default 1, at most {@link MAX_VCPUS}). vCPU 0 is the bootstrap processor
+   * that `loadFlat` and `enter` set up; with more than one, `irqchip: true` is required: each
+   * vCPU gets an in-kernel LAPIC and the others (application processors) wait for INIT/SIPI
+   * from the guest, as on hardware. `run()` runs them round-robin, one slice each, on the
+   * calling thread; every exit of every vCPU passes through the same hooks and devices.
+   */
+  readonly vcpus?: number;
 }
+
 
 /** Lifecycle events (errors are returned or thrown, never emitted). */
 export interface MachineEvents {
@@ -63,7 +74,7 @@ export interface MachineEvents {
   stopped: [stop: Stop];
   /** The machine was closed. */
   closed: [];
-  /** A time slice ended (the vCPU is stopped): a place for sampling work such as dirty logs. */
+  /** A time slice of one vCPU ended (no vCPU is running): a place for sampling work such as dirty logs. */
   slice: [];
   /** `reset()` put guest RAM and CPU state back to the snapshot (host-made changes to RAM are gone too). */
   reset: [];
@@ -122,7 +133,7 @@ export class Machine {
   // ── Lifecycle ───────────────────────────────────────────────────────────────────────────
 
   /**
-   * Creates a machine with guest RAM and one vCPU. Validates every option before touching KVM.
+   * Creates a machine with guest RAM and `options.vcpus` vCPUs (default one). Validates every option before touching KVM.
    * @throws InvalidArgumentError for bad options; KvmUnavailableError when KVM is missing.
    *
    * @example RAM as one region at 0, or as explicit regions; a mock backend for unit tests
@@ -133,6 +144,7 @@ export class Machine {
    * await using small = await Machine.create({ memory: 2 * 1024 * 1024, name: 'small' });
    * await using split = await Machine.create({ memory: [{ start: 0, size: 0x100000 }, { start: 0x200000, size: 0x100000 }] });
    * await using withIrqs = await Machine.create({ memory: 64 * 1024 * 1024, irqchip: true });   // in-kernel PIC/IOAPIC/PIT
+   * await using smp = await Machine.create({ memory: 64 * 1024 * 1024, irqchip: true, vcpus: 4 }); // APs wait for INIT/SIPI
    *
    * const backend = new MockBackend();
    * backend.script(outExit(0x80, 1), { kind: 'hlt' });              // the exits the vCPU will report
@@ -145,13 +157,20 @@ export class Machine {
     if (options.irqchip !== undefined && typeof options.irqchip !== 'boolean') throw new InvalidArgumentError('irqchip', 'must be a boolean');
     if (options.name !== undefined && typeof options.name !== 'string') throw new InvalidArgumentError('name', `must be a string, got ${show(options.name)}`);
     if (options.backend !== undefined && (options.backend === null || typeof options.backend !== 'object' || typeof options.backend.createVm !== 'function')) throw new InvalidArgumentError('backend', 'must be a Backend');
-    const backend = options.backend ?? kvmBackend();
+    const nVcpus = options.vcpus ?? 1;
+    if (typeof nVcpus !== 'number' || !Number.isInteger(nVcpus) || nVcpus < 1 || nVcpus > MAX_VCPUS) throw new InvalidArgumentError('vcpus', `must be an integer in [1, ${MAX_VCPUS}], got ${show(options.vcpus)}`);
     const irqchip = options.irqchip ?? false;
+    if (nVcpus > 1 && !irqchip) throw new InvalidArgumentError('vcpus', `${nVcpus} vCPUs need irqchip: true (each vCPU's LAPIC delivers the INIT/SIPI that starts it)`);
+    const backend = options.backend ?? kvmBackend();
     const vm = backend.createVm({ irqchip });
     const s = new MachineState(options.name ?? 'machine', backend, vm, irqchip);
     try {
       for (const r of regions) memoryMap.addRegion(s, r);
-      s.vcpus.push(new Vcpu(vm.createVcpu(0)));
+      for (let id = 0; id < nVcpus; id++) {
+        const b = vm.createVcpu(id);
+        s.vcpus.push(new Vcpu(b));
+        if (nVcpus > 1) b.setCpuid(withApicId(b.supportedCpuid(), id));
+      }
     } catch (e) {
       teardown.teardown(s);
       throw e;
@@ -190,12 +209,15 @@ export class Machine {
     return this.#s.backend;
   }
 
-  /** The vCPUs. */
+  /** The vCPUs, by index (vCPU 0 is the bootstrap processor). */
   get vcpus(): readonly Vcpu[] {
     return this.#s.vcpus;
   }
 
-  /** vCPU `id`. */
+  /**
+   * vCPU `id` (default 0, the bootstrap processor).
+   * @throws InvalidArgumentError when there is no such vCPU.
+   */
   vcpu(id = 0): Vcpu {
     return this.#s.vcpu(id);
   }
@@ -231,7 +253,8 @@ export class Machine {
   // ── CPU entry (machine/cpu-entry.ts) ────────────────────────────────────────────────────
 
   /**
-   * Copies `image` to `at` and sets the vCPU up to execute it in `mode` at `ring`.
+   * Copies `image` to `at` and sets vCPU 0 (the bootstrap processor) up to execute it in `mode`
+   * at `ring`; other vCPUs wait for the guest to start them with INIT/SIPI.
    * @throws InvalidArgumentError when the image does not fit in RAM or collides with the system area.
    */
   loadFlat(image: Uint8Array, options: cpuEntry.LoadFlatOptions): void {
@@ -249,7 +272,7 @@ export class Machine {
   /**
    * Establishes the CPU state a loader asked for (`result.entryState` of `loadElf`-style
    * loaders): 32-bit protected mode with paging off, or 64-bit long mode with the host's
-   * identity map of the low 4 GiB, both at ring 0, then the loader's registers.
+   * identity map of the low 4 GiB, both at ring 0, then the loader's registers (on vCPU 0).
    */
   enter(entry: EntryState): void {
     cpuEntry.enter(this.#s, entry);
@@ -340,7 +363,8 @@ export class Machine {
 
   /**
    * Runs the guest until it stops, the timeout passes or the signal aborts. Returns why it
-   * stopped; throws only for misuse (already running, closed).
+   * stopped; throws only for misuse (already running, closed). Several vCPUs take turns on
+   * the calling thread, one slice each; a stop of any of them stops the machine and names it.
    *
    * @example Bound a run by time and by a signal, then switch on the reason
    * ```ts
@@ -454,4 +478,18 @@ export class Machine {
       logsDirty: (slot) => s.logDirty.has(slot),
     };
   }
+}
+
+/**
+ * `cpuid` as vCPU `id` should see it: its initial APIC id in leaf 1 EBX[31:24] and its x2APIC id
+ * in leaves 0xB and 0x1F EDX. KVM gives every vCPU the same table and does not patch these (a
+ * VMM does, as QEMU), while KVM's LAPIC ids are the vCPU index: a guest that matches one
+ * against the other (Linux when it brings up APs) must find them equal.
+ */
+function withApicId(entries: readonly CpuidEntry[], id: number): CpuidEntry[] {
+  return entries.map((e) => {
+    if (e.function === 1) return { ...e, ebx: ((e.ebx & 0x00ff_ffff) | (id << 24)) >>> 0 };
+    if (e.function === 0xb || e.function === 0x1f) return { ...e, edx: id };
+    return e;
+  });
 }

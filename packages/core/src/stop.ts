@@ -14,7 +14,10 @@ export interface StopCommon {
    * it); for `timeout` and `aborted`, RIP at that moment.
    */
   readonly rip: bigint;
-  /** vCPU that stopped. */
+  /**
+   * The vCPU that stopped: whose exit (or whose halt) ended the run. With several vCPUs any
+   * one's stop stops the machine; for `timeout` and `aborted` it is the vCPU that ran last.
+   */
   readonly vcpu: number;
   /** Exits handled during this `run()`. */
   readonly exits: number;
@@ -31,7 +34,8 @@ export type Stop = StopCommon & (
   /**
    * The time ran out (or the signal fired). `halted`: the vCPU sat in `hlt` waiting for an
    * interrupt (in-kernel irqchip) rather than running — a guest waiting for an event that never
-   * came, not one spinning. `run()` always sets it.
+   * came, not one spinning. With several vCPUs: every one halted or waiting for INIT/SIPI.
+   * `run()` always sets it.
    */
   | { readonly reason: 'timeout'; readonly halted?: boolean }
   | { readonly reason: 'aborted'; readonly halted?: boolean }

@@ -482,6 +482,7 @@ class KvmBackendVcpu implements BackendVcpu {
   // An MSR write can change special registers (EFER, APIC base): the cached copy goes.
   setMsrs(entries: Parameters<BackendVcpu['setMsrs']>[0]) { this.#sregs = undefined; this.#sregsFresh = false; this.#v.setMsrs(entries); }
   isHalted() { return this.#v.getMpState() === KVM_CONST.MP_STATE_HALTED; }
+  waitingForSipi() { const m = this.#v.getMpState(); return m === KVM_CONST.MP_STATE_UNINITIALIZED || m === KVM_CONST.MP_STATE_INIT_RECEIVED; }
 
   nmiWakeState(): NmiWakeState {
     const ev = this.#v.getBlob('events');

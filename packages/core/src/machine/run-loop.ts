@@ -7,6 +7,10 @@
  * Machines sharing a thread take turns slice by slice: {@link yieldSlice} ends a slice early when
  * a device hands work to another machine, and a vCPU halted in the kernel gets short slices while
  * others run, so neither a message nor an idle neighbour waits a whole slice.
+ * The vCPUs of one machine take turns the same way (round-robin, one slice each, on the calling
+ * thread): one waiting for INIT/SIPI or halted for good is skipped until another vCPU wakes it,
+ * one halted with interrupts enabled gets short slices, and every
+ * exit of every vCPU goes through the same `handleExit`, so hooks and devices stay single-threaded.
  * @module
  */
 import type { EventEmitter } from 'eventemitter3';
@@ -55,7 +59,11 @@ let yieldRequested = false;
 export function yieldSlice(): void {
   if (sliceRunning) yieldRequested = true;
 }
-type SliceResult = { kind: 'stop'; stop: StopRequest } | { kind: 'yield'; halted?: boolean } | { kind: 'async'; outcome: Promise<ExitOutcome>; exit: VcpuExit };
+/**
+ * How a slice ended. `halted`: the vCPU sat in `hlt` (in-kernel irqchip); `idle`: halted with
+ * IF=0 and no NMI to come, so only another vCPU (an INIT or NMI IPI) can wake it.
+ */
+type SliceResult = { kind: 'stop'; stop: StopRequest } | { kind: 'yield'; halted?: boolean; idle?: boolean } | { kind: 'async'; outcome: Promise<ExitOutcome>; exit: VcpuExit };
 
 /**
  * Longest slice of a vCPU that was halted at the end of its last slice while other machines run
@@ -85,22 +93,50 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
   const deadline = timeout === undefined ? Infinity : t0 + timeout;
   const exits0 = s.counters.total;
   events.emit('started');
-  const vcpu = s.vcpu(0);
+  const vcpus = s.vcpus;
+  const n = vcpus.length;
+  // Per vCPU: halted at the end of its last slice; `idle`: halted with nothing but another
+  // vCPU to wake it (IF=0, no NMI), or waiting for INIT/SIPI (only tracked with several vCPUs).
+  const halted: boolean[] = new Array<boolean>(n).fill(false);
+  const idle: boolean[] = new Array<boolean>(n).fill(false);
+  const parked: boolean[] = vcpus.map((v) => n > 1 && v.backend.waitingForSipi());
+  let at = n - 1;
+  let vcpu = vcpus[0] as Vcpu;
   let stop: StopRequest | undefined;
-  let halted = false;
   runningOnThread++;
   try {
     while (!stop) {
       if (signal?.aborted) { stop = { reason: 'aborted' }; break; }
       const left = deadline - performance.now();
       if (left <= 0) { stop = { reason: 'timeout' }; break; }
-      const length = halted && runningOnThread > 1 ? Math.min(sliceMs, HALTED_SLICE_MS) : sliceMs;
+      // Round-robin: the next vCPU's turn (with one vCPU, always vCPU 0).
+      if (n > 1) {
+        at = at + 1 === n ? 0 : at + 1;
+        // A vCPU waiting for SIPI, or halted with IF=0 and no NMI to come, would only sleep in
+        // KVM_RUN: skip it until another vCPU's IPI wakes it (asked afresh each turn, a few
+        // ioctls; KVM_GET_MP_STATE also makes KVM take a pending INIT or SIPI). The stop then
+        // names the vCPU that ran last.
+        if (parked[at] || idle[at]) {
+          const next = vcpus[at] as Vcpu;
+          parked[at] = next.backend.waitingForSipi();
+          idle[at] = !parked[at] && next.backend.isHalted() && stuck(next);
+          if (parked[at] || idle[at]) {
+            if (allIdle(s, parked, idle)) { stop = { reason: 'halt' }; break; }
+            continue;
+          }
+        }
+        vcpu = vcpus[at] as Vcpu;
+      }
+      const i = at;
+      // A halted vCPU gets short slices while other machines or other vCPUs run.
+      const short = halted[i] === true && (runningOnThread > 1 || n > 1);
+      const length = short ? Math.min(sliceMs, HALTED_SLICE_MS) : sliceMs;
       vcpu.backend.beginSlice(Math.max(50_000, Math.min(length, left) * 1e6));
       let r: SliceResult;
       sliceRunning = true;
       yieldRequested = false;
       try {
-        r = slice(s, vcpu);
+        r = slice(s, vcpu, n > 1);
       } finally {
         sliceRunning = false;
         vcpu.backend.endSlice();
@@ -109,7 +145,14 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
       const failed = runSliceHooks(s);
       if (failed) { stop = failed; break; }
       if (r.kind === 'stop') { stop = r.stop; break; }
-      halted = r.kind === 'yield' && r.halted === true;
+      const h = r.kind === 'yield' && r.halted === true;
+      halted[i] = h;
+      if (n > 1) {
+        idle[i] = r.kind === 'yield' && r.idle === true;
+        // An INIT from another vCPU (or this one's own) parks it again.
+        parked[i] = !h && r.kind === 'yield' && vcpu.backend.waitingForSipi();
+        if ((idle[i] || parked[i]) && allIdle(s, parked, idle)) { stop = { reason: 'halt' }; break; }
+      }
       if (r.kind === 'async') {
         const out = await raceDeadline(r.outcome, deadline, signal);
         if (out === 'timeout' || out === 'aborted') { stop = { reason: out }; break; }
@@ -139,8 +182,12 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
   }
 }
 
-/** One time slice: a synchronous exit loop (no awaits, so the slice timer stays ours). */
-function slice(s: MachineState, vcpu: Vcpu): SliceResult {
+/**
+ * One time slice of `vcpu`: a synchronous exit loop (no awaits, so the slice timer stays ours).
+ * `smp`: the machine has other vCPUs, so a vCPU halted for good is reported `idle` and the run
+ * loop decides (another vCPU may still wake it) instead of stopping here.
+ */
+function slice(s: MachineState, vcpu: Vcpu, smp: boolean): SliceResult {
   const b = vcpu.backend;
   const c = s.counters;
   const ctx = exitContext(s, vcpu);
@@ -173,7 +220,7 @@ function slice(s: MachineState, vcpu: Vcpu): SliceResult {
       // With an in-kernel irqchip `hlt` never exits. Halted with IF=0, only an NMI can wake the
       // vCPU: report `halt` at once unless one is pending or some source is routed to deliver one.
       const halted = s.irqchip && b.isHalted();
-      if (halted && (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState())) return { kind: 'stop', stop: { reason: 'halt' } };
+      if (halted && stuck(vcpu)) return smp ? { kind: 'yield', halted, idle: true } : { kind: 'stop', stop: { reason: 'halt' } };
       return { kind: 'yield', halted };
     }
     if (exit.kind === 'io') c.countPort(exit.port);
@@ -227,7 +274,8 @@ function finish(s: MachineState, vcpu: Vcpu, stop: StopRequest, t0: number, exit
     // A stop an exit caused names the instruction behind it, the same on every flavour.
     rip = req.reason === 'timeout' || req.reason === 'aborted' ? regs.rip : s.instructionRip(vcpu);
     if (req.reason === 'timeout' || req.reason === 'aborted') {
-      req = { ...req, halted: s.irqchip && vcpu.backend.isHalted() };
+      // With several vCPUs: every one halted or waiting for SIPI.
+      req = { ...req, halted: s.irqchip && s.vcpus.every((v) => v.backend.isHalted() || (s.vcpus.length > 1 && v.backend.waitingForSipi())) };
     }
     if (req.reason === 'exception') {
       // The stub's `out` ran on the exception frame: [error code] RIP CS RFLAGS RSP SS.
@@ -245,6 +293,30 @@ function finish(s: MachineState, vcpu: Vcpu, stop: StopRequest, t0: number, exit
     }
   } catch { /* registers unavailable (backend failed): report what we have */ }
   return { ...req, rip, vcpu: vcpu.id, exits: s.counters.total - exits0, elapsedMs: performance.now() - t0 } as Stop;
+}
+
+/** Whether halted `vcpu` can only be woken by another vCPU: IF=0 and no NMI pending or routed. */
+function stuck(vcpu: Vcpu): boolean {
+  const b = vcpu.backend;
+  return (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState());
+}
+
+/**
+ * Whether no vCPU of the machine can run again: every one waits for SIPI or is halted for good.
+ * The flags are from each vCPU's last slice; when they all say so, each is asked again now
+ * (another vCPU may have sent it an IPI since).
+ */
+function allIdle(s: MachineState, parked: boolean[], idle: boolean[]): boolean {
+  for (let i = 0; i < parked.length; i++) if (!parked[i] && !idle[i]) return false;
+  for (let i = 0; i < parked.length; i++) {
+    const b = (s.vcpus[i] as Vcpu).backend;
+    if (b.waitingForSipi()) continue;
+    if (b.isHalted() && stuck(s.vcpus[i] as Vcpu)) continue;
+    parked[i] = false;
+    idle[i] = false;
+    return false;
+  }
+  return true;
 }
 
 /** Whether an NMI can still wake a halted vCPU (a masked NMI waits for an `iret` that never comes). */

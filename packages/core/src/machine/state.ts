@@ -30,6 +30,9 @@ export interface SliceHook {
   readonly fn: () => void;
 }
 
+/** Most vCPUs a machine may have (`MachineOptions.vcpus`). */
+export const MAX_VCPUS = 64;
+
 /**
  * @internal Everything a machine owns. A class (not a literal) so every machine's state has one
  * shape: the run loop reads `seq`, `exit` and `coalesced` once per exit.

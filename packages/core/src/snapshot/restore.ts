@@ -17,6 +17,7 @@ import type { MachineInternals } from './internals.js';
 import { PAGE_SIZE, type SnapshotManifest } from './manifest.js';
 import { Snapshot, cpuSignature } from './snapshot.js';
 import { applyCpuState, step } from './apply.js';
+import { MAX_VCPUS } from '../machine/state.js';
 import type { PremappedRegion } from './pool.js';
 
 /** Options of `Machine.restore` / `Machine.fork`. */
@@ -114,8 +115,10 @@ function checkHost(manifest: SnapshotManifest, backend: Backend): void {
   const h = manifest.host;
   if (h.backend !== backend.name) throw new SnapshotFormatError(`snapshot: host.backend is '${h.backend}', this machine would run on '${backend.name}'`);
   if (h.flavour !== backend.capabilities.flavour) throw new SnapshotFormatError(`snapshot: host.flavour is '${h.flavour}', this host is '${backend.capabilities.flavour}'`);
-  if (manifest.vcpus.length !== 1) throw new SnapshotFormatError(`snapshot: vcpus has ${manifest.vcpus.length} entries; this build restores 1-vCPU machines only`);
   if (manifest.machine.irqchip && !backend.capabilities.irqchip) throw new SnapshotFormatError('snapshot: machine.irqchip is set but this host has no in-kernel irqchip');
+  const n = manifest.vcpus.length;
+  if (n > MAX_VCPUS) throw new SnapshotFormatError(`snapshot: vcpus has ${n} entries; a machine has at most ${MAX_VCPUS}`);
+  if (n > 1 && !manifest.machine.irqchip) throw new SnapshotFormatError(`snapshot: vcpus has ${n} entries but machine.irqchip is not set (several vCPUs need the in-kernel irqchip)`);
 }
 
 /**
@@ -134,7 +137,8 @@ export async function restoreMachine(
   const backend = options.backend ?? kvmBackend();
   checkHost(manifest, backend);
   const source = snap.mapSource();
-  const pooled = snap.takePooledVm(backend);
+  // The pool holds 1-vCPU VMs (see `Snapshot.prewarm`).
+  const pooled = manifest.vcpus.length === 1 ? snap.takePooledVm(backend) : undefined;
   const wrapped: Backend = {
     name: backend.name,
     capabilities: backend.capabilities,
@@ -146,6 +150,7 @@ export async function restoreMachine(
       memory: manifest.memory.map((r) => ({ start: r.start, size: r.size, readonly: r.readonly, name: r.name, logDirty: true })),
       backend: wrapped,
       irqchip: manifest.machine.irqchip,
+      vcpus: manifest.vcpus.length,
       name: options.name ?? `${manifest.machine.name}~${++forks}`,
     });
   } catch (e) {

@@ -175,7 +175,8 @@ export class Snapshot {
   /**
    * Keeps `count` empty VMs ready for `Machine.fork(this)` / `Machine.restore(this)` on
    * `backend`, refilled on the event loop after each fork: VM creation (~0.5 ms on PVM) then
-   * stays off the fork's latency. `prewarm(0)` releases them; so does {@link close}.
+   * stays off the fork's latency. `prewarm(0)` releases them; so does {@link close}. A snapshot
+   * of a machine with several vCPUs keeps no pool (yet): its forks create their VMs themselves.
    */
   prewarm(count: number, backend: Backend = kvmBackend()): void {
     if (!Number.isSafeInteger(count) || count < 0 || count > 256) throw new InvalidArgumentError('count', `must be an integer in [0, 256], got ${String(count)}`);
@@ -183,7 +184,7 @@ export class Snapshot {
     this.#pool?.close();
     const manifest = this.manifest;
     const source = this.mapSource();
-    this.#pool = count === 0 ? undefined : new VmPool(backend, manifest.machine.irqchip, count,
+    this.#pool = count === 0 || manifest.vcpus.length > 1 ? undefined : new VmPool(backend, manifest.machine.irqchip, count,
       (vm, vcpu) => applyCpuState(vm, [vcpu], manifest, this.rejectedMsrs),
       // Guest RAM too: a fresh machine's regions get slots 0, 1, … in order, as here.
       (vm) => {

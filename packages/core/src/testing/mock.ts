@@ -31,6 +31,11 @@ export class MockVcpu implements BackendVcpu {
   coalesced: CoalescedEntry[] = [];
   /** Whether the mock vCPU reports itself halted. */
   halted = false;
+  /**
+   * Whether the mock vCPU reports itself waiting for INIT/SIPI (as an application processor of
+   * a multi-vCPU machine does until the guest starts it). Default false: scripts decide.
+   */
+  waitingSipi = false;
   /** What `nmiWakeState()` reports (nothing pending, nothing routed by default). */
   nmi: NmiWakeState = { pending: false, masked: false, source: undefined };
   /** Number of `run()` calls. */
@@ -92,6 +97,7 @@ export class MockVcpu implements BackendVcpu {
   getMsrs(indices: readonly number[]): MsrEntry[] { return indices.map((index) => ({ index, data: this.#msr.get(index) ?? 0n })); }
   setMsrs(entries: readonly MsrEntry[]): void { for (const e of entries) this.#msr.set(e.index, e.data); }
   isHalted(): boolean { return this.halted; }
+  waitingForSipi(): boolean { return this.waitingSipi; }
   nmiWakeState(): NmiWakeState { return { ...this.nmi }; }
   /** `setGuestDebug` calls, in order. */
   readonly debug: Array<{ control: number; debugreg: readonly bigint[] }> = [];
@@ -156,8 +162,10 @@ export class MockVm implements BackendVm {
   msrIntercepts: { reads: number[]; writes: number[] } | undefined;
   setMsrIntercepts(reads: readonly number[], writes: readonly number[]): void { this.msrIntercepts = { reads: reads.slice(), writes: writes.slice() }; }
   createVcpu(id: number): BackendVcpu {
-    const v = this.#backend.nextVcpu ?? new MockVcpu(id);
-    this.#backend.nextVcpu = undefined;
+    const pre = this.#backend.nextVcpus.get(id);
+    this.#backend.nextVcpus.delete(id);
+    const v = pre ?? (id === 0 ? this.#backend.nextVcpu : undefined) ?? new MockVcpu(id);
+    if (id === 0 || v === this.#backend.nextVcpu) this.#backend.nextVcpu = undefined;
     this.vcpus.push(v);
     return v;
   }
@@ -175,8 +183,10 @@ export class MockBackend implements Backend {
   readonly capabilities: HostCapabilities;
   /** VMs created. */
   readonly vms: MockVm[] = [];
-  /** A pre-scripted vCPU handed to the next `createVcpu` (so tests can script before `Machine.create`). */
+  /** A pre-scripted vCPU handed to the next `createVcpu` of vCPU 0 (so tests can script before `Machine.create`). */
   nextVcpu: MockVcpu | undefined;
+  /** Pre-scripted vCPUs by index, for the next machine's `createVcpu(id)` ({@link scriptVcpu}). */
+  readonly nextVcpus = new Map<number, MockVcpu>();
 
   /** @param caps - capabilities to override. */
   constructor(caps: Partial<HostCapabilities> = {}) {
@@ -191,6 +201,14 @@ export class MockBackend implements Backend {
   script(...steps: MockStep[]): MockVcpu {
     this.nextVcpu = new MockVcpu(0).script(...steps);
     return this.nextVcpu;
+  }
+
+  /** Scripts vCPU `id` of the next machine (a multi-vCPU machine's others run `whenEmpty`: `hlt`). */
+  scriptVcpu(id: number, ...steps: MockStep[]): MockVcpu {
+    const v = new MockVcpu(id).script(...steps);
+    if (id === 0) this.nextVcpu = v;
+    else this.nextVcpus.set(id, v);
+    return v;
   }
 
   createVm(): BackendVm {
