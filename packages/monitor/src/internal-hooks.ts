@@ -23,6 +23,8 @@ export interface InternalEnv extends PipelineEnv {
   records(): readonly HookRecord[];
   /** The probe engine, if any exec hook uses it. */
   probe(): PatchBreakpoints | undefined;
+  /** Points the patch engines' register access at the vCPU of the exit being handled. */
+  atVcpu(index: number): void;
   /** The int3 engine, if any exec hook uses it. */
   int3(): PatchBreakpoints | undefined;
   /** The guest-debug owner. */
@@ -66,6 +68,7 @@ export function probeHook(env: InternalEnv): ExitHook {
     handle: (exit, info) => {
       const engine = env.probe();
       if (!engine) return undefined;
+      env.atVcpu(info.vcpu);
       const vcpu = env.machine.vcpu(info.vcpu);
       // The probe's own `out imm8`: RIP is on it or past it as this host's KVM does for that form
       // (`capabilities.ioExitRip`). No decode is needed to tell it from another `out` to the
@@ -89,6 +92,7 @@ export function debugHook(env: InternalEnv): ExitHook {
     handle: (exit, info) => {
       if (exit.kind !== 'debug') return undefined;
       const cause = env.debug.onDebugExit(exit);
+      env.atVcpu(info.vcpu);
       const vcpu = env.machine.vcpu(info.vcpu);
       switch (cause.kind) {
         case 'internal': return RESUME;

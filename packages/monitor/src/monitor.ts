@@ -189,6 +189,9 @@ export class Monitor implements InternalEnv {
   records(): readonly HookRecord[] { return this.#records; }
   /** @internal (InternalEnv). */
   probe(): PatchBreakpoints | undefined { return this.#probe; }
+  /** @internal The vCPU whose exit the patch engines handle now (their register access goes to it). */
+  atVcpu(index: number): void { this.#cpuIndex = index; }
+  #cpuIndex = 0;
   /** @internal (InternalEnv). */
   int3(): PatchBreakpoints | undefined { return this.#int3; }
   /** @internal (InternalEnv). */
@@ -474,10 +477,11 @@ export class Monitor implements InternalEnv {
     const tramp = this.machine.layout.probeTrampoline;
     const cpu = {
       memory: this.machine.memory,
-      regs: () => this.machine.vcpu(0).getRegs(),
-      setRip: (rip: bigint) => this.machine.vcpu(0).setRegs({ rip }),
-      sregs: () => this.machine.vcpu(0).getSregs(),
-      msr: (i: number) => { try { return this.machine.vcpu(0).getMsrs([i])[0]?.data; } catch { return undefined; } },
+      // The vCPU whose probe exit is being handled (atVcpu): on an SMP machine any of them.
+      regs: () => this.machine.vcpu(this.#cpuIndex).getRegs(),
+      setRip: (rip: bigint) => this.machine.vcpu(this.#cpuIndex).setRegs({ rip }),
+      sregs: () => this.machine.vcpu(this.#cpuIndex).getSregs(),
+      msr: (i: number) => { try { return this.machine.vcpu(this.#cpuIndex).getMsrs([i])[0]?.data; } catch { return undefined; } },
       // Probe trampolines live in a free page of core's system area (identity-mapped, user-accessible).
       ...(tramp === undefined ? {} : { trampoline: { physical: BigInt(tramp.address), virtual: BigInt(tramp.address), size: tramp.size } }),
     };

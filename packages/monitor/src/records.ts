@@ -65,7 +65,7 @@ class ExitHookContext implements HookContext {
   }
 
   rip(): bigint {
-    return this.info ? this.info.instructionRip() : this.machine.vcpu(0).getRegs().rip;
+    return this.info ? this.info.instructionRip() : this.machine.vcpu(this.vcpu).getRegs().rip;
   }
 }
 
@@ -96,7 +96,7 @@ function eventAddress(ev: MonitorEvent): bigint | number | undefined {
 /** Where the guest is, with the instruction, for deny messages: `RIP 0x1004: out dx,al [ee]`. */
 export function whereIs(machine: Machine, info: HookInfo | undefined, at?: bigint, code?: Uint8Array): string {
   try {
-    const vcpu = machine.vcpu(0);
+    const vcpu = machine.vcpu(info?.vcpu ?? 0);
     // Exec events know their instruction (RIP may already point at a probe trampoline); any
     // other exit's instruction comes from core's helper, right on every flavour.
     const rip = at ?? (info ? info.instructionRip() : vcpu.getRegs().rip);
