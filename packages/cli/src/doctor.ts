@@ -77,7 +77,7 @@ export function renderDoctor(r: DoctorReport): string {
   }
   const cal = r.calibration;
   if (!cal.present) {
-    out.push(`calibration: none for this host in ${cal.path} — the monitor uses assumed figures; measure with `tsvm calibrate` (or calibrate() from '@tsvm/monitor/calibrate')`);
+    out.push(`calibration: none for this host in ${cal.path} — the monitor uses assumed figures; measure with 'tsvm calibrate' (or calibrate() from '@tsvm/monitor/calibrate')`);
   } else {
     out.push(`calibration: measured ${cal.measuredAt} (${(cal.ageHours ?? 0).toFixed(1)} h ago), ${cal.path}`);
     for (const [m, w] of Object.entries(cal.works ?? {})) out.push(`  ${m.padEnd(18)} CPL0 ${(w.cpl0 ? 'works' : '—').padEnd(6)} CPL3 ${w.cpl3 ? 'works' : '—'}`);
