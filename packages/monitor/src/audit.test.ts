@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import { describe, expect, it } from 'vitest';
 import { Machine } from '@tsvm/core';
@@ -76,5 +77,21 @@ describe('hash-chained audit log', () => {
       expect(Object.keys(parsed).at(-1)).toBe('hash');
     }
     expect(verifyAuditLog(lines)).toMatchObject({ ok: true, count: 2, head: log.head });
+  });
+
+  it('builds each line with the same bytes as stringifying the spread entry, reserved keys included', () => {
+    const cases: Array<Record<string, unknown>> = [{}, { a: 1, b: 'x"y', c: [1, { d: null }] }, { time: 'mine', z: 2 }, { hash: 'h' }];
+    for (const entry of cases) {
+      const lines: string[] = [];
+      const log = new AuditLog(lines);
+      const at = new Date(1234567);
+      const prev = log.head;
+      const line = log.append(entry as never, at);
+      // The reference: the spread-and-stringify construction, byte for byte.
+      const body = { ...entry, time: at.toISOString(), seq: 0, prev };
+      const hash = createHash('sha256').update(prev + JSON.stringify(body)).digest('hex');
+      expect(line).toBe(JSON.stringify({ ...body, hash }));
+      if (!Object.hasOwn(entry, 'hash') && !Object.hasOwn(entry, 'seq') && !Object.hasOwn(entry, 'prev')) expect(verifyAuditLog(lines)).toMatchObject({ ok: true, count: 1 });
+    }
   });
 });

