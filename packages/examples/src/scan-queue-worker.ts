@@ -69,7 +69,8 @@ export async function startScanWorker(options: ScanWorkerOptions): Promise<ScanW
     const { id, sample } = job.data;
     const s = samples.get(sample);
     if (!s) throw new InvalidArgumentError('job.data.sample', `no sample is named ${JSON.stringify(sample)}`);
-    const runId = (job.id ?? '').slice(0, -(id.length + 1));
+    const runId = job.data.runId;
+    if (typeof runId !== 'string') throw new InvalidArgumentError('job.data.runId', 'is missing (enqueue with enqueueScan)');
     const keys = runKeys(queue, runId);
     emit({ type: 'active', pid: process.pid, id, sample, attempt: job.attemptsStarted });
     await redis.hincrby(keys.deliveries, id, 1);
@@ -91,8 +92,10 @@ export async function startScanWorker(options: ScanWorkerOptions): Promise<ScanW
     emit({ type: 'completed', pid: process.pid, id, stored });
     return { stored };
   };
+  const connection = redisClient(options.url);
+  connection.on('error', () => undefined);
   const worker = new Worker<ScanJob, { stored: boolean }>(queue, processor, {
-    connection: redisClient(options.url), concurrency, lockDuration, stalledInterval, maxStalledCount: 5,
+    connection, concurrency, lockDuration, stalledInterval, maxStalledCount: 5,
   });
   worker.on('error', (e) => emit({ type: 'error', pid: process.pid, message: e.message }));
   await worker.waitUntilReady();
@@ -100,6 +103,7 @@ export async function startScanWorker(options: ScanWorkerOptions): Promise<ScanW
     worker,
     async close() {
       await worker.close();
+      connection.disconnect();
       redis.disconnect();
       box.close();
     },

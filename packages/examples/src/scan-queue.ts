@@ -50,6 +50,8 @@ export class QueueUnavailableError extends TsvmError {
 
 /** What one job asks: run sample `sample` (a name in {@link SAMPLES}); `id` names the result. */
 export interface ScanJob {
+  /** The run this job belongs to (set by {@link enqueueScan}). */
+  readonly runId?: string;
   /** Unique id of this job within its run (the results-hash field). */
   readonly id: string;
   /** Name of the sample to run. */
@@ -148,7 +150,7 @@ export interface EnqueueOptions {
   readonly url: string;
   /** Queue name (default {@link DEFAULT_QUEUE}). */
   readonly queue?: string;
-  /** Run id (default: a random UUID); job ids are `<runId>:<job id>`. */
+  /** Run id (default: a random UUID); BullMQ job ids are `<runId>.<job id>`. */
   readonly runId?: string;
   /** The jobs; default: one per sample of {@link SAMPLES}, id = sample name. */
   readonly jobs?: readonly ScanJob[];
@@ -170,6 +172,9 @@ export interface ScanRun {
   readonly jobOptions: JobsOptions;
 }
 
+/** BullMQ's id of job `id` of run `runId` (BullMQ ids may not contain `:`). */
+export const bullId = (runId: string, id: string): string => `${runId}.${id}`;
+
 const knownSamples = new Set(SAMPLES.map((s) => s.name));
 
 /** Enqueues one BullMQ job per {@link ScanJob}; job ids make adding the same job twice a no-op. */
@@ -181,17 +186,20 @@ export async function enqueueScan(options: EnqueueOptions): Promise<ScanRun> {
   const ids = new Set<string>();
   for (const j of jobs) {
     if (!knownSamples.has(j.sample)) throw new InvalidArgumentError('jobs', `no sample is named ${JSON.stringify(j.sample)}`);
+    if (typeof j.id !== 'string' || j.id.length === 0 || j.id.includes(':')) throw new InvalidArgumentError('jobs', `a job id must be a non-empty string without ':', got ${JSON.stringify(j.id)}`);
     if (ids.has(j.id)) throw new InvalidArgumentError('jobs', `two jobs have the id ${JSON.stringify(j.id)}`);
     ids.add(j.id);
   }
   await assertRedisReachable(options.url);
   const jobOptions: JobsOptions = { attempts: options.attempts ?? 5, backoff: { type: 'exponential', delay: 200 }, removeOnComplete: false, removeOnFail: false };
   const run: ScanRun = { queue, runId, keys: runKeys(queue, runId), jobs, jobOptions };
-  const q = new Queue(queue, { connection: redisClient(options.url) });
+  const connection = redisClient(options.url);
+  const q = new Queue(queue, { connection });
   try {
-    await q.addBulk(jobs.map((data) => ({ name: 'scan', data, opts: { ...jobOptions, jobId: `${runId}:${data.id}` } })));
+    await q.addBulk(jobs.map((j) => ({ name: 'scan', data: { ...j, runId }, opts: { ...jobOptions, jobId: bullId(runId, j.id) } })));
   } finally {
     await q.close();
+    connection.disconnect();
   }
   return run;
 }
@@ -244,7 +252,9 @@ export async function collectResults(run: ScanRun, options: CollectOptions): Pro
     if (redisErrors.at(-1)?.replace(/^\d+ ms: /, '') !== line.replace(/^\d+ ms: /, '')) redisErrors.push(line);
   };
   redis.on('error', note);
-  const q = new Queue(run.queue, { connection: redis.duplicate() });
+  const qConnection = redis.duplicate();
+  qConnection.on('error', note);
+  const q = new Queue(run.queue, { connection: qConnection });
   q.on('error', note);
   let results = new Map<string, ScanResult>();
   let lastReconcile = performance.now();
@@ -259,10 +269,10 @@ export async function collectResults(run: ScanRun, options: CollectOptions): Pro
           lastReconcile = performance.now();
           for (const j of run.jobs) {
             if (results.has(j.id)) continue;
-            const jobId = `${run.runId}:${j.id}`;
+            const jobId = bullId(run.runId, j.id);
             const state = await q.getJobState(jobId);
             if (state === 'unknown') {
-              await q.add('scan', j, { ...run.jobOptions, jobId });
+              await q.add('scan', { ...j, runId: run.runId }, { ...run.jobOptions, jobId });
               reenqueued.push(j.id);
             } else if (state === 'failed') {
               await (await q.getJob(jobId))?.retry('failed');
@@ -289,6 +299,7 @@ export async function collectResults(run: ScanRun, options: CollectOptions): Pro
     };
   } finally {
     await q.close().catch(() => undefined);
+    qConnection.disconnect();
     redis.disconnect();
   }
 }
