@@ -116,12 +116,14 @@ export function redisClient(url: string): Redis {
 export async function assertRedisReachable(url: string, options: RedisClientOptions = {}): Promise<void> {
   if (typeof url !== 'string' || !/^rediss?:\/\//.test(url)) throw new InvalidArgumentError('url', `must be a redis:// URL, got ${String(url)}`);
   const probe = new Redis(url, { lazyConnect: true, connectTimeout: options.connectTimeout ?? 2000, retryStrategy: () => null, maxRetriesPerRequest: 0, enableOfflineQueue: false });
-  probe.on('error', () => undefined);
+  let seen: unknown;
+  probe.on('error', (e) => { seen ??= e; });
   try {
     await probe.connect();
     await probe.ping();
   } catch (e) {
-    throw new QueueUnavailableError(url, e);
+    // The socket's own error (ECONNREFUSED, ENOTFOUND, ...) says more than "Connection is closed".
+    throw new QueueUnavailableError(url, seen ?? e);
   } finally {
     probe.disconnect();
   }
