@@ -1,9 +1,10 @@
 // Part of `pnpm test`: installs the Debian tools the tests use when they are missing (gdb, for
-// the gdb stub's tests against the real client), if this is a Debian host where we may. Never
+// the gdb stub's tests against the real client; redis-server, for the scan-queue example's
+// BullMQ tests, which start their own instance on a free port), if this is a Debian host where we may. Never
 // fails the run: where a tool cannot be installed, the tests that need it skip loudly.
 import { spawnSync } from 'node:child_process';
 
-const tools = [{ command: 'gdb', pkg: 'gdb' }];
+const tools = [{ command: 'gdb', pkg: 'gdb' }, { command: 'redis-server', pkg: 'redis-server' }];
 const has = (cmd) => spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
 const missing = tools.filter((t) => !has(t.command));
 if (missing.length > 0) {

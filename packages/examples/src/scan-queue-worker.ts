@@ -1,0 +1,129 @@
+/**
+ * A worker process of the queue-driven scan (`scan-queue.ts`): one snapshotted sandbox
+ * (`scan-sandbox.ts`), one BullMQ `Worker` whose processor runs each job's sample in a fresh
+ * copy-on-write fork under a new monitor (`scan-monitor.ts`, via `Sandbox.scan`), at most
+ * `concurrency` jobs at once. The result (verdict + audit chain) goes into the run's results hash
+ * with `HSETNX` *before* the job is acknowledged, so a worker killed after storing but before
+ * acknowledging leaves a result that the retry finds and does not duplicate.
+ *
+ * Run directly, it reads `REDIS_URL`, `TSVM_SCAN_QUEUE`, `TSVM_SCAN_CONCURRENCY`,
+ * `TSVM_SCAN_SAMPLE_TIMEOUT`, `TSVM_SCAN_LOCK_MS`, `TSVM_SCAN_STALLED_MS` and, when it has a
+ * parent, reports `ready` / `active` / `completed` over IPC. SIGTERM closes it gracefully (the
+ * jobs in flight finish first). Start it on as many hosts as you like, all with one `REDIS_URL`.
+ * @module
+ */
+import { hostname } from 'node:os';
+import { Worker, type Job } from 'bullmq';
+import { InvalidArgumentError } from '@tsvm/core';
+import { Sandbox } from './scan.js';
+import type { AssembledSample } from './scan-samples.js';
+import { assertRedisReachable, DEFAULT_QUEUE, DEFAULT_REDIS_URL, redisClient, runKeys, storeResult, type ScanJob, type ScanResult, type WorkerMessage } from './scan-queue.js';
+import { isMain, runCli } from './support.js';
+
+/** Options of {@link startScanWorker}. */
+export interface ScanWorkerOptions {
+  /** Redis URL. */
+  readonly url: string;
+  /** Queue name (default {@link DEFAULT_QUEUE}). */
+  readonly queue?: string;
+  /** Jobs run at once, each in its own fork (default 2). */
+  readonly concurrency?: number;
+  /** Run deadline per sample (ms, default 300). */
+  readonly sampleTimeoutMs?: number;
+  /** BullMQ lock duration (ms, default 10 000). */
+  readonly lockDuration?: number;
+  /** BullMQ stalled-job check period (ms, default 5000). */
+  readonly stalledInterval?: number;
+  /** Called on every job event (the process entry point forwards them over IPC). */
+  readonly onEvent?: (m: WorkerMessage) => void;
+}
+
+/** A running scan worker. */
+export interface ScanWorker {
+  /** The BullMQ worker. */
+  readonly worker: Worker<ScanJob, { stored: boolean }>;
+  /** Stops taking jobs, waits for those in flight, releases the sandbox. */
+  close(): Promise<void>;
+}
+
+const positive = (name: string, v: number): number => {
+  if (!Number.isInteger(v) || v <= 0) throw new InvalidArgumentError(name, `must be a positive integer, got ${String(v)}`);
+  return v;
+};
+
+/** Snapshots the sandbox, assembles the samples and starts a BullMQ worker on `queue`. */
+export async function startScanWorker(options: ScanWorkerOptions): Promise<ScanWorker> {
+  const queue = options.queue ?? DEFAULT_QUEUE;
+  const concurrency = positive('concurrency', options.concurrency ?? 2);
+  const timeoutMs = positive('sampleTimeoutMs', options.sampleTimeoutMs ?? 300);
+  const lockDuration = positive('lockDuration', options.lockDuration ?? 10_000);
+  const stalledInterval = positive('stalledInterval', options.stalledInterval ?? 5000);
+  await assertRedisReachable(options.url);
+  const emit = options.onEvent ?? ((): void => undefined);
+  const box = await Sandbox.create();
+  const samples = new Map<string, AssembledSample>((await box.assemble()).map((s) => [s.name, s]));
+  const redis = redisClient(options.url);
+  redis.on('error', () => undefined); // it reconnects; BullMQ's worker reports the outage
+  const host = hostname();
+  const processor = async (job: Job<ScanJob, { stored: boolean }>): Promise<{ stored: boolean }> => {
+    const { id, sample } = job.data;
+    const s = samples.get(sample);
+    if (!s) throw new InvalidArgumentError('job.data.sample', `no sample is named ${JSON.stringify(sample)}`);
+    const runId = job.data.runId;
+    if (typeof runId !== 'string') throw new InvalidArgumentError('job.data.runId', 'is missing (enqueue with enqueueScan)');
+    const keys = runKeys(queue, runId);
+    emit({ type: 'active', pid: process.pid, id, sample, attempt: job.attemptsStarted });
+    await redis.hincrby(keys.deliveries, id, 1);
+    // Already done by an earlier delivery that died before acknowledging: nothing to run.
+    if (await redis.hexists(keys.results, id)) {
+      await redis.hincrby(keys.duplicates, id, 1);
+      emit({ type: 'completed', pid: process.pid, id, stored: false });
+      return { stored: false };
+    }
+    const report = (await box.scan([s], { mode: 'fork', timeoutMs, prewarm: 0 })).samples[0];
+    if (!report) throw new Error(`the scan of ${sample} returned no report`);
+    const result: ScanResult = {
+      id, sample, verdict: report.verdict, stop: report.stop, printed: report.printed,
+      findings: report.findings.map((f) => ({ kind: f.kind, detail: f.detail })),
+      audit: { head: report.audit.head, lines: report.audit.lines }, worker: { host, pid: process.pid },
+      attempt: job.attemptsStarted, ms: report.ms,
+    };
+    const stored = await storeResult(redis, keys, result);
+    emit({ type: 'completed', pid: process.pid, id, stored });
+    return { stored };
+  };
+  const connection = redisClient(options.url);
+  connection.on('error', () => undefined);
+  const worker = new Worker<ScanJob, { stored: boolean }>(queue, processor, {
+    connection, concurrency, lockDuration, stalledInterval, maxStalledCount: 5,
+  });
+  worker.on('error', (e) => emit({ type: 'error', pid: process.pid, message: e.message }));
+  await worker.waitUntilReady();
+  return {
+    worker,
+    async close() {
+      await worker.close();
+      connection.disconnect();
+      redis.disconnect();
+      box.close();
+    },
+  };
+}
+
+/** Entry point: a worker configured from the environment, until SIGTERM. */
+export async function main(): Promise<number> {
+  const env = (k: string, d: number): number => (process.env[k] === undefined ? d : Number(process.env[k]));
+  const send = (m: WorkerMessage): void => { if (process.send) process.send(m); };
+  const w = await startScanWorker({
+    url: process.env.REDIS_URL ?? DEFAULT_REDIS_URL, queue: process.env.TSVM_SCAN_QUEUE ?? DEFAULT_QUEUE,
+    concurrency: env('TSVM_SCAN_CONCURRENCY', 2), sampleTimeoutMs: env('TSVM_SCAN_SAMPLE_TIMEOUT', 300),
+    lockDuration: env('TSVM_SCAN_LOCK_MS', 10_000), stalledInterval: env('TSVM_SCAN_STALLED_MS', 5000), onEvent: send,
+  });
+  send({ type: 'ready', pid: process.pid });
+  await new Promise<void>((resolve) => { process.once('SIGTERM', resolve); process.once('SIGINT', resolve); });
+  await w.close();
+  if (process.connected) process.disconnect();
+  return 0;
+}
+
+if (isMain(import.meta.url)) await runCli('scan-queue-worker', main);
