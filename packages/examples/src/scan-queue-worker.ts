@@ -17,23 +17,11 @@ import { Worker, type Job } from 'bullmq';
 import { InvalidArgumentError } from '@tsvm/core';
 import { Sandbox } from './scan.js';
 import type { AssembledSample } from './scan-samples.js';
-import { assertRedisReachable, DEFAULT_QUEUE, DEFAULT_REDIS_URL, redisClient, runKeys, storeResult, type ScanJob, type ScanResult, type WorkerMessage } from './scan-queue.js';
+import { assertRedisReachable, DEFAULT_QUEUE, DEFAULT_REDIS_URL, redisClient, runKeys, storeResult, type ScanJob, type ScanResult, type WorkerMessage, type WorkerProcessOptions } from './scan-queue.js';
 import { isMain, runCli } from './support.js';
 
-/** Options of {@link startScanWorker}. */
-export interface ScanWorkerOptions {
-  /** Redis URL. */
-  readonly url: string;
-  /** Queue name (default {@link DEFAULT_QUEUE}). */
-  readonly queue?: string;
-  /** Jobs run at once, each in its own fork (default 2). */
-  readonly concurrency?: number;
-  /** Run deadline per sample (ms, default 300). */
-  readonly sampleTimeoutMs?: number;
-  /** BullMQ lock duration (ms, default 10 000). */
-  readonly lockDuration?: number;
-  /** BullMQ stalled-job check period (ms, default 5000). */
-  readonly stalledInterval?: number;
+/** Options of {@link startScanWorker}: those of a worker process, plus an event callback. */
+export interface ScanWorkerOptions extends WorkerProcessOptions {
   /** Called on every job event (the process entry point forwards them over IPC). */
   readonly onEvent?: (m: WorkerMessage) => void;
 }

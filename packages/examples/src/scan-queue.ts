@@ -317,7 +317,7 @@ export interface WorkerProcessOptions {
   readonly url: string;
   /** Queue name (default {@link DEFAULT_QUEUE}). */
   readonly queue?: string;
-  /** Jobs at once in the process (default 2). */
+  /** Jobs at once in the process, each in its own fork (default 2). */
   readonly concurrency?: number;
   /** Run deadline per sample (ms, default 300). */
   readonly sampleTimeoutMs?: number;
