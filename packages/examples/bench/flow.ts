@@ -130,7 +130,7 @@ const guestCases = [
   ['FlowMonitor, denials audited', () => monitor(false, 'denied', 'client', 'server')],
   ['FlowMonitor + content guard, every message audited', () => monitor(true, 'all', 'client', 'server')],
 ] as const;
-let guestRows: { case: string; roundTripUs: number; throughputMBs: number }[] = [];
+let guestRows: { case: string; roundTripUs: number; throughputMBs: number; ratio: number; ratioMin: number; ratioMax: number }[] = [];
 const kvm = kvmAvailability();
 const cc = vsockGuestToolchain();
 const skipGuests = !kvm.available ? kvm.reason : !cc.available ? cc.reason : '';
@@ -143,25 +143,37 @@ if (skipGuests) {
     if (r.clientStop.reason !== 'debug-exit' || r.clientStop.code !== 1 || r.client.error !== 0) throw new Error(`${what}: the client failed (${JSON.stringify(r.client)}, ${r.clientStop.reason})`);
     return r;
   };
-  // Four interleaved passes over the cases: the first warms the JIT up for every path (measured
-  // here, a cold first run is up to 2× slower), each figure is the median of the other three (one
-  // pass of a case sees whatever else the host was doing then).
+  // Interleaved passes over the cases, the order rotated each pass; the first warms the JIT up for
+  // every path (measured here, a cold first run is up to 2× slower). A case's ratio is taken per
+  // pass, against the baseline measured in the same pass, then summarised: the baseline itself
+  // moved 110–186 µs between whole runs, more than any monitor's share.
+  const PASSES = Math.max(2, Number(process.env['TSVM_BENCH_FLOW_PASSES'] ?? 6));
   const passes: { rt: number[]; tp: number[] }[] = guestCases.map(() => ({ rt: [], tp: [] }));
-  for (let pass = 0; pass < 4; pass++) {
-    for (const [i, [name, mk]] of guestCases.entries()) {
+  for (let pass = 0; pass < PASSES; pass++) {
+    const order = guestCases.map((_c, i) => (i + pass) % guestCases.length);
+    const rtThis: number[] = [], tpThis: number[] = [];
+    for (const i of order) {
+      const [name, mk] = guestCases[i] as (typeof guestCases)[number];
       const rt = checked(await runGuestPair(elf, mk() as VsockMediator<unknown>, { count: GUEST_N, msg: 64, reply: 64 }), name);
       const tp = checked(await runGuestPair(elf, mk() as VsockMediator<unknown>, { count: GUEST_MSGS, msg: 65536, reply: 1 }), name);
       const span = ((tp.forwardAt.at(-1) as number) - (tp.forwardAt[0] as number)) / 1000;
-      if (pass === 0) continue;
-      passes[i]?.rt.push(gap(rt.forwardAt) * 1000);
-      passes[i]?.tp.push(((tp.forwardAt.length - 1) * 65536) / span / 1e6);
+      rtThis[i] = gap(rt.forwardAt) * 1000;
+      tpThis[i] = ((tp.forwardAt.length - 1) * 65536) / span / 1e6;
     }
+    if (pass === 0) continue;
+    guestCases.forEach((_c, i) => { passes[i]?.rt.push(rtThis[i] as number); passes[i]?.tp.push(tpThis[i] as number); });
   }
-  guestRows = guestCases.map(([name], i) => ({ case: name, roundTripUs: median(passes[i]?.rt ?? []), throughputMBs: median(passes[i]?.tp ?? []) }));
-  const g0 = guestRows[0] as (typeof guestRows)[number];
-  console.log(`\nreal guests, data path at CPL3: 64 B round trip (median of ${GUEST_N}), ${GUEST_MSGS} × 64 KiB messages each acknowledged; median of 3 passes`);
-  console.log('case'.padEnd(54), 'round trip'.padStart(12), 'ratio'.padStart(7), 'MB/s'.padStart(9));
-  for (const r of guestRows) console.log(r.case.padEnd(54), `${r.roundTripUs.toFixed(1)} µs`.padStart(12), `${(r.roundTripUs / g0.roundTripUs).toFixed(2)}×`.padStart(7), r.throughputMBs.toFixed(0).padStart(9));
+  const base = passes[0]?.rt ?? [];
+  guestRows = guestCases.map(([name], i) => {
+    const ratios = (passes[i]?.rt ?? []).map((x, k) => x / (base[k] as number));
+    return {
+      case: name, roundTripUs: median(passes[i]?.rt ?? []), throughputMBs: median(passes[i]?.tp ?? []),
+      ratio: median(ratios), ratioMin: Math.min(...ratios), ratioMax: Math.max(...ratios),
+    };
+  });
+  console.log(`\nreal guests, data path at CPL3: 64 B round trip (median of ${GUEST_N}), ${GUEST_MSGS} × 64 KiB messages each acknowledged; median of ${PASSES - 1} interleaved passes, ratio per pass against that pass's baseline [min–max]`);
+  console.log('case'.padEnd(54), 'round trip'.padStart(12), 'ratio'.padStart(20), 'MB/s'.padStart(9));
+  for (const r of guestRows) console.log(r.case.padEnd(54), `${r.roundTripUs.toFixed(1)} µs`.padStart(12), `${r.ratio.toFixed(2)}× [${r.ratioMin.toFixed(2)}–${r.ratioMax.toFixed(2)}]`.padStart(20), r.throughputMBs.toFixed(0).padStart(9));
 }
 if (skipGuests) guestRows = [];
 mkdirSync('bench-results', { recursive: true });
