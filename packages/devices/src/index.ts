@@ -97,7 +97,7 @@ export {
   type VsockHostStream,
 } from './net/vsock-router.js';
 /** Driver side of a vsock device without a guest, for tests and host-level demos. */
-export { VsockTestGuest, type VsockTestGuestOptions } from './net/vsock-test-guest.js';
+export { VsockTestGuest, openVsockPair, type VsockTestGuestOptions } from './net/vsock-test-guest.js';
 
 // virtio-net and its host-side L2 switch (frames between machines)
 export {

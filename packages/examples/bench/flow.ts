@@ -16,7 +16,7 @@
  * @module
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
-import { allowAllMediator, VsockOp, VsockRouter, VsockTestGuest, type VsockMediator, type VsockPacket } from '@tsvm/devices';
+import { allowAllMediator, openVsockPair, VsockOp, VsockRouter, VsockTestGuest, type VsockMediator, type VsockPacket } from '@tsvm/devices';
 import { kvmAvailability } from '@tsvm/core/testing';
 import { AuditLog, calibrateFlowCosts, FlowMonitor, formatNs, type FlowPolicy, type Topology } from '@tsvm/monitor';
 import { buildVsockGuest, runGuestPair, vsockGuestToolchain } from '../../devices/src/net/vsock-guest.fixture.js';
@@ -37,16 +37,7 @@ const scan = (d: Uint8Array) => (d.includes(0xff) ? { action: 'block' as const }
 
 async function setup<C>(mediator: VsockMediator<C>) {
   const router = new VsockRouter({ mediator, connectionBuffer: 1 << 20 });
-  const a = new VsockTestGuest({ cid: 3, rxBuffers: 64, rxBufferSize: 44 + 65536, bufAlloc: 1 << 20 });
-  const b = new VsockTestGuest({ cid: 4, rxBuffers: 64, rxBufferSize: 44 + 65536, bufAlloc: 1 << 20 });
-  router.attach(a.device, 'a');
-  router.attach(b.device, 'b');
-  a.send({ op: VsockOp.Request, dstCid: 4, srcPort: 1000, dstPort: 80 });
-  await new Promise((r) => setImmediate(r));
-  b.receive();
-  b.send({ op: VsockOp.Response, dstCid: 3, srcPort: 80, dstPort: 1000 });
-  a.receive();
-  return { router, a, b };
+  return { router, ...(await openVsockPair(router, { rxBuffers: 64, rxBufferSize: 44 + 65536, bufAlloc: 1 << 20 })) };
 }
 
 async function roundTrip<C>(mediator: VsockMediator<C>): Promise<number> {

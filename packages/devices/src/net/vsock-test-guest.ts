@@ -20,6 +20,8 @@ import {
 } from '../virtio/vsock.js';
 import { RecordingIrq, testGuestMemory } from '../testing/fakes.js';
 import { VirtioMmioTestDriver, type TestQueue } from '../testing/virtio-driver.js';
+import { VsockOp } from '../virtio/vsock.js';
+import type { VsockRouter } from './vsock-router.js';
 
 /** Options of a {@link VsockTestGuest}. */
 export interface VsockTestGuestOptions {
@@ -120,4 +122,22 @@ export class VsockTestGuest {
     this.#rx.writeDesc(i, { addr: this.#rxAddr[i] as bigint, len: this.#rxSize, flags: DescFlag.Write, next: 0 });
     this.#rx.publish(i);
   }
+}
+
+/**
+ * Two test guests, CIDs 3 (`a`) and 4 (`b`), attached to `router` as `'a'` and `'b'`, with one
+ * stream open from 3:1000 to 4:80 (request, response; both taken off the rx queues). `options`
+ * applies to both guests. For tests and benches that need a connected pair to start from.
+ */
+export async function openVsockPair<C>(router: VsockRouter<C>, options: Omit<VsockTestGuestOptions, 'cid'> = {}): Promise<{ a: VsockTestGuest; b: VsockTestGuest }> {
+  const a = new VsockTestGuest({ ...options, cid: 3 });
+  const b = new VsockTestGuest({ ...options, cid: 4 });
+  router.attach(a.device, 'a');
+  router.attach(b.device, 'b');
+  a.send({ op: VsockOp.Request, dstCid: 4, srcPort: 1000, dstPort: 80 });
+  await new Promise((r) => setImmediate(r)); // the router's connection decision may be async
+  b.receive();
+  b.send({ op: VsockOp.Response, dstCid: 3, srcPort: 80, dstPort: 1000 });
+  a.receive();
+  return { a, b };
 }

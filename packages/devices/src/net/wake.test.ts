@@ -9,7 +9,7 @@ import { VsockOp } from '../virtio/vsock.js';
 import { BROADCAST_MAC, ethernetFrame, NetTestGuest } from './net-test-guest.js';
 import { allowAllFrames, VirtualSwitch } from './switch.js';
 import { allowAllMediator, VsockRouter } from './vsock-router.js';
-import { VsockTestGuest } from './vsock-test-guest.js';
+import { openVsockPair, VsockTestGuest } from './vsock-test-guest.js';
 
 /** Exits in the first slice of a mock machine spinning on `out 0x80` that runs `act` at its third exit. */
 async function firstSlice(act: () => void): Promise<number> {
@@ -26,16 +26,7 @@ async function firstSlice(act: () => void): Promise<number> {
 
 async function openPair() {
   const router = new VsockRouter({ mediator: allowAllMediator });
-  const a = new VsockTestGuest({ cid: 3 });
-  const b = new VsockTestGuest({ cid: 4 });
-  router.attach(a.device, 'a');
-  router.attach(b.device, 'b');
-  a.send({ op: VsockOp.Request, dstCid: 4, srcPort: 1000, dstPort: 80 });
-  await new Promise((r) => setImmediate(r));
-  b.receive();
-  b.send({ op: VsockOp.Response, dstCid: 3, srcPort: 80, dstPort: 1000 });
-  a.receive();
-  return { router, a, b };
+  return { router, ...(await openVsockPair(router)) };
 }
 
 describe('routers wake the receiving machine', () => {
