@@ -368,12 +368,20 @@ export class PatchBreakpoints {
    * the CPU in the state `sregs`, or in place (two exits). For the cost model; changes nothing.
    */
   runsOutOfLine(physical: bigint, rip: bigint, sregs: Sregs): boolean {
-    if (!this.#outOfLineOn) return false;
+    const tr = this.#outOfLineOn ? this.#xolTrampoline(sregs) : undefined;
+    return tr !== undefined && this.#relocate(this.originalCode(physical), rip, sregs, tr.virtual) !== undefined;
+  }
+
+  /** The trampoline, if out-of-line copies can run from it: outside 64-bit mode RIP is CS-relative and the trampoline's address linear, so CS must be flat. */
+  #xolTrampoline(sregs: Sregs): { readonly physical: bigint; readonly virtual: bigint; readonly size: number } | undefined {
     const tr = this.#trampoline(sregs);
-    const bits = bitnessOf(sregs);
-    if (!tr || (bits !== 64 && sregs.cs.base !== 0n)) return false;
-    const copy = relocateOutOfLine(this.originalCode(physical), rip, bits, this.trapLength, tr.virtual);
-    return copy !== undefined && copy.code.length <= SLOT;
+    return tr && (bitnessOf(sregs) === 64 || sregs.cs.base === 0n) ? tr : undefined;
+  }
+
+  /** The relocated copy of the instructions at the start of `bytes` for address `at`, if it fits a slot. */
+  #relocate(bytes: Uint8Array, rip: bigint, sregs: Sregs, at: bigint): Uint8Array | undefined {
+    const copy = relocateOutOfLine(bytes, rip, bitnessOf(sregs), this.trapLength, at);
+    return copy && copy.code.length <= SLOT ? copy.code : undefined;
   }
 
   /**
@@ -384,22 +392,20 @@ export class PatchBreakpoints {
     const bytes = this.originalCode(t.physical);
     const have = this.#copies.get(t.physical);
     if (have && have.rip === rip && sameBytes(have.bytes, bytes)) return have.slot;
-    const tr = this.#trampoline(sregs);
-    const bits = bitnessOf(sregs);
-    // Outside 64-bit mode RIP is CS-relative; the trampoline's address is linear.
-    if (!tr || (bits !== 64 && sregs.cs.base !== 0n)) return undefined;
+    const tr = this.#xolTrampoline(sregs);
+    if (!tr) return undefined;
     const key = `x${t.physical}`;
     const { index } = this.#slot(tr, key);
     const slot = tr.virtual + BigInt(index * SLOT);
-    const copy = relocateOutOfLine(bytes, rip, bits, this.trapLength, slot);
-    if (!copy || copy.code.length > SLOT) {
+    const copy = this.#relocate(bytes, rip, sregs, slot);
+    if (!copy) {
       this.#slotOf.delete(key);
       this.#slotOwner[index] = undefined;
       this.#copies.set(t.physical, { bytes, rip, slot: undefined });
       return undefined;
     }
     const code = new Uint8Array(SLOT).fill(0xcc);
-    code.set(copy.code);
+    code.set(copy);
     this.#cpu.memory.write(tr.physical + BigInt(index * SLOT), code);
     this.#copies.set(t.physical, { bytes, rip, slot });
     return slot;
