@@ -317,19 +317,24 @@ class KvmBackendVm implements BackendVm {
   }
 
   close(): void {
-    for (const b of this.#dirtyBufs.values()) b.close();
-    this.#dirtyBufs.clear();
-    this.#ready0?.close();
-    this.#ready0 = undefined;
+    this.#releaseOwned();
     this.#vm.close();
   }
 
   closeInBackground(): Promise<void> {
+    this.#releaseOwned();
+    // Main thread only (as the spare VMs): a worker terminated while koffi's async close is in
+    // flight aborts the process (the completion reaches a torn-down environment).
+    if (!isMainThread) { this.#vm.close(); return Promise.resolve(); }
+    return this.#vm.closeInBackground();
+  }
+
+  /** The dirty-log buffers and an untaken vCPU 0: what this VM owns besides its fd. */
+  #releaseOwned(): void {
     for (const b of this.#dirtyBufs.values()) b.close();
     this.#dirtyBufs.clear();
     this.#ready0?.close();
     this.#ready0 = undefined;
-    return this.#vm.closeInBackground();
   }
 }
 

@@ -7,7 +7,6 @@ import type { EventEmitter } from 'eventemitter3';
 import { StateError } from '../errors.js';
 import type { MachineEvents } from '../machine.js';
 import type { MachineState } from './state.js';
-import { isMainThread } from 'node:worker_threads';
 import { sharedBackendSettled } from '../backend/kvm.js';
 
 /**
@@ -39,9 +38,7 @@ export function teardown(s: MachineState, background = false): Promise<void> | u
   s.slots.clear();
   let pending: Promise<void> | undefined;
   try {
-    // Main thread only: a worker terminated while koffi's async close is in flight aborts the
-    // process (the completion reaches a torn-down environment), and workers may be terminated.
-    if (background && isMainThread && s.vm.closeInBackground) pending = s.vm.closeInBackground().catch(() => { /* keep going */ });
+    if (background && s.vm.closeInBackground) pending = s.vm.closeInBackground().catch(() => { /* keep going */ });
     else s.vm.close();
   } catch { /* keep going */ }
   for (const h of s.memory.clear()) h.close();
