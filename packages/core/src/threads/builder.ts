@@ -15,8 +15,11 @@
  *   `ctx.consoleDevice()` is a ready `Device` for a byte-wide output port.
  * - `ctx.audit(entry)` streams one audit entry (any structured-cloneable value) to `audit`
  *   (batched and bounded like the console).
- * - Return the machine, or `{ machine, report, close }`: `report()` answers `handle.report()`,
- *   `close()` runs after the machine is closed (release what the builder made).
+ * - Return the machine, or `{ machine, report, input, close }`: `report()` answers `handle.report()`,
+ *   `input(value)` takes the per-run input of `run({ input })` (a pool's job: write it into guest RAM
+ *   or a device, start a fresh monitor) just before that run, `close()` runs after the machine is
+ *   closed (release what the builder made). In a pool, `release()` resets the machine afterwards,
+ *   so what `input` put into guest RAM and device state is gone before the next lease.
  *
  * ```ts
  * // guest.ts
@@ -39,12 +42,21 @@ import type { Device } from '../device.js';
 import type { Machine } from '../machine.js';
 import type { Snapshot } from '../snapshot/snapshot.js';
 
-/** What a builder hands back when it has more than the machine to offer. */
-export interface BuiltMachine<R = unknown> {
+/**
+ * What a builder hands back when it has more than the machine to offer. `R`: what `report()`
+ * returns; `P`: the per-run input `input()` takes.
+ */
+export interface BuiltMachine<R = unknown, P = unknown> {
   /** The machine the handle drives. */
   readonly machine: Machine;
   /** Answers `handle.report()`; its value is structured-cloned to the caller. */
   readonly report?: () => R | Promise<R>;
+  /**
+   * Prepares one run with the caller's `run({ input })` value (structured-cloned), inside the
+   * worker, before the guest runs: a throw rejects that `run()` with the error, typed, and the
+   * guest does not run. Without it, a run with an `input` rejects with `InvalidArgumentError`.
+   */
+  input?(value: P): void | Promise<void>;
   /** Runs after the machine is closed, when the worker shuts down. */
   readonly close?: () => void | Promise<void>;
 }
@@ -68,12 +80,13 @@ export interface WorkerContext<A = unknown> {
 
 /**
  * The function a machine module exports: builds the machine inside the worker.
- * `I`: its `init` (from the caller); `R`: what `report()` returns; `A`: its audit entries.
+ * `I`: its `init` (from the caller); `R`: what `report()` returns; `A`: its audit entries;
+ * `P`: the per-run input its `input()` takes.
  */
-export type MachineBuilder<I = unknown, R = unknown, A = unknown> = (init: I, ctx: WorkerContext<A>) => Promise<Machine | BuiltMachine<R>>;
+export type MachineBuilder<I = unknown, R = unknown, A = unknown, P = unknown> = (init: I, ctx: WorkerContext<A>) => Promise<Machine | BuiltMachine<R, P>>;
 
 /** Identity, for inference: `export default defineMachine(async (init: MyInit, ctx) => ...)`. */
-export function defineMachine<I, R = unknown, A = unknown>(builder: MachineBuilder<I, R, A>): MachineBuilder<I, R, A> {
+export function defineMachine<I, R = unknown, A = unknown, P = unknown>(builder: MachineBuilder<I, R, A, P>): MachineBuilder<I, R, A, P> {
   return builder;
 }
 
@@ -81,5 +94,7 @@ export function defineMachine<I, R = unknown, A = unknown>(builder: MachineBuild
 export type BuilderInit<B> = B extends MachineBuilder<infer I, unknown, unknown> ? I : never;
 /** The `report()` type of a builder. */
 export type BuilderReport<B> = B extends (init: never, ctx: never) => Promise<Machine | BuiltMachine<infer R>> ? R : unknown;
+/** The per-run input type of a builder (what `run({ input })` takes). */
+export type BuilderInput<B> = B extends (init: never, ctx: never) => Promise<Machine | BuiltMachine<unknown, infer P>> ? P : unknown;
 /** The audit entry type of a builder. */
 export type BuilderAudit<B> = B extends (init: never, ctx: WorkerContext<infer A>) => Promise<unknown> ? A : unknown;

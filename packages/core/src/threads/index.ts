@@ -7,7 +7,7 @@
  *   as events. A guest that spins or storms exits runs on the worker's event loop, never the
  *   caller's; a worker that dies rejects its handle's calls with a `WorkerExitedError`.
  * - {@link MachinePool}: N machines in N workers forked from one snapshot, `acquire()` /
- *   `release()` (which resets), a bounded wait queue with a timeout ({@link PoolQueueFullError},
+ *   `release()` (which resets), a per-run input (`run({ input })`, taken by the builder's `input()`), a bounded wait queue with a timeout ({@link PoolQueueFullError},
  *   {@link PoolTimeoutError}), {@link PoolMetrics}, and dead workers replaced.
  * - Stops and errors cross the boundary typed ({@link encodeError} / {@link decodeError}).
  *
@@ -20,7 +20,7 @@
  */
 export { MachineWorker, type MachineWorkerOptions, type MachineWorkerEvents, type WorkerRunOptions } from './machine-worker.js';
 export { MachinePool, PooledMachine, type MachinePoolOptions, type AcquireOptions, type PoolMetrics } from './pool.js';
-export { defineMachine, type MachineBuilder, type BuiltMachine, type WorkerContext, type BuilderInit, type BuilderReport, type BuilderAudit } from './builder.js';
+export { defineMachine, type MachineBuilder, type BuiltMachine, type WorkerContext, type BuilderInit, type BuilderReport, type BuilderAudit, type BuilderInput } from './builder.js';
 export type { SnapshotFileInfo } from './protocol.js';
 export type { SpawnOptions } from './spawn.js';
 export { PoolTimeoutError, PoolQueueFullError } from './errors.js';

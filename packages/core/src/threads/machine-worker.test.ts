@@ -25,10 +25,17 @@ describe('MachineWorker (mock backend in a worker)', () => {
     expect(await w.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
     expect(text).toBe('ok\nok\n');
     const report = await w.report();
-    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, nice: getPriority() });
+    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, nice: getPriority(), mark: 0 });
     expect(audit).toEqual([{ run: 1, code: 7 }, { run: 2, code: 7 }]);
     expect((await w.stats()).total).toBe(8);
     expect(w.threadId).toBeGreaterThan(0);
+  });
+
+  it('a run with an input on a builder that takes none is an InvalidArgumentError from the worker; without one it runs', async () => {
+    await using w = await MachineWorker.start({ module, export: 'plain' });
+    await expect(w.run({ input: 1 })).rejects.toThrow(/takes no per-run input/);
+    await expect(w.run({ input: undefined })).rejects.toBeInstanceOf(InvalidArgumentError);
+    expect((await w.run({ timeout: 5000 })).reason).toBeDefined();
   });
 
   it('nice lowers the worker thread\'s priority only; a value that would raise it is refused', async () => {

@@ -12,7 +12,7 @@ import { InvalidArgumentError, StateError, WorkerExitedError } from '../errors.j
 import type { ResetResult } from '../snapshot/restore.js';
 import type { ExitStats } from '../stats.js';
 import type { Stop } from '../stop.js';
-import type { BuilderAudit, BuilderInit, BuilderReport, MachineBuilder } from './builder.js';
+import type { BuilderAudit, BuilderInit, BuilderInput, BuilderReport, MachineBuilder } from './builder.js';
 import type { FromWorker, Ops, SnapshotFileInfo, ToWorker } from './protocol.js';
 import { moduleUrl, spawnWorker, type SpawnOptions } from './spawn.js';
 import { decodeError, decodeStop, type WireStop } from './wire.js';
@@ -42,14 +42,20 @@ export interface MachineWorkerOptions<I = unknown> extends SpawnOptions {
   readonly console?: { readonly flushMs?: number; readonly chunkBytes?: number; readonly limitBytes?: number; readonly auditEntries?: number };
 }
 
-/** Options of {@link MachineWorker.run}. */
-export interface WorkerRunOptions {
+/** Options of {@link MachineWorker.run}; `P`: the builder's per-run input. */
+export interface WorkerRunOptions<P = unknown> {
   /** As `Machine.run`'s `timeout` (milliseconds). */
   readonly timeout?: number;
   /** As `Machine.run`'s `sliceMs`. */
   readonly sliceMs?: number;
   /** Aborts the run (the stop is `aborted`), like {@link MachineWorker.stop}. */
   readonly signal?: AbortSignal;
+  /**
+   * The run's input, handed (structured-cloned) to the builder's `input()` in the worker just
+   * before the guest runs — a job's sample, a request. A builder without `input()` refuses it
+   * (`InvalidArgumentError`); a value structured clone cannot carry is refused here.
+   */
+  readonly input?: P;
 }
 
 /** Events of a {@link MachineWorker}: streams from the guest, and the worker's end. */
@@ -72,9 +78,9 @@ const positive = (v: unknown, name: string, max = 2 ** 31): number | undefined =
 
 /**
  * A machine living in a worker thread. `I`: the builder's `init`; `R`: its report; `A`: its
- * audit entries (infer them: `MachineWorker.start<typeof import('./guest.js').default>(...)`).
+ * audit entries; `P`: its per-run input (infer them: `MachineWorker.start<typeof import('./guest.js').default>(...)`).
  */
-export class MachineWorker<I = unknown, R = unknown, A = unknown> {
+export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
   /** `console`, `audit` and `exit` (see {@link MachineWorkerEvents}). */
   readonly events = new EventEmitter<MachineWorkerEvents<A>>();
   readonly #worker: Worker;
@@ -104,9 +110,9 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown> {
    * when the machine exists; rejects with the builder's own error (typed as it was thrown), or a
    * {@link WorkerExitedError} when the worker died or did not finish within `startTimeout`.
    */
-  static async start<B extends MachineBuilder<never, unknown, unknown> = MachineBuilder>(
+  static async start<B extends MachineBuilder<never, unknown, unknown, never> = MachineBuilder>(
     options: MachineWorkerOptions<BuilderInit<B>>,
-  ): Promise<MachineWorker<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>>> {
+  ): Promise<MachineWorker<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>, BuilderInput<B>>> {
     checkObject(options, 'options');
     const module = moduleUrl(options.module);
     const exportName = options.export ?? 'default';
@@ -127,7 +133,7 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown> {
       module, export: exportName, init: options.init, snapshotFile: options.snapshot,
       template: options.template === true && options.snapshot === undefined, nice, consoleFlushMs, consoleChunk, consoleLimit, auditLimit,
     }, options);
-    const handle = new MachineWorker<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>>(worker);
+    const handle = new MachineWorker<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>, BuilderInput<B>>(worker);
     await handle.#ready(startTimeout);
     return handle;
   }
@@ -198,8 +204,14 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown> {
     if (this.#closing && op !== 'close') return Promise.reject(new StateError('the machine worker is closed'));
     const id = this.#nextId++;
     return new Promise((resolve, reject) => {
+      try {
+        this.#worker.postMessage({ t: 'call', id, op, args } satisfies ToWorker);
+      } catch (e) {
+        // Only a caller's value can fail to clone: `run({ input })`'s.
+        reject(new InvalidArgumentError('input', `must be structured-cloneable (no functions, class instances lose their class): ${(e as Error).message}`));
+        return;
+      }
       this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
-      this.#worker.postMessage({ t: 'call', id, op, args } satisfies ToWorker);
     });
   }
 
@@ -207,14 +219,15 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown> {
    * Runs the guest in the worker until it stops (as `Machine.run`). Rejects with the worker's
    * typed error for misuse (already running) or a {@link WorkerExitedError} if the worker dies.
    */
-  async run(options: WorkerRunOptions = {}): Promise<Stop> {
+  async run(options: WorkerRunOptions<P> = {}): Promise<Stop> {
     checkObject(options, 'options');
-    const { signal, ...rest } = options;
+    const { signal, input, ...rest } = options;
     if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidArgumentError('signal', `must be an AbortSignal, got ${show(signal)}`);
+    const withInput = 'input' in options;
     const onAbort = () => this.stop();
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
-      const p = this.#call('run', rest);
+      const p = this.#call('run', withInput ? { ...rest, withInput, input } : rest);
       if (signal?.aborted) this.stop();
       return decodeStop(await p as WireStop);
     } finally {

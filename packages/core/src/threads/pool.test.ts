@@ -68,6 +68,25 @@ describe('MachinePool (mock backend in workers)', () => {
     await held.release();
   });
 
+  it('a per-run input reaches the builder before the guest runs; release resets what it wrote; bad inputs are typed', async () => {
+    await using pool = await create(1);
+    const a = await pool.acquire();
+    expect(await a.run({ timeout: 5000, input: { code: 42, mark: 0x5a } })).toMatchObject({ reason: 'debug-exit', code: 42 });
+    expect(await a.report()).toMatchObject({ mark: 0x5a, input: { code: 42, mark: 0x5a } });
+    // A throwing input() rejects that run, typed, and the guest does not run.
+    await expect(a.run({ timeout: 5000, input: { refuse: true } })).rejects.toBeInstanceOf(InvalidArgumentError);
+    expect(await a.report()).toMatchObject({ runs: 1 });
+    // A value structured clone cannot carry is refused at the caller, and the handle still works.
+    await expect(a.run({ input: { code: 1, f: () => 1 } as never })).rejects.toBeInstanceOf(InvalidArgumentError);
+    await a.release();
+    const b = await pool.acquire();
+    expect(b.threadId).toBe(a.threadId);
+    // The reset put guest RAM back and the builder forgot the input: the next job starts clean.
+    expect(await b.report()).toMatchObject({ mark: 0, input: undefined });
+    expect(await b.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
+    await b.release();
+  });
+
   it('misuse is typed: release twice, a machine of another pool, a closed pool, bad options', async () => {
     const p1 = await create(1);
     const p2 = await create(1);

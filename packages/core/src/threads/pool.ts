@@ -12,7 +12,7 @@ import { InvalidArgumentError, StateError, type WorkerExitedError } from '../err
 import type { ExitStats } from '../stats.js';
 import type { Stop } from '../stop.js';
 import type { SnapshotFileInfo } from './protocol.js';
-import type { BuilderAudit, BuilderInit, BuilderReport, MachineBuilder } from './builder.js';
+import type { BuilderAudit, BuilderInit, BuilderInput, BuilderReport, MachineBuilder } from './builder.js';
 import { PoolQueueFullError, PoolTimeoutError } from './errors.js';
 import { MachineWorker, type MachineWorkerEvents, type MachineWorkerOptions, type WorkerRunOptions } from './machine-worker.js';
 
@@ -66,8 +66,8 @@ export interface PoolMetrics {
 const RATE_BUCKETS = 100;
 
 type SlotState = 'starting' | 'idle' | 'leased' | 'resetting' | 'dead';
-interface Slot<I, R, A> { handle: MachineWorker<I, R, A> | undefined; state: SlotState; lease: PooledMachine<I, R, A> | undefined; failures: number }
-interface Waiter<I, R, A> { resolve: (m: PooledMachine<I, R, A>) => void; reject: (e: unknown) => void; done: () => void }
+interface Slot<I, R, A, P> { handle: MachineWorker<I, R, A, P> | undefined; state: SlotState; lease: PooledMachine<I, R, A, P> | undefined; failures: number }
+interface Waiter<I, R, A, P> { resolve: (m: PooledMachine<I, R, A, P>) => void; reject: (e: unknown) => void; done: () => void }
 
 const checkCount = (v: unknown, name: string, min: number, max: number, dflt: number): number => {
   if (v === undefined) return dflt;
@@ -76,23 +76,23 @@ const checkCount = (v: unknown, name: string, min: number, max: number, dflt: nu
 };
 
 /** A machine leased from a {@link MachinePool}; valid until {@link PooledMachine.release}. */
-export class PooledMachine<I = unknown, R = unknown, A = unknown> {
+export class PooledMachine<I = unknown, R = unknown, A = unknown, P = unknown> {
   /** `console`, `audit` and `exit` of this lease only. */
   readonly events = new EventEmitter<MachineWorkerEvents<A>>();
-  readonly #pool: MachinePool<I, R, A>;
-  readonly #handle: MachineWorker<I, R, A>;
+  readonly #pool: MachinePool<I, R, A, P>;
+  readonly #handle: MachineWorker<I, R, A, P>;
   #released = false;
   /** @internal the run in flight, awaited by release before the reset. */
   running: Promise<unknown> | undefined;
 
   /** @internal leases come from `acquire()`. */
-  constructor(pool: MachinePool<I, R, A>, handle: MachineWorker<I, R, A>) {
+  constructor(pool: MachinePool<I, R, A, P>, handle: MachineWorker<I, R, A, P>) {
     this.#pool = pool;
     this.#handle = handle;
   }
 
   /** The pool this machine belongs to. */
-  get pool(): MachinePool<I, R, A> {
+  get pool(): MachinePool<I, R, A, P> {
     return this.#pool;
   }
 
@@ -106,7 +106,7 @@ export class PooledMachine<I = unknown, R = unknown, A = unknown> {
     return this.#handle.threadId;
   }
 
-  #live(): MachineWorker<I, R, A> {
+  #live(): MachineWorker<I, R, A, P> {
     if (this.#released) throw new StateError('the pooled machine was released');
     return this.#handle;
   }
@@ -118,8 +118,8 @@ export class PooledMachine<I = unknown, R = unknown, A = unknown> {
     return true;
   }
 
-  /** Runs the guest (as {@link MachineWorker.run}). */
-  async run(options: WorkerRunOptions = {}): Promise<Stop> {
+  /** Runs the guest (as {@link MachineWorker.run}; `input` goes to the builder's `input()` first). */
+  async run(options: WorkerRunOptions<P> = {}): Promise<Stop> {
     const p = this.#live().run(options);
     this.running = p;
     try { return await p; } finally { if (this.running === p) this.running = undefined; }
@@ -152,14 +152,14 @@ export class PooledMachine<I = unknown, R = unknown, A = unknown> {
 }
 
 /**
- * N machines in N workers, forked from one snapshot. `I`, `R`, `A`: the builder's init, report
- * and audit types (infer them: `MachinePool.create<typeof import('./guest.js').default>(...)`).
+ * N machines in N workers, forked from one snapshot. `I`, `R`, `A`, `P`: the builder's init,
+ * report, audit and per-run input types (infer them: `MachinePool.create<typeof import('./guest.js').default>(...)`).
  */
-export class MachinePool<I = unknown, R = unknown, A = unknown> {
+export class MachinePool<I = unknown, R = unknown, A = unknown, P = unknown> {
   readonly #options: MachinePoolOptions<I>;
-  readonly #slots: Slot<I, R, A>[] = [];
-  readonly #waiters: Waiter<I, R, A>[] = [];
-  readonly #leases = new WeakMap<PooledMachine<I, R, A>, Slot<I, R, A>>();
+  readonly #slots: Slot<I, R, A, P>[] = [];
+  readonly #waiters: Waiter<I, R, A, P>[] = [];
+  readonly #leases = new WeakMap<PooledMachine<I, R, A, P>, Slot<I, R, A, P>>();
   readonly #maxWaiting: number;
   readonly #acquireTimeout: number;
   readonly #maxRestarts: number;
@@ -185,18 +185,18 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
    * Starts `size` workers and builds their machines (in parallel). Rejects with the first
    * builder error (typed) or {@link WorkerExitedError} after closing the workers that did start.
    */
-  static async create<B extends MachineBuilder<never, unknown, unknown> = MachineBuilder>(
+  static async create<B extends MachineBuilder<never, unknown, unknown, never> = MachineBuilder>(
     options: MachinePoolOptions<BuilderInit<B>>,
-  ): Promise<MachinePool<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>>> {
+  ): Promise<MachinePool<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>, BuilderInput<B>>> {
     checkObject(options, 'options');
     const size = checkCount(options.size, 'size', 1, 256, 0);
     const maxWaiting = checkCount(options.maxWaiting, 'maxWaiting', 0, 1 << 20, 64);
     const acquireTimeout = checkCount(options.acquireTimeout, 'acquireTimeout', 1, 2 ** 31, 30_000);
     const maxRestarts = checkCount(options.maxRestarts, 'maxRestarts', 0, 1000, 3);
-    const pool = new MachinePool<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>>(options, maxWaiting, acquireTimeout, maxRestarts);
+    const pool = new MachinePool<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>, BuilderInput<B>>(options, maxWaiting, acquireTimeout, maxRestarts);
     const starts: Array<Promise<unknown>> = [];
     for (let i = 0; i < size; i++) {
-      const slot: Slot<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>> = { handle: undefined, state: 'starting', lease: undefined, failures: 0 };
+      const slot: Slot<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>, BuilderInput<B>> = { handle: undefined, state: 'starting', lease: undefined, failures: 0 };
       pool.#slots.push(slot);
       starts.push(pool.#spawn(slot));
     }
@@ -210,11 +210,11 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
   }
 
   /** Starts the worker of `slot`; resolves when its machine is idle. */
-  async #spawn(slot: Slot<I, R, A>): Promise<void> {
+  async #spawn(slot: Slot<I, R, A, P>): Promise<void> {
     slot.state = 'starting';
     slot.handle = undefined;
     const { size: _s, maxWaiting: _w, acquireTimeout: _a, maxRestarts: _r, ...rest } = this.#options;
-    const handle = await MachineWorker.start<MachineBuilder<I, R, A>>({ ...rest, template: rest.snapshot === undefined }) as unknown as MachineWorker<I, R, A>;
+    const handle = await MachineWorker.start<MachineBuilder<I, R, A, P>>({ ...rest, template: rest.snapshot === undefined }) as unknown as MachineWorker<I, R, A, P>;
     if (this.#closed) { await handle.close(); return; }
     slot.handle = handle;
     handle.events.on('console', (d, n) => slot.lease?.events.emit('console', d, n));
@@ -223,7 +223,7 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
     this.#toIdle(slot);
   }
 
-  #onDeath(slot: Slot<I, R, A>, handle: MachineWorker<I, R, A>, error: WorkerExitedError | undefined): void {
+  #onDeath(slot: Slot<I, R, A, P>, handle: MachineWorker<I, R, A, P>, error: WorkerExitedError | undefined): void {
     if (slot.handle !== handle) return;
     // A worker that dies under a lease died of its guest (the pool's job is to absorb that); one
     // that dies idle or in its reset is the pool's own failure, and counts toward maxRestarts.
@@ -236,7 +236,7 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
   }
 
   /** Replaces a slot's worker, backing off after failures; gives the slot up after `maxRestarts`. */
-  #replace(slot: Slot<I, R, A>): void {
+  #replace(slot: Slot<I, R, A, P>): void {
     if (this.#closed || slot.failures > this.#maxRestarts) { slot.state = 'dead'; this.#failWaitersIfEmpty(); return; }
     slot.state = 'starting';
     const delay = slot.failures === 0 ? 0 : Math.min(5000, 100 * 2 ** (slot.failures - 1));
@@ -261,15 +261,15 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
     for (const w of this.#waiters.splice(0)) { w.done(); w.reject(e); }
   }
 
-  #toIdle(slot: Slot<I, R, A>): void {
+  #toIdle(slot: Slot<I, R, A, P>): void {
     slot.lease = undefined;
     slot.state = 'idle';
     const w = this.#waiters.shift();
     if (w) { w.done(); w.resolve(this.#lease(slot)); }
   }
 
-  #lease(slot: Slot<I, R, A>): PooledMachine<I, R, A> {
-    const lease = new PooledMachine<I, R, A>(this, slot.handle as MachineWorker<I, R, A>);
+  #lease(slot: Slot<I, R, A, P>): PooledMachine<I, R, A, P> {
+    const lease = new PooledMachine<I, R, A, P>(this, slot.handle as MachineWorker<I, R, A, P>);
     slot.state = 'leased';
     slot.lease = lease;
     this.#leases.set(lease, slot);
@@ -281,7 +281,7 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
    * `maxWaiting` callers already wait, {@link PoolTimeoutError} after `timeout`, `StateError` on a
    * closed pool (or one whose every machine died and could not be replaced).
    */
-  acquire(options: AcquireOptions = {}): Promise<PooledMachine<I, R, A>> {
+  acquire(options: AcquireOptions = {}): Promise<PooledMachine<I, R, A, P>> {
     try {
       checkObject(options, 'options');
       if (this.#closed) throw new StateError('the machine pool is closed');
@@ -293,10 +293,10 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
       const free = this.#slots.find((s) => s.state === 'idle');
       if (free) return Promise.resolve(this.#lease(free));
       if (this.#waiters.length >= this.#maxWaiting) { this.#rejected++; throw new PoolQueueFullError(this.#maxWaiting); }
-      return new Promise<PooledMachine<I, R, A>>((resolve, reject) => {
+      return new Promise<PooledMachine<I, R, A, P>>((resolve, reject) => {
         const onAbort = () => { remove(); reject(signal?.reason); };
         const timer = setTimeout(() => { remove(); this.#timeouts++; reject(new PoolTimeoutError(timeout)); }, timeout);
-        const w: Waiter<I, R, A> = { resolve, reject, done: () => { clearTimeout(timer); signal?.removeEventListener('abort', onAbort); } };
+        const w: Waiter<I, R, A, P> = { resolve, reject, done: () => { clearTimeout(timer); signal?.removeEventListener('abort', onAbort); } };
         const remove = () => { w.done(); const i = this.#waiters.indexOf(w); if (i >= 0) this.#waiters.splice(i, 1); };
         signal?.addEventListener('abort', onAbort, { once: true });
         this.#waiters.push(w);
@@ -312,12 +312,12 @@ export class MachinePool<I = unknown, R = unknown, A = unknown> {
    * reset failed). Rejects with `StateError` for a lease released before and
    * `InvalidArgumentError` for a machine of another pool.
    */
-  async release(machine: PooledMachine<I, R, A>): Promise<void> {
+  async release(machine: PooledMachine<I, R, A, P>): Promise<void> {
     const slot = machine instanceof PooledMachine ? this.#leases.get(machine) : undefined;
     if (!slot) throw new InvalidArgumentError('machine', machine instanceof PooledMachine ? 'belongs to another pool' : `must be a PooledMachine, got ${show(machine)}`);
     if (!machine.spend()) throw new StateError('the pooled machine was already released');
     if (this.#closed || slot.lease !== machine) return; // its worker died; the slot is already being replaced
-    const handle = slot.handle as MachineWorker<I, R, A>;
+    const handle = slot.handle as MachineWorker<I, R, A, P>;
     slot.lease = undefined;
     slot.state = 'resetting';
     if (machine.running) { handle.stop(); await machine.running.catch(() => undefined); }

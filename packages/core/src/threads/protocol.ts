@@ -42,6 +42,10 @@ export interface RemoteRunOptions {
   readonly timeout?: number;
   /** As `Machine.run`'s `sliceMs`. */
   readonly sliceMs?: number;
+  /** Whether `input` was given (an `undefined` input is still an input). */
+  readonly withInput?: boolean;
+  /** The per-run input, for the builder's `input()`. */
+  readonly input?: unknown;
 }
 
 /** What `handle.snapshot(path)` returns: the snapshot stays in the file, not in memory. */

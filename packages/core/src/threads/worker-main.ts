@@ -121,7 +121,7 @@ const ctx: WorkerContext = {
 function normalize(b: Machine | BuiltMachine): BuiltMachine {
   if (b instanceof Machine) return { machine: b };
   if (typeof b === 'object' && b !== null && (b as BuiltMachine).machine instanceof Machine) return b;
-  throw new InvalidArgumentError('builder', 'must resolve to a Machine or { machine, report?, close? }');
+  throw new InvalidArgumentError('builder', 'must resolve to a Machine or { machine, report?, input?, close? }');
 }
 
 async function closeBuilt(b: BuiltMachine): Promise<void> {
@@ -148,10 +148,14 @@ async function serve(built: BuiltMachine, op: keyof Ops, args: unknown): Promise
   const vm = built.machine;
   switch (op) {
     case 'run': {
-      const a = (args ?? {}) as RemoteRunOptions;
+      const { withInput, input, ...a } = (args ?? {}) as RemoteRunOptions;
       if (controller) throw new StateError('the machine is already running');
       controller = new AbortController();
       try {
+        if (withInput === true) {
+          if (!built.input) throw new InvalidArgumentError('input', 'the machine module takes no per-run input (its builder returns no input())');
+          await built.input(input);
+        }
         return encodeStop(await vm.run({ ...a, signal: controller.signal }));
       } finally {
         controller = undefined;
