@@ -66,7 +66,7 @@ async function main(): Promise<void> {
   console.log(`\n## scan on BullMQ: jobs/s by worker processes (${new Date().toISOString()}, ${ROUNDS} rounds, ${jobs.length} jobs a round)\n`);
   console.log('| worker processes | jobs at once each | jobs/s median [min–max] |\n|---|---|---|');
   for (const r of rows) console.log(`| ${r.workers} | ${r.concurrency} | ${fmtSpread(r.jobsPerSecond, 1)} |`);
-  console.log('\nA round: enqueue → last result stored (HSETNX), as the producer sees it; each job = a fork, a new monitor, the run, the audit chain into Redis.');
+  console.log('\nA round: enqueue → last result stored (HSETNX), as the producer sees it; each job = a pooled machine (own thread), a new monitor, the run, its reset, the audit chain into Redis.');
   mkdirSync('bench-results', { recursive: true });
   writeFileSync('bench-results/queue.json', JSON.stringify({ date: new Date().toISOString(), rounds: ROUNDS, copies: COPIES, rows }, null, 2));
 }

@@ -1,8 +1,11 @@
 /**
- * A worker process of the queue-driven scan (`scan-queue.ts`): one snapshotted sandbox
- * (`scan-sandbox.ts`), one BullMQ `Worker` whose processor runs each job's sample in a fresh
- * copy-on-write fork under a new monitor (`scan-monitor.ts`, via `Sandbox.scan`), at most
- * `concurrency` jobs at once. The result (verdict + audit chain) goes into the run's results hash
+ * A worker process of the queue-driven scan (`scan-queue.ts`): a `MachinePool` of `concurrency`
+ * sandbox machines, each in its own worker thread (`scan-pool-machine.ts`: built once, forked
+ * from its template), and one BullMQ `Worker` whose processor leases a machine per job, runs
+ * the job's sample in it under a fresh monitor (`run({ input })`), takes the verdict and audit
+ * chain from its report and releases it (the pool resets it: dirty pages only), at most
+ * `concurrency` jobs at once. A guest that spins or storms exits runs on its own thread, so the
+ * processor's event loop keeps renewing BullMQ's job locks. The result (verdict + audit chain) goes into the run's results hash
  * with `HSETNX` *before* the job is acknowledged, so a worker killed after storing but before
  * acknowledging leaves a result that the retry finds and does not duplicate.
  *
@@ -15,8 +18,9 @@
 import { hostname } from 'node:os';
 import { Worker, type Job } from 'bullmq';
 import { InvalidArgumentError } from '@tsvm/core';
-import { Sandbox } from './scan.js';
-import type { AssembledSample } from './scan-samples.js';
+import { MachinePool } from '@tsvm/core/threads';
+import type ScanPoolMachine from './scan-pool-machine.js';
+import { SAMPLES } from './scan-samples.js';
 import { assertRedisReachable, DEFAULT_QUEUE, DEFAULT_REDIS_URL, redisClient, runKeys, storeResult, type ScanJob, type ScanResult, type WorkerMessage, type WorkerProcessOptions } from './scan-queue.js';
 import { isMain, runCli } from './support.js';
 
@@ -30,7 +34,9 @@ export interface ScanWorkerOptions extends WorkerProcessOptions {
 export interface ScanWorker {
   /** The BullMQ worker. */
   readonly worker: Worker<ScanJob, { stored: boolean }>;
-  /** Stops taking jobs, waits for those in flight, releases the sandbox. */
+  /** The pool the jobs run in (its metrics: machines in use, resets/s). */
+  readonly pool: MachinePool;
+  /** Stops taking jobs, waits for those in flight, closes the pool. */
   close(): Promise<void>;
 }
 
@@ -39,7 +45,10 @@ const positive = (name: string, v: number): number => {
   return v;
 };
 
-/** Snapshots the sandbox, assembles the samples and starts a BullMQ worker on `queue`. */
+/** The machine module next to this file (`.ts` under tsx, `.js` when built). */
+const POOL_MODULE = new URL(`./scan-pool-machine${import.meta.url.endsWith('.ts') ? '.ts' : '.js'}`, import.meta.url);
+
+/** Starts a pool of sandbox machines and a BullMQ worker on `queue` that runs each job in one. */
 export async function startScanWorker(options: ScanWorkerOptions): Promise<ScanWorker> {
   const queue = options.queue ?? DEFAULT_QUEUE;
   const concurrency = positive('concurrency', options.concurrency ?? 2);
@@ -48,15 +57,14 @@ export async function startScanWorker(options: ScanWorkerOptions): Promise<ScanW
   const stalledInterval = positive('stalledInterval', options.stalledInterval ?? 5000);
   await assertRedisReachable(options.url);
   const emit = options.onEvent ?? ((): void => undefined);
-  const box = await Sandbox.create();
-  const samples = new Map<string, AssembledSample>((await box.assemble()).map((s) => [s.name, s]));
+  const pool = await MachinePool.create<typeof ScanPoolMachine>({ module: POOL_MODULE, size: concurrency, acquireTimeout: lockDuration });
+  const names = new Set(SAMPLES.map((s) => s.name));
   const redis = redisClient(options.url);
   redis.on('error', () => undefined); // it reconnects; BullMQ's worker reports the outage
   const host = hostname();
   const processor = async (job: Job<ScanJob, { stored: boolean }>): Promise<{ stored: boolean }> => {
     const { id, sample } = job.data;
-    const s = samples.get(sample);
-    if (!s) throw new InvalidArgumentError('job.data.sample', `no sample is named ${JSON.stringify(sample)}`);
+    if (typeof sample !== 'string' || !names.has(sample)) throw new InvalidArgumentError('job.data.sample', `no sample is named ${JSON.stringify(sample)}`);
     const runId = job.data.runId;
     if (typeof runId !== 'string') throw new InvalidArgumentError('job.data.runId', 'is missing (enqueue with enqueueScan)');
     const keys = runKeys(queue, runId);
@@ -68,13 +76,21 @@ export async function startScanWorker(options: ScanWorkerOptions): Promise<ScanW
       emit({ type: 'completed', pid: process.pid, id, stored: false });
       return { stored: false };
     }
-    const report = (await box.scan([s], { mode: 'fork', timeoutMs, prewarm: 0 })).samples[0];
-    if (!report) throw new Error(`the scan of ${sample} returned no report`);
+    const t0 = performance.now();
+    const m = await pool.acquire();
+    const thread = m.threadId;
+    let report;
+    try {
+      await m.run({ input: { sample }, timeout: timeoutMs });
+      report = await m.report();
+    } finally {
+      await m.release();
+    }
+    if (report.verdict === undefined || report.stop === undefined) throw new Error(`the run of ${sample} left no verdict`);
     const result: ScanResult = {
-      id, sample, verdict: report.verdict, stop: report.stop, printed: report.printed,
-      findings: report.findings.map((f) => ({ kind: f.kind, detail: f.detail })),
-      audit: { head: report.audit.head, lines: report.audit.lines }, worker: { host, pid: process.pid },
-      attempt: job.attemptsStarted, ms: report.ms,
+      id, sample, verdict: report.verdict, stop: report.stop, printed: report.printed, findings: report.findings,
+      audit: { head: report.audit.head, lines: [...report.audit.lines] }, worker: { host, pid: process.pid, thread, machineRuns: report.runs },
+      attempt: job.attemptsStarted, ms: performance.now() - t0,
     };
     const stored = await storeResult(redis, keys, result);
     emit({ type: 'completed', pid: process.pid, id, stored });
@@ -89,11 +105,12 @@ export async function startScanWorker(options: ScanWorkerOptions): Promise<ScanW
   await worker.waitUntilReady();
   return {
     worker,
+    pool,
     async close() {
       await worker.close();
       connection.disconnect();
       redis.disconnect();
-      box.close();
+      await pool.close();
     },
   };
 }

@@ -102,6 +102,14 @@ describe.skipIf(skip !== undefined)(`example: scan on BullMQ${skip ? ` (SKIPPED:
       expect(got.deliveries.get(id), id).toBeGreaterThanOrEqual(2);
       expect(got.results.get(id)?.attempt, id).toBeGreaterThanOrEqual(2);
     }
+    // Each worker process ran its jobs in its pool: at most `concurrency` (2) machine threads, each
+    // machine reused (reset between jobs) rather than made per job.
+    const ofB = [...got.results.values()].filter((r) => r.worker.pid === b.child.pid);
+    const threads = new Set(ofB.map((r) => r.worker.thread));
+    expect(threads.size).toBeGreaterThanOrEqual(1);
+    expect(threads.size).toBeLessThanOrEqual(2);
+    for (const t of threads) expect(t).toBeGreaterThan(0);
+    expect(Math.max(...ofB.map((r) => r.worker.machineRuns ?? 0))).toBeGreaterThan(1);
     // No result is stored twice: the hash has one field per job (checked above), and no retry of a killed job found one already.
     for (const id of killed) expect(got.duplicates.get(id) ?? 0, id).toBe(0);
     expect(got.redisErrors).toEqual([]);

@@ -2,7 +2,7 @@
  * Example — the scan example (`scan.ts`) scaled out on a real job queue: each sample is a
  * **BullMQ** job in **Redis**; worker processes (`scan-queue-worker.ts`, on this host or on
  * others pointed at the same Redis) each keep one snapshotted sandbox and run up to
- * `concurrency` jobs at once, each in its own copy-on-write fork under a new monitor.
+ * `concurrency` jobs at once, each on a pooled machine (its own worker thread, reset between jobs) under a new monitor.
  *
  * Delivery is at-least-once: a worker that dies mid-job stops renewing the job's lock, another
  * worker's stalled-job check puts the job back, and it runs again. So a result can be produced
@@ -74,8 +74,11 @@ export interface ScanResult {
   readonly findings: ReadonlyArray<{ readonly kind: string; readonly detail: string }>;
   /** The sample's hash-chained audit log. */
   readonly audit: { readonly head: string; readonly lines: readonly string[] };
-  /** Which worker produced it (host name and process id). */
-  readonly worker: { readonly host: string; readonly pid: number };
+  /**
+   * Which worker produced it: host name, process id, and the pooled machine's worker thread and
+   * how many jobs that machine had run (reset in between) with this one.
+   */
+  readonly worker: { readonly host: string; readonly pid: number; readonly thread?: number; readonly machineRuns?: number };
   /** BullMQ's attempt number when it was produced (1 = first delivery). */
   readonly attempt: number;
   /** Wall time of the run in the worker (ms). */
@@ -317,7 +320,7 @@ export interface WorkerProcessOptions {
   readonly url: string;
   /** Queue name (default {@link DEFAULT_QUEUE}). */
   readonly queue?: string;
-  /** Jobs at once in the process, each in its own fork (default 2). */
+  /** Jobs at once in the process = machines in its pool (default 2). */
   readonly concurrency?: number;
   /** Run deadline per sample (ms, default 300). */
   readonly sampleTimeoutMs?: number;
