@@ -130,21 +130,27 @@ export class WorkerExitedError extends TsvmError {
   readonly exitCode: number;
   /**
    * How it ended: `terminated` (its handle or pool stopped it), `out-of-memory` (its heap limit),
-   * `error` (an uncaught exception) or `exit` (it exited on its own).
+   * `error` (an uncaught exception), `exit` (it exited on its own) or, for a machine in a child
+   * process (`isolation: 'process'`), `signal` (killed by {@link WorkerExitedError.signal}: a native
+   * crash such as `SIGSEGV` inside `KVM_RUN` or koffi, `SIGKILL` from the OOM killer).
    */
-  readonly how: 'terminated' | 'out-of-memory' | 'error' | 'exit';
+  readonly how: 'terminated' | 'out-of-memory' | 'error' | 'exit' | 'signal';
+  /** The signal that ended a child process (`how: 'signal'`), e.g. `SIGSEGV`. */
+  readonly signal: string | undefined;
 
   /**
-   * @param threadId - the worker's `threadId`.
-   * @param exitCode - its exit code.
+   * @param threadId - the worker's `threadId` (the child's pid with `isolation: 'process'`).
+   * @param exitCode - its exit code (-1 when a signal ended it).
    * @param how - how it ended.
-   * @param options - `cause`: the worker's error, if any.
+   * @param options - `cause`: the worker's error, if any; `signal`: the signal that ended a child process.
    */
-  constructor(threadId: number, exitCode: number, how: WorkerExitedError['how'], options?: { cause?: unknown }) {
+  constructor(threadId: number, exitCode: number, how: WorkerExitedError['how'], options?: { cause?: unknown; signal?: string }) {
     const why = options?.cause instanceof Error ? `: ${options.cause.message}` : '';
-    super('TSVM_WORKER_EXITED', `machine worker ${threadId} ended (${how}, exit code ${exitCode})${why}`, options);
+    const end = options?.signal !== undefined ? `signal ${options.signal}` : `exit code ${exitCode}`;
+    super('TSVM_WORKER_EXITED', `machine worker ${threadId} ended (${how}, ${end})${why}`, options?.cause === undefined ? undefined : { cause: options.cause });
     this.threadId = threadId;
     this.exitCode = exitCode;
     this.how = how;
+    this.signal = options?.signal;
   }
 }

@@ -11,11 +11,13 @@
  *   {@link PoolTimeoutError}), {@link PoolMetrics}, and dead workers replaced.
  * - Stops and errors cross the boundary typed ({@link encodeError} / {@link decodeError}).
  *
- * Isolation is that of `worker_threads`: a worker's exit, uncaught throw or heap exhaustion
- * (`resourceLimits`) ends that worker only — almost always: V8 can abort the whole process
- * when a worker hits its heap limit during its own clean-up (seen under load, "Ineffective
+ * Isolation is that of `worker_threads` by default: a worker's exit, uncaught throw or heap
+ * exhaustion (`resourceLimits`) ends that worker only — almost always: V8 can abort the whole
+ * process when a worker hits its heap limit during its own clean-up (seen under load, "Ineffective
  * mark-compacts" in the worker's teardown). A native fault (SIGSEGV in koffi or the kernel
- * interface) ends the whole process too; only a child process contains those.
+ * interface) ends the whole process too. `isolation: 'process'` (on a worker or a pool) puts each
+ * machine in a child process instead, which contains those: the handle rejects with a
+ * `WorkerExitedError` (`how: 'signal'`, `signal: 'SIGSEGV'`) and a pool replaces the machine.
  * @module
  */
 export { MachineWorker, type MachineWorkerOptions, type MachineWorkerEvents, type WorkerRunOptions } from './machine-worker.js';

@@ -25,7 +25,7 @@ describe('MachineWorker (mock backend in a worker)', () => {
     expect(await w.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
     expect(text).toBe('ok\nok\n');
     const report = await w.report();
-    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, nice: getPriority(), mark: 0 });
+    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, pid: process.pid, nice: getPriority(), mark: 0 });
     expect(audit).toEqual([{ run: 1, code: 7 }, { run: 2, code: 7 }]);
     expect((await w.stats()).total).toBe(8);
     expect(w.threadId).toBeGreaterThan(0);
@@ -36,6 +36,27 @@ describe('MachineWorker (mock backend in a worker)', () => {
     await expect(w.run({ input: 1 })).rejects.toThrow(/takes no per-run input/);
     await expect(w.run({ input: undefined })).rejects.toBeInstanceOf(InvalidArgumentError);
     expect((await w.run({ timeout: 5000 })).reason).toBeDefined();
+  });
+
+  it("isolation 'process': the machine runs in a child process; a native crash there (SIGSEGV) ends only it, typed", async () => {
+    await using w = await start('hello', { isolation: 'process' });
+    let text = '';
+    w.events.on('console', (d) => { text += Buffer.from(d).toString('latin1'); });
+    expect(await w.run({ timeout: 5000, input: { code: 9 } })).toMatchObject({ reason: 'debug-exit', code: 9 });
+    expect(text).toBe('ok\n');
+    const report = await w.report();
+    expect(report.pid).not.toBe(process.pid);
+    expect(w.threadId).toBe(report.pid);
+    const c = await start('segv-on-run', { isolation: 'process' });
+    const e = await c.run({ timeout: 5000 }).catch((x: unknown) => x);
+    expect(e).toBeInstanceOf(WorkerExitedError);
+    expect(e).toMatchObject({ how: 'signal', signal: 'SIGSEGV', threadId: c.threadId });
+    await expect(c.report()).rejects.toBeInstanceOf(WorkerExitedError);
+    await c.close();
+    // The first machine is untouched (and still has its input: no reset in between).
+    expect(await w.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 9 });
+    expect(text).toBe('ok\nok\n');
+    await expect(start('hello', { isolation: 'fiber' as never })).rejects.toBeInstanceOf(InvalidArgumentError);
   });
 
   it('nice lowers the worker thread\'s priority only; a value that would raise it is refused', async () => {

@@ -5,7 +5,6 @@
  * throw — every pending call rejects with a {@link WorkerExitedError} and so does every later one.
  * @module
  */
-import type { Worker } from 'node:worker_threads';
 import { EventEmitter } from 'eventemitter3';
 import { checkObject, show } from '../check.js';
 import { InvalidArgumentError, StateError, WorkerExitedError } from '../errors.js';
@@ -14,7 +13,7 @@ import type { ExitStats } from '../stats.js';
 import type { Stop } from '../stop.js';
 import type { BuilderAudit, BuilderInit, BuilderInput, BuilderReport, MachineBuilder } from './builder.js';
 import type { FromWorker, Ops, SnapshotFileInfo, ToWorker } from './protocol.js';
-import { moduleUrl, spawnWorker, type SpawnOptions } from './spawn.js';
+import { moduleUrl, spawnWorker, type Carrier, type SpawnOptions } from './spawn.js';
 import { decodeError, decodeStop, type WireStop } from './wire.js';
 
 /** Options of {@link MachineWorker.start}. */
@@ -83,7 +82,7 @@ const positive = (v: unknown, name: string, max = 2 ** 31): number | undefined =
 export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
   /** `console`, `audit` and `exit` (see {@link MachineWorkerEvents}). */
   readonly events = new EventEmitter<MachineWorkerEvents<A>>();
-  readonly #worker: Worker;
+  readonly #worker: Carrier;
   /** Kept: `worker.threadId` reads -1 once the worker has ended. */
   readonly #threadId: number;
   readonly #pending = new Map<number, Pending>();
@@ -96,13 +95,13 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
   /** Type witness for `init` (never set). */
   declare readonly __init?: I;
 
-  private constructor(worker: Worker) {
+  private constructor(worker: Carrier) {
     this.#worker = worker;
-    this.#threadId = worker.threadId;
-    this.#exited = new Promise((resolve) => worker.once('exit', () => resolve()));
-    worker.on('message', (m: FromWorker) => this.#onMessage(m));
-    worker.on('error', (e) => { this.#lastError = e; });
-    worker.on('exit', (code) => this.#onExit(code));
+    this.#threadId = worker.id;
+    this.#exited = new Promise((resolve) => worker.onExit(() => resolve()));
+    worker.onMessage((m) => this.#onMessage(m as FromWorker));
+    worker.onError((e) => { this.#lastError = e; });
+    worker.onExit((code, signal) => this.#onExit(code, signal));
   }
 
   /**
@@ -119,6 +118,8 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
     if (typeof exportName !== 'string' || exportName === '') throw new InvalidArgumentError('export', 'must be a non-empty string');
     if (options.snapshot !== undefined && (typeof options.snapshot !== 'string' || options.snapshot === '')) throw new InvalidArgumentError('snapshot', 'must be a file path');
     const startTimeout = positive(options.startTimeout, 'startTimeout') ?? 60_000;
+    const isolation = options.isolation ?? 'thread';
+    if (isolation !== 'thread' && isolation !== 'process') throw new InvalidArgumentError('isolation', `must be 'thread' or 'process', got ${show(isolation)}`);
     const nice = options.nice ?? 0;
     if (typeof nice !== 'number' || !Number.isInteger(nice) || nice < 0 || nice > 19) throw new InvalidArgumentError('nice', `must be an integer in [0, 19], got ${show(nice)}`);
     const c = options.console ?? {};
@@ -132,7 +133,7 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
     const worker = spawnWorker({
       module, export: exportName, init: options.init, snapshotFile: options.snapshot,
       template: options.template === true && options.snapshot === undefined, nice, consoleFlushMs, consoleChunk, consoleLimit, auditLimit,
-    }, options);
+    }, { ...options, isolation });
     const handle = new MachineWorker<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>, BuilderInput<B>>(worker);
     await handle.#ready(startTimeout);
     return handle;
@@ -156,7 +157,7 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
     });
   }
 
-  /** `threadId` of the worker. */
+  /** `threadId` of the worker (the child's pid with `isolation: 'process'`). */
   get threadId(): number {
     return this.#threadId;
   }
@@ -188,11 +189,11 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
     if (ok) p.resolve(value); else p.reject(value);
   }
 
-  #onExit(code: number): void {
+  #onExit(code: number, signal: string | undefined): void {
     const e = this.#lastError as { code?: unknown } | undefined;
     const clean = this.#closing !== undefined && this.#pending.size === 0;
-    const how = this.#terminating && !clean ? 'terminated' : e?.code === 'ERR_WORKER_OUT_OF_MEMORY' ? 'out-of-memory' : e !== undefined ? 'error' : 'exit';
-    const error = clean ? undefined : new WorkerExitedError(this.#threadId, code, how, e === undefined ? undefined : { cause: e });
+    const how = this.#terminating && !clean ? 'terminated' : signal !== undefined ? 'signal' : e?.code === 'ERR_WORKER_OUT_OF_MEMORY' ? 'out-of-memory' : e !== undefined ? 'error' : 'exit';
+    const error = clean ? undefined : new WorkerExitedError(this.#threadId, code, how, { ...(e === undefined ? {} : { cause: e }), ...(signal === undefined ? {} : { signal }) });
     this.#dead = error;
     for (const p of this.#pending.values()) p.reject(error ?? new StateError('the machine worker was closed'));
     this.#pending.clear();
@@ -205,7 +206,7 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
     const id = this.#nextId++;
     return new Promise((resolve, reject) => {
       try {
-        this.#worker.postMessage({ t: 'call', id, op, args } satisfies ToWorker);
+        this.#worker.post({ t: 'call', id, op, args } satisfies ToWorker);
       } catch (e) {
         // Only a caller's value can fail to clone: `run({ input })`'s.
         reject(new InvalidArgumentError('input', `must be structured-cloneable (no functions, class instances lose their class): ${(e as Error).message}`));
@@ -237,7 +238,7 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
 
   /** Asks a running guest to stop: the pending `run()` resolves with an `aborted` stop within a slice. */
   stop(): void {
-    if (!this.#dead && this.#closing === undefined) this.#worker.postMessage({ t: 'abort' } satisfies ToWorker);
+    if (!this.#dead && this.#closing === undefined) this.#worker.post({ t: 'abort' } satisfies ToWorker);
   }
 
   /** Snapshots the (stopped) machine to `path` in the worker; the snapshot is not kept in memory. */

@@ -87,6 +87,18 @@ describe('MachinePool (mock backend in workers)', () => {
     await b.release();
   });
 
+  it("isolation 'process': a machine whose process dies of a native crash rejects its lease typed, and the pool replaces it", async () => {
+    await using pool = await create(1, 'segv-on-run', { isolation: 'process' });
+    const a = await pool.acquire();
+    await expect(a.run({ timeout: 5000 })).rejects.toMatchObject({ how: 'signal', signal: 'SIGSEGV' });
+    await a.release();
+    await until(() => pool.metrics().replaced === 1 && pool.metrics().idle === 1);
+    const b = await pool.acquire();
+    expect(b.threadId).not.toBe(a.threadId);
+    expect((await b.report() as { pid: number }).pid).toBe(b.threadId);
+    await b.release();
+  });
+
   it('misuse is typed: release twice, a machine of another pool, a closed pool, bad options', async () => {
     const p1 = await create(1);
     const p2 = await create(1);

@@ -1,5 +1,9 @@
 /**
- * Starting a machine worker, from the built JavaScript or from this monorepo's TypeScript sources.
+ * Starting a machine worker, from the built JavaScript or from this monorepo's TypeScript sources:
+ * a worker thread (the default), or a child process (`isolation: 'process'`) that contains what
+ * a thread cannot — a native crash (`SIGSEGV` inside `KVM_RUN` or koffi) ends that process only.
+ * Both speak the same messages (structured clone: the child's IPC channel uses V8 serialization)
+ * through one {@link Carrier}.
  *
  * Node 20 does not apply `--import tsx` to a worker's *entry* module (the worker fails with
  * `ERR_UNKNOWN_FILE_EXTENSION`), so every worker starts from a tiny JavaScript bootstrap (an
@@ -13,6 +17,7 @@ import { createRequire } from 'node:module';
 import { readFileSync } from 'node:fs';
 import { dirname, extname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { spawn } from 'node:child_process';
 import { Worker, type ResourceLimits } from 'node:worker_threads';
 import { InvalidArgumentError } from '../errors.js';
 import type { WorkerBoot } from './protocol.js';
@@ -23,6 +28,17 @@ const { workerData } = require('node:worker_threads');
   if (workerData.tsx) { const m = await import(workerData.tsx); (m.register ?? m.default.register)(); }
   await import(workerData.entry);
 })().catch((e) => { process.nextTick(() => { throw e; }); });
+`;
+
+/** The child process's bootstrap: its boot record is the first IPC message. */
+const CHILD_BOOTSTRAP = `
+process.once('message', (boot) => {
+  globalThis[Symbol.for('tsvm.workerBoot')] = boot;
+  (async () => {
+    if (boot.tsx) { const m = await import(boot.tsx); (m.register ?? m.default.register)(); }
+    await import(boot.entry);
+  })().catch((e) => { process.nextTick(() => { throw e; }); });
+});
 `;
 
 const TS = new Set(['.ts', '.mts', '.cts', '.tsx']);
@@ -68,20 +84,77 @@ export interface SpawnOptions {
    * positive value keeps the calling thread's wake-ups prompt (measured in `bench:threads`).
    */
   readonly nice?: number;
+  /**
+   * Where the machine lives: `'thread'` (default; a worker thread, cheap to start, shares the
+   * process) or `'process'` (a child process: a native crash, the OOM killer or `process.abort()`
+   * ends only it, and its handle rejects with a `WorkerExitedError` whose `how` is `signal`).
+   * A child costs a Node start (~40–80 ms) and its own memory; with `resourceLimits`, its
+   * `maxOldGenerationSizeMb` becomes `--max-old-space-size`.
+   */
+  readonly isolation?: 'thread' | 'process';
 }
 
-/** Starts a worker for `boot` (whose `tsx` and `entry` this fills in). */
-export function spawnWorker(boot: Omit<WorkerBoot, 'tsx' | 'entry'>, options: SpawnOptions): Worker {
+/** One end of a machine worker's channel: a worker thread or a child process, as the handle sees it. */
+export interface Carrier {
+  /** `threadId` of the worker thread, or the child's pid. */
+  readonly id: number;
+  /** Posts a message (structured clone). Throws when the value cannot be cloned. */
+  post(message: unknown): void;
+  /** Every message from the other side. */
+  onMessage(listener: (message: unknown) => void): void;
+  /** An error the carrier reports before it ends (an uncaught throw, out of memory). */
+  onError(listener: (error: Error) => void): void;
+  /** The end: exit code, and the signal that ended a child process. */
+  onExit(listener: (code: number, signal: string | undefined) => void): void;
+  /** Ends it at once. */
+  terminate(): Promise<void>;
+}
+
+/** Starts a machine worker for `boot` (whose `tsx` and `entry` this fills in). */
+export function spawnWorker(boot: Omit<WorkerBoot, 'tsx' | 'entry'>, options: SpawnOptions): Carrier {
   const needsTs = TS.has(extname(fileURLToPath(entry))) || TS.has(extname(fileURLToPath(boot.module)));
   const tsx = needsTs ? findTsx([boot.module, here]) : undefined;
   if (needsTs && tsx === undefined) {
     throw new InvalidArgumentError('module', 'TypeScript must be loaded in the worker but tsx was not found from the module or @tsvm/core; install tsx or use built JavaScript');
   }
   const data: WorkerBoot = { ...boot, tsx, entry };
-  return new Worker(BOOTSTRAP, {
+  if (options.isolation === 'process') return spawnChild(data, options);
+  const worker = new Worker(BOOTSTRAP, {
     eval: true,
     workerData: data,
     ...(options.resourceLimits ? { resourceLimits: options.resourceLimits } : {}),
     ...(options.execArgv ? { execArgv: [...options.execArgv] } : {}),
   });
+  return {
+    id: worker.threadId,
+    post: (m) => worker.postMessage(m),
+    onMessage: (l) => { worker.on('message', l); },
+    onError: (l) => { worker.on('error', l); },
+    onExit: (l) => { worker.on('exit', (code) => l(code, undefined)); },
+    terminate: async () => { await worker.terminate(); },
+  };
+}
+
+/** A child process running the worker entry; its stdout and stderr are the parent's. */
+function spawnChild(data: WorkerBoot, options: SpawnOptions): Carrier {
+  const heap = options.resourceLimits?.maxOldGenerationSizeMb;
+  // The parent's own flags (e.g. `--import tsx`) are not needed: the bootstrap registers tsx itself.
+  const execArgv = [...(options.execArgv ?? []), ...(heap !== undefined ? [`--max-old-space-size=${heap}`] : [])];
+  const child = spawn(process.execPath, [...execArgv, '-e', CHILD_BOOTSTRAP], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'advanced' });
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  child.send(data);
+  return {
+    id: child.pid ?? -1,
+    post: (m) => {
+      if (!child.connected) return; // it is ending; its exit rejects what waits
+      child.send(m as never);
+    },
+    onMessage: (l) => { child.on('message', l); },
+    onError: (l) => { child.on('error', l); },
+    onExit: (l) => { child.on('exit', (code, signal) => l(code ?? -1, signal ?? undefined)); },
+    terminate: async () => {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      await exited;
+    },
+  };
 }

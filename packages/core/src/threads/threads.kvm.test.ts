@@ -33,6 +33,23 @@ describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' 
     expect((await w.stats()).total).toBeGreaterThanOrEqual(21);
   });
 
+  it("isolation 'process': a real guest in a child process; SIGSEGV inside its KVM_RUN ends that process only, typed", async () => {
+    await using w = await start('hello', { isolation: 'process' });
+    const out = text(w);
+    expect(await w.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
+    expect(out.s).toBe('hello from a worker\n');
+    expect(w.threadId).not.toBe(process.pid);
+    await using s = await start('spin', { isolation: 'process' });
+    const run = s.run({ timeout: 20_000, sliceMs: 500 }).catch((e: unknown) => e);
+    await new Promise((r) => setTimeout(r, 300));
+    // The child's only thread is inside KVM_RUN: a fault there is delivered as this signal.
+    process.kill(s.threadId, 'SIGSEGV');
+    expect(await run).toMatchObject({ how: 'signal', signal: 'SIGSEGV' });
+    expect(await run).toBeInstanceOf(WorkerExitedError);
+    // The other child (and this process) live on.
+    expect((await w.stats()).total).toBeGreaterThanOrEqual(21);
+  });
+
   it('a guest spinning in a worker with 500 ms slices leaves the caller\'s timers on time', async () => {
     await using w = await start('spin');
     const h = monitorEventLoopDelay({ resolution: 1 });

@@ -19,9 +19,37 @@ import type { BuiltMachine, MachineBuilder, WorkerContext } from './builder.js';
 import type { FromWorker, Ops, RemoteRunOptions, ToWorker, WorkerBoot } from './protocol.js';
 import { encodeError, encodeStop } from './wire.js';
 
-const port = parentPort;
-const boot = workerData as WorkerBoot;
-const post = (m: FromWorker, transfer?: ArrayBuffer[]): void => port?.postMessage(m, transfer);
+/** The caller's end: the worker thread's parent port, or a child process's IPC channel. */
+interface Port {
+  post(m: FromWorker, transfer?: ArrayBuffer[]): void;
+  on(listener: (m: ToWorker) => void): void;
+  close(): void;
+}
+/** Set by the child process's bootstrap (`isolation: 'process'`). */
+const childBoot = (globalThis as Record<symbol, unknown>)[Symbol.for('tsvm.workerBoot')] as WorkerBoot | undefined;
+const boot = (childBoot ?? workerData) as WorkerBoot;
+const port: Port | undefined = parentPort
+  ? { post: (m, t) => parentPort?.postMessage(m, t), on: (l) => { parentPort?.on('message', l); }, close: () => parentPort?.close() }
+  : childBoot && process.send
+    ? childPort()
+    : undefined;
+
+/** The child process's IPC channel; `close()` disconnects once what was sent has been written. */
+function childPort(): Port {
+  let sent: Promise<void> = Promise.resolve();
+  return {
+    // No transfer lists over IPC: the bytes are serialized either way.
+    post: (m) => {
+      if (!process.connected) return;
+      sent = new Promise((resolve) => { process.send?.(m, undefined, {}, () => resolve()); });
+    },
+    on: (l) => { process.on('message', (m) => l(m as ToWorker)); },
+    close: () => { void sent.then(() => { if (process.connected) process.disconnect(); }); },
+  };
+}
+// A child whose parent went away (crashed, killed) has nobody to serve: it ends too.
+if (childBoot) process.once('disconnect', () => process.exit(0));
+const post = (m: FromWorker, transfer?: ArrayBuffer[]): void => port?.post(m, transfer);
 
 /** Console bytes batched into few messages: a guest printing a byte per exit must not post a message per exit. */
 class ConsoleStream {
@@ -99,7 +127,7 @@ let template: Snapshot | undefined;
 let fileSnapshot: Snapshot | undefined;
 
 const ctx: WorkerContext = {
-  threadId,
+  threadId: childBoot ? process.pid : threadId,
   snapshot(backend?: Backend): Snapshot | undefined {
     if (template) return template;
     if (boot.snapshotFile === undefined) return undefined;
@@ -202,7 +230,7 @@ async function main(): Promise<void> {
     return;
   }
   let closing = false;
-  port.on('message', (m: ToWorker) => {
+  port.on((m) => {
     if (m.t === 'abort') { controller?.abort(); return; }
     if (closing) {
       post({ t: 'result', id: m.id, ok: false, error: encodeError(new StateError('the machine worker is closing')) });
