@@ -1,5 +1,5 @@
 /**
- * @internal A guest for SMP tests and `bench:smp`: the bootstrap processor (64-bit, ring 0)
+ * A guest for SMP tests and `bench:smp`: the bootstrap processor (64-bit, ring 0)
  * starts every application processor with INIT + SIPI + SIPI and halts for good (`cli; hlt`);
  * each AP runs a real-mode trampoline into 64-bit mode on the BSP's GDT and page tables, takes a
  * ticket `k` (0, 1, ... in the order the APs arrive), drops to ring 3 and, as the host set the

@@ -7,4 +7,5 @@ export { MockBackend, MockVcpu, MockVm, MockRunners, outExit, inExit, mmioExit, 
 /** Re-exported from `@tsvm/core/asm` for tests. */
 export { asm, type AsmOptions } from '../asm.js';
 export { kvmAvailability, type KvmAvailability } from './kvm-gate.js';
+export { loadSmpGuest, expectedSum, SMP_GUEST } from '../machine/smp-guest.js';
 export { replayGuestSource, attachReplayDevices, REPLAY_GUEST_LOOP } from './replay-guest.js';
