@@ -95,6 +95,11 @@ export interface BackendVm {
   setMsrIntercepts(reads: readonly number[], writes: readonly number[]): void;
   /** Creates vCPU `id`. */
   createVcpu(id: number): BackendVcpu;
+  /**
+   * Optional: threads that run these vCPUs (all of this VM's, in order) in parallel, for
+   * `vcpuThreads: 'parallel'`. Started once per machine; closed before the vCPUs are.
+   */
+  startRunners?(vcpus: readonly BackendVcpu[]): Promise<BackendRunners>;
   /** Releases the VM. vCPUs and memory are closed first by the caller. */
   close(): void;
   /**
@@ -102,6 +107,34 @@ export interface BackendVm {
    * the kernel has released the VM. The VM is unusable as soon as this returns.
    */
   closeInBackground?(): Promise<void>;
+}
+
+/**
+ * One thread per vCPU that enters the guest for it, so the vCPUs of one machine run at the same
+ * time. The thread that owns the machine starts each run, learns when any run ended, and decodes
+ * and answers every exit itself, one at a time: hooks and devices never run on a runner.
+ * Between {@link start} of vCPU `i` and {@link wait} returning `i`, nothing may touch vCPU `i`.
+ */
+export interface BackendRunners {
+  /**
+   * Starts vCPU `i`'s next run (returns at once). With `sliceNs > 0` a new time slice starts:
+   * that run, or a later one started without a new slice, returns an `intr` exit at most
+   * `sliceNs` later.
+   */
+  start(i: number, sliceNs: number): void;
+  /**
+   * Blocks the calling thread up to `timeoutMs` until a started run ends; returns its vCPU
+   * index (read the exit with {@link exit}) or -1 when none ended in time.
+   */
+  wait(timeoutMs: number): number;
+  /** The exit of vCPU `i`'s run that {@link wait} just returned, as `BackendVcpu.run()` would return it (and throw). */
+  exit(i: number): VcpuExit;
+  /** Makes vCPU `i`'s started run end soon (an `intr` exit, unless a real one came first). */
+  interrupt(i: number): void;
+  /** Whether vCPU `i`'s run was started and not yet returned by {@link wait}. */
+  busy(i: number): boolean;
+  /** Ends the threads; a run still in flight is interrupted and its exit dropped. Idempotent. */
+  close(): void;
 }
 
 /**

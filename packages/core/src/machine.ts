@@ -60,9 +60,22 @@ export interface MachineOptions {
    * that `loadFlat` and `enter` set up; with more than one, `irqchip: true` is required: each
    * vCPU gets an in-kernel LAPIC and the others (application processors) wait for INIT/SIPI
    * from the guest, as on hardware. `run()` runs them round-robin, one slice each, on the
-   * calling thread; every exit of every vCPU passes through the same hooks and devices.
+   * calling thread (see {@link vcpuThreads} for running them in parallel); every exit of every
+   * vCPU passes through the same hooks and devices.
    */
   readonly vcpus?: number;
+  /**
+   * Where the vCPUs execute guest code. `'shared'` (default): all take turns, one time slice
+   * each, on the thread that calls `run()`. `'parallel'`: each vCPU gets its own runner thread
+   * (started once with the machine, ended by `close()`), so N vCPUs compute on up to N cores at
+   * once; every exit is still handled on the calling thread, one at a time, by the same hooks and
+   * devices (mediate hooks before the device), so they stay single-threaded, but guest RAM may
+   * change while a hook runs (another vCPU writes it). A machine option, not a run option: the
+   * threads are the machine's, and whether guest code runs concurrently with handlers is a
+   * property code attaching hooks should be able to rely on for the machine's lifetime.
+   * Needs a backend that offers runners (KVM does; `MockBackend` models them).
+   */
+  readonly vcpuThreads?: 'shared' | 'parallel';
 }
 
 
@@ -74,7 +87,10 @@ export interface MachineEvents {
   stopped: [stop: Stop];
   /** The machine was closed. */
   closed: [];
-  /** A time slice of one vCPU ended (no vCPU is running): a place for sampling work such as dirty logs. */
+  /**
+   * A time slice of one vCPU ended: a place for sampling work such as dirty logs. That vCPU is
+   * out of the guest; with `vcpuThreads: 'shared'` no vCPU is running, with `'parallel'` others may be.
+   */
   slice: [];
   /** `reset()` put guest RAM and CPU state back to the snapshot (host-made changes to RAM are gone too). */
   reset: [];
@@ -161,6 +177,8 @@ export class Machine {
     if (typeof nVcpus !== 'number' || !Number.isInteger(nVcpus) || nVcpus < 1 || nVcpus > MAX_VCPUS) throw new InvalidArgumentError('vcpus', `must be an integer in [1, ${MAX_VCPUS}], got ${show(options.vcpus)}`);
     const irqchip = options.irqchip ?? false;
     if (nVcpus > 1 && !irqchip) throw new InvalidArgumentError('vcpus', `${nVcpus} vCPUs need irqchip: true (each vCPU's LAPIC delivers the INIT/SIPI that starts it)`);
+    const threads = options.vcpuThreads ?? 'shared';
+    if (threads !== 'shared' && threads !== 'parallel') throw new InvalidArgumentError('vcpuThreads', `must be 'shared' or 'parallel', got ${show(options.vcpuThreads)}`);
     const backend = options.backend ?? kvmBackend();
     const vm = backend.createVm({ irqchip });
     const s = new MachineState(options.name ?? 'machine', backend, vm, irqchip);
@@ -170,6 +188,10 @@ export class Machine {
         const b = vm.createVcpu(id);
         s.vcpus.push(new Vcpu(b));
         if (nVcpus > 1) b.setCpuid(withApicId(b.supportedCpuid(), id));
+      }
+      if (threads === 'parallel') {
+        if (typeof vm.startRunners !== 'function') throw new InvalidArgumentError('vcpuThreads', `the '${backend.name}' backend cannot run vCPUs in parallel`);
+        s.runners = await vm.startRunners(s.vcpus.map((v) => v.backend));
       }
     } catch (e) {
       teardown.teardown(s);
@@ -364,7 +386,8 @@ export class Machine {
   /**
    * Runs the guest until it stops, the timeout passes or the signal aborts. Returns why it
    * stopped; throws only for misuse (already running, closed). Several vCPUs take turns on
-   * the calling thread, one slice each; a stop of any of them stops the machine and names it.
+   * the calling thread, one slice each (or run at once, `vcpuThreads: 'parallel'`); a stop of
+   * any of them stops every vCPU and names the one that caused it (vCPU 0 for a timeout or abort).
    *
    * @example Bound a run by time and by a signal, then switch on the reason
    * ```ts

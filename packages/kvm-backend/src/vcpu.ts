@@ -60,11 +60,20 @@ export class KvmVcpu {
    * whatever the mapping holds.
    */
   run(): KvmExit {
+    const r = this.#ioctl(this.fd, this.#runReq, 0);
+    return this.decodeRun(r < 0 ? -errno() : r);
+  }
+
+  /**
+   * Decodes the `KVM_RUN` another thread issued on this vCPU's fd (a {@link VcpuRunners}
+   * runner): `result` is what the ioctl returned, or `-errno`. Exactly what {@link run} returns
+   * for the same outcome; call it only once that ioctl has returned.
+   */
+  decodeRun(result: number): KvmExit {
     const a = this.#answer;
     a.pending = Pending.None;
-    const r = this.#ioctl(this.fd, this.#runReq, 0);
-    if (r < 0) {
-      const e = errno();
+    if (result < 0) {
+      const e = -result;
       if (e === C.EINTR || e === C.EAGAIN) return INTR;
       throw new KvmError('KVM_RUN', e);
     }

@@ -9,11 +9,11 @@
 import { readFileSync } from 'node:fs';
 import { isMainThread } from 'node:worker_threads';
 import {
-  KVM_CAP, KVM_CONST, KvmSystem, MemfdMapping, armSlice, disarmSlice,
+  KVM_CAP, KVM_CONST, KvmSystem, MemfdMapping, VcpuRunners, armSlice, disarmSlice,
   consumeSliceSignal, runSignalMask, KvmError, VCPU_EVENTS_OFFSETS as EV, IOAPIC_REDIRTBL_OFFSET,
   type KvmVcpu, type KvmVm, type CpuidEntry,
 } from '@tsvm/kvm-backend';
-import type { Backend, BackendVcpu, BackendVm, BackendVmOptions, HostCapabilities, NmiWakeState, Regs, Sregs, VirtFlavour } from '../backend.js';
+import type { Backend, BackendRunners, BackendVcpu, BackendVm, BackendVmOptions, HostCapabilities, NmiWakeState, Regs, Sregs, VirtFlavour } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
 import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
@@ -316,6 +316,14 @@ class KvmBackendVm implements BackendVm {
     }
   }
 
+  async startRunners(vcpus: readonly BackendVcpu[]): Promise<BackendRunners> {
+    const own = vcpus.map((v) => {
+      if (!(v instanceof KvmBackendVcpu)) throw new KvmError('startRunners', 22, 'not a vCPU of this backend');
+      return v;
+    });
+    return new KvmRunners(await VcpuRunners.start(own.map((v) => v.kvm)), own);
+  }
+
   close(): void {
     this.#releaseOwned();
     this.#vm.close();
@@ -336,6 +344,25 @@ class KvmBackendVm implements BackendVm {
     this.#ready0?.close();
     this.#ready0 = undefined;
   }
+}
+
+/** {@link BackendRunners} on kvm-backend's {@link VcpuRunners}: the exits decoded here, as `run()` does. */
+class KvmRunners implements BackendRunners {
+  readonly #r: VcpuRunners;
+  readonly #vcpus: readonly KvmBackendVcpu[];
+  constructor(r: VcpuRunners, vcpus: readonly KvmBackendVcpu[]) {
+    this.#r = r;
+    this.#vcpus = vcpus;
+  }
+  start(i: number, sliceNs: number): void {
+    (this.#vcpus[i] as KvmBackendVcpu).prepareRun();
+    this.#r.go(i, sliceNs);
+  }
+  wait(timeoutMs: number): number { return this.#r.next(timeoutMs); }
+  exit(i: number): VcpuExit { return (this.#vcpus[i] as KvmBackendVcpu).finishRun(this.#r.result(i)); }
+  interrupt(i: number): void { this.#r.interrupt(i); }
+  busy(i: number): boolean { return this.#r.busy(i); }
+  close(): void { this.#r.close(); }
 }
 
 const VCPU_BLOBS = new Set(['fpu', 'xsave', 'xcrs', 'lapic', 'events', 'debugregs', 'mp-state']);
@@ -394,7 +421,23 @@ class KvmBackendVcpu implements BackendVcpu {
 
   run(): VcpuExit {
     this.#regs = this.#sregs = undefined;
-    const exit = this.#v.run();
+    return this.#ran(this.#v.run());
+  }
+
+  /** The raw vCPU, for its runner thread (which issues `KVM_RUN` on its fd). */
+  get kvm(): KvmVcpu { return this.#v; }
+
+  /** Before a runner thread enters the guest: what `run()` does before its ioctl. */
+  prepareRun(): void {
+    this.#regs = this.#sregs = undefined;
+  }
+
+  /** After a runner's `KVM_RUN` returned `result` (or `-errno`): what `run()` does after its ioctl. */
+  finishRun(result: number): VcpuExit {
+    return this.#ran(this.#v.decodeRun(result));
+  }
+
+  #ran(exit: VcpuExit): VcpuExit {
     this.#syncDirty = false;
     // An interrupted KVM_RUN may not have stored the registers: ask KVM then.
     this.#syncFresh = this.#sync && exit.kind !== 'intr';

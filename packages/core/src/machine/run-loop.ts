@@ -25,6 +25,7 @@ import type { MachineEvents } from '../machine.js';
 import type { Stop, StopRequest } from '../stop.js';
 import type { Vcpu } from '../vcpu.js';
 import { exitContext, runSliceHooks } from './hook-table.js';
+import { parallelLoop } from './parallel.js';
 import type { MachineState } from './state.js';
 
 /** Options of {@link Machine.run}. */
@@ -58,6 +59,22 @@ let yieldRequested = false;
  */
 export function yieldSlice(): void {
   if (sliceRunning) yieldRequested = true;
+}
+
+/** @internal A synchronous slice (or phase of the parallel loop) starts on this thread. */
+export function sliceBegins(): void {
+  sliceRunning = true;
+  yieldRequested = false;
+}
+
+/** @internal Whether {@link yieldSlice} was called since the slice began. */
+export function yieldWanted(): boolean {
+  return yieldRequested;
+}
+
+/** @internal The slice is over. */
+export function sliceEnds(): void {
+  sliceRunning = false;
 }
 /**
  * How a slice ended. `halted`: the vCPU sat in `hlt` (in-kernel irqchip); `idle`: halted with
@@ -105,6 +122,12 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
   let stop: StopRequest | undefined;
   runningOnThread++;
   try {
+    if (s.runners) {
+      // vcpuThreads: 'parallel' (machine/parallel.ts): every vCPU on its own runner thread.
+      const end = await parallelLoop(s, events, s.runners, sliceMs, deadline, signal);
+      stop = end.stop;
+      vcpu = end.vcpu;
+    }
     while (!stop) {
       if (signal?.aborted) { stop = { reason: 'aborted' }; break; }
       const left = deadline - performance.now();
@@ -235,7 +258,7 @@ function slice(s: MachineState, vcpu: Vcpu, smp: boolean): SliceResult {
 }
 
 /** Carries an outcome back to the vCPU: complete a read or MSR, raise a fault, or stop. */
-function apply(s: MachineState, vcpu: Vcpu, out: ExitOutcome): StopRequest | undefined {
+export function apply(s: MachineState, vcpu: Vcpu, out: ExitOutcome): StopRequest | undefined {
   if (out.action === 'stop') return out.stop;
   if (out.action === 'fault') {
     try {
@@ -253,7 +276,7 @@ function apply(s: MachineState, vcpu: Vcpu, out: ExitOutcome): StopRequest | und
 }
 
 /** Delivers the writes waiting in the coalesced ring, marked `late`, to devices and observers. */
-function drainCoalesced(vcpu: Vcpu, ctx: ExitContext): StopRequest | undefined {
+export function drainCoalesced(vcpu: Vcpu, ctx: ExitContext): StopRequest | undefined {
   for (const e of vcpu.backend.drainCoalesced()) {
     const exit: VcpuExit = e.pio
       ? { kind: 'io', direction: 'out', port: Number(e.address), size: e.length as 1 | 2 | 4, count: 1, data: e.data, late: true }
@@ -296,7 +319,7 @@ function finish(s: MachineState, vcpu: Vcpu, stop: StopRequest, t0: number, exit
 }
 
 /** Whether halted `vcpu` can only be woken by another vCPU: IF=0 and no NMI pending or routed. */
-function stuck(vcpu: Vcpu): boolean {
+export function stuck(vcpu: Vcpu): boolean {
   const b = vcpu.backend;
   return (b.getRegs().rflags & 0x200n) === 0n && !nmiCanWake(b.nmiWakeState());
 }
@@ -325,12 +348,12 @@ function nmiCanWake(w: NmiWakeState): boolean {
 }
 
 /** A `backend-error` stop for something the backend threw. */
-function backendError(e: unknown): StopRequest {
+export function backendError(e: unknown): StopRequest {
   return { reason: 'backend-error', error: e instanceof TsvmError ? e : new TsvmError('TSVM_BACKEND', String(e), { cause: e }) };
 }
 
 /** `p`, unless the deadline passes or the signal aborts first. */
-async function raceDeadline<T>(p: Promise<T>, deadline: number, signal: AbortSignal | undefined): Promise<T | 'timeout' | 'aborted'> {
+export async function raceDeadline<T>(p: Promise<T>, deadline: number, signal: AbortSignal | undefined): Promise<T | 'timeout' | 'aborted'> {
   let timer: NodeJS.Timeout | undefined;
   let onAbort: (() => void) | undefined;
   try {

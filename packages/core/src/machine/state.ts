@@ -5,7 +5,7 @@
  * @module
  */
 import { show } from '../check.js';
-import type { Backend, BackendVm, HostCapabilities } from '../backend.js';
+import type { Backend, BackendRunners, BackendVm, HostCapabilities } from '../backend.js';
 import { Bus } from '../bus.js';
 import type { CpuMode } from '../cpu/x86.js';
 import { instructionRipOf } from '../cpu/exit-rip.js';
@@ -64,6 +64,8 @@ export class MachineState {
   /** Base of the host's system area (protected/long mode), undefined in real mode. */
   systemArea: number | undefined = undefined;
   mode: CpuMode = 'real';
+  /** The vCPUs' runner threads (`vcpuThreads: 'parallel'`); undefined: they take turns on the calling thread. */
+  runners: BackendRunners | undefined = undefined;
   readonly capabilities: HostCapabilities;
 
   constructor(

@@ -1,5 +1,6 @@
 /**
- * Releasing a machine in reverse order of creation: vCPUs (unmap `kvm_run`, close the fd), the
+ * Releasing a machine in reverse order of creation: the vCPUs' runner threads (parallel mode),
+ * vCPUs (unmap `kvm_run`, close the fd), the
  * VM (which drops its memslots), guest RAM, then the attached devices.
  * @module
  */
@@ -29,6 +30,9 @@ export async function released(): Promise<void> {
  * thread-pool thread; the returned promise (if any) resolves when the kernel has released it.
  */
 export function teardown(s: MachineState, background = false): Promise<void> | undefined {
+  // Runner threads first: none may be inside KVM_RUN on a vCPU fd that is being closed.
+  try { s.runners?.close(); } catch { /* keep going */ }
+  s.runners = undefined;
   for (const v of s.vcpus) { try { v.backend.close(); } catch { /* keep going */ } }
   s.vcpus.length = 0;
   // No memslot deletes (~150 µs each on PVM): destroying the VM drops its memslots, and the

@@ -5,7 +5,7 @@
  * @module
  */
 import { readSync } from 'node:fs';
-import type { Backend, BackendVcpu, BackendVm, CoalescedEntry, CpuidEntry, HostCapabilities, MsrEntry, NmiWakeState, Regs, Sregs } from '../backend.js';
+import type { Backend, BackendRunners, BackendVcpu, BackendVm, CoalescedEntry, CpuidEntry, HostCapabilities, MsrEntry, NmiWakeState, Regs, Sregs } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
 import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
@@ -169,6 +169,65 @@ export class MockVm implements BackendVm {
     this.vcpus.push(v);
     return v;
   }
+  /** Runner sets started with {@link startRunners}. */
+  readonly runners: MockRunners[] = [];
+  async startRunners(vcpus: readonly BackendVcpu[]): Promise<BackendRunners> {
+    const r = new MockRunners(vcpus as MockVcpu[]);
+    this.runners.push(r);
+    return r;
+  }
+  close(): void { this.closed = true; }
+}
+
+/**
+ * The mock's runner threads (`vcpuThreads: 'parallel'`), without threads: a started run is
+ * computed at once (the vCPU's next scripted step) and queued; `wait` returns the runs in the
+ * order they were started, so tests of the parallel loop are deterministic. `order` can reorder:
+ * a function picking which queued vCPU ends first.
+ */
+export class MockRunners implements BackendRunners {
+  readonly #vcpus: readonly MockVcpu[];
+  readonly #exits = new Map<number, VcpuExit>();
+  readonly #queue: number[] = [];
+  /** Interrupts, by vCPU (each makes that vCPU's next finished run an `intr`). */
+  readonly interrupts: number[] = [];
+  /** Starts by vCPU, with whether each began a new slice. */
+  readonly starts: Array<{ vcpu: number; fresh: boolean }> = [];
+  /** Picks which of the queued vCPUs' runs ends next (default: the first started). */
+  order: (queued: readonly number[]) => number = (q) => q[0] as number;
+  /** Whether `close()` ran. */
+  closed = false;
+
+  /** @internal */
+  constructor(vcpus: readonly MockVcpu[]) {
+    this.#vcpus = vcpus;
+  }
+  start(i: number, sliceNs: number): void {
+    const v = this.#vcpus[i] as MockVcpu;
+    if (this.#queue.includes(i) || this.#exits.has(i)) throw new Error(`mock runner ${i} started twice`);
+    if (sliceNs > 0) v.beginSlice(sliceNs);
+    this.starts.push({ vcpu: i, fresh: sliceNs > 0 });
+    this.#exits.set(i, v.run());
+    this.#queue.push(i);
+  }
+  wait(): number {
+    if (this.#queue.length === 0) return -1;
+    const i = this.order(this.#queue);
+    this.#queue.splice(this.#queue.indexOf(i), 1);
+    return i;
+  }
+  exit(i: number): VcpuExit {
+    const e = this.#exits.get(i);
+    this.#exits.delete(i);
+    if (e === undefined) throw new Error(`mock runner ${i} has no exit`);
+    return e;
+  }
+  interrupt(i: number): void {
+    if (!this.#queue.includes(i)) return;
+    this.interrupts.push(i);
+    // A real exit already computed stands (it raced the interrupt); a slice end is what it was anyway.
+  }
+  busy(i: number): boolean { return this.#queue.includes(i) || this.#exits.has(i); }
   close(): void { this.closed = true; }
 }
 
