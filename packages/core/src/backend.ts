@@ -60,6 +60,11 @@ export interface Backend {
   readonly capabilities: HostCapabilities;
   /** Creates an empty VM. */
   createVm(options: BackendVmOptions): BackendVm;
+  /**
+   * CPU time of the calling thread in nanoseconds, guest time inside `KVM_RUN` included as the
+   * kernel accounts it; absent where the backend cannot tell (then `Stop.cpuMs` is absent).
+   */
+  threadCpuNs?(): number;
 }
 
 /** A VM as the backend sees it. */

@@ -23,6 +23,14 @@ export interface StopCommon {
   readonly exits: number;
   /** Wall time of this `run()` in milliseconds. */
   readonly elapsedMs: number;
+  /**
+   * CPU time the calling thread spent in this `run()`, in milliseconds: the exits' host work,
+   * guest time as the kernel accounts it (on PVM part of a guest's CPL3 time is not counted),
+   * and whatever else ran on the thread between slices. Unlike {@link StopCommon.elapsedMs} it
+   * does not grow when other processes take the CPU, which makes it the figure to compare runs
+   * by on a busy host. Absent when the backend has no thread clock (the mock backend).
+   */
+  readonly cpuMs?: number;
 }
 
 /** Why the machine stopped. Switch on `reason`. */

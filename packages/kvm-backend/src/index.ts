@@ -8,6 +8,7 @@
  *   stays private to the vCPU); answers go back through `completeIoIn` / `completeMmioRead` /
  *   `completeMsr` / `completePendingExit`
  * - {@link MemfdMapping}: guest RAM on a memfd
+ * - {@link threadCpuNs}: the calling thread's CPU clock
  * - {@link VcpuRunners}: one thread per vCPU issuing `KVM_RUN`, for vCPUs that run in parallel
  * - slice preemption: {@link armSlice} / {@link consumeSliceSignal} / {@link runSignalMask}
  * - `raw`: struct layouts, ioctl numbers, libc
@@ -25,6 +26,7 @@ export type {
   KvmMsrExit, KvmFailEntryExit, KvmInternalErrorExit, KvmSystemEventExit, KvmExceptionExit, KvmUnsupportedExit,
 } from './exit.js';
 export { MemfdMapping } from './memfd.js';
+export { threadCpuNs } from './clock.js';
 export { VcpuRunners } from './runner.js';
 export { armSlice, disarmSlice, consumeSliceSignal, runSignalMask, sliceSignal } from './timer.js';
 export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './types.js';

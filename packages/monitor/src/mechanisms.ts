@@ -9,7 +9,7 @@
 import type { HostCapabilities } from '@tsvm/core';
 import { MechanismUnavailableError } from './errors.js';
 import type { NormalSpec } from './events.js';
-import { priceOf, resultOf, type CalibrationTable, type Cpl, type MechanismId } from './calibration/table.js';
+import { priceOf, probePriceOf, resultOf, type CalibrationTable, type Cpl, type MechanismId } from './calibration/table.js';
 
 /** What the selection needs to know about the machine and the other hooks. */
 export interface SelectionInput {
@@ -29,6 +29,8 @@ export interface SelectionInput {
   readonly devicesCover: boolean;
   /** Free hardware debug registers. */
   readonly freeDebugRegs: number;
+  /** Exec hooks: probe exits per hit at the hooked instruction (2: it must run in place). */
+  readonly probeExitsPerHit?: 1 | 2;
 }
 
 /** The chosen mechanism and why. */
@@ -110,14 +112,17 @@ function selectExec(inp: SelectionInput): Selection {
     if (id !== 'probe-breakpoint' && !caps.guestDebug) { rejected.push({ mechanism: id, why: 'KVM_SET_GUEST_DEBUG unavailable' }); continue; }
     if (id === 'hw-breakpoint' && inp.freeDebugRegs < 1) { rejected.push({ mechanism: id, why: 'all 4 debug registers in use' }); continue; }
     if (id === 'hw-breakpoint' && !resultOf(table, 'single-step', cpl).works) { rejected.push({ mechanism: id, why: 'stepping over the breakpoint needs single-step' }); continue; }
-    candidates.push({ id, ns: r.ns });
+    // A probe on an instruction that must run in place costs its in-place price, not one exit's.
+    candidates.push({ id, ns: id === 'probe-breakpoint' ? probePriceOf(table, cpl, inp.probeExitsPerHit ?? 1) ?? r.ns : r.ns });
   }
   candidates.sort((a, b) => a.ns - b.ns);
   const best = candidates[0];
   if (!best) throw new MechanismUnavailableError('exec', `no breakpoint mechanism works at CPL${cpl}`, { cpl, alternatives: ['pio/mmio hooks on what the code touches'] });
   for (const c of candidates.slice(1)) rejected.push({ mechanism: c.id, why: `dearer (~${c.ns} ns vs ~${best.ns} ns)` });
   const why = best.id === 'probe-breakpoint'
-    ? `patched 'out 0xe5, al' probe, the instruction run out of line (1 exit/hit; 2 if it must run in place); guest debug does not work at CPL${cpl} here`
+    ? inp.probeExitsPerHit === 2
+      ? `patched 'out 0xe5, al' probe, the instruction run in place (2 exits/hit); ${caps.guestDebug && candidates.length > 1 ? 'cheapest here' : `guest debug does not work at CPL${cpl} here`}`
+      : `patched 'out 0xe5, al' probe, the instruction run out of line (1 exit/hit; 2 if it must run in place); ${caps.guestDebug && candidates.length > 1 ? 'cheapest here' : `guest debug does not work at CPL${cpl} here`}`
     : `${best.id} works at CPL${cpl} and is cheapest (~${best.ns} ns)`;
   return { mechanism: best.id, why, rejected };
 }

@@ -11,7 +11,7 @@ import { AuditLog, type AuditSink } from './audit.js';
 import type { MediateFn, ObserveFn } from './decisions.js';
 import { describeSpec, normaliseSpec, specsOverlap, type EventSpec, type NormalSpec } from './events.js';
 import { selectMechanism, type Selection } from './mechanisms.js';
-import { assumedTable, priceOf, type CalibrationTable, type Cpl, type MechanismId } from './calibration/table.js';
+import { assumedTable, priceOf, probePriceOf, type CalibrationTable, type Cpl, type MechanismId } from './calibration/table.js';
 import { hostIdentity } from './calibration/host.js';
 import { callObserve, hookContext, type HookRecord } from './records.js';
 import { PatchBreakpoints } from './probe.js';
@@ -148,6 +148,8 @@ export class Monitor implements InternalEnv {
   #unexplain: (() => void) | undefined;
   readonly #unsample: () => void;
   #probe: PatchBreakpoints | undefined;
+  /** Answers "out of line?" for the cost model before any probe is installed (never armed). */
+  #planner: PatchBreakpoints | undefined;
   #int3: PatchBreakpoints | undefined;
   #cpuid: { entries: readonly CpuidOverride[] } | undefined;
   #nextId = 1;
@@ -278,7 +280,7 @@ export class Monitor implements InternalEnv {
       };
       if (r.selection.mechanism !== 'probe-breakpoint' || r.spec.event !== 'exec') return entry;
       const exits = this.#probeExitsPerHit(r.spec.address, r.spec.virtualAddress);
-      return { ...entry, exitsPerHit: exits, unitNs: unitNs * exits, why: exits === 2 ? `${entry.why}; this instruction runs in place: 2 exits/hit` : entry.why };
+      return { ...entry, exitsPerHit: exits, unitNs: probePriceOf(this.calibration, r.cpl, exits) ?? NaN };
     });
     if (this.#cpuid) {
       const cpl3 = priceOf(this.calibration, 'cpuid-table', 3) === undefined;
@@ -364,8 +366,10 @@ export class Monitor implements InternalEnv {
   #probeExitsPerHit(physical: bigint, virtual: bigint): 1 | 2 {
     try {
       const sregs = this.machine.vcpu(0).getSregs();
-      if (this.#probe) return this.#probe.runsOutOfLine(physical, virtual, sregs) ? 1 : 2;
-      return this.#outOfLine ? 1 : 2;
+      // Before the first probe exists (choosing the mechanism), an engine with no targets answers:
+      // it only decodes and relocates, and the dispatcher never sees it.
+      const engine = this.#probe ?? (this.#planner ??= new PatchBreakpoints('probe', this.#cpuAccess(), { outOfLine: this.#outOfLine }));
+      return engine.runsOutOfLine(physical, virtual, sregs) ? 1 : 2;
     } catch {
       return this.#outOfLine ? 1 : 2;
     }
@@ -412,6 +416,7 @@ export class Monitor implements InternalEnv {
       mediatedOverlap: others.some((r) => r.mode === 'mediate' && specsOverlap(r.spec, spec)),
       devicesCover: this.#devicesCover(spec),
       freeDebugRegs: this.debug.freeHwSlots,
+      ...(spec.event === 'exec' ? { probeExitsPerHit: this.#probeExitsPerHit(spec.address, spec.virtualAddress) } : {}),
     });
   }
 
@@ -474,17 +479,7 @@ export class Monitor implements InternalEnv {
   #installExec(rec: HookRecord, physical: bigint, virtual: bigint): void {
     const m = rec.selection.mechanism;
     if (m === 'hw-breakpoint') { rec.hwSlot = this.debug.addHw(virtual); return; }
-    const tramp = this.machine.layout.probeTrampoline;
-    const cpu = {
-      memory: this.machine.memory,
-      // The vCPU whose probe exit is being handled (atVcpu): on an SMP machine any of them.
-      regs: () => this.machine.vcpu(this.#cpuIndex).getRegs(),
-      setRip: (rip: bigint) => this.machine.vcpu(this.#cpuIndex).setRegs({ rip }),
-      sregs: () => this.machine.vcpu(this.#cpuIndex).getSregs(),
-      msr: (i: number) => { try { return this.machine.vcpu(this.#cpuIndex).getMsrs([i])[0]?.data; } catch { return undefined; } },
-      // Probe trampolines live in a free page of core's system area (identity-mapped, user-accessible).
-      ...(tramp === undefined ? {} : { trampoline: { physical: BigInt(tramp.address), virtual: BigInt(tramp.address), size: tramp.size } }),
-    };
+    const cpu = this.#cpuAccess();
     if (!this.machine.memory.contains(physical, 1)) throw new InvalidArgumentError('spec.address', `0x${physical.toString(16)} is not guest RAM`);
     if (m === 'sw-breakpoint') {
       this.#int3 ??= new PatchBreakpoints('int3', cpu);
@@ -494,6 +489,21 @@ export class Monitor implements InternalEnv {
       this.#probe ??= new PatchBreakpoints('probe', cpu, { outOfLine: this.#outOfLine });
       this.#probe.add({ physical, virtual });
     }
+  }
+
+  /** What a patch engine may touch of the machine: memory, and the vCPU whose trap is handled. */
+  #cpuAccess(): ConstructorParameters<typeof PatchBreakpoints>[1] {
+    const tramp = this.machine.layout.probeTrampoline;
+    return {
+      memory: this.machine.memory,
+      // The vCPU whose probe exit is being handled (atVcpu): on an SMP machine any of them.
+      regs: () => this.machine.vcpu(this.#cpuIndex).getRegs(),
+      setRip: (rip: bigint) => this.machine.vcpu(this.#cpuIndex).setRegs({ rip }),
+      sregs: () => this.machine.vcpu(this.#cpuIndex).getSregs(),
+      msr: (i: number) => { try { return this.machine.vcpu(this.#cpuIndex).getMsrs([i])[0]?.data; } catch { return undefined; } },
+      // Probe trampolines live in a free page of core's system area (identity-mapped, user-accessible).
+      ...(tramp === undefined ? {} : { trampoline: { physical: BigInt(tramp.address), virtual: BigInt(tramp.address), size: tramp.size } }),
+    };
   }
 
   #uninstall(rec: HookRecord): void {

@@ -293,11 +293,31 @@ describe('exec hooks through the probe run the hooked instruction out of line (o
     mon.observe({ event: 'exec', address: 0x1003 }, () => {}, { name: 'add' });
     const [store, add] = mon.plan();
     expect([store?.exitsPerHit, add?.exitsPerHit]).toEqual([2, 1]);
+    // The assumed PVM table prices an in-place hit as two probe exits.
     expect(store?.unitNs).toBe(2 * (add?.unitNs ?? NaN));
-    expect(store?.why).toMatch(/runs in place: 2 exits\/hit/);
+    expect(store?.why).toMatch(/run in place \(2 exits\/hit\)/);
     const forced = new Monitor(await (await guest('add eax, 1\n hlt')).vm, { calibration: pvm, outOfLine: false });
     forced.observe({ event: 'exec', address: 0x1000 }, () => {});
     expect(forced.plan()[0]?.exitsPerHit).toBe(2);
+  });
+
+  it('a measured in-place price is used, and picks another mechanism where it makes the probe dearer', async () => {
+    const results = { ...pvm.results };
+    const at = (ns: number) => ({ cpl0: { works: true as const, ns }, cpl3: { works: true as const, ns } });
+    // Probe: 10 µs out of line, 50 µs in place; a hardware breakpoint: 30 µs (single-step works).
+    const table = { ...pvm, source: 'measured' as const, results: { ...results, 'probe-breakpoint': at(10_000), 'probe-in-place': at(50_000), 'hw-breakpoint': at(30_000), 'single-step': at(5_000), 'sw-breakpoint': { cpl0: { works: false as const, failure: 'x' }, cpl3: { works: false as const, failure: 'x' } } } };
+    const { vm } = await guest('mov [rbx], eax\n nop\n add eax, 1\n hlt');
+    const mon = new Monitor(vm, { calibration: table });
+    mon.observe({ event: 'exec', address: 0x1000, cpl: 0 }, () => {}, { name: 'store' });
+    mon.observe({ event: 'exec', address: 0x1003, cpl: 0 }, () => {}, { name: 'add' });
+    const [store, add] = mon.plan();
+    expect(add).toMatchObject({ mechanism: 'probe-breakpoint', exitsPerHit: 1, unitNs: 10_000 });
+    expect(store).toMatchObject({ mechanism: 'hw-breakpoint', unitNs: 30_000 });
+    expect(store?.rejected.find((r) => r.mechanism === 'probe-breakpoint')?.why).toMatch(/50000/);
+    const onlyProbe = { ...table, results: { ...table.results, 'hw-breakpoint': table.results['sw-breakpoint'] } };
+    const m2 = new Monitor((await guest('mov [rbx], eax\n hlt')).vm, { calibration: onlyProbe });
+    m2.observe({ event: 'exec', address: 0x1000, cpl: 0 }, () => {});
+    expect(m2.plan()[0]).toMatchObject({ mechanism: 'probe-breakpoint', exitsPerHit: 2, unitNs: 50_000 });
   });
 
   it('a deny names the hooked instruction from its own bytes, not the trap in guest RAM', async () => {

@@ -10,7 +10,7 @@ import { readFileSync } from 'node:fs';
 import { isMainThread } from 'node:worker_threads';
 import {
   KVM_CAP, KVM_CONST, KvmSystem, MemfdMapping, VcpuRunners, armSlice, disarmSlice,
-  consumeSliceSignal, runSignalMask, KvmError, VCPU_EVENTS_OFFSETS as EV, IOAPIC_REDIRTBL_OFFSET,
+  consumeSliceSignal, runSignalMask, threadCpuNs, KvmError, VCPU_EVENTS_OFFSETS as EV, IOAPIC_REDIRTBL_OFFSET,
   type KvmVcpu, type KvmVm, type CpuidEntry,
 } from '@tsvm/kvm-backend';
 import type { Backend, BackendRunners, BackendVcpu, BackendVm, BackendVmOptions, HostCapabilities, NmiWakeState, Regs, Sregs, VirtFlavour } from '../backend.js';
@@ -110,6 +110,11 @@ export class KvmBackend implements Backend {
   msrIndexList(): readonly number[] {
     this.#msrs ??= Object.freeze(this.system.msrIndexList());
     return this.#msrs;
+  }
+
+  /** `CLOCK_THREAD_CPUTIME_ID` of the calling thread (see `threadCpuNs` in kvm-backend for what PVM leaves out). */
+  threadCpuNs(): number {
+    return threadCpuNs();
   }
 
   /** Creates a VM: the spare one made ahead when there is one, and starts making the next. */

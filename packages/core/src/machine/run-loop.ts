@@ -106,6 +106,10 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
   if (typeof sliceMs !== 'number' || !(sliceMs > 0) || sliceMs > 1000) throw new InvalidArgumentError('sliceMs', 'must be in (0, 1000]');
   const signal = options.signal;
   s.running = true;
+  // The thread's CPU clock, when the backend has one; with runner threads the guest's time is
+  // theirs, so a figure of this thread alone would mislead.
+  const clock = s.runners ? undefined : s.backend.threadCpuNs?.bind(s.backend);
+  const cpu0 = clock?.();
   const t0 = performance.now();
   const deadline = timeout === undefined ? Infinity : t0 + timeout;
   const exits0 = s.counters.total;
@@ -196,7 +200,7 @@ export async function run(s: MachineState, events: EventEmitter<MachineEvents>, 
         break;
       }
     }
-    const final = finish(s, vcpu, req, t0, exits0);
+    const final = finish(s, vcpu, req, t0, exits0, clock, cpu0);
     events.emit('stopped', final);
     return final;
   } finally {
@@ -289,7 +293,7 @@ export function drainCoalesced(vcpu: Vcpu, ctx: ExitContext): StopRequest | unde
 }
 
 /** The `Stop` for `stop`: where the vCPU is, what the exception or internal error was, counts. */
-function finish(s: MachineState, vcpu: Vcpu, stop: StopRequest, t0: number, exits0: number): Stop {
+function finish(s: MachineState, vcpu: Vcpu, stop: StopRequest, t0: number, exits0: number, clock: (() => number) | undefined, cpu0: number | undefined): Stop {
   let rip = 0n;
   let req = stop;
   try {
@@ -315,7 +319,9 @@ function finish(s: MachineState, vcpu: Vcpu, stop: StopRequest, t0: number, exit
       req = { ...req, code: codeAt(s.memory, sregs, rip), bitness: bitnessOf(sregs) };
     }
   } catch { /* registers unavailable (backend failed): report what we have */ }
-  return { ...req, rip, vcpu: vcpu.id, exits: s.counters.total - exits0, elapsedMs: performance.now() - t0 } as Stop;
+  const elapsedMs = performance.now() - t0;
+  const cpu = clock !== undefined && cpu0 !== undefined ? { cpuMs: (clock() - cpu0) / 1e6 } : {};
+  return { ...req, rip, vcpu: vcpu.id, exits: s.counters.total - exits0, elapsedMs, ...cpu } as Stop;
 }
 
 /** Whether halted `vcpu` can only be woken by another vCPU: IF=0 and no NMI pending or routed. */

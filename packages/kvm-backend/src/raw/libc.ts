@@ -61,6 +61,8 @@ export interface Libc {
   sigtimedwait(set: Uint8Array, info: Uint8Array | null, timeout: Uint8Array): number;
   /** libc `gettid` (see its man page). */
   gettid(): number;
+  /** libc `clock_gettime` into a 16-byte `struct timespec` (see its man page). */
+  clock_gettime(clockid: number, ts: Uint8Array): number;
   /** libc `sigemptyset` (see its man page). */
   sigemptyset(set: Uint8Array): number;
   /** libc `sigaddset` (see its man page). */
@@ -109,6 +111,7 @@ export function libc(): Libc {
     pthread_sigmask: l.func('int pthread_sigmask(int how, void *set, void *old)'),
     sigtimedwait: l.func('int sigtimedwait(void *set, void *info, void *timeout)'),
     gettid: l.func('int gettid()'),
+    clock_gettime: l.func('int clock_gettime(int, _Out_ uint8_t *ts)'),
     sigemptyset: l.func('int sigemptyset(void *set)'),
     sigaddset: l.func('int sigaddset(void *set, int signo)'),
     sigismember: l.func('int sigismember(void *set, int signo)'),
@@ -154,6 +157,7 @@ export const C = {
   MAP_NORESERVE: 0x4000,
   MFD_CLOEXEC: 1,
   CLOCK_MONOTONIC: 1,
+  CLOCK_THREAD_CPUTIME_ID: 3,
   SIGEV_THREAD_ID: 4,
   SIG_BLOCK: 0,
   SIG_UNBLOCK: 1,

@@ -51,6 +51,15 @@ function describeStop(s: Stop): string {
 
 interface Trial { machine: Machine; stop: Stop }
 
+/**
+ * What a run cost, in ms: the thread's CPU time when the backend has the clock (a busy host's
+ * preemptions do not inflate it; every price and every comparison uses the same clock), else
+ * the wall time.
+ */
+export function runCostMs(stop: Stop): number {
+  return stop.cpuMs ?? stop.elapsedMs;
+}
+
 async function runLoop(factory: Factory, cpl: Cpl, body: readonly number[], n: number, setup: readonly number[], prepare?: (m: Machine) => void): Promise<Trial> {
   const machine = await factory({ memory: 4 * MiB, name: 'calibration' });
   const { code } = loopGuest(body, n, setup);
@@ -75,7 +84,7 @@ async function timed(factory: Factory, cpl: Cpl, body: readonly number[], n: num
   const nopMs = async (): Promise<number> => {
     const t = await runLoop(factory, cpl, BODY.nop, n, setup);
     await t.machine.close();
-    return t.stop.elapsedMs;
+    return runCostMs(t.stop);
   };
   let last = await runLoop(factory, cpl, body, n, setup, prepare);
   const diffs: number[] = [], wholes: number[] = [];
@@ -85,8 +94,8 @@ async function timed(factory: Factory, cpl: Cpl, body: readonly number[], n: num
     last = await runLoop(factory, cpl, body, n, setup, prepare);
     if (last.stop.reason !== 'debug-exit') return { ns: NaN, stop: last.stop, machine: last.machine, events: n * (r + 2) };
     const nop = before ?? await nopMs();
-    diffs.push((last.stop.elapsedMs - nop) * 1e6 / n);
-    wholes.push(last.stop.elapsedMs * 1e6 / n);
+    diffs.push((runCostMs(last.stop) - nop) * 1e6 / n);
+    wholes.push(runCostMs(last.stop) * 1e6 / n);
   }
   if (last.stop.reason !== 'debug-exit') return { ns: NaN, stop: last.stop, machine: last.machine, events: n };
   return { ns: positiveOr(medianOf(diffs), medianOf(wholes)), stop: last.stop, machine: last.machine, events: n * (rounds + 1) };
@@ -170,6 +179,7 @@ async function experiment(id: MechanismId, cpl: Cpl, n: number, factory: Factory
       return steps >= 3 * r.events ? ok(r.ns / 3, steps, 'per step (3 instructions per iteration)') : broken(`only ${steps} of ${3 * r.events} steps exited`);
     });
     case 'sw-breakpoint': case 'probe-breakpoint': case 'hw-breakpoint': return attempt(() => breakpointExperiment(id, cpl, n, factory, rounds));
+    case 'probe-in-place': return attempt(() => breakpointExperiment('probe-breakpoint', cpl, n, factory, rounds, true));
     case 'dirty-log-page': case 'dirty-log-harvest': return attempt(async () => {
       const m = await factory({ memory: [{ start: 0, size: 4 * MiB, logDirty: true }], name: 'calibration' });
       const pages = 256;
@@ -191,6 +201,7 @@ async function experiment(id: MechanismId, cpl: Cpl, n: number, factory: Factory
       return id === 'dirty-log-harvest' ? ok(cleanNs, 1) : ok((dirtyNs - cleanNs) / Math.max(1, count), count);
     });
     case 'hook-dispatch': return attempt(() => dispatchExperiment('mediate', cpl, n, factory, rounds));
+    case 'mmio-dispatch': return attempt(() => dispatchExperiment('mediate', cpl, n, factory, rounds, 'mmio'));
     case 'observe-dispatch': return attempt(() => dispatchExperiment('observe', cpl, n, factory, rounds));
     case 'cpuid-table': return cpl === 0 ? ok(0, 0, 'set up front; no exit') : broken('not measured: on PVM CPL3 sees the outer hypervisor (see HOST-FACTS)');
     case 'exit': return ok(0, 0);
@@ -203,9 +214,13 @@ function popcount(b: number): number {
   return n;
 }
 
-async function breakpointExperiment(id: 'sw-breakpoint' | 'hw-breakpoint' | 'probe-breakpoint', cpl: Cpl, n: number, factory: Factory, rounds: number): Promise<MechanismResult> {
+async function breakpointExperiment(id: 'sw-breakpoint' | 'hw-breakpoint' | 'probe-breakpoint', cpl: Cpl, n: number, factory: Factory, rounds: number, inPlace = false): Promise<MechanismResult> {
   const { Monitor } = await import('../monitor.js');
-  const guest = (iterations: number) => loopGuest(BODY.nop.concat([0x90, 0x90]), iterations, []);
+  // Out of line: nops (movable). In place: a store through rdi (a memory operand must not move:
+  // a fault there would show the guest the copy's RIP), the two bytes the probe's trap covers.
+  const guest = (iterations: number) => (inPlace
+    ? loopGuest([0x89, 0x07, 0x90, 0x90], iterations, SETUP.rdi(0x20_0000n))
+    : loopGuest(BODY.nop.concat([0x90, 0x90]), iterations, []));
   const table = assumedTable(hostIdentity('unknown'));
   const only = (m: MechanismId): CalibrationTable => ({
     ...table, results: {
@@ -245,13 +260,13 @@ async function breakpointExperiment(id: 'sw-breakpoint' | 'hw-breakpoint' | 'pro
     if (r2.stop.reason !== 'debug-exit') return broken(describeStop(r2.stop));
     const b1 = await run(false, n);
     const b2 = await run(false, 2 * n);
-    marginals.push(((r2.stop.elapsedMs - r1.stop.elapsedMs) - (b2.stop.elapsedMs - b1.stop.elapsedMs)) * 1e6 / n);
-    wholes.push((r2.stop.elapsedMs - b2.stop.elapsedMs) * 1e6 / (2 * n));
+    marginals.push(((runCostMs(r2.stop) - runCostMs(r1.stop)) - (runCostMs(b2.stop) - runCostMs(b1.stop))) * 1e6 / n);
+    wholes.push((runCostMs(r2.stop) - runCostMs(b2.stop)) * 1e6 / (2 * n));
   }
   const ns = positiveOr(medianOf(marginals), medianOf(wholes));
   // The body is nops: movable, so the probe runs them out of line (one exit per hit); a hooked
   // instruction that must run in place costs a second exit (see probe.ts).
-  return ok(ns, n, id === 'probe-breakpoint' ? 'one exit per hit (out of line; in place: two)' : undefined);
+  return ok(ns, n, inPlace ? 'a hooked instruction that must run in place (a store): two exits per hit' : id === 'probe-breakpoint' ? 'one exit per hit (out of line; in place: probe-in-place)' : undefined);
 }
 
 /**
@@ -262,18 +277,22 @@ async function breakpointExperiment(id: 'sw-breakpoint' | 'hw-breakpoint' | 'pro
  * because code run right after a guest exit finds cold caches: on PVM it costs ~2–3× the
  * mock's hot loop. On the mock (no KVM) falls back to {@link measureHookDispatch}.
  */
-async function dispatchExperiment(mode: 'mediate' | 'observe', cpl: Cpl, n: number, factory: Factory, rounds: number): Promise<MechanismResult> {
+async function dispatchExperiment(mode: 'mediate' | 'observe', cpl: Cpl, n: number, factory: Factory, rounds: number, kind: 'pio' | 'mmio' = 'pio'): Promise<MechanismResult> {
   const probe = await factory({ memory: 64 * 1024, name: 'calibration-probe' });
   const mock = probe.capabilities.flavour === 'mock';
   await probe.close();
-  if (mock) return mode === 'mediate' ? ok(await measureHookDispatch(n), n, 'measured on the mock backend') : broken('measured only on a real backend (hook-dispatch is used instead)');
+  if (mock) return mode === 'mediate' && kind === 'pio' ? ok(await measureHookDispatch(n), n, 'measured on the mock backend') : broken('measured only on a real backend (hook-dispatch is used instead)');
   const { Monitor } = await import('../monitor.js');
   const pipelineNs = async (hook: boolean): Promise<number> => {
     let timer: ExitTimer | undefined;
-    const t = await runLoop(factory, cpl, BODY.outDx, n, SETUP.dx(CAL_PORT), (m) => {
+    const body = kind === 'pio' ? BODY.outDx : BODY.mmioWrite;
+    const setup = kind === 'pio' ? SETUP.dx(CAL_PORT) : SETUP.rax(MMIO_AT);
+    const t = await runLoop(factory, cpl, body, n, setup, (m) => {
       timer = new ExitTimer(m, n + 16);
-      m.io.register({ port: CAL_PORT, size: 1 }, sink);
-      if (hook && mode === 'mediate') new Monitor(m).mediate({ event: 'pio', ports: [CAL_PORT, CAL_PORT] }, () => undefined);
+      if (kind === 'pio') m.io.register({ port: CAL_PORT, size: 1 }, sink);
+      else m.mmio.register({ address: MMIO_AT, size: 0x1000 }, sink);
+      if (hook && mode === 'mediate' && kind === 'pio') new Monitor(m).mediate({ event: 'pio', ports: [CAL_PORT, CAL_PORT] }, () => undefined);
+      if (hook && mode === 'mediate' && kind === 'mmio') new Monitor(m).mediate({ event: 'mmio', range: [MMIO_AT, MMIO_AT + 0xfffn] }, () => undefined);
       if (hook && mode === 'observe') new Monitor(m).observe({ event: 'any-exit' }, () => {});
       timer.finish();
     });
@@ -289,7 +308,8 @@ async function dispatchExperiment(mode: 'mediate' | 'observe', cpl: Cpl, n: numb
     const b = await pipelineNs(true);
     diffs.push(b - (a ?? await pipelineNs(false)));
   }
-  return ok(Math.max(1, medianOf(diffs)), n * (2 * rounds - 1), mode === 'mediate' ? 'median per-exit pipeline time with a Monitor and one allowing hook, minus without' : 'median per-exit pipeline time with a Monitor and one any-exit observer, minus without');
+  const what = mode === 'observe' ? 'one any-exit observer' : `one allowing ${kind === 'pio' ? 'PIO' : 'MMIO'} hook`;
+  return ok(Math.max(1, medianOf(diffs)), n * (2 * rounds - 1), `median per-exit pipeline time with a Monitor and ${what}, minus without`);
 }
 
 /**
@@ -327,7 +347,7 @@ export async function measureHookDispatch(events = 20_000): Promise<number> {
 /** Mechanisms `calibrate()` measures (everything but the bookkeeping entries). */
 const MEASURED: readonly MechanismId[] = [
   'pio-exit', 'mmio-exit', 'coalesced-pio', 'coalesced-mmio', 'ro-slot-write', 'dirty-log-harvest', 'dirty-log-page', 'msr-exit',
-  'single-step', 'sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint', 'hook-dispatch', 'observe-dispatch', 'cpuid-table', 'exit',
+  'single-step', 'sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint', 'probe-in-place', 'hook-dispatch', 'mmio-dispatch', 'observe-dispatch', 'cpuid-table', 'exit',
 ];
 
 /**

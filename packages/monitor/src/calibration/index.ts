@@ -5,6 +5,6 @@
  * mock backend: importing the monitor does none of that.
  * @module
  */
-export { calibrate, remeasure, measureHookDispatch, type CalibrateOptions, type RemeasureOptions } from './calibrate.js';
+export { calibrate, remeasure, measureHookDispatch, runCostMs, type CalibrateOptions, type RemeasureOptions } from './calibrate.js';
 export { loadCalibration, saveCalibration, validateTable, defaultCachePath } from './cache.js';
 export { ExitTimer } from './exit-timer.js';

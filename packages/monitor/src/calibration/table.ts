@@ -10,12 +10,12 @@ import type { VirtFlavour } from '@tsvm/core';
 /** Every mechanism the monitor can use (and the cost model prices). */
 export type MechanismId =
   | 'pio-exit' | 'mmio-exit' | 'coalesced-pio' | 'coalesced-mmio' | 'ro-slot-write' | 'dirty-log-harvest' | 'dirty-log-page'
-  | 'msr-exit' | 'single-step' | 'sw-breakpoint' | 'hw-breakpoint' | 'probe-breakpoint' | 'hook-dispatch' | 'observe-dispatch' | 'cpuid-table' | 'exit';
+  | 'msr-exit' | 'single-step' | 'sw-breakpoint' | 'hw-breakpoint' | 'probe-breakpoint' | 'probe-in-place' | 'hook-dispatch' | 'mmio-dispatch' | 'observe-dispatch' | 'cpuid-table' | 'exit';
 
 /** All mechanism ids, in report order. */
 export const MECHANISMS: readonly MechanismId[] = [
   'pio-exit', 'mmio-exit', 'coalesced-pio', 'coalesced-mmio', 'ro-slot-write', 'dirty-log-harvest', 'dirty-log-page',
-  'msr-exit', 'single-step', 'sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint', 'hook-dispatch', 'observe-dispatch', 'cpuid-table', 'exit',
+  'msr-exit', 'single-step', 'sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint', 'probe-in-place', 'hook-dispatch', 'mmio-dispatch', 'observe-dispatch', 'cpuid-table', 'exit',
 ];
 
 /** Guest privilege levels the monitor distinguishes. */
@@ -60,6 +60,17 @@ export function resultOf(table: CalibrationTable, id: MechanismId, cpl: Cpl): Me
   return cpl === 0 ? r.cpl0 : r.cpl3;
 }
 
+/**
+ * Price of one probe hit at `cpl` (ns): `probe-breakpoint` when the hooked instruction runs out of
+ * line (one exit), `probe-in-place` when it must run in place (two exits, and the original
+ * byte put back and re-armed) — measured where the table has it, else twice the one-exit price.
+ */
+export function probePriceOf(table: CalibrationTable, cpl: Cpl, exitsPerHit: 1 | 2): number | undefined {
+  const one = priceOf(table, 'probe-breakpoint', cpl);
+  if (exitsPerHit === 1 || one === undefined) return one;
+  return priceOf(table, 'probe-in-place', cpl) ?? 2 * one;
+}
+
 /** Price of `id` at `cpl` in ns, or undefined when it does not work there. */
 export function priceOf(table: CalibrationTable, id: MechanismId, cpl: Cpl): number | undefined {
   const r = resultOf(table, id, cpl);
@@ -85,7 +96,9 @@ function pvmResults(): CalibrationTable['results'] {
     'sw-breakpoint': both(broken('KVM_EXIT_INTERNAL_ERROR (int3 emulation fails)'), broken('#BP is delivered to the guest')),
     'hw-breakpoint': both(ok(52_000, 'RF ignored: step over by disable, single-step, re-enable'), broken('debug registers never fire')),
     'probe-breakpoint': both(ok(12_000, 'one PIO exit per hit (out of line; in place: two)'), ok(32_000, 'one PIO exit per hit (out of line; in place: two)')),
+    'probe-in-place': both(ok(24_000, 'assumed: two probe exits per hit'), ok(64_000, 'assumed: two probe exits per hit')),
     'hook-dispatch': both(ok(300)),
+    'mmio-dispatch': both(ok(450)),
     'observe-dispatch': both(ok(200)),
     'cpuid-table': both(ok(0), broken("CPUID at CPL3 returns the outer hypervisor's values, not the table")),
     'exit': both(ok(0, 'the exit happens without the hook')),
@@ -98,8 +111,8 @@ function hardwareResults(): CalibrationTable['results'] {
     'pio-exit': both(ok(2_500)), 'mmio-exit': both(ok(3_000)), 'coalesced-pio': both(ok(150)), 'coalesced-mmio': both(ok(150)),
     'ro-slot-write': both(ok(3_500)), 'dirty-log-harvest': both(ok(1_000)), 'dirty-log-page': both(ok(20)),
     'msr-exit': both(ok(2_500), broken('rdmsr/wrmsr raise #GP at CPL3')), 'single-step': both(ok(2_500)),
-    'sw-breakpoint': both(ok(3_000)), 'hw-breakpoint': both(ok(6_000)), 'probe-breakpoint': both(ok(5_500)),
-    'hook-dispatch': both(ok(300)), 'observe-dispatch': both(ok(200)), 'cpuid-table': both(ok(0)), 'exit': both(ok(0)),
+    'sw-breakpoint': both(ok(3_000)), 'hw-breakpoint': both(ok(6_000)), 'probe-breakpoint': both(ok(5_500)), 'probe-in-place': both(ok(11_000)),
+    'hook-dispatch': both(ok(300)), 'mmio-dispatch': both(ok(450)), 'observe-dispatch': both(ok(200)), 'cpuid-table': both(ok(0)), 'exit': both(ok(0)),
   };
 }
 

@@ -11,7 +11,7 @@
  * @module
  */
 import { InvalidArgumentError, type Machine, type Stop } from '@tsvm/core';
-import { priceOf, type CalibrationTable, type Cpl, type MechanismId } from '../calibration/table.js';
+import { priceOf, probePriceOf, type CalibrationTable, type Cpl, type MechanismId } from '../calibration/table.js';
 import type { Monitor, PlanEntry } from '../monitor.js';
 
 /**
@@ -19,9 +19,12 @@ import type { Monitor, PlanEntry } from '../monitor.js';
  * real host; CPL0's otherwise). An observer skips the decision pipeline (validation, verdict
  * counters, audit), so it has its own price; tables without one use the mediate price.
  */
-function dispatchPriceAt(table: CalibrationTable, cpl: Cpl, mode: 'mediate' | 'observe' = 'mediate'): number {
+function dispatchPriceAt(table: CalibrationTable, cpl: Cpl, mode: 'mediate' | 'observe' = 'mediate', mechanism?: MechanismId): number {
   const observe = mode === 'observe' ? priceOf(table, 'observe-dispatch', cpl) ?? priceOf(table, 'observe-dispatch', 0) : undefined;
-  return observe ?? priceOf(table, 'hook-dispatch', cpl) ?? priceOf(table, 'hook-dispatch', 0) ?? 0;
+  // A mediate hook on MMIO goes through the MMIO half of the pipeline (range lookup, the
+  // access's own decode): priced on MMIO exits where the table has it.
+  const mmio = mode === 'mediate' && mechanism === 'mmio-exit' ? priceOf(table, 'mmio-dispatch', cpl) ?? priceOf(table, 'mmio-dispatch', 0) : undefined;
+  return observe ?? mmio ?? priceOf(table, 'hook-dispatch', cpl) ?? priceOf(table, 'hook-dispatch', 0) ?? 0;
 }
 
 /**
@@ -33,7 +36,7 @@ const DELIVERED_IN_UNIT: ReadonlySet<MechanismId> = new Set<MechanismId>(['ro-sl
 
 /** Dispatch charged per event on top of the unit price of `mechanism`. */
 function extraDispatch(table: CalibrationTable, mechanism: MechanismId, cpl: Cpl, mode: 'mediate' | 'observe'): number {
-  return table.source === 'measured' && DELIVERED_IN_UNIT.has(mechanism) ? 0 : dispatchPriceAt(table, cpl, mode);
+  return table.source === 'measured' && DELIVERED_IN_UNIT.has(mechanism) ? 0 : dispatchPriceAt(table, cpl, mode, mechanism);
 }
 
 /** What the same event would cost without the hook (ns). */
@@ -89,7 +92,7 @@ export function predict(plan: readonly PlanEntry[], counts: Readonly<Record<stri
     const events = counts[p.name] ?? 0;
     if (!Number.isFinite(events) || events < 0) throw new InvalidArgumentError(`counts['${p.name}']`, 'must be a non-negative number');
     // A probe hit on an instruction that must run in place costs two exits (see PlanEntry.exitsPerHit).
-    const unit = (priceOf(table, p.mechanism, p.cpl) ?? NaN) * (p.exitsPerHit ?? 1);
+    const unit = (p.mechanism === 'probe-breakpoint' ? probePriceOf(table, p.cpl, p.exitsPerHit ?? 1) : priceOf(table, p.mechanism, p.cpl)) ?? NaN;
     const handler = options.handlerNs?.[p.name] ?? 0;
     // A hook whose mechanism is the exit the event makes anyway (a mediate hook on a port that
     // exits to its device) adds dispatch and handler, not an exit: baselineNs cancels the unit.
@@ -222,7 +225,7 @@ export function report(mon: Monitor, options: { run?: Stop | { readonly ns: numb
   const hooks = mon.recordsForReport().map((r): HookCost => {
     const p = plan.get(r.id);
     const mechanism = p?.mechanism ?? r.selection.mechanism;
-    const unit = (priceOf(table, mechanism, r.cpl) ?? 0) * (p?.exitsPerHit ?? 1);
+    const unit = (mechanism === 'probe-breakpoint' ? probePriceOf(table, r.cpl, p?.exitsPerHit ?? 1) : priceOf(table, mechanism, r.cpl)) ?? 0;
     // One dispatcher serves every hook, so the per-hook dispatch is the calibrated price per
     // event. Nothing measured around the dispatcher is charged: that time holds one-time work
     // (the first deny's explanation loads the disassembler, an audit sink may block) which is
