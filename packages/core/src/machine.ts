@@ -30,6 +30,7 @@ import type { GuestMemory, MemoryRegion } from './memory.js';
 import type { ExitStats } from './stats.js';
 import type { Stop } from './stop.js';
 import { Vcpu } from './vcpu.js';
+import { applyCpuModel, CpuModelError, recordedCpuModel, resolveCpuModel, type CpuModel, type CpuModelSpec } from './cpu/models.js';
 import { Snapshot, takeSnapshot, restoreMachine, resetMachine, type RestoreOptions, type ResetResult, type ResetOptions, type MachineInternals } from './snapshot/index.js';
 import { MachineState, MAX_VCPUS } from './machine/state.js';
 
@@ -63,6 +64,13 @@ export interface MachineOptions {
    * calling thread; every exit of every vCPU passes through the same hooks and devices.
    */
   readonly vcpus?: number;
+  /**
+   * The CPU model the guest sees (`'host'`, `'qemu64'`, `'minimal'` or a {@link CpuModel}):
+   * the host's supported CPUID filtered through it, never showing a feature the host lacks.
+   * Default `'host'`. On hosts where ring-3 CPUID does not exit (PVM), only ring-0 code sees it.
+   * @throws CpuModelError (from `create`) when the model has `enforce` and the host lacks some of its features.
+   */
+  readonly cpu?: CpuModelSpec;
 }
 
 
@@ -118,6 +126,15 @@ export class Machine {
   /** Whether an in-kernel irqchip exists. */
   readonly irqchip: boolean;
 
+  /**
+   * The CPU model applied at create, as a snapshot records it: its name, the features the guest
+   * actually sees (the model's masks ANDed with this host's), its leaf limits, `enforce: true`.
+   * `undefined` for `'host'` (the host's supported CPUID, unfiltered).
+   */
+  get cpuModel(): CpuModel | undefined {
+    return this.#s.cpuModel;
+  }
+
   readonly #s: MachineState;
 
   private constructor(s: MachineState) {
@@ -161,6 +178,7 @@ export class Machine {
     if (typeof nVcpus !== 'number' || !Number.isInteger(nVcpus) || nVcpus < 1 || nVcpus > MAX_VCPUS) throw new InvalidArgumentError('vcpus', `must be an integer in [1, ${MAX_VCPUS}], got ${show(options.vcpus)}`);
     const irqchip = options.irqchip ?? false;
     if (nVcpus > 1 && !irqchip) throw new InvalidArgumentError('vcpus', `${nVcpus} vCPUs need irqchip: true (each vCPU's LAPIC delivers the INIT/SIPI that starts it)`);
+    const model = resolveCpuModel(options.cpu);
     const backend = options.backend ?? kvmBackend();
     const vm = backend.createVm({ irqchip });
     const s = new MachineState(options.name ?? 'machine', backend, vm, irqchip);
@@ -169,7 +187,15 @@ export class Machine {
       for (let id = 0; id < nVcpus; id++) {
         const b = vm.createVcpu(id);
         s.vcpus.push(new Vcpu(b));
-        if (nVcpus > 1) b.setCpuid(withApicId(b.supportedCpuid(), id));
+        let table = b.supportedCpuid();
+        if (model) {
+          const applied = applyCpuModel(model, table);
+          if (model.enforce && applied.missing.length > 0) throw new CpuModelError(model.name, applied.missing);
+          table = applied.cpuid;
+          if (id === 0) s.cpuModel = recordedCpuModel(model, table);
+        }
+        if (nVcpus > 1) table = withApicId(table, id);
+        if (model || nVcpus > 1) b.setCpuid(table);
       }
     } catch (e) {
       teardown.teardown(s);

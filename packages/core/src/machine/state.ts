@@ -4,6 +4,7 @@
  * it in a private field and never hands it out (snapshots get `MachineInternals`, a narrower view).
  * @module
  */
+import type { CpuModel } from '../cpu/models.js';
 import { show } from '../check.js';
 import type { Backend, BackendVm, HostCapabilities } from '../backend.js';
 import { Bus } from '../bus.js';
@@ -64,6 +65,8 @@ export class MachineState {
   /** Base of the host's system area (protected/long mode), undefined in real mode. */
   systemArea: number | undefined = undefined;
   mode: CpuMode = 'real';
+  /** The CPU model applied at create, as a snapshot records it (effective features, enforced); undefined: the host's CPUID. */
+  cpuModel: CpuModel | undefined = undefined;
   readonly capabilities: HostCapabilities;
 
   constructor(

@@ -152,6 +152,7 @@ export async function restoreMachine(
       irqchip: manifest.machine.irqchip,
       vcpus: manifest.vcpus.length,
       name: options.name ?? `${manifest.machine.name}~${++forks}`,
+      ...(manifest.machine.cpu ? { cpu: manifest.machine.cpu } : {}),
     });
   } catch (e) {
     // Machine.create has already released whatever it made; a pooled vCPU it never took is ours.
