@@ -71,6 +71,7 @@ export {
   type CpuModelName,
   type CpuModelSpec,
 } from './cpu/models.js';
+export { probeCpuidControl, type CpuidControl } from './cpu/cpuid-probe.js';
 export { probeIoRip, type IoRipProbeResult } from './backend/io-rip-probe.js';
 export {
   TsvmError, KvmError, KvmUnavailableError, errnoName, InvalidArgumentError, GuestMemoryError, StateError,

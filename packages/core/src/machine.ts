@@ -67,7 +67,8 @@ export interface MachineOptions {
   /**
    * The CPU model the guest sees (`'host'`, `'qemu64'`, `'minimal'` or a {@link CpuModel}):
    * the host's supported CPUID filtered through it, never showing a feature the host lacks.
-   * Default `'host'`. On hosts where ring-3 CPUID does not exit (PVM), only ring-0 code sees it.
+   * Default `'host'`. On PVM, ring-3 code sees the host's CPU whatever the model, and ring-0
+   * code the model only for the bits KVM controls there ({@link Machine.uncontrolledFeatures}).
    * @throws CpuModelError (from `create`) when the model has `enforce` and the host lacks some of its features.
    */
   readonly cpu?: CpuModelSpec;
@@ -135,6 +136,15 @@ export class Machine {
     return this.#s.cpuModel;
   }
 
+  /**
+   * Host features the CPU model hides that ring-0 code on this host sees anyway (names as in
+   * `CPU_FEATURES`, else `1.ecx[n]`): on PVM, CPUID answers only the bits KVM itself supports
+   * from the table. Empty for `'host'` and where every bit is controlled; `strict` models refuse such hosts.
+   */
+  get uncontrolledFeatures(): readonly string[] {
+    return this.#s.uncontrolledFeatures;
+  }
+
   readonly #s: MachineState;
 
   private constructor(s: MachineState) {
@@ -180,6 +190,8 @@ export class Machine {
     if (nVcpus > 1 && !irqchip) throw new InvalidArgumentError('vcpus', `${nVcpus} vCPUs need irqchip: true (each vCPU's LAPIC delivers the INIT/SIPI that starts it)`);
     const model = resolveCpuModel(options.cpu);
     const backend = options.backend ?? kvmBackend();
+    // Before this machine's VM: the probe makes (and closes) one of its own.
+    const control = model ? backend.cpuidControl?.() : undefined;
     const vm = backend.createVm({ irqchip });
     const s = new MachineState(options.name ?? 'machine', backend, vm, irqchip);
     try {
@@ -189,10 +201,15 @@ export class Machine {
         s.vcpus.push(new Vcpu(b));
         let table = b.supportedCpuid();
         if (model) {
-          const applied = applyCpuModel(model, table);
-          if (model.enforce && applied.missing.length > 0) throw new CpuModelError(model.name, applied.missing);
+          const applied = applyCpuModel(model, table, control?.uncontrolled);
+          const missing = model.enforce ? applied.missing : [];
+          const leaks = model.strict ? applied.uncontrolled : [];
+          if (missing.length > 0 || leaks.length > 0) throw new CpuModelError(model.name, missing, leaks);
           table = applied.cpuid;
-          if (id === 0) s.cpuModel = recordedCpuModel(model, table);
+          if (id === 0) {
+            s.cpuModel = recordedCpuModel(model, table);
+            s.uncontrolledFeatures = Object.freeze([...applied.uncontrolled]);
+          }
         }
         if (nVcpus > 1) table = withApicId(table, id);
         if (model || nVcpus > 1) b.setCpuid(table);

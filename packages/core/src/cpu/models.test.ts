@@ -91,6 +91,29 @@ describe('CPU models', () => {
     expect((err as CpuModelError).missing).toEqual(['cx16']);
   });
 
+  it('bits a host cannot hide are named; a strict model refuses such a host at create', async () => {
+    const uncontrolled = { '1.ecx': bit('avx', 'sse41', 'cx16') };
+    const r = applyCpuModel(CPU_MODELS.qemu64, hostTable(), uncontrolled);
+    expect(r.uncontrolled).toEqual(['sse41', 'avx']); // cx16 is qemu64's own: no leak
+    const fake = (): MockBackend => {
+      const b = new MockBackend();
+      b.nextVcpu = new MockVcpu(0);
+      b.nextVcpu.setCpuid(hostTable());
+      return Object.assign(b, { cpuidControl: () => ({ uncontrolled: { ...cpuFeatureWords([]), ...uncontrolled }, probed: true }) });
+    };
+    const lax = await Machine.create({ memory: 64 * 1024, backend: fake(), cpu: 'qemu64' });
+    expect(lax.uncontrolledFeatures).toEqual(['sse41', 'avx']);
+    await lax.close();
+    const err = await Machine.create({ memory: 64 * 1024, backend: fake(), cpu: { ...CPU_MODELS.qemu64, strict: true } }).catch((x: unknown) => x);
+    expect(err).toBeInstanceOf(CpuModelError);
+    expect((err as CpuModelError).uncontrolled).toEqual(['sse41', 'avx']);
+    expect((err as Error).message).toMatch(/cannot hide sse41, avx/);
+    const host = await Machine.create({ memory: 64 * 1024, backend: fake() });
+    expect(host.uncontrolledFeatures).toEqual([]);
+    expect(host.cpuModel).toBeUndefined();
+    await host.close();
+  });
+
   it('validates model specs with errors naming the field', () => {
     expect(resolveCpuModel(undefined)).toBeUndefined();
     expect(resolveCpuModel('host')).toBeUndefined();

@@ -14,8 +14,12 @@
  * without AVX the YMM component leaves XCR0's supported mask (leaf 0xd), without XSAVE leaf 0xd
  * is empty. OSXSAVE follows XSAVE (it mirrors CR4 at run time).
  *
- * On hosts where CPUID at CPL3 does not exit to KVM (PVM: it returns the outer hypervisor's
- * values, see HOST-FACTS), a model binds only code at CPL0; ring-3 code sees the host's CPU.
+ * How far a model binds depends on the host, which is probed, not assumed
+ * (`Backend.cpuidControl`): on VMX/SVM every CPUID exits and the guest sees exactly the table.
+ * On PVM ring-3 CPUID never reaches KVM (the guest sees the CPU underneath), and ring-0 CPUID
+ * takes from the table only the bits KVM itself supports there (hypervisor, x2APIC,
+ * TSC-deadline, …), passing SSE4, AVX and the like through: such bits are listed in
+ * `Machine.uncontrolledFeatures`, and a `strict` model refuses the host instead.
  * @module
  */
 import type { CpuidEntry } from '../backend.js';
@@ -57,6 +61,12 @@ export interface CpuModel {
   readonly maxExtendedLeaf?: number;
   /** Refuse a host that lacks any bit `features` names ({@link CpuModelError}) instead of hiding it. Default false. */
   readonly enforce?: boolean;
+  /**
+   * Refuse a host on which ring-0 code would still see a host feature the model hides (PVM
+   * passes most feature bits through; see `Backend.cpuidControl`) ({@link CpuModelError}).
+   * Default false: such bits are listed in `Machine.uncontrolledFeatures`.
+   */
+  readonly strict?: boolean;
 }
 
 /** Names of the built-in models; `'host'` is the host's table unfiltered (the default). */
@@ -129,21 +139,32 @@ export const CPU_MODELS: Readonly<Record<Exclude<CpuModelName, 'host'>, CpuModel
   },
 };
 
-/** The host lacks CPU features a model with `enforce` requires (or a snapshot's machine saw). */
+/**
+ * The host cannot give the guest a model as asked: it lacks features a model with `enforce`
+ * requires (or a snapshot's machine saw), or, with `strict`, it cannot hide features the model hides.
+ */
 export class CpuModelError extends TsvmError {
   /** The model. */
   readonly model: string;
   /** The missing bits, by name where they have one (`avx`), else as `1.ecx[28]`. */
   readonly missing: readonly string[];
+  /** Host bits the model hides that ring-0 code would see anyway (only with `strict`). */
+  readonly uncontrolled: readonly string[];
 
   /**
    * @param model - model name.
    * @param missing - missing feature bits.
+   * @param uncontrolled - bits that cannot be hidden.
    */
-  constructor(model: string, missing: readonly string[]) {
-    super('TSVM_CPU_MODEL', `CPU model '${model}': this host lacks ${missing.join(', ')}`);
+  constructor(model: string, missing: readonly string[], uncontrolled: readonly string[] = []) {
+    const why = [
+      ...(missing.length > 0 ? [`this host lacks ${missing.join(', ')}`] : []),
+      ...(uncontrolled.length > 0 ? [`this host cannot hide ${uncontrolled.join(', ')} from ring-0 code`] : []),
+    ];
+    super('TSVM_CPU_MODEL', `CPU model '${model}': ${why.join('; ')}`);
     this.model = model;
     this.missing = Object.freeze([...missing]);
+    this.uncontrolled = Object.freeze([...uncontrolled]);
   }
 }
 
@@ -181,11 +202,13 @@ export function resolveCpuModel(spec: unknown, argument = 'cpu'): CpuModel | und
   const maxLeaf = leaf('maxLeaf', 1, 0x3fff_ffff);
   const maxExtendedLeaf = leaf('maxExtendedLeaf', 0x8000_0000, 0x8fff_ffff);
   if (o['enforce'] !== undefined && typeof o['enforce'] !== 'boolean') throw invalid(`${argument}.enforce`, 'must be a boolean');
+  if (o['strict'] !== undefined && typeof o['strict'] !== 'boolean') throw invalid(`${argument}.strict`, 'must be a boolean');
   return {
     name: o['name'], features,
     ...(maxLeaf !== undefined ? { maxLeaf } : {}),
     ...(maxExtendedLeaf !== undefined ? { maxExtendedLeaf } : {}),
     ...(o['enforce'] === true ? { enforce: true } : {}),
+    ...(o['strict'] === true ? { strict: true } : {}),
   };
 }
 
@@ -226,6 +249,8 @@ export interface AppliedCpuModel {
   readonly cpuid: CpuidEntry[];
   /** Bits the model names that the host lacks (hidden, or an error with `enforce`). */
   readonly missing: readonly string[];
+  /** Host bits the table hides that ring-0 code still sees, per `uncontrolled` (an error with `strict`). */
+  readonly uncontrolled: readonly string[];
 }
 
 /** XCR0 components and the feature that must show for each (x87 and SSE always stay). */
@@ -234,14 +259,16 @@ const XCR0_NEEDS: readonly [number, CpuFeature][] = [
 ];
 
 /**
- * Filters the host's CPUID table through `model` (pure: `host` is not changed). Feature
+ * Filters the host's CPUID table through `model` (pure: `host` is not changed). `uncontrolled`
+ * (from `Backend.cpuidControl`) names the bits the host shows ring-0 code whatever the table says. Feature
  * registers are ANDed with the model's masks (the host's bits are never widened), leaves past
  * the model's maxima dropped and leaf 0 / 0x8000_0000 clamped, leaf 0xd trimmed to the state
  * components the remaining features use.
  */
-export function applyCpuModel(model: CpuModel, host: readonly CpuidEntry[]): AppliedCpuModel {
+export function applyCpuModel(model: CpuModel, host: readonly CpuidEntry[], uncontrolled?: CpuFeatureWords): AppliedCpuModel {
   const hostWords = cpuFeatureWords(host);
   const missing: string[] = [];
+  const leaks: string[] = [];
   const allowed = {} as Record<CpuFeatureRegister, number>;
   for (const reg of Object.keys(CPU_FEATURE_REGISTERS) as CpuFeatureRegister[]) {
     let mask = (model.features[reg] ?? 0) >>> 0;
@@ -252,6 +279,8 @@ export function applyCpuModel(model: CpuModel, host: readonly CpuidEntry[]): App
     if ((lacking & ~dynamic) !== 0) missing.push(...bitNames(reg, (lacking & ~dynamic) >>> 0));
     if (reg === '1.ecx' && !((mask >>> CPU_FEATURES.xsave[1]) & 1)) mask &= ~dynamic;
     allowed[reg] = mask >>> 0;
+    const leaked = ((uncontrolled?.[reg] ?? 0) & ~mask) >>> 0;
+    if (leaked !== 0) leaks.push(...bitNames(reg, leaked));
   }
   const hostMax = host.find((e) => e.function === 0)?.eax ?? 0;
   const hostMaxExt = host.find((e) => e.function === 0x8000_0000)?.eax ?? 0x8000_0000;
@@ -271,7 +300,7 @@ export function applyCpuModel(model: CpuModel, host: readonly CpuidEntry[]): App
     out.push(x);
   }
   trimXsave(out);
-  return { cpuid: out, missing };
+  return { cpuid: out, missing, uncontrolled: leaks };
 }
 
 /** Leaf 0xd after the features are filtered: empty without XSAVE, else only the components still backed by a feature. */
@@ -309,5 +338,6 @@ export function recordedCpuModel(model: CpuModel, applied: readonly CpuidEntry[]
     ...(model.maxLeaf !== undefined ? { maxLeaf: model.maxLeaf } : {}),
     ...(model.maxExtendedLeaf !== undefined ? { maxExtendedLeaf: model.maxExtendedLeaf } : {}),
     enforce: true,
+    ...(model.strict ? { strict: true } : {}),
   };
 }

@@ -67,6 +67,8 @@ export class MachineState {
   mode: CpuMode = 'real';
   /** The CPU model applied at create, as a snapshot records it (effective features, enforced); undefined: the host's CPUID. */
   cpuModel: CpuModel | undefined = undefined;
+  /** Features the model hides that ring-0 code still sees on this host. */
+  uncontrolledFeatures: readonly string[] = [];
   readonly capabilities: HostCapabilities;
 
   constructor(
