@@ -24,7 +24,7 @@ export { OutputBuffer, type OutputBufferOptions, type OutputSink, type ByteReada
 export { Uart16550, type Uart16550Options, type Uart16550State } from './uart16550.js';
 export { DebugExit, type DebugExitOptions } from './debug-exit.js';
 export { I8042, type I8042Operand, type I8042Options, type I8042State } from './i8042.js';
-export { CmosRtc, hostClock, fixedClock, type Clock, type CmosRtcOptions, type CmosRtcState } from './cmos-rtc.js';
+export { CmosRtc, hostClock, fixedClock, hostPreciseClock, RTC_UIP_WINDOW_NS, type Clock, type PreciseClock, type CmosRtcOptions, type CmosRtcState } from './cmos-rtc.js';
 export { Unpopulated, PC_PROBED_RANGES, type UnpopulatedRange } from './unpopulated.js';
 
 // ACPI fixed hardware (PM timer, PM1 event/control, S3/S5) behind `writeAcpiTables({ power })`

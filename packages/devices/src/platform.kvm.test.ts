@@ -197,4 +197,29 @@ describe.skipIf(!kvm.available)(`ACPI PM, RTC update cycle and CPU models on rea
       await (await strict).close();
     }
   });
+
+  it('a snapshot of a qemu64 machine restores as qemu64: the guest sees the same CPUID after the restore', async () => {
+    await using vm = await Machine.create({ memory: 2 * MiB, cpu: 'qemu64' });
+    vm.attachDevice(new DebugExit());
+    vm.loadFlat(await asm(`
+      mov eax, 1
+      cpuid
+      mov r8d, ecx
+      mov dx, 0xf4
+      out dx, al
+      mov eax, 1
+      cpuid
+      mov r9d, ecx
+      mov dx, 0xf4
+      out dx, al`, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long' });
+    expect((await vm.run({ timeout: 5000 })).reason).toBe('debug-exit');
+    using snap = await vm.snapshot();
+    expect(snap.manifest.machine.cpu?.name).toBe('qemu64');
+    await using copy = await Machine.restore(snap, { devices: new DebugExit().mappings() });
+    expect(copy.cpuModel).toEqual(vm.cpuModel);
+    const again = await copy.run({ timeout: 5000 });
+    expect(again.reason === 'unhandled-exit' ? again.message : again.reason).toBe('debug-exit');
+    const r = copy.vcpu(0).getRegs();
+    expect(Number(r.r9) >>> 0).toBe(Number(r.r8) >>> 0);
+  });
 });
