@@ -69,7 +69,8 @@ export interface MachineOptions {
    * the host's supported CPUID filtered through it, never showing a feature the host lacks.
    * Default `'host'`. On PVM, ring-3 code sees the host's CPU whatever the model, and ring-0
    * code the model only for the bits KVM controls there ({@link Machine.uncontrolledFeatures}).
-   * @throws CpuModelError (from `create`) when the model has `enforce` and the host lacks some of its features.
+   * `create` throws `CpuModelError` when the model has `enforce` and the host lacks some of its
+   * features, or `strict` and the host cannot hide some it hides.
    */
   readonly cpu?: CpuModelSpec;
 }

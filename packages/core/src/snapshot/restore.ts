@@ -142,6 +142,7 @@ export async function restoreMachine(
   const wrapped: Backend = {
     name: backend.name,
     capabilities: backend.capabilities,
+    ...(backend.cpuidControl ? { cpuidControl: backend.cpuidControl.bind(backend) } : {}),
     createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), source, manifest, pooled?.vcpu, pooled?.memory),
   };
   let m: Machine;
