@@ -61,6 +61,9 @@ describe('exit statuses', () => {
     for (const reason of ['shutdown', 'exception', 'unhandled-exit', 'internal-error', 'fail-entry']) expect(stopStatus(stop({ reason }))).toBe(EXIT.guestCrash);
     for (const reason of ['hook-error', 'device-error', 'backend-error']) expect(stopStatus(stop({ reason }))).toBe(EXIT.hostFault);
     expect(stopStatus(stop({ reason: 'reset' }))).toBe(EXIT.reset);
+    expect(stopStatus(stop({ reason: 'poweroff' }))).toBe(EXIT.ok);
+    expect(stopStatus(stop({ reason: 'suspend', wakingVector: 0n }))).toBe(EXIT.suspended);
+    expect(EXIT.suspended).toBe(15);
   });
 
   it('are distinct per class', () => {

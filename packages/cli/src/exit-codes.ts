@@ -11,7 +11,7 @@ import { PolicyConflictError, PolicyError } from '@tsvm/monitor';
 
 /** Exit statuses by meaning. */
 export const EXIT = {
-  /** The guest halted, or wrote 0 to the debug-exit port; a check passed. */
+  /** The guest halted, powered off through ACPI (S5), or wrote 0 to the debug-exit port; a check passed. */
   ok: 0,
   /** `audit verify`: the chain is broken. `policy check`: not used (see `policyInvalid`). */
   failed: 1,
@@ -41,6 +41,8 @@ export const EXIT = {
   hostFault: 13,
   /** The guest asked for a reset, which `tsvm run` does not perform. */
   reset: 14,
+  /** The guest suspended to RAM (ACPI S3), which `tsvm run` does not resume. */
+  suspended: 15,
   /** Interrupted (SIGINT), the shell's convention 128 + 2. */
   interrupted: 130,
 } as const;
@@ -65,7 +67,8 @@ export class CliError extends Error {
 /** Status of a guest stop: its debug-exit value, or the class of the stop. */
 export function stopStatus(stop: Stop): number {
   switch (stop.reason) {
-    case 'halt': return EXIT.ok;
+    case 'halt': case 'poweroff': return EXIT.ok;
+    case 'suspend': return EXIT.suspended;
     case 'debug-exit': return stop.code & 0xff;
     case 'violation': return EXIT.violation;
     case 'timeout': return EXIT.timeout;
@@ -94,6 +97,8 @@ export function describeStop(stop: Stop): string {
     case 'shutdown': return `guest shut down (triple fault) ${at}`;
     case 'reset': return `guest requested a reset ${at}`;
     case 'halt': return `guest halted ${at}`;
+    case 'poweroff': return `guest powered off (ACPI S5) ${at}`;
+    case 'suspend': return `guest suspended to RAM (ACPI S3) ${at}; waking vector 0x${stop.wakingVector.toString(16)}`;
   }
 }
 

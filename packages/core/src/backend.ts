@@ -8,6 +8,7 @@ import type { CoalescedEntry, CpuidEntry, MsrEntry, Regs, Sregs } from '@tsvm/kv
 import type { HostMemory } from './memory.js';
 import type { VcpuExit } from './exits.js';
 import type { IoRipBehaviour } from './cpu/io-rip.js';
+import type { CpuidControl } from './cpu/cpuid-probe.js';
 
 export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from '@tsvm/kvm-backend';
 
@@ -65,6 +66,11 @@ export interface Backend {
    * kernel accounts it; absent where the backend cannot tell (then `Stop.cpuMs` is absent).
    */
   threadCpuNs?(): number;
+  /**
+   * Which CPUID feature bits this host can hide from ring-0 code (learned once, on first use).
+   * A backend without it controls every bit (a mock, or a restore's wrapper).
+   */
+  cpuidControl?(): CpuidControl;
 }
 
 /** A VM as the backend sees it. */

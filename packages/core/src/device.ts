@@ -10,11 +10,13 @@ import type { RangeSpec } from './bus.js';
 /** Width of one device access in bytes. 8-byte MMIO accesses are split into two 4-byte ones. */
 export type AccessSize = 1 | 2 | 4;
 
-/** Why a device asks the run loop to stop (e.g. the debug-exit port or the i8042 reset line). */
+/** Why a device asks the run loop to stop (e.g. the debug-exit port, the i8042 reset line, ACPI sleep states). */
 export type DeviceStopRequest =
   | { readonly reason: 'debug-exit'; readonly code: number }
   | { readonly reason: 'reset' }
   | { readonly reason: 'shutdown' }
+  | { readonly reason: 'poweroff' }
+  | { readonly reason: 'suspend'; readonly wakingVector: bigint }
   | { readonly reason: 'exception'; readonly vector: number }
   | { readonly reason: 'device-error'; readonly device: string; readonly message: string };
 

@@ -341,6 +341,8 @@ function deviceStop(req: DeviceStopRequest): StopRequest {
     case 'debug-exit': return { reason: 'debug-exit', code: req.code };
     case 'reset': return { reason: 'reset' };
     case 'shutdown': return { reason: 'shutdown' };
+    case 'poweroff': return { reason: 'poweroff' };
+    case 'suspend': return { reason: 'suspend', wakingVector: req.wakingVector };
     case 'exception': return { reason: 'exception', vector: req.vector, errorCode: undefined, faultRip: 0n, cr2: 0n };
     case 'device-error': return { reason: 'device-error', device: req.device, error: new TsvmError('TSVM_DEVICE', `device '${req.device}': ${req.message}`) };
   }

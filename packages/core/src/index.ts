@@ -19,6 +19,8 @@
  * - Record/replay: {@link record} a machine created on a {@link tappable} backend, then
  *   {@link replay} the {@link Recording} without its devices, under another monitor;
  *   {@link ReplayDivergence} names the first exit that differs.
+ * - CPU models ({@link CPU_MODELS}, `Machine.create({ cpu: 'qemu64' })`): named CPUID templates
+ *   intersected with the host's, so a test pins the features a guest sees.
  * - Errors: one hierarchy rooted at {@link TsvmError}.
  * @module
  */
@@ -51,6 +53,25 @@ export {
   type IoInstruction, type IoInstructionClass, type IoRipBehaviour, type IoRipRule, type IoCpuView,
 } from './cpu/io-rip.js';
 export { instructionRipOf, readCodeBytes } from './cpu/exit-rip.js';
+export {
+  CPU_MODELS,
+  CPU_FEATURES,
+  CPU_FEATURE_REGISTERS,
+  CpuModelError,
+  applyCpuModel,
+  cpuFeatureWords,
+  cpuHasFeature,
+  recordedCpuModel,
+  resolveCpuModel,
+  type AppliedCpuModel,
+  type CpuFeature,
+  type CpuFeatureRegister,
+  type CpuFeatureWords,
+  type CpuModel,
+  type CpuModelName,
+  type CpuModelSpec,
+} from './cpu/models.js';
+export { probeCpuidControl, type CpuidControl } from './cpu/cpuid-probe.js';
 export { probeIoRip, type IoRipProbeResult } from './backend/io-rip-probe.js';
 export {
   TsvmError, KvmError, KvmUnavailableError, errnoName, InvalidArgumentError, GuestMemoryError, StateError,

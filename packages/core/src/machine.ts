@@ -30,6 +30,7 @@ import type { GuestMemory, MemoryRegion } from './memory.js';
 import type { ExitStats } from './stats.js';
 import type { Stop } from './stop.js';
 import { Vcpu } from './vcpu.js';
+import { applyCpuModel, CpuModelError, recordedCpuModel, resolveCpuModel, type CpuModel, type CpuModelSpec } from './cpu/models.js';
 import { Snapshot, takeSnapshot, restoreMachine, resetMachine, type RestoreOptions, type ResetResult, type ResetOptions, type MachineInternals } from './snapshot/index.js';
 import { MachineState, MAX_VCPUS } from './machine/state.js';
 
@@ -76,6 +77,15 @@ export interface MachineOptions {
    * Needs a backend that offers runners (KVM does; `MockBackend` models them).
    */
   readonly vcpuThreads?: 'shared' | 'parallel';
+  /**
+   * The CPU model the guest sees (`'host'`, `'qemu64'`, `'minimal'` or a {@link CpuModel}):
+   * the host's supported CPUID filtered through it, never showing a feature the host lacks.
+   * Default `'host'`. On PVM, ring-3 code sees the host's CPU whatever the model, and ring-0
+   * code the model only for the bits KVM controls there ({@link Machine.uncontrolledFeatures}).
+   * `create` throws `CpuModelError` when the model has `enforce` and the host lacks some of its
+   * features, or `strict` and the host cannot hide some it hides.
+   */
+  readonly cpu?: CpuModelSpec;
 }
 
 
@@ -134,6 +144,24 @@ export class Machine {
   /** Whether an in-kernel irqchip exists. */
   readonly irqchip: boolean;
 
+  /**
+   * The CPU model applied at create, as a snapshot records it: its name, the features the guest
+   * actually sees (the model's masks ANDed with this host's), its leaf limits, `enforce: true`.
+   * `undefined` for `'host'` (the host's supported CPUID, unfiltered).
+   */
+  get cpuModel(): CpuModel | undefined {
+    return this.#s.cpuModel;
+  }
+
+  /**
+   * Host features the CPU model hides that ring-0 code on this host sees anyway (names as in
+   * `CPU_FEATURES`, else `1.ecx[n]`): on PVM, CPUID answers only the bits KVM itself supports
+   * from the table. Empty for `'host'` and where every bit is controlled; `strict` models refuse such hosts.
+   */
+  get uncontrolledFeatures(): readonly string[] {
+    return this.#s.uncontrolledFeatures;
+  }
+
   readonly #s: MachineState;
 
   private constructor(s: MachineState) {
@@ -179,7 +207,10 @@ export class Machine {
     if (nVcpus > 1 && !irqchip) throw new InvalidArgumentError('vcpus', `${nVcpus} vCPUs need irqchip: true (each vCPU's LAPIC delivers the INIT/SIPI that starts it)`);
     const threads = options.vcpuThreads ?? 'shared';
     if (threads !== 'shared' && threads !== 'parallel') throw new InvalidArgumentError('vcpuThreads', `must be 'shared' or 'parallel', got ${show(options.vcpuThreads)}`);
+    const model = resolveCpuModel(options.cpu);
     const backend = options.backend ?? kvmBackend();
+    // Before this machine's VM: the probe makes (and closes) one of its own.
+    const control = model ? backend.cpuidControl?.() : undefined;
     const vm = backend.createVm({ irqchip });
     const s = new MachineState(options.name ?? 'machine', backend, vm, irqchip);
     try {
@@ -187,7 +218,20 @@ export class Machine {
       for (let id = 0; id < nVcpus; id++) {
         const b = vm.createVcpu(id);
         s.vcpus.push(new Vcpu(b));
-        if (nVcpus > 1) b.setCpuid(withApicId(b.supportedCpuid(), id));
+        let table = b.supportedCpuid();
+        if (model) {
+          const applied = applyCpuModel(model, table, control?.uncontrolled);
+          const missing = model.enforce ? applied.missing : [];
+          const leaks = model.strict ? applied.uncontrolled : [];
+          if (missing.length > 0 || leaks.length > 0) throw new CpuModelError(model.name, missing, leaks);
+          table = applied.cpuid;
+          if (id === 0) {
+            s.cpuModel = recordedCpuModel(model, table);
+            s.uncontrolledFeatures = Object.freeze([...applied.uncontrolled]);
+          }
+        }
+        if (nVcpus > 1) table = withApicId(table, id);
+        if (model || nVcpus > 1) b.setCpuid(table);
       }
       if (threads === 'parallel') {
         if (typeof vm.startRunners !== 'function') throw new InvalidArgumentError('vcpuThreads', `the '${backend.name}' backend cannot run vCPUs in parallel`);

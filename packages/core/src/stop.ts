@@ -40,6 +40,20 @@ export type Stop = StopCommon & (
   | { readonly reason: 'reset' }
   | { readonly reason: 'debug-exit'; readonly code: number }
   /**
+   * The guest powered off through ACPI: it wrote SLP_EN with the S5 (soft-off) sleep type to
+   * PM1_CNT (`AcpiPm` in `@tsvm/devices`). A clean end, like `halt`; the machine is not resumable
+   * (`run()` again would continue after the write, which real hardware never does).
+   */
+  | { readonly reason: 'poweroff' }
+  /**
+   * The guest entered ACPI S3 (suspend to RAM): it wrote SLP_EN with the S3 sleep type to PM1_CNT.
+   * Resume it with `run()` again: the vCPU continues at the instruction after that write, with
+   * PM1_STS.WAK_STS set, CPU context, RAM and device state all kept (a suspend in which nothing
+   * lost power). `wakingVector` is what the guest left in the FACS (`0` if nothing, or no FACS
+   * was given to the device), for a host that prefers to re-enter the guest there instead.
+   */
+  | { readonly reason: 'suspend'; readonly wakingVector: bigint }
+  /**
    * The time ran out (or the signal fired). `halted`: the vCPU sat in `hlt` waiting for an
    * interrupt (in-kernel irqchip) rather than running — a guest waiting for an event that never
    * came, not one spinning. With several vCPUs: every one halted or waiting for INIT/SIPI.

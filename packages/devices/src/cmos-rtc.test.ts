@@ -1,6 +1,7 @@
 import { SnapshotFormatError } from '@tsvm/core';
 import { describe, expect, it } from 'vitest';
-import { type Clock, CmosRtc, fixedClock, hostClock } from './cmos-rtc.js';
+import { type Clock, CmosRtc, fixedClock, hostClock, RTC_UIP_WINDOW_NS } from './cmos-rtc.js';
+import { RecordingIrq } from './testing/fakes.js';
 
 // Tuesday 2024-03-05 13:07:09 UTC
 const T = new Date(Date.UTC(2024, 2, 5, 13, 7, 9));
@@ -94,6 +95,104 @@ describe('CmosRtc', () => {
     expect(b.get(0)).toBe(9);
     b.dev.reset();
     expect(b.get(0x40)).toBe(0);
-    expect(() => b.dev.restore({ version: 1, ram: '', index: 0, nmiDisabled: false, offsetMs: 0 })).toThrow(SnapshotFormatError);
+    expect(() => b.dev.restore({ version: 2, ram: '', index: 0, nmiDisabled: false, offsetMs: 0, updatedSecond: 0 })).toThrow(SnapshotFormatError);
+    expect(() => b.dev.restore({ ...a.dev.snapshot(), version: 1 })).toThrow(SnapshotFormatError);
+  });
+
+  describe('update cycle', () => {
+    const SEC = 1_000_000_000n;
+    const t0 = BigInt(T.getTime()) * 1_000_000n; // 13:07:09.000
+    function clocked(start: bigint, irq?: RecordingIrq) {
+      const c = { now: start };
+      const dev = new CmosRtc({ preciseClock: () => c.now, ...(irq ? { irq } : {}) });
+      const get = (reg: number) => {
+        dev.write(0, reg, 1);
+        return dev.read(1, 1);
+      };
+      const set = (reg: number, v: number) => {
+        dev.write(0, reg, 1);
+        dev.write(1, v, 1);
+      };
+      return { c, dev, get, set };
+    }
+
+    it('UIP is 1 exactly in the 244 µs before each second boundary, while the seconds still read the old value', () => {
+      const { c, get } = clocked(t0 + SEC - RTC_UIP_WINDOW_NS - 1n);
+      expect(get(0x0a) & 0x80).toBe(0);
+      c.now += 1n; // window starts
+      expect(get(0x0a) & 0x80).toBe(0x80);
+      expect(get(0x0a) & 0x7f).toBe(0x26); // the rest of A unchanged
+      expect(get(0)).toBe(0x09);
+      c.now = t0 + SEC - 1n;
+      expect(get(0x0a) & 0x80).toBe(0x80);
+      c.now = t0 + SEC; // the update: UIP falls, seconds move
+      expect(get(0x0a) & 0x80).toBe(0);
+      expect(get(0)).toBe(0x10);
+    });
+
+    it('a guest polling for the edge (wait for UIP=1, then UIP=0) sees it within one second of fake time', () => {
+      const { c, get } = clocked(t0 + 123_456_789n);
+      const step = 50_000n; // 50 µs per poll, as a guest's port reads would take
+      let rises = 0;
+      let falls = 0;
+      let last = 0;
+      for (let i = 0; i < 40_000; i++) {
+        const uip = get(0x0a) & 0x80;
+        if (uip && !last) rises++;
+        if (!uip && last) falls++;
+        last = uip;
+        c.now += step;
+      }
+      // 40 000 × 50 µs = 2 s: two updates, each a rise and a fall.
+      expect([rises, falls]).toEqual([2, 2]);
+    });
+
+    it('status C: UF set at each update end, cleared by reading; no updates with SET or a stopped divider', () => {
+      const { c, get, set } = clocked(t0 + 500_000_000n);
+      expect(get(0x0c)).toBe(0);
+      c.now += SEC;
+      expect(get(0x0c)).toBe(0x10);
+      expect(get(0x0c)).toBe(0);
+      set(0x0b, 0x82); // SET
+      c.now += SEC;
+      expect(get(0x0a) & 0x80).toBe(0);
+      c.now = (c.now / SEC + 1n) * SEC - 1000n; // inside a window
+      expect(get(0x0a) & 0x80).toBe(0);
+      expect(get(0x0c)).toBe(0);
+      set(0x0b, 0x02);
+      set(0x0a, 0x66); // divider reset: the chip stops updating
+      c.now += SEC;
+      expect(get(0x0c)).toBe(0);
+      set(0x0a, 0x26);
+      c.now += SEC;
+      expect(get(0x0c)).toBe(0x10);
+    });
+
+    it('with UIE, IRQF is set and IRQ 8 asserted until C is read', () => {
+      const irq = new RecordingIrq(8);
+      const { c, dev, get, set } = clocked(t0 + 100_000_000n, irq);
+      set(0x0b, 0x12); // UIE, 24 h
+      expect(irq.level).toBe(false);
+      c.now += SEC;
+      expect(dev.poll()).toBe(true); // what the update timer does at the boundary
+      expect(irq.level).toBe(true);
+      expect(get(0x0c)).toBe(0x90);
+      expect(irq.level).toBe(false);
+      expect(irq.history).toEqual([true, false]);
+      set(0x0b, 0x02);
+      dev.close();
+    });
+
+    it('a snapshot keeps pending flags and the last update accounted for', () => {
+      const a = clocked(t0 + 100_000_000n);
+      a.c.now += SEC;
+      const s = a.dev.snapshot();
+      expect(s.version).toBe(2);
+      const b = clocked(a.c.now);
+      b.dev.restore(JSON.parse(JSON.stringify(s)));
+      expect(b.get(0x0c)).toBe(0x10); // the update before the snapshot, not yet read
+      expect(b.get(0x0c)).toBe(0);
+      expect(() => b.dev.restore({ ...s, updatedSecond: 'x' })).toThrow(SnapshotFormatError);
+    });
   });
 });

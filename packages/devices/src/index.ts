@@ -6,7 +6,8 @@
  * `reset()`, and JSON `snapshot()`/`restore()`.
  *
  * Legacy PC devices: {@link Uart16550} (COM1), {@link DebugExit} (QEMU isa-debug-exit),
- * {@link I8042} (reset via 0xFE), {@link CmosRtc}, and {@link Unpopulated} ranges (absent
+ * {@link I8042} (reset via 0xFE), {@link CmosRtc}, {@link AcpiPm} (ACPI PM timer and S3/S5 sleep
+ * states, for the FADT of `writeAcpiTables({ power })`), and {@link Unpopulated} ranges (absent
  * hardware a guest probes for, attached deliberately: reads all ones, writes dropped).
  *
  * Virtio: the {@link VirtioMmio} transport (virtio 1.x, split queues, hardened against hostile
@@ -23,8 +24,21 @@ export { OutputBuffer, type OutputBufferOptions, type OutputSink, type ByteReada
 export { Uart16550, type Uart16550Options, type Uart16550State } from './uart16550.js';
 export { DebugExit, type DebugExitOptions } from './debug-exit.js';
 export { I8042, type I8042Operand, type I8042Options, type I8042State } from './i8042.js';
-export { CmosRtc, hostClock, fixedClock, type Clock, type CmosRtcOptions, type CmosRtcState } from './cmos-rtc.js';
+export { CmosRtc, hostClock, fixedClock, hostPreciseClock, RTC_UIP_WINDOW_NS, type Clock, type PreciseClock, type CmosRtcOptions, type CmosRtcState } from './cmos-rtc.js';
 export { Unpopulated, PC_PROBED_RANGES, type UnpopulatedRange } from './unpopulated.js';
+
+// ACPI fixed hardware (PM timer, PM1 event/control, S3/S5) behind `writeAcpiTables({ power })`
+export {
+  AcpiPm,
+  hostMonotonicClock,
+  PM_TIMER_HZ,
+  Pm1Event,
+  Pm1Control,
+  type MonotonicClock,
+  type AcpiPmOptions,
+  type AcpiPmState,
+  type AcpiPmStats,
+} from './acpi-pm.js';
 
 // Virtio transport and queues
 export { VirtioMmio, type VirtioMmioOptions, type VirtioMmioStats } from './virtio/mmio.js';

@@ -18,6 +18,7 @@ import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
 import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
 import { probeIoRip, type IoRipProbeResult } from './io-rip-probe.js';
+import { probeCpuidControl, type CpuidControl } from '../cpu/cpuid-probe.js';
 
 function detectFlavour(): VirtFlavour {
   try {
@@ -104,6 +105,11 @@ export class KvmBackend implements Backend {
   supportedCpuid(): CpuidEntry[] {
     this.#cpuid ??= withHypervisorBit(this.system.supportedCpuid());
     return this.#cpuid;
+  }
+
+  /** Which CPUID bits ring-0 code cannot be kept from seeing here: a probe VM, run once, on first use. */
+  cpuidControl(): CpuidControl {
+    return probeCpuidControl(this);
   }
 
   /** The MSRs KVM saves and restores (`KVM_GET_MSR_INDEX_LIST`), asked once. */

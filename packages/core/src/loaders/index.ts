@@ -12,7 +12,8 @@
  * - {@link loadPvh}: PVH direct boot of an ELF `vmlinux` with `hvm_start_info`;
  * {@link extractVmlinux} unpacks that ELF from a bzImage on the host.
  * - {@link writeMpTable}: an Intel MP table (CPUs, I/O APIC, ISA IRQ routing) for guests without ACPI;
- *   {@link writeAcpiTables}: the same facts as ACPI tables (RSDP, XSDT, MADT).
+ *   {@link writeAcpiTables}: the same facts as ACPI tables (RSDP, XSDT, MADT; with `power` a FADT,
+ *   DSDT and FACS for the PM timer and S3/S5).
  * @module
  */
 export {
@@ -81,4 +82,15 @@ export {
   mpTableSize,
   writeMpTable,
 } from './mptable.js';
-export { ACPI_DEFAULT_ADDRESS, type AcpiOptions, type AcpiResult, writeAcpiTables } from './acpi.js';
+export {
+  ACPI_DEFAULT_ADDRESS,
+  ACPI_DEFAULT_SCI_IRQ,
+  ACPI_PM_DEFAULT_BASE,
+  ACPI_PM_LAYOUT,
+  ACPI_SLEEP_TYPE,
+  type AcpiOptions,
+  type AcpiPowerOptions,
+  type AcpiResult,
+  sleepStatesAml,
+  writeAcpiTables,
+} from './acpi.js';

@@ -4,6 +4,7 @@
  * it in a private field and never hands it out (snapshots get `MachineInternals`, a narrower view).
  * @module
  */
+import type { CpuModel } from '../cpu/models.js';
 import { show } from '../check.js';
 import type { Backend, BackendRunners, BackendVm, HostCapabilities } from '../backend.js';
 import { Bus } from '../bus.js';
@@ -66,6 +67,10 @@ export class MachineState {
   mode: CpuMode = 'real';
   /** The vCPUs' runner threads (`vcpuThreads: 'parallel'`); undefined: they take turns on the calling thread. */
   runners: BackendRunners | undefined = undefined;
+  /** The CPU model applied at create, as a snapshot records it (effective features, enforced); undefined: the host's CPUID. */
+  cpuModel: CpuModel | undefined = undefined;
+  /** Features the model hides that ring-0 code still sees on this host. */
+  uncontrolledFeatures: readonly string[] = [];
   readonly capabilities: HostCapabilities;
 
   constructor(

@@ -10,6 +10,7 @@ import { SnapshotFormatError } from '../errors.js';
 import type { MsrEntry, Regs, Segment, Sregs, DTable, VirtFlavour } from '../backend.js';
 import { SYSTEM_AREA_SIZE, type CpuMode } from '../cpu/x86.js';
 import { REG_NAMES } from '@tsvm/kvm-backend';
+import { resolveCpuModel, type CpuModel } from '../cpu/models.js';
 
 /** The manifest format this build writes and the only one it reads. */
 export const SNAPSHOT_FORMAT = 'tsvm-snapshot';
@@ -97,6 +98,8 @@ export interface SnapshotManifest {
     readonly mode: CpuMode;
     /** Base of the host-built system area, if any. */
     readonly systemArea: number | null;
+    /** The CPU model (`Machine.cpuModel`, enforced on restore); absent: the host's CPUID. */
+    readonly cpu?: CpuModel;
   };
   /** RAM regions; their bytes are in the image. */
   readonly memory: readonly SnapshotRegion[];
@@ -246,7 +249,14 @@ export function parseManifest(json: unknown): SnapshotManifest {
   const mode = mf.at('mode').str(16);
   if (mode !== 'real' && mode !== 'protected' && mode !== 'long') mf.at('mode').fail(`must be 'real', 'protected' or 'long', got ${short(mode)}`);
   const sa = mf.at('systemArea');
-  const machine = { name: mf.at('name').str(256), irqchip: mf.at('irqchip').bool(), mode: mode as CpuMode, systemArea: sa.value === null ? null : sa.int(0, 0xffff_ffff) };
+  const cf = mf.at('cpu');
+  let cpu: CpuModel | undefined;
+  try {
+    cpu = cf.value === undefined ? undefined : resolveCpuModel(cf.value, 'machine.cpu');
+  } catch (e) {
+    cf.fail(`is not a CPU model: ${e instanceof Error ? e.message : String(e)}`);
+  }
+  const machine = { name: mf.at('name').str(256), irqchip: mf.at('irqchip').bool(), mode: mode as CpuMode, systemArea: sa.value === null ? null : sa.int(0, 0xffff_ffff), ...(cpu ? { cpu } : {}) };
   const imageSize = root.at('imageSize').int(0, MAX_IMAGE);
   if (imageSize % PAGE_SIZE !== 0) root.at('imageSize').fail('must be a multiple of 4096');
   const memory = root.at('memory').items(MAX_REGIONS).map((f): SnapshotRegion => {

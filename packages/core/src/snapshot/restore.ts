@@ -142,6 +142,7 @@ export async function restoreMachine(
   const wrapped: Backend = {
     name: backend.name,
     capabilities: backend.capabilities,
+    ...(backend.cpuidControl ? { cpuidControl: backend.cpuidControl.bind(backend) } : {}),
     createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), source, manifest, pooled?.vcpu, pooled?.memory),
   };
   let m: Machine;
@@ -152,6 +153,7 @@ export async function restoreMachine(
       irqchip: manifest.machine.irqchip,
       vcpus: manifest.vcpus.length,
       name: options.name ?? `${manifest.machine.name}~${++forks}`,
+      ...(manifest.machine.cpu ? { cpu: manifest.machine.cpu } : {}),
     });
   } catch (e) {
     // Machine.create has already released whatever it made; a pooled vCPU it never took is ours.

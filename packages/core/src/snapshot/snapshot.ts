@@ -311,7 +311,7 @@ export function takeSnapshot(m: Machine, x: MachineInternals): Snapshot {
     const manifest: SnapshotManifest = {
       format: SNAPSHOT_FORMAT, version: SNAPSHOT_VERSION, tsvm: TSVM_VERSION,
       host: { backend: m.backend.name, flavour: m.capabilities.flavour, cpu: cpuSignature(m.vcpu(0).backend) },
-      machine: { name: m.name, irqchip: m.irqchip, mode: cpu.mode, systemArea: cpu.systemArea ?? null },
+      machine: { name: m.name, irqchip: m.irqchip, mode: cpu.mode, systemArea: cpu.systemArea ?? null, ...(m.cpuModel ? { cpu: m.cpuModel } : {}) },
       memory, imageSize, vcpus, vm: vmState, devices,
     };
     // What we write is what we read back: a snapshot that would not load is a bug here, now.
