@@ -196,7 +196,7 @@ async function main(): Promise<number> {
       if (p.mechanism === 'coalesced-pio') used.add('pio-exit');
       if (p.mechanism === 'coalesced-mmio') used.add('mmio-exit');
       if (p.mechanism === 'mmio-exit') used.add('mmio-dispatch');
-      if (p.mechanism === 'probe-breakpoint' && p.exitsPerHit === 2) used.add('probe-in-place');
+      if (p.mechanism === 'probe-breakpoint' && (p.exitsPerHit ?? 1) > 1) used.add('probe-in-place');
     }
     used.delete('exit');
     const priceRounds: CalibrationTable[] = [];

@@ -29,8 +29,8 @@ export interface SelectionInput {
   readonly devicesCover: boolean;
   /** Free hardware debug registers. */
   readonly freeDebugRegs: number;
-  /** Exec hooks: probe exits per hit at the hooked instruction (2: it must run in place). */
-  readonly probeExitsPerHit?: 1 | 2;
+  /** Exec hooks: probe exits per hit at the hooked instruction (2 or 3: it must run in place). */
+  readonly probeExitsPerHit?: 1 | 2 | 3;
 }
 
 /** The chosen mechanism and why. */
@@ -120,8 +120,8 @@ function selectExec(inp: SelectionInput): Selection {
   if (!best) throw new MechanismUnavailableError('exec', `no breakpoint mechanism works at CPL${cpl}`, { cpl, alternatives: ['pio/mmio hooks on what the code touches'] });
   for (const c of candidates.slice(1)) rejected.push({ mechanism: c.id, why: `dearer (~${c.ns} ns vs ~${best.ns} ns)` });
   const why = best.id === 'probe-breakpoint'
-    ? inp.probeExitsPerHit === 2
-      ? `patched 'out 0xe5, al' probe, the instruction run in place (2 exits/hit); ${caps.guestDebug && candidates.length > 1 ? 'cheapest here' : `guest debug does not work at CPL${cpl} here`}`
+    ? (inp.probeExitsPerHit ?? 1) > 1
+      ? `patched 'out 0xe5, al' probe, the instruction run in place (${inp.probeExitsPerHit} exits/hit); ${caps.guestDebug && candidates.length > 1 ? 'cheapest here' : `guest debug does not work at CPL${cpl} here`}`
       : `patched 'out 0xe5, al' probe, the instruction run out of line (1 exit/hit; 2 if it must run in place); ${caps.guestDebug && candidates.length > 1 ? 'cheapest here' : `guest debug does not work at CPL${cpl} here`}`
     : `${best.id} works at CPL${cpl} and is cheapest (~${best.ns} ns)`;
   return { mechanism: best.id, why, rejected };

@@ -79,6 +79,26 @@ describe.skipIf(!kvm.available)(`monitor on real KVM${kvm.available ? '' : ` (SK
     await vm.close();
   });
 
+  it.each([
+    ['add eax, 3', 1], ['mov dword ptr [rdi], eax', 2], ['out dx, al', 3],
+  ] as const)('the plan\'s exitsPerHit is what a probe hit on `%s` really costs in exits', async (body, expected) => {
+    // 0x1000: mov dx, 0x3f8 (4)  mov rdi, 0x200000 (7)  mov ecx, 40 (5)  0x1010: l: body, nop, nop, dec ecx, jnz l
+    const vm = await machine(`mov dx, 0x3f8\n mov rdi, 0x200000\n mov ecx, 40\n l: ${body}\n nop\n nop\n dec ecx\n jnz l`, 3);
+    vm.io.register({ port: 0x3f8, size: 1 }, { name: 'sink', write: () => {} });
+    const mon = new Monitor(vm, { calibration: probeOnly() });
+    let hits = 0;
+    mon.observe({ event: 'exec', address: 0x1010, cpl: 3 }, () => { hits++; });
+    const plan = mon.plan()[0];
+    expect(plan?.exitsPerHit).toBe(expected);
+    const stop = await vm.run({ timeout: 10_000 });
+    expect(stop.reason).toBe('debug-exit');
+    expect(hits).toBe(40);
+    // Probe exits = all PIO exits minus the guest's own (its `out`s to the sink, and the final one).
+    const own = (body.startsWith('out') ? 40 : 0) + 1;
+    expect(vm.stats().byKind.io.count - own).toBe(40 * expected);
+    await vm.close();
+  });
+
   it.each(['host', 'probe'] as const)('a fork with a CPL3 exec hook (%s mechanism) keeps seeing every hit across resets (the reset puts traps, slots and guest debug back)', async (which) => {
     const base = await machine('xor eax, eax\n mov ecx, 50\n l: add eax, 3\n dec ecx\n jnz l', 3);
     const snap = await base.snapshot();

@@ -83,9 +83,10 @@ export interface PlanEntry {
   readonly unitNs: number;
   /**
    * Exits per event, for a probe `exec` hook: 1 when the hooked instruction runs out of line,
-   * 2 when it must run in place (the table prices the out-of-line hit; `unitNs` includes this).
+   * 2 when it must run in place, 3 in place when it is shorter than the 2-byte trap (`unitNs` is
+   * the price of that: `probe-breakpoint`, `probe-in-place`, or 1.5 × `probe-in-place`).
    */
-  readonly exitsPerHit?: 1 | 2;
+  readonly exitsPerHit?: 1 | 2 | 3;
 }
 
 /** Per-hook counters kept by the monitor. */
@@ -363,13 +364,13 @@ export class Monitor implements InternalEnv {
   }
 
   /** 1 or 2 exits per probe hit at `physical`, judged from the guest's code and CPU mode now. */
-  #probeExitsPerHit(physical: bigint, virtual: bigint): 1 | 2 {
+  #probeExitsPerHit(physical: bigint, virtual: bigint): 1 | 2 | 3 {
     try {
       const sregs = this.machine.vcpu(0).getSregs();
       // Before the first probe exists (choosing the mechanism), an engine with no targets answers:
       // it only decodes and relocates, and the dispatcher never sees it.
       const engine = this.#probe ?? (this.#planner ??= new PatchBreakpoints('probe', this.#cpuAccess(), { outOfLine: this.#outOfLine }));
-      return engine.runsOutOfLine(physical, virtual, sregs) ? 1 : 2;
+      return engine.exitsPerHit(physical, virtual, sregs);
     } catch {
       return this.#outOfLine ? 1 : 2;
     }

@@ -296,6 +296,10 @@ describe('exec hooks through the probe run the hooked instruction out of line (o
     // The assumed PVM table prices an in-place hit as two probe exits.
     expect(store?.unitNs).toBe(2 * (add?.unitNs ?? NaN));
     expect(store?.why).toMatch(/run in place \(2 exits\/hit\)/);
+    // A 1-byte instruction that must run in place (port I/O) under the 2-byte trap: three exits.
+    const io = new Monitor((await guest('out dx, al\n nop\n nop\n hlt')).vm, { calibration: pvm });
+    io.observe({ event: 'exec', address: 0x1000 }, () => {});
+    expect(io.plan()[0]).toMatchObject({ exitsPerHit: 3, unitNs: 1.5 * (store?.unitNs ?? NaN) });
     const forced = new Monitor(await (await guest('add eax, 1\n hlt')).vm, { calibration: pvm, outOfLine: false });
     forced.observe({ event: 'exec', address: 0x1000 }, () => {});
     expect(forced.plan()[0]?.exitsPerHit).toBe(2);

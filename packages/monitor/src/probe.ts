@@ -23,7 +23,7 @@
  * @module
  */
 import { InvalidArgumentError, StateError, type GuestMemory, type Regs, type Sregs } from '@tsvm/core';
-import { readCode, relocateOutOfLine, successors } from './decode.js';
+import { decodeBytes, readCode, relocateOutOfLine, successors } from './decode.js';
 import { bitnessOf, linearRip, translateVirtual } from '@tsvm/core';
 
 import { PROBE_PORT } from '@tsvm/core';
@@ -364,12 +364,18 @@ export class PatchBreakpoints {
   }
 
   /**
-   * Whether a hit on the target at `physical` (RIP `rip`) would run out of line (one exit) with
-   * the CPU in the state `sregs`, or in place (two exits). For the cost model; changes nothing.
+   * Exits a hit on the target at `physical` (RIP `rip`) costs with the CPU in the state `sregs`:
+   * 1 out of line; 2 in place (the trap, then the successor trap that re-arms it); 3 in place
+   * when the instruction is shorter than the trap (its successor lies under the re-armed trap,
+   * so re-arming hops one more instruction). For the cost model; changes nothing.
    */
-  runsOutOfLine(physical: bigint, rip: bigint, sregs: Sregs): boolean {
+  exitsPerHit(physical: bigint, rip: bigint, sregs: Sregs): 1 | 2 | 3 {
+    const code = this.originalCode(physical);
     const tr = this.#outOfLineOn ? this.#xolTrampoline(sregs) : undefined;
-    return tr !== undefined && this.#relocate(this.originalCode(physical), rip, sregs, tr.virtual) !== undefined;
+    if (tr !== undefined && this.#relocate(code, rip, sregs, tr.virtual) !== undefined) return 1;
+    const bits = bitnessOf(sregs);
+    const length = bits === 16 ? this.trapLength : decodeBytes(code, rip, bits).length;
+    return length > 0 && length < this.trapLength ? 3 : 2;
   }
 
   /** The trampoline, if out-of-line copies can run from it: outside 64-bit mode RIP is CS-relative and the trampoline's address linear, so CS must be flat. */

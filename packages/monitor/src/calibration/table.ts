@@ -62,13 +62,17 @@ export function resultOf(table: CalibrationTable, id: MechanismId, cpl: Cpl): Me
 
 /**
  * Price of one probe hit at `cpl` (ns): `probe-breakpoint` when the hooked instruction runs out of
- * line (one exit), `probe-in-place` when it must run in place (two exits, and the original
- * byte put back and re-armed) — measured where the table has it, else twice the one-exit price.
+ * line (one exit); `probe-in-place` when it must run in place (two exits: the original bytes
+ * put back, a successor trap that re-arms) — measured where the table has it, else twice the
+ * one-exit price; for an instruction shorter than the trap, 3/2 of that (a third exit: the
+ * re-arm hops one more instruction; priced by exit count — measured on PVM: +23 % at CPL0,
+ * +54 % at CPL3 over the two-exit hit).
  */
-export function probePriceOf(table: CalibrationTable, cpl: Cpl, exitsPerHit: 1 | 2): number | undefined {
+export function probePriceOf(table: CalibrationTable, cpl: Cpl, exitsPerHit: 1 | 2 | 3): number | undefined {
   const one = priceOf(table, 'probe-breakpoint', cpl);
   if (exitsPerHit === 1 || one === undefined) return one;
-  return priceOf(table, 'probe-in-place', cpl) ?? 2 * one;
+  const two = priceOf(table, 'probe-in-place', cpl) ?? 2 * one;
+  return exitsPerHit === 2 ? two : 1.5 * two;
 }
 
 /** Price of `id` at `cpl` in ns, or undefined when it does not work there. */
