@@ -50,6 +50,26 @@ describe.skipIf(!kvm.available)(`parallel vCPUs on real KVM${kvm.available ? '' 
     expect([vm.memory.readU64(G.result(0)), vm.memory.readU64(G.result(1))]).toEqual([expectedSum(0, n), expectedSum(1, n)]);
   }, 30_000);
 
+  it.each(['parallel', 'shared'] as const)('an IPI storm from the BSP (%s): the APs still compute right, a timeout ends it on time, the event loop keeps ticking', async (mode) => {
+    await using vm = await Machine.create({ memory: 2 * MiB, irqchip: true, vcpus: 3, vcpuThreads: mode });
+    doneDevice(vm, 2);
+    const n = 100_000n;
+    await loadSmpGuest(vm, { iterations: n, ipiStorm: true });
+    let ticks = 0;
+    const iv = setInterval(() => { ticks++; }, 5);
+    // The APs run with IF=0 at ring 3: the IPIs pile up in their IRRs and are never taken.
+    const done = await vm.run({ timeout: 20_000 });
+    expect(done).toMatchObject({ reason: 'debug-exit', code: 2 });
+    expect([vm.memory.readU64(G.result(0)), vm.memory.readU64(G.result(1))]).toEqual([expectedSum(0, n), expectedSum(1, n)]);
+    // The storm goes on (the BSP never stops): a bounded run ends it as a timeout, promptly.
+    const t0 = performance.now();
+    const stop = await vm.run({ timeout: 300 });
+    clearInterval(iv);
+    expect(stop.reason).toBe('timeout');
+    expect(performance.now() - t0).toBeLessThan(1500);
+    expect(ticks).toBeGreaterThan(10);
+  }, 30_000);
+
   it('the same guest taking turns on one thread does not get through the ping-pong in 2 s (the test can fail)', async () => {
     await using vm = await Machine.create({ memory: 2 * MiB, irqchip: true, vcpus: 3 });
     doneDevice(vm, 2);

@@ -1,6 +1,7 @@
 /**
  * A guest for SMP tests and `bench:smp`: the bootstrap processor (64-bit, ring 0)
- * starts every application processor with INIT + SIPI + SIPI and halts for good (`cli; hlt`);
+ * starts every application processor with INIT + SIPI + SIPI and halts for good (`cli; hlt`) —
+ * or, with `ipiStorm`, sends fixed IPIs (vector 0x40) to all the others without pause;
  * each AP runs a real-mode trampoline into 64-bit mode on the BSP's GDT and page tables, takes a
  * ticket `k` (0, 1, ... in the order the APs arrive), drops to ring 3 and, as the host set the
  * parameter words:
@@ -39,7 +40,7 @@ const LONG = 0x8100;
 const USER = 0x8400;
 
 /** Loads the guest into `vm` (vCPU 0 entered at 0x1000, long mode, ring 0) with its parameters. */
-export async function loadSmpGuest(vm: Machine, params: { iterations: bigint; pingPong?: bigint; posts?: number }): Promise<void> {
+export async function loadSmpGuest(vm: Machine, params: { iterations: bigint; pingPong?: bigint; posts?: number; ipiStorm?: boolean }): Promise<void> {
   const G = SMP_GUEST;
   // ICR high (0x310) = 0; low (0x300): all excluding self (0b11 << 18), assert (1 << 14), INIT (0b101 << 8) / start-up (0b110 << 8).
   // 64-bit code addresses data through r15 = 0: keystone assembles a bare [imm] as RIP-relative.
@@ -55,9 +56,11 @@ export async function loadSmpGuest(vm: Machine, params: { iterations: bigint; pi
     mov dword ptr [rax + 0x300], ${0x000c4600 | SIPI_PAGE}
     mov dword ptr [rax + 0x300], ${0x000c4600 | SIPI_PAGE}
     cli
-  idle:
+  ${params.ipiStorm === true ? `storm:
+    mov dword ptr [rax + 0x300], 0x000c4040
+    jmp storm` : `idle:
     hlt
-    jmp idle`, { bits: 64, address: 0x1000 });
+    jmp idle`}`, { bits: 64, address: 0x1000 });
   // Real mode, DS = 0 after INIT. The far jump (EA ptr16:16) enters the 64-bit kernel code segment.
   const real = await asm(`
     cli
