@@ -7,7 +7,8 @@
  * eight exits (well under a millisecond on PVM); runs on any {@link Backend}.
  * @module
  */
-import type { Backend, BackendVcpu } from '../backend.js';
+import type { Backend } from '../backend.js';
+import { runScratchGuest } from './scratch-guest.js';
 import { IO_INSTRUCTION_CLASSES, RIP_ON_INSTRUCTION, type IoInstructionClass, type IoRipBehaviour, type IoRipRule } from '../cpu/io-rip.js';
 
 /** What the probe found. */
@@ -53,44 +54,23 @@ function layout(): { code: Uint8Array; spans: Array<{ cls: IoInstructionClass; s
   return { code: Uint8Array.from(code), spans };
 }
 
-function realModeAtZero(vcpu: BackendVcpu): void {
-  const s = vcpu.getSregs();
-  for (const seg of [s.cs, s.ds, s.es, s.ss]) { seg.base = 0n; seg.selector = 0; }
-  vcpu.setSregs(s);
-  vcpu.setRegs({ ...vcpu.getRegs(), rip: 0n, rflags: 2n, rsp: 0xf00n });
-}
-
 /** Runs the probe guest on `backend` and reports the per-class rule. Never throws. */
 export function probeIoRip(backend: Backend): IoRipProbeResult {
   const found = new Map<IoInstructionClass, IoRipRule>();
   let why: string | undefined;
   try {
-    const vm = backend.createVm({ irqchip: false });
-    const mem = vm.allocateMemory(4096, 'tsvm-io-rip-probe');
-    let vcpu: BackendVcpu | undefined;
-    try {
-      const { code, spans } = layout();
-      mem.bytes.set(code, 0);
-      vm.mapMemory(0, 0n, mem, 4096, { readonly: false, logDirty: false });
-      vcpu = vm.createVcpu(0);
-      realModeAtZero(vcpu);
-      for (let n = 0; n < 32; n++) {
-        vcpu.beginSlice(50_000_000);
-        let exit;
-        try { exit = vcpu.run(); } finally { vcpu.endSlice(); }
-        if (exit.kind === 'hlt') break;
-        if (exit.kind !== 'io') { why = `unexpected ${exit.kind} exit`; break; }
+    const { code, spans } = layout();
+    runScratchGuest(backend, {
+      name: 'tsvm-io-rip-probe', code, maxExits: 32,
+      onExit: (exit, vcpu) => {
+        if (exit.kind !== 'io') { why = `unexpected ${exit.kind} exit`; return false; }
         const rip = vcpu.getRegs().rip;
         const span = spans.find((s) => s.start === rip || s.end === rip);
         if (span && !found.has(span.cls)) found.set(span.cls, span.start === rip ? 'on' : 'after');
         if (exit.direction === 'in') vcpu.completeRead(new Uint8Array(exit.size * exit.count));
-      }
-    } finally {
-      vcpu?.close();
-      try { vm.unmapMemory(0); } catch { /* closing the VM frees it too */ }
-      mem.close();
-      vm.close();
-    }
+        return true;
+      },
+    });
   } catch (e) {
     why = `probe failed: ${e instanceof Error ? e.message : String(e)}`;
   }

@@ -10,7 +10,8 @@
  * it sees the outer hypervisor's values entirely.
  * @module
  */
-import type { Backend, BackendVcpu } from '../backend.js';
+import type { Backend } from '../backend.js';
+import { runScratchGuest } from '../backend/scratch-guest.js';
 import { applyCpuModel, CPU_FEATURE_REGISTERS, type CpuFeatureRegister } from './models.js';
 
 /** What the probe found. */
@@ -42,13 +43,6 @@ function program(): Uint8Array {
   return Uint8Array.from(code);
 }
 
-function realModeAtZero(vcpu: BackendVcpu): void {
-  const s = vcpu.getSregs();
-  for (const seg of [s.cs, s.ds, s.es, s.ss]) { seg.base = 0n; seg.selector = 0; }
-  vcpu.setSregs(s);
-  vcpu.setRegs({ ...vcpu.getRegs(), rip: 0n, rflags: 2n, rsp: 0xf00n });
-}
-
 const none = (): Record<CpuFeatureRegister, number> => Object.fromEntries(REGISTERS.map((r) => [r, 0])) as Record<CpuFeatureRegister, number>;
 
 /** Runs the probe guest on `backend` (once; the result is cached per backend). Never throws. */
@@ -58,37 +52,23 @@ export function probeCpuidControl(backend: Backend): CpuidControl {
   const uncontrolled = none();
   let why: string | undefined;
   try {
-    const vm = backend.createVm({ irqchip: false });
-    const mem = vm.allocateMemory(4096, 'tsvm-cpuid-probe');
-    let vcpu: BackendVcpu | undefined;
-    try {
-      mem.bytes.set(program(), 0);
-      vm.mapMemory(0, 0n, mem, 4096, { readonly: false, logDirty: false });
-      vcpu = vm.createVcpu(0);
+    let n = 0;
+    const halted = runScratchGuest(backend, {
+      name: 'tsvm-cpuid-probe', code: program(), maxExits: REGISTERS.length + 1,
       // Every feature register zero; leaf limits as the host's, so every leaf exists.
-      vcpu.setCpuid(applyCpuModel({ name: 'probe', features: {} }, vcpu.supportedCpuid()).cpuid);
-      realModeAtZero(vcpu);
-      let n = 0;
-      for (; n <= REGISTERS.length; n++) {
-        vcpu.beginSlice(50_000_000);
-        let exit;
-        try { exit = vcpu.run(); } finally { vcpu.endSlice(); }
-        if (exit.kind === 'hlt') break;
-        if (exit.kind !== 'io' || exit.port !== PORT) { why = `unexpected ${exit.kind} exit`; break; }
-        const name = REGISTERS[n];
-        if (name === undefined) { why = 'more exits than cpuid probes'; break; }
+      setup: (vcpu) => vcpu.setCpuid(applyCpuModel({ name: 'probe', features: {} }, vcpu.supportedCpuid()).cpuid),
+      onExit: (exit, vcpu) => {
+        if (exit.kind !== 'io' || exit.port !== PORT) { why = `unexpected ${exit.kind} exit`; return false; }
+        const name = REGISTERS[n++];
+        if (name === undefined) { why = 'more exits than cpuid probes'; return false; }
         const regs = vcpu.getRegs();
         const reg = CPU_FEATURE_REGISTERS[name].reg;
         const value = reg === 'eax' ? regs.rax : reg === 'ebx' ? regs.rbx : reg === 'ecx' ? regs.rcx : regs.rdx;
         uncontrolled[name] = Number(value & 0xffff_ffffn);
-      }
-      if (why === undefined && n !== REGISTERS.length) why = `saw ${n} of ${REGISTERS.length} cpuid probes`;
-    } finally {
-      vcpu?.close();
-      try { vm.unmapMemory(0); } catch { /* closing the VM frees it too */ }
-      mem.close();
-      vm.close();
-    }
+        return true;
+      },
+    });
+    if (why === undefined && (!halted || n !== REGISTERS.length)) why = `saw ${n} of ${REGISTERS.length} cpuid probes`;
   } catch (e) {
     why = `probe failed: ${e instanceof Error ? e.message : String(e)}`;
   }
