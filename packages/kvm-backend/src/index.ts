@@ -8,7 +8,7 @@
  *   stays private to the vCPU); answers go back through `completeIoIn` / `completeMmioRead` /
  *   `completeMsr` / `completePendingExit`
  * - {@link MemfdMapping}: guest RAM on a memfd
- * - {@link threadCpuNs}: the calling thread's CPU clock
+ * - {@link threadCpuNs}: the calling thread's CPU clock; {@link setThreadIdle}: `SCHED_IDLE` for it
  * - {@link VcpuRunners}: one thread per vCPU issuing `KVM_RUN`, for vCPUs that run in parallel
  * - slice preemption: {@link armSlice} / {@link consumeSliceSignal} / {@link runSignalMask}
  * - `raw`: struct layouts, ioctl numbers, libc
@@ -27,6 +27,7 @@ export type {
 } from './exit.js';
 export { MemfdMapping } from './memfd.js';
 export { threadCpuNs } from './clock.js';
+export { setThreadIdle } from './sched.js';
 export { VcpuRunners } from './runner.js';
 export { armSlice, disarmSlice, consumeSliceSignal, runSignalMask, sliceSignal } from './timer.js';
 export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './types.js';

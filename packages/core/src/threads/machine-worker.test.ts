@@ -25,7 +25,7 @@ describe('MachineWorker (mock backend in a worker)', () => {
     expect(await w.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
     expect(text).toBe('ok\nok\n');
     const report = await w.report();
-    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, pid: process.pid, nice: getPriority(), mark: 0 });
+    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, pid: process.pid, nice: getPriority(), policy: 0, mark: 0 });
     expect(audit).toEqual([{ run: 1, code: 7 }, { run: 2, code: 7 }]);
     expect((await w.stats()).total).toBe(8);
     expect(w.threadId).toBeGreaterThan(0);
@@ -36,6 +36,14 @@ describe('MachineWorker (mock backend in a worker)', () => {
     await expect(w.run({ input: 1 })).rejects.toThrow(/takes no per-run input/);
     await expect(w.run({ input: undefined })).rejects.toBeInstanceOf(InvalidArgumentError);
     expect((await w.run({ timeout: 5000 })).reason).toBeDefined();
+  });
+
+  it('idle: the worker\'s thread runs SCHED_IDLE (and only it: this thread stays normal); a non-boolean is refused', async () => {
+    await using w = await start('hello', { idle: true });
+    expect(await w.report()).toMatchObject({ policy: 5 });
+    await using n = await start('hello');
+    expect(await n.report()).toMatchObject({ policy: 0 });
+    await expect(start('hello', { idle: 1 as never })).rejects.toBeInstanceOf(InvalidArgumentError);
   });
 
   it("isolation 'process': the machine runs in a child process; a native crash there (SIGSEGV) ends only it, typed", async () => {

@@ -122,6 +122,8 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
     if (isolation !== 'thread' && isolation !== 'process') throw new InvalidArgumentError('isolation', `must be 'thread' or 'process', got ${show(isolation)}`);
     const nice = options.nice ?? 0;
     if (typeof nice !== 'number' || !Number.isInteger(nice) || nice < 0 || nice > 19) throw new InvalidArgumentError('nice', `must be an integer in [0, 19], got ${show(nice)}`);
+    const idle = options.idle ?? false;
+    if (typeof idle !== 'boolean') throw new InvalidArgumentError('idle', `must be a boolean, got ${show(idle)}`);
     const c = options.console ?? {};
     const consoleFlushMs = positive(c.flushMs, 'console.flushMs', 1000) ?? 5;
     const consoleChunk = positive(c.chunkBytes, 'console.chunkBytes', 16 << 20) ?? 64 << 10;
@@ -132,7 +134,7 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
     }
     const worker = spawnWorker({
       module, export: exportName, init: options.init, snapshotFile: options.snapshot,
-      template: options.template === true && options.snapshot === undefined, nice, consoleFlushMs, consoleChunk, consoleLimit, auditLimit,
+      template: options.template === true && options.snapshot === undefined, nice, idle, consoleFlushMs, consoleChunk, consoleLimit, auditLimit,
     }, { ...options, isolation });
     const handle = new MachineWorker<BuilderInit<B>, BuilderReport<B>, BuilderAudit<B>, BuilderInput<B>>(worker);
     await handle.#ready(startTimeout);

@@ -30,6 +30,8 @@ export interface WorkerBoot {
   readonly consoleLimit: number;
   /** Nice value for the worker's thread (0: leave it). */
   readonly nice: number;
+  /** Schedule the worker's thread SCHED_IDLE. */
+  readonly idle: boolean;
   /** URL of tsx's ESM API to register before importing TypeScript, if needed. */
   readonly tsx: string | undefined;
   /** URL of the worker's own entry (imported by the bootstrap). */

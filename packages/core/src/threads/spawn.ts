@@ -85,6 +85,13 @@ export interface SpawnOptions {
    */
   readonly nice?: number;
   /**
+   * Schedule the worker's thread `SCHED_IDLE` (Linux; no privilege needed): it runs only on CPU
+   * time no normal thread wants, and a waking normal thread — the caller's event loop —
+   * preempts it at once. The strongest way to keep spinning guests from delaying the caller
+   * (`bench:threads`), at the price that a busy host starves them. `nice` is then moot.
+   */
+  readonly idle?: boolean;
+  /**
    * Where the machine lives: `'thread'` (default; a worker thread, cheap to start, shares the
    * process) or `'process'` (a child process: a native crash, the OOM killer or `process.abort()`
    * ends only it, and its handle rejects with a `WorkerExitedError` whose `how` is `signal`).

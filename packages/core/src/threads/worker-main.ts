@@ -8,7 +8,7 @@
  */
 import { setPriority } from 'node:os';
 import { parentPort, threadId, workerData } from 'node:worker_threads';
-import { libc } from '@tsvm/kvm-backend';
+import { libc, setThreadIdle } from '@tsvm/kvm-backend';
 import { kvmBackend } from '../backend/kvm.js';
 import type { Backend } from '../backend.js';
 import type { Device } from '../device.js';
@@ -222,6 +222,10 @@ async function main(): Promise<void> {
   if (!port) throw new StateError('worker-main runs only inside a machine worker');
   // setpriority(PRIO_PROCESS, tid) on Linux sets one thread's nice value: this worker's only.
   if (boot.nice !== 0) setPriority(libc().gettid(), boot.nice);
+  // SCHED_IDLE for this thread only (sched_setscheduler takes a thread id on Linux).
+  if (boot.idle) {
+    try { setThreadIdle(); } catch (e) { post({ t: 'failed', error: encodeError(e) }); return; }
+  }
   let built: BuiltMachine;
   try {
     built = await build();

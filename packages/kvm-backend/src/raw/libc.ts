@@ -61,6 +61,8 @@ export interface Libc {
   sigtimedwait(set: Uint8Array, info: Uint8Array | null, timeout: Uint8Array): number;
   /** libc `gettid` (see its man page). */
   gettid(): number;
+  /** libc `sched_setscheduler` with a 4-byte `struct sched_param` (see its man page); `pid` may be a thread id. */
+  sched_setscheduler(pid: number, policy: number, param: Uint8Array): number;
   /** libc `clock_gettime` into a 16-byte `struct timespec` (see its man page). */
   clock_gettime(clockid: number, ts: Uint8Array): number;
   /** libc `sigemptyset` (see its man page). */
@@ -112,6 +114,7 @@ export function libc(): Libc {
     sigtimedwait: l.func('int sigtimedwait(void *set, void *info, void *timeout)'),
     gettid: l.func('int gettid()'),
     clock_gettime: l.func('int clock_gettime(int, _Out_ uint8_t *ts)'),
+    sched_setscheduler: l.func('int sched_setscheduler(int pid, int policy, const uint8_t *param)'),
     sigemptyset: l.func('int sigemptyset(void *set)'),
     sigaddset: l.func('int sigaddset(void *set, int signo)'),
     sigismember: l.func('int sigismember(void *set, int signo)'),
@@ -158,6 +161,7 @@ export const C = {
   MFD_CLOEXEC: 1,
   CLOCK_MONOTONIC: 1,
   CLOCK_THREAD_CPUTIME_ID: 3,
+  SCHED_IDLE: 5,
   SIGEV_THREAD_ID: 4,
   SIG_BLOCK: 0,
   SIG_UNBLOCK: 1,
