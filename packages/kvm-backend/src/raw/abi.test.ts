@@ -69,7 +69,7 @@ const runFields: Array<[keyof typeof S.KVM_RUN_OFFSETS, string]> = [
   ['debug_pc', 'debug.arch.pc'], ['debug_dr6', 'debug.arch.dr6'], ['debug_dr7', 'debug.arch.dr7'],
   ['ex_exception', 'ex.exception'], ['ex_error_code', 'ex.error_code'], ['hypercall_nr', 'hypercall.nr'],
   ['hypercall_args', 'hypercall.args'], ['hypercall_ret', 'hypercall.ret'],
-  ['kvm_valid_regs', 'kvm_valid_regs'], ['kvm_dirty_regs', 'kvm_dirty_regs'], ['sync_regs', 's.regs.regs'],
+  ['kvm_valid_regs', 'kvm_valid_regs'], ['kvm_dirty_regs', 'kvm_dirty_regs'], ['sync_regs', 's.regs.regs'], ['sync_sregs', 's.regs.sregs'], ['sync_events', 's.regs.events'],
 ];
 
 function cReport(): Record<string, number> {
@@ -87,7 +87,7 @@ function cReport(): Record<string, number> {
     for (const k of Object.keys(S.VCPU_EVENTS_OFFSETS)) lines.push(`P("events.${k}", offsetof(struct kvm_vcpu_events, ${k.replace('exception_', 'exception.').replace('nmi_', 'nmi.')}));`);
     for (const k of Object.keys(KVM)) lines.push(`P("ioctl.${k}", (unsigned long)${k});`);
     lines.push('P("const.COALESCED_MMIO_PAGE_OFFSET", KVM_COALESCED_MMIO_PAGE_OFFSET);', 'P("const.PIO_PAGE_OFFSET", KVM_PIO_PAGE_OFFSET);', 'P("const.PIT_SPEAKER_DUMMY", KVM_PIT_SPEAKER_DUMMY);',
-      'P("const.INTERNAL_ERROR_EMULATION", KVM_INTERNAL_ERROR_EMULATION);', 'P("const.SYNC_X86_REGS", KVM_SYNC_X86_REGS);',
+      'P("const.INTERNAL_ERROR_EMULATION", KVM_INTERNAL_ERROR_EMULATION);', 'P("const.SYNC_X86_REGS", KVM_SYNC_X86_REGS);', 'P("const.SYNC_X86_EVENTS", KVM_SYNC_X86_EVENTS);',
       'P("const.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES);',
       'P("const.EXIT_IO_OUT", KVM_EXIT_IO_OUT);', 'P("const.IOAPIC_REDIRTBL_OFFSET", offsetof(struct kvm_ioapic_state, redirtbl));');
     const src = `#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n#define P(n,v) printf("%s %lu\\n", n, (unsigned long)(v))\nint main(void){\n${lines.join('\n')}\nreturn 0;}\n`;
@@ -124,6 +124,7 @@ describe.skipIf(reason !== '')('KVM ABI layouts match <linux/kvm.h>', () => {
   it('exit decoding constants', () => {
     expect(KVM_CONST.INTERNAL_ERROR_EMULATION).toBe(c['const.INTERNAL_ERROR_EMULATION']);
     expect(KVM_CONST.SYNC_X86_REGS).toBe(c['const.SYNC_X86_REGS']);
+    expect(KVM_CONST.SYNC_X86_EVENTS).toBe(c['const.SYNC_X86_EVENTS']);
     expect(KVM_CONST.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES).toBe(c['const.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES']);
     expect(KVM_CONST.EXIT_IO_OUT).toBe(c['const.EXIT_IO_OUT']);
   });

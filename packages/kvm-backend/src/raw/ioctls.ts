@@ -126,6 +126,8 @@ export const KVM_CONST = {
   SYNC_X86_REGS: 1,
   /** `KVM_SYNC_X86_SREGS`: the special registers travel in `kvm_run.s.regs.sregs`. */
   SYNC_X86_SREGS: 2,
+  /** `KVM_SYNC_X86_EVENTS`: the vCPU events (`struct kvm_vcpu_events`) travel in `kvm_run.s.regs.events`. */
+  SYNC_X86_EVENTS: 4,
   MEM_LOG_DIRTY_PAGES: 1,
   MEM_READONLY: 2,
   EXIT_IO_IN: 0,
