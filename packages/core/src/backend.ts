@@ -179,6 +179,22 @@ export interface BackendVcpu {
    * `KVM_RUN`). An unanswered read reads all-ones. A no-op when nothing is pending.
    */
   completePendingExit(): void;
+  /**
+   * Optional: {@link completePendingExit} without entering the kernel when the pending exit has
+   * nothing left to complete (KVM: an `out` on a host whose emulator finished it before exiting,
+   * which `capabilities.ioExitRip` shows as RIP already past it). Same result, one ioctl less.
+   */
+  settlePendingExit?(): void;
+  /**
+   * Optional: puts `image` (registers, special registers and the blobs of {@link getState}) into the vCPU at the least cost this host allows, for a reset —
+   * the KVM backend writes registers, special registers and vCPU events into `kvm_run`
+   * (`KVM_CAP_SYNC_REGS`), which the next `KVM_RUN` loads without an ioctl each, and the other
+   * blobs with one ioctl each; reading any of that state back before the next run sees the new
+   * values. Returns `false`, having changed nothing, where it cannot (no sync area for all
+   * three, an exit still pending, an in-kernel LAPIC, a vCPU not runnable): the caller then uses
+   * {@link setRegs}, {@link setSregs} and {@link setState}. MSRs are not part of it.
+   */
+  loadState?(image: { readonly regs: Regs; readonly sregs: Sregs; readonly blobs: Readonly<Record<string, Uint8Array>> }): boolean;
   /** The MSRs KVM saves and restores for a vCPU (`KVM_GET_MSR_INDEX_LIST`). */
   msrIndexList(): readonly number[];
   /**

@@ -48,6 +48,8 @@ export class KvmBackend implements Backend {
   readonly syncRegs: boolean;
   /** `KVM_CAP_SYNC_REGS` also offers the special registers (`KVM_SYNC_X86_SREGS`). */
   readonly syncSregs: boolean;
+  /** `KVM_CAP_SYNC_REGS` also offers the vCPU events (`KVM_SYNC_X86_EVENTS`): with all three, a reset loads them at no ioctl. */
+  readonly syncEvents: boolean;
   /** What the I/O-exit RIP probe found when this backend opened (`capabilities.ioExitRip`). */
   readonly ioRipProbe: IoRipProbeResult;
   #cpuid: CpuidEntry[] | undefined;
@@ -71,6 +73,7 @@ export class KvmBackend implements Backend {
     const sync = process.env['TSVM_NO_SYNC_REGS'] === '1' ? 0 : s.checkExtension(KVM_CAP.SYNC_REGS);
     this.syncRegs = (sync & KVM_CONST.SYNC_X86_REGS) !== 0;
     this.syncSregs = this.syncRegs && (sync & KVM_CONST.SYNC_X86_SREGS) !== 0;
+    this.syncEvents = this.syncRegs && (sync & KVM_CONST.SYNC_X86_EVENTS) !== 0;
     this.capabilities = {
       flavour: detectFlavour(),
       readonlyMemory: s.has('READONLY_MEM'),
@@ -379,6 +382,20 @@ class KvmBackendVcpu implements BackendVcpu {
   #syncDirty = false;
 
   readonly #backend: KvmBackend;
+  /**
+   * `KVM_SYNC_X86_SREGS` / `KVM_SYNC_X86_EVENTS` bits {@link loadState} wrote into `kvm_run`
+   * that KVM has not loaded yet (the registers are `#syncDirty`). While set, `kvm_run` holds the
+   * vCPU's real special registers / events: reads come from there, and any ioctl that reads or
+   * changes them goes through `#flushPending` first.
+   */
+  #pendingSync = 0;
+  /**
+   * This host's `out` exits need no completion: `capabilities.ioExitRip` shows RIP already past
+   * both non-string forms, which only KVM's emulator does (the VMX/SVM fast path leaves RIP on
+   * the instruction and skips it in a completion callback), and KVM emulates every string form
+   * anyway; the emulator finishes an `out` before it exits and leaves no callback.
+   */
+  readonly #outDoneAtExit: boolean;
 
   constructor(v: KvmVcpu, cpuid: CpuidEntry[], vm: KvmVm, backend: KvmBackend) {
     this.#v = v;
@@ -389,6 +406,8 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#sync = backend.syncRegs;
     this.#syncSregsOffered = backend.syncSregs;
     this.#svm = backend.capabilities.flavour === 'svm';
+    const rip = backend.capabilities.ioExitRip;
+    this.#outDoneAtExit = rip['out-imm'] === 'after' && rip['out-dx'] === 'after';
     if (this.#sync) v.setSyncRegs(true);
   }
 
@@ -396,6 +415,7 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#regs = this.#sregs = undefined;
     const exit = this.#v.run();
     this.#syncDirty = false;
+    if (this.#pendingSync !== 0) this.#pendingSync &= this.#v.syncDirtyBits();
     // An interrupted KVM_RUN may not have stored the registers: ask KVM then.
     this.#syncFresh = this.#sync && exit.kind !== 'intr';
     this.#sregsFresh = this.#syncSregsOn && this.#syncFresh;
@@ -425,6 +445,7 @@ class KvmBackendVcpu implements BackendVcpu {
     // onto the accessing instruction (which the caller derived for this flavour), RAX as
     // before an `in` — and queue the exception, so the guest sees a fault *on* the access and
     // the access had no effect.
+    this.#flushPending();
     const regs = { ...this.getRegs(), rip };
     this.#last = NO_EXIT;
     this.#regs = this.#sregs = undefined;
@@ -461,7 +482,7 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#regs = { ...regs };
   }
   getSregs(): Sregs {
-    this.#sregs ??= this.#sregsFresh ? this.#v.syncedSregs() : this.#readSregs();
+    this.#sregs ??= this.#sregsFresh || (this.#pendingSync & KVM_CONST.SYNC_X86_SREGS) !== 0 ? this.#v.syncedSregs() : this.#readSregs();
     return cloneSregs(this.#sregs);
   }
   #readSregs(): Sregs {
@@ -476,6 +497,10 @@ class KvmBackendVcpu implements BackendVcpu {
   setSregs(s: Sregs): void {
     this.#sregs = undefined;
     this.#sregsFresh = false;
+    if ((this.#pendingSync & KVM_CONST.SYNC_X86_SREGS) !== 0) { // these win over the ones waiting in kvm_run
+      this.#v.dropSynced(KVM_CONST.SYNC_X86_SREGS);
+      this.#pendingSync &= ~KVM_CONST.SYNC_X86_SREGS;
+    }
     // KVM on SVM reports TR busy (type 11) whatever was set, and QEMU's emulated AMD honours the
     // TSS I/O bitmap only for a TR loaded as available (type 9): a get → set round trip (a
     // snapshot, CR4.TSD for recording) would otherwise make ring-3 port I/O #GP there.
@@ -490,6 +515,7 @@ class KvmBackendVcpu implements BackendVcpu {
   waitingForSipi() { const m = this.#v.getMpState(); return m === KVM_CONST.MP_STATE_UNINITIALIZED || m === KVM_CONST.MP_STATE_INIT_RECEIVED; }
 
   nmiWakeState(): NmiWakeState {
+    this.#flushPending();
     const ev = this.#v.getBlob('events');
     return {
       pending: ev[EV.nmi_pending] !== 0 || ev[EV.nmi_injected] !== 0,
@@ -514,7 +540,8 @@ class KvmBackendVcpu implements BackendVcpu {
     } catch { /* no in-kernel IOAPIC */ }
     return undefined;
   }
-  setGuestDebug(control: number, debugreg: readonly bigint[] = []) { this.#v.setGuestDebug(control, debugreg); }
+  // KVM_SET_GUEST_DEBUG edits RFLAGS (TF): registers waiting in kvm_run would undo that.
+  setGuestDebug(control: number, debugreg: readonly bigint[] = []) { this.#flushPending(); this.#v.setGuestDebug(control, debugreg); }
   drainCoalesced() { return this.#v.drainCoalesced(); }
 
   completePendingExit(): void {
@@ -528,7 +555,77 @@ class KvmBackendVcpu implements BackendVcpu {
 
   msrIndexList(): readonly number[] { return this.#backend.msrIndexList(); }
 
+  settlePendingExit(): void {
+    const e = this.#last;
+    if (e.kind === 'io' && e.direction === 'out' && this.#outDoneAtExit) {
+      // Nothing for KVM to finish: kvm_run (and the register caches) already hold the state
+      // after the `out`, and registers written into kvm_run stay queued for the next entry.
+      this.#last = NO_EXIT;
+      return;
+    }
+    this.completePendingExit();
+  }
+
+  loadState(image: { readonly regs: Regs; readonly sregs: Sregs; readonly blobs: Readonly<Record<string, Uint8Array>> }): boolean {
+    const b = image.blobs;
+    const events = b['events'];
+    const mp = b['mp-state'];
+    if (!this.#sync || !this.#syncSregsOffered || !this.#backend.syncEvents || this.#last !== NO_EXIT) return false;
+    // An in-kernel LAPIC: KVM_SET_SREGS may change the APIC base, which resets LAPIC state, so the
+    // documented order (special registers, then the LAPIC blob) is kept through ioctls.
+    if (b['lapic'] || !events) return false;
+    // Without an in-kernel LAPIC KVM keeps every vCPU RUNNABLE (it refuses any other MP state and
+    // nothing else changes it), so `mp-state` RUNNABLE needs no ioctl; anything else goes the slow way.
+    if (mp && (mp.length !== 4 || new DataView(mp.buffer, mp.byteOffset, 4).getUint32(0, true) !== KVM_CONST.MP_STATE_RUNNABLE)) return false;
+    for (const k of Object.keys(b)) {
+      if (!VCPU_BLOBS.has(k)) throw new KvmError('KVM_SET_*', 22, `unknown vCPU state blob '${k}'`);
+    }
+    this.#flushPending();
+    this.#flushRegs();
+    // No sync area for these: one ioctl each, XCRs before XSAVE (XCR0 decides what XSAVE loads).
+    for (const k of ['xcrs', 'xsave', 'debugregs'] as const) { const x = b[k]; if (x) this.#v.setBlob(k, x); }
+    const fpu = b['fpu'];
+    if (fpu && !b['xsave']) this.#v.setBlob('fpu', fpu);
+    // KVM's sync_regs loads these in this order at the next KVM_RUN (before the guest runs):
+    // registers (which also drop a queued exception), special registers, then events.
+    this.#v.setSyncedRegs(image.regs);
+    this.#v.setSyncedSregs(this.#svm && image.sregs.tr.type === 11 ? this.#svmTr(image.sregs) : image.sregs);
+    this.#v.setSyncedEvents(events);
+    this.#regs = { ...image.regs };
+    this.#sregs = undefined; // read back from kvm_run while pending
+    this.#syncFresh = true; // kvm_run's register copy is the vCPU's
+    this.#sregsFresh = false;
+    this.#syncDirty = true;
+    this.#pendingSync = KVM_CONST.SYNC_X86_SREGS | KVM_CONST.SYNC_X86_EVENTS;
+    return true;
+  }
+
+  readonly #trFixed = new WeakMap<Sregs, Sregs>();
+  /** `s` with TR available (see `setSregs`), the same frozen copy for the same `s` (its encoding is kept). */
+  #svmTr(s: Sregs): Sregs {
+    let f = this.#trFixed.get(s);
+    if (!f) {
+      f = Object.freeze({ ...s, tr: Object.freeze({ ...s.tr, type: 9 }) });
+      if (Object.isFrozen(s)) this.#trFixed.set(s, f);
+    }
+    return f;
+  }
+
+  /** Loads what {@link loadState} left in kvm_run through ioctls now, in sync_regs' order. */
+  #flushPending(): void {
+    if (this.#pendingSync === 0) return;
+    const bits = this.#pendingSync & this.#v.syncDirtyBits();
+    this.#pendingSync = 0;
+    this.#flushRegs();
+    if ((bits & KVM_CONST.SYNC_X86_SREGS) !== 0) this.#v.setSregs(this.#v.syncedSregs());
+    if ((bits & KVM_CONST.SYNC_X86_EVENTS) !== 0) this.#v.setBlob('events', this.#v.syncedEvents());
+    this.#v.dropSynced(KVM_CONST.SYNC_X86_SREGS | KVM_CONST.SYNC_X86_EVENTS);
+    this.#sregs = undefined;
+    this.#sregsFresh = false;
+  }
+
   getState(): Record<string, Uint8Array> {
+    this.#flushPending();
     const out: Record<string, Uint8Array> = {};
     for (const k of ['fpu', 'xsave', 'xcrs', 'lapic', 'events', 'debugregs'] as const) {
       try { out[k] = this.#v.getBlob(k); } catch { /* lapic without irqchip, xsave on old hosts */ }
@@ -540,6 +637,7 @@ class KvmBackendVcpu implements BackendVcpu {
   }
 
   setState(state: Record<string, Uint8Array>): void {
+    this.#flushPending();
     this.#flushRegs();
     this.#regs = this.#sregs = undefined;
     this.#syncFresh = this.#sregsFresh = false;

@@ -16,7 +16,7 @@ import { kvmBackend } from '../backend/kvm.js';
 import type { MachineInternals } from './internals.js';
 import { PAGE_SIZE, type SnapshotManifest } from './manifest.js';
 import { Snapshot, cpuSignature } from './snapshot.js';
-import { applyCpuState, step } from './apply.js';
+import { applyCpuState, applyCpuStateForReset, step } from './apply.js';
 import { MAX_VCPUS } from '../machine/state.js';
 import type { PremappedRegion } from './pool.js';
 
@@ -188,9 +188,9 @@ export async function restoreMachine(
 }
 
 /** Applies the snapshot's VM, vCPU (unless a pooled VM has it already) and device state. */
-function applyState(m: Machine, x: MachineInternals, snap: Snapshot, cpu = true): void {
+function applyState(m: Machine, x: MachineInternals, snap: Snapshot, cpu = true, apply = applyCpuState): void {
   const manifest = snap.manifest;
-  if (cpu) applyCpuState(x.vm, m.vcpus.map((v) => v.backend), manifest, snap.rejectedMsrs);
+  if (cpu) apply(x.vm, m.vcpus.map((v) => v.backend), manifest, snap.rejectedMsrs);
   const attached = new Map(x.devices().map((d) => [d.name, d]));
   for (const [name, state] of Object.entries(manifest.devices)) {
     const d = attached.get(name);
@@ -210,7 +210,11 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
   if (x.running) throw new StateError('cannot reset a running machine; let run() return first');
   const snap = base.snapshot;
   const image = snap.image().bytes;
-  for (const v of m.vcpus) v.backend.completePendingExit();
+  // Before the dirty log is read: finishing an `in`/MMIO read may still write guest RAM (`ins`).
+  for (const v of m.vcpus) {
+    const b = v.backend;
+    if (b.settlePendingExit) b.settlePendingExit(); else b.completePendingExit();
+  }
   let pages = 0;
   const full = options.full === true;
   const scratch = full ? new Uint8Array(PAGE_SIZE) : undefined;
@@ -247,7 +251,7 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
     }
   });
   try {
-    applyState(m, x, snap);
+    applyState(m, x, snap, true, applyCpuStateForReset);
   } catch (e) {
     throw e instanceof TsvmError ? e : new StateError(`reset of '${m.name}' failed: ${String(e)}`);
   } finally {
