@@ -383,9 +383,48 @@ export class KvmVcpu {
     return into;
   }
 
+  // SAFETY: the ring mapping is private to this class (entries are copied out by
+  // `harvestDirtyRing`) and unmapped by `close()`, which swaps in an empty view.
+  #ring: { ptr: NativePointer; bytes: number; view: DataView; next: number } | undefined;
+
+  /**
+   * Maps this vCPU's dirty ring (`bytes`, as given to `KvmVm.enableDirtyRing`) from page
+   * `KVM_DIRTY_LOG_PAGE_OFFSET` of the vCPU fd. Once per vCPU.
+   */
+  mapDirtyRing(bytes: number): void {
+    if (this.#ring) throw new KvmError('mmap(dirty ring)', 17, 'already mapped');
+    const ptr = libc().mmap(null, bytes, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED, this.fd, KVM_CONST.DIRTY_LOG_PAGE_OFFSET * PAGE);
+    if (ptr === null) throw new KvmError('mmap(dirty ring)', errno());
+    this.#ring = { ptr, bytes, view: new DataView(viewOf(ptr, bytes)), next: 0 };
+  }
+
+  /**
+   * Collects the entries KVM published since the last harvest (`struct kvm_dirty_gfn`: flags,
+   * slot, offset in pages), calling `page(slot, pageOffset)` for each and marking it harvested;
+   * the caller then issues `KvmVm.resetDirtyRings`. Call only while the vCPU is not in `KVM_RUN`
+   * (the thread that runs it calls this, so KVM never writes an entry while it is read).
+   * @returns how many entries it took.
+   */
+  harvestDirtyRing(page: (slot: number, offset: number) => void): number {
+    const r = this.#ring;
+    if (!r) return 0;
+    const entries = r.bytes / 16;
+    let n = 0;
+    for (;;) {
+      const at = (r.next % entries) * 16;
+      if ((r.view.getUint32(at, true) & KVM_CONST.DIRTY_GFN_F_DIRTY) === 0) break;
+      page(r.view.getUint32(at + 4, true), Number(r.view.getBigUint64(at + 8, true)));
+      r.view.setUint32(at, KVM_CONST.DIRTY_GFN_F_RESET, true);
+      r.next++;
+      if (++n === entries) break;
+    }
+    return n;
+  }
+
   /** Unmaps `kvm_run` and closes the fd. Idempotent. */
   close(): void {
     if (this.fd < 0) return;
+    if (this.#ring) { libc().munmap(this.#ring.ptr, this.#ring.bytes); this.#ring = undefined; }
     libc().munmap(this.#ptr, this.#mmapSize);
     this.#run = new DataView(new ArrayBuffer(0));
     this.#runBytes = new Uint8Array(0);
