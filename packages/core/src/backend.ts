@@ -50,6 +50,13 @@ export interface HostCapabilities {
 export interface BackendVmOptions {
   /** Create the in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT. */
   readonly irqchip: boolean;
+  /**
+   * Optional: track dirty pages with a ring of this many bytes per vCPU instead of a bitmap per
+   * memslot (KVM: `KVM_CAP_DIRTY_LOG_RING_ACQ_REL`). {@link BackendVm.dirtyLog} keeps its meaning.
+   * A backend that cannot falls back to the bitmap: {@link BackendVm.dirtyTracking} says which it
+   * used.
+   */
+  readonly dirtyRing?: number;
 }
 
 /** A hypervisor. */
@@ -85,6 +92,11 @@ export interface BackendVm {
   unmapMemory(slot: number): void;
   /** Returns and clears the dirty bitmap of `slot` (one bit per 4 KiB page). */
   dirtyLog(slot: number, size: number): Uint8Array;
+  /**
+   * Optional: how {@link dirtyLog} learns what was written: `'log'`, the kernel's bitmap per
+   * memslot (absent means this), or `'ring'`, per-vCPU rings harvested into bitmaps.
+   */
+  readonly dirtyTracking?: 'log' | 'ring';
   /** Drives an interrupt line of the in-kernel irqchip. */
   irqLine(irq: number, level: boolean): void;
   /** Routes accesses in a range to the coalesced ring instead of exiting. */

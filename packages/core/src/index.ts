@@ -39,8 +39,8 @@ export { ExitCounters, type ExitStats, type ExitKindStats } from './stats.js';
 export type { Backend, BackendVm, BackendVcpu, BackendVmOptions, HostCapabilities, NmiWakeState, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
 export { KvmBackend, kvmBackend } from './backend/kvm.js';
 export {
-  Snapshot, parseManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION,
-  type RestoreOptions, type ResetResult, type ResetOptions, type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu, type SnapshotHost,
+  Snapshot, parseManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION, measureDirtyTracking, cheaperDirtyTracking,
+  type PrewarmOptions, type DirtyTracking, type DirtyTrackingPrices, type RestoreOptions, type ResetResult, type ResetOptions, type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu, type SnapshotHost,
 } from './snapshot/index.js';
 export * from './loaders/index.js';
 export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';

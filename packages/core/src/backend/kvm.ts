@@ -9,7 +9,7 @@
 import { readFileSync } from 'node:fs';
 import { isMainThread } from 'node:worker_threads';
 import {
-  KVM_CAP, KVM_CONST, KvmSystem, MemfdMapping, armSlice, disarmSlice,
+  KVM_CAP, KVM_CONST, KVM_EXIT, KvmSystem, MemfdMapping, armSlice, disarmSlice,
   consumeSliceSignal, runSignalMask, KvmError, VCPU_EVENTS_OFFSETS as EV, IOAPIC_REDIRTBL_OFFSET,
   type KvmVcpu, type KvmVm, type CpuidEntry,
 } from '@tsvm/kvm-backend';
@@ -50,6 +50,11 @@ export class KvmBackend implements Backend {
   readonly syncSregs: boolean;
   /** `KVM_CAP_SYNC_REGS` also offers the vCPU events (`KVM_SYNC_X86_EVENTS`): with all three, a reset loads them at no ioctl. */
   readonly syncEvents: boolean;
+  /**
+   * A VM of this backend found its dirty ring overflowed (see `BackendVm.dirtyTracking`): rings
+   * are not chosen by price any more in this process (`cheaperDirtyTracking`).
+   */
+  ringOverflowSeen = false;
   /** What the I/O-exit RIP probe found when this backend opened (`capabilities.ioExitRip`). */
   readonly ioRipProbe: IoRipProbeResult;
   #cpuid: CpuidEntry[] | undefined;
@@ -117,6 +122,8 @@ export class KvmBackend implements Backend {
 
   /** Creates a VM: the spare one made ahead when there is one, and starts making the next. */
   createVm(options: BackendVmOptions): BackendVm {
+    // A dirty ring must be enabled before the first vCPU exists, which a spare already has.
+    if (options.dirtyRing !== undefined && this.capabilities.dirtyLogRing) return this.#createVmNow(options);
     const spare = this.#spares.get(options.irqchip)?.shift();
     if (spare) {
       this.#refill(options.irqchip);
@@ -186,7 +193,15 @@ export class KvmBackend implements Backend {
       vm.close();
       throw e;
     }
-    return new KvmBackendVm(vm, this, options.irqchip);
+    let ring: number | undefined;
+    if (options.dirtyRing !== undefined && this.capabilities.dirtyLogRing) {
+      const max = this.system.checkExtension(KVM_CAP.DIRTY_LOG_RING_ACQ_REL);
+      // A power of two of whole pages, within what the host allows; the bitmap where it refuses.
+      let bytes = 4096;
+      while (bytes * 2 <= Math.min(options.dirtyRing, max)) bytes *= 2;
+      try { vm.enableDirtyRing(bytes); ring = bytes; } catch { ring = undefined; }
+    }
+    return new KvmBackendVm(vm, this, options.irqchip, undefined, ring);
   }
 
   /** Closes the spare VMs and `/dev/kvm`. */
@@ -206,13 +221,67 @@ class KvmBackendVm implements BackendVm {
   readonly #irqchip: boolean;
   /** vCPU 0, made ahead with the VM (a spare), until `createVcpu(0)` takes it. */
   #ready0: KvmVcpu | undefined;
+  /** Bytes of each vCPU's dirty ring, when the VM tracks dirty pages with rings. */
+  readonly #ringBytes: number | undefined;
+  /** The vCPUs whose rings are harvested (all of them). */
+  readonly #ringVcpus: KvmVcpu[] = [];
+  /** Pages harvested from the rings and not yet returned by `dirtyLog`, per memslot. */
+  readonly #ringBits = new Map<number, Uint8Array>();
+  /** Memslot sizes in bytes (a ring entry past its slot's end is ignored). */
+  readonly #slotSizes = new Map<number, number>();
+  /** `'ring'` when this VM's dirty pages come from per-vCPU rings. */
+  readonly dirtyTracking: 'log' | 'ring';
 
-  constructor(vm: KvmVm, backend: KvmBackend, irqchip: boolean, vcpu0?: KvmVcpu) {
+  constructor(vm: KvmVm, backend: KvmBackend, irqchip: boolean, vcpu0?: KvmVcpu, ringBytes?: number) {
     this.#vm = vm;
     this.#backend = backend;
     this.#irqchip = irqchip;
     this.#ready0 = vcpu0;
+    this.#ringBytes = ringBytes;
+    this.dirtyTracking = ringBytes === undefined ? 'log' : 'ring';
   }
+
+  /**
+   * Moves every ring entry into `#ringBits` and lets KVM write-protect those pages again
+   * (`KVM_RESET_DIRTY_RINGS`). Called by `dirtyLog` and when a vCPU exits because its ring is
+   * full. Never while a vCPU runs: vCPUs run on the calling thread. Returns the entries taken.
+   */
+  harvestRings(full = false): number {
+    const mark = (slotField: number, page: number): void => {
+      const slot = slotField & 0xffff;
+      const size = this.#slotSizes.get(slot);
+      if (size === undefined || page * 4096 >= size) return;
+      let bits = this.#ringBits.get(slot);
+      if (!bits) { bits = new Uint8Array(Math.ceil(size / 4096 / 64) * 8); this.#ringBits.set(slot, bits); }
+      bits[page >> 3] = (bits[page >> 3] as number) | (1 << (page & 7));
+    };
+    let n = 0;
+    const entries = (this.#ringBytes ?? 0) / 16;
+    for (const v of this.#ringVcpus) {
+      const got = v.harvestDirtyRing(mark);
+      // KVM stops a vCPU well before its ring fills (a soft limit 64+ entries short of it); a
+      // ring found entirely full may have wrapped over entries not yet harvested (seen on PVM,
+      // whose emulator can run a burst of ring-0 stores without checking): pages may be missing.
+      if (got >= entries) this.#ringLost();
+      n += got;
+    }
+    if (n > 0 || full) this.#vm.resetDirtyRings();
+    // Full with nothing to take: KVM's ring index ran past what it published (wrapped). The
+    // vCPU cannot run on; its run() returns the ring-full exit, which stops the machine visibly.
+    if (full && n === 0) this.#ringLost();
+    return n;
+  }
+
+  /**
+   * The rings lost entries: from now on `dirtyLog` reports every page of every slot dirty (a
+   * reset then copies all of RAM: slower, still exact), and the backend stops choosing rings.
+   */
+  #ringLost(): void {
+    this.#ringOverflowed = true;
+    this.#backend.ringOverflowSeen = true;
+  }
+
+  #ringOverflowed = false;
 
   allocateMemory(size: number, name: string): HostMemory {
     return MemfdMapping.create(size, name);
@@ -249,10 +318,14 @@ class KvmBackendVm implements BackendVm {
   }
 
   mapMemory(slot: number, start: bigint, host: HostMemory, size: number, flags: { readonly: boolean; logDirty: boolean }): void {
+    if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringBits.delete(slot); }
     this.#vm.setUserMemoryRegion(slot, start, size, host.hostAddress, flags);
+    this.#slotSizes.set(slot, size);
   }
 
   unmapMemory(slot: number): void {
+    if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringBits.delete(slot); }
+    this.#slotSizes.delete(slot);
     this.#vm.setUserMemoryRegion(slot, 0n, 0, 0n);
     this.#dirtyBufs.get(slot)?.close();
     this.#dirtyBufs.delete(slot);
@@ -260,6 +333,18 @@ class KvmBackendVm implements BackendVm {
 
   dirtyLog(slot: number, size: number): Uint8Array {
     const bytes = Math.ceil(size / 4096 / 64) * 8;
+    if (this.#ringBytes !== undefined) {
+      this.harvestRings();
+      const bits = this.#ringBits.get(slot);
+      this.#ringBits.delete(slot);
+      const out = new Uint8Array(bytes);
+      if (this.#ringOverflowed) {
+        const pages = Math.ceil(size / 4096);
+        out.fill(0xff, 0, pages >> 3);
+        if (pages & 7) out[pages >> 3] = (1 << (pages & 7)) - 1;
+      } else if (bits) out.set(bits.subarray(0, bytes));
+      return out;
+    }
     let buf = this.#dirtyBufs.get(slot);
     if (!buf || buf.size < bytes) {
       buf?.close();
@@ -312,6 +397,11 @@ class KvmBackendVm implements BackendVm {
       const cpuid = this.#backend.supportedCpuid();
       vcpu.setCpuid(cpuid);
       vcpu.setSignalMask(runSignalMask());
+      if (this.#ringBytes !== undefined) {
+        vcpu.mapDirtyRing(this.#ringBytes);
+        this.#ringVcpus.push(vcpu);
+        return new KvmBackendVcpu(vcpu, cpuid, this.#vm, this.#backend, () => this.harvestRings(true));
+      }
       return new KvmBackendVcpu(vcpu, cpuid, this.#vm, this.#backend);
     } catch (e) {
       vcpu.close();
@@ -334,6 +424,7 @@ class KvmBackendVm implements BackendVm {
 
   /** The dirty-log buffers and an untaken vCPU 0: what this VM owns besides its fd. */
   #releaseOwned(): void {
+    this.#ringVcpus.length = 0;
     for (const b of this.#dirtyBufs.values()) b.close();
     this.#dirtyBufs.clear();
     this.#ready0?.close();
@@ -397,7 +488,11 @@ class KvmBackendVcpu implements BackendVcpu {
    */
   readonly #outDoneAtExit: boolean;
 
-  constructor(v: KvmVcpu, cpuid: CpuidEntry[], vm: KvmVm, backend: KvmBackend) {
+  /** Harvests the VM's dirty rings (ring VMs only): a vCPU whose ring is full exits until that is done. */
+  readonly #harvest: (() => number) | undefined;
+
+  constructor(v: KvmVcpu, cpuid: CpuidEntry[], vm: KvmVm, backend: KvmBackend, harvest?: () => number) {
+    this.#harvest = harvest;
     this.#v = v;
     this.#vm = vm;
     this.#backend = backend;
@@ -413,7 +508,13 @@ class KvmBackendVcpu implements BackendVcpu {
 
   run(): VcpuExit {
     this.#regs = this.#sregs = undefined;
-    const exit = this.#v.run();
+    let exit = this.#v.run();
+    // A full dirty ring is the backend's business, not an exit of the guest: empty it, go on.
+    // Each round frees the ring, so the guest makes progress; the slice timer still ends the
+    // run. A full ring with nothing to harvest is a real error, reported as this exit.
+    while (this.#harvest && exit.kind === 'unsupported' && exit.reason === KVM_EXIT.DIRTY_RING_FULL && this.#harvest() > 0) {
+      exit = this.#v.run();
+    }
     this.#syncDirty = false;
     if (this.#pendingSync !== 0) this.#pendingSync &= this.#v.syncDirtyBits();
     // An interrupted KVM_RUN may not have stored the registers: ask KVM then.
