@@ -57,7 +57,7 @@ export {
   SnapshotFormatError, ImageFormatError, MonitorViolation, HookFailure, WorkerExitedError,
 } from './errors.js';
 export {
-  tappable, countsAsGuestExit, record, startRecording, Recorder, replay, ReplayDivergence,
+  tappable, countsAsGuestExit, record, startRecording, rdtscTrapped, Recorder, replay, ReplayDivergence,
   parseLog, encodeLog, snapshotDigest, REPLAY_FORMAT, REPLAY_VERSION,
   type RecordOptions, type Recording, type ReplayOptions, type ReplayResult,
   type ReplayLog, type LoggedExit, type LoggedDma, type LoggedIrq, type LoggedStop,
