@@ -145,6 +145,22 @@ async function main(): Promise<void> {
       const dbg = v.getState()['debugregs'];
       if (dbg) { const xs: number[] = []; for (let k = 0; k < 50; k++) { const t = performance.now(); v.setState({ debugregs: dbg }); xs.push(us(t)); } ioctl.push(stats('', '', xs).median); }
     }
+    // What reset's pieces cost one by one on this host (each the median of 50, after a run):
+    // vCPU ioctls pay for loading the vCPU each time, VM ioctls do not.
+    const pieces: Record<string, number> = {};
+    {
+      const v = byLog.vcpu(0).backend;
+      await byLog.run({ timeout: 5000 });
+      v.completePendingExit();
+      const regs = v.getRegs(), sregs = v.getSregs(), blobs = v.getState();
+      const msrs = v.getMsrs(v.msrIndexList()).filter((e) => !snap.rejectedMsrs.has(e.index));
+      const med = (f: () => void): number => { const xs: number[] = []; for (let k = 0; k < 50; k++) { const t = performance.now(); f(); xs.push(us(t)); } return stats('', '', xs).median; };
+      pieces['KVM_SET_REGS'] = med(() => v.setRegs(regs));
+      pieces['KVM_SET_SREGS'] = med(() => v.setSregs(sregs));
+      pieces[`KVM_SET_MSRS ×${msrs.length}`] = med(() => v.setMsrs(msrs));
+      for (const k of ['xcrs', 'xsave', 'debugregs', 'events', 'mp-state'] as const) { const b = blobs[k]; if (b) pieces[`set ${k}`] = med(() => v.setState({ [k]: b })); }
+      pieces['KVM_GET_DIRTY_LOG 16 MiB (clean)'] = med(() => byLog.dirtyPages(0));
+    }
     await byLog.close();
     await byRing?.close();
     figures.push(stats('fork of a 16 MiB guest (Machine.fork)', 'µs', forkTimes, 200));
@@ -171,10 +187,11 @@ async function main(): Promise<void> {
     console.log(`\n## snapshot / fork / reset (${backend.capabilities.flavour}, ${new Date().toISOString()})\n`);
     console.log('| figure | median | min–max | n | target |\n|---|---|---|---|---|');
     console.log(rows.join('\n'));
+    console.log(`\nreset's pieces one by one (µs, median of 50): ${Object.entries(pieces).map(([k, v]) => `${k} ${v.toFixed(1)}`).join(', ')}`);
     console.log(`\ndirty tracking chosen by price for pooled forks: ${tracking} (bitmap ${(prices.logNs / 1000).toFixed(1)} µs, ring ${prices.ringNs === undefined ? 'n/a' : `${(prices.ringNs / 1000).toFixed(1)} µs`}; rounds interleaved: fork, restore, pooled fork, ${RESETS} resets each way)`);
     console.log(`\nsize: guest RAM ${SIZE / MiB} MiB, stored ${(size.storedBytes / MiB).toFixed(2)} MiB (${((100 * size.storedBytes) / SIZE).toFixed(1)} %), file ${(size.fileLength / MiB).toFixed(2)} MiB long, ${(size.fileAllocated / MiB).toFixed(2)} MiB allocated on disk`);
     mkdirSync('bench-results', { recursive: true });
-    writeFileSync('bench-results/snapshot.json', JSON.stringify({ date: new Date().toISOString(), flavour: backend.capabilities.flavour, figures, size, dirtyTracking: { chosen: tracking, prices } }, null, 2));
+    writeFileSync('bench-results/snapshot.json', JSON.stringify({ date: new Date().toISOString(), flavour: backend.capabilities.flavour, figures, size, dirtyTracking: { chosen: tracking, prices }, pieces }, null, 2));
     snap.close();
   } finally {
     rmSync(dir, { recursive: true, force: true });
