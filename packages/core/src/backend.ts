@@ -51,6 +51,13 @@ export interface HostCapabilities {
 export interface BackendVmOptions {
   /** Create the in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT. */
   readonly irqchip: boolean;
+  /**
+   * Optional: track dirty pages with a ring of this many bytes per vCPU instead of a bitmap per
+   * memslot (KVM: `KVM_CAP_DIRTY_LOG_RING_ACQ_REL`). {@link BackendVm.dirtyLog} keeps its meaning.
+   * A backend that cannot falls back to the bitmap: {@link BackendVm.dirtyTracking} says which it
+   * used.
+   */
+  readonly dirtyRing?: number;
 }
 
 /** A hypervisor. */
@@ -96,6 +103,11 @@ export interface BackendVm {
   unmapMemory(slot: number): void;
   /** Returns and clears the dirty bitmap of `slot` (one bit per 4 KiB page). */
   dirtyLog(slot: number, size: number): Uint8Array;
+  /**
+   * Optional: how {@link dirtyLog} learns what was written: `'log'`, the kernel's bitmap per
+   * memslot (absent means this), or `'ring'`, per-vCPU rings harvested into bitmaps.
+   */
+  readonly dirtyTracking?: 'log' | 'ring';
   /** Drives an interrupt line of the in-kernel irqchip. */
   irqLine(irq: number, level: boolean): void;
   /** Routes accesses in a range to the coalesced ring instead of exiting. */
@@ -223,6 +235,22 @@ export interface BackendVcpu {
    * `KVM_RUN`). An unanswered read reads all-ones. A no-op when nothing is pending.
    */
   completePendingExit(): void;
+  /**
+   * Optional: {@link completePendingExit} without entering the kernel when the pending exit has
+   * nothing left to complete (KVM: an `out` on a host whose emulator finished it before exiting,
+   * which `capabilities.ioExitRip` shows as RIP already past it). Same result, one ioctl less.
+   */
+  settlePendingExit?(): void;
+  /**
+   * Optional: puts `image` (registers, special registers and the blobs of {@link getState}) into the vCPU at the least cost this host allows, for a reset —
+   * the KVM backend writes registers, special registers and vCPU events into `kvm_run`
+   * (`KVM_CAP_SYNC_REGS`), which the next `KVM_RUN` loads without an ioctl each, and the other
+   * blobs with one ioctl each; reading any of that state back before the next run sees the new
+   * values. Returns `false`, having changed nothing, where it cannot (no sync area for all
+   * three, an exit still pending, an in-kernel LAPIC, a vCPU not runnable): the caller then uses
+   * {@link setRegs}, {@link setSregs} and {@link setState}. MSRs are not part of it.
+   */
+  loadState?(image: { readonly regs: Regs; readonly sregs: Sregs; readonly blobs: Readonly<Record<string, Uint8Array>> }): boolean;
   /** The MSRs KVM saves and restores for a vCPU (`KVM_GET_MSR_INDEX_LIST`). */
   msrIndexList(): readonly number[];
   /**

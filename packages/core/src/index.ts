@@ -41,8 +41,8 @@ export { ExitCounters, type ExitStats, type ExitKindStats } from './stats.js';
 export type { Backend, BackendVm, BackendVcpu, BackendRunners, BackendVmOptions, HostCapabilities, NmiWakeState, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
 export { KvmBackend, kvmBackend } from './backend/kvm.js';
 export {
-  Snapshot, parseManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION,
-  type RestoreOptions, type ResetResult, type ResetOptions, type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu, type SnapshotHost,
+  Snapshot, parseManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION, measureDirtyTracking, cheaperDirtyTracking,
+  type PrewarmOptions, type DirtyTracking, type DirtyTrackingPrices, type RestoreOptions, type ResetResult, type ResetOptions, type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu, type SnapshotHost,
 } from './snapshot/index.js';
 export * from './loaders/index.js';
 export { EXCEPTION_PORT, SYSTEM_AREA_SIZE, SEL, type CpuMode } from './cpu/x86.js';
@@ -78,7 +78,7 @@ export {
   SnapshotFormatError, ImageFormatError, MonitorViolation, HookFailure, WorkerExitedError,
 } from './errors.js';
 export {
-  tappable, countsAsGuestExit, record, startRecording, Recorder, replay, ReplayDivergence,
+  tappable, countsAsGuestExit, record, startRecording, rdtscTrapped, Recorder, replay, ReplayDivergence,
   parseLog, encodeLog, snapshotDigest, REPLAY_FORMAT, REPLAY_VERSION,
   type RecordOptions, type Recording, type ReplayOptions, type ReplayResult,
   type ReplayLog, type LoggedExit, type LoggedDma, type LoggedIrq, type LoggedStop,

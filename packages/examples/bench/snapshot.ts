@@ -2,20 +2,22 @@
  * `pnpm bench:snapshot`: what disposable machines cost on this host, against issue 11's targets
  * (TinyKVM / Firecracker anchors): fork of a 16 MiB guest ≤ 200 µs, reset after 4 dirty pages
  * ≤ 20 µs, restore of 16 MiB to its first instruction ≤ 2 ms; plus snapshot time and size.
- * Each figure is the median of ≥ 5 rounds (min–max shown). Prints a table and writes
- * bench-results/snapshot.json.
+ * Each figure is the median of ≥ 5 interleaved rounds (min–max shown; a reset figure is the
+ * median over rounds of each round's median of 40 resets). Prints a table and writes
+ * bench-results/snapshot.json. Also: reset through the dirty log vs the dirty ring, and the
+ * price each costs here (the one pooled forks get is chosen by it).
  * @module
  */
 import { mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Machine, Snapshot, kvmBackend, type Device, type DeviceMapping } from '@tsvm/core';
+import { Machine, Snapshot, cheaperDirtyTracking, kvmBackend, measureDirtyTracking, type Device, type DeviceMapping } from '@tsvm/core';
 import { asm } from '@tsvm/core/testing';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 const ROUNDS = Number(process.env.TSVM_BENCH_ROUNDS ?? 7);
-const RESETS = 200;
+const RESETS = 40;
 
 // Ring 3, long mode, a loop: dirty 4 pages, then a debug-exit (port 0xf4). The template runs
 // one round before it is snapshotted, so the CPU's accessed/dirty bits in the host-built page
@@ -80,8 +82,34 @@ async function main(): Promise<void> {
     // Warm-up: the first machine of a process pays for koffi and JIT.
     for (let i = 0; i < 3; i++) await (await Machine.fork(snap, { devices })).close();
 
-    const forkTimes: number[] = [];
-    const restoreToRun: number[] = [];
+    // Resetting machines, made once: one tracking dirty pages with the kernel's bitmap (what a
+    // fork from a spare VM gets), one with per-vCPU rings where the host has them (a pool VM
+    // forced to rings), and what this host's price says (`cheaperDirtyTracking`).
+    const byLog = await Machine.fork(snap, { devices });
+    let byRing: Machine | undefined;
+    if (backend.capabilities.dirtyLogRing) {
+      snap.prewarm(1, backend, { dirtyTracking: 'ring' });
+      byRing = await Machine.fork(snap, { devices });
+      snap.prewarm(0);
+    }
+    const prices = measureDirtyTracking(backend, 50);
+    const resetBatch = async (m: Machine): Promise<{ median: number; pages: number }> => {
+      const xs: number[] = [];
+      let pages = 0;
+      for (let i = 0; i < RESETS; i++) {
+        const stop = await m.run({ timeout: 5000 });
+        if (stop.reason !== 'debug-exit') throw new Error(`unexpected stop ${stop.reason}`);
+        const t1 = performance.now();
+        pages = m.reset().pagesCopied;
+        xs.push(us(t1));
+      }
+      return { median: stats('', '', xs).median, pages };
+    };
+
+    // Interleaved rounds (a shared, noisy host: each figure is the median over rounds, so a
+    // burst of load hits every line alike instead of one section).
+    const forkTimes: number[] = [], restoreToRun: number[] = [], warm: number[] = [], warmRestore: number[] = [], resetLog: number[] = [], resetRing: number[] = [], ioctl: number[] = [];
+    let copied = 0;
     for (let i = 0; i < ROUNDS; i++) {
       let t0 = performance.now();
       const child = await Machine.fork(snap, { devices });
@@ -93,22 +121,52 @@ async function main(): Promise<void> {
       restoreToRun.push(us(t0));
       if (stop.reason !== 'debug-exit') throw new Error(`unexpected stop ${stop.reason}`);
       await r.close();
+      // With a warm pool (Snapshot.prewarm): VM creation happens between forks, off their path.
+      snap.prewarm(2, backend);
+      await new Promise((res) => setTimeout(res, 5));
+      t0 = performance.now();
+      const pooled = await Machine.fork(snap, { devices });
+      warm.push(us(t0));
+      await pooled.close();
+      await new Promise((res) => setTimeout(res, 5));
+      t0 = performance.now();
+      const pr = await Machine.restore(snap, { devices });
+      const pstop = await pr.run({ timeout: 5000 });
+      warmRestore.push(us(t0));
+      if (pstop.reason !== 'debug-exit') throw new Error(`unexpected stop ${pstop.reason}`);
+      await pr.close();
+      snap.prewarm(0);
+      const l = await resetBatch(byLog);
+      resetLog.push(l.median);
+      copied = l.pages;
+      if (byRing) resetRing.push((await resetBatch(byRing)).median);
+      // What one vCPU state ioctl costs here (reset still issues four: XCRs, XSAVE, debug registers, MSRs).
+      const v = byLog.vcpu(0).backend;
+      const dbg = v.getState()['debugregs'];
+      if (dbg) { const xs: number[] = []; for (let k = 0; k < 50; k++) { const t = performance.now(); v.setState({ debugregs: dbg }); xs.push(us(t)); } ioctl.push(stats('', '', xs).median); }
     }
+    // What reset's pieces cost one by one on this host (each the median of 50, after a run):
+    // vCPU ioctls pay for loading the vCPU each time, VM ioctls do not.
+    const pieces: Record<string, number> = {};
+    {
+      const v = byLog.vcpu(0).backend;
+      await byLog.run({ timeout: 5000 });
+      v.completePendingExit();
+      const regs = v.getRegs(), sregs = v.getSregs(), blobs = v.getState();
+      const msrs = v.getMsrs(v.msrIndexList()).filter((e) => !snap.rejectedMsrs.has(e.index));
+      const med = (f: () => void): number => { const xs: number[] = []; for (let k = 0; k < 50; k++) { const t = performance.now(); f(); xs.push(us(t)); } return stats('', '', xs).median; };
+      pieces['KVM_SET_REGS'] = med(() => v.setRegs(regs));
+      pieces['KVM_SET_SREGS'] = med(() => v.setSregs(sregs));
+      pieces[`KVM_SET_MSRS ×${msrs.length}`] = med(() => v.setMsrs(msrs));
+      for (const k of ['xcrs', 'xsave', 'debugregs', 'events', 'mp-state'] as const) { const b = blobs[k]; if (b) pieces[`set ${k}`] = med(() => v.setState({ [k]: b })); }
+      pieces['KVM_GET_DIRTY_LOG 16 MiB (clean)'] = med(() => byLog.dirtyPages(0));
+    }
+    await byLog.close();
+    await byRing?.close();
     figures.push(stats('fork of a 16 MiB guest (Machine.fork)', 'µs', forkTimes, 200));
-    figures.push(stats('restore 16 MiB + run to its next exit', 'µs', restoreToRun, 2000));
-
-    // With a warm pool (Snapshot.prewarm): VM creation happens between forks, off their path.
-    snap.prewarm(2);
-    const warm: number[] = [];
-    for (let i = 0; i < ROUNDS; i++) {
-      await new Promise((r) => setTimeout(r, 5)); // let the pool refill
-      const t1 = performance.now();
-      const child = await Machine.fork(snap, { devices });
-      warm.push(us(t1));
-      await child.close();
-    }
-    snap.prewarm(0);
     figures.push(stats('fork of a 16 MiB guest, warm VM pool', 'µs', warm, 200));
+    figures.push(stats('restore 16 MiB + run to its next exit', 'µs', restoreToRun, 2000));
+    figures.push(stats('restore 16 MiB + run to its next exit, warm VM pool', 'µs', warmRestore, 2000));
 
     // Many children at once: they share the snapshot's pages.
     const many: Machine[] = [];
@@ -118,26 +176,22 @@ async function main(): Promise<void> {
     for (const m of many) await m.close();
     figures.push(stats('fork ×32 in one process, per child', 'µs', [per]));
 
-    const child = await Machine.fork(snap, { devices });
-    const resetTimes: number[] = [];
-    let copied = 0;
-    for (let i = 0; i < RESETS; i++) {
-      const stop = await child.run({ timeout: 5000 });
-      if (stop.reason !== 'debug-exit') throw new Error(`unexpected stop ${stop.reason}`);
-      const t1 = performance.now();
-      copied = child.reset().pagesCopied;
-      resetTimes.push(us(t1));
-    }
-    await child.close();
-    figures.push(stats(`reset after ${copied} dirty pages (full vCPU + VM state)`, 'µs', resetTimes, 20));
+    figures.push(stats(`reset after ${copied} dirty pages, dirty log (median of ${RESETS} per round)`, 'µs', resetLog, 20));
+    if (resetRing.length > 0) figures.push(stats(`reset after ${copied} dirty pages, dirty ring (median of ${RESETS} per round)`, 'µs', resetRing, 20));
+    if (ioctl.length > 0) figures.push(stats('one vCPU state ioctl (KVM_SET_DEBUGREGS), for scale', 'µs', ioctl));
+    const tracking = cheaperDirtyTracking(backend);
+    figures.push(stats('dirtyLog of 16 MiB with 4 pages written: bitmap', 'µs', [prices.logNs / 1000]));
+    if (prices.ringNs !== undefined) figures.push(stats('dirtyLog of 16 MiB with 4 pages written: ring', 'µs', [prices.ringNs / 1000]));
 
     const rows = figures.map((f) => `| ${f.name} | ${f.median.toFixed(1)} ${f.unit} | ${f.min.toFixed(1)}–${f.max.toFixed(1)} | ${f.n} | ${f.target === undefined ? '' : `≤ ${f.target} ${f.unit}${f.median <= f.target ? ' ✓' : ' ✗'}`} |`);
     console.log(`\n## snapshot / fork / reset (${backend.capabilities.flavour}, ${new Date().toISOString()})\n`);
     console.log('| figure | median | min–max | n | target |\n|---|---|---|---|---|');
     console.log(rows.join('\n'));
+    console.log(`\nreset's pieces one by one (µs, median of 50): ${Object.entries(pieces).map(([k, v]) => `${k} ${v.toFixed(1)}`).join(', ')}`);
+    console.log(`\ndirty tracking chosen by price for pooled forks: ${tracking} (bitmap ${(prices.logNs / 1000).toFixed(1)} µs, ring ${prices.ringNs === undefined ? 'n/a' : `${(prices.ringNs / 1000).toFixed(1)} µs`}; rounds interleaved: fork, restore, pooled fork, ${RESETS} resets each way)`);
     console.log(`\nsize: guest RAM ${SIZE / MiB} MiB, stored ${(size.storedBytes / MiB).toFixed(2)} MiB (${((100 * size.storedBytes) / SIZE).toFixed(1)} %), file ${(size.fileLength / MiB).toFixed(2)} MiB long, ${(size.fileAllocated / MiB).toFixed(2)} MiB allocated on disk`);
     mkdirSync('bench-results', { recursive: true });
-    writeFileSync('bench-results/snapshot.json', JSON.stringify({ date: new Date().toISOString(), flavour: backend.capabilities.flavour, figures, size }, null, 2));
+    writeFileSync('bench-results/snapshot.json', JSON.stringify({ date: new Date().toISOString(), flavour: backend.capabilities.flavour, figures, size, dirtyTracking: { chosen: tracking, prices }, pieces }, null, 2));
     snap.close();
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -168,8 +168,8 @@ export class KvmVcpu {
    * Asks KVM to store the general-purpose registers into `kvm_run.s.regs` at every exit
    * (`kvm_valid_regs = KVM_SYNC_X86_REGS`; needs `KVM_CAP_SYNC_REGS`), so
    * {@link syncedRegs} reads them without an ioctl; `false` stops it. With `sregs` the special
-   * registers travel too (`KVM_SYNC_X86_SREGS`, read with {@link syncedSregs}); they are never
-   * loaded from `kvm_run` (this class never marks them dirty): write them with {@link setSregs}.
+   * registers travel too (`KVM_SYNC_X86_SREGS`, read with {@link syncedSregs}); they are loaded
+   * from `kvm_run` only after {@link setSyncedSregs}.
    */
   setSyncRegs(on: boolean, sregs = false): void {
     const bits = on ? KVM_CONST.SYNC_X86_REGS | (sregs ? KVM_CONST.SYNC_X86_SREGS : 0) : 0;
@@ -193,9 +193,65 @@ export class KvmVcpu {
    * a pending exception, so an exception queued since is lost: use {@link setRegs} then.
    */
   setSyncedRegs(regs: Regs): void {
-    encodeRegs(regs, this.#runBytes.subarray(O.sync_regs, O.sync_regs + this.#regsBuf.length));
+    const to = this.#runBytes.subarray(O.sync_regs, O.sync_regs + this.#regsBuf.length);
+    const known = Object.isFrozen(regs) ? ENCODED_REGS.get(regs) : undefined; // as in setSyncedSregs
+    if (known) to.set(known);
+    else {
+      encodeRegs(regs, to);
+      if (Object.isFrozen(regs)) ENCODED_REGS.set(regs, to.slice());
+    }
     const d = this.#run.getBigUint64(O.kvm_dirty_regs, true);
     this.#run.setBigUint64(O.kvm_dirty_regs, d | BigInt(KVM_CONST.SYNC_X86_REGS), true);
+  }
+
+  /**
+   * Writes special registers into `kvm_run.s.regs.sregs` and marks them dirty: the next
+   * `KVM_RUN` loads them (KVM's `sync_regs`, which runs before it completes a pending I/O
+   * exit: finish that first) without a `KVM_SET_SREGS`. Needs `KVM_SYNC_X86_SREGS`.
+   */
+  setSyncedSregs(sregs: Sregs): void {
+    const to = this.#runBytes.subarray(O.sync_sregs, O.sync_sregs + this.#sregsBuf.length);
+    // Encoding costs ~4 µs (~100 BigInt stores); a frozen object cannot change, so its bytes are kept.
+    const known = Object.isFrozen(sregs) ? ENCODED_SREGS.get(sregs) : undefined;
+    if (known) to.set(known);
+    else {
+      encodeSregs(sregs, to);
+      if (Object.isFrozen(sregs) && Object.values(sregs).every((x) => typeof x !== 'object' || Object.isFrozen(x))) ENCODED_SREGS.set(sregs, to.slice());
+    }
+    this.#markSyncDirty(KVM_CONST.SYNC_X86_SREGS);
+  }
+
+  /**
+   * Writes a `struct kvm_vcpu_events` (a blob from `getBlob('events')`) into
+   * `kvm_run.s.regs.events` and marks it dirty: loaded by the next `KVM_RUN` after the
+   * registers, as `KVM_SET_VCPU_EVENTS` would. Needs `KVM_SYNC_X86_EVENTS`.
+   */
+  setSyncedEvents(events: Uint8Array): void {
+    const size = S.sizeOf(S.kvm_vcpu_events);
+    if (events.length !== size) throw new KvmError('kvm_run.s.regs.events', 22, `blob must be ${size} bytes`);
+    this.#runBytes.set(events, O.sync_events);
+    this.#markSyncDirty(KVM_CONST.SYNC_X86_EVENTS);
+  }
+
+  /** The `struct kvm_vcpu_events` last written with {@link setSyncedEvents} (or stored by KVM with `KVM_SYNC_X86_EVENTS` valid). */
+  syncedEvents(): Uint8Array {
+    return this.#runBytes.slice(O.sync_events, O.sync_events + S.sizeOf(S.kvm_vcpu_events));
+  }
+
+  /** `kvm_run.kvm_dirty_regs`: what KVM will still load at the next `KVM_RUN` (`KVM_SYNC_X86_*` bits). */
+  syncDirtyBits(): number {
+    return Number(this.#run.getBigUint64(O.kvm_dirty_regs, true));
+  }
+
+  /** Clears `bits` of `kvm_run.kvm_dirty_regs` (state written there that KVM must not load). */
+  dropSynced(bits: number): void {
+    const d = this.#run.getBigUint64(O.kvm_dirty_regs, true);
+    this.#run.setBigUint64(O.kvm_dirty_regs, d & ~BigInt(bits), true);
+  }
+
+  #markSyncDirty(bit: number): void {
+    const d = this.#run.getBigUint64(O.kvm_dirty_regs, true);
+    this.#run.setBigUint64(O.kvm_dirty_regs, d | BigInt(bit), true);
   }
 
   /** Forgets registers written with {@link setSyncedRegs} that KVM has not loaded yet. */
@@ -336,9 +392,48 @@ export class KvmVcpu {
     return into;
   }
 
+  // SAFETY: the ring mapping is private to this class (entries are copied out by
+  // `harvestDirtyRing`) and unmapped by `close()`, which swaps in an empty view.
+  #ring: { ptr: NativePointer; bytes: number; view: DataView; next: number } | undefined;
+
+  /**
+   * Maps this vCPU's dirty ring (`bytes`, as given to `KvmVm.enableDirtyRing`) from page
+   * `KVM_DIRTY_LOG_PAGE_OFFSET` of the vCPU fd. Once per vCPU.
+   */
+  mapDirtyRing(bytes: number): void {
+    if (this.#ring) throw new KvmError('mmap(dirty ring)', 17, 'already mapped');
+    const ptr = libc().mmap(null, bytes, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED, this.fd, KVM_CONST.DIRTY_LOG_PAGE_OFFSET * PAGE);
+    if (ptr === null) throw new KvmError('mmap(dirty ring)', errno());
+    this.#ring = { ptr, bytes, view: new DataView(viewOf(ptr, bytes)), next: 0 };
+  }
+
+  /**
+   * Collects the entries KVM published since the last harvest (`struct kvm_dirty_gfn`: flags,
+   * slot, offset in pages), calling `page(slot, pageOffset)` for each and marking it harvested;
+   * the caller then issues `KvmVm.resetDirtyRings`. Call only while the vCPU is not in `KVM_RUN`
+   * (the thread that runs it calls this, so KVM never writes an entry while it is read).
+   * @returns how many entries it took.
+   */
+  harvestDirtyRing(page: (slot: number, offset: number) => void): number {
+    const r = this.#ring;
+    if (!r) return 0;
+    const entries = r.bytes / 16;
+    let n = 0;
+    for (;;) {
+      const at = (r.next % entries) * 16;
+      if ((r.view.getUint32(at, true) & KVM_CONST.DIRTY_GFN_F_DIRTY) === 0) break;
+      page(r.view.getUint32(at + 4, true), Number(r.view.getBigUint64(at + 8, true)));
+      r.view.setUint32(at, KVM_CONST.DIRTY_GFN_F_RESET, true);
+      r.next++;
+      if (++n === entries) break;
+    }
+    return n;
+  }
+
   /** Unmaps `kvm_run` and closes the fd. Idempotent. */
   close(): void {
     if (this.fd < 0) return;
+    if (this.#ring) { libc().munmap(this.#ring.ptr, this.#ring.bytes); this.#ring = undefined; }
     libc().munmap(this.#ptr, this.#mmapSize);
     this.#run = new DataView(new ArrayBuffer(0));
     this.#runBytes = new Uint8Array(0);
@@ -347,6 +442,11 @@ export class KvmVcpu {
     this.fd = -1;
   }
 }
+
+/** `struct kvm_sregs` bytes of frozen (deeply) `Sregs` objects, e.g. a snapshot's: see `setSyncedSregs`. */
+const ENCODED_SREGS = new WeakMap<Sregs, Uint8Array>();
+/** `struct kvm_regs` bytes of frozen `Regs` objects (see `setSyncedRegs`). */
+const ENCODED_REGS = new WeakMap<Regs, Uint8Array>();
 
 const BLOBS = {
   fpu: ['FPU', S.kvm_fpu],

@@ -5,7 +5,7 @@
 import * as S from './raw/structs.js';
 import { dv, encodeCpuid } from './raw/codec.js';
 import type { CpuidEntry } from './types.js';
-import { KVM_CONST } from './raw/ioctls.js';
+import { KVM_CAP, KVM_CONST } from './raw/ioctls.js';
 import { closeFd, closeFdInBackground, ioctlAsync, ioctlInt, ioctlPtr } from './fd.js';
 import { KvmVcpu } from './vcpu.js';
 import { KvmError } from './errors.js';
@@ -107,6 +107,24 @@ export class KvmVm {
     v.setUint32(0, slot, true);
     v.setBigUint64(8, bitmapAddress, true);
     ioctlPtr(this.fd, 'KVM_GET_DIRTY_LOG', b);
+  }
+
+  /**
+   * Switches the VM to a dirty-page ring of `bytes` per vCPU (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`;
+   * a power of two, at most what `KVM_CHECK_EXTENSION` reports). Only before the first vCPU is
+   * created; from then on `KVM_GET_DIRTY_LOG` is refused: harvest each vCPU's ring
+   * (`KvmVcpu.mapDirtyRing`) and call {@link resetDirtyRings}.
+   */
+  enableDirtyRing(bytes: number): void {
+    this.enableCap(KVM_CAP.DIRTY_LOG_RING_ACQ_REL, [BigInt(bytes)]);
+  }
+
+  /**
+   * `KVM_RESET_DIRTY_RINGS`: write-protects again the pages of every ring entry marked
+   * harvested and frees those entries. Returns how many it reset.
+   */
+  resetDirtyRings(): number {
+    return ioctlInt(this.fd, 'KVM_RESET_DIRTY_RINGS', 0);
   }
 
   /** `KVM_ENABLE_CAP` on the VM. */

@@ -9,7 +9,7 @@
 import { readFileSync } from 'node:fs';
 import { isMainThread } from 'node:worker_threads';
 import {
-  KVM_CAP, KVM_CONST, KvmSystem, MemfdMapping, VcpuRunners, armSlice, disarmSlice,
+  KVM_CAP, KVM_CONST, KVM_EXIT, KvmSystem, MemfdMapping, VcpuRunners, armSlice, disarmSlice,
   consumeSliceSignal, runSignalMask, threadCpuNs, KvmError, VCPU_EVENTS_OFFSETS as EV, IOAPIC_REDIRTBL_OFFSET,
   type KvmVcpu, type KvmVm, type CpuidEntry,
 } from '@tsvm/kvm-backend';
@@ -49,6 +49,13 @@ export class KvmBackend implements Backend {
   readonly syncRegs: boolean;
   /** `KVM_CAP_SYNC_REGS` also offers the special registers (`KVM_SYNC_X86_SREGS`). */
   readonly syncSregs: boolean;
+  /** `KVM_CAP_SYNC_REGS` also offers the vCPU events (`KVM_SYNC_X86_EVENTS`): with all three, a reset loads them at no ioctl. */
+  readonly syncEvents: boolean;
+  /**
+   * A VM of this backend found its dirty ring overflowed (see `BackendVm.dirtyTracking`): rings
+   * are not chosen by price any more in this process (`cheaperDirtyTracking`).
+   */
+  ringOverflowSeen = false;
   /** What the I/O-exit RIP probe found when this backend opened (`capabilities.ioExitRip`). */
   readonly ioRipProbe: IoRipProbeResult;
   #cpuid: CpuidEntry[] | undefined;
@@ -72,6 +79,7 @@ export class KvmBackend implements Backend {
     const sync = process.env['TSVM_NO_SYNC_REGS'] === '1' ? 0 : s.checkExtension(KVM_CAP.SYNC_REGS);
     this.syncRegs = (sync & KVM_CONST.SYNC_X86_REGS) !== 0;
     this.syncSregs = this.syncRegs && (sync & KVM_CONST.SYNC_X86_SREGS) !== 0;
+    this.syncEvents = this.syncRegs && (sync & KVM_CONST.SYNC_X86_EVENTS) !== 0;
     this.capabilities = {
       flavour: detectFlavour(),
       readonlyMemory: s.has('READONLY_MEM'),
@@ -125,6 +133,8 @@ export class KvmBackend implements Backend {
 
   /** Creates a VM: the spare one made ahead when there is one, and starts making the next. */
   createVm(options: BackendVmOptions): BackendVm {
+    // A dirty ring must be enabled before the first vCPU exists, which a spare already has.
+    if (options.dirtyRing !== undefined && this.capabilities.dirtyLogRing) return this.#createVmNow(options);
     const spare = this.#spares.get(options.irqchip)?.shift();
     if (spare) {
       this.#refill(options.irqchip);
@@ -194,7 +204,15 @@ export class KvmBackend implements Backend {
       vm.close();
       throw e;
     }
-    return new KvmBackendVm(vm, this, options.irqchip);
+    let ring: number | undefined;
+    if (options.dirtyRing !== undefined && this.capabilities.dirtyLogRing) {
+      const max = this.system.checkExtension(KVM_CAP.DIRTY_LOG_RING_ACQ_REL);
+      // A power of two of whole pages, within what the host allows; the bitmap where it refuses.
+      let bytes = 4096;
+      while (bytes * 2 <= Math.min(options.dirtyRing, max)) bytes *= 2;
+      try { vm.enableDirtyRing(bytes); ring = bytes; } catch { ring = undefined; }
+    }
+    return new KvmBackendVm(vm, this, options.irqchip, undefined, ring);
   }
 
   /** Closes the spare VMs and `/dev/kvm`. */
@@ -214,13 +232,67 @@ class KvmBackendVm implements BackendVm {
   readonly #irqchip: boolean;
   /** vCPU 0, made ahead with the VM (a spare), until `createVcpu(0)` takes it. */
   #ready0: KvmVcpu | undefined;
+  /** Bytes of each vCPU's dirty ring, when the VM tracks dirty pages with rings. */
+  readonly #ringBytes: number | undefined;
+  /** The vCPUs whose rings are harvested (all of them). */
+  readonly #ringVcpus: KvmVcpu[] = [];
+  /** Pages harvested from the rings and not yet returned by `dirtyLog`, per memslot. */
+  readonly #ringBits = new Map<number, Uint8Array>();
+  /** Memslot sizes in bytes (a ring entry past its slot's end is ignored). */
+  readonly #slotSizes = new Map<number, number>();
+  /** `'ring'` when this VM's dirty pages come from per-vCPU rings. */
+  readonly dirtyTracking: 'log' | 'ring';
 
-  constructor(vm: KvmVm, backend: KvmBackend, irqchip: boolean, vcpu0?: KvmVcpu) {
+  constructor(vm: KvmVm, backend: KvmBackend, irqchip: boolean, vcpu0?: KvmVcpu, ringBytes?: number) {
     this.#vm = vm;
     this.#backend = backend;
     this.#irqchip = irqchip;
     this.#ready0 = vcpu0;
+    this.#ringBytes = ringBytes;
+    this.dirtyTracking = ringBytes === undefined ? 'log' : 'ring';
   }
+
+  /**
+   * Moves every ring entry into `#ringBits` and lets KVM write-protect those pages again
+   * (`KVM_RESET_DIRTY_RINGS`). Called by `dirtyLog` and when a vCPU exits because its ring is
+   * full. Never while a vCPU runs: vCPUs run on the calling thread. Returns the entries taken.
+   */
+  harvestRings(full = false): number {
+    const mark = (slotField: number, page: number): void => {
+      const slot = slotField & 0xffff;
+      const size = this.#slotSizes.get(slot);
+      if (size === undefined || page * 4096 >= size) return;
+      let bits = this.#ringBits.get(slot);
+      if (!bits) { bits = new Uint8Array(Math.ceil(size / 4096 / 64) * 8); this.#ringBits.set(slot, bits); }
+      bits[page >> 3] = (bits[page >> 3] as number) | (1 << (page & 7));
+    };
+    let n = 0;
+    const entries = (this.#ringBytes ?? 0) / 16;
+    for (const v of this.#ringVcpus) {
+      const got = v.harvestDirtyRing(mark);
+      // KVM stops a vCPU well before its ring fills (a soft limit 64+ entries short of it); a
+      // ring found entirely full may have wrapped over entries not yet harvested (seen on PVM,
+      // whose emulator can run a burst of ring-0 stores without checking): pages may be missing.
+      if (got >= entries) this.#ringLost();
+      n += got;
+    }
+    if (n > 0 || full) this.#vm.resetDirtyRings();
+    // Full with nothing to take: KVM's ring index ran past what it published (wrapped). The
+    // vCPU cannot run on; its run() returns the ring-full exit, which stops the machine visibly.
+    if (full && n === 0) this.#ringLost();
+    return n;
+  }
+
+  /**
+   * The rings lost entries: from now on `dirtyLog` reports every page of every slot dirty (a
+   * reset then copies all of RAM: slower, still exact), and the backend stops choosing rings.
+   */
+  #ringLost(): void {
+    this.#ringOverflowed = true;
+    this.#backend.ringOverflowSeen = true;
+  }
+
+  #ringOverflowed = false;
 
   allocateMemory(size: number, name: string): HostMemory {
     return MemfdMapping.create(size, name);
@@ -257,10 +329,14 @@ class KvmBackendVm implements BackendVm {
   }
 
   mapMemory(slot: number, start: bigint, host: HostMemory, size: number, flags: { readonly: boolean; logDirty: boolean }): void {
+    if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringBits.delete(slot); }
     this.#vm.setUserMemoryRegion(slot, start, size, host.hostAddress, flags);
+    this.#slotSizes.set(slot, size);
   }
 
   unmapMemory(slot: number): void {
+    if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringBits.delete(slot); }
+    this.#slotSizes.delete(slot);
     this.#vm.setUserMemoryRegion(slot, 0n, 0, 0n);
     this.#dirtyBufs.get(slot)?.close();
     this.#dirtyBufs.delete(slot);
@@ -268,6 +344,18 @@ class KvmBackendVm implements BackendVm {
 
   dirtyLog(slot: number, size: number): Uint8Array {
     const bytes = Math.ceil(size / 4096 / 64) * 8;
+    if (this.#ringBytes !== undefined) {
+      this.harvestRings();
+      const bits = this.#ringBits.get(slot);
+      this.#ringBits.delete(slot);
+      const out = new Uint8Array(bytes);
+      if (this.#ringOverflowed) {
+        const pages = Math.ceil(size / 4096);
+        out.fill(0xff, 0, pages >> 3);
+        if (pages & 7) out[pages >> 3] = (1 << (pages & 7)) - 1;
+      } else if (bits) out.set(bits.subarray(0, bytes));
+      return out;
+    }
     let buf = this.#dirtyBufs.get(slot);
     if (!buf || buf.size < bytes) {
       buf?.close();
@@ -320,6 +408,11 @@ class KvmBackendVm implements BackendVm {
       const cpuid = this.#backend.supportedCpuid();
       vcpu.setCpuid(cpuid);
       vcpu.setSignalMask(runSignalMask());
+      if (this.#ringBytes !== undefined) {
+        vcpu.mapDirtyRing(this.#ringBytes);
+        this.#ringVcpus.push(vcpu);
+        return new KvmBackendVcpu(vcpu, cpuid, this.#vm, this.#backend, () => this.harvestRings(true));
+      }
       return new KvmBackendVcpu(vcpu, cpuid, this.#vm, this.#backend);
     } catch (e) {
       vcpu.close();
@@ -350,6 +443,7 @@ class KvmBackendVm implements BackendVm {
 
   /** The dirty-log buffers and an untaken vCPU 0: what this VM owns besides its fd. */
   #releaseOwned(): void {
+    this.#ringVcpus.length = 0;
     for (const b of this.#dirtyBufs.values()) b.close();
     this.#dirtyBufs.clear();
     this.#ready0?.close();
@@ -417,8 +511,26 @@ class KvmBackendVcpu implements BackendVcpu {
   #syncDirty = false;
 
   readonly #backend: KvmBackend;
+  /**
+   * `KVM_SYNC_X86_SREGS` / `KVM_SYNC_X86_EVENTS` bits {@link loadState} wrote into `kvm_run`
+   * that KVM has not loaded yet (the registers are `#syncDirty`). While set, `kvm_run` holds the
+   * vCPU's real special registers / events: reads come from there, and any ioctl that reads or
+   * changes them goes through `#flushPending` first.
+   */
+  #pendingSync = 0;
+  /**
+   * This host's `out` exits need no completion: `capabilities.ioExitRip` shows RIP already past
+   * both non-string forms, which only KVM's emulator does (the VMX/SVM fast path leaves RIP on
+   * the instruction and skips it in a completion callback), and KVM emulates every string form
+   * anyway; the emulator finishes an `out` before it exits and leaves no callback.
+   */
+  readonly #outDoneAtExit: boolean;
 
-  constructor(v: KvmVcpu, cpuid: CpuidEntry[], vm: KvmVm, backend: KvmBackend) {
+  /** Harvests the VM's dirty rings (ring VMs only): a vCPU whose ring is full exits until that is done. */
+  readonly #harvest: (() => number) | undefined;
+
+  constructor(v: KvmVcpu, cpuid: CpuidEntry[], vm: KvmVm, backend: KvmBackend, harvest?: () => number) {
+    this.#harvest = harvest;
     this.#v = v;
     this.#vm = vm;
     this.#backend = backend;
@@ -427,12 +539,21 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#sync = backend.syncRegs;
     this.#syncSregsOffered = backend.syncSregs;
     this.#svm = backend.capabilities.flavour === 'svm';
+    const rip = backend.capabilities.ioExitRip;
+    this.#outDoneAtExit = rip['out-imm'] === 'after' && rip['out-dx'] === 'after';
     if (this.#sync) v.setSyncRegs(true);
   }
 
   run(): VcpuExit {
     this.#regs = this.#sregs = undefined;
-    return this.#ran(this.#v.run());
+    let exit = this.#v.run();
+    // A full dirty ring is the backend's business, not an exit of the guest: empty it, go on.
+    // Each round frees the ring, so the guest makes progress; the slice timer still ends the
+    // run. A full ring with nothing to harvest is a real error, reported as this exit.
+    while (this.#harvest && exit.kind === 'unsupported' && exit.reason === KVM_EXIT.DIRTY_RING_FULL && this.#harvest() > 0) {
+      exit = this.#v.run();
+    }
+    return this.#ran(exit);
   }
 
   /** The raw vCPU, for its runner thread (which issues `KVM_RUN` on its fd). */
@@ -443,13 +564,17 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#regs = this.#sregs = undefined;
   }
 
-  /** After a runner's `KVM_RUN` returned `result` (or `-errno`): what `run()` does after its ioctl. */
+  /**
+   * After a runner's `KVM_RUN` returned `result` (or `-errno`): what `run()` does after its ioctl.
+   * (Runner VMs never use a dirty ring: rings are only enabled on `Snapshot.prewarm` VMs.)
+   */
   finishRun(result: number): VcpuExit {
     return this.#ran(this.#v.decodeRun(result));
   }
 
   #ran(exit: VcpuExit): VcpuExit {
     this.#syncDirty = false;
+    if (this.#pendingSync !== 0) this.#pendingSync &= this.#v.syncDirtyBits();
     // An interrupted KVM_RUN may not have stored the registers: ask KVM then.
     this.#syncFresh = this.#sync && exit.kind !== 'intr';
     this.#sregsFresh = this.#syncSregsOn && this.#syncFresh;
@@ -479,6 +604,7 @@ class KvmBackendVcpu implements BackendVcpu {
     // onto the accessing instruction (which the caller derived for this flavour), RAX as
     // before an `in` — and queue the exception, so the guest sees a fault *on* the access and
     // the access had no effect.
+    this.#flushPending();
     const regs = { ...this.getRegs(), rip };
     this.#last = NO_EXIT;
     this.#regs = this.#sregs = undefined;
@@ -515,7 +641,7 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#regs = { ...regs };
   }
   getSregs(): Sregs {
-    this.#sregs ??= this.#sregsFresh ? this.#v.syncedSregs() : this.#readSregs();
+    this.#sregs ??= this.#sregsFresh || (this.#pendingSync & KVM_CONST.SYNC_X86_SREGS) !== 0 ? this.#v.syncedSregs() : this.#readSregs();
     return cloneSregs(this.#sregs);
   }
   #readSregs(): Sregs {
@@ -530,6 +656,10 @@ class KvmBackendVcpu implements BackendVcpu {
   setSregs(s: Sregs): void {
     this.#sregs = undefined;
     this.#sregsFresh = false;
+    if ((this.#pendingSync & KVM_CONST.SYNC_X86_SREGS) !== 0) { // these win over the ones waiting in kvm_run
+      this.#v.dropSynced(KVM_CONST.SYNC_X86_SREGS);
+      this.#pendingSync &= ~KVM_CONST.SYNC_X86_SREGS;
+    }
     // KVM on SVM reports TR busy (type 11) whatever was set, and QEMU's emulated AMD honours the
     // TSS I/O bitmap only for a TR loaded as available (type 9): a get → set round trip (a
     // snapshot, CR4.TSD for recording) would otherwise make ring-3 port I/O #GP there.
@@ -544,6 +674,7 @@ class KvmBackendVcpu implements BackendVcpu {
   waitingForSipi() { const m = this.#v.getMpState(); return m === KVM_CONST.MP_STATE_UNINITIALIZED || m === KVM_CONST.MP_STATE_INIT_RECEIVED; }
 
   nmiWakeState(): NmiWakeState {
+    this.#flushPending();
     const ev = this.#v.getBlob('events');
     return {
       pending: ev[EV.nmi_pending] !== 0 || ev[EV.nmi_injected] !== 0,
@@ -568,7 +699,8 @@ class KvmBackendVcpu implements BackendVcpu {
     } catch { /* no in-kernel IOAPIC */ }
     return undefined;
   }
-  setGuestDebug(control: number, debugreg: readonly bigint[] = []) { this.#v.setGuestDebug(control, debugreg); }
+  // KVM_SET_GUEST_DEBUG edits RFLAGS (TF): registers waiting in kvm_run would undo that.
+  setGuestDebug(control: number, debugreg: readonly bigint[] = []) { this.#flushPending(); this.#v.setGuestDebug(control, debugreg); }
   drainCoalesced() { return this.#v.drainCoalesced(); }
 
   completePendingExit(): void {
@@ -582,7 +714,77 @@ class KvmBackendVcpu implements BackendVcpu {
 
   msrIndexList(): readonly number[] { return this.#backend.msrIndexList(); }
 
+  settlePendingExit(): void {
+    const e = this.#last;
+    if (e.kind === 'io' && e.direction === 'out' && this.#outDoneAtExit) {
+      // Nothing for KVM to finish: kvm_run (and the register caches) already hold the state
+      // after the `out`, and registers written into kvm_run stay queued for the next entry.
+      this.#last = NO_EXIT;
+      return;
+    }
+    this.completePendingExit();
+  }
+
+  loadState(image: { readonly regs: Regs; readonly sregs: Sregs; readonly blobs: Readonly<Record<string, Uint8Array>> }): boolean {
+    const b = image.blobs;
+    const events = b['events'];
+    const mp = b['mp-state'];
+    if (!this.#sync || !this.#syncSregsOffered || !this.#backend.syncEvents || this.#last !== NO_EXIT) return false;
+    // An in-kernel LAPIC: KVM_SET_SREGS may change the APIC base, which resets LAPIC state, so the
+    // documented order (special registers, then the LAPIC blob) is kept through ioctls.
+    if (b['lapic'] || !events) return false;
+    // Without an in-kernel LAPIC KVM keeps every vCPU RUNNABLE (it refuses any other MP state and
+    // nothing else changes it), so `mp-state` RUNNABLE needs no ioctl; anything else goes the slow way.
+    if (mp && (mp.length !== 4 || new DataView(mp.buffer, mp.byteOffset, 4).getUint32(0, true) !== KVM_CONST.MP_STATE_RUNNABLE)) return false;
+    for (const k of Object.keys(b)) {
+      if (!VCPU_BLOBS.has(k)) throw new KvmError('KVM_SET_*', 22, `unknown vCPU state blob '${k}'`);
+    }
+    this.#flushPending();
+    this.#flushRegs();
+    // No sync area for these: one ioctl each, XCRs before XSAVE (XCR0 decides what XSAVE loads).
+    for (const k of ['xcrs', 'xsave', 'debugregs'] as const) { const x = b[k]; if (x) this.#v.setBlob(k, x); }
+    const fpu = b['fpu'];
+    if (fpu && !b['xsave']) this.#v.setBlob('fpu', fpu);
+    // KVM's sync_regs loads these in this order at the next KVM_RUN (before the guest runs):
+    // registers (which also drop a queued exception), special registers, then events.
+    this.#v.setSyncedRegs(image.regs);
+    this.#v.setSyncedSregs(this.#svm && image.sregs.tr.type === 11 ? this.#svmTr(image.sregs) : image.sregs);
+    this.#v.setSyncedEvents(events);
+    this.#regs = { ...image.regs };
+    this.#sregs = undefined; // read back from kvm_run while pending
+    this.#syncFresh = true; // kvm_run's register copy is the vCPU's
+    this.#sregsFresh = false;
+    this.#syncDirty = true;
+    this.#pendingSync = KVM_CONST.SYNC_X86_SREGS | KVM_CONST.SYNC_X86_EVENTS;
+    return true;
+  }
+
+  readonly #trFixed = new WeakMap<Sregs, Sregs>();
+  /** `s` with TR available (see `setSregs`), the same frozen copy for the same `s` (its encoding is kept). */
+  #svmTr(s: Sregs): Sregs {
+    let f = this.#trFixed.get(s);
+    if (!f) {
+      f = Object.freeze({ ...s, tr: Object.freeze({ ...s.tr, type: 9 }) });
+      if (Object.isFrozen(s)) this.#trFixed.set(s, f);
+    }
+    return f;
+  }
+
+  /** Loads what {@link loadState} left in kvm_run through ioctls now, in sync_regs' order. */
+  #flushPending(): void {
+    if (this.#pendingSync === 0) return;
+    const bits = this.#pendingSync & this.#v.syncDirtyBits();
+    this.#pendingSync = 0;
+    this.#flushRegs();
+    if ((bits & KVM_CONST.SYNC_X86_SREGS) !== 0) this.#v.setSregs(this.#v.syncedSregs());
+    if ((bits & KVM_CONST.SYNC_X86_EVENTS) !== 0) this.#v.setBlob('events', this.#v.syncedEvents());
+    this.#v.dropSynced(KVM_CONST.SYNC_X86_SREGS | KVM_CONST.SYNC_X86_EVENTS);
+    this.#sregs = undefined;
+    this.#sregsFresh = false;
+  }
+
   getState(): Record<string, Uint8Array> {
+    this.#flushPending();
     const out: Record<string, Uint8Array> = {};
     for (const k of ['fpu', 'xsave', 'xcrs', 'lapic', 'events', 'debugregs'] as const) {
       try { out[k] = this.#v.getBlob(k); } catch { /* lapic without irqchip, xsave on old hosts */ }
@@ -594,6 +796,7 @@ class KvmBackendVcpu implements BackendVcpu {
   }
 
   setState(state: Record<string, Uint8Array>): void {
+    this.#flushPending();
     this.#flushRegs();
     this.#regs = this.#sregs = undefined;
     this.#syncFresh = this.#sregsFresh = false;

@@ -5,7 +5,7 @@
  * @module
  */
 export { tappable, countsAsGuestExit } from './tap.js';
-export { record, startRecording, Recorder, type RecordOptions, type Recording } from './record.js';
+export { record, startRecording, rdtscTrapped, Recorder, type RecordOptions, type Recording } from './record.js';
 export { replay, ReplayDivergence, type ReplayOptions, type ReplayResult } from './replay.js';
 export {
   parseLog, encodeLog, snapshotDigest, REPLAY_FORMAT, REPLAY_VERSION,

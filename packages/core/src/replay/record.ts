@@ -8,7 +8,8 @@
  * copied-out payload and the bytes the guest got.
  * @module
  */
-import type { Machine, RunOptions } from '../machine.js';
+import { Machine, type RunOptions } from '../machine.js';
+import type { Backend } from '../backend.js';
 import type { Stop } from '../stop.js';
 import type { VcpuExit } from '../exits.js';
 import { DmaGate } from '../dma.js';
@@ -37,6 +38,44 @@ export interface Recording {
   readonly snapshot: Snapshot;
   /** What the guest received, by exit number. */
   readonly log: ReplayLog;
+  /**
+   * Whether a CPL3 `rdtsc` faulted during this recording instead of reading the TSC: `CR4.TSD`
+   * was set and this host honours it ({@link rdtscTrapped}). `false` on a host that ignores it
+   * (PVM runs CPL3 code natively; measured): a guest that reads the TSC is not replayable there,
+   * and replay reports the first exit where it shows.
+   */
+  readonly rdtscTrapped: boolean;
+}
+
+/** rdtsc ; mov dx, 0xf4 ; out dx, al */
+const RDTSC_PROBE = Uint8Array.of(0x0f, 0x31, 0x66, 0xba, 0xf4, 0x00, 0xee);
+const trapped = new WeakMap<Backend, Promise<boolean>>();
+
+/**
+ * Whether `CR4.TSD` turns a CPL3 `rdtsc` into `#GP` on `backend`: learned once per backend by
+ * running one (a 2 MiB long-mode machine, `rdtsc` at ring 3 with TSD set), never assumed from
+ * the flavour. False when the probe cannot run.
+ */
+export function rdtscTrapped(backend: Backend): Promise<boolean> {
+  let p = trapped.get(backend);
+  if (!p) {
+    p = (async () => {
+      try {
+        await using m = await Machine.create({ memory: 2 * 1024 * 1024, backend, name: 'tsvm-tsd-probe' });
+        m.attach({ port: 0xf4, size: 1 }, { name: 'probe', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+        m.loadFlat(RDTSC_PROBE, { at: 0x1000, mode: 'long', ring: 3 });
+        const v = m.vcpu(0);
+        const s = v.getSregs();
+        v.setSregs({ ...s, cr4: s.cr4 | CR4_TSD });
+        const stop = await m.run({ timeout: 5000 });
+        return stop.reason === 'exception' && stop.vector === 13;
+      } catch {
+        return false;
+      }
+    })();
+    trapped.set(backend, p);
+  }
+  return p;
 }
 
 /** The log being written of one machine; {@link Recorder.stop} hands it out. */
@@ -47,9 +86,12 @@ export class Recorder {
   readonly #log: ReplayLog;
   readonly #undo: Array<() => void> = [];
   #stopped = false;
+  /** See {@link Recording.rdtscTrapped}. */
+  readonly rdtscTrapped: boolean;
 
   /** @internal use {@link startRecording}. */
-  constructor(machine: Machine, slot: TapSlot, snapshot: Snapshot, tsd: boolean) {
+  constructor(machine: Machine, slot: TapSlot, snapshot: Snapshot, tsd: boolean, rdtscTrapped = false) {
+    this.rdtscTrapped = tsd && rdtscTrapped;
     this.#machine = machine;
     this.#slot = slot;
     this.#snapshot = snapshot;
@@ -125,7 +167,7 @@ export class Recorder {
         v.setSregs({ ...s, cr4: s.cr4 & ~CR4_TSD });
       }
     }
-    return { snapshot: this.#snapshot, log: this.#log };
+    return { snapshot: this.#snapshot, log: this.#log, rdtscTrapped: this.rdtscTrapped };
   }
 }
 
@@ -174,8 +216,9 @@ export async function startRecording(machine: Machine, options: RecordOptions = 
     const s = v.getSregs();
     v.setSregs({ ...s, cr4: s.cr4 | CR4_TSD });
   }
+  const honoured = tsd ? await rdtscTrapped(machine.backend) : false;
   const snapshot = await machine.snapshot();
-  return new Recorder(machine, slot, snapshot, tsd);
+  return new Recorder(machine, slot, snapshot, tsd, honoured);
 }
 
 /**

@@ -5,7 +5,7 @@ import { asm } from '../asm.js';
 import { kvmAvailability } from '../testing/kvm-gate.js';
 import { kvmBackend } from '../backend/kvm.js';
 import { attachReplayDevices, replayGuestSource } from '../testing/replay-guest.js';
-import { tappable, record, replay, parseLog, encodeLog, ReplayDivergence } from './index.js';
+import { tappable, record, replay, parseLog, encodeLog, rdtscTrapped, ReplayDivergence } from './index.js';
 
 const kvm = kvmAvailability();
 const MiB = 1024 * 1024;
@@ -74,14 +74,18 @@ describe.skipIf(!kvm.available)(`record / replay on KVM${kvm.available ? '' : ` 
     rec.snapshot.close();
   });
 
-  it('rdtsc at CPL3: CR4.TSD makes it fault where the host honours it; where not (PVM) the replay reports the divergence', async () => {
+  it('rdtsc at CPL3: CR4.TSD makes it fault where the host honours it (learned by a probe, not by flavour); where not (PVM) the replay reports the divergence', async () => {
     await using vm = await Machine.create({ memory: 2 * MiB, backend: tappable(kvmBackend()) });
     vm.attach({ port: 0xf4, size: 1 }, { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
     // AL (the TSC's low byte) goes out at the first exit: a new TSC value shows there.
     vm.loadFlat(await asm('rdtsc\n mov dx, 0xf4\n out dx, al', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
     const rec = await record(vm, { timeout: 10_000 });
-    if (vm.capabilities.flavour === 'pvm') {
-      // Measured: PVM runs CPL3 code natively and ignores CR4.TSD; rdtsc reads the host's TSC.
+    // The probe and this guest agree: a trapped rdtsc faults, an untrapped one runs on.
+    expect(rec.rdtscTrapped).toBe(rec.stop.reason === 'exception');
+    expect(await rdtscTrapped(vm.backend)).toBe(rec.rdtscTrapped);
+    if (vm.capabilities.flavour === 'pvm') expect(rec.rdtscTrapped).toBe(false); // measured: PVM runs CPL3 natively, ignores CR4.TSD
+    if (!rec.rdtscTrapped) {
+      // rdtsc read the host's TSC: the replay's differs and shows at the first exit.
       expect(rec.stop.reason).toBe('debug-exit');
       const r = await replay(rec);
       expect(r.divergence).toMatchObject({ exit: 1, field: 'wrote' });

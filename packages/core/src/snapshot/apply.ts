@@ -49,3 +49,39 @@ export function applyCpuState(vm: BackendVm, vcpus: readonly BackendVcpu[], mani
     step(`${at}.blobs`, () => b.setState({ ...s.blobs }));
   });
 }
+
+/**
+ * What reset puts back, by which mechanism (KVM backend; another backend without
+ * `loadState` gets {@link applyCpuState}'s ioctls for all of it):
+ * - VM: every blob of `manifest.vm` (`clock`; with an irqchip also `pic-master`, `pic-slave`,
+ *   `ioapic`, `pit2`), one VM ioctl each (~2 µs on PVM: VM ioctls do not load a vCPU).
+ * - vCPU registers, special registers (incl. EFER, CR0-4, segments, APIC base) and events
+ *   (pending/injected exceptions, NMI, interrupt shadow): written into `kvm_run` and loaded by the
+ *   next `KVM_RUN` (`loadState`), or with ioctls where that cannot be used (an in-kernel LAPIC,
+ *   a vCPU not RUNNABLE, a host without all three `KVM_SYNC_X86_*` fields).
+ * - MSRs (the snapshot's whole list, TSC included): one `KVM_SET_MSRS`.
+ * - XCRs, XSAVE (x87/SSE/AVX registers; `fpu` only without XSAVE), debug registers: one ioctl
+ *   each; the LAPIC (with an irqchip) too.
+ * - MP state: skipped without an in-kernel LAPIC, where KVM keeps every vCPU RUNNABLE (the only
+ *   value such a snapshot can hold); an ioctl otherwise.
+ * Nothing is skipped on the guess that the guest left it alone: a guest at CPL0 can change every
+ * one of these without an exit the host would see.
+ */
+export function applyCpuStateForReset(vm: BackendVm, vcpus: readonly BackendVcpu[], manifest: SnapshotManifest, rejected: Set<number>): void {
+  step('vm', () => vm.setState(manifest.vm));
+  manifest.vcpus.forEach((s, i) => {
+    const b = vcpus[i];
+    const at = `vcpus[${i}]`;
+    if (!b) throw new SnapshotFormatError(`snapshot: ${at}: the machine has no such vCPU`);
+    let fast = false;
+    step(`${at}.blobs`, () => { fast = b.loadState?.({ regs: s.regs, sregs: s.sregs, blobs: s.blobs }) ?? false; });
+    if (fast) {
+      step(`${at}.msrs`, () => setMsrs(b, s.msrs, rejected));
+      return;
+    }
+    step(`${at}.regs`, () => b.setRegs(s.regs));
+    step(`${at}.sregs`, () => b.setSregs(s.sregs));
+    step(`${at}.msrs`, () => setMsrs(b, s.msrs, rejected));
+    step(`${at}.blobs`, () => b.setState({ ...s.blobs }));
+  });
+}

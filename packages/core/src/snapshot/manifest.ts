@@ -310,10 +310,17 @@ export function parseManifest(json: unknown): SnapshotManifest {
       if (!ix || !data) return e.fail('must be [index, value]');
       return { index: ix.int(0, 0xffff_ffff), data: data.u64() };
     });
-    return { id, regs, sregs, msrs, blobs: f.at('blobs').blobs(16) };
+    // Frozen: a snapshot's registers never change, so a backend may keep them encoded (reset).
+    return { id, regs: Object.freeze(regs), sregs: freezeSregs(sregs), msrs, blobs: f.at('blobs').blobs(16) };
   });
   if (vcpus.length === 0) root.at('vcpus').fail('must list at least one vCPU');
   const devices = root.at('devices').object();
   for (const k of Object.keys(devices)) if (k.length > 64) root.at('devices').fail(`has an over-long device name ${short(k)}`);
   return { format: SNAPSHOT_FORMAT, version: SNAPSHOT_VERSION, tsvm, host, machine, memory, imageSize, vcpus, vm: root.at('vm').blobs(16), devices: { ...devices } };
+}
+
+/** Freezes `s` and every object in it. */
+function freezeSregs(s: Sregs): Sregs {
+  for (const v of Object.values(s)) if (typeof v === 'object' && v !== null) Object.freeze(v);
+  return Object.freeze(s);
 }

@@ -6,7 +6,7 @@
  * also applies the snapshot's vCPU and VM state ahead (~8 vCPU ioctls at ~6 µs each on PVM).
  * @module
  */
-import type { Backend, BackendVcpu, BackendVm } from '../backend.js';
+import type { Backend, BackendVcpu, BackendVm, BackendVmOptions } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 
 /** @internal Guest RAM a pooled VM has mapped already (a memslot registration costs an SRCU grace period). */
@@ -38,7 +38,7 @@ export interface PooledVm {
 /** @internal Keeps `target` VMs ready. */
 export class VmPool {
   readonly backend: Backend;
-  readonly #irqchip: boolean;
+  readonly #options: BackendVmOptions;
   readonly #target: number;
   readonly #ready: PooledVm[] = [];
   #scheduled = false;
@@ -51,11 +51,11 @@ export class VmPool {
    * @param prepare - applies state to a new VM ahead of use (a failure leaves it unprepared).
    * @param premap - maps and registers guest RAM ahead of use (a failure leaves it to the fork).
    */
-  constructor(backend: Backend, irqchip: boolean, target: number, prepare?: (vm: BackendVm, vcpu: BackendVcpu) => void, premap?: (vm: BackendVm) => PremappedRegion[]) {
+  constructor(backend: Backend, options: BackendVmOptions, target: number, prepare?: (vm: BackendVm, vcpu: BackendVcpu) => void, premap?: (vm: BackendVm) => PremappedRegion[]) {
     this.backend = backend;
     this.#prepare = prepare;
     this.#premap = premap;
-    this.#irqchip = irqchip;
+    this.#options = options;
     this.#target = target;
     while (this.#ready.length < target) this.#ready.push(this.#make());
   }
@@ -66,7 +66,7 @@ export class VmPool {
   }
 
   #make(): PooledVm {
-    const vm = this.backend.createVm({ irqchip: this.#irqchip });
+    const vm = this.backend.createVm(this.#options);
     try {
       const vcpu = vm.createVcpu(0);
       let prepared = false;

@@ -6,10 +6,12 @@ import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Machine } from '../machine.js';
 import { MockBackend, MockVcpu, type MockVm } from '../testing/mock.js';
-import { SnapshotFormatError, StateError } from '../errors.js';
+import { InvalidArgumentError, SnapshotFormatError, StateError } from '../errors.js';
 import type { Device } from '../device.js';
 import { Snapshot } from './snapshot.js';
 import { encodeManifest, parseManifest } from './manifest.js';
+import { DIRTY_RING_BYTES } from './dirty-tracking.js';
+import type { BackendVmOptions } from '../backend.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'tsvm-snap-unit-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -173,6 +175,26 @@ describe('snapshot (mock backend)', () => {
     expect(pooled.every((v) => v.closed)).toBe(true);
     expect(backend.vms.at(-1)?.closed).toBe(true);
     expect(() => snap.prewarm(1, backend)).toThrow(StateError);
+    await vm.close();
+  });
+
+  it('prewarm picks dirty tracking: by price on hosts with rings, the log without them, forced on request; bad options are typed errors', async () => {
+    const backend = new MockBackend();
+    const { vm } = await source(backend);
+    using snap = await vm.snapshot();
+    const asked: Array<Record<string, unknown>> = [];
+    const create = backend.createVm.bind(backend);
+    backend.createVm = ((o: BackendVmOptions) => { asked.push({ ...o }); return create(); }) as typeof backend.createVm;
+    expect(backend.capabilities.dirtyLogRing).toBe(false);
+    snap.prewarm(1, backend);
+    expect(snap.dirtyTracking).toBe('log'); // no rings here: nothing measured
+    expect(asked.at(-1)).toEqual({ irqchip: false });
+    snap.prewarm(1, backend, { dirtyTracking: 'ring' });
+    expect(snap.dirtyTracking).toBe('ring');
+    expect(asked.at(-1)).toEqual({ irqchip: false, dirtyRing: DIRTY_RING_BYTES });
+    snap.prewarm(0);
+    expect(() => snap.prewarm(1, backend, { dirtyTracking: 'bitmap' as never })).toThrow(InvalidArgumentError);
+    expect(() => snap.prewarm(1, backend, null as never)).toThrow(InvalidArgumentError);
     await vm.close();
   });
 

@@ -16,6 +16,13 @@ import type { MachineInternals } from './internals.js';
 import { kvmBackend } from '../backend/kvm.js';
 import { VmPool, type PremappedRegion } from './pool.js';
 import { applyCpuState } from './apply.js';
+import { DIRTY_RING_BYTES, cheaperDirtyTracking, type DirtyTracking } from './dirty-tracking.js';
+
+/** Options of {@link Snapshot.prewarm}. */
+export interface PrewarmOptions {
+  /** How pooled VMs find dirty pages for reset: by price (`'auto'`, the default), or forced. */
+  readonly dirtyTracking?: 'auto' | DirtyTracking;
+}
 import {
   PAGE_SIZE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION, encodeManifest, parseManifest,
   type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu,
@@ -177,14 +184,25 @@ export class Snapshot {
    * `backend`, refilled on the event loop after each fork: VM creation (~0.5 ms on PVM) then
    * stays off the fork's latency. `prewarm(0)` releases them; so does {@link close}. A snapshot
    * of a machine with several vCPUs keeps no pool (yet): its forks create their VMs themselves.
+   *
+   * Pooled VMs track dirty pages the way `options.dirtyTracking` says: `'auto'` (the default)
+   * picks what this host prices lower for a reset (see {@link cheaperDirtyTracking}; measured
+   * once per process, ~5 ms, the first time), `'log'` / `'ring'` force one (`'ring'` falls back to
+   * the log where the host has no rings). {@link dirtyTracking} says what was chosen.
    */
-  prewarm(count: number, backend: Backend = kvmBackend()): void {
+  prewarm(count: number, backend: Backend = kvmBackend(), options: PrewarmOptions = {}): void {
     if (!Number.isSafeInteger(count) || count < 0 || count > 256) throw new InvalidArgumentError('count', `must be an integer in [0, 256], got ${String(count)}`);
+    if (options === null || typeof options !== 'object') throw new InvalidArgumentError('options', 'must be an object');
+    const want = options.dirtyTracking ?? 'auto';
+    if (want !== 'auto' && want !== 'log' && want !== 'ring') throw new InvalidArgumentError('options.dirtyTracking', `must be 'auto', 'log' or 'ring', got ${String(want)}`);
     this.image();
     this.#pool?.close();
     const manifest = this.manifest;
     const source = this.mapSource();
-    this.#pool = count === 0 || manifest.vcpus.length > 1 ? undefined : new VmPool(backend, manifest.machine.irqchip, count,
+    const tracking = count === 0 ? 'log' : want === 'auto' ? cheaperDirtyTracking(backend) : want;
+    this.#dirtyTracking = tracking;
+    const vmOptions = tracking === 'ring' ? { irqchip: manifest.machine.irqchip, dirtyRing: DIRTY_RING_BYTES } : { irqchip: manifest.machine.irqchip };
+    this.#pool = count === 0 || manifest.vcpus.length > 1 ? undefined : new VmPool(backend, vmOptions, count,
       (vm, vcpu) => applyCpuState(vm, [vcpu], manifest, this.rejectedMsrs),
       // Guest RAM too: a fresh machine's regions get slots 0, 1, … in order, as here.
       (vm) => {
@@ -201,6 +219,16 @@ export class Snapshot {
           throw e;
         }
       });
+  }
+
+  #dirtyTracking: DirtyTracking = 'log';
+
+  /**
+   * The dirty-page tracking {@link prewarm} chose for pooled VMs (`'log'` before any prewarm).
+   * A VM falls back to the log where the host refuses rings: `BackendVm.dirtyTracking` is the truth per machine.
+   */
+  get dirtyTracking(): DirtyTracking {
+    return this.#dirtyTracking;
   }
 
   /** @internal a ready VM for a fork on `backend`, if this snapshot keeps a pool for it. */

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import * as S from './structs.js';
-import { KVM, KVM_CONST } from './ioctls.js';
+import { KVM, KVM_CONST, KVM_EXIT } from './ioctls.js';
 
 // The raw layer's layouts must match <linux/kvm.h> exactly. A C compiler is the referee:
 // we print sizeof/offsetof/ioctl numbers from C and compare with koffi's view.
@@ -69,7 +69,7 @@ const runFields: Array<[keyof typeof S.KVM_RUN_OFFSETS, string]> = [
   ['debug_pc', 'debug.arch.pc'], ['debug_dr6', 'debug.arch.dr6'], ['debug_dr7', 'debug.arch.dr7'],
   ['ex_exception', 'ex.exception'], ['ex_error_code', 'ex.error_code'], ['hypercall_nr', 'hypercall.nr'],
   ['hypercall_args', 'hypercall.args'], ['hypercall_ret', 'hypercall.ret'],
-  ['kvm_valid_regs', 'kvm_valid_regs'], ['kvm_dirty_regs', 'kvm_dirty_regs'], ['sync_regs', 's.regs.regs'],
+  ['kvm_valid_regs', 'kvm_valid_regs'], ['kvm_dirty_regs', 'kvm_dirty_regs'], ['sync_regs', 's.regs.regs'], ['sync_sregs', 's.regs.sregs'], ['sync_events', 's.regs.events'],
 ];
 
 function cReport(): Record<string, number> {
@@ -87,7 +87,9 @@ function cReport(): Record<string, number> {
     for (const k of Object.keys(S.VCPU_EVENTS_OFFSETS)) lines.push(`P("events.${k}", offsetof(struct kvm_vcpu_events, ${k.replace('exception_', 'exception.').replace('nmi_', 'nmi.')}));`);
     for (const k of Object.keys(KVM)) lines.push(`P("ioctl.${k}", (unsigned long)${k});`);
     lines.push('P("const.COALESCED_MMIO_PAGE_OFFSET", KVM_COALESCED_MMIO_PAGE_OFFSET);', 'P("const.PIO_PAGE_OFFSET", KVM_PIO_PAGE_OFFSET);', 'P("const.PIT_SPEAKER_DUMMY", KVM_PIT_SPEAKER_DUMMY);',
-      'P("const.INTERNAL_ERROR_EMULATION", KVM_INTERNAL_ERROR_EMULATION);', 'P("const.SYNC_X86_REGS", KVM_SYNC_X86_REGS);',
+      'P("const.INTERNAL_ERROR_EMULATION", KVM_INTERNAL_ERROR_EMULATION);', 'P("const.SYNC_X86_REGS", KVM_SYNC_X86_REGS);', 'P("const.SYNC_X86_EVENTS", KVM_SYNC_X86_EVENTS);',
+      'P("const.DIRTY_LOG_PAGE_OFFSET", KVM_DIRTY_LOG_PAGE_OFFSET);', 'P("const.DIRTY_GFN_F_DIRTY", KVM_DIRTY_GFN_F_DIRTY);', 'P("const.DIRTY_GFN_F_RESET", KVM_DIRTY_GFN_F_RESET);',
+      'P("const.EXIT_DIRTY_RING_FULL", KVM_EXIT_DIRTY_RING_FULL);', 'P("const.RESET_DIRTY_RINGS", KVM_RESET_DIRTY_RINGS);', 'P("const.dirty_gfn", sizeof(struct kvm_dirty_gfn));', 'P("const.dirty_gfn.offset", offsetof(struct kvm_dirty_gfn, offset));',
       'P("const.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES", KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES);',
       'P("const.EXIT_IO_OUT", KVM_EXIT_IO_OUT);', 'P("const.IOAPIC_REDIRTBL_OFFSET", offsetof(struct kvm_ioapic_state, redirtbl));');
     const src = `#include <stdio.h>\n#include <stddef.h>\n#include <linux/kvm.h>\n#define P(n,v) printf("%s %lu\\n", n, (unsigned long)(v))\nint main(void){\n${lines.join('\n')}\nreturn 0;}\n`;
@@ -124,6 +126,13 @@ describe.skipIf(reason !== '')('KVM ABI layouts match <linux/kvm.h>', () => {
   it('exit decoding constants', () => {
     expect(KVM_CONST.INTERNAL_ERROR_EMULATION).toBe(c['const.INTERNAL_ERROR_EMULATION']);
     expect(KVM_CONST.SYNC_X86_REGS).toBe(c['const.SYNC_X86_REGS']);
+    expect(KVM_CONST.SYNC_X86_EVENTS).toBe(c['const.SYNC_X86_EVENTS']);
+    expect(KVM_CONST.DIRTY_LOG_PAGE_OFFSET).toBe(c['const.DIRTY_LOG_PAGE_OFFSET']);
+    expect(KVM_CONST.DIRTY_GFN_F_DIRTY).toBe(c['const.DIRTY_GFN_F_DIRTY']);
+    expect(KVM_CONST.DIRTY_GFN_F_RESET).toBe(c['const.DIRTY_GFN_F_RESET']);
+    expect(KVM_EXIT.DIRTY_RING_FULL).toBe(c['const.EXIT_DIRTY_RING_FULL']);
+    expect(KVM.KVM_RESET_DIRTY_RINGS).toBe(c['const.RESET_DIRTY_RINGS']);
+    expect([c['const.dirty_gfn'], c['const.dirty_gfn.offset']]).toEqual([16, 8]);
     expect(KVM_CONST.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES).toBe(c['const.INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES']);
     expect(KVM_CONST.EXIT_IO_OUT).toBe(c['const.EXIT_IO_OUT']);
   });

@@ -52,6 +52,7 @@ export const KVM = {
   KVM_GET_CLOCK: ior(0x7c, sz(S.kvm_clock_data)),
   KVM_ENABLE_CAP: iow(0xa3, sz(S.kvm_enable_cap)),
   KVM_X86_SET_MSR_FILTER: iow(0xc6, sz(S.kvm_msr_filter)),
+  KVM_RESET_DIRTY_RINGS: io(0xc7),
   // vCPU
   KVM_RUN: io(0x80),
   KVM_GET_REGS: ior(0x81, sz(S.kvm_regs)),
@@ -116,7 +117,7 @@ export const KVM_CAP = {
 export const KVM_EXIT = {
   UNKNOWN: 0, EXCEPTION: 1, IO: 2, HYPERCALL: 3, DEBUG: 4, HLT: 5, MMIO: 6, IRQ_WINDOW_OPEN: 7,
   SHUTDOWN: 8, FAIL_ENTRY: 9, INTR: 10, SET_TPR: 11, TPR_ACCESS: 12, NMI: 16, INTERNAL_ERROR: 17,
-  SYSTEM_EVENT: 24, X86_RDMSR: 29, X86_WRMSR: 30,
+  SYSTEM_EVENT: 24, X86_RDMSR: 29, X86_WRMSR: 30, DIRTY_RING_FULL: 31,
 } as const;
 
 /** Other KVM ABI constants. */
@@ -126,12 +127,20 @@ export const KVM_CONST = {
   SYNC_X86_REGS: 1,
   /** `KVM_SYNC_X86_SREGS`: the special registers travel in `kvm_run.s.regs.sregs`. */
   SYNC_X86_SREGS: 2,
+  /** `KVM_SYNC_X86_EVENTS`: the vCPU events (`struct kvm_vcpu_events`) travel in `kvm_run.s.regs.events`. */
+  SYNC_X86_EVENTS: 4,
   MEM_LOG_DIRTY_PAGES: 1,
   MEM_READONLY: 2,
   EXIT_IO_IN: 0,
   EXIT_IO_OUT: 1,
   /** x86: page 1 of the vCPU mapping is the PIO data page; the coalesced ring is page 2. */
   COALESCED_MMIO_PAGE_OFFSET: 2,
+  /** The dirty ring is mapped from the vCPU fd at this many pages (`KVM_DIRTY_LOG_PAGE_OFFSET`). */
+  DIRTY_LOG_PAGE_OFFSET: 64,
+  /** `struct kvm_dirty_gfn.flags`: the entry names a dirty page (`KVM_DIRTY_GFN_F_DIRTY`). */
+  DIRTY_GFN_F_DIRTY: 1,
+  /** `struct kvm_dirty_gfn.flags`: harvested, for `KVM_RESET_DIRTY_RINGS` (`KVM_DIRTY_GFN_F_RESET`). */
+  DIRTY_GFN_F_RESET: 2,
   PIO_PAGE_OFFSET: 1,
   GUESTDBG_ENABLE: 0x1,
   GUESTDBG_SINGLESTEP: 0x2,

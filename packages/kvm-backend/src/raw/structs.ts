@@ -232,6 +232,10 @@ export const KVM_RUN_OFFSETS = {
   kvm_dirty_regs: 296,
   /** `s.regs.regs`: a `struct kvm_regs` (the x86 `struct kvm_sync_regs` starts with it). */
   sync_regs: 304,
+  /** `s.regs.sregs`: the `struct kvm_sregs` after it. */
+  sync_sregs: 448,
+  /** `s.regs.events`: the `struct kvm_vcpu_events` after that. */
+  sync_events: 760,
 } as const;
 
 /** Byte offset of a field of a struct layout. Throws for a field the struct does not have. */

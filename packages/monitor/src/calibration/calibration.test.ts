@@ -23,6 +23,8 @@ describe('calibration tables and cache', () => {
     expect(resultOf(t, 'sw-breakpoint', 0)).toMatchObject({ works: false, failure: expect.stringMatching(/INTERNAL_ERROR/) });
     expect(resultOf(t, 'hw-breakpoint', 3)).toMatchObject({ works: false });
     expect(resultOf(t, 'msr-exit', 3).works).toBe(false);
+    // Dirty rings exist on PVM (core's measureDirtyTracking prices them for reset).
+    expect(resultOf(t, 'dirty-ring-harvest', 3)).toMatchObject({ works: true, note: expect.stringMatching(/4 pages/) });
     expect(validateTable(JSON.parse(JSON.stringify(t)))).toEqual(t);
   });
 
