@@ -225,11 +225,15 @@ export class VirtioVsock extends BacklogDevice<VsockPacket, VsockUplink> impleme
   }
 
   /**
-   * Tells the driver that every connection is gone (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, §5.10.6.7):
-   * it shuts its sockets down and rereads the CID. Sent in the next buffer the driver posts on the
-   * event queue; several before it do not pile up (one event says it all).
+   * Ends every connection of this guest from the host side: packets waiting for it are dropped,
+   * the router resets its connections (peers see RST), and the driver is told
+   * (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, §5.10.6.7: it shuts its sockets down and rereads the
+   * CID) in the next buffer it posts on the event queue; several resets before it do not pile up.
    */
   transportReset(): void {
+    this.pending.clear();
+    this.#backlogBytes = 0;
+    this.uplink?.deviceReset();
     this.#eventPending = true;
     this.#sendEvent();
   }
