@@ -92,6 +92,19 @@ export interface Topology {
    * try everyone (a vsock router connects any two CIDs).
    */
   readonly links?: readonly (readonly [string, string])[];
+  /**
+   * Virtual switches (L2) by name, each with the principals that have a port on it. Frames
+   * (requests with `service: 'ethernet'`, port = EtherType) flow only between principals that
+   * share a switch; {@link analyzeFlows} puts the switch on every edge it carries. Absent: frames
+   * are analysed between every pair, as if one switch joined everyone.
+   */
+  readonly switches?: Readonly<Record<string, SwitchSpec>>;
+}
+
+/** One virtual switch of a {@link Topology}. */
+export interface SwitchSpec {
+  /** Principals with a port on the switch (each at most once). */
+  readonly ports: readonly string[];
 }
 
 /** A compiled rule. */
@@ -158,6 +171,8 @@ export interface CompiledTopology {
   readonly principals: ReadonlyMap<string, Principal>;
   /** Allowed `source→destination` keys, or null when everyone can reach everyone. */
   readonly links: ReadonlySet<string> | null;
+  /** Switches by name with their ports' principals, or null when the topology declares none. */
+  readonly switches: ReadonlyMap<string, readonly string[]> | null;
 }
 
 /** A connection attempt, as the router presents it. */
@@ -319,7 +334,7 @@ function toFlowPolicy(lattice: boolean, guards: ReadonlyMap<string, CompiledGuar
  */
 export function compileTopology(doc: unknown): CompiledTopology {
   const d = parseDoc(doc, 'topology');
-  for (const k of Object.keys(d)) if (!['version', 'principals', 'links'].includes(k)) throw new PolicyError(`topology.${k}`, 'unknown field');
+  for (const k of Object.keys(d)) if (!['version', 'principals', 'links', 'switches'].includes(k)) throw new PolicyError(`topology.${k}`, 'unknown field');
   if (d['version'] !== 1) throw new PolicyError('topology.version', `must be 1, got ${JSON.stringify(d['version'])}`);
   const ps = d['principals'];
   if (!isObj(ps)) throw new PolicyError('topology.principals', 'must be an object of principals by name');
@@ -358,7 +373,29 @@ export function compileTopology(doc: unknown): CompiledTopology {
       links?.add(`${String(pair[0])}→${String(pair[1])}`);
     });
   }
-  return Object.freeze({ principals, links });
+  return Object.freeze({ principals, links, switches: compileSwitches(d['switches'], principals) });
+}
+
+function compileSwitches(doc: unknown, principals: ReadonlyMap<string, Principal>): ReadonlyMap<string, readonly string[]> | null {
+  if (doc === undefined) return null;
+  if (!isObj(doc)) throw new PolicyError('topology.switches', 'must be an object of switches by name');
+  const out = new Map<string, readonly string[]>();
+  for (const [n, sw] of Object.entries(doc)) {
+    const p = `topology.switches.${n}`;
+    name(n, p, 'a switch name');
+    if (!isObj(sw)) throw new PolicyError(p, 'must be an object');
+    for (const k of Object.keys(sw)) if (k !== 'ports') throw new PolicyError(`${p}.${k}`, 'unknown field');
+    const ports = sw['ports'];
+    if (!Array.isArray(ports)) throw new PolicyError(`${p}.ports`, 'must be an array of principal names');
+    const seen = new Set<string>();
+    ports.forEach((x: unknown, i) => {
+      if (typeof x !== 'string' || !principals.has(x)) throw new PolicyError(`${p}.ports[${i}]`, `unknown principal ${JSON.stringify(x)}`);
+      if (seen.has(x)) throw new PolicyError(`${p}.ports[${i}]`, `'${x}' already has a port on this switch`);
+      seen.add(x);
+    });
+    out.set(n, Object.freeze([...seen]));
+  }
+  return out;
 }
 
 /** Whether principal `p` matches a rule's source or destination pattern. */
