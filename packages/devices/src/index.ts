@@ -99,7 +99,12 @@ export {
   type VsockConnectVerdict,
   type VsockMessageVerdict,
   type VsockHostStream,
+  type DisposableLease,
+  type DisposableProvider,
+  type DisposableEndpointOptions,
 } from './net/vsock-router.js';
+/** Disposable endpoints served by forks of a snapshot (one fresh machine per connection). */
+export { forkEndpoint, type ForkEndpoint, type ForkEndpointOptions, type ForkEndpointStats } from './net/disposable.js';
 /** Driver side of a vsock device without a guest, for tests and host-level demos. */
 export { VsockTestGuest, openVsockPair, type VsockTestGuestOptions } from './net/vsock-test-guest.js';
 

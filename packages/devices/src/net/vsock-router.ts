@@ -20,6 +20,13 @@
  * the receiver: a SHUTDOWN or RST in the middle discards it, and one that outgrows the window
  * (`connectionBuffer`, or the receiver's own `buf_alloc`) resets the connection.
  *
+ * A CID can be a **disposable endpoint** ({@link VsockRouter.serveDisposable}), as Qubes' `@dispvm`
+ * is: each connection to it that the mediator allows is served by a fresh machine (a fork of a
+ * snapshot, see `forkEndpoint`) created at connect time and released — destroyed, or reset into
+ * a pool — when the connection ends. The mediator decides before anything is forked, hears which
+ * instance served the connection (`served`, which the `FlowMonitor` audits), and forks are capped
+ * per endpoint, so a connection flood cannot fork without bound.
+ *
  * Hostile input gets a defined result: unknown CID, no listener, unknown connection, bad type or
  * op, a type the guest did not negotiate or that differs from its connection's → RST; spoofed or
  * malformed headers are dropped by the device; credit abuse → RST of that connection only. No
@@ -77,6 +84,34 @@ export interface VsockMediator<C> {
   message(connection: C, direction: 'forward' | 'reverse', data: Uint8Array): VsockMessageVerdict | Promise<VsockMessageVerdict>;
   /** The connection ended. */
   close?(connection: C): void;
+  /** A disposable endpoint's connection is served by machine `instance` (before the listener hears of it). */
+  served?(connection: C, instance: string): void;
+}
+
+/** One fresh machine serving one connection to a disposable endpoint. */
+export interface DisposableLease {
+  /** Which machine serves it (a fork's name): told to the mediator, shown in the audit log. */
+  readonly instance: string;
+  /** Its vsock device, with the endpoint's CID (the router installs itself as its uplink). */
+  readonly device: VirtioVsock;
+  /** Settles with why if the machine stops on its own while serving; the connection is then reset. */
+  readonly stopped?: Promise<string>;
+  /** The connection is over: stop and destroy the machine, or reset it into a pool. */
+  release(reason: string): void | Promise<void>;
+}
+
+/** Makes the machine that serves one connection to a disposable endpoint (`forkEndpoint` forks a snapshot). */
+export interface DisposableProvider {
+  /** A fresh machine for `request` (already allowed by the mediator), running, its device ready. */
+  acquire(request: VsockConnectRequest): Promise<DisposableLease>;
+}
+
+/** Options of {@link VsockRouter.serveDisposable}. */
+export interface DisposableEndpointOptions {
+  /** Most machines serving this endpoint at once; requests beyond it get RST. Default 4. */
+  readonly maxInstances?: number;
+  /** Longest wait for `acquire`; then the request is reset. Default 10 s. */
+  readonly acquireTimeoutMs?: number;
 }
 
 /** A mediator that allows everything — for tests and for machines that share one trust domain. */
@@ -119,6 +154,12 @@ export interface VsockRouterStats {
   rstUnroutable: number;
   /** Unfinished SEQPACKET messages discarded (a SHUTDOWN or RST before their EOM). */
   partialMessagesDropped: number;
+  /** Connections a disposable machine served. */
+  disposableServed: number;
+  /** Requests to a disposable endpoint refused because its instance cap was reached. */
+  disposableOverLimit: number;
+  /** Disposable machines that could not be made (acquire failed or timed out). */
+  disposableFailed: number;
 }
 
 /** A host-side end of a connection, handed to a listener or returned by {@link VsockRouter.connect}. */
@@ -148,7 +189,8 @@ interface Side {
   readonly name: string;
   readonly cid: number;
   readonly port: number;
-  readonly dev: VirtioVsock | null;
+  /** The guest's device (for a disposable endpoint, set once its machine exists). */
+  dev: VirtioVsock | null;
   host: HostStream | null;
   /** What this side advertised about its receive buffer (for sending to it). */
   bufAlloc: number;
@@ -184,10 +226,22 @@ interface Conn<C> {
   readonly ba: Dir;
   /** {@link VSOCK_TYPE_STREAM} or {@link VSOCK_TYPE_SEQPACKET}. */
   readonly type: number;
-  state: 'deciding' | 'requested' | 'open' | 'closed';
+  state: 'deciding' | 'provisioning' | 'requested' | 'open' | 'closed';
   flow: C | null;
+  /** The disposable endpoint side `b` belongs to, and the machine serving it once made. */
+  disposable?: Disposable;
+  lease?: DisposableLease | undefined;
   resolve?: (s: VsockHostStream) => void;
   reject?: (e: Error) => void;
+}
+
+interface Disposable {
+  readonly name: string;
+  readonly provider: DisposableProvider;
+  readonly max: number;
+  readonly timeoutMs: number;
+  /** Connections being provisioned or served. */
+  live: number;
 }
 
 interface Listener {
@@ -241,6 +295,7 @@ export class VsockRouter<C> {
   readonly stats: VsockRouterStats = {
     connectionsOpened: 0, connectionsRefused: 0, connectionsReset: 0, connectionsOverLimit: 0,
     messagesDelivered: 0, messagesDenied: 0, bytesDelivered: 0, creditViolations: 0, rstUnroutable: 0, partialMessagesDropped: 0,
+    disposableServed: 0, disposableOverLimit: 0, disposableFailed: 0,
   };
   readonly #mediator: VsockMediator<C>;
   readonly #buf: number;
@@ -248,6 +303,7 @@ export class VsockRouter<C> {
   readonly #onDeny: 'reset' | 'drop';
   readonly #devices = new Map<number, { dev: VirtioVsock; name: string }>();
   readonly #listeners = new Map<number, Listener>();
+  readonly #disposables = new Map<number, Disposable>();
   readonly #byKey = new Map<string, Conn<C>>();
   readonly #byId = new Map<number, Conn<C>>();
   readonly #perPeer = new Map<string, number>();
@@ -277,6 +333,7 @@ export class VsockRouter<C> {
   attach(device: VirtioVsock, name: string): () => void {
     if (this.#closed) throw new StateError('the router is closed');
     if (this.#devices.has(device.cid)) throw new InvalidArgumentError('device', `CID ${device.cid} is already attached as '${this.#devices.get(device.cid)?.name ?? ''}'`);
+    if (this.#disposables.has(device.cid)) throw new InvalidArgumentError('device', `CID ${device.cid} is the disposable endpoint '${this.#disposables.get(device.cid)?.name ?? ''}'`);
     this.#devices.set(device.cid, { dev: device, name });
     device.setUplink({ transmit: (p) => this.#fromGuest(device, name, p), deviceReset: () => this.#dropDevice(device, 'device reset') });
     return () => {
@@ -300,21 +357,47 @@ export class VsockRouter<C> {
   }
 
   /**
+   * Makes CID `cid` a disposable endpoint under principal `name`: each allowed connection to it
+   * (from a guest or {@link VsockRouter.connect}) gets a machine of its own from `provider`, made
+   * after the mediator allowed the request and released when the connection ends. Returns a
+   * function that stops serving (connections already served keep their machines until they end).
+   */
+  serveDisposable(cid: number, name: string, provider: DisposableProvider, options: DisposableEndpointOptions = {}): () => void {
+    if (this.#closed) throw new StateError('the router is closed');
+    if (!Number.isInteger(cid) || cid < 3 || cid > 0xfffffffe) throw new InvalidArgumentError('cid', `must be an integer 3..0xfffffffe, got ${cid}`);
+    if (this.#devices.has(cid) || this.#disposables.has(cid)) throw new InvalidArgumentError('cid', `CID ${cid} is already in use`);
+    if (typeof provider?.acquire !== 'function') throw new InvalidArgumentError('provider', 'must have an acquire(request) method');
+    const max = options.maxInstances ?? 4;
+    if (!Number.isInteger(max) || max < 1) throw new InvalidArgumentError('maxInstances', 'must be a positive integer');
+    const timeoutMs = options.acquireTimeoutMs ?? 10_000;
+    if (!(timeoutMs > 0)) throw new InvalidArgumentError('acquireTimeoutMs', 'must be a positive number of milliseconds');
+    const d: Disposable = { name, provider, max, timeoutMs, live: 0 };
+    this.#disposables.set(cid, d);
+    return () => { if (this.#disposables.get(cid) === d) this.#disposables.delete(cid); };
+  }
+
+  /**
    * Connects host endpoint `name` to a guest listener at `cid:port` (mediated like any
    * connection). `seqpacket: true` opens a SEQPACKET connection (the guest must have negotiated it).
    */
   connect(name: string, cid: number, port: number, options: { seqpacket?: boolean } = {}): Promise<VsockHostStream> {
     const t = this.#devices.get(cid);
-    if (t === undefined) return Promise.reject(new InvalidArgumentError('cid', `no machine with CID ${cid}`));
+    const disp = t === undefined ? this.#disposables.get(cid) : undefined;
+    if (t === undefined && disp === undefined) return Promise.reject(new InvalidArgumentError('cid', `no machine with CID ${cid}`));
     const seq = options.seqpacket === true;
-    if (seq && !t.dev.seqpacket) return Promise.reject(new InvalidArgumentError('seqpacket', `machine '${t.name}' (CID ${cid}) did not negotiate VIRTIO_VSOCK_F_SEQPACKET`));
+    // (A disposable machine's driver is not known before it exists; its RST answers a mismatch.)
+    if (seq && t !== undefined && !t.dev.seqpacket) return Promise.reject(new InvalidArgumentError('seqpacket', `machine '${t.name}' (CID ${cid}) did not negotiate VIRTIO_VSOCK_F_SEQPACKET`));
+    if (disp !== undefined && disp.live >= disp.max) {
+      this.stats.disposableOverLimit++;
+      return Promise.reject(new StateError(`disposable endpoint '${disp.name}' already serves ${disp.max} connections`));
+    }
     const a = this.#side('host', name, VSOCK_HOST_CID, this.#nextHostPort++, null);
-    const b = this.#side('guest', t.name, cid, port, t.dev);
+    const b = this.#side('guest', t?.name ?? (disp as Disposable).name, cid, port, t?.dev ?? null);
     return new Promise((resolve, reject) => {
-      const c = this.#newConn(a, b, seq ? VSOCK_TYPE_SEQPACKET : VSOCK_TYPE_STREAM);
+      const c = this.#newConn(a, b, seq ? VSOCK_TYPE_SEQPACKET : VSOCK_TYPE_STREAM, disp);
       c.resolve = resolve;
       c.reject = reject;
-      this.#decide(c, { source: name, destination: t.name, port, ...(seq ? { socket: 'seqpacket' as const } : {}) });
+      this.#decide(c, { source: name, destination: b.name, port, ...(seq ? { socket: 'seqpacket' as const } : {}) });
     });
   }
 
@@ -332,9 +415,13 @@ export class VsockRouter<C> {
     return { kind, name, cid, port, dev, host: null, bufAlloc: 0, fwdCnt: 0, txCnt: 0 };
   }
 
-  #newConn(a: Side, b: Side, type: number): Conn<C> {
+  #newConn(a: Side, b: Side, type: number, disposable?: Disposable): Conn<C> {
     const dir = (from: Side, to: Side, direction: 'forward' | 'reverse'): Dir => ({ from, to, direction, rxCnt: 0, fwdCnt: 0, advertised: 0, pending: [], out: [], busy: false, wantDrain: false, partial: [], partialLen: 0 });
     const c: Conn<C> = { id: this.#nextId++, a, b, ab: dir(a, b, 'forward'), ba: dir(b, a, 'reverse'), type, state: 'deciding', flow: null };
+    if (disposable !== undefined) {
+      c.disposable = disposable;
+      disposable.live++;
+    }
     this.#byId.set(c.id, c);
     for (const s of [a, b]) if (s.kind === 'guest') this.#byKey.set(this.#key(s, s === a ? b : a), c);
     this.#perPeer.set(a.name, (this.#perPeer.get(a.name) ?? 0) + 1);
@@ -363,7 +450,9 @@ export class VsockRouter<C> {
         return;
       }
       c.flow = r.connection;
-      if (c.b.kind === 'host') {
+      if (c.disposable !== undefined) {
+        this.#provision(c, c.disposable, req);
+      } else if (c.b.kind === 'host') {
         this.#open(c);
         this.#listeners.get(c.b.port)?.onConnection(c.b.host as HostStream);
       } else {
@@ -378,6 +467,40 @@ export class VsockRouter<C> {
     } else {
       done(v);
     }
+  }
+
+  /** Gets the machine that serves `c` (allowed, to a disposable endpoint), then sends it the REQUEST. */
+  #provision(c: Conn<C>, d: Disposable, req: VsockConnectRequest): void {
+    c.state = 'provisioning';
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_r, reject) => { timer = setTimeout(() => reject(new Error(`no machine within ${d.timeoutMs} ms`)), d.timeoutMs); });
+    Promise.race([Promise.resolve().then(() => d.provider.acquire({ ...req })), timeout]).then((lease) => {
+      clearTimeout(timer);
+      if (c.state !== 'provisioning' || this.#closed) {
+        // The requester went away (or the router closed) while the machine was made.
+        void Promise.resolve().then(() => lease.release('connection ended before it was served')).catch(() => {});
+        return;
+      }
+      const dev = lease.device;
+      if (dev.cid !== c.b.cid) {
+        void Promise.resolve().then(() => lease.release('wrong CID')).catch(() => {});
+        this.stats.disposableFailed++;
+        this.#reset(c, `disposable machine '${lease.instance}' has CID ${dev.cid}, not ${c.b.cid}`, null);
+        return;
+      }
+      c.lease = lease;
+      c.b.dev = dev;
+      dev.setUplink({ transmit: (p) => this.#fromGuest(dev, d.name, p), deviceReset: () => this.#dropDevice(dev, 'device reset') });
+      this.stats.disposableServed++;
+      if (c.flow !== null) this.#mediator.served?.(c.flow, lease.instance);
+      lease.stopped?.then((why) => { if (c.lease === lease) this.#reset(c, `disposable machine '${lease.instance}' stopped: ${why}`, null); }, () => {});
+      c.state = 'requested';
+      this.#send(c, c.b, VsockOp.Request);
+    }, (e: unknown) => {
+      clearTimeout(timer);
+      this.stats.disposableFailed++;
+      this.#reset(c, `no disposable machine for '${d.name}': ${e instanceof Error ? e.message : String(e)}`, null);
+    });
   }
 
   #open(c: Conn<C>): void {
@@ -511,11 +634,20 @@ export class VsockRouter<C> {
   #request(dev: VirtioVsock, name: string, p: VsockPacket): void {
     let b: Side;
     let service: string | undefined;
+    let disp: Disposable | undefined;
     if (p.dstCid === VSOCK_HOST_CID) {
       const l = this.#listeners.get(p.dstPort);
       if (l === undefined || l.type !== p.type) { this.#rstReply(dev, p); return; }
       b = this.#side('host', l.name, VSOCK_HOST_CID, p.dstPort, null);
       service = l.service;
+    } else if (this.#disposables.has(p.dstCid)) {
+      disp = this.#disposables.get(p.dstCid) as Disposable;
+      if (disp.live >= disp.max) {
+        this.stats.disposableOverLimit++;
+        this.#rstReply(dev, p);
+        return;
+      }
+      b = this.#side('guest', disp.name, p.dstCid, p.dstPort, null);
     } else {
       const t = this.#devices.get(p.dstCid);
       // A SEQPACKET request to a guest that cannot take one is refused here, as its driver would.
@@ -530,7 +662,7 @@ export class VsockRouter<C> {
     const a = this.#side('guest', name, p.srcCid, p.srcPort, dev);
     a.bufAlloc = p.bufAlloc;
     a.fwdCnt = p.fwdCnt;
-    const c = this.#newConn(a, b, p.type);
+    const c = this.#newConn(a, b, p.type, disp);
     this.#decide(c, { source: name, destination: b.name, port: p.dstPort, ...(service !== undefined ? { service } : {}), ...(p.type === VSOCK_TYPE_SEQPACKET ? { socket: 'seqpacket' as const } : {}) });
   }
 
@@ -729,6 +861,16 @@ export class VsockRouter<C> {
     c.reject?.(new StateError(`vsock connect failed: ${why}`));
     for (const s of [c.a, c.b]) if (s.kind === 'guest') this.#byKey.delete(this.#key(s, s === c.a ? c.b : c.a));
     this.#byId.delete(c.id);
+    if (c.disposable !== undefined) {
+      c.disposable.live--;
+      const lease = c.lease;
+      c.lease = undefined;
+      if (lease !== undefined) {
+        lease.device.setUplink(undefined);
+        // Released off this call stack: a release that throws or never settles harms no one.
+        void Promise.resolve().then(() => lease.release(why)).catch(() => {});
+      }
+    }
     this.#perPeer.set(c.a.name, Math.max(0, (this.#perPeer.get(c.a.name) ?? 1) - 1));
     if (c.flow !== null) this.#mediator.close?.(c.flow);
   }

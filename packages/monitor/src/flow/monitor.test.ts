@@ -224,3 +224,29 @@ describe('guard signals', () => {
     expect(await quick.message(q.connection!, 'forward', new Uint8Array(4))).toMatchObject({ verdict: 'allow' });
   });
 });
+
+describe('FlowMonitor: disposable principals', () => {
+  const topology = { version: 1, principals: { a: { kind: 'machine', cid: 3 }, scanner: { kind: 'machine', cid: 5, disposable: 'scan' }, other: { kind: 'machine', cid: 6 } } };
+
+  it('@dispvm:<template> matches the template’s principal only; served() audits the instance', async () => {
+    const lines: string[] = [];
+    const flow = new FlowMonitor({ policy: { version: 1, rules: [{ id: 'to-scan', source: 'a', destination: '@dispvm:scan', action: 'allow' }, { id: 'any-disp', source: 'other', destination: '@dispvm', action: 'allow' }] }, topology, audit: new AuditLog(lines) });
+    const ok = await flow.connect({ source: 'a', destination: 'scanner', port: 80 });
+    expect(ok.verdict).toBe('allow');
+    expect((await flow.connect({ source: 'a', destination: 'other', port: 80 })).verdict).toBe('deny');
+    expect((await flow.connect({ source: 'other', destination: 'scanner', port: 80 })).rule).toBe('any-disp');
+    flow.served(ok.connection as FlowConnection, 'scanner~7');
+    flow.served(9999, 'ghost'); // unknown connection: nothing logged
+    const served = lines.map((l) => JSON.parse(l) as { event: string; flow: { instance?: string; connection: number } }).filter((e) => e.event === 'flow:disposable');
+    expect(served).toEqual([expect.objectContaining({ flow: expect.objectContaining({ instance: 'scanner~7', connection: ok.connection?.id }) })]);
+  });
+
+  it('bad input: a disposable host, a bad template name, an unknown @dispvm form → PolicyError naming the path', () => {
+    const bad = (policy: unknown, topo: unknown, path: string) => expect(() => new FlowMonitor({ policy, topology: topo })).toThrow(path);
+    const rules = { version: 1, rules: [] };
+    bad(rules, { version: 1, principals: { h: { kind: 'host', disposable: 'x' } } }, 'topology.principals.h.disposable');
+    bad(rules, { version: 1, principals: { m: { kind: 'machine', disposable: 'no spaces' } } }, 'topology.principals.m.disposable');
+    bad({ version: 1, rules: [{ id: 'r', source: 'a', destination: '@dispvm:', action: 'allow' }] }, topology, 'rules[0].destination');
+    bad({ version: 1, rules: [{ id: 'r', source: '@dispvms', destination: 'a', action: 'allow' }] }, topology, 'rules[0].source');
+  });
+});

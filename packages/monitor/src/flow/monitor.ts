@@ -198,6 +198,8 @@ export interface FlowAuditEntry extends AuditEntry {
     readonly bytes?: number;
     /** Tags declassified, for messages. */
     readonly declassified?: readonly string[];
+    /** The machine that served the connection, for a disposable endpoint (`flow:disposable` lines). */
+    readonly instance?: string;
     /** Mode. */
     readonly mode: 'enforce' | 'learn';
   };
@@ -406,6 +408,17 @@ export class FlowMonitor {
     return out instanceof Promise ? out.then(finish) : finish(out);
   }
 
+  /**
+   * The router says which machine serves `connection` to a disposable endpoint (a fresh fork per
+   * connection): audited as a `flow:disposable` line naming the instance, so the log shows which
+   * fork saw the connection's messages.
+   */
+  served(connection: FlowConnection | number, instance: string): void {
+    const c = this.#live.get(typeof connection === 'number' ? connection : connection.id)?.conn;
+    if (c === undefined) return;
+    this.#log('flow:disposable', 'allow', `served by disposable machine '${instance}'`, c.source, c.destination, c.port, c.id, c.rule, c.guard, undefined, undefined, { instance });
+  }
+
   /** Forgets a connection (its later messages are denied). Idempotent. */
   close(connection: FlowConnection | number): void {
     this.#live.delete(typeof connection === 'number' ? connection : connection.id);
@@ -465,7 +478,7 @@ export class FlowMonitor {
   }
 
   #log(event: string, verdict: 'allow' | 'deny', reason: string, from: string, to: string, port: number, connection: number | null, rule: string | null, guard: string | null,
-    fromLabel: Label | undefined, toLabel: Label | undefined, extra: { bytes?: number; declassified?: readonly string[] } = {}): void {
+    fromLabel: Label | undefined, toLabel: Label | undefined, extra: { bytes?: number; declassified?: readonly string[]; instance?: string } = {}): void {
     if (this.#audit === undefined && !decisionChannel.hasSubscribers) return;
     // Flow decisions are not tied to a vCPU or an exit: vcpu and exit are -1, rip is '-'.
     const entry: FlowAuditEntry = {

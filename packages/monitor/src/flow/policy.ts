@@ -18,7 +18,8 @@
  *     { "id": "worker-out", "source": "worker", "destination": "@tag:public", "action": "allow", "guard": "dlp" } ] }
  * ```
  * Principal patterns: a name, `*` (anything), `@tag:T` (a principal whose label carries T),
- * `@host` / `@machine` (by kind).
+ * `@host` / `@machine` (by kind), `@dispvm:T` (a disposable principal, served by fresh forks of
+ * template T, as Qubes' `@dispvm:T`) and `@dispvm` (any disposable one).
  * @module
  */
 import { PolicyError } from '../errors.js';
@@ -79,6 +80,11 @@ export interface PrincipalSpec {
   readonly integrity?: readonly string[];
   /** vsock context id (≥ 3 for machines; 2 is the host). */
   readonly cid?: number;
+  /**
+   * For a machine served by a fresh fork per connection (the router's `serveDisposable`): the
+   * template's name, which `@dispvm:<template>` patterns match. Every fork carries this label.
+   */
+  readonly disposable?: string;
 }
 
 /** The machines and host endpoints a policy governs, with their labels. */
@@ -163,6 +169,8 @@ export interface Principal {
   readonly label: Label;
   /** vsock CID, if given. */
   readonly cid: number | null;
+  /** Template of a disposable machine, or null. */
+  readonly disposable: string | null;
 }
 
 /** A validated {@link Topology}. */
@@ -222,12 +230,16 @@ function tags(v: unknown, p: string): string[] {
 }
 
 function pattern(v: unknown, p: string): string {
-  if (v === '*' || v === '@host' || v === '@machine') return v;
+  if (v === '*' || v === '@host' || v === '@machine' || v === '@dispvm') return v;
   if (typeof v === 'string' && v.startsWith('@tag:')) {
     name(v.slice(5), p, 'the tag of @tag:');
     return v;
   }
-  if (typeof v === 'string' && v.startsWith('@')) throw new PolicyError(p, `unknown pattern ${JSON.stringify(v)} (use a name, *, @tag:T, @host or @machine)`);
+  if (typeof v === 'string' && v.startsWith('@dispvm:')) {
+    name(v.slice(8), p, 'the template of @dispvm:');
+    return v;
+  }
+  if (typeof v === 'string' && v.startsWith('@')) throw new PolicyError(p, `unknown pattern ${JSON.stringify(v)} (use a name, *, @tag:T, @host, @machine, @dispvm or @dispvm:T)`);
   return name(v, p, 'a principal name');
 }
 
@@ -344,7 +356,7 @@ export function compileTopology(doc: unknown): CompiledTopology {
     const p = `topology.principals.${n}`;
     name(n, p, 'a principal name');
     if (!isObj(s)) throw new PolicyError(p, 'must be an object');
-    for (const k of Object.keys(s)) if (!['kind', 'secrecy', 'integrity', 'cid'].includes(k)) throw new PolicyError(`${p}.${k}`, 'unknown field');
+    for (const k of Object.keys(s)) if (!['kind', 'secrecy', 'integrity', 'cid', 'disposable'].includes(k)) throw new PolicyError(`${p}.${k}`, 'unknown field');
     const kind = s['kind'];
     if (kind !== 'machine' && kind !== 'host') throw new PolicyError(`${p}.kind`, `must be 'machine' or 'host', got ${JSON.stringify(kind)}`);
     let cid: number | null = null;
@@ -357,7 +369,12 @@ export function compileTopology(doc: unknown): CompiledTopology {
       if (kind === 'machine') cids.set(c, n);
       cid = c;
     }
-    principals.set(n, Object.freeze({ name: n, kind, cid, label: Object.freeze(makeLabel(tags(s['secrecy'], `${p}.secrecy`), tags(s['integrity'], `${p}.integrity`))) }));
+    let disposable: string | null = null;
+    if (s['disposable'] !== undefined) {
+      if (kind !== 'machine') throw new PolicyError(`${p}.disposable`, 'only a machine can be disposable');
+      disposable = name(s['disposable'], `${p}.disposable`, 'a template name');
+    }
+    principals.set(n, Object.freeze({ name: n, kind, cid, disposable, label: Object.freeze(makeLabel(tags(s['secrecy'], `${p}.secrecy`), tags(s['integrity'], `${p}.integrity`))) }));
   }
   let links: Set<string> | null = null;
   if (d['links'] !== undefined) {
@@ -404,6 +421,8 @@ export function matchesPattern(pat: string, p: Principal): boolean {
   if (pat === '@host') return p.kind === 'host';
   if (pat === '@machine') return p.kind === 'machine';
   if (pat.startsWith('@tag:')) return hasTag(p.label, pat.slice(5));
+  if (pat === '@dispvm') return p.disposable !== null;
+  if (pat.startsWith('@dispvm:')) return p.disposable === pat.slice(8);
   return pat === p.name;
 }
 
