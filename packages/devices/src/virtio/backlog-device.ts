@@ -26,7 +26,7 @@ export abstract class BacklogDevice<Item, Uplink> {
   protected ctx: VirtioContext | undefined;
   /** Where transmitted items go. */
   protected uplink: Uplink | undefined;
-  /** Items waiting for rx buffers (bounded: beyond the bound {@link BacklogDevice.deliverItem} refuses). */
+  /** @internal Items waiting for rx buffers (bounded: beyond the bound `deliverItem` refuses). */
   protected readonly pending: BoundedFifo<Item>;
   /** Config space image (read-only to the guest). */
   protected abstract readonly config: Uint8Array;
@@ -65,7 +65,7 @@ export abstract class BacklogDevice<Item, Uplink> {
   /** Config space is read-only: the host sets it. */
   writeConfig(_offset: number, _value: number, _size: AccessSize): void {}
 
-  /** Kick: tx → uplink; rx → deliver the backlog; other queues → {@link BacklogDevice.notifyOther}. */
+  /** Kick: tx → uplink; rx → deliver the backlog; other queues → `notifyOther`. */
   notify(index: number): void {
     if (index === TX_QUEUE) this.#transmit();
     else if (index === RX_QUEUE) this.fill();
@@ -79,7 +79,7 @@ export abstract class BacklogDevice<Item, Uplink> {
 
   /**
    * Queues `item` for the guest and writes what fits into posted rx buffers.
-   * @returns false if the backlog was full and the item was dropped ({@link BacklogDevice.overflowed} counted it).
+   * @returns false if the backlog was full and the item was dropped (`overflowed` counted it).
    */
   protected deliverItem(item: Item): boolean {
     if (!this.pending.push(item)) {
