@@ -409,6 +409,7 @@ export class VsockRouter<C> {
     for (const { dev } of this.#devices.values()) dev.setUplink(undefined);
     this.#devices.clear();
     this.#listeners.clear();
+    this.#disposables.clear();
   }
 
   #side(kind: 'guest' | 'host', name: string, cid: number, port: number, dev: VirtioVsock | null): Side {
