@@ -18,7 +18,9 @@
  * (a guard sees what the receiver will read, never half of it); the receiver gets it again in
  * fragments its credit allows, EOM (and EOR) on the last. An unfinished message never reaches
  * the receiver: a SHUTDOWN or RST in the middle discards it, and one that outgrows the window
- * (`connectionBuffer`, or the receiver's own `buf_alloc`) resets the connection.
+ * (`connectionBuffer`, or the receiver's own `buf_alloc`) resets the connection, as do more than
+ * `max(1024, connectionBuffer / 64)` messages waiting for a receiver that does not read (empty
+ * messages use no credit, so credit alone would not bound them).
  *
  * A CID can be a **disposable endpoint** ({@link VsockRouter.serveDisposable}), as Qubes' `@dispvm`
  * is: each connection to it that the mediator allows is served by a fresh machine (a fork of a
@@ -611,6 +613,12 @@ export class VsockRouter<C> {
         return false;
       }
       return true;
+    }
+    // Credit bounds a direction's bytes, not its messages: empty ones cost none. Cap the count
+    // (never reached before the credit is by messages of 64 bytes or more).
+    if (d.pending.length + d.out.length >= Math.max(1024, this.#buf / 64)) {
+      this.#reset(c, `${d.from.name} has ${d.pending.length + d.out.length} SEQPACKET messages its peer has not taken`, null);
+      return false;
     }
     const data = d.partial.length === 1 ? (d.partial[0] as Uint8Array) : new Uint8Array(d.partialLen);
     if (d.partial.length > 1) {

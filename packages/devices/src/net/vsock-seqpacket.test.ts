@@ -118,6 +118,16 @@ describe('VsockRouter: SEQPACKET', () => {
     expect(router2.stats.partialMessagesDropped).toBe(1);
   });
 
+  it('hostile: a flood of empty messages to a receiver that never reads is bounded (they use no credit)', async () => {
+    const router = new VsockRouter({ mediator: allowAllMediator });
+    const { a, b, aSend } = await openSeq(router, {}, { rxBuffers: 1 });
+    for (let i = 0; i < 6000; i++) aSend({ op: VsockOp.Rw, flags: VSOCK_SEQ_EOM }); // cap: 4096 held + what the device holds
+    expect(router.connections).toBe(0);
+    expect(a.receive().map((p) => p.op)).toContain(VsockOp.Rst);
+    expect(b.device.backlog).toBeLessThanOrEqual(1025);
+    expect(router.stats.messagesDelivered).toBeLessThan(6000);
+  });
+
   it('a message larger than the receiver’s buf_alloc is refused (it could never be read whole)', async () => {
     const { m } = recorder();
     const router = new VsockRouter({ mediator: m });
