@@ -250,3 +250,21 @@ describe('FlowMonitor: disposable principals', () => {
     bad({ version: 1, rules: [{ id: 'r', source: '@dispvms', destination: 'a', action: 'allow' }] }, topology, 'rules[0].source');
   });
 });
+
+describe('guarded messages and the lattice', () => {
+  it('a guard that allows without declassifying what the lattice needs is refused, every time; declassifying lets it through; the other direction needs nothing', async () => {
+    const flow = new FlowMonitor({
+      policy: { version: 1, guards: { dlp: { declassify: ['key'] } }, rules: [{ id: 'out', source: 'vault', destination: 'outside', action: 'allow', guard: 'dlp' }] },
+      topology: { version: 1, principals: { vault: { kind: 'machine', secrecy: ['key'] }, outside: { kind: 'machine' } } },
+      guards: { dlp: (d) => (d[0] === 1 ? { action: 'allow', declassify: ['key'] } : { action: 'allow' }) },
+    });
+    const c = (await flow.connect({ source: 'vault', destination: 'outside', port: 1 })).connection as FlowConnection;
+    for (let i = 0; i < 2; i++) {
+      const d = flow.message(c, 'forward', Uint8Array.of(0)) as { verdict: string; reason: string };
+      expect(d.verdict).toBe('deny');
+      expect(d.reason).toMatch(/guard 'dlp' allowed, but/);
+    }
+    expect(flow.message(c, 'forward', Uint8Array.of(1))).toMatchObject({ verdict: 'allow', declassified: ['key'], reason: "guard 'dlp' allowed, declassifying {key}" });
+    for (let i = 0; i < 2; i++) expect(flow.message(c, 'reverse', Uint8Array.of(0))).toMatchObject({ verdict: 'allow', declassified: [], reason: "guard 'dlp' allowed" });
+  });
+});

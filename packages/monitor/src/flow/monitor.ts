@@ -214,6 +214,11 @@ interface Live {
   /** Precomputed unguarded verdict per direction: null allows, a string denies. */
   readonly forward: string | null;
   readonly reverse: string | null;
+  /** A guarded message's lattice verdict per direction when nothing was declassified ('' allows), computed on first use. */
+  plainForward?: string;
+  plainReverse?: string;
+  /** The reason of a guarded message allowed as is. */
+  allowedWhy?: string;
 }
 
 /** Decides connections and messages between labelled principals. */
@@ -399,15 +404,35 @@ export class FlowMonitor {
     this.stats.guardInspections++;
     const g = live.guard;
     const out = runGuard(live.guardFn, data, { guard: g.name, connection: live.conn.id, from: sender.name, to: receiver.name, label: sender.label, port: live.conn.port }, g.declassify, g.timeoutMs);
-    const finish = (o: GuardOutcome): MessageDecision => {
-      if (!o.ok) return this.#messageDone(t0, live, direction, data.length, { verdict: 'deny', guard: g.name, reason: o.reason }, kind);
-      const label = declassify(sender.label, o.declassified);
-      const refusal = this.policy.lattice && this.mode === 'enforce' ? latticeRefusal(latticeGap(label, receiver.label), [], null) : null;
-      if (refusal !== null) return this.#messageDone(t0, live, direction, data.length, { verdict: 'deny', guard: g.name, reason: `guard '${g.name}' allowed, but ${refusal}` }, kind);
-      const why = `guard '${g.name}' ${o.rewritten ? 'rewrote' : 'allowed'}${o.declassified.length ? `, declassifying {${o.declassified.join(',')}}` : ''}`;
-      return this.#messageDone(t0, live, direction, o.data.length, { verdict: 'allow', data: o.data, label, declassified: o.declassified, rewritten: o.rewritten, guard: g.name, reason: why }, kind);
-    };
-    return out instanceof Promise ? out.then(finish) : finish(out);
+    return out instanceof Promise
+      ? out.then((o) => this.#guarded(t0, live, direction, data, kind, o))
+      : this.#guarded(t0, live, direction, data, kind, out);
+  }
+
+  /** The decision on a guarded message once its guard has spoken. */
+  #guarded(t0: number, live: Live, direction: FlowDirection, data: Uint8Array, kind: 'message' | 'frame', o: GuardOutcome): MessageDecision {
+    const g = live.guard as CompiledGuard;
+    if (!o.ok) return this.#messageDone(t0, live, direction, data.length, { verdict: 'deny', guard: g.name, reason: o.reason }, kind);
+    const fwd = direction === 'forward';
+    const sender = fwd ? live.src : live.dst;
+    const receiver = fwd ? live.dst : live.src;
+    const lattice = this.policy.lattice && this.mode === 'enforce';
+    let label: Label;
+    let refusal: string | null;
+    if (o.declassified.length === 0) {
+      // The common case: nothing declassified, so label and lattice verdict are the connection's
+      // own for this direction, computed once.
+      label = sender.label;
+      const key = fwd ? 'plainForward' : 'plainReverse';
+      refusal = lattice ? (live[key] ??= latticeRefusal(latticeGap(label, receiver.label), [], null) ?? '') || null : null;
+    } else {
+      label = declassify(sender.label, o.declassified);
+      refusal = lattice ? latticeRefusal(latticeGap(label, receiver.label), [], null) : null;
+    }
+    if (refusal !== null) return this.#messageDone(t0, live, direction, data.length, { verdict: 'deny', guard: g.name, reason: `guard '${g.name}' allowed, but ${refusal}` }, kind);
+    const why = o.declassified.length === 0 && !o.rewritten ? (live.allowedWhy ??= `guard '${g.name}' allowed`)
+      : `guard '${g.name}' ${o.rewritten ? 'rewrote' : 'allowed'}${o.declassified.length ? `, declassifying {${o.declassified.join(',')}}` : ''}`;
+    return this.#messageDone(t0, live, direction, o.data.length, { verdict: 'allow', data: o.data, label, declassified: o.declassified, rewritten: o.rewritten, guard: g.name, reason: why }, kind);
   }
 
   /**
