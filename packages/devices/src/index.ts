@@ -91,6 +91,10 @@ export {
   VSOCK_MAX_PAYLOAD,
   VSOCK_HOST_CID,
   VSOCK_TYPE_STREAM,
+  VSOCK_TYPE_SEQPACKET,
+  VSOCK_F_SEQPACKET,
+  VSOCK_SEQ_EOM,
+  VSOCK_SEQ_EOR,
   encodeVsockHeader,
   decodeVsockHeader,
   type VirtioVsockOptions,
@@ -109,7 +113,12 @@ export {
   type VsockConnectVerdict,
   type VsockMessageVerdict,
   type VsockHostStream,
+  type DisposableLease,
+  type DisposableProvider,
+  type DisposableEndpointOptions,
 } from './net/vsock-router.js';
+/** Disposable endpoints served by forks of a snapshot (one fresh machine per connection). */
+export { forkEndpoint, type ForkEndpoint, type ForkEndpointOptions, type ForkEndpointStats } from './net/disposable.js';
 /** Driver side of a vsock device without a guest, for tests and host-level demos. */
 export { VsockTestGuest, openVsockPair, type VsockTestGuestOptions } from './net/vsock-test-guest.js';
 

@@ -7,10 +7,14 @@
  *    `FlowMonitor` (audit log on), and with a content guard. No exits, no slice switches.
  * 2. Real guests (when `/dev/kvm` and `cc` are there): two freestanding vsock guests
  *    (devices/src/net/guest/vsock.c; data path at ring 3, polling, one notify exit per packet
- *    sent) on two machines sharing this thread. Round trip = the median gap between successive
- *    client requests reaching the mediator (64 B each way); throughput = 64 KiB messages, each
- *    answered with a 1-byte acknowledgement (stop-and-wait), bytes / time between the first and
- *    the last request. Every hop includes one exit and one slice switch (`yieldSlice`).
+ *    sent) on two machines sharing this thread. Round trip = the gap between successive client
+ *    requests reaching the mediator (64 B each way). The cases are *interleaved on one pair of
+ *    machines*: one mediator switches between them every 25 round trips, so each case's median
+ *    comes from the same machines, connection and host load as the baseline's, and the ratio is
+ *    taken per pass (8 passes, the first a warm-up). Separate runs per case were tried first: the
+ *    baseline itself moved more between runs than any monitor costs. Throughput = 64 KiB
+ *    messages, each answered with a 1-byte acknowledgement (stop-and-wait), one run per case per
+ *    pass. Every hop includes one exit and one slice switch (`yieldSlice`).
  *
  * Prints two tables and writes bench-results/flow.json. Figures are noisy on a shared host.
  * @module
@@ -23,7 +27,6 @@ import { buildVsockGuest, runGuestPair, vsockGuestToolchain } from '../../device
 
 const N = Number(process.env.TSVM_BENCH_FLOW_N ?? 3000);
 const MB = Number(process.env.TSVM_BENCH_FLOW_MB ?? 64);
-const GUEST_N = Number(process.env.TSVM_BENCH_FLOW_GUEST_N ?? 1000);
 const GUEST_MSGS = Number(process.env.TSVM_BENCH_FLOW_GUEST_MSGS ?? 400);
 const median = (xs: number[]): number => { const s = [...xs].sort((a, b) => a - b); return s[Math.floor(s.length / 2)] as number; };
 
@@ -121,7 +124,39 @@ const guestCases = [
   ['FlowMonitor, denials audited', () => monitor(false, 'denied', 'client', 'server')],
   ['FlowMonitor + content guard, every message audited', () => monitor(true, 'all', 'client', 'server')],
 ] as const;
-let guestRows: { case: string; roundTripUs: number; throughputMBs: number; ratio: number; ratioMin: number; ratioMax: number }[] = [];
+
+/**
+ * One mediator that decides each round trip with one of `cases`, switching every `block` round
+ * trips (a block's case in a rotating order), so every case runs on the same two machines, the
+ * same connection and the same minute of host load. Round trip i (the gap between forward
+ * messages i and i+1) holds forward message i and its reply, both decided by `caseOf[i]`.
+ */
+function interleaved(cases: readonly VsockMediator<unknown>[], block: number) {
+  const caseOf: number[] = [];
+  let forward = 0;
+  let current = 0;
+  const k = cases.length;
+  const mediator: VsockMediator<unknown[]> = {
+    connect: async (r) => {
+      const vs = await Promise.all(cases.map((m) => m.connect(r)));
+      const refused = vs.find((v) => v.verdict !== 'allow');
+      return refused ? { verdict: 'deny', connection: null, reason: refused.reason } : { verdict: 'allow', connection: vs.map((v) => v.connection), reason: 'every case allowed' };
+    },
+    message: (conns, direction, data) => {
+      if (direction === 'forward') {
+        const b = Math.floor(forward++ / block);
+        current = (b + Math.floor(b / k)) % k; // 0 1 2 3 | 1 2 3 0 | 2 3 0 1 | ...
+        caseOf.push(current);
+      }
+      return (cases[current] as VsockMediator<unknown>).message(conns[current], direction, data);
+    },
+    close: (conns) => cases.forEach((m, i) => m.close?.(conns[i])),
+  };
+  return { mediator, caseOf };
+}
+
+let guestRows: { case: string; roundTripUs: number; throughputMBs: number; ratio: number; ratioMin: number; ratioMax: number; ratioIqr: [number, number] }[] = [];
+let guestMeta: Record<string, unknown> = {};
 const kvm = kvmAvailability();
 const cc = vsockGuestToolchain();
 const skipGuests = !kvm.available ? kvm.reason : !cc.available ? cc.reason : '';
@@ -129,43 +164,73 @@ if (skipGuests) {
   console.log(`\nreal CPL3 guests: SKIPPED (${skipGuests})`);
 } else {
   const elf = await buildVsockGuest();
-  const gap = (ts: readonly number[]) => median(ts.slice(1).map((t, i) => t - (ts[i] as number)));
   const checked = (r: Awaited<ReturnType<typeof runGuestPair>>, what: string) => {
     if (r.clientStop.reason !== 'debug-exit' || r.clientStop.code !== 1 || r.client.error !== 0) throw new Error(`${what}: the client failed (${JSON.stringify(r.client)}, ${r.clientStop.reason})`);
     return r;
   };
-  // Interleaved passes over the cases, the order rotated each pass; the first warms the JIT up for
-  // every path (measured here, a cold first run is up to 2× slower). A case's ratio is taken per
-  // pass, against the baseline measured in the same pass, then summarised: the baseline itself
-  // moved 110–186 µs between whole runs, more than any monitor's share.
-  const PASSES = Math.max(2, Number(process.env['TSVM_BENCH_FLOW_PASSES'] ?? 6));
-  const passes: { rt: number[]; tp: number[] }[] = guestCases.map(() => ({ rt: [], tp: [] }));
+  const quantile = (xs: number[], q: number): number => { const v = [...xs].sort((a, b) => a - b); return v[Math.min(v.length - 1, Math.floor(q * v.length))] as number; };
+  // Round trip: every pass is one pair of machines running GUEST_RT round trips, the mediator
+  // switching case every BLOCK of them (the first 2 of a block are dropped: the switch itself).
+  // A case's ratio is per pass, median against the baseline's median in the same pass.
+  // Measured (20:57-21:02, load 3-5): separate runs per case moved the baseline's 10th
+  // percentile 106-172 us from one run to the next (the host's 2 cores are shared with other
+  // work); interleaved in one run the ratio's IQR over 7 passes was 1.26-1.30 where separate
+  // runs gave 0.66-1.53. What is left of the gap is the monitor's own time: its cost meter says
+  // ~16 us per audited message here (the audit line; ~3.3 us standalone: cold caches between
+  // guest exits), two per round trip, which is the whole difference.
+  const PASSES = Math.max(2, Number(process.env['TSVM_BENCH_FLOW_PASSES'] ?? 8));
+  const BLOCK = 25;
+  const GUEST_RT = Math.max(BLOCK * guestCases.length * 4, Number(process.env['TSVM_BENCH_FLOW_GUEST_RT'] ?? 4000));
+  const perPass: { rt: number[]; tp: number[]; msgNs: number[] }[] = guestCases.map(() => ({ rt: [], tp: [], msgNs: [] }));
   for (let pass = 0; pass < PASSES; pass++) {
-    const order = guestCases.map((_c, i) => (i + pass) % guestCases.length);
-    const rtThis: number[] = [], tpThis: number[] = [];
-    for (const i of order) {
-      const [name, mk] = guestCases[i] as (typeof guestCases)[number];
-      const rt = checked(await runGuestPair(elf, mk() as VsockMediator<unknown>, { count: GUEST_N, msg: 64, reply: 64 }), name);
-      const tp = checked(await runGuestPair(elf, mk() as VsockMediator<unknown>, { count: GUEST_MSGS, msg: 65536, reply: 1 }), name);
-      const span = ((tp.forwardAt.at(-1) as number) - (tp.forwardAt[0] as number)) / 1000;
-      rtThis[i] = gap(rt.forwardAt) * 1000;
-      tpThis[i] = ((tp.forwardAt.length - 1) * 65536) / span / 1e6;
+    (globalThis as { gc?: () => void }).gc?.();
+    const meds = guestCases.map(([, mk]) => mk() as VsockMediator<unknown>);
+    const { mediator, caseOf } = interleaved(meds, BLOCK);
+    const r = checked(await runGuestPair(elf, mediator, { count: GUEST_RT, msg: 64, reply: 64, timeoutMs: 120_000 }), 'interleaved');
+    const gaps: number[][] = guestCases.map(() => []);
+    for (let i = 0; i + 1 < r.forwardAt.length; i++) {
+      if (i % BLOCK < 2) continue;
+      gaps[caseOf[i] as number]?.push(((r.forwardAt[i + 1] as number) - (r.forwardAt[i] as number)) * 1000);
     }
-    if (pass === 0) continue;
-    guestCases.forEach((_c, i) => { passes[i]?.rt.push(rtThis[i] as number); passes[i]?.tp.push(tpThis[i] as number); });
+    // Throughput: one run per case, order rotated each pass (64 KiB stop-and-wait).
+    const tp: number[] = [];
+    for (let n = 0; n < guestCases.length; n++) {
+      const c = (n + pass) % guestCases.length;
+      const [name, mk] = guestCases[c] as (typeof guestCases)[number];
+      const t = checked(await runGuestPair(elf, mk() as VsockMediator<unknown>, { count: GUEST_MSGS, msg: 65536, reply: 1 }), name);
+      tp[c] = ((t.forwardAt.length - 1) * 65536) / (((t.forwardAt.at(-1) as number) - (t.forwardAt[0] as number)) / 1000) / 1e6;
+    }
+    if (pass === 0) continue; // warm-up: the JIT sees every path once
+    guestCases.forEach((_c, k) => {
+      perPass[k]?.rt.push(median(gaps[k] ?? []));
+      perPass[k]?.tp.push(tp[k] as number);
+      // The monitor's own measured price per message, in this context (between guest exits).
+      const m = meds[k];
+      if (m instanceof FlowMonitor) { const c = m.costs(); perPass[k]?.msgNs.push(c.perGuardedMessageNs || c.perUnguardedMessageNs); }
+    });
   }
-  const base = passes[0]?.rt ?? [];
-  guestRows = guestCases.map(([name], i) => {
-    const ratios = (passes[i]?.rt ?? []).map((x, k) => x / (base[k] as number));
+  const base = perPass[0]?.rt ?? [];
+  guestRows = guestCases.map(([name], k) => {
+    const ratios = (perPass[k]?.rt ?? []).map((x, p) => x / (base[p] as number));
     return {
-      case: name, roundTripUs: median(passes[i]?.rt ?? []), throughputMBs: median(passes[i]?.tp ?? []),
-      ratio: median(ratios), ratioMin: Math.min(...ratios), ratioMax: Math.max(...ratios),
+      case: name, roundTripUs: median(perPass[k]?.rt ?? []), throughputMBs: median(perPass[k]?.tp ?? []),
+      ratio: median(ratios), ratioMin: Math.min(...ratios), ratioMax: Math.max(...ratios), ratioIqr: [quantile(ratios, 0.25), quantile(ratios, 0.75)],
     };
   });
-  console.log(`\nreal guests, data path at CPL3: 64 B round trip (median of ${GUEST_N}), ${GUEST_MSGS} × 64 KiB messages each acknowledged; median of ${PASSES - 1} interleaved passes, ratio per pass against that pass's baseline [min–max]`);
-  console.log('case'.padEnd(54), 'round trip'.padStart(12), 'ratio'.padStart(20), 'MB/s'.padStart(9));
-  for (const r of guestRows) console.log(r.case.padEnd(54), `${r.roundTripUs.toFixed(1)} µs`.padStart(12), `${r.ratio.toFixed(2)}× [${r.ratioMin.toFixed(2)}–${r.ratioMax.toFixed(2)}]`.padStart(20), r.throughputMBs.toFixed(0).padStart(9));
+  guestMeta = { passes: PASSES - 1, roundTripsPerPass: GUEST_RT, block: BLOCK };
+  console.log(`\nreal guests, data path at CPL3: 64 B round trip, ${PASSES - 1} passes of ${GUEST_RT} round trips on one pair of machines, the mediator switching case every ${BLOCK}; ratio per pass against the same pass's baseline: median [min–max] (IQR); ${GUEST_MSGS} × 64 KiB messages each acknowledged, one run per case per pass`);
+  console.log('case'.padEnd(54), 'round trip'.padStart(12), 'ratio'.padStart(20), 'IQR'.padStart(12), 'MB/s'.padStart(7));
+  for (const r of guestRows) console.log(r.case.padEnd(54), `${r.roundTripUs.toFixed(1)} µs`.padStart(12), `${r.ratio.toFixed(2)}× [${r.ratioMin.toFixed(2)}–${r.ratioMax.toFixed(2)}]`.padStart(20), `${r.ratioIqr[0].toFixed(2)}–${r.ratioIqr[1].toFixed(2)}`.padStart(12), r.throughputMBs.toFixed(0).padStart(7));
+  const verdict = (r: (typeof guestRows)[number]): string => {
+    const abs = r.roundTripUs <= 200 ? `≤ 200 µs: met (${r.roundTripUs.toFixed(0)})` : `≤ 200 µs: NOT met (${r.roundTripUs.toFixed(0)})`;
+    const rel = r.ratioMax <= 1.2 ? 'met in every pass' : r.ratio <= 1.2 ? `met by the median, not in every pass (max ${r.ratioMax.toFixed(2)})` : `NOT met (median ${r.ratio.toFixed(2)})`;
+    return `${abs}; ≤ 1.2×: ${rel}`;
+  };
+  const msgUs = (k: number): number => median(perPass[k]?.msgNs ?? []) / 1000;
+  console.log(`the monitor's own time per message in these runs (its cost meter): every message audited ${msgUs(1).toFixed(1)} µs, denials audited ${msgUs(2).toFixed(1)} µs, with the guard ${msgUs(3).toFixed(1)} µs — two messages per round trip; the audit line is the difference`);
+  console.log('targets (with per-message mediation ≤ 1.2× without, ≤ 200 µs absolute):');
+  for (const r of guestRows.slice(1)) console.log(`  ${r.case}: ${verdict(r)}`);
 }
 if (skipGuests) guestRows = [];
 mkdirSync('bench-results', { recursive: true });
-writeFileSync('bench-results/flow.json', `${JSON.stringify({ n: N, mb: MB, rows, model, modelRows, guests: skipGuests ? { skipped: skipGuests } : { n: GUEST_N, messages: GUEST_MSGS, rows: guestRows } }, null, 2)}\n`);
+writeFileSync('bench-results/flow.json', `${JSON.stringify({ n: N, mb: MB, rows, model, modelRows, guests: skipGuests ? { skipped: skipGuests } : { ...guestMeta, messages: GUEST_MSGS, rows: guestRows } }, null, 2)}\n`);

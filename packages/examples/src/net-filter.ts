@@ -15,14 +15,14 @@
  * @module
  */
 import { BROADCAST_MAC, NetTestGuest, VirtualSwitch, ethernetFrame } from '@tsvm/devices';
-import { AuditLog, FlowMonitor, formatNs, verifyAuditLog, type AuditVerification, type FlowCostReport, type FlowPolicy, type GuardFn, type Topology } from '@tsvm/monitor';
+import { analyzeFlows, AuditLog, FlowMonitor, formatNs, verifyAuditLog, type AuditVerification, type FlowCostReport, type FlowPolicy, type GuardFn, type Topology } from '@tsvm/monitor';
 import { isMain, runCli } from './support.js';
 
 /** What the filter drops: frames whose payload contains it. */
 export const PATTERN = /DROP\s+TABLE/i;
 
-/** The two machines. */
-export const TOPOLOGY: Topology = { version: 1, principals: { alice: { kind: 'machine' }, bob: { kind: 'machine' } } };
+/** The two machines, both with a port on switch `lan` (so the analysis knows frames go only there). */
+export const TOPOLOGY: Topology = { version: 1, principals: { alice: { kind: 'machine' }, bob: { kind: 'machine' } }, switches: { lan: { ports: ['alice', 'bob'] } } };
 
 /** IPv4 through the filter, ARP unguarded, nothing else. */
 export const POLICY: FlowPolicy = {
@@ -112,6 +112,8 @@ export async function runNetFilter(frames = 200): Promise<NetFilterResult> {
 /** Prints the run; 0 when every matching frame was dropped and every other IPv4/ARP frame arrived. */
 export async function main(): Promise<number> {
   const r = await runNetFilter();
+  console.log('flow graph (analyzeFlows over the switch links):');
+  for (const e of analyzeFlows(POLICY, TOPOLOGY).edges) console.log(`  ${e.from} → ${e.to} by ${e.channel}, rule ${e.rule}, EtherType ${e.ports.join(' ')}${e.guard ? `, through guard '${e.guard}'` : ''}`);
   console.log(`sent ${r.sent} frames (${r.matching} IPv4 frames match ${String(PATTERN)}, ${(r.sent - 3) / 3 + 2} ARP frames pass unguarded, 1 IPv6 frame has no rule)`);
   console.log(`received: alice ${r.received.alice}, bob ${r.received.bob}; denied at the switch: from alice ${r.denied.alice}, from bob ${r.denied.bob}`);
   console.log(`a matching frame reached a machine: ${r.leaked}`);

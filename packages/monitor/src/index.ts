@@ -57,7 +57,7 @@ export { renderChart, chartUnit, CHART, type CostChart, type ChartRow, type Char
 export { PUBLIC, makeLabel, canFlow, latticeGap, declassify, hasTag, formatLabel, type Label, type LatticeGap } from './flow/labels.js';
 export {
   compileFlowPolicy, compileTopology, matchesPattern, ruleMismatch, DEFAULT_GUARD_TIMEOUT_MS,
-  type FlowPolicy, type FlowRule, type FlowAction, type GuardDeclaration, type Topology, type PrincipalSpec, type Principal,
+  type FlowPolicy, type FlowRule, type FlowAction, type GuardDeclaration, type Topology, type PrincipalSpec, type SwitchSpec, type Principal,
   type CompiledFlowPolicy, type CompiledFlowRule, type CompiledGuard, type CompiledTopology, type ConnectRequest,
 } from './flow/policy.js';
 export { evaluateConnect, latticeRefusal, type ConnectEvaluation, type TraceStep } from './flow/evaluate.js';

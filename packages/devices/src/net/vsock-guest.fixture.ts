@@ -103,25 +103,46 @@ export async function vsockGuestMachine(elf: Uint8Array, p: VsockGuestParams, op
   if (!(msg >= 8 && msg <= 65536 && reply >= 1 && reply <= msg)) throw new InvalidArgumentError('msg', 'msg must be 8..65536 and reply 1..msg');
   const irqchip = options.irqchip ?? p.role === 'halt-rx';
   const vm = await Machine.create({ memory: VSOCK_GUEST.memory, irqchip });
-  const device = new VirtioVsock({ cid: p.cid, name: `vsock-${p.cid}` });
-  const irq: IrqLine | undefined = irqchip ? vm.irqLine(VSOCK_GUEST.irq) : undefined;
-  const mmio = new VirtioMmio({ device, memory: vm.memory, ...(irq ? { irq } : {}) });
-  vm.attachDevice(mmio.mappings(VSOCK_GUEST.virtioBase));
-  vm.attachDevice(new DebugExit());
+  const { device, mmio } = attachVsockGuestDevices(vm, p.cid, irqchip);
   const words = [ROLE[p.role], p.cid, p.peerCid ?? 0, p.port, p.count, msg, reply, 0];
   words.forEach((w, i) => vm.memory.writeUint(VSOCK_GUEST.params + 4 * i, 4, w >>> 0));
   const r = loadElf(vm.memory, elf);
   vm.enter({ mode: 'long64', rip: r.entry, registers: {}, identityMap: [] });
-  // Machine.enter installs the host IDT (its stubs write the vector to EXCEPTION_PORT) but, unlike
-  // loadFlat, may leave the port without a device.
-  if (!vm.io.find(BigInt(EXCEPTION_PORT))) {
-    vm.io.register({ port: EXCEPTION_PORT, size: 1 }, { name: 'exception-reporter', write: (_o, v, _s, a) => a.requestStop({ reason: 'exception', vector: v }) });
-  }
+  reportExceptions(vm);
   const results = (): VsockGuestResults => {
     const w = Array.from({ length: 5 }, (_, i) => vm.memory.readUint(VSOCK_GUEST.result + 4 * i, 4));
     return { messages: w[0] as number, error: w[1] as number, bytes: w[2] as number, packets: w[3] as number, rsts: w[4] as number };
   };
   return { vm, device, mmio, results };
+}
+
+/**
+ * The guest's devices on `vm`: vsock (CID `cid`, named `vsock-<cid>`) behind virtio-mmio at the
+ * tests' window, and debug-exit. A fork's `setup` calls it to attach the same devices, by the
+ * same names, as the template had.
+ */
+export function attachVsockGuestDevices(vm: Machine, cid: number, irqchip = false): { device: VirtioVsock; mmio: VirtioMmio } {
+  const device = new VirtioVsock({ cid, name: `vsock-${cid}` });
+  const irq: IrqLine | undefined = irqchip ? vm.irqLine(VSOCK_GUEST.irq) : undefined;
+  const mmio = new VirtioMmio({ device, memory: vm.memory, ...(irq ? { irq } : {}) });
+  vm.attachDevice(mmio.mappings(VSOCK_GUEST.virtioBase));
+  vm.attachDevice(new DebugExit());
+  return { device, mmio };
+}
+
+/**
+ * Machine.enter installs the host IDT (its stubs write the vector to EXCEPTION_PORT) but, unlike
+ * loadFlat, may leave the port without a device.
+ */
+function reportExceptions(vm: Machine): void {
+  if (!vm.io.find(BigInt(EXCEPTION_PORT))) {
+    vm.io.register({ port: EXCEPTION_PORT, size: 1 }, { name: 'exception-reporter', write: (_o, v, _s, a) => a.requestStop({ reason: 'exception', vector: v }) });
+  }
+}
+
+/** The bytes of message `i` (`msg` long) as the guest's client sends them (vsock.c's msg_byte). */
+export function guestMessage(i: number, msg: number): Uint8Array {
+  return Uint8Array.from({ length: msg }, (_, k) => (k < 4 ? (i >>> (7 * k)) & 0x7f : k >= msg - 4 ? (i >>> (7 * (k - (msg - 4)))) & 0x7f : k & 0x7f));
 }
 
 /** What {@link runGuestPair} measured. */

@@ -185,7 +185,7 @@ describe('VsockRouter: hostile guests', () => {
     a.send({ op: VsockOp.Request, dstCid: 3, srcPort: 1, dstPort: 1 }); // itself
     a.send({ op: VsockOp.Request, dstCid: 2, srcPort: 1, dstPort: 1 }); // no host listener
     a.send({ op: VsockOp.Rw, dstCid: 4, srcPort: 9, dstPort: 9, payload: text('x') }); // no connection
-    a.send({ op: VsockOp.Request, type: 2, dstCid: 4, srcPort: 1, dstPort: 1 }); // seqpacket not offered
+    a.send({ op: VsockOp.Request, type: 3, dstCid: 4, srcPort: 1, dstPort: 1 }); // no such socket type (SEQPACKET is vsock-seqpacket.test.ts)
     a.send({ op: VsockOp.Rst, dstCid: 4, srcPort: 9, dstPort: 9 }); // RST is never answered
     await flush();
     expect(ops(a.receive())).toEqual([3, 3, 3, 3, 3]);

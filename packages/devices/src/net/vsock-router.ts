@@ -12,15 +12,36 @@
  * of growing host memory. Connections per machine are capped (`maxConnectionsPerPeer`); a flood
  * of requests beyond it is answered with RST without asking the mediator.
  *
+ * SEQPACKET connections (type 2, for guests that negotiated `VIRTIO_VSOCK_F_SEQPACKET`, and host
+ * endpoints that ask for it) keep message boundaries: the router collects a message's RW
+ * fragments up to the one flagged `SEQ_EOM` and the mediator decides the *whole* message at once
+ * (a guard sees what the receiver will read, never half of it); the receiver gets it again in
+ * fragments its credit allows, EOM (and EOR) on the last. An unfinished message never reaches
+ * the receiver: a SHUTDOWN or RST in the middle discards it, and one that outgrows the window
+ * (`connectionBuffer`, or the receiver's own `buf_alloc`) resets the connection, as do more than
+ * `max(1024, connectionBuffer / 64)` messages waiting for a receiver that does not read (empty
+ * messages use no credit, so credit alone would not bound them).
+ *
+ * A CID can be a **disposable endpoint** ({@link VsockRouter.serveDisposable}), as Qubes' `@dispvm`
+ * is: each connection to it that the mediator allows is served by a fresh machine (a fork of a
+ * snapshot, see `forkEndpoint`) created at connect time and released — destroyed, or reset into
+ * a pool — when the connection ends. The mediator decides before anything is forked, hears which
+ * instance served the connection (`served`, which the `FlowMonitor` audits), and forks are capped
+ * per endpoint, so a connection flood cannot fork without bound.
+ *
  * Hostile input gets a defined result: unknown CID, no listener, unknown connection, bad type or
- * op → RST; spoofed or malformed headers are dropped by the device; credit abuse → RST of that
- * connection only. No packet from a guest makes the router throw.
+ * op, a type the guest did not negotiate or that differs from its connection's → RST; spoofed or
+ * malformed headers are dropped by the device; credit abuse → RST of that connection only. No
+ * packet from a guest makes the router throw.
  * @module
  */
 import { InvalidArgumentError, StateError, yieldSlice } from '@tsvm/core';
 import {
   VSOCK_HOST_CID,
   VSOCK_MAX_PAYLOAD,
+  VSOCK_SEQ_EOM,
+  VSOCK_SEQ_EOR,
+  VSOCK_TYPE_SEQPACKET,
   VSOCK_TYPE_STREAM,
   VsockOp,
   VsockShutdown,
@@ -38,6 +59,8 @@ export interface VsockConnectRequest {
   readonly port: number;
   /** Service name of a host listener. */
   readonly service?: string;
+  /** `seqpacket` for a SEQPACKET connection (each message is then decided whole); absent for a stream. */
+  readonly socket?: 'seqpacket';
 }
 
 /** The mediator's answer to a connection. */
@@ -63,6 +86,34 @@ export interface VsockMediator<C> {
   message(connection: C, direction: 'forward' | 'reverse', data: Uint8Array): VsockMessageVerdict | Promise<VsockMessageVerdict>;
   /** The connection ended. */
   close?(connection: C): void;
+  /** A disposable endpoint's connection is served by machine `instance` (before the listener hears of it). */
+  served?(connection: C, instance: string): void;
+}
+
+/** One fresh machine serving one connection to a disposable endpoint. */
+export interface DisposableLease {
+  /** Which machine serves it (a fork's name): told to the mediator, shown in the audit log. */
+  readonly instance: string;
+  /** Its vsock device, with the endpoint's CID (the router installs itself as its uplink). */
+  readonly device: VirtioVsock;
+  /** Settles with why if the machine stops on its own while serving; the connection is then reset. */
+  readonly stopped?: Promise<string>;
+  /** The connection is over: stop and destroy the machine, or reset it into a pool. */
+  release(reason: string): void | Promise<void>;
+}
+
+/** Makes the machine that serves one connection to a disposable endpoint (`forkEndpoint` forks a snapshot). */
+export interface DisposableProvider {
+  /** A fresh machine for `request` (already allowed by the mediator), running, its device ready. */
+  acquire(request: VsockConnectRequest): Promise<DisposableLease>;
+}
+
+/** Options of {@link VsockRouter.serveDisposable}. */
+export interface DisposableEndpointOptions {
+  /** Most machines serving this endpoint at once; requests beyond it get RST. Default 4. */
+  readonly maxInstances?: number;
+  /** Longest wait for `acquire`; then the request is reset. Default 10 s. */
+  readonly acquireTimeoutMs?: number;
 }
 
 /** A mediator that allows everything — for tests and for machines that share one trust domain. */
@@ -103,6 +154,14 @@ export interface VsockRouterStats {
   creditViolations: number;
   /** RST packets sent for packets nobody could take (unknown CID, port, connection, op). */
   rstUnroutable: number;
+  /** Unfinished SEQPACKET messages discarded (a SHUTDOWN or RST before their EOM). */
+  partialMessagesDropped: number;
+  /** Connections a disposable machine served. */
+  disposableServed: number;
+  /** Requests to a disposable endpoint refused because its instance cap was reached. */
+  disposableOverLimit: number;
+  /** Disposable machines that could not be made (acquire failed or timed out). */
+  disposableFailed: number;
 }
 
 /** A host-side end of a connection, handed to a listener or returned by {@link VsockRouter.connect}. */
@@ -132,7 +191,8 @@ interface Side {
   readonly name: string;
   readonly cid: number;
   readonly port: number;
-  readonly dev: VirtioVsock | null;
+  /** The guest's device (for a disposable endpoint, set once its machine exists). */
+  dev: VirtioVsock | null;
   host: HostStream | null;
   /** What this side advertised about its receive buffer (for sending to it). */
   bufAlloc: number;
@@ -141,7 +201,8 @@ interface Side {
   txCnt: number;
 }
 
-type Item = { readonly kind: 'data'; data: Uint8Array; readonly orig: number } | { readonly kind: 'shutdown'; readonly flags: number };
+/** `eom`: a SEQPACKET message (its last fragment says EOM; `eor` adds EOR). */
+type Item = { readonly kind: 'data'; data: Uint8Array; readonly orig: number; readonly eom?: boolean; readonly eor?: boolean; started?: boolean } | { readonly kind: 'shutdown'; readonly flags: number };
 
 interface Dir {
   readonly from: Side;
@@ -154,6 +215,9 @@ interface Dir {
   readonly out: Item[];
   busy: boolean;
   wantDrain: boolean;
+  /** Fragments of the SEQPACKET message being received (before its EOM) and their bytes. */
+  readonly partial: Uint8Array[];
+  partialLen: number;
 }
 
 interface Conn<C> {
@@ -162,15 +226,30 @@ interface Conn<C> {
   readonly b: Side;
   readonly ab: Dir;
   readonly ba: Dir;
-  state: 'deciding' | 'requested' | 'open' | 'closed';
+  /** {@link VSOCK_TYPE_STREAM} or {@link VSOCK_TYPE_SEQPACKET}. */
+  readonly type: number;
+  state: 'deciding' | 'provisioning' | 'requested' | 'open' | 'closed';
   flow: C | null;
+  /** The disposable endpoint side `b` belongs to, and the machine serving it once made. */
+  disposable?: Disposable;
+  lease?: DisposableLease | undefined;
   resolve?: (s: VsockHostStream) => void;
   reject?: (e: Error) => void;
+}
+
+interface Disposable {
+  readonly name: string;
+  readonly provider: DisposableProvider;
+  readonly max: number;
+  readonly timeoutMs: number;
+  /** Connections being provisioned or served. */
+  live: number;
 }
 
 interface Listener {
   readonly name: string;
   readonly service: string | undefined;
+  readonly type: number;
   readonly onConnection: (s: VsockHostStream) => void;
 }
 
@@ -217,7 +296,8 @@ export class VsockRouter<C> {
   /** Counters. */
   readonly stats: VsockRouterStats = {
     connectionsOpened: 0, connectionsRefused: 0, connectionsReset: 0, connectionsOverLimit: 0,
-    messagesDelivered: 0, messagesDenied: 0, bytesDelivered: 0, creditViolations: 0, rstUnroutable: 0,
+    messagesDelivered: 0, messagesDenied: 0, bytesDelivered: 0, creditViolations: 0, rstUnroutable: 0, partialMessagesDropped: 0,
+    disposableServed: 0, disposableOverLimit: 0, disposableFailed: 0,
   };
   readonly #mediator: VsockMediator<C>;
   readonly #buf: number;
@@ -225,6 +305,7 @@ export class VsockRouter<C> {
   readonly #onDeny: 'reset' | 'drop';
   readonly #devices = new Map<number, { dev: VirtioVsock; name: string }>();
   readonly #listeners = new Map<number, Listener>();
+  readonly #disposables = new Map<number, Disposable>();
   readonly #byKey = new Map<string, Conn<C>>();
   readonly #byId = new Map<number, Conn<C>>();
   readonly #perPeer = new Map<string, number>();
@@ -254,6 +335,7 @@ export class VsockRouter<C> {
   attach(device: VirtioVsock, name: string): () => void {
     if (this.#closed) throw new StateError('the router is closed');
     if (this.#devices.has(device.cid)) throw new InvalidArgumentError('device', `CID ${device.cid} is already attached as '${this.#devices.get(device.cid)?.name ?? ''}'`);
+    if (this.#disposables.has(device.cid)) throw new InvalidArgumentError('device', `CID ${device.cid} is the disposable endpoint '${this.#disposables.get(device.cid)?.name ?? ''}'`);
     this.#devices.set(device.cid, { dev: device, name });
     device.setUplink({ transmit: (p) => this.#fromGuest(device, name, p), deviceReset: () => this.#dropDevice(device, 'device reset') });
     return () => {
@@ -264,25 +346,60 @@ export class VsockRouter<C> {
     };
   }
 
-  /** Registers a host endpoint on host CID 2 `port` under principal `name`; returns an unlisten function. */
-  listen(port: number, name: string, onConnection: (stream: VsockHostStream) => void, options: { service?: string } = {}): () => void {
+  /**
+   * Registers a host endpoint on host CID 2 `port` under principal `name`; returns an unlisten
+   * function. `seqpacket: true` makes it a SEQPACKET listener: each `onData` is one whole
+   * message, each `write` sends one, and stream requests to the port are refused (and vice versa).
+   */
+  listen(port: number, name: string, onConnection: (stream: VsockHostStream) => void, options: { service?: string; seqpacket?: boolean } = {}): () => void {
     if (!Number.isInteger(port) || port < 0 || port > 0xffffffff) throw new InvalidArgumentError('port', 'must be a u32');
     if (this.#listeners.has(port)) throw new InvalidArgumentError('port', `host port ${port} already has a listener`);
-    this.#listeners.set(port, { name, service: options.service, onConnection });
+    this.#listeners.set(port, { name, service: options.service, type: options.seqpacket === true ? VSOCK_TYPE_SEQPACKET : VSOCK_TYPE_STREAM, onConnection });
     return () => { this.#listeners.delete(port); };
   }
 
-  /** Connects host endpoint `name` to a guest listener at `cid:port` (mediated like any connection). */
-  connect(name: string, cid: number, port: number): Promise<VsockHostStream> {
+  /**
+   * Makes CID `cid` a disposable endpoint under principal `name`: each allowed connection to it
+   * (from a guest or {@link VsockRouter.connect}) gets a machine of its own from `provider`, made
+   * after the mediator allowed the request and released when the connection ends. Returns a
+   * function that stops serving (connections already served keep their machines until they end).
+   */
+  serveDisposable(cid: number, name: string, provider: DisposableProvider, options: DisposableEndpointOptions = {}): () => void {
+    if (this.#closed) throw new StateError('the router is closed');
+    if (!Number.isInteger(cid) || cid < 3 || cid > 0xfffffffe) throw new InvalidArgumentError('cid', `must be an integer 3..0xfffffffe, got ${cid}`);
+    if (this.#devices.has(cid) || this.#disposables.has(cid)) throw new InvalidArgumentError('cid', `CID ${cid} is already in use`);
+    if (typeof provider?.acquire !== 'function') throw new InvalidArgumentError('provider', 'must have an acquire(request) method');
+    const max = options.maxInstances ?? 4;
+    if (!Number.isInteger(max) || max < 1) throw new InvalidArgumentError('maxInstances', 'must be a positive integer');
+    const timeoutMs = options.acquireTimeoutMs ?? 10_000;
+    if (!(timeoutMs > 0)) throw new InvalidArgumentError('acquireTimeoutMs', 'must be a positive number of milliseconds');
+    const d: Disposable = { name, provider, max, timeoutMs, live: 0 };
+    this.#disposables.set(cid, d);
+    return () => { if (this.#disposables.get(cid) === d) this.#disposables.delete(cid); };
+  }
+
+  /**
+   * Connects host endpoint `name` to a guest listener at `cid:port` (mediated like any
+   * connection). `seqpacket: true` opens a SEQPACKET connection (the guest must have negotiated it).
+   */
+  connect(name: string, cid: number, port: number, options: { seqpacket?: boolean } = {}): Promise<VsockHostStream> {
     const t = this.#devices.get(cid);
-    if (t === undefined) return Promise.reject(new InvalidArgumentError('cid', `no machine with CID ${cid}`));
+    const disp = t === undefined ? this.#disposables.get(cid) : undefined;
+    if (t === undefined && disp === undefined) return Promise.reject(new InvalidArgumentError('cid', `no machine with CID ${cid}`));
+    const seq = options.seqpacket === true;
+    // (A disposable machine's driver is not known before it exists; its RST answers a mismatch.)
+    if (seq && t !== undefined && !t.dev.seqpacket) return Promise.reject(new InvalidArgumentError('seqpacket', `machine '${t.name}' (CID ${cid}) did not negotiate VIRTIO_VSOCK_F_SEQPACKET`));
+    if (disp !== undefined && disp.live >= disp.max) {
+      this.stats.disposableOverLimit++;
+      return Promise.reject(new StateError(`disposable endpoint '${disp.name}' already serves ${disp.max} connections`));
+    }
     const a = this.#side('host', name, VSOCK_HOST_CID, this.#nextHostPort++, null);
-    const b = this.#side('guest', t.name, cid, port, t.dev);
+    const b = this.#side('guest', t?.name ?? (disp as Disposable).name, cid, port, t?.dev ?? null);
     return new Promise((resolve, reject) => {
-      const c = this.#newConn(a, b);
+      const c = this.#newConn(a, b, seq ? VSOCK_TYPE_SEQPACKET : VSOCK_TYPE_STREAM, disp);
       c.resolve = resolve;
       c.reject = reject;
-      this.#decide(c, { source: name, destination: t.name, port });
+      this.#decide(c, { source: name, destination: b.name, port, ...(seq ? { socket: 'seqpacket' as const } : {}) });
     });
   }
 
@@ -294,15 +411,20 @@ export class VsockRouter<C> {
     for (const { dev } of this.#devices.values()) dev.setUplink(undefined);
     this.#devices.clear();
     this.#listeners.clear();
+    this.#disposables.clear();
   }
 
   #side(kind: 'guest' | 'host', name: string, cid: number, port: number, dev: VirtioVsock | null): Side {
     return { kind, name, cid, port, dev, host: null, bufAlloc: 0, fwdCnt: 0, txCnt: 0 };
   }
 
-  #newConn(a: Side, b: Side): Conn<C> {
-    const dir = (from: Side, to: Side, direction: 'forward' | 'reverse'): Dir => ({ from, to, direction, rxCnt: 0, fwdCnt: 0, advertised: 0, pending: [], out: [], busy: false, wantDrain: false });
-    const c: Conn<C> = { id: this.#nextId++, a, b, ab: dir(a, b, 'forward'), ba: dir(b, a, 'reverse'), state: 'deciding', flow: null };
+  #newConn(a: Side, b: Side, type: number, disposable?: Disposable): Conn<C> {
+    const dir = (from: Side, to: Side, direction: 'forward' | 'reverse'): Dir => ({ from, to, direction, rxCnt: 0, fwdCnt: 0, advertised: 0, pending: [], out: [], busy: false, wantDrain: false, partial: [], partialLen: 0 });
+    const c: Conn<C> = { id: this.#nextId++, a, b, ab: dir(a, b, 'forward'), ba: dir(b, a, 'reverse'), type, state: 'deciding', flow: null };
+    if (disposable !== undefined) {
+      c.disposable = disposable;
+      disposable.live++;
+    }
     this.#byId.set(c.id, c);
     for (const s of [a, b]) if (s.kind === 'guest') this.#byKey.set(this.#key(s, s === a ? b : a), c);
     this.#perPeer.set(a.name, (this.#perPeer.get(a.name) ?? 0) + 1);
@@ -331,7 +453,9 @@ export class VsockRouter<C> {
         return;
       }
       c.flow = r.connection;
-      if (c.b.kind === 'host') {
+      if (c.disposable !== undefined) {
+        this.#provision(c, c.disposable, req);
+      } else if (c.b.kind === 'host') {
         this.#open(c);
         this.#listeners.get(c.b.port)?.onConnection(c.b.host as HostStream);
       } else {
@@ -346,6 +470,40 @@ export class VsockRouter<C> {
     } else {
       done(v);
     }
+  }
+
+  /** Gets the machine that serves `c` (allowed, to a disposable endpoint), then sends it the REQUEST. */
+  #provision(c: Conn<C>, d: Disposable, req: VsockConnectRequest): void {
+    c.state = 'provisioning';
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_r, reject) => { timer = setTimeout(() => reject(new Error(`no machine within ${d.timeoutMs} ms`)), d.timeoutMs); });
+    Promise.race([Promise.resolve().then(() => d.provider.acquire({ ...req })), timeout]).then((lease) => {
+      clearTimeout(timer);
+      if (c.state !== 'provisioning' || this.#closed) {
+        // The requester went away (or the router closed) while the machine was made.
+        void Promise.resolve().then(() => lease.release('connection ended before it was served')).catch(() => {});
+        return;
+      }
+      const dev = lease.device;
+      if (dev.cid !== c.b.cid) {
+        void Promise.resolve().then(() => lease.release('wrong CID')).catch(() => {});
+        this.stats.disposableFailed++;
+        this.#reset(c, `disposable machine '${lease.instance}' has CID ${dev.cid}, not ${c.b.cid}`, null);
+        return;
+      }
+      c.lease = lease;
+      c.b.dev = dev;
+      dev.setUplink({ transmit: (p) => this.#fromGuest(dev, d.name, p), deviceReset: () => this.#dropDevice(dev, 'device reset') });
+      this.stats.disposableServed++;
+      if (c.flow !== null) this.#mediator.served?.(c.flow, lease.instance);
+      lease.stopped?.then((why) => { if (c.lease === lease) this.#reset(c, `disposable machine '${lease.instance}' stopped: ${why}`, null); }, () => {});
+      c.state = 'requested';
+      this.#send(c, c.b, VsockOp.Request);
+    }, (e: unknown) => {
+      clearTimeout(timer);
+      this.stats.disposableFailed++;
+      this.#reset(c, `no disposable machine for '${d.name}': ${e instanceof Error ? e.message : String(e)}`, null);
+    });
   }
 
   #open(c: Conn<C>): void {
@@ -377,8 +535,10 @@ export class VsockRouter<C> {
 
   #route(dev: VirtioVsock, name: string, p: VsockPacket): void {
     const c = this.#byKey.get(this.#key({ cid: p.srcCid, port: p.srcPort }, { cid: p.dstCid, port: p.dstPort }));
-    if (p.type !== VSOCK_TYPE_STREAM) {
-      if (c) this.#reset(c, `${name} sent socket type ${p.type}`, null);
+    const typeOk = p.type === VSOCK_TYPE_STREAM || (p.type === VSOCK_TYPE_SEQPACKET && dev.seqpacket);
+    if (!typeOk || (c !== undefined && p.type !== c.type)) {
+      const why = typeOk ? `on a connection of type ${c?.type}` : p.type === VSOCK_TYPE_SEQPACKET ? 'without negotiating VIRTIO_VSOCK_F_SEQPACKET' : '';
+      if (c) this.#reset(c, `${name} sent socket type ${p.type}${why ? ` ${why}` : ''}`, null);
       else this.#rstReply(dev, p);
       return;
     }
@@ -404,6 +564,7 @@ export class VsockRouter<C> {
         this.#reset(c, `reset by ${name}`, me);
         return;
       case VsockOp.Shutdown:
+        this.#dropPartial(fromMe);
         fromMe.pending.push({ kind: 'shutdown', flags: p.flags & (VsockShutdown.Receive | VsockShutdown.Send) });
         this.#pump(c, fromMe);
         return;
@@ -415,9 +576,13 @@ export class VsockRouter<C> {
           this.#reset(c, `${name} exceeded its credit (${held} + ${p.payload.length} > ${this.#buf} bytes)`, null);
           return;
         }
-        if (p.payload.length === 0) return;
-        fromMe.rxCnt += p.payload.length;
-        fromMe.pending.push({ kind: 'data', data: p.payload, orig: p.payload.length });
+        if (c.type === VSOCK_TYPE_SEQPACKET) {
+          if (!this.#fragment(c, fromMe, p)) return;
+        } else {
+          if (p.payload.length === 0) return;
+          fromMe.rxCnt += p.payload.length;
+          fromMe.pending.push({ kind: 'data', data: p.payload, orig: p.payload.length });
+        }
         this.#pump(c, fromMe);
         this.#flush(c, toMe);
         return;
@@ -433,17 +598,69 @@ export class VsockRouter<C> {
     }
   }
 
+  /**
+   * Collects one SEQPACKET fragment; at EOM the whole message is queued for mediation.
+   * @returns false if the connection was reset (a message that can never fit the window).
+   */
+  #fragment(c: Conn<C>, d: Dir, p: VsockPacket): boolean {
+    d.rxCnt += p.payload.length;
+    if (p.payload.length > 0) d.partial.push(p.payload);
+    d.partialLen += p.payload.length;
+    if ((p.flags & VSOCK_SEQ_EOM) === 0) {
+      // Without its EOM the message waits; once it fills the whole window it can never end.
+      if (d.partialLen >= this.#buf) {
+        this.#reset(c, `${d.from.name} sent a SEQPACKET message larger than the ${this.#buf}-byte window`, null);
+        return false;
+      }
+      return true;
+    }
+    // Credit bounds a direction's bytes, not its messages: empty ones cost none. Cap the count
+    // (never reached before the credit is by messages of 64 bytes or more).
+    if (d.pending.length + d.out.length >= Math.max(1024, this.#buf / 64)) {
+      this.#reset(c, `${d.from.name} has ${d.pending.length + d.out.length} SEQPACKET messages its peer has not taken`, null);
+      return false;
+    }
+    const data = d.partial.length === 1 ? (d.partial[0] as Uint8Array) : new Uint8Array(d.partialLen);
+    if (d.partial.length > 1) {
+      let at = 0;
+      for (const f of d.partial) { data.set(f, at); at += f.length; }
+    }
+    d.partial.length = 0;
+    d.partialLen = 0;
+    d.pending.push({ kind: 'data', data, orig: data.length, eom: true, eor: (p.flags & VSOCK_SEQ_EOR) !== 0 });
+    return true;
+  }
+
+  /** An unfinished SEQPACKET message is discarded (never delivered, never mediated); its credit is returned. */
+  #dropPartial(d: Dir): void {
+    if (d.partial.length === 0 && d.partialLen === 0) return;
+    this.stats.partialMessagesDropped++;
+    d.fwdCnt += d.partialLen;
+    d.partial.length = 0;
+    d.partialLen = 0;
+  }
+
   #request(dev: VirtioVsock, name: string, p: VsockPacket): void {
     let b: Side;
     let service: string | undefined;
+    let disp: Disposable | undefined;
     if (p.dstCid === VSOCK_HOST_CID) {
       const l = this.#listeners.get(p.dstPort);
-      if (l === undefined) { this.#rstReply(dev, p); return; }
+      if (l === undefined || l.type !== p.type) { this.#rstReply(dev, p); return; }
       b = this.#side('host', l.name, VSOCK_HOST_CID, p.dstPort, null);
       service = l.service;
+    } else if (this.#disposables.has(p.dstCid)) {
+      disp = this.#disposables.get(p.dstCid) as Disposable;
+      if (disp.live >= disp.max) {
+        this.stats.disposableOverLimit++;
+        this.#rstReply(dev, p);
+        return;
+      }
+      b = this.#side('guest', disp.name, p.dstCid, p.dstPort, null);
     } else {
       const t = this.#devices.get(p.dstCid);
-      if (t === undefined || t.dev === dev) { this.#rstReply(dev, p); return; }
+      // A SEQPACKET request to a guest that cannot take one is refused here, as its driver would.
+      if (t === undefined || t.dev === dev || (p.type === VSOCK_TYPE_SEQPACKET && !t.dev.seqpacket)) { this.#rstReply(dev, p); return; }
       b = this.#side('guest', t.name, p.dstCid, p.dstPort, t.dev);
     }
     if ((this.#perPeer.get(name) ?? 0) >= this.#maxConns) {
@@ -454,8 +671,8 @@ export class VsockRouter<C> {
     const a = this.#side('guest', name, p.srcCid, p.srcPort, dev);
     a.bufAlloc = p.bufAlloc;
     a.fwdCnt = p.fwdCnt;
-    const c = this.#newConn(a, b);
-    this.#decide(c, { source: name, destination: b.name, port: p.dstPort, ...(service !== undefined ? { service } : {}) });
+    const c = this.#newConn(a, b, p.type, disp);
+    this.#decide(c, { source: name, destination: b.name, port: p.dstPort, ...(service !== undefined ? { service } : {}), ...(p.type === VSOCK_TYPE_SEQPACKET ? { socket: 'seqpacket' as const } : {}) });
   }
 
   #hostWrite(id: number, s: Side, data: Uint8Array): boolean {
@@ -465,6 +682,14 @@ export class VsockRouter<C> {
     if (d.rxCnt - d.fwdCnt + data.length > this.#buf) {
       d.wantDrain = true;
       return false;
+    }
+    if (c.type === VSOCK_TYPE_SEQPACKET) {
+      // One write, one message (split into fragments by #flush as the receiver's credit allows).
+      const copy = data.slice();
+      d.rxCnt += copy.length;
+      d.pending.push({ kind: 'data', data: copy, orig: copy.length, eom: true, eor: false });
+      this.#pump(c, d);
+      return true;
     }
     for (let at = 0; at < data.length; at += VSOCK_MAX_PAYLOAD) {
       const part = data.slice(at, at + VSOCK_MAX_PAYLOAD);
@@ -512,7 +737,7 @@ export class VsockRouter<C> {
   /** @returns false if the connection was reset. */
   #apply(c: Conn<C>, d: Dir, item: Item & { kind: 'data' }, v: VsockMessageVerdict): boolean {
     if (v.verdict === 'allow' && v.data instanceof Uint8Array && v.data.length <= this.#buf) {
-      d.out.push({ kind: 'data', data: v.data, orig: item.orig });
+      d.out.push(item.eom === true ? { kind: 'data', data: v.data, orig: item.orig, eom: true, eor: item.eor === true } : { kind: 'data', data: v.data, orig: item.orig });
       this.#flush(c, d);
       return true;
     }
@@ -550,10 +775,18 @@ export class VsockRouter<C> {
         continue;
       }
       const window = Math.min(d.to.bufAlloc, this.#buf);
+      // A SEQPACKET receiver takes a message only whole: one larger than its window never arrives.
+      if (item.eom === true && item.started !== true && item.data.length > window) {
+        this.#reset(c, `a ${item.data.length}-byte SEQPACKET message does not fit ${d.to.name}'s ${window}-byte receive window`, null);
+        return;
+      }
       const credit = window - u32(d.to.txCnt - d.to.fwdCnt);
-      if (credit <= 0) break;
-      const n = Math.min(credit, VSOCK_MAX_PAYLOAD, item.data.length);
-      if (!this.#send(c, d.to, VsockOp.Rw, 0, item.data.subarray(0, n))) break;
+      if (credit <= 0 && !(item.eom === true && item.data.length === 0)) break;
+      const n = Math.max(0, Math.min(credit, VSOCK_MAX_PAYLOAD, item.data.length));
+      const last = n === item.data.length;
+      const flags = item.eom === true && last ? VSOCK_SEQ_EOM | (item.eor === true ? VSOCK_SEQ_EOR : 0) : 0;
+      if (!this.#send(c, d.to, VsockOp.Rw, flags, item.data.subarray(0, n))) break;
+      if (item.eom === true) item.started = true;
       d.to.txCnt = u32(d.to.txCnt + n);
       this.stats.bytesDelivered += n;
       if (n < item.data.length) {
@@ -595,7 +828,7 @@ export class VsockRouter<C> {
     const back = to === c.a ? c.ab : c.ba;
     back.advertised = back.fwdCnt;
     const ok = to.dev.deliver({
-      srcCid: from.cid, srcPort: from.port, dstCid: to.cid, dstPort: to.port, type: VSOCK_TYPE_STREAM, op, flags,
+      srcCid: from.cid, srcPort: from.port, dstCid: to.cid, dstPort: to.port, type: c.type, op, flags,
       bufAlloc: this.#buf, fwdCnt: u32(back.fwdCnt), payload,
     });
     this.#wake(to.dev);
@@ -614,7 +847,9 @@ export class VsockRouter<C> {
   #rstReply(dev: VirtioVsock, p: VsockPacket): void {
     if (p.op === VsockOp.Rst) return;
     this.stats.rstUnroutable++;
-    dev.deliver({ srcCid: p.dstCid, srcPort: p.dstPort, dstCid: p.srcCid, dstPort: p.srcPort, type: VSOCK_TYPE_STREAM, op: VsockOp.Rst, flags: 0, bufAlloc: 0, fwdCnt: 0, payload: new Uint8Array(0) });
+    // The RST answers in the packet's own type when it is one the guest may use.
+    const type = p.type === VSOCK_TYPE_SEQPACKET && dev.seqpacket ? VSOCK_TYPE_SEQPACKET : VSOCK_TYPE_STREAM;
+    dev.deliver({ srcCid: p.dstCid, srcPort: p.dstPort, dstCid: p.srcCid, dstPort: p.srcPort, type, op: VsockOp.Rst, flags: 0, bufAlloc: 0, fwdCnt: 0, payload: new Uint8Array(0) });
   }
 
   /** Ends `c`: RST to every guest side that knows of it except `quiet`, close host sides, tell the mediator. */
@@ -623,23 +858,35 @@ export class VsockRouter<C> {
     const before = c.state;
     c.state = 'closed';
     if (before === 'open') this.stats.connectionsReset++;
+    this.#dropPartial(c.ab);
+    this.#dropPartial(c.ba);
     for (const s of [c.a, c.b]) {
       if (s === quiet) continue;
       // While the mediator decides, the listener has not heard of the connection.
       if (s === c.b && before === 'deciding') continue;
-      if (s.kind === 'guest') this.#sendRst(s, s === c.a ? c.b : c.a);
+      if (s.kind === 'guest') this.#sendRst(s, s === c.a ? c.b : c.a, c.type);
       else s.host?.onClose?.(why);
     }
     c.reject?.(new StateError(`vsock connect failed: ${why}`));
     for (const s of [c.a, c.b]) if (s.kind === 'guest') this.#byKey.delete(this.#key(s, s === c.a ? c.b : c.a));
     this.#byId.delete(c.id);
+    if (c.disposable !== undefined) {
+      c.disposable.live--;
+      const lease = c.lease;
+      c.lease = undefined;
+      if (lease !== undefined) {
+        lease.device.setUplink(undefined);
+        // Released off this call stack: a release that throws or never settles harms no one.
+        void Promise.resolve().then(() => lease.release(why)).catch(() => {});
+      }
+    }
     this.#perPeer.set(c.a.name, Math.max(0, (this.#perPeer.get(c.a.name) ?? 1) - 1));
     if (c.flow !== null) this.#mediator.close?.(c.flow);
   }
 
-  #sendRst(to: Side, from: Side): void {
+  #sendRst(to: Side, from: Side, type: number): void {
     if (to.dev === null) return;
-    to.dev.deliver({ srcCid: from.cid, srcPort: from.port, dstCid: to.cid, dstPort: to.port, type: VSOCK_TYPE_STREAM, op: VsockOp.Rst, flags: 0, bufAlloc: 0, fwdCnt: 0, payload: new Uint8Array(0) });
+    to.dev.deliver({ srcCid: from.cid, srcPort: from.port, dstCid: to.cid, dstPort: to.port, type, op: VsockOp.Rst, flags: 0, bufAlloc: 0, fwdCnt: 0, payload: new Uint8Array(0) });
     this.#wake(to.dev);
   }
 

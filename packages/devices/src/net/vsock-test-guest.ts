@@ -14,6 +14,7 @@ import {
   encodeVsockHeader,
   VirtioVsock,
   VSOCK_HEADER_SIZE,
+  VSOCK_F_SEQPACKET,
   VSOCK_MAX_PAYLOAD,
   VSOCK_TYPE_STREAM,
   type VsockPacket,
@@ -33,6 +34,10 @@ export interface VsockTestGuestOptions {
   readonly rxBufferSize?: number;
   /** `buf_alloc` this guest advertises. Default 256 KiB. */
   readonly bufAlloc?: number;
+  /** Negotiate VIRTIO_VSOCK_F_SEQPACKET (as a driver that knows it does). Default true. */
+  readonly seqpacket?: boolean;
+  /** Event-queue buffers posted (4 bytes each, for TRANSPORT_RESET). Default 4. */
+  readonly eventBuffers?: number;
 }
 
 /** A driver-side vsock endpoint over a real transport and test guest memory. */
@@ -51,6 +56,8 @@ export class VsockTestGuest {
   fwdCnt = 0;
   readonly #rx: TestQueue;
   readonly #tx: TestQueue;
+  readonly #ev: TestQueue;
+  readonly #evAddr: bigint[] = [];
   readonly #rxAddr: bigint[] = [];
   readonly #rxSize: number;
   readonly #txBuf: bigint;
@@ -63,9 +70,14 @@ export class VsockTestGuest {
     this.device = new VirtioVsock({ cid: options.cid, name: `vsock-${options.cid}` });
     this.transport = new VirtioMmio({ device: this.device, memory, irq: new RecordingIrq() });
     this.driver = new VirtioMmioTestDriver(this.transport, memory);
-    this.driver.init();
+    this.driver.init(options.seqpacket === false ? { features: this.driver.deviceFeatures() & ~VSOCK_F_SEQPACKET } : {});
     this.#rx = this.driver.queue(0);
     this.#tx = this.driver.queue(1);
+    this.#ev = this.driver.queue(2);
+    for (let i = 0; i < Math.min(options.eventBuffers ?? 4, this.#ev.size); i++) {
+      this.#evAddr.push(this.driver.alloc(4, 4));
+      this.#postEvent(i);
+    }
     this.#rxSize = options.rxBufferSize ?? 4096 + VSOCK_HEADER_SIZE;
     const n = Math.min(options.rxBuffers ?? 32, this.#rx.size);
     for (let i = 0; i < n; i++) {
@@ -116,6 +128,26 @@ export class VsockTestGuest {
     }
     if (used.length) this.#rx.kick();
     return out;
+  }
+
+  /** Event ids the device wrote since the last call (0 = TRANSPORT_RESET); their buffers are posted again. */
+  events(): number[] {
+    const out: number[] = [];
+    const used = this.#ev.takeUsed();
+    for (const u of used) {
+      const addr = this.#evAddr[u.id];
+      if (addr === undefined) throw new StateError(`device returned unknown event buffer ${u.id}`);
+      if (u.len !== 4) throw new StateError(`device wrote ${u.len} bytes of event`);
+      out.push(this.driver.memory.readUint(addr, 4));
+      this.#postEvent(u.id);
+    }
+    if (used.length) this.#ev.kick();
+    return out;
+  }
+
+  #postEvent(i: number): void {
+    this.#ev.writeDesc(i, { addr: this.#evAddr[i] as bigint, len: 4, flags: DescFlag.Write, next: 0 });
+    this.#ev.publish(i);
   }
 
   #post(i: number): void {

@@ -25,12 +25,12 @@
  * dropped.
  * @module
  */
-import type { AccessSize } from '@tsvm/core';
 import { InvalidArgumentError, SnapshotFormatError } from '@tsvm/core';
 import { SnapshotReader } from '../snapshot-fields.js';
+import { BacklogDevice } from './backlog-device.js';
 import { ChainReader, ChainWriter } from './chain-io.js';
-import { readConfigBytes, type VirtioContext, type VirtioDevice } from './device.js';
-import { BoundedFifo } from './fifo.js';
+import type { VirtioContext, VirtioDevice } from './device.js';
+import type { DescriptorChain } from './virtqueue.js';
 
 /** Virtio device ID of a network card. */
 export const NET_DEVICE_ID = 1;
@@ -59,9 +59,6 @@ export const NET_HDR_F_NEEDS_CSUM = 1;
 export const NET_HDR_GSO_NONE = 0;
 /** `status` bit: link up. */
 export const NET_S_LINK_UP = 1;
-
-const RX = 0;
-const TX = 1;
 
 /** A 6-byte MAC address as text, `02:00:00:00:00:01`. */
 export type MacAddress = string;
@@ -128,7 +125,7 @@ export interface VirtioNetOptions {
 }
 
 /** A virtio network card. Put it behind a {@link VirtioMmio} transport and attach it to a {@link VirtualSwitch}. */
-export class VirtioNet implements VirtioDevice {
+export class VirtioNet extends BacklogDevice<Uint8Array, NetUplink> implements VirtioDevice {
   /** Device name. */
   readonly name: string;
   /** Virtio device ID (1). */
@@ -146,13 +143,12 @@ export class VirtioNet implements VirtioDevice {
     txFrames: 0, txBytes: 0, txDropped: { 'short-header': 0, 'offload-not-negotiated': 0, runt: 0, oversized: 0 },
     rxFrames: 0, rxBytes: 0, rxOverflow: 0, rxTooSmall: 0,
   };
-  readonly #config: Uint8Array;
-  #ctx: VirtioContext | undefined;
-  #uplink: NetUplink | undefined;
-  readonly #backlog: BoundedFifo<Uint8Array>;
+  /** struct virtio_net_config: mac[6], status le16, max_virtqueue_pairs le16, mtu le16. */
+  protected readonly config: Uint8Array;
 
   /** @param options - MAC, name, MTU, queue size, backlog bound. */
   constructor(options: VirtioNetOptions) {
+    super(options.maxBacklog ?? 256);
     const mac = parseMac(options.mac);
     if ((mac[0] as number) & 1) throw new InvalidArgumentError('mac', `${options.mac} is a multicast address; a card needs a unicast one`);
     this.mac = formatMac(mac);
@@ -161,31 +157,12 @@ export class VirtioNet implements VirtioDevice {
     this.name = options.name ?? 'virtio-net';
     const q = options.queueSize ?? 256;
     this.queueMaxSizes = [q, q];
-    const maxBacklog = options.maxBacklog ?? 256;
-    if (!Number.isInteger(maxBacklog) || maxBacklog < 1) throw new InvalidArgumentError('maxBacklog', 'must be a positive integer');
-    this.#backlog = new BoundedFifo(maxBacklog);
-    // struct virtio_net_config: mac[6], status le16, max_virtqueue_pairs le16, mtu le16.
-    this.#config = new Uint8Array(12);
-    this.#config.set(mac, 0);
-    const v = new DataView(this.#config.buffer);
+    this.config = new Uint8Array(12);
+    this.config.set(mac, 0);
+    const v = new DataView(this.config.buffer);
     v.setUint16(6, NET_S_LINK_UP, true);
     v.setUint16(8, 1, true);
     v.setUint16(10, this.mtu, true);
-  }
-
-  /** Connects the device to a switch (or anything that takes its frames). */
-  setUplink(uplink: NetUplink | undefined): void {
-    this.#uplink = uplink;
-  }
-
-  /** Frames waiting for rx buffers. */
-  get backlog(): number {
-    return this.#backlog.size;
-  }
-
-  /** Whether the driver has set DRIVER_OK and the device works. */
-  get active(): boolean {
-    return this.#ctx?.active ?? false;
   }
 
   /**
@@ -194,41 +171,12 @@ export class VirtioNet implements VirtioDevice {
    * @returns false if the backlog was full and the frame was dropped.
    */
   deliver(frame: Uint8Array): boolean {
-    if (!this.#backlog.push(frame)) {
-      this.stats.rxOverflow++;
-      return false;
-    }
-    this.#fill();
-    return true;
-  }
-
-  /** @internal Called by the transport. */
-  attach(context: VirtioContext): void {
-    this.#ctx = context;
-  }
-
-  /** Config space: `mac`, `status`, `max_virtqueue_pairs` (1), `mtu`. Read-only. */
-  readConfig(offset: number, size: AccessSize): number {
-    return readConfigBytes(this.#config, offset, size);
-  }
-
-  /** Config space is read-only (no VIRTIO_NET_F_CTRL_MAC_ADDR, and legacy MAC writes are not offered). */
-  writeConfig(_offset: number, _value: number, _size: AccessSize): void {}
-
-  /** Kick: tx → uplink; rx → deliver the backlog. */
-  notify(index: number): void {
-    if (index === TX) this.#transmit();
-    else if (index === RX) this.#fill();
-  }
-
-  /** DRIVER_OK: deliver what waited. */
-  activate(): void {
-    this.#fill();
+    return this.deliverItem(frame);
   }
 
   /** Device reset: frames waiting for the guest are dropped. */
   reset(): void {
-    this.#backlog.clear();
+    this.pending.clear();
   }
 
   /** State as JSON: the MAC and MTU (frames in flight do not survive a snapshot, as on a wire). */
@@ -244,49 +192,46 @@ export class VirtioNet implements VirtioDevice {
     this.reset();
   }
 
-  #drop(reason: NetDropReason): number {
+  /** Counts a frame the full backlog refused. */
+  protected overflowed(): void {
+    this.stats.rxOverflow++;
+  }
+
+  #drop(reason: NetDropReason): void {
     this.stats.txDropped[reason]++;
-    return 0;
   }
 
-  #transmit(): void {
-    const ctx = this.#ctx;
-    if (ctx === undefined) return;
-    ctx.processQueue(TX, (chain) => {
-      const r = new ChainReader(ctx.memory, chain.readable);
-      if (r.remaining < NET_HEADER_SIZE) return this.#drop('short-header');
-      const len = r.remaining - NET_HEADER_SIZE;
-      // Checked before reading: a chain may describe far more than any frame.
-      if (len < ETHERNET_HEADER_SIZE) return this.#drop('runt');
-      if (len > this.mtu + ETHERNET_HEADER_SIZE + VLAN_TAG_SIZE) return this.#drop('oversized');
-      const hdr = r.read(NET_HEADER_SIZE);
-      if ((hdr[0] as number) !== 0 || (hdr[1] as number) !== NET_HDR_GSO_NONE) return this.#drop('offload-not-negotiated');
-      const frame = r.read(len);
-      if (len > maxFrameSize(this.mtu, frame)) return this.#drop('oversized');
-      this.stats.txFrames++;
-      this.stats.txBytes += len;
-      this.#uplink?.transmit(frame);
+  /** Checks one transmitted frame (header, offloads, size) and hands it to the switch. */
+  protected transmitChain(ctx: VirtioContext, chain: DescriptorChain): void {
+    const r = new ChainReader(ctx.memory, chain.readable);
+    if (r.remaining < NET_HEADER_SIZE) return this.#drop('short-header');
+    const len = r.remaining - NET_HEADER_SIZE;
+    // Checked before reading: a chain may describe far more than any frame.
+    if (len < ETHERNET_HEADER_SIZE) return this.#drop('runt');
+    if (len > this.mtu + ETHERNET_HEADER_SIZE + VLAN_TAG_SIZE) return this.#drop('oversized');
+    const hdr = r.read(NET_HEADER_SIZE);
+    if ((hdr[0] as number) !== 0 || (hdr[1] as number) !== NET_HDR_GSO_NONE) return this.#drop('offload-not-negotiated');
+    const frame = r.read(len);
+    if (len > maxFrameSize(this.mtu, frame)) return this.#drop('oversized');
+    this.stats.txFrames++;
+    this.stats.txBytes += len;
+    this.uplink?.transmit(frame);
+  }
+
+  /** Writes one frame into one rx buffer (no MRG_RXBUF: a frame that does not fit is dropped). */
+  protected fillChain(ctx: VirtioContext, chain: DescriptorChain): number {
+    const frame = this.pending.shift() as Uint8Array;
+    const w = new ChainWriter(ctx.memory, chain.writable);
+    if (w.remaining < NET_HEADER_SIZE + frame.length) {
+      this.stats.rxTooSmall++;
       return 0;
-    });
-  }
-
-  #fill(): void {
-    const ctx = this.#ctx;
-    if (ctx === undefined || !ctx.active || this.backlog === 0) return;
-    ctx.processQueue(RX, (chain) => {
-      const frame = this.#backlog.shift() as Uint8Array;
-      const w = new ChainWriter(ctx.memory, chain.writable);
-      if (w.remaining < NET_HEADER_SIZE + frame.length) {
-        this.stats.rxTooSmall++;
-        return 0;
-      }
-      const hdr = new Uint8Array(NET_HEADER_SIZE);
-      hdr[10] = 1; // num_buffers = 1 (le16): no MRG_RXBUF, one buffer per frame.
-      w.write(hdr);
-      w.write(frame);
-      this.stats.rxFrames++;
-      this.stats.rxBytes += frame.length;
-      return w.written;
-    }, () => this.backlog > 0);
+    }
+    const hdr = new Uint8Array(NET_HEADER_SIZE);
+    hdr[10] = 1; // num_buffers = 1 (le16): no MRG_RXBUF, one buffer per frame.
+    w.write(hdr);
+    w.write(frame);
+    this.stats.rxFrames++;
+    this.stats.rxBytes += frame.length;
+    return w.written;
   }
 }

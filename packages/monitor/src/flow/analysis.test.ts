@@ -70,7 +70,7 @@ describe('analyzeFlows', () => {
   it('an unreachable target has no paths', () => {
     const b = analyzeFlows({ version: 1, rules: [] }, topology);
     expect(b.reach('key', 'outside')).toMatchObject({ reachable: false, paths: [] });
-    expect(b.reach('key', 'vault').paths).toEqual([{ hops: ['vault'], edges: [], guards: [], declassifiedBy: null }]);
+    expect(b.reach('key', 'vault').paths).toEqual([{ hops: ['vault'], edges: [], guards: [], switches: [], declassifiedBy: null }]);
     expect(() => b.reach('key', 'nobody')).toThrow(PolicyError);
   });
 
@@ -98,5 +98,92 @@ describe('analyzeFlows', () => {
     expect(r.paths).toHaveLength(50);
     expect(r.truncated).toBe(true);
     expect(b.onlyThrough('t', 'm7', 'x')).toBe(false);
+  });
+});
+
+describe('analyzeFlows over switch links', () => {
+  // vault reaches worker by vsock; worker and outside share switch `lan`; IPv4 frames pass the
+  // `filter` guard (which may declassify the key), ARP is unguarded.
+  const top: Topology = {
+    version: 1,
+    principals: {
+      vault: { kind: 'machine', cid: 3, secrecy: ['key'] },
+      worker: { kind: 'machine', cid: 4, secrecy: ['key'] },
+      outside: { kind: 'machine', cid: 5 },
+    },
+    switches: { lan: { ports: ['worker', 'outside'] } },
+  };
+  const pol: FlowPolicy = {
+    version: 1,
+    guards: { filter: { declassify: ['key'] } },
+    rules: [
+      { id: 'key', source: 'vault', destination: 'worker', port: 1, action: 'allow' },
+      { id: 'ipv4', source: '*', destination: '*', port: 0x0800, service: 'ethernet', action: 'allow', guard: 'filter' },
+      { id: 'arp', source: '*', destination: '*', port: 0x0806, service: 'ethernet', action: 'allow' },
+    ],
+  };
+  const a = analyzeFlows(pol, top);
+
+  it('finds the path from the key through the switch, and the content filter on it', () => {
+    const r = a.reach('key', 'outside');
+    expect(r.paths.map((p) => `${p.hops.join('>')} via ${p.switches.join(',')} [${p.guards.join(',')}]`)).toEqual([
+      'worker>outside via lan [filter]',
+      'vault>worker>outside via lan [filter]',
+    ]);
+    expect(r.paths[0]?.edges[0]).toMatchObject({ channel: 'switch:lan', rule: 'ipv4', ports: ['0x800 (ethernet)'] });
+    expect(a.onlyThrough('key', 'outside', 'filter')).toBe(true);
+    expect(r.paths.every((p) => p.declassifiedBy === 'filter')).toBe(true);
+  });
+
+  it('frames flow only between ports of one switch, only one way per link, and never by vsock', () => {
+    const frameEdges = a.edges.filter((e) => e.rule === 'ipv4' || e.rule === 'arp');
+    expect(frameEdges.every((e) => e.channel === 'switch:lan' && e.direction === 'request')).toBe(true);
+    // vault has no port on lan: no frame edge touches it, although the rules say `*`.
+    expect(frameEdges.some((e) => e.from === 'vault' || e.to === 'vault')).toBe(false);
+    // ARP worker → outside would lower secrecy without a guard: the lattice refuses it; outside → worker is fine.
+    expect(frameEdges.filter((e) => e.rule === 'arp').map((e) => `${e.from}>${e.to}`)).toEqual(['outside>worker']);
+    expect(a.edges.find((e) => e.rule === 'key')?.channel).toBe('vsock');
+    expect(a.toDot()).toContain('[switch:lan]');
+  });
+
+  it('without the switch the key has no way out; with a second switch the path through a bridging machine is found', () => {
+    const island = analyzeFlows(pol, { ...top, switches: { lan: { ports: ['vault', 'worker'] } } });
+    expect(island.reach('key', 'outside').reachable).toBe(false);
+    const two = analyzeFlows(pol, {
+      ...top,
+      principals: { ...top.principals, gw: { kind: 'machine', cid: 6 } },
+      switches: { lan: { ports: ['worker', 'gw'] }, wan: { ports: ['gw', 'outside'] } },
+    });
+    const r = two.reach('key', 'outside');
+    // gw → outside has two links (IPv4 through the filter, ARP unguarded): each chain is listed with both.
+    expect(r.paths.map((p) => `${p.hops.join('>')} via ${p.switches.join(',')} [${p.guards.join(',')}]`)).toEqual([
+      'worker>gw>outside via lan,wan [filter,filter]', 'worker>gw>outside via lan,wan [filter]',
+      'vault>worker>gw>outside via lan,wan [filter,filter]', 'vault>worker>gw>outside via lan,wan [filter]',
+    ]);
+    expect(two.onlyThrough('key', 'outside', 'filter')).toBe(true);
+  });
+
+  it('a frame rule between principals that share no switch never matches', () => {
+    const b = analyzeFlows({ ...pol, rules: [...pol.rules.slice(0, 1), { id: 'v-frames', source: 'vault', destination: 'outside', service: 'ethernet', action: 'allow' }] }, top);
+    expect(b.findings.map((f) => `${f.kind} ${f.rule}`)).toContain('never-matches v-frames');
+  });
+
+  it('a malformed switch is a PolicyError naming its path', () => {
+    const bad = (switches: unknown, path: string) => {
+      try {
+        analyzeFlows(pol, { ...top, switches });
+      } catch (e) {
+        expect(e).toBeInstanceOf(PolicyError);
+        expect((e as PolicyError).message).toContain(path);
+        return;
+      }
+      throw new Error(`accepted ${JSON.stringify(switches)}`);
+    };
+    bad([], 'topology.switches');
+    bad({ lan: { ports: ['worker', 'printer'] } }, 'topology.switches.lan.ports[1]');
+    bad({ lan: { ports: ['worker', 'worker'] } }, 'topology.switches.lan.ports[1]');
+    bad({ lan: { ports: ['worker'], vlan: 3 } }, 'topology.switches.lan.vlan');
+    bad({ lan: { ports: 'worker' } }, 'topology.switches.lan.ports');
+    bad({ 'bad name!': { ports: [] } }, 'topology.switches');
   });
 });

@@ -9,6 +9,13 @@
  * and every (source, destination, class) is evaluated with the same {@link evaluateConnect} the
  * monitor uses. The graph renders as DOT or SVG. Labels are static, so a message carries its sender's label and only a guard on the
  * edge can lift a tag.
+ *
+ * Two kinds of channel carry information: vsock connections (any pair of principals, or the
+ * topology's `links`) and L2 frames through a virtual switch (requests with `service: 'ethernet'`
+ * and port = EtherType, as the `FlowMonitor` decides a switch's links). When the topology names
+ * its `switches`, frames are analysed only between principals that share one, each edge says
+ * which switch carries it, and a path through a switch lists it — so "the only way from the key
+ * to `outside` is through switch `lan` and its content filter" is a question `reach` answers.
  * @module
  */
 import { PolicyError } from '../errors.js';
@@ -22,6 +29,7 @@ import {
   type CompiledFlowPolicy,
   type CompiledTopology,
   type ConnectRequest,
+  type Principal,
 } from './policy.js';
 
 /** One edge of the flow graph: information can go `from` → `to` under `rule`. */
@@ -38,8 +46,10 @@ export interface FlowEdge {
   readonly direction: 'request' | 'reply';
   /** Whether the rule is `ask` (the edge exists only if the callback allows). */
   readonly ask: boolean;
-  /** Port/service classes admitted, e.g. `80-90`, `*`, `1 (svc)`. */
+  /** Port/service classes admitted, e.g. `80-90`, `*`, `1 (svc)`; for frames, EtherTypes `0x800 (ethernet)`. */
   readonly ports: readonly string[];
+  /** What carries it: `vsock`, `switch:<name>` (frames through that switch), or `ethernet` (frames, no switches declared). */
+  readonly channel: string;
 }
 
 /** A chain of principals along which tagged information can travel. */
@@ -50,6 +60,8 @@ export interface FlowPath {
   readonly edges: readonly FlowEdge[];
   /** Guards passed, in order (null entries omitted). */
   readonly guards: readonly string[];
+  /** Switches passed, in order (a hop by vsock adds none). */
+  readonly switches: readonly string[];
   /** The first guard on the path that may declassify the tag, or null (the tag arrives as is). */
   readonly declassifiedBy: string | null;
 }
@@ -114,6 +126,9 @@ interface PortClass {
   readonly service: string | undefined;
 }
 
+/** The service frames carry in connect requests (`FlowMonitor.frame`). */
+const ETHERNET = 'ethernet';
+
 function portClasses(policy: CompiledFlowPolicy): PortClass[] {
   const cuts = new Set<number>([0]);
   for (const r of policy.rules) {
@@ -131,8 +146,22 @@ function portClasses(policy: CompiledFlowPolicy): PortClass[] {
   return out;
 }
 
+/** Classes of frames: the port cuts below 2^16 (EtherTypes), each with service `ethernet`. */
+function frameClasses(classes: readonly PortClass[]): PortClass[] {
+  const seen = new Set<number>();
+  const out: PortClass[] = [];
+  for (const c of classes) {
+    if (c.port > 0xffff || seen.has(c.port)) continue;
+    seen.add(c.port);
+    out.push({ port: c.port, last: Math.min(c.last, 0xffff), service: ETHERNET });
+  }
+  return out;
+}
+
 function describeClass(c: PortClass): string {
-  const p = c.port === 0 && c.last === 0xffffffff ? '*' : c.port === c.last ? `${c.port}` : `${c.port}-${c.last === 0xffffffff ? 'max' : c.last}`;
+  const hex = c.service === ETHERNET;
+  const n = (x: number): string => (hex ? `0x${x.toString(16)}` : `${x}`);
+  const p = c.port === 0 && c.last >= (hex ? 0xffff : 0xffffffff) ? '*' : c.port === c.last ? n(c.port) : `${n(c.port)}-${c.last === 0xffffffff ? 'max' : n(c.last)}`;
   return c.service === undefined ? p : `${p} (${c.service})`;
 }
 
@@ -145,45 +174,63 @@ export function analyzeFlows(policy: unknown, topology: unknown, options: Analyz
   const top = compileTopology(topology);
   const maxPaths = options.maxPaths ?? 1000;
   if (!Number.isInteger(maxPaths) || maxPaths < 1) throw new PolicyError('options.maxPaths', 'must be a positive integer');
-  const classes = portClasses(pol);
+  const all = portClasses(pol);
+  // With switches declared, frames go only over them; vsock never carries service `ethernet`.
+  const streamClasses = top.switches === null ? all : all.filter((c) => c.service !== ETHERNET);
+  const frames = frameClasses(all);
   const edges = new Map<string, { e: Omit<FlowEdge, 'ports'>; ports: string[] }>();
   const addEdge = (e: Omit<FlowEdge, 'ports'>, cls: string): void => {
-    const k = `${e.from}|${e.to}|${e.rule}|${e.direction}`;
+    const k = `${e.from}|${e.to}|${e.rule}|${e.direction}|${e.channel}`;
     const have = edges.get(k);
     if (have) have.ports.push(cls);
     else edges.set(k, { e, ports: [cls] });
   };
   const stats = pol.rules.map(() => ({ matched: 0, first: 0, firstRefused: 0, shadowers: new Set<string>(), contradictors: new Set<string>() }));
+  // What is evaluated: (source, destination, class, channel). Frames through a switch are
+  // decided per receiving port, so a switch joins every ordered pair of its ports.
+  const work: { src: Principal; dst: Principal; classes: readonly PortClass[]; channel: string }[] = [];
   for (const src of top.principals.values()) {
     for (const dst of top.principals.values()) {
       if (src === dst) continue;
       if (top.links !== null && !top.links.has(`${src.name}→${dst.name}`)) continue;
-      for (const c of classes) {
-        const req: ConnectRequest = { source: src.name, destination: dst.name, port: c.port, ...(c.service !== undefined ? { service: c.service } : {}) };
-        const ev = evaluateConnect(pol, top, req);
-        const first = ev.rule;
-        for (const r of pol.rules) {
-          if (ruleMismatch(r, src, dst, req) !== null) continue;
-          const s = stats[r.index];
-          if (s === undefined) continue;
-          s.matched++;
-          if (first === null || r === first) continue;
-          s.shadowers.add(first.id);
-          if (first.action !== r.action || first.guard !== r.guard) s.contradictors.add(first.id);
-        }
-        if (first === null) continue;
-        const fs = stats[first.index];
-        if (fs) fs.first++;
-        if (ev.verdict === 'deny') {
-          if (first.action !== 'deny' && fs) fs.firstRefused++;
-          continue;
-        }
-        const cls = describeClass(c);
-        addEdge({ from: src.name, to: dst.name, rule: first.id, guard: first.guard, direction: 'request', ask: ev.verdict === 'ask' }, cls);
-        const declass = first.guard === null ? [] : pol.guards.get(first.guard)?.declassify ?? [];
-        if (!pol.lattice || latticeRefusal(latticeGap(dst.label, src.label), declass, first.guard) === null) {
-          addEdge({ from: dst.name, to: src.name, rule: first.id, guard: first.guard, direction: 'reply', ask: ev.verdict === 'ask' }, cls);
-        }
+      work.push({ src, dst, classes: streamClasses, channel: top.switches === null ? 'any' : 'vsock' });
+    }
+  }
+  for (const [name, ports] of top.switches ?? []) {
+    for (const s of ports) for (const t of ports) {
+      const src = top.principals.get(s), dst = top.principals.get(t);
+      if (src && dst && src !== dst) work.push({ src, dst, classes: frames, channel: `switch:${name}` });
+    }
+  }
+  for (const { src, dst, classes, channel: ch } of work) {
+    for (const c of classes) {
+      const channel = ch === 'any' ? (c.service === ETHERNET ? ETHERNET : 'vsock') : ch;
+      const req: ConnectRequest = { source: src.name, destination: dst.name, port: c.port, ...(c.service !== undefined ? { service: c.service } : {}) };
+      const ev = evaluateConnect(pol, top, req);
+      const first = ev.rule;
+      for (const r of pol.rules) {
+        if (ruleMismatch(r, src, dst, req) !== null) continue;
+        const s = stats[r.index];
+        if (s === undefined) continue;
+        s.matched++;
+        if (first === null || r === first) continue;
+        s.shadowers.add(first.id);
+        if (first.action !== r.action || first.guard !== r.guard) s.contradictors.add(first.id);
+      }
+      if (first === null) continue;
+      const fs = stats[first.index];
+      if (fs) fs.first++;
+      if (ev.verdict === 'deny') {
+        if (first.action !== 'deny' && fs) fs.firstRefused++;
+        continue;
+      }
+      const cls = describeClass(c);
+      addEdge({ from: src.name, to: dst.name, rule: first.id, guard: first.guard, direction: 'request', ask: ev.verdict === 'ask', channel }, cls);
+      // A frame link is one-way (the other direction is its own link, decided on its own).
+      if (c.service === ETHERNET) continue;
+      const declass = first.guard === null ? [] : pol.guards.get(first.guard)?.declassify ?? [];
+      if (!pol.lattice || latticeRefusal(latticeGap(dst.label, src.label), declass, first.guard) === null) {
+        addEdge({ from: dst.name, to: src.name, rule: first.id, guard: first.guard, direction: 'reply', ask: ev.verdict === 'ask', channel }, cls);
       }
     }
   }
@@ -245,7 +292,7 @@ function reachOf(pol: CompiledFlowPolicy, top: CompiledTopology, edges: readonly
   // the same chain for a reader, so it is listed once (with the first rule found).
   const push = (hops: string[], es: FlowEdge[]): void => {
     const p = toPath(pol, hops, es, tag);
-    const k = `${hops.join('>')}|${p.guards.join(',')}`;
+    const k = `${hops.join('>')}|${p.guards.join(',')}|${p.switches.join(',')}`;
     if (seen.has(k)) return;
     seen.add(k);
     paths.push(p);
@@ -278,7 +325,8 @@ function reachOf(pol: CompiledFlowPolicy, top: CompiledTopology, edges: readonly
 function toPath(pol: CompiledFlowPolicy, hops: string[], edges: FlowEdge[], tag: string): FlowPath {
   const guards = edges.flatMap((e) => (e.guard === null ? [] : [e.guard]));
   const declassifiedBy = guards.find((g) => pol.guards.get(g)?.declassify.includes(tag)) ?? null;
-  return { hops, edges, guards, declassifiedBy };
+  const switches = edges.flatMap((e) => (e.channel.startsWith('switch:') ? [e.channel.slice(7)] : []));
+  return { hops, edges, guards, switches, declassifiedBy };
 }
 
 function q(s: string): string {
@@ -295,11 +343,12 @@ export function renderFlowDot(top: CompiledTopology, edges: readonly FlowEdge[])
   }
   for (const e of edges) {
     const style = e.direction === 'reply' ? 'dotted' : e.ask ? 'dashed' : 'solid';
-    const label = `${e.rule}${e.direction === 'reply' ? ' (reply)' : ''}: ${e.ports.join(' ')}`;
+    const via = e.channel.startsWith('switch:') ? ` [${e.channel}]` : '';
+    const label = `${e.rule}${e.direction === 'reply' ? ' (reply)' : ''}: ${e.ports.join(' ')}${via}`;
     if (e.guard === null) {
       lines.push(`  ${q(e.from)} -> ${q(e.to)} [style=${style}, label=${q(label)}];`);
     } else {
-      const g = `guard:${e.guard}:${e.from}:${e.to}`;
+      const g = `guard:${e.guard}:${e.from}:${e.to}${e.channel.startsWith('switch:') ? `:${e.channel}` : ''}`;
       lines.push(`  ${q(g)} [shape=diamond, label=${q(e.guard)}];`);
       lines.push(`  ${q(e.from)} -> ${q(g)} [style=${style}, label=${q(label)}];`);
       lines.push(`  ${q(g)} -> ${q(e.to)} [style=${style}];`);

@@ -58,24 +58,54 @@ function check(v: unknown, data: Uint8Array, granted: readonly string[], name: s
 }
 
 /**
+ * The context a guard sees: plain fields and a `signal` whose controller is made on first access
+ * only (creating one costs microseconds, most of a synchronous guard's fixed price, and a guard
+ * that never looks at its signal cannot be told to stop anyway). A class, not a spread with a
+ * getter: that object was slow to build and to read, once per guarded message.
+ */
+class Context implements GuardContext {
+  readonly guard: string;
+  readonly connection: number;
+  readonly from: string;
+  readonly to: string;
+  readonly label: Label;
+  readonly port: number;
+  #ac: AbortController | undefined;
+
+  constructor(c: Omit<GuardContext, 'signal'>) {
+    this.guard = c.guard;
+    this.connection = c.connection;
+    this.from = c.from;
+    this.to = c.to;
+    this.label = c.label;
+    this.port = c.port;
+  }
+
+  get signal(): AbortSignal {
+    return (this.#ac ??= new AbortController()).signal;
+  }
+
+  abort(): void {
+    this.#ac?.abort();
+  }
+}
+
+/**
  * Runs `fn` on `data` with fail-closed semantics. Synchronous verdicts are returned synchronously
  * (no promise, no timer); a promise races a `timeoutMs` timer.
  */
 export function runGuard(fn: GuardFn, data: Uint8Array, context: Omit<GuardContext, 'signal'>, granted: readonly string[], timeoutMs: number): GuardOutcome | Promise<GuardOutcome> {
-  // The controller is made on first access of `signal` only: creating one costs microseconds
-  // (measured: most of a synchronous guard's fixed price), and a guard that never looks at its
-  // signal cannot be told to stop anyway.
-  let ac: AbortController | undefined;
+  const ctx = new Context(context);
   let v: GuardVerdict | Promise<GuardVerdict>;
   try {
-    v = fn(data, { ...context, get signal() { return (ac ??= new AbortController()).signal; } });
+    v = fn(data, ctx);
   } catch (e) {
     return { ok: false, reason: `guard '${context.guard}' threw: ${e instanceof Error ? e.message : String(e)} (fail closed)` };
   }
   if (!(v instanceof Promise)) return check(v, data, granted, context.guard);
   return new Promise<GuardOutcome>((resolve) => {
     const timer = setTimeout(() => {
-      ac?.abort();
+      ctx.abort();
       resolve({ ok: false, reason: `guard '${context.guard}' did not settle within ${timeoutMs} ms (fail closed)` });
     }, timeoutMs);
     v.then(

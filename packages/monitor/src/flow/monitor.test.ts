@@ -224,3 +224,47 @@ describe('guard signals', () => {
     expect(await quick.message(q.connection!, 'forward', new Uint8Array(4))).toMatchObject({ verdict: 'allow' });
   });
 });
+
+describe('FlowMonitor: disposable principals', () => {
+  const topology = { version: 1, principals: { a: { kind: 'machine', cid: 3 }, scanner: { kind: 'machine', cid: 5, disposable: 'scan' }, other: { kind: 'machine', cid: 6 } } };
+
+  it('@dispvm:<template> matches the template’s principal only; served() audits the instance', async () => {
+    const lines: string[] = [];
+    const flow = new FlowMonitor({ policy: { version: 1, rules: [{ id: 'to-scan', source: 'a', destination: '@dispvm:scan', action: 'allow' }, { id: 'any-disp', source: 'other', destination: '@dispvm', action: 'allow' }] }, topology, audit: new AuditLog(lines) });
+    const ok = await flow.connect({ source: 'a', destination: 'scanner', port: 80 });
+    expect(ok.verdict).toBe('allow');
+    expect((await flow.connect({ source: 'a', destination: 'other', port: 80 })).verdict).toBe('deny');
+    expect((await flow.connect({ source: 'other', destination: 'scanner', port: 80 })).rule).toBe('any-disp');
+    flow.served(ok.connection as FlowConnection, 'scanner~7');
+    flow.served(9999, 'ghost'); // unknown connection: nothing logged
+    const served = lines.map((l) => JSON.parse(l) as { event: string; flow: { instance?: string; connection: number } }).filter((e) => e.event === 'flow:disposable');
+    expect(served).toEqual([expect.objectContaining({ flow: expect.objectContaining({ instance: 'scanner~7', connection: ok.connection?.id }) })]);
+  });
+
+  it('bad input: a disposable host, a bad template name, an unknown @dispvm form → PolicyError naming the path', () => {
+    const bad = (policy: unknown, topo: unknown, path: string) => expect(() => new FlowMonitor({ policy, topology: topo })).toThrow(path);
+    const rules = { version: 1, rules: [] };
+    bad(rules, { version: 1, principals: { h: { kind: 'host', disposable: 'x' } } }, 'topology.principals.h.disposable');
+    bad(rules, { version: 1, principals: { m: { kind: 'machine', disposable: 'no spaces' } } }, 'topology.principals.m.disposable');
+    bad({ version: 1, rules: [{ id: 'r', source: 'a', destination: '@dispvm:', action: 'allow' }] }, topology, 'rules[0].destination');
+    bad({ version: 1, rules: [{ id: 'r', source: '@dispvms', destination: 'a', action: 'allow' }] }, topology, 'rules[0].source');
+  });
+});
+
+describe('guarded messages and the lattice', () => {
+  it('a guard that allows without declassifying what the lattice needs is refused, every time; declassifying lets it through; the other direction needs nothing', async () => {
+    const flow = new FlowMonitor({
+      policy: { version: 1, guards: { dlp: { declassify: ['key'] } }, rules: [{ id: 'out', source: 'vault', destination: 'outside', action: 'allow', guard: 'dlp' }] },
+      topology: { version: 1, principals: { vault: { kind: 'machine', secrecy: ['key'] }, outside: { kind: 'machine' } } },
+      guards: { dlp: (d) => (d[0] === 1 ? { action: 'allow', declassify: ['key'] } : { action: 'allow' }) },
+    });
+    const c = (await flow.connect({ source: 'vault', destination: 'outside', port: 1 })).connection as FlowConnection;
+    for (let i = 0; i < 2; i++) {
+      const d = flow.message(c, 'forward', Uint8Array.of(0)) as { verdict: string; reason: string };
+      expect(d.verdict).toBe('deny');
+      expect(d.reason).toMatch(/guard 'dlp' allowed, but/);
+    }
+    expect(flow.message(c, 'forward', Uint8Array.of(1))).toMatchObject({ verdict: 'allow', declassified: ['key'], reason: "guard 'dlp' allowed, declassifying {key}" });
+    for (let i = 0; i < 2; i++) expect(flow.message(c, 'reverse', Uint8Array.of(0))).toMatchObject({ verdict: 'allow', declassified: [], reason: "guard 'dlp' allowed" });
+  });
+});

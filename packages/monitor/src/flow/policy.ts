@@ -18,7 +18,8 @@
  *     { "id": "worker-out", "source": "worker", "destination": "@tag:public", "action": "allow", "guard": "dlp" } ] }
  * ```
  * Principal patterns: a name, `*` (anything), `@tag:T` (a principal whose label carries T),
- * `@host` / `@machine` (by kind).
+ * `@host` / `@machine` (by kind), `@dispvm:T` (a disposable principal, served by fresh forks of
+ * template T, as Qubes' `@dispvm:T`) and `@dispvm` (any disposable one).
  * @module
  */
 import { PolicyError } from '../errors.js';
@@ -79,6 +80,11 @@ export interface PrincipalSpec {
   readonly integrity?: readonly string[];
   /** vsock context id (≥ 3 for machines; 2 is the host). */
   readonly cid?: number;
+  /**
+   * For a machine served by a fresh fork per connection (the router's `serveDisposable`): the
+   * template's name, which `@dispvm:<template>` patterns match. Every fork carries this label.
+   */
+  readonly disposable?: string;
 }
 
 /** The machines and host endpoints a policy governs, with their labels. */
@@ -92,6 +98,19 @@ export interface Topology {
    * try everyone (a vsock router connects any two CIDs).
    */
   readonly links?: readonly (readonly [string, string])[];
+  /**
+   * Virtual switches (L2) by name, each with the principals that have a port on it. Frames
+   * (requests with `service: 'ethernet'`, port = EtherType) flow only between principals that
+   * share a switch; {@link analyzeFlows} puts the switch on every edge it carries. Absent: frames
+   * are analysed between every pair, as if one switch joined everyone.
+   */
+  readonly switches?: Readonly<Record<string, SwitchSpec>>;
+}
+
+/** One virtual switch of a {@link Topology}. */
+export interface SwitchSpec {
+  /** Principals with a port on the switch (each at most once). */
+  readonly ports: readonly string[];
 }
 
 /** A compiled rule. */
@@ -150,6 +169,8 @@ export interface Principal {
   readonly label: Label;
   /** vsock CID, if given. */
   readonly cid: number | null;
+  /** Template of a disposable machine, or null. */
+  readonly disposable: string | null;
 }
 
 /** A validated {@link Topology}. */
@@ -158,6 +179,8 @@ export interface CompiledTopology {
   readonly principals: ReadonlyMap<string, Principal>;
   /** Allowed `source→destination` keys, or null when everyone can reach everyone. */
   readonly links: ReadonlySet<string> | null;
+  /** Switches by name with their ports' principals, or null when the topology declares none. */
+  readonly switches: ReadonlyMap<string, readonly string[]> | null;
 }
 
 /** A connection attempt, as the router presents it. */
@@ -207,12 +230,16 @@ function tags(v: unknown, p: string): string[] {
 }
 
 function pattern(v: unknown, p: string): string {
-  if (v === '*' || v === '@host' || v === '@machine') return v;
+  if (v === '*' || v === '@host' || v === '@machine' || v === '@dispvm') return v;
   if (typeof v === 'string' && v.startsWith('@tag:')) {
     name(v.slice(5), p, 'the tag of @tag:');
     return v;
   }
-  if (typeof v === 'string' && v.startsWith('@')) throw new PolicyError(p, `unknown pattern ${JSON.stringify(v)} (use a name, *, @tag:T, @host or @machine)`);
+  if (typeof v === 'string' && v.startsWith('@dispvm:')) {
+    name(v.slice(8), p, 'the template of @dispvm:');
+    return v;
+  }
+  if (typeof v === 'string' && v.startsWith('@')) throw new PolicyError(p, `unknown pattern ${JSON.stringify(v)} (use a name, *, @tag:T, @host, @machine, @dispvm or @dispvm:T)`);
   return name(v, p, 'a principal name');
 }
 
@@ -319,7 +346,7 @@ function toFlowPolicy(lattice: boolean, guards: ReadonlyMap<string, CompiledGuar
  */
 export function compileTopology(doc: unknown): CompiledTopology {
   const d = parseDoc(doc, 'topology');
-  for (const k of Object.keys(d)) if (!['version', 'principals', 'links'].includes(k)) throw new PolicyError(`topology.${k}`, 'unknown field');
+  for (const k of Object.keys(d)) if (!['version', 'principals', 'links', 'switches'].includes(k)) throw new PolicyError(`topology.${k}`, 'unknown field');
   if (d['version'] !== 1) throw new PolicyError('topology.version', `must be 1, got ${JSON.stringify(d['version'])}`);
   const ps = d['principals'];
   if (!isObj(ps)) throw new PolicyError('topology.principals', 'must be an object of principals by name');
@@ -329,7 +356,7 @@ export function compileTopology(doc: unknown): CompiledTopology {
     const p = `topology.principals.${n}`;
     name(n, p, 'a principal name');
     if (!isObj(s)) throw new PolicyError(p, 'must be an object');
-    for (const k of Object.keys(s)) if (!['kind', 'secrecy', 'integrity', 'cid'].includes(k)) throw new PolicyError(`${p}.${k}`, 'unknown field');
+    for (const k of Object.keys(s)) if (!['kind', 'secrecy', 'integrity', 'cid', 'disposable'].includes(k)) throw new PolicyError(`${p}.${k}`, 'unknown field');
     const kind = s['kind'];
     if (kind !== 'machine' && kind !== 'host') throw new PolicyError(`${p}.kind`, `must be 'machine' or 'host', got ${JSON.stringify(kind)}`);
     let cid: number | null = null;
@@ -342,7 +369,12 @@ export function compileTopology(doc: unknown): CompiledTopology {
       if (kind === 'machine') cids.set(c, n);
       cid = c;
     }
-    principals.set(n, Object.freeze({ name: n, kind, cid, label: Object.freeze(makeLabel(tags(s['secrecy'], `${p}.secrecy`), tags(s['integrity'], `${p}.integrity`))) }));
+    let disposable: string | null = null;
+    if (s['disposable'] !== undefined) {
+      if (kind !== 'machine') throw new PolicyError(`${p}.disposable`, 'only a machine can be disposable');
+      disposable = name(s['disposable'], `${p}.disposable`, 'a template name');
+    }
+    principals.set(n, Object.freeze({ name: n, kind, cid, disposable, label: Object.freeze(makeLabel(tags(s['secrecy'], `${p}.secrecy`), tags(s['integrity'], `${p}.integrity`))) }));
   }
   let links: Set<string> | null = null;
   if (d['links'] !== undefined) {
@@ -358,7 +390,29 @@ export function compileTopology(doc: unknown): CompiledTopology {
       links?.add(`${String(pair[0])}→${String(pair[1])}`);
     });
   }
-  return Object.freeze({ principals, links });
+  return Object.freeze({ principals, links, switches: compileSwitches(d['switches'], principals) });
+}
+
+function compileSwitches(doc: unknown, principals: ReadonlyMap<string, Principal>): ReadonlyMap<string, readonly string[]> | null {
+  if (doc === undefined) return null;
+  if (!isObj(doc)) throw new PolicyError('topology.switches', 'must be an object of switches by name');
+  const out = new Map<string, readonly string[]>();
+  for (const [n, sw] of Object.entries(doc)) {
+    const p = `topology.switches.${n}`;
+    name(n, p, 'a switch name');
+    if (!isObj(sw)) throw new PolicyError(p, 'must be an object');
+    for (const k of Object.keys(sw)) if (k !== 'ports') throw new PolicyError(`${p}.${k}`, 'unknown field');
+    const ports = sw['ports'];
+    if (!Array.isArray(ports)) throw new PolicyError(`${p}.ports`, 'must be an array of principal names');
+    const seen = new Set<string>();
+    ports.forEach((x: unknown, i) => {
+      if (typeof x !== 'string' || !principals.has(x)) throw new PolicyError(`${p}.ports[${i}]`, `unknown principal ${JSON.stringify(x)}`);
+      if (seen.has(x)) throw new PolicyError(`${p}.ports[${i}]`, `'${x}' already has a port on this switch`);
+      seen.add(x);
+    });
+    out.set(n, Object.freeze([...seen]));
+  }
+  return out;
 }
 
 /** Whether principal `p` matches a rule's source or destination pattern. */
@@ -367,6 +421,8 @@ export function matchesPattern(pat: string, p: Principal): boolean {
   if (pat === '@host') return p.kind === 'host';
   if (pat === '@machine') return p.kind === 'machine';
   if (pat.startsWith('@tag:')) return hasTag(p.label, pat.slice(5));
+  if (pat === '@dispvm') return p.disposable !== null;
+  if (pat.startsWith('@dispvm:')) return p.disposable === pat.slice(8);
   return pat === p.name;
 }
 
