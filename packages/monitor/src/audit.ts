@@ -15,6 +15,7 @@ const { createHash } = crypto;
 /** `crypto.hash` where this Node has it (20.12+; absent from older 20.x). */
 const oneShot = (crypto as { hash?: (algorithm: string, data: string, encoding: 'hex') => string }).hash;
 import { channel } from 'node:diagnostics_channel';
+import { InvalidArgumentError } from '@tsvm/core';
 
 /** The diagnostics channel name. */
 export const DECISION_CHANNEL = 'tsvm:monitor:decision';
@@ -113,22 +114,45 @@ export class AuditLog {
 
   /** Chains and writes one entry. @returns the line written. */
   append(entry: AuditEntry, time: Date = new Date()): string {
+    if (RESERVED.some((k) => Object.hasOwn(entry, k))) {
+      const body = { ...entry, time: time.toISOString(), seq: this.#seq, prev: this.#prev };
+      const hash = sha256(this.#prev + JSON.stringify(body));
+      return this.#write(JSON.stringify({ ...body, hash }), hash);
+    }
     // The bytes of JSON.stringify({ ...entry, time, seq, prev }), built from the entry's own JSON:
     // stringifying a spread copy cost ~4.7 µs a line, most of a mediated message's price.
-    const iso = time.toISOString();
-    let line: string;
-    let hash: string;
-    if (RESERVED.some((k) => Object.hasOwn(entry, k))) {
-      const body = { ...entry, time: iso, seq: this.#seq, prev: this.#prev };
-      hash = sha256(this.#prev + JSON.stringify(body));
-      line = JSON.stringify({ ...body, hash });
-    } else {
-      const own = JSON.stringify(entry);
-      const chained = `"time":${JSON.stringify(iso)},"seq":${this.#seq},"prev":"${this.#prev}"`;
-      const unsigned = own === '{}' ? `{${chained}}` : `${own.slice(0, -1)},${chained}}`;
-      hash = sha256(this.#prev + unsigned);
-      line = `${unsigned.slice(0, -1)},"hash":"${hash}"}`; // hash last, as JSON.stringify({ ...body, hash }) puts it
-    }
+    return this.#chain(JSON.stringify(entry), time);
+  }
+
+  /**
+   * Chains and writes one entry given as its JSON text — exactly what `JSON.stringify(entry)`
+   * gives for an {@link AuditEntry} without the chain's keys (`time`, `seq`, `prev`, `hash`).
+   * For callers that write many entries of one shape from a template they built with
+   * `JSON.stringify` (the flow monitor's per-message lines): the text is chained as given, so
+   * text that is not canonical JSON of an object makes the line fail {@link verifyAuditLog}.
+   * @returns the line written.
+   * @throws InvalidArgumentError when `json` is not a string holding a JSON object's text.
+   */
+  appendJson(json: string, time: Date = new Date()): string {
+    if (typeof json !== 'string' || json[0] !== '{' || json[json.length - 1] !== '}') throw new InvalidArgumentError('json', 'must be the JSON text of an object (JSON.stringify of an AuditEntry)');
+    return this.#chain(json, time);
+  }
+
+  #isoMs = Number.NaN;
+  #iso = '';
+
+  /** Adds time, seq and prev to an entry's own JSON, hashes it and writes the line. */
+  #chain(own: string, time: Date): string {
+    const ms = time.getTime();
+    // Lines come many per millisecond: the timestamp's JSON once per millisecond.
+    if (ms !== this.#isoMs) { this.#isoMs = ms; this.#iso = JSON.stringify(time.toISOString()); }
+    const chained = `"time":${this.#iso},"seq":${this.#seq},"prev":"${this.#prev}"`;
+    const unsigned = own === '{}' ? `{${chained}}` : `${own.slice(0, -1)},${chained}}`;
+    const hash = sha256(this.#prev + unsigned);
+    return this.#write(`${unsigned.slice(0, -1)},"hash":"${hash}"}`, hash); // hash last, as JSON.stringify({ ...body, hash }) puts it
+  }
+
+  #write(line: string, hash: string): string {
     this.#prev = hash;
     this.#seq++;
     const s = this.#sink;

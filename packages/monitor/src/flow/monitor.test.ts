@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { AuditLog, verifyAuditLog } from '../audit.js';
+import { InvalidArgumentError } from '@tsvm/core';
+import { AuditLog, decisionChannel, verifyAuditLog } from '../audit.js';
 import { PolicyError } from '../errors.js';
 import { explain } from './explain.js';
 import { canFlow, declassify, latticeGap, makeLabel } from './labels.js';
@@ -184,6 +185,44 @@ describe('FlowMonitor messages', () => {
     expect(mon.message(c, 'forward', text('late'))).toMatchObject({ verdict: 'deny', reason: 'unknown or closed connection' });
     expect(mon.stats).toMatchObject({ connectionsAllowed: 1, connectionsDenied: 1, messagesAllowed: 1, messagesDenied: 2 });
     expect(verifyAuditLog(lines)).toMatchObject({ ok: true, count: 5 });
+  });
+});
+
+describe('FlowMonitor per-message audit lines', () => {
+  it('a plain allowed message\'s line from the connection\'s template is byte for byte the general path\'s (bar the chain), both ways', async () => {
+    const run = async (subscribe: boolean) => {
+      const lines: string[] = [];
+      const mon = new FlowMonitor({ policy: { version: 1, rules: [{ id: 'in', source: 'outside', destination: 'vault', action: 'allow' }] }, topology, audit: new AuditLog(lines) });
+      // A diagnostics-channel subscriber sends every line down the general path.
+      const sub = () => undefined;
+      if (subscribe) decisionChannel.subscribe(sub);
+      try {
+        const c = (await mon.connect({ source: 'outside', destination: 'vault', port: 7 })).connection as FlowConnection;
+        for (const n of [1, 200, 0]) mon.message(c, 'forward', new Uint8Array(n));
+        mon.message(c, 'reverse', new Uint8Array(3)); // refused: the general path either way
+        mon.message(c, 'forward', new Uint8Array(5));
+      } finally {
+        if (subscribe) decisionChannel.unsubscribe(sub);
+      }
+      expect(verifyAuditLog(lines)).toMatchObject({ ok: true, count: 6 });
+      return lines.map((l) => { const { time: _t, hash: _h, prev: _p, ...rest } = JSON.parse(l) as Record<string, unknown>; return JSON.stringify(rest); });
+    };
+    const fast = await run(false);
+    const general = await run(true);
+    expect(fast).toEqual(general);
+    expect(JSON.parse(fast[2] as string)).toMatchObject({ event: 'flow:message', decision: 'allow', flow: { port: 7, bytes: 200, mode: 'enforce' } });
+  });
+
+  it('AuditLog.appendJson chains given JSON as append would, and refuses what is not an object\'s JSON', () => {
+    const a: string[] = [], b: string[] = [];
+    const t = new Date(1_700_000_000_000);
+    const e = { machine: 'm', vcpu: 0, rip: '0x1', event: 'pio', address: '0x3f8', hook: 'h', decision: 'allow', reason: 'r', exit: 1 } as const;
+    new AuditLog(a).append(e, t);
+    new AuditLog(b).appendJson(JSON.stringify(e), t);
+    expect(b).toEqual(a);
+    const log = new AuditLog([]);
+    for (const bad of ['', '[1]', 'x', 42 as never, null as never]) expect(() => log.appendJson(bad, t)).toThrow(InvalidArgumentError);
+    expect(log.length).toBe(0);
   });
 });
 

@@ -219,7 +219,17 @@ interface Live {
   plainReverse?: string;
   /** The reason of a guarded message allowed as is. */
   allowedWhy?: string;
+  /** Per direction, the audit line of a plain allowed message up to its byte count (see `#logPlain`). */
+  lineForward?: LineTemplate;
+  lineReverse?: LineTemplate;
 }
+
+/**
+ * `JSON.stringify` of a plain allowed message's entry with `flow` cut before `bytes` (the
+ * entry's last key is `flow`, whose last keys are `bytes` and `mode`), for the reason and guard
+ * it was made with: per message only the count and the mode are appended.
+ */
+interface LineTemplate { readonly kind: 'message' | 'frame'; readonly reason: string; readonly guard: string | null; readonly head: string }
 
 /** Decides connections and messages between labelled principals. */
 export class FlowMonitor {
@@ -491,7 +501,9 @@ export class FlowMonitor {
     } else {
       this.stats.messagesDenied++;
     }
-    if (d.verdict === 'deny' || this.#logAll) {
+    if (d.verdict === 'allow' && this.#logAll && live && d.declassified.length === 0 && this.#audit !== undefined && !decisionChannel.hasSubscribers) {
+      this.#logPlain(live, direction, kind, d, bytes, this.#audit);
+    } else if (d.verdict === 'deny' || this.#logAll) {
       const fwd = direction === 'forward';
       const c = live?.conn;
       const labelled = c !== undefined && (d.verdict === 'deny' || d.declassified.length > 0);
@@ -503,6 +515,29 @@ export class FlowMonitor {
     if (kind === 'frame') this.#meter.frame(live?.conn.rule ?? null, d.guard, bytes, ns);
     else this.#meter.message(live?.conn.rule ?? null, d.guard, bytes, ns);
     return d;
+  }
+
+  /**
+   * The line of a plain allowed message or frame (the one written per message): the same bytes
+   * `#log` would write, from the connection's template, so a message costs one string
+   * concatenation and the chain's hash instead of building and stringifying the entry.
+   */
+  #logPlain(live: Live, direction: FlowDirection, kind: 'message' | 'frame', d: MessageDecision, bytes: number, audit: AuditLog): void {
+    const fwd = direction === 'forward';
+    let t = fwd ? live.lineForward : live.lineReverse;
+    if (t === undefined || t.kind !== kind || t.reason !== d.reason || t.guard !== d.guard) {
+      const c = live.conn;
+      const from = fwd ? c.source : c.destination, to = fwd ? c.destination : c.source;
+      const entry: FlowAuditEntry = {
+        machine: from, vcpu: -1, rip: '-', event: `flow:${kind}`, address: `${to}:${c.port}`, hook: c.rule ?? (d.guard ? `guard:${d.guard}` : 'default'),
+        decision: 'allow', reason: d.reason, exit: -1, flow: { connection: c.id, from, to, port: c.port, rule: c.rule, guard: d.guard, mode: this.mode },
+      };
+      const json = JSON.stringify(entry);
+      // Cut `,"mode":…}}` off: bytes and mode are appended per message.
+      t = { kind, reason: d.reason, guard: d.guard, head: json.slice(0, json.lastIndexOf(',"mode":')) };
+      if (fwd) live.lineForward = t; else live.lineReverse = t;
+    }
+    audit.appendJson(`${t.head},"bytes":${bytes},"mode":${JSON.stringify(this.mode)}}}`, this.#now());
   }
 
   #now(): Date {
