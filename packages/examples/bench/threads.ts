@@ -5,7 +5,7 @@
  *   `node:http` server on loopback, under a bounded load generator (a worker sending at most
  *   `RATE` requests/s, at most 8 in flight), while 1, 2 or 8 guests spin (no exits) or storm exits
  *   (an `out` to a device that does nothing), on the calling thread vs one worker each (at the
- *   default priority, and at nice 10). Lag is the delay beyond the histogram's 1 ms timer. Target:
+ *   default priority, at nice 10, and `idle: true`: SCHED_IDLE). Lag is the delay beyond the histogram's 1 ms timer. Target:
  *   p99 ≤ 2 ms with workers. Ratio: against the same server with no guest, measured first.
  * - **exit**: the cost of one exit in a storm (µs/exit) with the vCPU in a worker vs on the calling
  *   thread, and the round trip of a `run()` that stops at the guest's first exit (`handle.run()`:
@@ -116,7 +116,7 @@ async function measureLag(port: number, during: () => Promise<unknown>): Promise
 
 const module = new URL(import.meta.url);
 
-async function lagScenario(port: number, n: number, program: 'spin' | 'storm', where: 'thread' | 'workers' | 'workers nice 10'): Promise<Lag> {
+async function lagScenario(port: number, n: number, program: 'spin' | 'storm', where: 'thread' | 'workers' | 'workers nice 10' | 'workers idle'): Promise<Lag> {
   const ms = SECONDS * 1000;
   if (where === 'thread') {
     const vms = await Promise.all(Array.from({ length: n }, () => build(program)));
@@ -126,8 +126,8 @@ async function lagScenario(port: number, n: number, program: 'spin' | 'storm', w
       await Promise.all(vms.map((vm) => vm.close()));
     }
   }
-  const nice = where === 'workers' ? 0 : 10;
-  const ws = await Promise.all(Array.from({ length: n }, () => MachineWorker.start<typeof builder>({ module, init: { program }, nice })));
+  const nice = where === 'workers nice 10' ? 10 : 0;
+  const ws = await Promise.all(Array.from({ length: n }, () => MachineWorker.start<typeof builder>({ module, init: { program }, nice, idle: where === 'workers idle' })));
   try {
     return await measureLag(port, () => Promise.all(ws.map((w) => w.run({ timeout: ms }))));
   } finally {
@@ -210,7 +210,7 @@ async function main(): Promise<void> {
     lag.baseline = await measureLag(port, () => new Promise((r) => setTimeout(r, SECONDS * 1000)));
     for (const program of ['spin', 'storm'] as const) {
       for (const n of [1, 2, 8]) {
-        for (const where of ['thread', 'workers', 'workers nice 10'] as const) {
+        for (const where of ['thread', 'workers', 'workers nice 10', 'workers idle'] as const) {
           lag[`${n} ${program} ${where}`] = await lagScenario(port, n, program, where);
           process.stderr.write('.');
         }

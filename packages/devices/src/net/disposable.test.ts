@@ -119,6 +119,76 @@ describe('VsockRouter: disposable endpoints', () => {
     expect(router.connections).toBe(0);
   });
 
+  it('hostile: one instance cannot speak on a sibling instance\'s connection (same CID, forged ports)', async () => {
+    const router = new VsockRouter({ mediator: allowAllMediator });
+    const { provider, made } = fakeProvider();
+    router.serveDisposable(5, 'scanner', provider);
+    const a = new VsockTestGuest({ cid: 3 });
+    router.attach(a.device, 'a');
+    await requestFrom(a, 1000);
+    await requestFrom(a, 1001);
+    for (const [i, m] of made.entries()) { m.guest.receive(); m.guest.send({ op: VsockOp.Response, dstCid: 3, srcPort: 80, dstPort: 1000 + i }); }
+    a.receive();
+    // fork-2 writes as if it were fork-1 (5:80 → 3:1000): refused, fork-1's connection untouched.
+    made[1]?.guest.send({ op: VsockOp.Rw, dstCid: 3, srcPort: 80, dstPort: 1000, payload: new Uint8Array([6, 6, 6]) });
+    made[1]?.guest.send({ op: VsockOp.Rst, dstCid: 3, srcPort: 80, dstPort: 1000 });
+    expect(a.receive()).toEqual([]);
+    expect(ops(made[1]?.guest.receive() ?? [])).toEqual([VsockOp.Rst]); // for the RW (an RST is never answered)
+    expect(router.connections).toBe(2);
+    made[0]?.guest.send({ op: VsockOp.Rw, dstCid: 3, srcPort: 80, dstPort: 1000, payload: new Uint8Array([1]) });
+    expect(a.receive()).toMatchObject([{ op: VsockOp.Rw, srcPort: 80, dstPort: 1000, payload: new Uint8Array([1]) }]);
+  });
+
+  it('hostile: request-then-RST cannot start more machines than maxInstances; one slower than the timeout is released when it comes', async () => {
+    const router = new VsockRouter({ mediator: allowAllMediator });
+    const slow = fakeProvider({ delayMs: 40 });
+    router.serveDisposable(5, 'scanner', slow.provider, { maxInstances: 2, acquireTimeoutMs: 10 });
+    const a = new VsockTestGuest({ cid: 3 });
+    router.attach(a.device, 'a');
+    for (let p = 0; p < 6; p++) {
+      a.send({ op: VsockOp.Request, dstCid: 5, srcPort: 3000 + p, dstPort: 80 });
+      a.send({ op: VsockOp.Rst, dstCid: 5, srcPort: 3000 + p, dstPort: 80 });
+    }
+    await flush();
+    expect(router.stats.disposableOverLimit).toBe(4); // two acquires in flight hold both slots
+    // Past the 10 ms timeout, and past the 40 ms the provider takes: both late machines released.
+    await new Promise((r) => setTimeout(r, 80));
+    expect(slow.made).toHaveLength(2);
+    expect(slow.made.map((m) => m.released)).toEqual(['connection ended before it was served', 'connection ended before it was served']);
+    // The slots are free again: a new request gets a machine (and times out again, then is released).
+    a.send({ op: VsockOp.Request, dstCid: 5, srcPort: 4000, dstPort: 80 });
+    await new Promise((r) => setTimeout(r, 25));
+    expect(ops(a.receive()).at(-1)).toBe(VsockOp.Rst);
+    await new Promise((r) => setTimeout(r, 60));
+    expect(slow.made).toHaveLength(3);
+    expect(slow.made[2]?.released).toBe('connection ended before it was served');
+    expect(router.stats.disposableOverLimit).toBe(4);
+  });
+
+  it('what an instance opened itself ends when it is released, so a reused device carries nothing to its next tenant', async () => {
+    const router = new VsockRouter({ mediator: allowAllMediator });
+    const { provider, made } = fakeProvider();
+    router.serveDisposable(5, 'scanner', provider);
+    const a = new VsockTestGuest({ cid: 3 });
+    router.attach(a.device, 'a');
+    await requestFrom(a, 1000);
+    const fork = made[0]?.guest as VsockTestGuest;
+    fork.receive();
+    fork.send({ op: VsockOp.Response, dstCid: 3, srcPort: 80, dstPort: 1000 });
+    // The instance opens a connection of its own, to a's port 7 (a accepts).
+    fork.send({ op: VsockOp.Request, dstCid: 3, srcPort: 555, dstPort: 7 });
+    await flush();
+    a.receive();
+    a.send({ op: VsockOp.Response, dstCid: 5, srcPort: 7, dstPort: 555 });
+    expect(router.connections).toBe(2);
+    a.send({ op: VsockOp.Rst, dstCid: 5, srcPort: 1000, dstPort: 80 });
+    await flush();
+    expect(made[0]?.released).toBe('reset by a');
+    expect(router.connections).toBe(0);
+    // a heard the instance's own connection end too.
+    expect(a.receive()).toMatchObject([{ op: VsockOp.Rst, srcCid: 5, srcPort: 555, dstPort: 7 }]);
+  });
+
   it('a machine that stops on its own resets its connection', async () => {
     const router = new VsockRouter({ mediator: allowAllMediator });
     const { provider, made } = fakeProvider();

@@ -472,20 +472,31 @@ export class VsockRouter<C> {
     }
   }
 
-  /** Gets the machine that serves `c` (allowed, to a disposable endpoint), then sends it the REQUEST. */
+  /**
+   * Gets the machine that serves `c` (allowed, to a disposable endpoint), then sends it the
+   * REQUEST. The endpoint counts the instance from here until the acquire has settled *and* its
+   * machine is released, so neither a requester that gives up early nor a provider slower than
+   * the timeout lets more than `maxInstances` machines exist; a machine that arrives after its
+   * connection is gone is released at once.
+   */
   #provision(c: Conn<C>, d: Disposable, req: VsockConnectRequest): void {
     c.state = 'provisioning';
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_r, reject) => { timer = setTimeout(() => reject(new Error(`no machine within ${d.timeoutMs} ms`)), d.timeoutMs); });
-    Promise.race([Promise.resolve().then(() => d.provider.acquire({ ...req })), timeout]).then((lease) => {
+    const timer = setTimeout(() => {
+      if (c.state !== 'provisioning') return;
+      this.stats.disposableFailed++;
+      this.#reset(c, `no disposable machine for '${d.name}': none within ${d.timeoutMs} ms`, null);
+    }, d.timeoutMs);
+    Promise.resolve().then(() => d.provider.acquire({ ...req })).then((lease) => {
       clearTimeout(timer);
       if (c.state !== 'provisioning' || this.#closed) {
-        // The requester went away (or the router closed) while the machine was made.
+        // The requester went away, the wait timed out or the router closed while it was made.
+        d.live--;
         void Promise.resolve().then(() => lease.release('connection ended before it was served')).catch(() => {});
         return;
       }
       const dev = lease.device;
       if (dev.cid !== c.b.cid) {
+        d.live--;
         void Promise.resolve().then(() => lease.release('wrong CID')).catch(() => {});
         this.stats.disposableFailed++;
         this.#reset(c, `disposable machine '${lease.instance}' has CID ${dev.cid}, not ${c.b.cid}`, null);
@@ -501,6 +512,8 @@ export class VsockRouter<C> {
       this.#send(c, c.b, VsockOp.Request);
     }, (e: unknown) => {
       clearTimeout(timer);
+      d.live--;
+      if (c.state !== 'provisioning') return;
       this.stats.disposableFailed++;
       this.#reset(c, `no disposable machine for '${d.name}': ${e instanceof Error ? e.message : String(e)}`, null);
     });
@@ -547,7 +560,11 @@ export class VsockRouter<C> {
       else this.#rstReply(dev, p);
       return;
     }
-    const me = c.a.dev === dev && c.a.cid === p.srcCid && c.a.port === p.srcPort ? c.a : c.b;
+    // The side the packet claims to come from must be this device's: the CID of a disposable
+    // endpoint is shared by its instances, and one must never speak on another's connection.
+    const me = c.a.dev === dev && c.a.cid === p.srcCid && c.a.port === p.srcPort ? c.a
+      : c.b.dev === dev && c.b.cid === p.srcCid && c.b.port === p.srcPort ? c.b : undefined;
+    if (me === undefined) { this.#rstReply(dev, p); return; }
     const fromMe = me === c.a ? c.ab : c.ba;
     const toMe = me === c.a ? c.ba : c.ab;
     me.bufAlloc = p.bufAlloc;
@@ -870,11 +887,14 @@ export class VsockRouter<C> {
     c.reject?.(new StateError(`vsock connect failed: ${why}`));
     for (const s of [c.a, c.b]) if (s.kind === 'guest') this.#byKey.delete(this.#key(s, s === c.a ? c.b : c.a));
     this.#byId.delete(c.id);
-    if (c.disposable !== undefined) {
+    // While provisioning, the acquire in flight still holds the instance: it counts down when it settles.
+    if (c.disposable !== undefined && before !== 'provisioning') {
       c.disposable.live--;
       const lease = c.lease;
       c.lease = undefined;
       if (lease !== undefined) {
+        // Whatever else the instance opened ends with it: its device goes to the next tenant.
+        this.#dropDevice(lease.device, `disposable machine '${lease.instance}' released`);
         lease.device.setUplink(undefined);
         // Released off this call stack: a release that throws or never settles harms no one.
         void Promise.resolve().then(() => lease.release(why)).catch(() => {});
