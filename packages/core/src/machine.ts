@@ -217,7 +217,7 @@ export class Machine {
       for (const r of regions) memoryMap.addRegion(s, r);
       for (let id = 0; id < nVcpus; id++) {
         const b = vm.createVcpu(id);
-        s.vcpus.push(new Vcpu(b));
+        s.vcpus.push(new Vcpu(b, () => s.runners?.busy(id) ?? false));
         let table = b.supportedCpuid();
         if (model) {
           const applied = applyCpuModel(model, table, control?.uncontrolled);

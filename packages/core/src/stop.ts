@@ -28,7 +28,8 @@ export interface StopCommon {
    * guest time as the kernel accounts it (on PVM part of a guest's CPL3 time is not counted),
    * and whatever else ran on the thread between slices. Unlike {@link StopCommon.elapsedMs} it
    * does not grow when other processes take the CPU, which makes it the figure to compare runs
-   * by on a busy host. Absent when the backend has no thread clock (the mock backend).
+   * by on a busy host. Absent when the backend has no thread clock (the mock backend), and with
+   * `vcpuThreads: 'parallel'` (the guest's time is then its runner threads', not this thread's).
    */
   readonly cpuMs?: number;
 }

@@ -31,6 +31,8 @@ export interface SelectionInput {
   readonly freeDebugRegs: number;
   /** Exec hooks: probe exits per hit at the hooked instruction (2 or 3: it must run in place). */
   readonly probeExitsPerHit?: 1 | 2 | 3;
+  /** vCPUs of the machine (default 1). */
+  readonly vcpus?: number;
 }
 
 /** The chosen mechanism and why. */
@@ -109,6 +111,11 @@ function selectExec(inp: SelectionInput): Selection {
   for (const id of ['sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint'] as const) {
     const r = resultOf(table, id, cpl);
     if (!r.works) { rejected.push({ mechanism: id, why: `CPL${cpl}: ${r.failure}` }); continue; }
+    // Several vCPUs: only a trap that stays in memory for all of them sees every execution.
+    // Guest debug (breakpoints) is set on vCPU 0 alone, and an in-place probe is out of memory
+    // while one vCPU steps over it, so another could run the instruction unseen.
+    if ((inp.vcpus ?? 1) > 1 && id !== 'probe-breakpoint') { rejected.push({ mechanism: id, why: `guest debug covers vCPU 0 only, the machine has ${inp.vcpus}` }); continue; }
+    if ((inp.vcpus ?? 1) > 1 && (inp.probeExitsPerHit ?? 1) > 1) { rejected.push({ mechanism: id, why: `the instruction must run in place: with ${inp.vcpus} vCPUs another could run it while the trap is out` }); continue; }
     if (id !== 'probe-breakpoint' && !caps.guestDebug) { rejected.push({ mechanism: id, why: 'KVM_SET_GUEST_DEBUG unavailable' }); continue; }
     if (id === 'hw-breakpoint' && inp.freeDebugRegs < 1) { rejected.push({ mechanism: id, why: 'all 4 debug registers in use' }); continue; }
     if (id === 'hw-breakpoint' && !resultOf(table, 'single-step', cpl).works) { rejected.push({ mechanism: id, why: 'stepping over the breakpoint needs single-step' }); continue; }
@@ -117,7 +124,10 @@ function selectExec(inp: SelectionInput): Selection {
   }
   candidates.sort((a, b) => a.ns - b.ns);
   const best = candidates[0];
-  if (!best) throw new MechanismUnavailableError('exec', `no breakpoint mechanism works at CPL${cpl}`, { cpl, alternatives: ['pio/mmio hooks on what the code touches'] });
+  if (!best) {
+    const smp = (inp.vcpus ?? 1) > 1 ? ` on a ${inp.vcpus}-vCPU machine (${rejected.map((r) => `${r.mechanism}: ${r.why}`).join('; ')})` : '';
+    throw new MechanismUnavailableError('exec', `no breakpoint mechanism works at CPL${cpl}${smp}`, { cpl, alternatives: [...(smp ? ['hook an instruction that can run out of line (no memory operand, branch or port I/O)'] : []), 'pio/mmio hooks on what the code touches'] });
+  }
   for (const c of candidates.slice(1)) rejected.push({ mechanism: c.id, why: `dearer (~${c.ns} ns vs ~${best.ns} ns)` });
   const why = best.id === 'probe-breakpoint'
     ? (inp.probeExitsPerHit ?? 1) > 1

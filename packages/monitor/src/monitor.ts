@@ -417,7 +417,7 @@ export class Monitor implements InternalEnv {
       mediatedOverlap: others.some((r) => r.mode === 'mediate' && specsOverlap(r.spec, spec)),
       devicesCover: this.#devicesCover(spec),
       freeDebugRegs: this.debug.freeHwSlots,
-      ...(spec.event === 'exec' ? { probeExitsPerHit: this.#probeExitsPerHit(spec.address, spec.virtualAddress) } : {}),
+      ...(spec.event === 'exec' ? { probeExitsPerHit: this.#probeExitsPerHit(spec.address, spec.virtualAddress), vcpus: this.machine.vcpus.length } : {}),
     });
   }
 

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { Machine, type VcpuExit } from '@tsvm/core';
 import { MockBackend, asm, mmioExit, outExit, type MockStep, type MockVcpu } from '@tsvm/core/testing';
+import { MechanismUnavailableError } from './errors.js';
 import { Monitor } from './monitor.js';
 import { assumedTable } from './calibration/table.js';
 import { PROBE_PORT } from './probe.js';
@@ -303,6 +304,21 @@ describe('exec hooks through the probe run the hooked instruction out of line (o
     const forced = new Monitor(await (await guest('add eax, 1\n hlt')).vm, { calibration: pvm, outOfLine: false });
     forced.observe({ event: 'exec', address: 0x1000 }, () => {});
     expect(forced.plan()[0]?.exitsPerHit).toBe(2);
+  });
+
+  it('with several vCPUs only an out-of-line probe is used: breakpoints are vCPU 0\'s, an in-place trap could be run past', async () => {
+    const vm = await Machine.create({ memory: 2 * MiB, backend: new MockBackend(), irqchip: true, vcpus: 2 });
+    vm.loadFlat(await asm('mov [rbx], eax\n nop\n add eax, 1\n hlt', { bits: 64, address: AT }), { at: AT, mode: 'long', ring: 0 });
+    const at = (ns: number) => ({ cpl0: { works: true as const, ns }, cpl3: { works: true as const, ns } });
+    // Breakpoints cheaper than the probe: on one vCPU they would win.
+    const table = { ...pvm, source: 'measured' as const, results: { ...pvm.results, 'probe-breakpoint': at(40_000), 'hw-breakpoint': at(9_000), 'sw-breakpoint': at(8_000), 'single-step': at(5_000) } };
+    const mon = new Monitor(vm, { calibration: table });
+    const h = mon.observe({ event: 'exec', address: 0x1003, cpl: 0 }, () => {});
+    expect(h.mechanism).toBe('probe-breakpoint');
+    expect(mon.plan()[0]?.rejected.map((r) => r.mechanism)).toEqual(expect.arrayContaining(['sw-breakpoint', 'hw-breakpoint']));
+    expect(() => mon.observe({ event: 'exec', address: 0x1000, cpl: 0 }, () => {})).toThrow(MechanismUnavailableError);
+    expect(() => mon.observe({ event: 'exec', address: 0x1000, cpl: 0 }, () => {})).toThrow(/2-vCPU machine.*run in place/);
+    await vm.close();
   });
 
   it('a measured in-place price is used, and picks another mechanism where it makes the probe dearer', async () => {

@@ -47,6 +47,30 @@ describe("vcpuThreads: 'parallel' (MockBackend)", () => {
     expect(runners?.busy(1)).toBe(false);
   });
 
+  it('a hook may touch the vCPU whose exit it handles, never one inside KVM_RUN on its runner (StateError); stopped, all are free', async () => {
+    const backend = new MockBackend();
+    backend.scriptVcpu(0).script(outExit(0x80, 1)).whenEmpty = outExit(0x80, 9);
+    backend.scriptVcpu(1).script(outExit(0x80, 2)).whenEmpty = outExit(0x80, 9);
+    await using vm = await machine(backend);
+    const seen: string[] = [];
+    vm.addHook({
+      name: 'peek', mode: 'mediate', matches: (e) => e.kind === 'io',
+      handle: (_e, info) => {
+        const other = vm.vcpu(1 - info.vcpu);
+        seen.push(`own ${typeof vm.vcpu(info.vcpu).getRegs().rip}`);
+        try { other.getRegs(); seen.push('other read'); } catch (e) { seen.push((e as Error).constructor.name); }
+        try { other.setRegs({ rax: 1n }); seen.push('other written'); } catch (e) { seen.push((e as Error).constructor.name); }
+        return { verdict: 'deny', reason: 'enough' };
+      },
+    });
+    vm.attach({ port: 0x80, size: 1 }, { name: 'post', write: () => {} });
+    const stop = await vm.run({ timeout: 5000 });
+    expect(stop.reason).toBe('violation');
+    expect(seen.slice(0, 3)).toEqual(['own bigint', 'StateError', 'StateError']);
+    expect(typeof vm.vcpu(0).getRegs().rip).toBe('bigint');
+    expect(typeof vm.vcpu(1).getRegs().rip).toBe('bigint');
+  });
+
   it('an unhandled exit of vCPU 1 stops the machine naming vCPU 1; a timeout names vCPU 0', async () => {
     const backend = new MockBackend();
     backend.scriptVcpu(0).whenEmpty = intr;
