@@ -48,7 +48,27 @@ export interface VsockGuestParams {
   readonly msg?: number;
   /** Reply size, 1..msg. */
   readonly reply?: number;
+  /**
+   * Client and server only: use a SEQPACKET socket (the driver negotiates
+   * VIRTIO_VSOCK_F_SEQPACKET) and send every message as fragments of at most `frag` bytes, EOM on
+   * the last; the receiver takes a message only whole and exactly `msg` (or `reply`) bytes long.
+   * Absent or 0: a stream.
+   */
+  readonly frag?: number;
+  /**
+   * SEQPACKET: messages the client sends back to back before it waits for their replies (default
+   * 1); above 1, the receiver of each group lets its packets pile up before it takes them.
+   */
+  readonly burst?: number;
+  /**
+   * SEQPACKET: the message (0-based) whose bytes `frag - 2 .. frag + 1` are ff fe fd fc, so the
+   * pattern spans its first two fragments ({@link POISON}). Absent: none.
+   */
+  readonly poison?: number;
 }
+
+/** The bytes the client puts across the first fragment boundary of its `poison` message. */
+export const POISON = Uint8Array.of(0xff, 0xfe, 0xfd, 0xfc);
 
 /** Whether `cc` is there (the vsock guest tests skip loudly without it). */
 export function vsockGuestToolchain(): { available: boolean; reason: string; cc: string; version: string } {
@@ -84,7 +104,7 @@ export async function buildVsockGuest(): Promise<Uint8Array> {
   }
 }
 
-/** RESULT[0..5) of the guest. */
+/** RESULT[0..9) of the guest. */
 export interface VsockGuestResults {
   readonly messages: number;
   /** The guest's first failing step (0 = none). */
@@ -92,6 +112,14 @@ export interface VsockGuestResults {
   readonly bytes: number;
   readonly packets: number;
   readonly rsts: number;
+  /** Feature bits the driver accepted (low word; bit 1 = VIRTIO_VSOCK_F_SEQPACKET). */
+  readonly features: number;
+  /** RW packets (stream messages or SEQPACKET fragments) sent. */
+  readonly rwSent: number;
+  /** SEQPACKET messages received (an RW with EOM). */
+  readonly seqMessages: number;
+  /** With `burst`: the most packets the guest found queued in its rx ring at once. */
+  readonly queued: number;
 }
 
 const ROLE = { 'halt-rx': 1, server: 2, client: 3 } as const;
@@ -101,17 +129,22 @@ export async function vsockGuestMachine(elf: Uint8Array, p: VsockGuestParams, op
   const msg = p.msg ?? 64;
   const reply = p.reply ?? msg;
   if (!(msg >= 8 && msg <= 65536 && reply >= 1 && reply <= msg)) throw new InvalidArgumentError('msg', 'msg must be 8..65536 and reply 1..msg');
+  const frag = p.frag ?? 0;
+  const burst = p.burst ?? 1;
+  if (!Number.isInteger(frag) || frag < 0 || frag > 65536 || (frag > 0 && p.role === 'halt-rx')) throw new InvalidArgumentError('frag', 'frag must be 0 (stream) or 1..65536, and halt-rx is stream only');
+  if (!Number.isInteger(burst) || burst < 1 || burst > 16 || (burst > 1 && frag === 0) || burst * msg > 1 << 20) throw new InvalidArgumentError('burst', 'burst must be 1..16 (above 1 only with frag), burst * msg at most 1 MiB');
+  if (p.poison !== undefined && (!Number.isInteger(p.poison) || p.poison < 0 || frag < 6 || frag + 6 > msg)) throw new InvalidArgumentError('poison', 'poison needs a message number, frag >= 6 and msg >= frag + 6 (the pattern stays clear of the checked ends)');
   const irqchip = options.irqchip ?? p.role === 'halt-rx';
   const vm = await Machine.create({ memory: VSOCK_GUEST.memory, irqchip });
   const { device, mmio } = attachVsockGuestDevices(vm, p.cid, irqchip);
-  const words = [ROLE[p.role], p.cid, p.peerCid ?? 0, p.port, p.count, msg, reply, 0];
+  const words = [ROLE[p.role], p.cid, p.peerCid ?? 0, p.port, p.count, msg, reply, frag, burst, p.poison ?? 0xffff_ffff];
   words.forEach((w, i) => vm.memory.writeUint(VSOCK_GUEST.params + 4 * i, 4, w >>> 0));
   const r = loadElf(vm.memory, elf);
   vm.enter({ mode: 'long64', rip: r.entry, registers: {}, identityMap: [] });
   reportExceptions(vm);
   const results = (): VsockGuestResults => {
-    const w = Array.from({ length: 5 }, (_, i) => vm.memory.readUint(VSOCK_GUEST.result + 4 * i, 4));
-    return { messages: w[0] as number, error: w[1] as number, bytes: w[2] as number, packets: w[3] as number, rsts: w[4] as number };
+    const w = Array.from({ length: 9 }, (_, i) => vm.memory.readUint(VSOCK_GUEST.result + 4 * i, 4) as number);
+    return { messages: w[0], error: w[1], bytes: w[2], packets: w[3], rsts: w[4], features: w[5], rwSent: w[6], seqMessages: w[7], queued: w[8] } as VsockGuestResults;
   };
   return { vm, device, mmio, results };
 }
@@ -155,23 +188,34 @@ export interface GuestPairResult {
   readonly forwardAt: readonly number[];
   /** Router counters. */
   readonly router: VsockRouterStats;
+  /** Each forward (client → server) message as the mediator was given it (only with `keepForward`). */
+  readonly forward: readonly Uint8Array[];
 }
 
 /**
  * Two vsock guests on one router (client CID 3 → server CID 4, port 80, principals `client` and
  * `server`), run together on this thread until both exit: the client sends `count` messages of
- * `msg` bytes and waits each time for the server's `reply`-byte answer.
+ * `msg` bytes and waits each time for the server's `reply`-byte answer. `frag`, `burst` and
+ * `poison` make it a SEQPACKET connection (see {@link VsockGuestParams}).
  */
-export async function runGuestPair<C>(elf: Uint8Array, mediator: VsockMediator<C>, p: { count: number; msg: number; reply: number; timeoutMs?: number }): Promise<GuestPairResult> {
+export async function runGuestPair<C>(elf: Uint8Array, mediator: VsockMediator<C>, p: { count: number; msg: number; reply: number; timeoutMs?: number; frag?: number; burst?: number; poison?: number; keepForward?: boolean }): Promise<GuestPairResult> {
   const forwardAt: number[] = [];
+  const forward: Uint8Array[] = [];
   const timed: VsockMediator<C> = {
     connect: (r) => mediator.connect(r),
-    message: (c, d, data) => { if (d === 'forward') forwardAt.push(performance.now()); return mediator.message(c, d, data); },
+    message: (c, d, data) => {
+      if (d === 'forward') {
+        forwardAt.push(performance.now());
+        if (p.keepForward === true) forward.push(data.slice());
+      }
+      return mediator.message(c, d, data);
+    },
     ...(mediator.close ? { close: (c: C) => mediator.close?.(c) } : {}),
   };
   const router = new VsockRouter({ mediator: timed, connectionBuffer: 1 << 20 });
-  const server = await vsockGuestMachine(elf, { role: 'server', cid: 4, port: 80, count: p.count, msg: p.msg, reply: p.reply });
-  const client = await vsockGuestMachine(elf, { role: 'client', cid: 3, peerCid: 4, port: 80, count: p.count, msg: p.msg, reply: p.reply });
+  const seq = { ...(p.frag !== undefined ? { frag: p.frag } : {}), ...(p.burst !== undefined ? { burst: p.burst } : {}), ...(p.poison !== undefined ? { poison: p.poison } : {}) };
+  const server = await vsockGuestMachine(elf, { role: 'server', cid: 4, port: 80, count: p.count, msg: p.msg, reply: p.reply, frag: p.frag ?? 0, ...(p.burst !== undefined ? { burst: p.burst } : {}) });
+  const client = await vsockGuestMachine(elf, { role: 'client', cid: 3, peerCid: 4, port: 80, count: p.count, msg: p.msg, reply: p.reply, ...seq });
   try {
     router.attach(server.device, 'server');
     router.attach(client.device, 'client');
@@ -179,7 +223,7 @@ export async function runGuestPair<C>(elf: Uint8Array, mediator: VsockMediator<C
     // The server first: it must be waiting when the client's REQUEST arrives (else RST).
     const serverRun = server.vm.run({ timeout });
     const [serverStop, clientStop] = await Promise.all([serverRun, client.vm.run({ timeout })]);
-    return { client: client.results(), server: server.results(), clientStop, serverStop, forwardAt, router: { ...router.stats } };
+    return { client: client.results(), server: server.results(), clientStop, serverStop, forwardAt, forward, router: { ...router.stats } };
   } finally {
     router.close();
     await client.vm.close();
