@@ -96,7 +96,14 @@ describe('CmosRtc', () => {
     b.dev.reset();
     expect(b.get(0x40)).toBe(0);
     expect(() => b.dev.restore({ version: 2, ram: '', index: 0, nmiDisabled: false, offsetMs: 0, updatedSecond: 0 })).toThrow(SnapshotFormatError);
-    expect(() => b.dev.restore({ ...a.dev.snapshot(), version: 1 })).toThrow(SnapshotFormatError);
+    expect(() => b.dev.restore({ ...a.dev.snapshot(), version: 3 })).toThrow(SnapshotFormatError);
+    // A version-1 state (saved before the update cycle existed) still restores: RAM and clock as saved.
+    const v1: Record<string, unknown> = { ...(JSON.parse(JSON.stringify(a.dev.snapshot())) as Record<string, unknown>), version: 1 };
+    delete v1['updatedSecond'];
+    const c = rtc();
+    c.dev.restore(v1);
+    expect([c.get(0x40), c.get(0)]).toEqual([7, 9]);
+    expect(c.dev.snapshot().version).toBe(2);
   });
 
   describe('update cycle', () => {

@@ -206,17 +206,19 @@ export class CmosRtc implements Device {
 
   /** Restores {@link CmosRtc.snapshot} output; throws `SnapshotFormatError` on a bad shape. */
   restore(state: unknown): void {
-    const r = new SnapshotReader(this.name, state, 2);
+    // Version 1 (before the update cycle) had no update second: it counts as updated now.
+    const v1 = typeof state === 'object' && state !== null && (state as { version?: unknown }).version === 1;
+    const r = new SnapshotReader(this.name, state, v1 ? 1 : 2);
     const ram = r.bytes('ram', 128, 128);
     const index = r.int('index', 0, 0x7f);
     const nmi = r.bool('nmiDisabled');
     const offset = r.int('offsetMs', -Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
-    const updated = r.int('updatedSecond', -Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
+    const updated = v1 ? undefined : r.int('updatedSecond', -Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
     this.#ram = ram;
     this.#index = index;
     this.#nmiDisabled = nmi;
     this.#offsetMs = offset;
-    this.#updated = BigInt(updated);
+    this.#updated = updated === undefined ? floorDiv(this.#guestNs(), NS_PER_S) : BigInt(updated);
     this.#syncIrq();
   }
 

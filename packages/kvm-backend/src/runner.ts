@@ -94,7 +94,9 @@ for (;;) {
   const res = r < 0 ? -koffi.errno() : r;
   drain();
   w[at + 1] = res;
-  Atomics.store(w, at, 2);
+  // GO → DONE, unless close() stored QUIT meanwhile (it gave up waiting for this run): then
+  // leave at once, never issuing another ioctl on a fd that may be closed (and its number reused).
+  if (Atomics.compareExchange(w, at, 1, 2) === 3) break;
   Atomics.add(w, 0, 1);
   Atomics.notify(w, 0);
 }
@@ -278,7 +280,9 @@ export class VcpuRunners {
   /**
    * Ends the runner threads (idempotent). A run still in flight is interrupted and waited for
    * first (its exit is dropped), so the vCPU fds may be closed as soon as this returns: no runner
-   * will issue another ioctl. The threads then exit on their own.
+   * will issue another ioctl. A runner that does not leave `KVM_RUN` in time finds `QUIT` when
+   * it does and exits without another ioctl (closing a fd another thread is in an ioctl on is
+   * safe: the kernel holds the file until the call returns). The threads then exit on their own.
    */
   close(): void {
     if (this.#closed) return;

@@ -5,7 +5,10 @@
  * `KVM_RUN` to consume. The mapping itself never leaves this class.
  * @module
  */
-import { C, errno, libc, viewOf, type NativePointer } from './raw/libc.js';
+import { C, addressOf, errno, libc, viewOf, type NativePointer } from './raw/libc.js';
+
+/** What `mmap` returns on failure: `(void *)-1`. */
+const MAP_FAILED = 0xffffffffffffffffn;
 import * as S from './raw/structs.js';
 import { KVM, KVM_CONST } from './raw/ioctls.js';
 import { decodeRegs, decodeSregs, dv, encodeCpuid, encodeRegs, encodeSregs } from './raw/codec.js';
@@ -46,7 +49,7 @@ export class KvmVcpu {
     this.id = id;
     this.#mmapSize = mmapSize;
     const ptr = libc().mmap(null, mmapSize, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED, fd, 0);
-    if (ptr === null) throw new KvmError('mmap(kvm_run)', errno());
+    if (ptr === null || addressOf(ptr) === MAP_FAILED) throw new KvmError('mmap(kvm_run)', errno());
     this.#ptr = ptr;
     const ab = viewOf(ptr, mmapSize);
     this.#run = new DataView(ab);
@@ -403,7 +406,7 @@ export class KvmVcpu {
   mapDirtyRing(bytes: number): void {
     if (this.#ring) throw new KvmError('mmap(dirty ring)', 17, 'already mapped');
     const ptr = libc().mmap(null, bytes, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED, this.fd, KVM_CONST.DIRTY_LOG_PAGE_OFFSET * PAGE);
-    if (ptr === null) throw new KvmError('mmap(dirty ring)', errno());
+    if (ptr === null || addressOf(ptr) === MAP_FAILED) throw new KvmError('mmap(dirty ring)', errno());
     this.#ring = { ptr, bytes, view: new DataView(viewOf(ptr, bytes)), next: 0 };
   }
 

@@ -189,7 +189,7 @@ export function resolveCpuModel(spec: unknown, argument = 'cpu'): CpuModel | und
   if (f === null || typeof f !== 'object' || Array.isArray(f)) throw invalid(`${argument}.features`, 'must be an object of feature registers');
   const features: Partial<Record<CpuFeatureRegister, number>> = {};
   for (const [k, v] of Object.entries(f)) {
-    if (!(k in CPU_FEATURE_REGISTERS)) throw invalid(`${argument}.features.${k}`, `is not a feature register (known: ${Object.keys(CPU_FEATURE_REGISTERS).join(', ')})`);
+    if (!Object.hasOwn(CPU_FEATURE_REGISTERS, k)) throw invalid(`${argument}.features.${k}`, `is not a feature register (known: ${Object.keys(CPU_FEATURE_REGISTERS).join(', ')})`);
     if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > U32) throw invalid(`${argument}.features.${k}`, 'must be a 32-bit unsigned integer');
     features[k as CpuFeatureRegister] = v;
   }

@@ -37,5 +37,22 @@ describe('Stop.cpuMs: the calling thread\'s CPU time in run()', () => {
       expect(big.exits).toBeGreaterThan(small.exits * 10);
       expect(big.cpuMs as number).toBeGreaterThan(small.cpuMs as number);
     });
+
+    it('a fork of a snapshot has the clock too', async () => {
+      await using vm = await Machine.create({ memory: 1 << 20 });
+      vm.io.register({ port: 0xf4, size: 1 }, { name: 'end', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+      vm.loadFlat(Uint8Array.of(0x66, 0xba, 0xf4, 0x00, 0xee, 0xee), { at: 0x1000, mode: 'long', ring: 3 });
+      expect((await vm.run({ timeout: 5000 })).cpuMs).toBeGreaterThan(0);
+      const snap = await vm.snapshot();
+      try {
+        await using child = await Machine.fork(snap, { devices: [] });
+        child.io.register({ port: 0xf4, size: 1 }, { name: 'end', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+        const stop = await child.run({ timeout: 5000 });
+        expect(stop.reason).toBe('debug-exit');
+        expect(stop.cpuMs).toBeGreaterThan(0);
+      } finally {
+        snap.close();
+      }
+    });
   });
 });

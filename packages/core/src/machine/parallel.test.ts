@@ -71,6 +71,21 @@ describe("vcpuThreads: 'parallel' (MockBackend)", () => {
     expect(typeof vm.vcpu(1).getRegs().rip).toBe('bigint');
   });
 
+  it('a fork is parallel only when asked (vcpuThreads is the host\'s choice, not the snapshot\'s)', async () => {
+    const backend = new MockBackend();
+    await using vm = await machine(backend);
+    const snap = await vm.snapshot();
+    try {
+      await using shared = await Machine.fork(snap, { backend });
+      expect((backend.vms.at(-1) as MockVm).runners).toHaveLength(0);
+      await using parallel = await Machine.fork(snap, { backend, vcpuThreads: 'parallel' });
+      expect((backend.vms.at(-1) as MockVm).runners).toHaveLength(1);
+      expect([shared.vcpus.length, parallel.vcpus.length]).toEqual([2, 2]);
+    } finally {
+      snap.close();
+    }
+  });
+
   it('an unhandled exit of vCPU 1 stops the machine naming vCPU 1; a timeout names vCPU 0', async () => {
     const backend = new MockBackend();
     backend.scriptVcpu(0).whenEmpty = intr;

@@ -30,6 +30,12 @@ export interface RestoreOptions {
   readonly devices?: readonly DeviceMapping[];
   /** Called after the machine exists and before state is applied: attach devices, add hooks. */
   readonly setup?: (machine: Machine) => void | Promise<void>;
+  /**
+   * Where the new machine's vCPUs execute (as `MachineOptions.vcpuThreads`; default `'shared'`):
+   * a snapshot records guest state, not the host's threads, so a copy of a parallel machine is
+   * parallel only when asked.
+   */
+  readonly vcpuThreads?: 'shared' | 'parallel';
 }
 
 /** What `Machine.reset()` did. */
@@ -155,6 +161,7 @@ export async function restoreMachine(
     name: backend.name,
     capabilities: backend.capabilities,
     ...(backend.cpuidControl ? { cpuidControl: backend.cpuidControl.bind(backend) } : {}),
+    ...(backend.threadCpuNs ? { threadCpuNs: backend.threadCpuNs.bind(backend) } : {}),
     createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), source, manifest, pooled?.vcpu, pooled?.memory),
   };
   let m: Machine;
@@ -166,6 +173,7 @@ export async function restoreMachine(
       vcpus: manifest.vcpus.length,
       name: options.name ?? `${manifest.machine.name}~${++forks}`,
       ...(manifest.machine.cpu ? { cpu: manifest.machine.cpu } : {}),
+      ...(options.vcpuThreads !== undefined ? { vcpuThreads: options.vcpuThreads } : {}),
     });
   } catch (e) {
     // Machine.create has already released whatever it made; a pooled vCPU it never took is ours.
