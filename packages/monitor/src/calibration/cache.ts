@@ -32,7 +32,7 @@ interface CacheFile { version: 1; tables: Record<string, CalibrationTable> }
  * fix changes what works (2: probes resume through a trampoline; 3: coalescing counts delivered writes; 4: the coalesced ring is read from page 2), so tables measured
  * by older code are re-measured instead of trusted.
  */
-const EXPERIMENTS_REVISION = 9; // 5: marginal prices (n vs 2n runs); 6: never 0 for a working mechanism; 7: probes run the hooked instruction out of line (one exit per hit); 8: dirty-ring-harvest; 9: runs timed on the thread's CPU clock (Stop.cpuMs), mmio-dispatch, probe-in-place
+const EXPERIMENTS_REVISION = 9; // 5: marginal prices (n vs 2n runs); 6: never 0 for a working mechanism; 7: probes run the hooked instruction out of line (one exit per hit); 8: dirty-ring-harvest; 9: runs timed on the thread's CPU clock (Stop.cpuMs), mmio-dispatch, probe-in-place, runner-exit
 const cacheKey = (h: HostIdentity): string => `r${EXPERIMENTS_REVISION}|${hostKey(h)}`;
 
 function isResult(v: unknown): v is MechanismResult {

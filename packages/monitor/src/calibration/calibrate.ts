@@ -213,6 +213,7 @@ async function experiment(id: MechanismId, cpl: Cpl, n: number, factory: Factory
     case 'hook-dispatch': return attempt(() => dispatchExperiment('mediate', cpl, n, factory, rounds));
     case 'mmio-dispatch': return attempt(() => dispatchExperiment('mediate', cpl, n, factory, rounds, 'mmio'));
     case 'observe-dispatch': return attempt(() => dispatchExperiment('observe', cpl, n, factory, rounds));
+    case 'runner-exit': return attempt(() => runnerExperiment(cpl, n, factory, rounds));
     case 'cpuid-table': return cpl === 0 ? ok(0, 0, 'set up front; no exit') : broken('not measured: on PVM CPL3 sees the outer hypervisor (see HOST-FACTS)');
     case 'exit': return ok(0, 0);
   }
@@ -323,6 +324,36 @@ async function dispatchExperiment(mode: 'mediate' | 'observe', cpl: Cpl, n: numb
 }
 
 /**
+ * The price of threads: what one PIO exit costs beyond the same exit with the vCPU on the calling
+ * thread when the vCPU has its own runner thread (`vcpuThreads: 'parallel'`: the runner's
+ * `KVM_RUN` returns, the calling thread is woken, handles the exit and wakes the runner). The
+ * same loop in both modes, interleaved pairs, median of the per-exit differences on the wall
+ * clock (the calling thread's CPU clock does not see a runner's time).
+ */
+async function runnerExperiment(cpl: Cpl, n: number, factory: Factory, rounds: number): Promise<MechanismResult> {
+  const once = async (parallel: boolean): Promise<number> => {
+    const f: Factory = parallel ? (o) => factory({ ...o, vcpuThreads: 'parallel' }) : factory;
+    const t = await runLoop(f, cpl, BODY.outDx, n, SETUP.dx(CAL_PORT), (m) => { m.io.register({ port: CAL_PORT, size: 1 }, sink); });
+    await t.machine.close();
+    if (t.stop.reason !== 'debug-exit') throw new Error(describeStop(t.stop));
+    return (t.stop.elapsedMs * 1e6) / Math.max(1, t.stop.exits);
+  };
+  try {
+    await once(true); // warm up (runner threads, JIT)
+  } catch (e) {
+    return broken(`no runner threads here: ${e instanceof Error ? e.message : String(e)}`);
+  }
+  await once(false);
+  const diffs: number[] = [];
+  for (let r = 0; r < 2 * rounds + 1; r++) {
+    const a = r % 2 ? await once(false) : undefined;
+    const b = await once(true);
+    diffs.push(b - (a ?? await once(false)));
+  }
+  return ok(Math.max(1, medianOf(diffs)), n * (2 * rounds + 1), 'per PIO exit with the vCPU on its runner thread, minus on the calling thread (wall clock)');
+}
+
+/**
  * Monitor dispatch overhead per event (ns), on the mock backend: the same scripted exits with
  * and without a `Monitor` (default options, as users attach it) holding one trivial mediate
  * hook; median of five interleaved pairs, after a warm-up.
@@ -357,7 +388,7 @@ export async function measureHookDispatch(events = 20_000): Promise<number> {
 /** Mechanisms `calibrate()` measures (everything but the bookkeeping entries). */
 const MEASURED: readonly MechanismId[] = [
   'pio-exit', 'mmio-exit', 'coalesced-pio', 'coalesced-mmio', 'ro-slot-write', 'dirty-log-harvest', 'dirty-log-page', 'dirty-ring-harvest', 'msr-exit',
-  'single-step', 'sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint', 'probe-in-place', 'hook-dispatch', 'mmio-dispatch', 'observe-dispatch', 'cpuid-table', 'exit',
+  'single-step', 'sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint', 'probe-in-place', 'hook-dispatch', 'mmio-dispatch', 'observe-dispatch', 'runner-exit', 'cpuid-table', 'exit',
 ];
 
 /**

@@ -10,12 +10,12 @@ import type { VirtFlavour } from '@tsvm/core';
 /** Every mechanism the monitor can use (and the cost model prices). */
 export type MechanismId =
   | 'pio-exit' | 'mmio-exit' | 'coalesced-pio' | 'coalesced-mmio' | 'ro-slot-write' | 'dirty-log-harvest' | 'dirty-log-page' | 'dirty-ring-harvest'
-  | 'msr-exit' | 'single-step' | 'sw-breakpoint' | 'hw-breakpoint' | 'probe-breakpoint' | 'probe-in-place' | 'hook-dispatch' | 'mmio-dispatch' | 'observe-dispatch' | 'cpuid-table' | 'exit';
+  | 'msr-exit' | 'single-step' | 'sw-breakpoint' | 'hw-breakpoint' | 'probe-breakpoint' | 'probe-in-place' | 'hook-dispatch' | 'mmio-dispatch' | 'observe-dispatch' | 'runner-exit' | 'cpuid-table' | 'exit';
 
 /** All mechanism ids, in report order. */
 export const MECHANISMS: readonly MechanismId[] = [
   'pio-exit', 'mmio-exit', 'coalesced-pio', 'coalesced-mmio', 'ro-slot-write', 'dirty-log-harvest', 'dirty-log-page', 'dirty-ring-harvest',
-  'msr-exit', 'single-step', 'sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint', 'probe-in-place', 'hook-dispatch', 'mmio-dispatch', 'observe-dispatch', 'cpuid-table', 'exit',
+  'msr-exit', 'single-step', 'sw-breakpoint', 'hw-breakpoint', 'probe-breakpoint', 'probe-in-place', 'hook-dispatch', 'mmio-dispatch', 'observe-dispatch', 'runner-exit', 'cpuid-table', 'exit',
 ];
 
 /** Guest privilege levels the monitor distinguishes. */
@@ -106,6 +106,7 @@ function pvmResults(): CalibrationTable['results'] {
     'hook-dispatch': both(ok(300)),
     'mmio-dispatch': both(ok(450)),
     'observe-dispatch': both(ok(200)),
+    'runner-exit': both(ok(8_000, 'assumed: the hand-off to and from a runner thread per exit')),
     'cpuid-table': both(ok(0), broken("CPUID at CPL3 returns the outer hypervisor's values, not the table")),
     'exit': both(ok(0, 'the exit happens without the hook')),
   };
@@ -118,7 +119,7 @@ function hardwareResults(): CalibrationTable['results'] {
     'ro-slot-write': both(ok(3_500)), 'dirty-log-harvest': both(ok(1_000)), 'dirty-log-page': both(ok(20)), 'dirty-ring-harvest': both(ok(1_000)),
     'msr-exit': both(ok(2_500), broken('rdmsr/wrmsr raise #GP at CPL3')), 'single-step': both(ok(2_500)),
     'sw-breakpoint': both(ok(3_000)), 'hw-breakpoint': both(ok(6_000)), 'probe-breakpoint': both(ok(5_500)), 'probe-in-place': both(ok(11_000)),
-    'hook-dispatch': both(ok(300)), 'mmio-dispatch': both(ok(450)), 'observe-dispatch': both(ok(200)), 'cpuid-table': both(ok(0)), 'exit': both(ok(0)),
+    'hook-dispatch': both(ok(300)), 'mmio-dispatch': both(ok(450)), 'observe-dispatch': both(ok(200)), 'runner-exit': both(ok(5_000)), 'cpuid-table': both(ok(0)), 'exit': both(ok(0)),
   };
 }
 
