@@ -3,9 +3,9 @@
 // requests and replies through a VsockRouter whose mediator is a FlowMonitor; every message is
 // decided and audited before the receiver sees it. A content guard that blocks one message
 // resets the connection and both guests see it.
-import type { Stop } from '@tsvm/core';
 import { kvmAvailability } from '@tsvm/core/testing';
-import { AuditLog, FlowMonitor, type FlowPolicy, type GuardFn, type Topology } from '@tsvm/monitor';
+import { AuditLog, FlowMonitor, type GuardFn } from '@tsvm/monitor';
+import { rpcPolicy, rpcTopology, stopCode } from './flow-rpc.fixture.js';
 import { describe, expect, it } from 'vitest';
 import { buildVsockGuest, runGuestPair, vsockGuestToolchain } from '../../devices/src/net/vsock-guest.fixture.js';
 
@@ -16,13 +16,9 @@ const ROUND_TRIPS = 300;
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] as number;
 const gaps = (ts: readonly number[]): number[] => ts.slice(1).map((t, i) => t - (ts[i] as number));
 
-const topology: Topology = { version: 1, principals: { client: { kind: 'machine', cid: 3 }, server: { kind: 'machine', cid: 4 } } };
-const policy = (guard: boolean): FlowPolicy => ({
-  version: 1,
-  ...(guard ? { guards: { scan: { declassify: [] } } } : {}),
-  rules: [{ id: 'rpc', source: 'client', destination: 'server', port: 80, action: 'allow', ...(guard ? { guard: 'scan' } : {}) }],
-});
-const code = (s: Stop): number | string => (s.reason === 'debug-exit' ? s.code : s.reason);
+const topology = rpcTopology;
+const policy = rpcPolicy;
+const code = stopCode;
 
 describe.skipIf(skip !== '')(`vsock guest to guest under a FlowMonitor on real KVM${skip ? ` (SKIPPED: ${skip})` : ''}`, () => {
   it(`${ROUND_TRIPS} round trips of 64 B, each message mediated and audited`, async () => {

@@ -4,9 +4,9 @@
 // router collects fragments to EOM, so the monitor decides and audits each message once, whole;
 // a guard catches a pattern no single fragment holds; and the receiving guest takes each message
 // only whole (exactly its size, ending at EOM), so two messages sent back to back arrive as two.
-import type { Stop } from '@tsvm/core';
 import { kvmAvailability } from '@tsvm/core/testing';
-import { AuditLog, FlowMonitor, type FlowPolicy, type GuardFn, type Topology } from '@tsvm/monitor';
+import { AuditLog, FlowMonitor, type GuardFn } from '@tsvm/monitor';
+import { rpcPolicy, rpcTopology, stopCode } from './flow-rpc.fixture.js';
 import { describe, expect, it } from 'vitest';
 import { buildVsockGuest, guestMessage, POISON, runGuestPair, vsockGuestToolchain } from '../../devices/src/net/vsock-guest.fixture.js';
 
@@ -15,13 +15,9 @@ const cc = vsockGuestToolchain();
 const skip = !kvm.available ? kvm.reason : !cc.available ? cc.reason : '';
 const F_SEQPACKET = 1 << 1;
 
-const topology: Topology = { version: 1, principals: { client: { kind: 'machine', cid: 3 }, server: { kind: 'machine', cid: 4 } } };
-const policy = (guard: boolean): FlowPolicy => ({
-  version: 1,
-  ...(guard ? { guards: { scan: { declassify: [] } } } : {}),
-  rules: [{ id: 'rpc', source: 'client', destination: 'server', port: 80, action: 'allow', ...(guard ? { guard: 'scan' } : {}) }],
-});
-const code = (s: Stop): number | string => (s.reason === 'debug-exit' ? s.code : s.reason);
+const topology = rpcTopology;
+const policy = rpcPolicy;
+const code = stopCode;
 type Line = { event: string; decision: string; reason?: string; flow?: { from: string; to: string; bytes?: number } };
 const parse = (lines: string[]): Line[] => lines.map((l) => JSON.parse(l) as Line);
 const indexOf = (hay: Uint8Array, needle: Uint8Array): number => {
