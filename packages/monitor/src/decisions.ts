@@ -48,7 +48,12 @@ export interface HookContext {
   readonly seq: number;
   /** The exit that carried the event (undefined for sampled observe events such as dirty pages). */
   readonly exit: VcpuExit | undefined;
-  /** Reads the guest RIP (one ioctl: call only when needed). */
+  /**
+   * Reads the guest RIP (one ioctl: call only when needed): the accessing instruction's for an
+   * exit, where the vCPU is now for a sampled event. A sampled event on a machine with runner
+   * threads (`vcpuThreads: 'parallel'`) whose vCPU is in the guest at that moment has no RIP to
+   * read: `StateError`.
+   */
   rip(): bigint;
 }
 
