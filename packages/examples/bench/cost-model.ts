@@ -165,7 +165,7 @@ function medianTable(cal: CalibrationTable, rounds: readonly CalibrationTable[],
 }
 
 async function main(): Promise<number> {
-  const repeats = Number(process.env.TSVM_COST_REPEATS ?? 9);
+  const repeats = Number(process.env.TSVM_COST_REPEATS ?? 15);
   let cal: CalibrationTable;
   const t0 = performance.now();
   try {
