@@ -20,10 +20,11 @@ export function addHook(s: MachineState, hook: ExitHook): () => void {
     throw new InvalidArgumentError('hook', 'must be an ExitHook with name, mode, matches() and handle()');
   }
   s.hooks.push(hook);
+  s.hooksVersion++;
   return () => {
     if (s.hooksSealed) throw new StateError('the hook table is sealed');
     const i = s.hooks.indexOf(hook);
-    if (i >= 0) s.hooks.splice(i, 1);
+    if (i >= 0) { s.hooks.splice(i, 1); s.hooksVersion++; }
   };
 }
 

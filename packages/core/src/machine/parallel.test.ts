@@ -86,6 +86,31 @@ describe("vcpuThreads: 'parallel' (MockBackend)", () => {
     }
   });
 
+  it('a computing vCPU\'s runner slices double up to 100 ms; a hook added mid-run reaches every vCPU at its next exit', async () => {
+    const backend = new MockBackend();
+    // vCPU 0: slice ends only (it computes); vCPU 1: posts, then stops the machine.
+    backend.scriptVcpu(0).script(intr, intr, intr, intr, intr, intr, intr, intr, intr).whenEmpty = intr;
+    backend.scriptVcpu(1).script(outExit(0x80, 1), outExit(0x80, 2), outExit(0x80, 3), outExit(0xf4, 0));
+    await using vm = await machine(backend);
+    const seen: number[] = [];
+    let added = false;
+    vm.attach({ port: 0x80, size: 1 }, {
+      name: 'post',
+      write: (_o, v) => {
+        if (added) return;
+        added = true;
+        vm.addHook({ name: 'late', mode: 'mediate', matches: (e) => e.kind === 'io', handle: (e) => { if (e.kind === 'io') seen.push(e.data[0] as number); } });
+        void v;
+      },
+    });
+    vm.attach({ port: 0xf4, size: 1 }, { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+    expect((await vm.run({ timeout: 5000, sliceMs: 10 })).reason).toBe('debug-exit');
+    // Added while handling post 1: posts 2 and 3 (and the exit port) already pass it, with no slice end in between.
+    expect(seen.slice(0, 2)).toEqual([2, 3]);
+    const fresh = ((backend.vms[0] as MockVm).runners[0]?.starts ?? []).filter((x) => x.vcpu === 0 && x.fresh).map((x) => x.sliceNs / 1e6);
+    expect(fresh.slice(0, 5)).toEqual([10, 20, 40, 80, 100]);
+  });
+
   it('an unhandled exit of vCPU 1 stops the machine naming vCPU 1; a timeout names vCPU 0', async () => {
     const backend = new MockBackend();
     backend.scriptVcpu(0).whenEmpty = intr;

@@ -45,6 +45,8 @@ export class MachineState {
   readonly vcpus: Vcpu[] = [];
   readonly counters = new ExitCounters();
   readonly hooks: ExitHook[] = [];
+  /** Bumped by every change to {@link hooks}: a loop holding an `ExitContext` knows it is stale. */
+  hooksVersion = 0;
   readonly hookStats = new Map<ExitHook, HookStats>();
   readonly sliceHooks: SliceHook[] = [];
   /** Memslots in use. */

@@ -192,7 +192,7 @@ export class MockRunners implements BackendRunners {
   /** Interrupts, by vCPU (each makes that vCPU's next finished run an `intr`). */
   readonly interrupts: number[] = [];
   /** Starts by vCPU, with whether each began a new slice. */
-  readonly starts: Array<{ vcpu: number; fresh: boolean }> = [];
+  readonly starts: Array<{ vcpu: number; fresh: boolean; sliceNs: number }> = [];
   /** Picks which of the queued vCPUs' runs ends next (default: the first started). */
   order: (queued: readonly number[]) => number = (q) => q[0] as number;
   /** Whether `close()` ran. */
@@ -206,7 +206,7 @@ export class MockRunners implements BackendRunners {
     const v = this.#vcpus[i] as MockVcpu;
     if (this.#queue.includes(i) || this.#exits.has(i)) throw new Error(`mock runner ${i} started twice`);
     if (sliceNs > 0) v.beginSlice(sliceNs);
-    this.starts.push({ vcpu: i, fresh: sliceNs > 0 });
+    this.starts.push({ vcpu: i, fresh: sliceNs > 0, sliceNs });
     this.#exits.set(i, v.run());
     this.#queue.push(i);
   }
