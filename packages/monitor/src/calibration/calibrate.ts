@@ -101,6 +101,21 @@ async function timed(factory: Factory, cpl: Cpl, body: readonly number[], n: num
   return { ns: positiveOr(medianOf(diffs), medianOf(wholes)), stop: last.stop, machine: last.machine, events: n * (rounds + 1) };
 }
 
+/**
+ * `pairs` differences `measured() − baseline()`, each pair run next to each other in time with
+ * the order alternating (baseline first in the odd pairs), so a pair sees one stretch of the
+ * host's load and neither side always runs warm.
+ */
+async function pairedDiffs(pairs: number, baseline: () => Promise<number>, measured: () => Promise<number>): Promise<number[]> {
+  const diffs: number[] = [];
+  for (let r = 0; r < pairs; r++) {
+    const a = r % 2 ? await baseline() : undefined;
+    const b = await measured();
+    diffs.push(b - (a ?? await baseline()));
+  }
+  return diffs;
+}
+
 function medianOf(xs: readonly number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;
@@ -312,13 +327,8 @@ async function dispatchExperiment(mode: 'mediate' | 'observe', cpl: Cpl, n: numb
     return (timer as ExitTimer).median();
   };
   await pipelineNs(true); // warm up the JIT
-  const diffs: number[] = [];
   // A difference of ~2 µs between two medians: more rounds than the exit prices need (runs are short).
-  for (let r = 0; r < 2 * rounds - 1; r++) {
-    const a = r % 2 ? await pipelineNs(false) : undefined;
-    const b = await pipelineNs(true);
-    diffs.push(b - (a ?? await pipelineNs(false)));
-  }
+  const diffs = await pairedDiffs(2 * rounds - 1, () => pipelineNs(false), () => pipelineNs(true));
   const what = mode === 'observe' ? 'one any-exit observer' : `one allowing ${kind === 'pio' ? 'PIO' : 'MMIO'} hook`;
   return ok(Math.max(1, medianOf(diffs)), n * (2 * rounds - 1), `median per-exit pipeline time with a Monitor and ${what}, minus without`);
 }
@@ -344,12 +354,7 @@ async function runnerExperiment(cpl: Cpl, n: number, factory: Factory, rounds: n
     return broken(`no runner threads here: ${e instanceof Error ? e.message : String(e)}`);
   }
   await once(false);
-  const diffs: number[] = [];
-  for (let r = 0; r < 2 * rounds + 1; r++) {
-    const a = r % 2 ? await once(false) : undefined;
-    const b = await once(true);
-    diffs.push(b - (a ?? await once(false)));
-  }
+  const diffs = await pairedDiffs(2 * rounds + 1, () => once(false), () => once(true));
   return ok(Math.max(1, medianOf(diffs)), n * (2 * rounds + 1), 'per PIO exit with the vCPU on its runner thread, minus on the calling thread (wall clock)');
 }
 
@@ -376,13 +381,8 @@ export async function measureHookDispatch(events = 20_000): Promise<number> {
   };
   await once(true); // warm up the JIT
   await once(false);
-  const diffs: number[] = [];
-  for (let i = 0; i < 5; i++) {
-    const a = i % 2 ? await once(false) : NaN;
-    const b = await once(true);
-    diffs.push((b - (Number.isNaN(a) ? await once(false) : a)) * 1e6 / events);
-  }
-  return Math.max(0, medianOf(diffs));
+  const diffs = await pairedDiffs(5, () => once(false), () => once(true));
+  return Math.max(0, medianOf(diffs.map((d) => d * 1e6 / events)));
 }
 
 /** Mechanisms `calibrate()` measures (everything but the bookkeeping entries). */
