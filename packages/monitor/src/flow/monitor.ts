@@ -225,11 +225,11 @@ interface Live {
 }
 
 /**
- * `JSON.stringify` of a plain allowed message's entry with `flow` cut before `bytes` (the
- * entry's last key is `flow`, whose last keys are `bytes` and `mode`), for the reason and guard
- * it was made with: per message only the count and the mode are appended.
+ * `JSON.stringify` of a plain allowed message's entry cut where `flow.bytes` goes (the entry's
+ * last key is `flow`, whose last keys are `bytes` and `mode`), for the reason and guard it was
+ * made with: per message only the count goes between `head` and `tail`.
  */
-interface LineTemplate { readonly kind: 'message' | 'frame'; readonly reason: string; readonly guard: string | null; readonly head: string }
+interface LineTemplate { readonly kind: 'message' | 'frame'; readonly reason: string; readonly guard: string | null; readonly head: string; readonly tail: string }
 
 /** Decides connections and messages between labelled principals. */
 export class FlowMonitor {
@@ -533,11 +533,12 @@ export class FlowMonitor {
         decision: 'allow', reason: d.reason, exit: -1, flow: { connection: c.id, from, to, port: c.port, rule: c.rule, guard: d.guard, mode: this.mode },
       };
       const json = JSON.stringify(entry);
-      // Cut `,"mode":…}}` off: bytes and mode are appended per message.
-      t = { kind, reason: d.reason, guard: d.guard, head: json.slice(0, json.lastIndexOf(',"mode":')) };
+      // `bytes` goes before `,"mode":…}}` (the mode is fixed for the monitor's life).
+      const at = json.lastIndexOf(',"mode":');
+      t = { kind, reason: d.reason, guard: d.guard, head: json.slice(0, at), tail: json.slice(at) };
       if (fwd) live.lineForward = t; else live.lineReverse = t;
     }
-    audit.appendJson(`${t.head},"bytes":${bytes},"mode":${JSON.stringify(this.mode)}}}`, this.#now());
+    audit.appendJson(`${t.head},"bytes":${bytes}${t.tail}`, this.#now());
   }
 
   #now(): Date {
