@@ -69,6 +69,26 @@ const bases = new WeakMap<Machine, ResetBase>();
 let forks = 0;
 
 /**
+ * `target` with the members in `overrides` replaced and every other member its own (methods
+ * bound to it, made once): a wrapper that cannot fall behind what `target` offers.
+ */
+function overriding<T extends object>(target: T, overrides: Partial<T>): T {
+  const bound = new Map<PropertyKey, unknown>();
+  return new Proxy(target, {
+    get(t, key) {
+      if (Object.hasOwn(overrides, key)) return (overrides as Record<PropertyKey, unknown>)[key];
+      let f = bound.get(key);
+      if (f === undefined) {
+        const v = (t as Record<PropertyKey, unknown>)[key];
+        f = typeof v === 'function' ? v.bind(t) : v;
+        bound.set(key, f);
+      }
+      return f;
+    },
+  });
+}
+
+/**
  * A BackendVm whose `allocateMemory` hands out the image's regions copy-on-write, in order,
  * and whose `createVcpu(0)` hands out a pooled VM's ready vCPU.
  */
@@ -80,7 +100,6 @@ function imageBackedVm(vm: BackendVm, source: { memory: HostMemory; base: number
     return v ?? vm.createVcpu(id);
   };
   const queue = manifest.memory.map((r) => r);
-  const cache = new Map<PropertyKey, unknown>();
   // A pooled VM's RAM is mapped and registered already: hand it out, and skip re-registering it.
   const ahead = [...premapped];
   const given = new Set<HostMemory>();
@@ -100,20 +119,7 @@ function imageBackedVm(vm: BackendVm, source: { memory: HostMemory; base: number
     }
     vm.mapMemory(slot, start, host, size, flags);
   };
-  return new Proxy(vm, {
-    get(target, key) {
-      if (key === 'allocateMemory') return allocate;
-      if (key === 'createVcpu') return createVcpu;
-      if (key === 'mapMemory') return mapMemory;
-      let f = cache.get(key);
-      if (f === undefined) {
-        const v = (target as unknown as Record<PropertyKey, unknown>)[key];
-        f = typeof v === 'function' ? v.bind(target) : v;
-        cache.set(key, f);
-      }
-      return f;
-    },
-  });
+  return overriding(vm, { allocateMemory: allocate, createVcpu, mapMemory });
 }
 
 /**
@@ -157,13 +163,8 @@ export async function restoreMachine(
   const source = snap.mapSource();
   // The pool holds 1-vCPU VMs (see `Snapshot.prewarm`).
   const pooled = manifest.vcpus.length === 1 ? snap.takePooledVm(backend) : undefined;
-  const wrapped: Backend = {
-    name: backend.name,
-    capabilities: backend.capabilities,
-    ...(backend.cpuidControl ? { cpuidControl: backend.cpuidControl.bind(backend) } : {}),
-    ...(backend.threadCpuNs ? { threadCpuNs: backend.threadCpuNs.bind(backend) } : {}),
-    createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), source, manifest, pooled?.vcpu, pooled?.memory),
-  };
+  // The backend as it is (its clock, its CPUID probe, whatever else it offers) but for the VM it makes.
+  const wrapped = overriding(backend, { createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), source, manifest, pooled?.vcpu, pooled?.memory) });
   let m: Machine;
   try {
     m = await create({
