@@ -275,9 +275,25 @@ describe('loadFlat and CPU set-up', () => {
     expect(s.cr3).toBe(BigInt(sys));
     expect(vcpu.regs.rip).toBe(0x1000n);
     expect(vcpu.regs.rsp).toBe(BigInt(sys));
-    // PML4[0] -> PDPT, user+rw+present; PD maps 2 MiB pages identity.
-    expect(vm.memory.readU64(sys) & 0xfffn).toBe(7n);
-    expect(vm.memory.readU64(sys + 0x2000 + 8)).toBe(0x200000n | 0x87n);
+    // PML4[0] -> PDPT, user+rw+present+accessed; PD maps 2 MiB pages identity (accessed and
+    // dirty preset), but for the one holding the system area: 4 KiB pages, the system area's
+    // supervisor-only, the stubs and the probe trampoline page user read-only.
+    expect(vm.memory.readU64(sys) & 0xfffn).toBe(0x27n);
+    expect(vm.memory.readU64(sys + 0x2000 + 8)).toBe(0x200000n | 0xe7n);
+    expect(vm.memory.readU64(sys + 0x2000)).toBe(BigInt(sys + 0xd000) | 0x27n);
+    const pte = (a: number) => vm.memory.readU64(sys + 0xd000 + (a >> 12) * 8);
+    expect(pte(sys - 0x1000)).toBe(BigInt(sys - 0x1000) | 0x67n); // the default stack's page
+    expect(pte(sys)).toBe(BigInt(sys) | 0x63n); // PML4: no user bit
+    expect(pte(sys + 0x9000)).toBe(BigInt(sys + 0x9000) | 0x63n); // IDT
+    expect(pte(sys + 0xc000)).toBe(BigInt(sys + 0xc000) | 0x65n); // probe trampoline: user, read-only
+    expect(pte(sys + 0xa000)).toBe(BigInt(sys + 0xa000) | 0x65n); // the stubs too
+    // `syscall` lands in the host's stub until someone sets a handler.
+    const [lstar, cstar] = vcpu.getMsrs([0xc000_0082, 0xc000_0083]);
+    expect(lstar?.data).toBe(BigInt(sys + 0xa200));
+    expect(cstar?.data).toBe(BigInt(sys + 0xa200));
+    // The LDT is an empty table in the system area.
+    expect(s.ldt.base).toBe(BigInt(sys + 0x6080));
+    expect(s.ldt.limit).toBe(7);
     // TSS I/O bitmap allows every port and ends with 0xff.
     expect(vm.memory.readUint(sys + 0x6100 + 102, 2)).toBe(104);
     expect(vm.memory.readUint(sys + 0x6100 + 104 + 8192, 1)).toBe(0xff);

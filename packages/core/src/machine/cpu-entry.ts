@@ -9,6 +9,8 @@ import { REG_NAMES } from '@tsvm/kvm-backend';
 import { hex } from '../address.js';
 import { checkBigint, checkObject, show } from '../check.js';
 import { EXCEPTION_PORT, SYS, SYSTEM_AREA_SIZE, setupCpu, type CpuMode } from '../cpu/x86.js';
+
+const IA32_LSTAR = 0xc000_0082, IA32_CSTAR = 0xc000_0083;
 import { InvalidArgumentError } from '../errors.js';
 import type { EntryState } from '../loaders/bootinfo.js';
 import type { MachineState } from './state.js';
@@ -92,7 +94,18 @@ export function loadFlat(s: MachineState, image: Uint8Array, options: LoadFlatOp
   const state = setupCpu(s.memory, { regs: vcpu.getRegs(), sregs: vcpu.getSregs() }, { mode, ring, entry, stack, systemArea: systemArea ?? 0 });
   vcpu.setSregs(state.sregs);
   vcpu.setRegs(state.regs);
+  if (mode === 'long' && systemArea !== undefined) syscallToStub(vcpu, systemArea);
   adoptCpu(s, mode, systemArea);
+}
+
+/**
+ * Points `syscall` (EFER.SCE is set) at the host's stub, which reports it as #UD, instead of
+ * `IA32_LSTAR`'s reset value 0: guest RAM, where a ring-3 guest could put code to run at CPL0.
+ * A guest kernel, or the host (`vcpu.setMsrs`), sets its own handler over it.
+ */
+function syscallToStub(vcpu: { setMsrs(m: readonly { index: number; data: bigint }[]): void }, sys: number): void {
+  const at = BigInt(sys + SYS.SYSCALL_STUB);
+  vcpu.setMsrs([{ index: IA32_LSTAR, data: at }, { index: IA32_CSTAR, data: at }]);
 }
 
 /** @internal `Machine.enter`. */
@@ -117,6 +130,7 @@ export function enter(s: MachineState, entry: EntryState): void {
   for (const [k, v] of Object.entries(entry.registers)) if (v !== undefined) state.regs[k as 'rax' | 'rbx' | 'rsi'] = v;
   vcpu.setSregs(state.sregs);
   vcpu.setRegs(state.regs);
+  if (mode === 'long') syscallToStub(vcpu, sys);
   adoptCpu(s, mode, sys);
 }
 
@@ -134,7 +148,10 @@ function registerExceptionReporter(s: MachineState): void {
   if (s.io.find(BigInt(EXCEPTION_PORT))) return;
   s.io.register({ port: EXCEPTION_PORT, size: 1 }, {
     name: 'tsvm-exception-reporter',
-    write: (_o, value, _s, access) => access.requestStop({ reason: 'exception', vector: value }),
+    write: (_o, value, _s, access) => {
+      if (value === 1) s.debugTraps++;
+      access.requestStop({ reason: 'exception', vector: value });
+    },
   }, { claim: 'exception' });
 }
 

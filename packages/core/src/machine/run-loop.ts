@@ -17,7 +17,7 @@ import type { EventEmitter } from 'eventemitter3';
 import type { NmiWakeState } from '../backend.js';
 import { checkObject, show } from '../check.js';
 import { bitnessOf, codeAt } from '../cpu/paging.js';
-import { VECTORS_WITH_ERROR_CODE } from '../cpu/x86.js';
+import { SYSCALL_REPORT, VECTORS_WITH_ERROR_CODE } from '../cpu/x86.js';
 import { InvalidArgumentError, StateError, TsvmError } from '../errors.js';
 import type { VcpuExit } from '../exits.js';
 import { handleExit, type ExitContext, type ExitOutcome } from '../handle-exit.js';
@@ -304,7 +304,11 @@ function finish(s: MachineState, vcpu: Vcpu, stop: StopRequest, t0: number, exit
       // With several vCPUs: every one halted or waiting for SIPI.
       req = { ...req, halted: s.irqchip && s.vcpus.every((v) => v.backend.isHalted() || (s.vcpus.length > 1 && v.backend.waitingForSipi())) };
     }
-    if (req.reason === 'exception') {
+    if (req.reason === 'exception' && req.vector === SYSCALL_REPORT) {
+      // The `syscall` stub (no handler of the host's): #UD, as without EFER.SCE; no frame was
+      // pushed, RCX holds the RIP after the 2-byte instruction.
+      req = { reason: 'exception', vector: 6, errorCode: undefined, faultRip: regs.rcx - 2n, cr2: vcpu.backend.getSregs().cr2 };
+    } else if (req.reason === 'exception') {
       // The stub's `out` ran on the exception frame: [error code] RIP CS RFLAGS RSP SS.
       const w = s.mode === 'long' ? 8 : 4;
       const hasCode = VECTORS_WITH_ERROR_CODE.has(req.vector);
