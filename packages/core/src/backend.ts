@@ -161,6 +161,29 @@ export interface BackendRunners {
 }
 
 /**
+ * A host-written stub the vCPU runs first at its next entry, instead of a state ioctl: reset's
+ * way to load the snapshot's x87/SSE registers (an `fxrstor` at CPL3, ~0.1 µs, where the
+ * `KVM_SET_XSAVE` it replaces loads the vCPU, ~7 µs on PVM), then `jmp` through a cell in guest
+ * RAM to the guest's next instruction. Until the stub has run, RIP reads as that instruction,
+ * a RIP written goes to the cell, and any other state access through KVM first does the stub's
+ * work by ioctl (so the host never sees the stub in the vCPU's state).
+ */
+export interface EntryPrelude {
+  /** Guest address of the stub's first instruction. */
+  readonly at: bigint;
+  /** The stub's length in bytes. */
+  readonly length: number;
+  /** The state blob the stub loads, for the ioctl that replaces it when it cannot run. */
+  readonly blob: string;
+  /** That blob's bytes. */
+  readonly bytes: Uint8Array;
+  /** Rewrites the cell the stub jumps through (RIP changed before the stub ran). */
+  retarget(rip: bigint): void;
+  /** Called once, when the stub has run or its work was done by ioctl: the caller takes the stub away. */
+  done(): void;
+}
+
+/**
  * What could still wake a vCPU that is halted with `IF=0`: an NMI (and, with several vCPUs,
  * an INIT or NMI IPI from another vCPU, which the run loop checks for itself). Read from `KVM_GET_VCPU_EVENTS`, the LAPIC registers and the IOAPIC.
  */
@@ -249,8 +272,21 @@ export interface BackendVcpu {
    * values. Returns `false`, having changed nothing, where it cannot (no sync area for all
    * three, an exit still pending, an in-kernel LAPIC, a vCPU not runnable): the caller then uses
    * {@link setRegs}, {@link setSregs} and {@link setState}. MSRs are not part of it.
+   * With `prelude`, the vCPU enters at the prelude's stub, which loads one blob in the guest
+   * and jumps to `image.regs.rip` (see {@link EntryPrelude}).
    */
-  loadState?(image: { readonly regs: Regs; readonly sregs: Sregs; readonly blobs: Readonly<Record<string, Uint8Array>> }): boolean;
+  loadState?(image: { readonly regs: Regs; readonly sregs: Sregs; readonly blobs: Readonly<Record<string, Uint8Array>> }, prelude?: EntryPrelude): boolean;
+  /**
+   * Optional: whether KVM guest debugging is on (the last {@link setGuestDebug} set
+   * `KVM_GUESTDBG_ENABLE`). A backend without it is taken to be debugging.
+   */
+  guestDebugging?(): boolean;
+  /**
+   * Optional: counts the writes of special registers, MSRs, state blobs, CPUID and guest-debug
+   * settings through this vCPU (not of registers, not {@link loadState}). Reset compares it to
+   * see whether the host changed state a CPL3 guest cannot (then it puts everything back).
+   */
+  stateVersion?(): number;
   /** The MSRs KVM saves and restores for a vCPU (`KVM_GET_MSR_INDEX_LIST`). */
   msrIndexList(): readonly number[];
   /**

@@ -542,6 +542,7 @@ export class Machine {
       devices: () => [...s.devices],
       cpu: () => ({ mode: s.mode, systemArea: s.systemArea }),
       setCpu: (mode, systemArea) => cpuEntry.adoptCpu(s, mode, systemArea),
+      debugTraps: () => s.debugTraps,
       logsDirty: (slot) => s.logDirty.has(slot),
     };
   }

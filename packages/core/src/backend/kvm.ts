@@ -13,7 +13,7 @@ import {
   consumeSliceSignal, runSignalMask, threadCpuNs, KvmError, VCPU_EVENTS_OFFSETS as EV, IOAPIC_REDIRTBL_OFFSET,
   type KvmVcpu, type KvmVm, type CpuidEntry,
 } from '@tsvm/kvm-backend';
-import type { Backend, BackendRunners, BackendVcpu, BackendVm, BackendVmOptions, HostCapabilities, NmiWakeState, Regs, Sregs, VirtFlavour } from '../backend.js';
+import type { Backend, BackendRunners, BackendVcpu, BackendVm, BackendVmOptions, EntryPrelude, HostCapabilities, NmiWakeState, Regs, Sregs, VirtFlavour } from '../backend.js';
 import type { HostMemory } from '../memory.js';
 import type { VcpuExit } from '../exits.js';
 import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
@@ -579,8 +579,37 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#syncFresh = this.#sync && exit.kind !== 'intr';
     this.#sregsFresh = this.#syncSregsOn && this.#syncFresh;
     this.#last = exit;
+    if (this.#prelude) this.#preludeRan(exit);
     return exit;
   }
+
+  /**
+   * The prelude (see {@link EntryPrelude}) after a `KVM_RUN`: an interrupted run that left RIP
+   * on the stub never entered it (it stays pending); one that stopped inside it (the `jmp`
+   * still to go) has RIP put on the guest's instruction; otherwise it ran.
+   */
+  #preludeRan(exit: VcpuExit): void {
+    const p = this.#prelude as PendingPrelude;
+    const regs = this.#syncFresh ? this.#v.syncedRegs() : this.#v.getRegs();
+    if (exit.kind === 'intr' && regs.rip === p.at) return;
+    this.#prelude = undefined;
+    if (regs.rip > p.at && regs.rip < p.at + BigInt(p.length)) this.setRegs({ ...regs, rip: p.rip });
+    p.done();
+  }
+
+  /** Does a pending prelude's work by ioctl (its blob; RIP onto the guest's instruction). */
+  #cancelPrelude(): void {
+    const p = this.#prelude;
+    if (!p) return;
+    this.#prelude = undefined;
+    this.#v.setBlob(p.blob as 'xsave', p.bytes);
+    const regs = { ...(this.#regs ?? (this.#syncFresh ? this.#v.syncedRegs() : this.#v.getRegs())), rip: p.rip };
+    this.setRegs(regs);
+    p.done();
+  }
+
+  /** A prelude loaded by {@link loadState} whose stub has not run yet; `rip`: the guest's next instruction. */
+  #prelude: PendingPrelude | undefined;
 
   /** Loads registers still waiting in `kvm_run` now (KVM's deferred load would drop a queued exception). */
   #flushRegs(): void {
@@ -628,9 +657,17 @@ class KvmBackendVcpu implements BackendVcpu {
   endSlice(): void { disarmSlice(); consumeSliceSignal(); }
   getRegs(): Regs {
     this.#regs ??= this.#syncFresh ? this.#v.syncedRegs() : this.#v.getRegs();
-    return { ...this.#regs };
+    const r = { ...this.#regs };
+    if (this.#prelude) r.rip = this.#prelude.rip;
+    return r;
   }
   setRegs(regs: Regs): void {
+    const p = this.#prelude;
+    if (p) {
+      // The stub still runs first and jumps to the new RIP.
+      if (regs.rip !== p.rip) { p.retarget(regs.rip); p.rip = regs.rip; }
+      regs = { ...regs, rip: p.at };
+    }
     this.#regs = undefined;
     if (this.#sync && this.#syncFresh) {
       this.#v.setSyncedRegs(regs);
@@ -654,6 +691,7 @@ class KvmBackendVcpu implements BackendVcpu {
     return s;
   }
   setSregs(s: Sregs): void {
+    this.#stateVersion++;
     this.#sregs = undefined;
     this.#sregsFresh = false;
     if ((this.#pendingSync & KVM_CONST.SYNC_X86_SREGS) !== 0) { // these win over the ones waiting in kvm_run
@@ -665,11 +703,11 @@ class KvmBackendVcpu implements BackendVcpu {
     // snapshot, CR4.TSD for recording) would otherwise make ring-3 port I/O #GP there.
     this.#v.setSregs(this.#svm && s.tr.type === 11 ? { ...s, tr: { ...s.tr, type: 9 } } : s);
   }
-  setCpuid(entries: readonly CpuidEntry[]) { this.#v.setCpuid(entries); }
+  setCpuid(entries: readonly CpuidEntry[]) { this.#stateVersion++; this.#v.setCpuid(entries); }
   supportedCpuid() { return this.#cpuid.slice(); }
   getMsrs(indices: readonly number[]) { return this.#v.getMsrs(indices); }
   // An MSR write can change special registers (EFER, APIC base): the cached copy goes.
-  setMsrs(entries: Parameters<BackendVcpu['setMsrs']>[0]) { this.#sregs = undefined; this.#sregsFresh = false; this.#v.setMsrs(entries); }
+  setMsrs(entries: Parameters<BackendVcpu['setMsrs']>[0]) { this.#stateVersion++; this.#sregs = undefined; this.#sregsFresh = false; this.#v.setMsrs(entries); }
   isHalted() { return this.#v.getMpState() === KVM_CONST.MP_STATE_HALTED; }
   waitingForSipi() { const m = this.#v.getMpState(); return m === KVM_CONST.MP_STATE_UNINITIALIZED || m === KVM_CONST.MP_STATE_INIT_RECEIVED; }
 
@@ -700,7 +738,16 @@ class KvmBackendVcpu implements BackendVcpu {
     return undefined;
   }
   // KVM_SET_GUEST_DEBUG edits RFLAGS (TF): registers waiting in kvm_run would undo that.
-  setGuestDebug(control: number, debugreg: readonly bigint[] = []) { this.#flushPending(); this.#v.setGuestDebug(control, debugreg); }
+  setGuestDebug(control: number, debugreg: readonly bigint[] = []) {
+    this.#flushPending();
+    this.#v.setGuestDebug(control, debugreg);
+    this.#debugging = (control & 1) !== 0;
+    this.#stateVersion++;
+  }
+  #debugging = false;
+  guestDebugging(): boolean { return this.#debugging; }
+  #stateVersion = 0;
+  stateVersion(): number { return this.#stateVersion; }
   drainCoalesced() { return this.#v.drainCoalesced(); }
 
   completePendingExit(): void {
@@ -725,7 +772,7 @@ class KvmBackendVcpu implements BackendVcpu {
     this.completePendingExit();
   }
 
-  loadState(image: { readonly regs: Regs; readonly sregs: Sregs; readonly blobs: Readonly<Record<string, Uint8Array>> }): boolean {
+  loadState(image: { readonly regs: Regs; readonly sregs: Sregs; readonly blobs: Readonly<Record<string, Uint8Array>> }, prelude?: EntryPrelude): boolean {
     const b = image.blobs;
     const events = b['events'];
     const mp = b['mp-state'];
@@ -739,6 +786,8 @@ class KvmBackendVcpu implements BackendVcpu {
     for (const k of Object.keys(b)) {
       if (!VCPU_BLOBS.has(k)) throw new KvmError('KVM_SET_*', 22, `unknown vCPU state blob '${k}'`);
     }
+    if (prelude && !VCPU_BLOBS.has(prelude.blob)) throw new KvmError('KVM_SET_*', 22, `unknown vCPU state blob '${prelude.blob}'`);
+    if (this.#prelude) { const p = this.#prelude; this.#prelude = undefined; p.done(); } // superseded by this image
     this.#flushPending();
     this.#flushRegs();
     // No sync area for these: one ioctl each, XCRs before XSAVE (XCR0 decides what XSAVE loads).
@@ -747,10 +796,11 @@ class KvmBackendVcpu implements BackendVcpu {
     if (fpu && !b['xsave']) this.#v.setBlob('fpu', fpu);
     // KVM's sync_regs loads these in this order at the next KVM_RUN (before the guest runs):
     // registers (which also drop a queued exception), special registers, then events.
-    this.#v.setSyncedRegs(image.regs);
+    this.#v.setSyncedRegs(prelude ? { ...image.regs, rip: prelude.at } : image.regs);
     this.#v.setSyncedSregs(this.#svm && image.sregs.tr.type === 11 ? this.#svmTr(image.sregs) : image.sregs);
     this.#v.setSyncedEvents(events);
-    this.#regs = { ...image.regs };
+    this.#regs = prelude ? { ...image.regs, rip: prelude.at } : { ...image.regs };
+    if (prelude) this.#prelude = { at: prelude.at, length: prelude.length, blob: prelude.blob, bytes: prelude.bytes, retarget: prelude.retarget, done: prelude.done, rip: image.regs.rip };
     this.#sregs = undefined; // read back from kvm_run while pending
     this.#syncFresh = true; // kvm_run's register copy is the vCPU's
     this.#sregsFresh = false;
@@ -770,8 +820,9 @@ class KvmBackendVcpu implements BackendVcpu {
     return f;
   }
 
-  /** Loads what {@link loadState} left in kvm_run through ioctls now, in sync_regs' order. */
+  /** Loads what {@link loadState} left in kvm_run through ioctls now, in sync_regs' order (a prelude's work too). */
   #flushPending(): void {
+    this.#cancelPrelude();
     if (this.#pendingSync === 0) return;
     const bits = this.#pendingSync & this.#v.syncDirtyBits();
     this.#pendingSync = 0;
@@ -796,6 +847,7 @@ class KvmBackendVcpu implements BackendVcpu {
   }
 
   setState(state: Record<string, Uint8Array>): void {
+    this.#stateVersion++;
     this.#flushPending();
     this.#flushRegs();
     this.#regs = this.#sregs = undefined;
@@ -820,6 +872,9 @@ class KvmBackendVcpu implements BackendVcpu {
 
   close(): void { this.#v.close(); }
 }
+
+/** A prelude waiting for its stub to run, with the guest's next instruction. */
+interface PendingPrelude extends EntryPrelude { rip: bigint }
 
 /** A deep copy of `s` (callers may modify what they get; structuredClone costs ~30 µs here). */
 function cloneSregs(s: Sregs): Sregs {

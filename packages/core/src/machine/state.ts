@@ -67,6 +67,11 @@ export class MachineState {
   /** Base of the host's system area (protected/long mode), undefined in real mode. */
   systemArea: number | undefined = undefined;
   mode: CpuMode = 'real';
+  /**
+   * Debug exceptions (#DB, vector 1) the exception stubs reported: the CPU writes DR6 when it
+   * delivers one, even from CPL3 code (a single step it set with `popf`).
+   */
+  debugTraps = 0;
   /** The vCPUs' runner threads (`vcpuThreads: 'parallel'`); undefined: they take turns on the calling thread. */
   runners: BackendRunners | undefined = undefined;
   /** The CPU model applied at create, as a snapshot records it (effective features, enforced); undefined: the host's CPUID. */

@@ -5,7 +5,7 @@
  * {@link SnapshotFormatError} naming the manifest field, the backend's error as `cause`.
  * @module
  */
-import type { BackendVcpu, BackendVm } from '../backend.js';
+import type { BackendVcpu, BackendVm, EntryPrelude } from '../backend.js';
 import { SnapshotFormatError } from '../errors.js';
 import type { SnapshotManifest } from './manifest.js';
 
@@ -84,4 +84,39 @@ export function applyCpuStateForReset(vm: BackendVm, vcpus: readonly BackendVcpu
     step(`${at}.msrs`, () => setMsrs(b, s.msrs, rejected));
     step(`${at}.blobs`, () => b.setState({ ...s.blobs }));
   });
+}
+
+/**
+ * Reset of a machine whose guest ran only at CPL3 above the host's system area since the
+ * snapshot (`restore.ts` checks that; see `cpu/x86.ts`): what CPL3 code can change goes back;
+ * what only CPL0 code can change is left as it is, because nothing at CPL0 but the host's
+ * stubs has run:
+ * - registers, special registers (FS/GS base, CR2 included), events: through `kvm_run`;
+ * - XSAVE (x87/SSE/AVX): one ioctl, or with `prelude` (where x87/SSE is all CPL3 can reach)
+ *   reset's entry stub loads it in the guest (see `EntryPrelude`);
+ * - not the TSC: KVM takes a host write of it within a second of the last one as a
+ *   synchronisation and keeps it running (a fork or full reset here writes the snapshot's
+ *   value and the guest reads it ~0.1 s on, as if never written), and that write costs ~20-30 µs on
+ *   PVM (it updates the VM's master clock); the guest's TSC runs on across resets, as across a
+ *   fork. The VM's kvmclock is put back where the snapshot has kvmclock enabled;
+ * - debug registers only while guest debugging is on (KVM edits DR6/DR7 then); XCRs and every
+ *   other MSR (`wrmsr`, `xsetbv`, `mov dr` fault at CPL3) not at all.
+ * Returns false, having changed nothing, where the vCPU cannot take state through `kvm_run`
+ * (the caller then takes {@link applyCpuStateForReset}).
+ */
+export function applyCpl3StateForReset(vm: BackendVm, vcpus: readonly BackendVcpu[], manifest: SnapshotManifest, kvmclock: boolean, prelude?: EntryPrelude): boolean {
+  const s = manifest.vcpus[0];
+  const b = vcpus[0];
+  if (!s || !b || vcpus.length !== 1 || !b.loadState) return false;
+  const blobs: Record<string, Uint8Array> = {};
+  for (const k of ['events', 'mp-state', 'xsave'] as const) { const x = s.blobs[k]; if (x && !(k === 'xsave' && prelude)) blobs[k] = x; }
+  const fpu = s.blobs['fpu'];
+  if (fpu && !s.blobs['xsave']) blobs['fpu'] = fpu;
+  const dbg = s.blobs['debugregs'];
+  if (dbg && (b.guestDebugging?.() ?? true)) blobs['debugregs'] = dbg;
+  let fast = false;
+  step('vcpus[0].blobs', () => { fast = b.loadState?.({ regs: s.regs, sregs: s.sregs, blobs }, prelude) ?? false; });
+  if (!fast) return false;
+  if (kvmclock) step('vm', () => vm.setState(manifest.vm));
+  return true;
 }

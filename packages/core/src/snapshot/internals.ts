@@ -19,6 +19,8 @@ export interface MachineInternals {
   cpu(): { mode: CpuMode; systemArea: number | undefined };
   /** Adopts a restored CPU set-up (and its exception reporter). */
   setCpu(mode: CpuMode, systemArea: number | undefined): void;
+  /** Debug exceptions (#DB) reported by the exception stubs since the machine was made. */
+  debugTraps(): number;
   /** Whether memslot `slot` logs dirty pages. */
   logsDirty(slot: number): boolean;
 }

@@ -140,7 +140,10 @@ describe.skipIf(!kvm.available)(`reset fast path on KVM${kvm.available ? '' : ` 
       for (let i = 0; i < 3; i++) {
         const got = await finish(child);
         expect(got).toEqual(want);
-        expect(child.reset().pagesCopied).toBeGreaterThan(0);
+        const r = child.reset();
+        expect(r.pagesCopied).toBeGreaterThan(0);
+        // A ring-3 guest above the host's system area can change nothing only CPL0 can.
+        expect(r.cpu).toBe(ring === 3 ? 'cpl3' : 'full');
       }
       // What reset left is what KVM reports (the deferred state is read back through it).
       const after = child.vcpu(0).backend;
@@ -194,5 +197,102 @@ describe.skipIf(!kvm.available)(`reset fast path on KVM${kvm.available ? '' : ` 
     expect(v.getSregs().ds.selector).toBe(0);
     await m.run({ timeout: 10_000 });
     expect(m.memory.read(OUT + 16, 2)).toEqual(Uint8Array.of(0, 0));
+  });
+
+  describe('CPL3 reset', () => {
+    const sysOf = (m: Machine) => m.layout.systemArea as number;
+
+    it('falls back to a full reset after the host writes a control page or sets special registers, then returns to CPL3 resets', async () => {
+      using snap = await template(ring3, 3);
+      await using m = await Machine.fork(snap, { devices });
+      const want = await finish(m);
+      expect(m.reset().cpu).toBe('cpl3');
+      // The same bytes written back into the IDT: a host write the reset cannot judge.
+      const idt = sysOf(m) + 0x9000;
+      m.memory.write(idt, m.memory.read(idt, 16));
+      await finish(m);
+      expect(m.reset().cpu).toBe('full');
+      expect(await finish(m)).toEqual(want);
+      expect(m.reset().cpu).toBe('cpl3');
+      // Special registers set by the host (it could have put the guest at CPL0).
+      const v = m.vcpu(0);
+      v.setSregs(v.getSregs());
+      expect(m.reset().cpu).toBe('full');
+      expect(await finish(m)).toEqual(want);
+      expect(m.reset().cpu).toBe('cpl3');
+    });
+
+    it('a guest write into a control page seen by the dirty log (the host put the vCPU at CPL0) means a full reset', async () => {
+      using snap = await template(ring3, 3);
+      await using m = await Machine.fork(snap, { devices });
+      const want = await finish(m);
+      m.reset();
+      // A ring-0 excursion arranged through registers alone (GPRs are not counted as host state
+      // writes), as a guest that escaped would make one: it writes the IDT page.
+      const v = m.vcpu(0);
+      const idt = sysOf(m) + 0x9000;
+      m.memory.write(0x3000, await asm(`mov rbx, ${idt + 0x800}\n mov qword ptr [rbx], 1\n ${pause(9)}`, { bits: 64, address: 0x3000 }));
+      // Kernel CS/SS through the raw vCPU under the backend, which the backend's count of state
+      // writes does not see: so only the dirty log can tell (defence in depth).
+      const b = v.backend;
+      b.getState(); // what reset left in kvm_run goes to KVM first
+      const s = b.getSregs();
+      const before = b.stateVersion?.();
+      (b as unknown as { kvm: { setSregs(x: typeof s): void } }).kvm.setSregs({ ...s, cs: { ...s.cs, selector: 0x08, dpl: 0 }, ss: { ...s.ss, selector: 0x10, dpl: 0 } });
+      expect(b.stateVersion?.()).toBe(before);
+      v.setRegs({ rip: 0x3000n });
+      expect(await m.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 9 });
+      expect(m.reset().cpu).toBe('full');
+      expect(await finish(m)).toEqual(want);
+    });
+
+    it('a snapshot whose syscall handler is guest code (set by the host) resets fully', async () => {
+      const vm = await Machine.create({ memory: 4 * MiB, name: 'lstar' });
+      vm.attachDevice(devices);
+      vm.loadFlat(await asm(ring3, { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+      vm.vcpu(0).setMsrs([{ index: 0xc000_0082, data: 0x3000n }]);
+      expect(await vm.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 1 });
+      using snap = await vm.snapshot();
+      await vm.close();
+      await using m = await Machine.fork(snap, { devices });
+      await finish(m);
+      expect(m.reset().cpu).toBe('full');
+    });
+
+    it('between the reset and the run RIP reads as the snapshot\'s; a RIP set then starts there with the snapshot\'s x87/SSE state; a snapshot then is the snapshot\'s state', async () => {
+      // An alternative entry that only reports the x87 control word and XMM0.
+      const alt = 0x3000;
+      const report = await asm(`fnstcw [${OUT + 88}]\n movq rax, xmm0\n mov [${OUT + 96}], rax\n ${pause(7)}`, { bits: 64, address: alt });
+      using snap = await template(ring3, 3);
+      const s0 = snap.manifest.vcpus[0];
+      if (!s0) throw new Error('no vCPU 0');
+      // What a fresh fork started at the alternative entry reports.
+      await using fresh = await Machine.fork(snap, { devices });
+      fresh.memory.write(alt, report);
+      fresh.vcpu(0).setRegs({ rip: BigInt(alt) });
+      expect(await fresh.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
+      const want = Buffer.from(fresh.memory.read(OUT + 88, 16)).toString('hex');
+      await using m = await Machine.fork(snap, { devices });
+      await finish(m);
+      await finish(m); // the guest changed its control word and XMM0
+      m.memory.write(alt, report);
+      expect(m.reset().cpu).toBe('cpl3');
+      expect(m.vcpu(0).getRegs()).toEqual(s0.regs);
+      m.memory.write(alt, report); // (reset took it away with the other host writes)
+      m.vcpu(0).setRegs({ rip: BigInt(alt) });
+      expect(m.vcpu(0).getRegs().rip).toBe(BigInt(alt));
+      expect(await m.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
+      expect(Buffer.from(m.memory.read(OUT + 88, 16)).toString('hex')).toBe(want);
+      // The host-reserved page the stub used holds the snapshot's bytes again.
+      const stub = sysOf(m) + 0xe000;
+      expect(Buffer.from(m.memory.read(stub, 4096)).equals(Buffer.from(fresh.memory.read(stub, 4096)))).toBe(true);
+      // A snapshot taken right after a reset is the snapshot's state (the stub's work done first).
+      expect(m.reset().cpu).toBe('cpl3');
+      using again = await m.snapshot();
+      const a0 = again.manifest.vcpus[0];
+      expect(a0?.regs).toEqual(s0.regs);
+      expect(a0?.blobs['xsave']).toEqual(s0.blobs['xsave']);
+      expect(Buffer.from(m.memory.read(stub, 4096)).equals(Buffer.from(fresh.memory.read(stub, 4096)))).toBe(true);
+    });
   });
 });

@@ -6,7 +6,7 @@
  * {@link SnapshotFormatError} naming the field, with the backend's error as `cause`.
  * @module
  */
-import type { Backend, BackendVcpu, BackendVm } from '../backend.js';
+import type { Backend, BackendVcpu, BackendVm, EntryPrelude } from '../backend.js';
 import type { DeviceMapping } from '../device.js';
 import { InvalidArgumentError, SnapshotFormatError, StateError, TsvmError } from '../errors.js';
 import { DmaGate } from '../dma.js';
@@ -16,7 +16,8 @@ import { KvmBackend, kvmBackend } from '../backend/kvm.js';
 import type { MachineInternals } from './internals.js';
 import { PAGE_SIZE, type SnapshotManifest } from './manifest.js';
 import { Snapshot, cpuSignature } from './snapshot.js';
-import { applyCpuState, applyCpuStateForReset, step } from './apply.js';
+import { applyCpl3StateForReset, applyCpuState, applyCpuStateForReset, step } from './apply.js';
+import { CONTROL_PAGES, RESET_STUB, SYS, SYSTEM_AREA_SIZE, controlPagesIntact, resetStubPage } from '../cpu/x86.js';
 import { MAX_VCPUS } from '../machine/state.js';
 import type { PremappedRegion } from './pool.js';
 
@@ -42,6 +43,14 @@ export interface RestoreOptions {
 export interface ResetResult {
   /** Pages copied back from the snapshot (the ones dirtied since it or the last reset). */
   readonly pagesCopied: number;
+  /**
+   * Which vCPU state went back. `'cpl3'`: the guest can have run nothing at CPL0 but the
+   * host's stubs since the snapshot (a long-mode ring-3 snapshot above an intact system area,
+   * see `cpu/x86.ts`), so only what CPL3 code can change was put back — registers, special
+   * registers, events, x87/SSE/AVX state — and not MSRs, XCRs or debug registers, which it
+   * cannot touch (up to five vCPU ioctls fewer; the TSC runs on, see `applyCpl3StateForReset`). `'full'`: everything.
+   */
+  readonly cpu: 'cpl3' | 'full';
 }
 
 /** Options of `machine.reset()`. */
@@ -63,9 +72,85 @@ interface ResetBase {
    * monitor's write-through, probe traps, any `memory.write`: KVM's dirty log misses them.
    */
   readonly hostPages: Set<bigint>;
+  /** The machine's `debugTraps()` when it was made or last reset: a #DB since changed DR6. */
+  debugTraps: number;
+  /** vCPU 0's `stateVersion()` then (undefined: the backend does not count): the host changed none of it since. */
+  stateVersion: number | undefined;
 }
 
 const bases = new WeakMap<Machine, ResetBase>();
+
+/** Where a snapshot's system area is, when a CPL3 reset can apply to its forks. */
+interface Cpl3Reset {
+  /** Index of the manifest region holding the system area, and the area's offset in it. */
+  readonly region: number;
+  readonly offset: number;
+  /** Guest-physical addresses of the control pages. */
+  readonly pages: readonly bigint[];
+  /** Whether the snapshot's guest has kvmclock on (then the VM clock is put back too). */
+  readonly kvmclock: boolean;
+  /**
+   * Reset's entry stub, where the snapshot's x87/SSE state is all the FPU state CPL3 code can
+   * reach (CR4.OSXSAVE clear, FXSR on, CR0.EM and TS clear): its guest address, its page
+   * (`resetStubPage`), the snapshot's own bytes of that page (put back once the stub has run),
+   * the XSAVE blob it stands for. Undefined otherwise: XSAVE by ioctl.
+   */
+  readonly stub: { readonly at: bigint; readonly page: Uint8Array; readonly original: Uint8Array; readonly xsave: Uint8Array } | undefined;
+}
+
+const cpl3Resets = new WeakMap<Snapshot, Cpl3Reset | null>();
+/** CR4 bits a CPL3 reset allows: VME..LA57 (0-12), FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP. */
+const CR4_CPL3_SAFE = 0x1fffn | (1n << 16n) | (1n << 17n) | (1n << 18n) | (1n << 20n) | (1n << 21n);
+const MSR = { EFER_SCE: 1n, LSTAR: 0xc000_0082, CSTAR: 0xc000_0083, SYSENTER_CS: 0x174, KVMCLOCK_OLD: 0x12, KVMCLOCK_NEW: 0x4b56_4d01 } as const;
+
+/**
+ * Whether forks of `snap` can be reset the CPL3 way: one vCPU, no in-kernel irqchip, long mode
+ * at CPL3 with the host's system area, its control pages in the image exactly as the host
+ * builds them, the CPU's tables pointing into it, and `syscall` into the host's stub (or off).
+ * Then every way to CPL0 from where the snapshot stands leads into host code, as long as the
+ * control pages stay unwritten (checked at each reset). Decided once per snapshot.
+ */
+function cpl3ResetOf(snap: Snapshot): Cpl3Reset | null {
+  const known = cpl3Resets.get(snap);
+  if (known !== undefined) return known;
+  const decide = (): Cpl3Reset | null => {
+    const mf = snap.manifest;
+    const sys = mf.machine.systemArea;
+    const v = mf.vcpus[0];
+    if (mf.vcpus.length !== 1 || !v || mf.machine.irqchip || mf.machine.mode !== 'long' || sys === null) return null;
+    if (Object.keys(mf.vm).some((k) => k !== 'clock') || v.blobs['lapic']) return null;
+    const r = v.sregs;
+    const b = BigInt(sys);
+    if ((r.cs.selector & 3) !== 3 || r.cs.dpl !== 3 || r.cs.l !== 1 || (r.cr0 & 0x8000_0001n) !== 0x8000_0001n) return null;
+    // CR4 features that give CPL3 code state beyond registers, XSAVE and FS/GS base (PKRU with
+    // PKE, the user shadow-stack pointer with CET, user-interrupt MSRs with UINTR, ...) rule it out.
+    if ((r.cr4 & ~CR4_CPL3_SAFE) !== 0n) return null;
+    if (r.cr3 !== b + BigInt(SYS.PML4) || r.idt.base !== b + BigInt(SYS.IDT) || r.gdt.base !== b + BigInt(SYS.GDT) || r.idt.limit !== 32 * 16 - 1 || r.gdt.limit !== 9 * 8 - 1) return null;
+    if (r.ldt.unusable === 0 && (r.ldt.base !== b + BigInt(SYS.LDT) || r.ldt.limit > 7)) return null;
+    const msr = new Map(v.msrs.map((e) => [e.index, e.data]));
+    const entry = b + BigInt(SYS.SYSCALL_STUB);
+    if ((r.efer & MSR.EFER_SCE) !== 0n && (msr.get(MSR.LSTAR) !== entry || (msr.has(MSR.CSTAR) && msr.get(MSR.CSTAR) !== entry))) return null;
+    if ((msr.get(MSR.SYSENTER_CS) ?? 0n) !== 0n) return null;
+    const region = mf.memory.findIndex((m) => b >= m.start && b + BigInt(SYSTEM_AREA_SIZE) <= m.start + BigInt(m.size));
+    const m = mf.memory[region];
+    if (!m || m.readonly) return null;
+    const offset = Number(b - m.start);
+    const image = snap.image().bytes;
+    if (!controlPagesIntact(image.subarray(m.offset + offset, m.offset + offset + SYSTEM_AREA_SIZE), sys)) return null;
+    const kvmclock = ((msr.get(MSR.KVMCLOCK_OLD) ?? 0n) & 1n) !== 0n || ((msr.get(MSR.KVMCLOCK_NEW) ?? 0n) & 1n) !== 0n;
+    const xsave = v.blobs['xsave'];
+    const fxsr = (r.cr4 & (1n << 9n)) !== 0n && (r.cr4 & (1n << 18n)) === 0n && (r.cr0 & 0xcn) === 0n; // OSFXSR, !OSXSAVE, !EM, !TS
+    let stub: Cpl3Reset['stub'];
+    if (fxsr && xsave && xsave.length >= 512) {
+      const at = m.offset + offset + SYS.RESET_STUB;
+      stub = { at: b + BigInt(SYS.RESET_STUB), page: resetStubPage(v.regs.rip, xsave), original: image.subarray(at, at + PAGE_SIZE), xsave };
+    }
+    return { region, offset, pages: CONTROL_PAGES.map((o) => b + BigInt(o)), kvmclock, stub };
+  };
+  const d = decide();
+  cpl3Resets.set(snap, d);
+  return d;
+}
 let forks = 0;
 
 /**
@@ -201,7 +286,7 @@ export async function restoreMachine(
       name: 'tsvm-reset',
       observe: (w) => { for (let a = w.address & ~0xfffn; a < w.address + BigInt(w.length); a += 4096n) hostPages.add(a); },
     });
-    bases.set(m, { snapshot: snap, slots, hostPages });
+    bases.set(m, { snapshot: snap, slots, hostPages, debugTraps: x.debugTraps(), stateVersion: m.vcpus[0]?.backend.stateVersion?.() });
     return m;
   } catch (e) {
     await m.close().catch(() => undefined);
@@ -240,6 +325,14 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
   }
   let pages = 0;
   const full = options.full === true;
+  // CPL3 reset: decided per snapshot; then per reset no control page may have been written
+  // since (by the guest: the dirty log; by the host or a device's DMA: hostPages), no #DB taken.
+  const cpl3 = cpl3ResetOf(snap);
+  // Nor may the host have set special registers, MSRs or other vCPU state (it could have put the
+  // guest at CPL0, or pointed syscall at guest code).
+  const version = m.vcpus[0]?.backend.stateVersion?.();
+  let cpl3Ok = !full && cpl3 !== null && x.debugTraps() === base.debugTraps && version !== undefined && version === base.stateVersion
+    && !cpl3.pages.some((a) => base.hostPages.has(a));
   const scratch = full ? new Uint8Array(PAGE_SIZE) : undefined;
   base.slots.forEach((slot, i) => {
     const r = snap.manifest.memory[i];
@@ -249,6 +342,12 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
       pages++;
     };
     const bitmap = m.dirtyPages(slot); // harvested in both modes, so the next reset starts clean
+    if (cpl3Ok && cpl3 && i === cpl3.region) {
+      for (const o of CONTROL_PAGES) {
+        const bit = (cpl3.offset + o) / PAGE_SIZE;
+        if (((bitmap[bit >> 3] ?? 0) & (1 << (bit & 7))) !== 0) cpl3Ok = false;
+      }
+    }
     if (scratch) {
       for (let off = 0; off < r.size; off += PAGE_SIZE) {
         m.memory.readInto(r.start + BigInt(off), scratch);
@@ -273,12 +372,37 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
       }
     }
   });
+  let cpu: ResetResult['cpu'] = 'full';
   try {
-    applyState(m, x, snap, true, applyCpuStateForReset);
+    const vcpu0 = m.vcpus[0]?.backend;
+    const stub = cpl3Ok && cpl3?.stub && vcpu0?.guestDebugging?.() === false ? cpl3.stub : undefined;
+    let prelude: EntryPrelude | undefined;
+    if (stub) {
+      // The stub goes into its (host-reserved, user read-only) page now and the snapshot's bytes
+      // go back once it has run, at the first exit: the guest can read the stub only between
+      // the reset and that exit, and every stop sees the snapshot's page, as a fresh fork would.
+      m.memory.write(stub.at, stub.page);
+      const cell = stub.at + BigInt(RESET_STUB.CELL);
+      prelude = {
+        at: stub.at, length: RESET_STUB.LENGTH, blob: 'xsave', bytes: stub.xsave,
+        retarget: (rip) => { const c = new Uint8Array(8); new DataView(c.buffer).setBigUint64(0, rip, true); m.memory.write(cell, c); },
+        // Written back as the snapshot has it: nothing for the next reset to copy.
+        done: () => { m.memory.write(stub.at, stub.original); base.hostPages.delete(stub.at); },
+      };
+    }
+    const apply = cpl3Ok && cpl3
+      ? (vm: BackendVm, vcpus: readonly BackendVcpu[], mf: SnapshotManifest, rejected: Set<number>): void => {
+        if (applyCpl3StateForReset(vm, vcpus, mf, cpl3.kvmclock, prelude)) cpu = 'cpl3';
+        else applyCpuStateForReset(vm, vcpus, mf, rejected);
+      }
+      : applyCpuStateForReset;
+    applyState(m, x, snap, true, apply);
   } catch (e) {
     throw e instanceof TsvmError ? e : new StateError(`reset of '${m.name}' failed: ${String(e)}`);
   } finally {
     base.hostPages.clear(); // the copies above are host writes too: memory now equals the snapshot
+    base.debugTraps = x.debugTraps();
+    base.stateVersion = m.vcpus[0]?.backend.stateVersion?.();
   }
-  return { pagesCopied: pages };
+  return { pagesCopied: pages, cpu };
 }
