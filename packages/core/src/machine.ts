@@ -18,7 +18,7 @@
  */
 import { EventEmitter } from 'eventemitter3';
 import type { Backend, CpuidEntry, HostCapabilities } from './backend.js';
-import { kvmBackend } from './backend/kvm.js';
+import { KvmBackend, kvmBackend } from './backend/kvm.js';
 import type { Bus, RangeSpec } from './bus.js';
 import { show } from './check.js';
 import type { Device, DeviceMapping, IrqLine } from './device.js';
@@ -211,7 +211,11 @@ export class Machine {
     const backend = options.backend ?? kvmBackend();
     // Before this machine's VM: the probe makes (and closes) one of its own.
     const control = model ? backend.cpuidControl?.() : undefined;
-    const vm = backend.createVm({ irqchip });
+    // One vCPU on this thread with the default CPUID and no irqchip: a closed machine's VM, wiped,
+    // serves. Only where `createVm` is KvmBackend's own: a wrapper that overrides it (a restore's
+    // image-backed VM) must get its VM from its override.
+    const plain = !model && nVcpus === 1 && threads === 'shared' && !irqchip;
+    const vm = plain && backend instanceof KvmBackend && backend.createVm === KvmBackend.prototype.createVm ? backend.createPlainVm() : backend.createVm({ irqchip });
     const s = new MachineState(options.name ?? 'machine', backend, vm, irqchip);
     try {
       for (const r of regions) memoryMap.addRegion(s, r);
