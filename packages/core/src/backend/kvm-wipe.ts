@@ -17,8 +17,13 @@
 import { KVM_CONST, KvmError, VCPU_EVENTS_OFFSETS, type KvmVcpu } from '@tsvm/kvm-backend';
 import type { MsrEntry, Regs, Sregs } from '../backend.js';
 
-/** The blobs a wipe writes, in this order (XCR0 decides what XSAVE loads). */
-const BLOBS = ['xcrs', 'xsave', 'fpu', 'debugregs'] as const;
+/**
+ * The blobs a wipe writes, in this order. `fpu` as well as `xsave`: `KVM_SET_XSAVE` leaves the
+ * bytes of a component its header marks "init" as they were in the kernel's buffer, where
+ * `KVM_GET_FPU` still shows them (XMM registers, found by this module's test); `KVM_SET_FPU`
+ * first overwrites them. XCRs before XSAVE (XCR0 decides what XSAVE loads).
+ */
+const BLOBS = ['fpu', 'xcrs', 'xsave', 'debugregs'] as const;
 
 /** `KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR`: without them `KVM_SET_VCPU_EVENTS` keeps the old values. */
 const EVENTS_ALSO = 0x1 | 0x2;
@@ -27,7 +32,7 @@ const EVENTS_ALSO = 0x1 | 0x2;
 export interface PowerOnImage {
   readonly regs: Regs;
   readonly sregs: Sregs;
-  /** `xsave` (or `fpu` where XSAVE is not offered), `xcrs`, `debugregs`. */
+  /** `fpu`, `xsave` and `xcrs` (where XSAVE is offered), `debugregs`. */
   readonly blobs: Readonly<Partial<Record<(typeof BLOBS)[number], Uint8Array>>>;
   /** `kvm_vcpu_events` with the NMI-pending and SIPI fields marked valid. */
   readonly events: Uint8Array;
@@ -49,7 +54,7 @@ export function capturePowerOn(v: KvmVcpu, msrIndices: readonly number[], cpuidO
   for (const k of ['xcrs', 'xsave', 'debugregs'] as const) {
     try { blobs[k] = v.getBlob(k); } catch { /* XSAVE/XCRs not offered: FPU below */ }
   }
-  if (!blobs.xsave) blobs.fpu = v.getBlob('fpu');
+  blobs.fpu = v.getBlob('fpu');
   const events = v.getBlob('events');
   const ev = new DataView(events.buffer, events.byteOffset, events.byteLength);
   ev.setUint32(VCPU_EVENTS_OFFSETS.flags, ev.getUint32(VCPU_EVENTS_OFFSETS.flags, true) | EVENTS_ALSO, true);
