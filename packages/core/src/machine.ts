@@ -251,7 +251,10 @@ export class Machine {
   /**
    * Releases everything: vCPUs, memslots and memory, the VM, and attached devices. Idempotent.
    * Refuses while `run()` is in progress (abort it first). The kernel finishes destroying the
-   * VM in the background (see {@link Machine.released}).
+   * VM in the background (see {@link Machine.released}); a plain machine's VM (one vCPU on this
+   * thread, no irqchip, no CPU model, one flagless region at 0) is instead kept by the KVM
+   * backend, wiped (vCPU at power-on, zeroed RAM), for the next plain `create`: this machine's
+   * handles reach nothing of it either way (`KvmBackend.dropKeptVms` destroys kept VMs).
    */
   async close(): Promise<void> {
     return teardown.close(this.#s, this.events);
