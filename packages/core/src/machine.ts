@@ -267,6 +267,8 @@ export class Machine {
    * loop (at most 4 at a time: a fifth `close()` waits for the oldest). It also waits for the
    * spare VM the KVM backend keeps ready for the next `create` (made on the thread pool after
    * each create; `TSVM_SPARE_VM=0` turns that off). Await this before counting a process's fds.
+   * VMs the KVM backend keeps for plain machines (see {@link Machine.close}) are not released
+   * here: `await kvmBackend().dropKeptVms()` does that.
    */
   static released(): Promise<void> {
     return teardown.released();
