@@ -18,7 +18,7 @@
  */
 import { EventEmitter } from 'eventemitter3';
 import type { Backend, CpuidEntry, HostCapabilities } from './backend.js';
-import { kvmBackend } from './backend/kvm.js';
+import { KvmBackend, kvmBackend } from './backend/kvm.js';
 import type { Bus, RangeSpec } from './bus.js';
 import { show } from './check.js';
 import type { Device, DeviceMapping, IrqLine } from './device.js';
@@ -211,7 +211,11 @@ export class Machine {
     const backend = options.backend ?? kvmBackend();
     // Before this machine's VM: the probe makes (and closes) one of its own.
     const control = model ? backend.cpuidControl?.() : undefined;
-    const vm = backend.createVm({ irqchip });
+    // One vCPU on this thread with the default CPUID and no irqchip: a closed machine's VM, wiped,
+    // serves. Only where `createVm` is KvmBackend's own: a wrapper that overrides it (a restore's
+    // image-backed VM) must get its VM from its override.
+    const plain = !model && nVcpus === 1 && threads === 'shared' && !irqchip;
+    const vm = plain && backend instanceof KvmBackend && backend.createVm === KvmBackend.prototype.createVm ? backend.createPlainVm() : backend.createVm({ irqchip });
     const s = new MachineState(options.name ?? 'machine', backend, vm, irqchip);
     try {
       for (const r of regions) memoryMap.addRegion(s, r);
@@ -247,7 +251,10 @@ export class Machine {
   /**
    * Releases everything: vCPUs, memslots and memory, the VM, and attached devices. Idempotent.
    * Refuses while `run()` is in progress (abort it first). The kernel finishes destroying the
-   * VM in the background (see {@link Machine.released}).
+   * VM in the background (see {@link Machine.released}); a plain machine's VM (one vCPU on this
+   * thread, no irqchip, no CPU model, one flagless region at 0) is instead kept by the KVM
+   * backend, wiped (vCPU at power-on, zeroed RAM), for the next plain `create`: this machine's
+   * handles reach nothing of it either way (`KvmBackend.dropKeptVms` destroys kept VMs).
    */
   async close(): Promise<void> {
     return teardown.close(this.#s, this.events);
@@ -260,6 +267,8 @@ export class Machine {
    * loop (at most 4 at a time: a fifth `close()` waits for the oldest). It also waits for the
    * spare VM the KVM backend keeps ready for the next `create` (made on the thread pool after
    * each create; `TSVM_SPARE_VM=0` turns that off). Await this before counting a process's fds.
+   * VMs the KVM backend keeps for plain machines (see {@link Machine.close}) are not released
+   * here: `await kvmBackend().dropKeptVms()` does that.
    */
   static released(): Promise<void> {
     return teardown.released();

@@ -3,6 +3,7 @@
  * {@link KvmError} naming the ioctl, and fd closing.
  * @module
  */
+import { createRequire } from 'node:module';
 import { C, errno, libc } from './raw/libc.js';
 import { KVM, type KvmIoctl } from './raw/ioctls.js';
 import { KvmError } from './errors.js';
@@ -26,7 +27,26 @@ export function closeFd(fd: number): void {
   if (fd >= 0) libc().close(fd);
 }
 
+let fcntlInt: ((fd: number, cmd: number, arg: number) => number) | undefined;
+/** `F_DUPFD_CLOEXEC` (Linux x86-64). */
+const F_DUPFD_CLOEXEC = 1030;
 
+/**
+ * A second fd for the same open file (`fcntl(F_DUPFD_CLOEXEC)`). The kernel object (a vCPU, a
+ * VM) lives until its last fd closes, so closing the original through its wrapper leaves the
+ * object to the new fd's owner only. Bound here on first use (like `tgkill` in `runner.ts`):
+ * the raw table in `raw/libc.ts` stays the functions every path needs.
+ * @throws KvmError naming `fcntl(F_DUPFD_CLOEXEC)` and errno.
+ */
+export function dupFd(fd: number): number {
+  if (!fcntlInt) {
+    const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
+    fcntlInt = koffi.load('libc.so.6').func('fcntl', 'int', ['int', 'int', 'int']) as (fd: number, cmd: number, arg: number) => number;
+  }
+  const r = fcntlInt(fd, F_DUPFD_CLOEXEC, 0);
+  if (r < 0) throw new KvmError('fcntl(F_DUPFD_CLOEXEC)', errno());
+  return r;
+}
 
 /**
  * Issues `ioctl(fd, KVM_x, arg)` on a libuv thread-pool thread (koffi's async call): the kernel's

@@ -6,7 +6,7 @@ import * as S from './raw/structs.js';
 import { dv, encodeCpuid } from './raw/codec.js';
 import type { CpuidEntry } from './types.js';
 import { KVM_CAP, KVM_CONST } from './raw/ioctls.js';
-import { closeFd, closeFdInBackground, ioctlAsync, ioctlInt, ioctlPtr } from './fd.js';
+import { closeFd, closeFdInBackground, dupFd, ioctlAsync, ioctlInt, ioctlPtr } from './fd.js';
 import { KvmVcpu } from './vcpu.js';
 import { KvmError } from './errors.js';
 
@@ -268,6 +268,49 @@ export class KvmVm {
       closeFd(fd);
       throw e;
     }
+  }
+
+  /**
+   * A new wrapper for the vCPU `old` wraps, on a second fd (`F_DUPFD_CLOEXEC`) with its own
+   * `kvm_run` mapping; `old` is closed (its mapping unmapped, its fd number released). Anyone
+   * still holding `old` gets `EBADF` and empty views, never the vCPU: how a kept VM's vCPU
+   * changes owner. The vCPU itself (its state) is unchanged.
+   * @throws KvmError when the dup or the mapping fails; `old` is then unchanged.
+   */
+  rewrapVcpu(old: KvmVcpu): KvmVcpu {
+    const fd = dupFd(old.fd);
+    let fresh: KvmVcpu;
+    try {
+      fresh = new KvmVcpu(fd, old.id, this.vcpuMmapSize);
+    } catch (e) {
+      closeFd(fd);
+      throw e;
+    }
+    old.close();
+    return fresh;
+  }
+
+  /**
+   * A new wrapper owning this VM's fd; this one is left closed (`fd` -1) without closing it:
+   * a stale holder of this object reaches no VM. Idempotent on a closed VM (returns a closed one).
+   */
+  rewrap(): KvmVm {
+    const vm = new KvmVm(this.fd, this.vcpuMmapSize);
+    this.fd = -1;
+    return vm;
+  }
+
+  /**
+   * `KVM_GET_CPUID2` on one of this VM's vCPUs: the table KVM holds for it now, as raw
+   * `struct kvm_cpuid2` bytes with room for `max` entries (KVM keeps the runtime bits, e.g.
+   * OSXSAVE, in step with CR4 and XCR0; on PVM it also merges the host's values in). Raw, for
+   * comparing one vCPU's table at two times.
+   */
+  vcpuCpuidBytes(vcpu: KvmVcpu, max = 256): Uint8Array {
+    const b = new Uint8Array(8 + max * S.sizeOf(S.kvm_cpuid_entry2));
+    dv(b).setUint32(0, max, true);
+    ioctlPtr(vcpu.fd, 'KVM_GET_CPUID2', b);
+    return b;
   }
 
   /** Closes the VM fd. Idempotent. Close vCPUs and unmap memory first. */

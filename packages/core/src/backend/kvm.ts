@@ -19,6 +19,7 @@ import type { VcpuExit } from '../exits.js';
 import { RIP_ON_INSTRUCTION } from '../cpu/io-rip.js';
 import { probeIoRip, type IoRipProbeResult } from './io-rip-probe.js';
 import { probeCpuidControl, type CpuidControl } from '../cpu/cpuid-probe.js';
+import { capturePowerOn, wipeVcpu, type PowerOnImage } from './kvm-wipe.js';
 
 function detectFlavour(): VirtFlavour {
   try {
@@ -71,6 +72,18 @@ export class KvmBackend implements Backend {
   readonly #preparing = new Map<boolean, Promise<void>>();
   #spareOn = false; // on once the constructor's probe VM is made (it needs no spare)
   #closed = false;
+  /**
+   * Closed plain machines' VMs (with vCPU 0 and guest RAM at slot 0), wiped, for the next plain
+   * `createVm(…, true)`: at most {@link KEPT_VMS}. Each is fresh to its next guest (vCPU back to
+   * {@link #powerOn}, RAM a new zero-filled memfd) and reached by no handle of its old machine.
+   * `TSVM_RECYCLE_VM=0` turns it off.
+   */
+  readonly #kept: KeptVm[] = [];
+  /** What a brand-new vCPU looks like: `undefined` until the first plain vCPU, `null` where it cannot be captured (nothing is kept then). */
+  #powerOn: PowerOnImage | null | undefined;
+  readonly #keepOn = process.env['TSVM_RECYCLE_VM'] !== '0';
+  /** How many VMs {@link createVm} took from closed machines (diagnostics and tests). */
+  recycledVms = 0;
 
   /** Opens `/dev/kvm` (throws `KvmUnavailableError` with a reason). */
   constructor(path = '/dev/kvm') {
@@ -133,16 +146,77 @@ export class KvmBackend implements Backend {
 
   /** Creates a VM: the spare one made ahead when there is one, and starts making the next. */
   createVm(options: BackendVmOptions): BackendVm {
+    return this.#createVm(options, false);
+  }
+
+  /**
+   * {@link createVm} for a plain machine (`Machine.create` with one vCPU on this thread, no
+   * irqchip, no CPU model: its vCPU keeps the default CPUID, which is what lets a wipe check
+   * it): a closed plain machine's wiped VM comes first, and this VM may be kept, wiped, when its
+   * machine closes (see {@link keptVms}).
+   */
+  createPlainVm(): BackendVm {
+    return this.#createVm({ irqchip: false }, true);
+  }
+
+  #createVm(options: BackendVmOptions, plain: boolean): BackendVm {
     // A dirty ring must be enabled before the first vCPU exists, which a spare already has.
     if (options.dirtyRing !== undefined && this.capabilities.dirtyLogRing) return this.#createVmNow(options);
+    const reuse = plain && !options.irqchip && options.dirtyRing === undefined;
+    const kept = reuse ? this.#kept.shift() : undefined;
+    if (kept) {
+      this.recycledVms++;
+      return new KvmBackendVm(kept.vm, this, false, kept.vcpu, undefined, { memory: kept.memory });
+    }
     const spare = this.#spares.get(options.irqchip)?.shift();
     if (spare) {
       this.#refill(options.irqchip);
-      return new KvmBackendVm(spare.vm, this, options.irqchip, spare.vcpu);
+      return new KvmBackendVm(spare.vm, this, options.irqchip, spare.vcpu, undefined, reuse ? {} : undefined);
     }
-    const made = this.#createVmNow(options);
+    const made = this.#createVmNow(options, reuse);
     this.#refill(options.irqchip);
     return made;
+  }
+
+  /** How many closed machines' VMs are kept, wiped, for the next plain create. */
+  keptVms(): number {
+    return this.#kept.length;
+  }
+
+  /**
+   * Destroys the kept VMs (see {@link createVm}); resolves when the kernel has released them.
+   * Later plain machines are kept again as they close.
+   */
+  async dropKeptVms(): Promise<void> {
+    await Promise.all(this.#kept.splice(0).map((k) => closeKept(k)));
+  }
+
+  /**
+   * @internal The first plain vCPU, brand new (never run): its state becomes the power-on
+   * image wipes restore. Once per backend; a host where it cannot be captured keeps no VMs.
+   */
+  notePowerOn(v: KvmVcpu, vm: KvmVm): void {
+    if (this.#powerOn !== undefined || !this.#keepOn) return;
+    try { this.#powerOn = capturePowerOn(v, this.msrIndexList(), (x) => vm.vcpuCpuidBytes(x)); } catch { this.#powerOn = null; }
+  }
+
+  /**
+   * @internal Takes a closed plain machine's VM if there is room: wipes its vCPU (throws, and
+   * takes nothing, when that fails) and keeps the result. `false`: not taken, destroy it.
+   */
+  keep(take: () => KeptVm | undefined): boolean {
+    const image = this.#powerOn;
+    if (!this.#keepOn || this.#closed || !image || this.#kept.length >= KEPT_VMS) return false;
+    const k = take();
+    if (!k) return false;
+    this.#kept.push(k);
+    return true;
+  }
+
+  /** @internal Puts a used vCPU back to the power-on image (see `kvm-wipe.ts`). */
+  wipe(v: KvmVcpu, vm: KvmVm): void {
+    if (!this.#powerOn) throw new KvmError('wipe', 22, 'no power-on image on this host');
+    wipeVcpu(v, this.#powerOn, (x) => vm.vcpuCpuidBytes(x));
   }
 
   /** How many spare VMs of this irqchip kind are ready now (diagnostics). */
@@ -188,7 +262,7 @@ export class KvmBackend implements Backend {
     }
   }
 
-  #createVmNow(options: BackendVmOptions): BackendVm {
+  #createVmNow(options: BackendVmOptions, plain = false): BackendVm {
     const vm = retryInterrupted(() => this.system.createVm());
     try {
       // Intel needs a TSS and identity map page for real mode; harmless elsewhere. Placed in
@@ -212,13 +286,14 @@ export class KvmBackend implements Backend {
       while (bytes * 2 <= Math.min(options.dirtyRing, max)) bytes *= 2;
       try { vm.enableDirtyRing(bytes); ring = bytes; } catch { ring = undefined; }
     }
-    return new KvmBackendVm(vm, this, options.irqchip, undefined, ring);
+    return new KvmBackendVm(vm, this, options.irqchip, undefined, ring, plain && ring === undefined ? {} : undefined);
   }
 
-  /** Closes the spare VMs and `/dev/kvm`. */
+  /** Closes the spare and kept VMs and `/dev/kvm`. */
   close(): void {
     this.#closed = true;
     for (const list of this.#spares.values()) for (const { vm, vcpu } of list.splice(0)) { vcpu.close(); vm.close(); }
+    for (const k of this.#kept.splice(0)) { k.vcpu.close(); k.memory.close(); k.vm.close(); }
     this.system.close();
   }
 }
@@ -242,14 +317,67 @@ class KvmBackendVm implements BackendVm {
   readonly #slotSizes = new Map<number, number>();
   /** `'ring'` when this VM's dirty pages come from per-vCPU rings. */
   readonly dirtyTracking: 'log' | 'ring';
+  /**
+   * A plain VM (see `KvmBackend.createVm`): kept, wiped, when its machine closes. Anything a
+   * wipe does not undo (another memslot or flag, coalesced zones, MSR filters, irq lines, VM
+   * state, more vCPUs, runner threads, RAM mapped from another file) makes it not plain.
+   */
+  #plain: boolean;
+  /** vCPU 0 came from a kept VM (used before: not a power-on sample). */
+  readonly #reused: boolean;
+  /** A kept VM's RAM, registered at slot 0 from guest address 0, until a region takes it. */
+  #premade: MemfdMapping | undefined;
+  #premadeGiven = false;
+  /** The RAM at slot 0 from guest address 0 with no flags: a plain VM's one region. */
+  #slot0: MemfdMapping | undefined;
 
-  constructor(vm: KvmVm, backend: KvmBackend, irqchip: boolean, vcpu0?: KvmVcpu, ringBytes?: number) {
+  constructor(vm: KvmVm, backend: KvmBackend, irqchip: boolean, vcpu0?: KvmVcpu, ringBytes?: number, plain?: { readonly memory?: MemfdMapping }) {
     this.#vm = vm;
     this.#backend = backend;
     this.#irqchip = irqchip;
     this.#ready0 = vcpu0;
     this.#ringBytes = ringBytes;
     this.dirtyTracking = ringBytes === undefined ? 'log' : 'ring';
+    this.#plain = plain !== undefined && !irqchip && ringBytes === undefined;
+    this.#reused = plain?.memory !== undefined;
+    this.#premade = plain?.memory;
+  }
+
+  #notPlain(): void {
+    this.#plain = false;
+    this.#dropPremade();
+  }
+
+  /** Deletes a kept VM's slot 0 before any other layout (KVM refuses overlapping slots). */
+  #dropPremade(): void {
+    const p = this.#premade;
+    if (!p) return;
+    this.#premade = undefined;
+    this.#vm.setUserMemoryRegion(0, 0n, 0, 0n);
+    if (!this.#premadeGiven) p.close();
+  }
+
+  /**
+   * @internal `teardown`: hands this VM with its one vCPU and region to the backend to keep
+   * (wiped; see `KvmBackend.createVm`). `true` when taken: the handles given here are closed
+   * then (closing them again is a no-op) and reach nothing of the kept VM.
+   */
+  recycle(vcpus: readonly BackendVcpu[], hosts: readonly HostMemory[]): boolean {
+    const v = vcpus[0];
+    const slot0 = this.#slot0;
+    if (!this.#plain || this.#ready0 || this.#vm.fd < 0 || vcpus.length !== 1 || hosts.length !== 1 || !slot0 || hosts[0] !== slot0 || !(v instanceof KvmBackendVcpu)) return false;
+    return this.#backend.keep(() => {
+      const raw = v.kvm;
+      if (raw.fd < 0 || raw.id !== 0) return undefined;
+      try { this.#backend.wipe(raw, this.#vm); } catch { return undefined; }
+      let vcpu: KvmVcpu;
+      try { vcpu = this.#vm.rewrapVcpu(raw); } catch { return undefined; }
+      let memory: MemfdMapping;
+      try { memory = slot0.renew(); } catch { vcpu.close(); return undefined; }
+      this.#slot0 = undefined;
+      this.#releaseOwned();
+      return { vm: this.#vm.rewrap(), vcpu, memory };
+    });
   }
 
   /**
@@ -295,10 +423,13 @@ class KvmBackendVm implements BackendVm {
   #ringOverflowed = false;
 
   allocateMemory(size: number, name: string): HostMemory {
+    const p = this.#premade;
+    if (p && !this.#premadeGiven && p.size === size) { this.#premadeGiven = true; return p; }
     return MemfdMapping.create(size, name);
   }
 
   allocateMemoryFrom(source: HostMemory, offset: number, size: number): HostMemory {
+    this.#notPlain();
     if (source.fd < 0) throw new KvmError('mmap(MAP_PRIVATE)', 9, 'the source memory has no file to map');
     return MemfdMapping.mapPrivate(source.fd, offset, size);
   }
@@ -317,6 +448,7 @@ class KvmBackendVm implements BackendVm {
   }
 
   setState(state: Readonly<Record<string, Uint8Array>>): void {
+    this.#notPlain();
     for (const [k, b] of Object.entries(state)) {
       switch (k) {
         case 'pic-master': case 'pic-slave': case 'ioapic': this.#vm.setIrqchip(b); break;
@@ -329,12 +461,23 @@ class KvmBackendVm implements BackendVm {
   }
 
   mapMemory(slot: number, start: bigint, host: HostMemory, size: number, flags: { readonly: boolean; logDirty: boolean }): void {
+    const first = this.#plain && slot === 0 && start === 0n && !flags.readonly && !flags.logDirty && this.#slot0 === undefined
+      && this.#slotSizes.size === 0 && host instanceof MemfdMapping && host.fd >= 0 && host.size === size;
+    if (first && host === this.#premade) { // a kept VM's RAM: registered so already
+      this.#premade = undefined;
+      this.#slot0 = host;
+      this.#slotSizes.set(slot, size);
+      return;
+    }
+    if (first) this.#dropPremade(); else this.#notPlain();
+    if (first) this.#slot0 = host as MemfdMapping;
     if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringBits.delete(slot); }
     this.#vm.setUserMemoryRegion(slot, start, size, host.hostAddress, flags);
     this.#slotSizes.set(slot, size);
   }
 
   unmapMemory(slot: number): void {
+    this.#notPlain();
     if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringBits.delete(slot); }
     this.#slotSizes.delete(slot);
     this.#vm.setUserMemoryRegion(slot, 0n, 0, 0n);
@@ -343,6 +486,7 @@ class KvmBackendVm implements BackendVm {
   }
 
   dirtyLog(slot: number, size: number): Uint8Array {
+    this.#notPlain();
     const bytes = Math.ceil(size / 4096 / 64) * 8;
     if (this.#ringBytes !== undefined) {
       this.harvestRings();
@@ -368,18 +512,22 @@ class KvmBackendVm implements BackendVm {
   }
 
   irqLine(irq: number, level: boolean): void {
+    this.#notPlain();
     this.#vm.irqLine(irq, level);
   }
 
   registerCoalesced(address: bigint, size: number, pio: boolean): void {
+    this.#notPlain();
     this.#vm.registerCoalesced(address, size, pio);
   }
 
   unregisterCoalesced(address: bigint, size: number, pio: boolean): void {
+    this.#notPlain();
     this.#vm.unregisterCoalesced(address, size, pio);
   }
 
   setMsrIntercepts(reads: readonly number[], writes: readonly number[]): void {
+    this.#notPlain();
     if (!this.#msrFilterEnabled) {
       this.#vm.enableCap(KVM_CAP.X86_USER_SPACE_MSR, [BigInt(KVM_CONST.MSR_EXIT_REASON_FILTER | KVM_CONST.MSR_EXIT_REASON_UNKNOWN)]);
       this.#msrFilterEnabled = true;
@@ -398,9 +546,11 @@ class KvmBackendVm implements BackendVm {
   }
 
   createVcpu(id: number): BackendVcpu {
+    if (id !== 0) this.#notPlain();
     const ready = id === 0 ? this.#ready0 : undefined;
     if (ready) {
       this.#ready0 = undefined;
+      if (this.#plain && !this.#reused) this.#backend.notePowerOn(ready, this.#vm);
       return new KvmBackendVcpu(ready, this.#backend.supportedCpuid(), this.#vm, this.#backend);
     }
     const vcpu = this.#vm.createVcpu(id);
@@ -408,6 +558,7 @@ class KvmBackendVm implements BackendVm {
       const cpuid = this.#backend.supportedCpuid();
       vcpu.setCpuid(cpuid);
       vcpu.setSignalMask(runSignalMask());
+      if (this.#plain) this.#backend.notePowerOn(vcpu, this.#vm);
       if (this.#ringBytes !== undefined) {
         vcpu.mapDirtyRing(this.#ringBytes);
         this.#ringVcpus.push(vcpu);
@@ -421,6 +572,7 @@ class KvmBackendVm implements BackendVm {
   }
 
   async startRunners(vcpus: readonly BackendVcpu[]): Promise<BackendRunners> {
+    this.#notPlain();
     const own = vcpus.map((v) => {
       if (!(v instanceof KvmBackendVcpu)) throw new KvmError('startRunners', 22, 'not a vCPU of this backend');
       return v;
@@ -441,8 +593,11 @@ class KvmBackendVm implements BackendVm {
     return this.#vm.closeInBackground();
   }
 
-  /** The dirty-log buffers and an untaken vCPU 0: what this VM owns besides its fd. */
+  /** The dirty-log buffers, an untaken vCPU 0 and kept RAM no region took: what this VM owns besides its fd. */
   #releaseOwned(): void {
+    this.#plain = false;
+    if (this.#premade && !this.#premadeGiven) this.#premade.close();
+    this.#premade = undefined;
     this.#ringVcpus.length = 0;
     for (const b of this.#dirtyBufs.values()) b.close();
     this.#dirtyBufs.clear();
@@ -918,6 +1073,31 @@ export function kvmBackend(): KvmBackend {
 
 /** Spare VMs kept ready per irqchip kind (see `KvmBackend`). */
 const SPARES = 2;
+
+/** Closed plain machines' VMs kept for reuse (see `KvmBackend.createVm`): each holds 3 fds and a few pages of the kernel's. */
+const KEPT_VMS = 2;
+
+/** @internal A closed plain machine's VM, wiped: vCPU 0 at power-on, RAM a new zero-filled memfd still registered at slot 0 from 0. */
+export interface KeptVm {
+  readonly vm: KvmVm;
+  readonly vcpu: KvmVcpu;
+  readonly memory: MemfdMapping;
+}
+
+function closeKept(k: KeptVm): Promise<void> {
+  k.vcpu.close();
+  k.memory.close();
+  if (!isMainThread) { k.vm.close(); return Promise.resolve(); }
+  return k.vm.closeInBackground();
+}
+
+/**
+ * @internal `teardown`: offers a closing machine's VM to its backend to keep (a plain KVM VM
+ * with room in the backend's pool; see `KvmBackend.createVm`). `true` when it was taken.
+ */
+export function recycleVm(vm: BackendVm, vcpus: readonly BackendVcpu[], hosts: readonly HostMemory[]): boolean {
+  return vm instanceof KvmBackendVm && vm.recycle(vcpus, hosts);
+}
 
 /** @internal Resolves when the shared backend (if one was opened) prepares no spare VM. */
 export function sharedBackendSettled(): Promise<void> {

@@ -8,7 +8,7 @@ import type { EventEmitter } from 'eventemitter3';
 import { StateError } from '../errors.js';
 import type { MachineEvents } from '../machine.js';
 import type { MachineState } from './state.js';
-import { sharedBackendSettled } from '../backend/kvm.js';
+import { recycleVm, sharedBackendSettled } from '../backend/kvm.js';
 
 /**
  * VM releases still running on a thread-pool thread (see {@link close}). Bounded: a close that
@@ -28,11 +28,17 @@ export async function released(): Promise<void> {
  * @internal Releases the KVM side and guest RAM; keeps going past failures (also for a
  * half-built machine). With `background`, a VM whose backend can do so is destroyed on a
  * thread-pool thread; the returned promise (if any) resolves when the kernel has released it.
+ * With `keep`, a plain machine's VM may instead go back to its backend, wiped, for the next
+ * plain machine (see `KvmBackend.createVm`): every handle of this machine is closed all the same.
  */
-export function teardown(s: MachineState, background = false): Promise<void> | undefined {
+export function teardown(s: MachineState, background = false, keep = false): Promise<void> | undefined {
   // Runner threads first: none may be inside KVM_RUN on a vCPU fd that is being closed.
+  const hadRunners = s.runners !== undefined;
   try { s.runners?.close(); } catch { /* keep going */ }
   s.runners = undefined;
+  const hosts = s.memory.clear();
+  // Taken: the VM's fds moved to new owners, and what follows closes this machine's (now empty) handles.
+  if (keep && !hadRunners) { try { recycleVm(s.vm, s.vcpus.map((v) => v.backend), hosts); } catch { /* destroyed below */ } }
   for (const v of s.vcpus) { try { v.backend.close(); } catch { /* keep going */ } }
   s.vcpus.length = 0;
   // No memslot deletes (~150 µs each on PVM): destroying the VM drops its memslots, and the
@@ -45,7 +51,7 @@ export function teardown(s: MachineState, background = false): Promise<void> | u
     if (background && s.vm.closeInBackground) pending = s.vm.closeInBackground().catch(() => { /* keep going */ });
     else s.vm.close();
   } catch { /* keep going */ }
-  for (const h of s.memory.clear()) h.close();
+  for (const h of hosts) { try { h.close(); } catch { /* keep going */ } }
   return pending;
 }
 
@@ -55,8 +61,9 @@ export async function close(s: MachineState, events: EventEmitter<MachineEvents>
   if (s.running) throw new StateError('cannot close a running machine; abort run() first');
   s.closed = true;
   // The kernel's VM teardown (~0.1–1 ms on PVM: SRCU grace periods, MMU) runs on libuv's thread
-  // pool instead of the event loop; `released()` waits for it.
-  const pending = teardown(s, true);
+  // pool instead of the event loop; `released()` waits for it. A plain machine's VM is rather
+  // kept, wiped, for the next plain machine (no kernel teardown, no creation next time).
+  const pending = teardown(s, true, true);
   if (pending) {
     releasing.add(pending);
     void pending.finally(() => releasing.delete(pending));
