@@ -299,8 +299,10 @@ export async function restoreMachine(
 function applyState(m: Machine, x: MachineInternals, snap: Snapshot, cpu = true, apply = applyCpuState): void {
   const manifest = snap.manifest;
   if (cpu) apply(x.vm, m.vcpus.map((v) => v.backend), manifest, snap.rejectedMsrs);
+  const states = Object.entries(manifest.devices);
+  if (states.length === 0) return;
   const attached = new Map(x.devices().map((d) => [d.name, d]));
-  for (const [name, state] of Object.entries(manifest.devices)) {
+  for (const [name, state] of states) {
     const d = attached.get(name);
     if (!d?.restore) throw new SnapshotFormatError(`snapshot: devices.${name}: no attached device of that name can restore state (attach it through options.devices or setup)`);
     step(`devices.${name}`, () => d.restore?.(structuredClone(state)));
@@ -332,7 +334,7 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
   // guest at CPL0, or pointed syscall at guest code).
   const version = m.vcpus[0]?.backend.stateVersion?.();
   let cpl3Ok = !full && cpl3 !== null && x.debugTraps() === base.debugTraps && version !== undefined && version === base.stateVersion
-    && !cpl3.pages.some((a) => base.hostPages.has(a));
+    && (base.hostPages.size === 0 || !cpl3.pages.some((a) => base.hostPages.has(a)));
   const scratch = full ? new Uint8Array(PAGE_SIZE) : undefined;
   base.slots.forEach((slot, i) => {
     const r = snap.manifest.memory[i];
@@ -356,7 +358,8 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
       return;
     }
     const end = r.start + BigInt(r.size);
-    for (const a of [...base.hostPages]) {
+    // (A copy: copying adds to hostPages.)
+    if (base.hostPages.size > 0) for (const a of [...base.hostPages]) {
       if (a < r.start || a >= end) continue;
       const off = Number(a - r.start);
       const bit = off / PAGE_SIZE;
@@ -372,7 +375,8 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
       }
     }
   });
-  let cpu: ResetResult['cpu'] = 'full';
+  let cpu = 'full' as ResetResult['cpu']; // (set inside `apply`)
+  let stubWritten: Cpl3Reset['stub'];
   try {
     const vcpu0 = m.vcpus[0]?.backend;
     const stub = cpl3Ok && cpl3?.stub && vcpu0?.guestDebugging?.() === false ? cpl3.stub : undefined;
@@ -382,6 +386,7 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
       // go back once it has run, at the first exit: the guest can read the stub only between
       // the reset and that exit, and every stop sees the snapshot's page, as a fresh fork would.
       m.memory.write(stub.at, stub.page);
+      stubWritten = stub;
       const cell = stub.at + BigInt(RESET_STUB.CELL);
       prelude = {
         at: stub.at, length: RESET_STUB.LENGTH, blob: 'xsave', bytes: stub.xsave,
@@ -400,6 +405,8 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
   } catch (e) {
     throw e instanceof TsvmError ? e : new StateError(`reset of '${m.name}' failed: ${String(e)}`);
   } finally {
+    // A stub written but not taken (the vCPU could not take state through kvm_run): away again.
+    if (stubWritten && cpu !== 'cpl3') m.memory.write(stubWritten.at, stubWritten.original);
     base.hostPages.clear(); // the copies above are host writes too: memory now equals the snapshot
     base.debugTraps = x.debugTraps();
     base.stateVersion = m.vcpus[0]?.backend.stateVersion?.();
