@@ -16,6 +16,8 @@
  * This file is also the machine module the workers load (its default export is the builder).
  * The host has 2 cores shared with other work: figures are noisy, run it twice before trusting
  * a difference. Prints a table and writes bench-results/threads.json.
+ * `TSVM_BENCH_THREADS_ONLY=8,storm` runs only the lag rows whose name has every listed word
+ * (after the baseline) and prints them, without the exit and pool figures or the JSON file.
  * @module
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -35,6 +37,8 @@ const PINGS = Number(process.env.TSVM_BENCH_THREADS_PINGS ?? 1000);
 const JOBS = Number(process.env.TSVM_BENCH_THREADS_JOBS ?? 300);
 const ROUNDS = Number(process.env.TSVM_BENCH_ROUNDS ?? 3);
 const TARGET_P99_MS = 2;
+/** `TSVM_BENCH_THREADS_ONLY=storm,8`: only the lag rows whose name contains every word (and no exit/pool figures). */
+const ONLY = process.env.TSVM_BENCH_THREADS_ONLY?.split(',').map((s) => s.trim()).filter(Boolean);
 
 const PROGRAMS = {
   spin: 'top: inc rax\n jmp top',
@@ -211,6 +215,7 @@ async function main(): Promise<void> {
     for (const program of ['spin', 'storm'] as const) {
       for (const n of [1, 2, 8]) {
         for (const where of ['thread', 'workers', 'workers nice 10', 'workers idle'] as const) {
+          if (ONLY && !ONLY.every((w) => `${n} ${program} ${where}`.split(' ').includes(w))) continue;
           lag[`${n} ${program} ${where}`] = await lagScenario(port, n, program, where);
           process.stderr.write('.');
         }
@@ -220,8 +225,6 @@ async function main(): Promise<void> {
     server.close();
   }
   process.stderr.write('\n');
-  const exit = await exitFigures();
-  const pool = await poolFigures();
   const base = lag.baseline as Lag;
   const r2 = (x: number) => Number(x.toFixed(2));
   console.log(`event-loop lag of an http server (${RATE} req/s offered, ${SECONDS} s per row; target p99 ≤ ${TARGET_P99_MS} ms with workers)`);
@@ -230,6 +233,9 @@ async function main(): Promise<void> {
     requests: v.requests, 'request p99 ms': r2(v.reqP99),
     ...(k.includes('workers') ? { target: v.p99 <= TARGET_P99_MS ? 'met' : 'missed' } : {}),
   }])));
+  if (ONLY) return; // a subset: no exit or pool figures, and bench-results/threads.json is left as it was
+  const exit = await exitFigures();
+  const pool = await poolFigures();
   const ratios = {
     exitWorkerVsThread: exit.exitWorkerUs!.median / exit.exitThreadUs!.median,
     runWorkerVsThread: exit.runWorkerUs!.median / exit.runThreadUs!.median,

@@ -27,7 +27,7 @@ export type {
 } from './exit.js';
 export { MemfdMapping } from './memfd.js';
 export { threadCpuNs } from './clock.js';
-export { setThreadIdle } from './sched.js';
+export { setThreadIdle, yieldThread } from './sched.js';
 export { VcpuRunners } from './runner.js';
 export { armSlice, disarmSlice, consumeSliceSignal, runSignalMask, sliceSignal } from './timer.js';
 export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './types.js';

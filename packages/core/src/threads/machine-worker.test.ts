@@ -25,7 +25,7 @@ describe('MachineWorker (mock backend in a worker)', () => {
     expect(await w.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
     expect(text).toBe('ok\nok\n');
     const report = await w.report();
-    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, pid: process.pid, nice: getPriority(), policy: 0, mark: 0 });
+    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, pid: process.pid, nice: getPriority(), policy: 0, mark: 0, slices: 2, longestSliceNs: 10e6 });
     expect(audit).toEqual([{ run: 1, code: 7 }, { run: 2, code: 7 }]);
     expect((await w.stats()).total).toBe(8);
     expect(w.threadId).toBeGreaterThan(0);
@@ -44,6 +44,28 @@ describe('MachineWorker (mock backend in a worker)', () => {
     await using n = await start('hello');
     expect(await n.report()).toMatchObject({ policy: 0 });
     await expect(start('hello', { idle: 1 as never })).rejects.toBeInstanceOf(InvalidArgumentError);
+  });
+
+  it('a deprioritised worker (idle, or nice > 0) runs slices of at most 1 ms (it yields the CPU between them); others keep 10 ms', async () => {
+    for (const extra of [{ idle: true }, { nice: 1 }]) {
+      await using w = await start('storm', extra);
+      expect((await w.run({ timeout: 100 })).reason).toBe('timeout');
+      const r = await w.report();
+      expect(r.longestSliceNs).toBe(1e6);
+      // ~100 slices in 100 ms (fewer when the host starves the worker); at 10 ms, at most ~11.
+      expect(r.slices).toBeGreaterThan(15);
+      // A bad slice length is still refused, typed.
+      await expect(w.run({ sliceMs: 0 })).rejects.toBeInstanceOf(InvalidArgumentError);
+      await expect(w.run({ sliceMs: 5000 })).rejects.toBeInstanceOf(InvalidArgumentError);
+    }
+    // A shorter slice of the caller's is kept.
+    await using short = await start('storm', { idle: true });
+    expect((await short.run({ timeout: 20, sliceMs: 0.5 })).reason).toBe('timeout');
+    expect(await short.report()).toMatchObject({ longestSliceNs: 0.5e6 });
+    await using n = await start('storm');
+    expect((await n.run({ timeout: 100 })).reason).toBe('timeout');
+    expect(await n.report()).toMatchObject({ longestSliceNs: 10e6 });
+    expect((await n.report()).slices).toBeLessThan(15);
   });
 
   it("isolation 'process': the machine runs in a child process; a native crash there (SIGSEGV) ends only it, typed", async () => {

@@ -82,6 +82,8 @@ export interface SpawnOptions {
    * Nice value of the worker's thread, 0–19 (default 0; only lowering priority needs no
    * privilege). Linux schedules threads, not processes: with more spinning guests than cores, a
    * positive value keeps the calling thread's wake-ups prompt (measured in `bench:threads`).
+   * A worker with a positive value runs slices of at most 1 ms and yields the CPU between them
+   * (see `idle`).
    */
   readonly nice?: number;
   /**
@@ -89,6 +91,12 @@ export interface SpawnOptions {
    * time no normal thread wants, and a waking normal thread — the caller's event loop —
    * preempts it at once. The strongest way to keep spinning guests from delaying the caller
    * (`bench:threads`), at the price that a busy host starves them. `nice` is then moot.
+   * Linux's fair scheduler (EEVDF) gives a normal thread no strict precedence, though: a caller
+   * that wakes with a little negative lag is not eligible yet, and a guest that never blocks
+   * (an exit storm) would keep the CPU until the next scheduler tick (4 ms at HZ=250). So a
+   * deprioritised worker runs slices of at most 1 ms (a smaller `sliceMs` is kept) and yields
+   * the CPU between them: the caller waits about a millisecond, for one `sched_yield` and one
+   * slice end per millisecond of guest time.
    */
   readonly idle?: boolean;
   /**

@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
@@ -11,6 +11,13 @@ import type KvmGuest from './fixtures/kvm-guest.js';
 import type { KvmInit } from './fixtures/kvm-guest.js';
 
 const kvm = kvmAvailability();
+/** Scheduling policy and nice of one of this process's threads (fields 41 and 19 of its stat). */
+const sched = (tid: number) => {
+  const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { policy: Number(f[38]), nice: Number(f[16]) };
+};
+const tids = () => readdirSync('/proc/self/task').map(Number);
 const module = new URL('./fixtures/kvm-guest.ts', import.meta.url);
 const start = (program: KvmInit['program'], extra: Partial<Parameters<typeof MachineWorker.start>[0]> = {}) =>
   MachineWorker.start<typeof KvmGuest>({ module, init: { program }, ...extra });
@@ -61,6 +68,25 @@ describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' 
     expect(stop.exits).toBeLessThan(50); // it really spun: a few slice-end interrupts, no I/O
     // Generous (a shared, often overloaded 2-core host): far below one 500 ms slice.
     expect(h.percentile(99) / 1e6).toBeLessThan(100);
+  });
+
+  it('idle: the worker\'s OS thread storms at SCHED_IDLE while every thread that was there before (this one, V8\'s and libuv\'s helpers) stays normal; its slices end every 1 ms', async () => {
+    const before = tids();
+    await using w = await start('storm', { idle: true });
+    const { tid } = await w.report();
+    expect(before).not.toContain(tid);
+    const run = w.run({ timeout: 300 });
+    await new Promise((r) => setTimeout(r, 100));
+    expect(sched(tid)).toEqual({ policy: 5, nice: 0 });
+    for (const t of before) if (tids().includes(t)) expect(sched(t)).toEqual({ policy: 0, nice: 0 });
+    expect((await run).reason).toBe('timeout');
+    // nice > 0 is deprioritised too: 1 ms slices, each ended by the slice timer (an intr exit).
+    await using n = await start('spin', { nice: 1 });
+    const spin = await n.run({ timeout: 300 });
+    expect(spin.reason).toBe('timeout');
+    const slices = (await n.stats()).byKind.intr.count;
+    expect(slices).toBeGreaterThan(40); // ~300 expected; at the default 10 ms, at most ~30
+    expect(sched((await n.report()).tid)).toEqual({ policy: 0, nice: 1 });
   });
 
   it('an exit storm in a worker is stopped by stop(); the caller kept its timers', async () => {
