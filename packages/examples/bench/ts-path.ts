@@ -11,7 +11,7 @@
  * | `cIoctl` | the same ioctl from C (`bench/syscall.c`): the kernel's share, which the C exit loop pays too |
  * | `decode` | kvm-backend's `decodeExit` over a fabricated `kvm_run` page (`@tsvm/kvm-backend/raw`) |
  * | `counters` | the slice loop's per-exit bookkeeping (a replica of `slice` in `core/src/machine/run-loop.ts`) |
- * | `busFind` | `Bus.find` with the bench's three devices |
+ * | `busFind` | the exit path's bus lookup (`Bus.findNumber`: numbers, no BigInt) with the bench's three devices |
  * | `deviceWrite` | `exitValue` + the device's `write` |
  * | `handleExit` | `handleExit` without hooks (bus + device + outcome) |
  * | `hooks` | `handleExit` with the monitor's hooks − without |
@@ -177,7 +177,7 @@ async function parts(): Promise<Record<string, number>> {
     cIoctl: cIoctl(),
     decode: micro(() => (dec.decode() as { size: number }).size),
     counters: micro(counters),
-    busFind: micro(() => (plain.io.find(BigInt(PORT), 1) ? 1 : 0)),
+    busFind: micro(() => (plain.io.findNumber(PORT, 1) ? 1 : 0)),
     deviceWrite: micro(() => { write(0, exitValue(exit.kind === 'io' ? exit.data : one, 0, 1), 1 as AccessSize, access); return 1; }),
     handleExit: micro(() => (handleExit(exit, c0).action === 'resume' ? 1 : 0)),
     handleExitMonitored: micro(() => (handleExit(exit, c1).action === 'resume' ? 1 : 0)),
