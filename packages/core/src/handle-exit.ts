@@ -131,6 +131,13 @@ function handleFrom(exit: VcpuExit, ctx: ExitContext, allowed: boolean): ExitOut
     } catch (error) {
       return hookError(hook, error);
     }
+    // The two common answers skip the generic path below (thenable test, validation, applying):
+    // no decision, and a plain allow (an object with a `then` method is a thenable, never this).
+    if (d === undefined) continue;
+    if (typeof d === 'object' && d !== null && (d as { verdict?: unknown }).verdict === 'allow' && typeof (d as { then?: unknown }).then !== 'function') {
+      allowed = true;
+      continue;
+    }
     if (isThenable(d)) {
       const rest = ctx.mediate.slice(i + 1);
       return {
