@@ -19,7 +19,11 @@ import { EXIT_KINDS, type ExitKind } from './exits.js';
  * between exits: the clock is cheap against them, and they are measured exactly); otherwise it
  * is 1/16, drawn independently per exit (geometric gaps),
  * so no guest pattern can alias with the sampling. Runner threads (`vcpuThreads: 'parallel'`)
- * time every exit.
+ * time every exit. The price of sampling is variance where slow exits are rare and come right
+ * after fast ones (a burst of port writes, then a long computation ended by the next burst's
+ * first exit): such an exit is timed with probability 1/16 and then counted 16 times, so the
+ * sums are right on average but rough over few such exits. `Stop.elapsedMs` and `Stop.cpuMs`
+ * are exact wall and CPU time.
  */
 export interface ExitKindStats {
   /** Number of exits. */
