@@ -23,6 +23,19 @@ export interface BusEntry {
   readonly device: Device;
 }
 
+/**
+ * @internal A {@link BusEntry} with its bounds as numbers (exact: every address on either bus
+ * is below 2^52), as {@link Bus.findNumber} returns it.
+ */
+export interface BusSpan {
+  /** `entry.start` as a number. */
+  readonly lo: number;
+  /** `entry.end` as a number (exclusive). */
+  readonly hi: number;
+  /** The entry. */
+  readonly entry: BusEntry;
+}
+
 /** What a caller passes to register: `{ port, size }` on the PIO bus, `{ address, size }` on MMIO. */
 export type RangeSpec = { readonly port: number; readonly size: number } | { readonly address: number | bigint; readonly size: number };
 
@@ -31,6 +44,8 @@ export class Bus {
   /** `'pio'` or `'mmio'`. */
   readonly space: 'pio' | 'mmio';
   #entries: BusEntry[] = [];
+  /** The entries with their bounds as numbers, in `#entries` order, for {@link Bus.findNumber}. */
+  #spans: BusSpan[] = [];
   #sealed = false;
   readonly #limit: bigint;
 
@@ -79,7 +94,28 @@ export class Bus {
     const entry: BusEntry = { start, end, device };
     this.#entries.push(entry);
     this.#entries.sort((a, b) => (a.start < b.start ? -1 : 1));
-    return () => { this.#entries = this.#entries.filter((e) => e !== entry); };
+    this.#reindex();
+    return () => { this.#entries = this.#entries.filter((e) => e !== entry); this.#reindex(); };
+  }
+
+  #reindex(): void {
+    this.#spans = this.#entries.map((entry) => ({ lo: Number(entry.start), hi: Number(entry.end), entry }));
+  }
+
+  /**
+   * @internal {@link Bus.find} for the exit path: `address` and `size` are numbers the backend
+   * decoded (a port, or an MMIO address below 2^52), so the argument checks and the BigInt
+   * arithmetic of `find` are skipped, and the span found carries its start as a number (the
+   * device's offset needs no BigInt either). The entry is the one `find` returns.
+   */
+  findNumber(address: number, size: number): BusSpan | undefined {
+    const spans = this.#spans;
+    const end = address + size;
+    for (let i = 0; i < spans.length; i++) {
+      const sp = spans[i] as BusSpan;
+      if (address >= sp.lo && end <= sp.hi) return sp;
+    }
+    return undefined;
   }
 
   /** Finds the device owning `address` (and the access end), or undefined. */

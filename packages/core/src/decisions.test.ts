@@ -136,6 +136,12 @@ describe('every hook failure mode is a hook-error, every device misfit a device-
     expect(vcpu.reads).toEqual([new Uint8Array([9])]);
   });
 
+  it("a thenable that also says verdict 'allow' is still awaited: its settled decision counts, not the allow", async () => {
+    const { stop, vcpu } = await run(inExit(0x60), () => ({ verdict: 'allow', then: (ok: (d: HookDecision) => void) => ok({ verdict: 'emulate', value: 7 }) }));
+    expect(stop.reason).toBe('halt');
+    expect(vcpu.reads).toEqual([new Uint8Array([7])]);
+  });
+
   it.each([[0x100], [-1], [1.5], [undefined], ['1']])('a device read() returning %j for a 1-byte in is a device-error, not a truncated value', async (v) => {
     const backend = new MockBackend();
     const vcpu = backend.script(inExit(0x61), { kind: 'hlt' });

@@ -57,6 +57,9 @@ export type ExitOutcome =
 
 const now = (): number => performance.now();
 
+/** The outcome of most exits (a write a device took): one shared frozen object, not one per exit. */
+const RESUME: ExitOutcome = Object.freeze({ action: 'resume' });
+
 /** A `hook-error` stop; a {@link HookFailure} names the user hook behind a dispatcher. */
 function hookError(hook: ExitHook, error: unknown): ExitOutcome {
   return error instanceof HookFailure
@@ -127,6 +130,13 @@ function handleFrom(exit: VcpuExit, ctx: ExitContext, allowed: boolean): ExitOut
       d = timed(hook, ctx, exit);
     } catch (error) {
       return hookError(hook, error);
+    }
+    // The two common answers skip the generic path below (thenable test, validation, applying):
+    // no decision, and a plain allow (an object with a `then` method is a thenable, never this).
+    if (d === undefined) continue;
+    if (typeof d === 'object' && d !== null && (d as { verdict?: unknown }).verdict === 'allow' && typeof (d as { then?: unknown }).then !== 'function') {
+      allowed = true;
+      continue;
     }
     if (isThenable(d)) {
       const rest = ctx.mediate.slice(i + 1);
@@ -328,9 +338,20 @@ function internalError(exit: InternalErrorExit): ExitOutcome {
   };
 }
 
+/**
+ * The {@link Access} a device call gets. A port is kept as a number and made a bigint only if
+ * the device reads `address` (few do): a BigInt allocation per port exit saved.
+ */
 class AccessState implements Access {
   stop: DeviceStopRequest | undefined;
-  constructor(readonly address: bigint, readonly space: 'pio' | 'mmio', readonly vcpu: number) {}
+  readonly #at: number | bigint;
+  constructor(at: number | bigint, readonly space: 'pio' | 'mmio', readonly vcpu: number) {
+    this.#at = at;
+  }
+  get address(): bigint {
+    const a = this.#at;
+    return typeof a === 'bigint' ? a : BigInt(a);
+  }
   requestStop(request: DeviceStopRequest): void {
     this.stop ??= request;
   }
@@ -357,16 +378,16 @@ function readValue(device: string, v: unknown, size: number): number {
 }
 
 function dispatchIo(exit: IoExit, ctx: ExitContext): ExitOutcome {
-  const entry = ctx.pio.find(BigInt(exit.port), exit.size);
-  if (!entry) return unhandled(exit, 'no device at this port (deny by default)', ctx);
-  const dev = entry.device;
-  const offset = exit.port - Number(entry.start);
-  const access = new AccessState(BigInt(exit.port), 'pio', ctx.info.vcpu);
+  const span = ctx.pio.findNumber(exit.port, exit.size);
+  if (!span) return unhandled(exit, 'no device at this port (deny by default)', ctx);
+  const dev = span.entry.device;
+  const offset = exit.port - span.lo;
+  const access = new AccessState(exit.port, 'pio', ctx.info.vcpu);
   try {
     if (exit.direction === 'out') {
       if (!dev.write) return unhandled(exit, `device '${dev.name}' does not accept writes`);
       for (let i = 0; i < exit.count; i++) dev.write(offset, exitValue(exit.data, i * exit.size, exit.size), exit.size as AccessSize, access);
-      return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume' };
+      return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : RESUME;
     }
     if (!dev.read) return unhandled(exit, `device '${dev.name}' does not accept reads`);
     const data = new Uint8Array(exit.size * exit.count);
@@ -391,7 +412,7 @@ function dispatchMmio(exit: MmioExit, ctx: ExitContext): ExitOutcome {
     if (exit.isWrite) {
       if (!dev.write) return unhandled(exit, `device '${dev.name}' does not accept writes`);
       for (const [o, s] of parts) dev.write(offset + o, exitValue(exit.data, o, s), s, access);
-      return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume' };
+      return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : RESUME;
     }
     if (!dev.read) return unhandled(exit, `device '${dev.name}' does not accept reads`);
     const data = new Uint8Array(8);

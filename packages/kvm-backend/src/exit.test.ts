@@ -26,6 +26,20 @@ describe('decodeExit', () => {
     expect(e.kind === 'io' && e.data[0]).toBe(1);
   });
 
+  it.each([[1, 1], [4, 1], [1, 8], [2, 5], [4, 300]])('copies a %i-byte x%i out exactly, whichever copy it takes (by hand up to 8 bytes, slice beyond)', (size, count) => {
+    const { v, b } = page();
+    v.setUint8(O.io_direction, KVM_CONST.EXIT_IO_OUT);
+    v.setUint8(O.io_size, size);
+    v.setUint32(O.io_count, count, true);
+    v.setBigUint64(O.io_data_offset, 4096n, true);
+    for (let i = 0; i < 4096; i++) b[4096 + i] = (i * 7 + 3) & 0xff;
+    const e = decodeExit(KVM_EXIT.IO, v, b, ans());
+    const want = b.slice(4096, 4096 + size * count);
+    expect(e.kind === 'io' && e.data).toEqual(want);
+    b.fill(0, 4096);
+    expect(e.kind === 'io' && e.data).toEqual(want); // a copy, not a view of the mapping
+  });
+
   it('an in and an MMIO read carry no data; an MMIO write copies at most 8 bytes', () => {
     const { v, b } = page();
     v.setUint8(O.io_direction, KVM_CONST.EXIT_IO_IN);

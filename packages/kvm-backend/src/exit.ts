@@ -154,6 +154,18 @@ const SHUTDOWN: KvmShutdownExit = Object.freeze({ kind: 'shutdown' });
 /** The exit for an interrupted `KVM_RUN`. @internal */
 export const INTR: KvmIntrExit = Object.freeze({ kind: 'intr' });
 
+/**
+ * `bytes.slice(at, at + n)`. The usual `out` (1 to 4 bytes) is copied by hand into a new array:
+ * `slice` goes through the species lookup of a generic typed-array builtin, and costs about
+ * twice a small `new Uint8Array` plus a loop (both are V8 on-heap arrays at this size).
+ */
+function copyOut(bytes: Uint8Array, at: number, n: number): Uint8Array {
+  if (n > 8) return bytes.slice(at, at + n);
+  const out = new Uint8Array(n);
+  for (let i = 0; i < n; i++) out[i] = bytes[at + i] as number;
+  return out;
+}
+
 function words(r: DataView, at: number, n: number): bigint[] {
   const out = new Array<bigint>(n);
   for (let i = 0; i < n; i++) out[i] = r.getBigUint64(at + i * 8, true);
@@ -212,7 +224,7 @@ export function decodeExit(reason: number, r: DataView, bytes: Uint8Array, answe
         answer.ioLength = size * count;
         return { kind: 'io', direction: 'in', port, size, count, data: EMPTY };
       }
-      return { kind: 'io', direction: 'out', port, size, count, data: bytes.slice(off, off + size * count) };
+      return { kind: 'io', direction: 'out', port, size, count, data: copyOut(bytes, off, size * count) };
     }
     case KVM_EXIT.MMIO: {
       const isWrite = r.getUint8(O.mmio_is_write) !== 0;

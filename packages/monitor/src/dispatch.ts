@@ -114,6 +114,12 @@ function eventsOf(exit: VcpuExit, recs: readonly HookRecord[]): MonitorEvent | M
   });
 }
 
+/** Whether `recs` holds a hypercall hook (only a port exit can match one). */
+function hasHypercall(recs: readonly HookRecord[]): boolean {
+  for (let i = 0; i < recs.length; i++) if ((recs[i] as HookRecord).spec.event === 'hypercall') return true;
+  return false;
+}
+
 const finishAllowed = (d: Decision): HookDecision => (d.verdict !== 'allow' ? d : ALLOW);
 const finishHypercall = (d: Decision): HookDecision => (d.verdict !== 'allow' ? d : RESUME);
 
@@ -190,10 +196,8 @@ export class Dispatcher {
     const recs = this.#mediate.match(exit, probe);
     // An MSR the monitor intercepts only to observe it still happens: allow it explicitly.
     if (recs.length === 0) return exit.kind === 'msr' ? ALLOW : undefined;
-    let hypercall = false;
-    for (const r of recs) if (r.spec.event === 'hypercall') { hypercall = true; break; }
     // An allowed hypercall is complete: the monitor is the device behind the hypercall port.
-    const finish = hypercall ? finishHypercall : finishAllowed;
+    const finish = exit.kind === 'io' && hasHypercall(recs) ? finishHypercall : finishAllowed;
     const d = runMediators(this.#env, recs, eventsOf(exit, recs), exit, info);
     return d instanceof Promise ? d.then(finish) : finish(d);
   }

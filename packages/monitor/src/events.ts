@@ -175,29 +175,31 @@ export function specsOverlap(a: NormalSpec, b: NormalSpec): boolean {
   return a.event === b.event && (a.event === 'halt' || a.event === 'shutdown' || a.event === 'step');
 }
 
-/** Translates an exit into the event a hook with `spec` sees, or undefined when it does not match. */
+/**
+ * Translates an exit into the event a hook with `spec` sees. Only the dispatcher calls it, on
+ * records its table matched to the exit (`Table.match` in `dispatch.ts`: exit kind, port or
+ * address range, direction, MSR index), so those checks are not made again here (a port
+ * range's bounds are bigints: comparing the exit's number with them is a slow mixed compare,
+ * twice per exit); only the exit kind is checked, which narrows its type. Undefined for a spec
+ * of another kind, and for exec, step and write-watch, which their mechanisms deliver.
+ */
 export function eventOf(spec: NormalSpec, exit: VcpuExit): MonitorEvent | undefined {
   switch (spec.event) {
     case 'pio': {
       if (exit.kind !== 'io') return undefined;
-      // number vs bigint compares without allocating (this runs on every matched exit).
-      if (exit.port < spec.lo || exit.port > spec.hi || (spec.dir !== 'both' && spec.dir !== exit.direction)) return undefined;
-      const values: number[] = [];
-      if (exit.direction === 'out') for (let i = 0; i < exit.count; i++) values.push(leAt(exit.data, i * exit.size, exit.size));
+      const values: number[] = exit.direction === 'in' ? [] : exit.count === 1 ? [leAt(exit.data, 0, exit.size)] : outValues(exit.data, exit.size, exit.count);
       return { event: 'pio', port: exit.port, direction: exit.direction, size: exit.size, value: values[0], count: exit.count, values };
     }
     case 'mmio': {
       if (exit.kind !== 'mmio') return undefined;
-      const dir = exit.isWrite ? 'write' : 'read';
-      if (exit.address < spec.lo || exit.address > spec.hi || (spec.dir !== 'both' && spec.dir !== dir)) return undefined;
-      return { event: 'mmio', address: exit.address, direction: dir, size: exit.size, value: exit.isWrite ? le64(exit.data) : undefined };
+      return { event: 'mmio', address: exit.address, direction: exit.isWrite ? 'write' : 'read', size: exit.size, value: exit.isWrite ? le64(exit.data) : undefined };
     }
     case 'msr': {
-      if (exit.kind !== 'msr' || !spec.indices.has(exit.index) || (spec.dir !== 'both' && spec.dir !== exit.direction)) return undefined;
+      if (exit.kind !== 'msr') return undefined;
       return { event: 'msr', index: exit.index, direction: exit.direction, value: exit.direction === 'write' ? exit.data : undefined };
     }
     case 'hypercall':
-      if (exit.kind !== 'io' || exit.direction !== 'out' || exit.port !== spec.port) return undefined;
+      if (exit.kind !== 'io') return undefined;
       return { event: 'hypercall', port: exit.port, nr: le(exit.data, exit.size) };
     case 'halt': return exit.kind === 'hlt' ? { event: 'halt' } : undefined;
     case 'shutdown': return exit.kind === 'shutdown' ? { event: 'shutdown' } : undefined;
@@ -205,6 +207,13 @@ export function eventOf(spec: NormalSpec, exit: VcpuExit): MonitorEvent | undefi
     // exec, step and write-watch are delivered by their mechanisms, not by plain exit matching.
     case 'exec': case 'step': case 'write-watch': case 'cpuid': return undefined;
   }
+}
+
+/** The values of a string `out` (`outs` with a rep count): one per element. */
+function outValues(data: Uint8Array, size: number, count: number): number[] {
+  const values: number[] = [];
+  for (let i = 0; i < count; i++) values.push(leAt(data, i * size, size));
+  return values;
 }
 
 function le(data: Uint8Array, size: number): number {

@@ -87,7 +87,7 @@ export function exitContext(s: MachineState, vcpu: Vcpu): ExitContext {
     mediate: s.hooks.filter((h) => h.mode === 'mediate'),
     observe: s.hooks.filter((h) => h.mode === 'observe'),
     hookStats: s.hookStats,
-    get info() { return info; },
+    info,
     memory: s.memory,
     msrs: { read: (index) => b.getMsrs([index])[0]?.data ?? 0n, write: (index, data) => b.setMsrs([{ index, data }]) },
     ...(s.explainer ? { explain: s.explainer } : {}),
