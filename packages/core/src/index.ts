@@ -38,7 +38,7 @@ export { handleExit, checkDecision, type ExitContext, type MsrAccess, type ExitO
 export type { ExitHook, HookDecision, HookInfo, HookStats, DenyEffect } from './hooks.js';
 export type { Stop, StopCommon, StopReason, StopRequest } from './stop.js';
 export { ExitCounters, type ExitStats, type ExitKindStats } from './stats.js';
-export type { Backend, BackendVm, BackendVcpu, BackendRunners, BackendVmOptions, HostCapabilities, NmiWakeState, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
+export type { Backend, BackendVm, BackendVcpu, BackendRunners, BackendVmOptions, EntryPrelude, HostCapabilities, NmiWakeState, VirtFlavour, Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, CoalescedEntry } from './backend.js';
 export { KvmBackend, kvmBackend } from './backend/kvm.js';
 export {
   Snapshot, parseManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION, measureDirtyTracking, cheaperDirtyTracking,
