@@ -99,7 +99,7 @@ describe('argument parsing', () => {
     }
   });
   it('run --help names the exit statuses, ACPI poweroff and suspend among them', () => {
-    const help = program({ out: () => {} }).commands.find((c) => c.name() === 'run')?.helpInformation() ?? '';
+    const help = (program({ out: () => {} }).commands.find((c) => c.name() === 'run')?.helpInformation() ?? '').replace(/\s+/g, ' '); // commander wraps lines
     expect(help).toMatch(/poweroff \(S5\) ends the run with 0/);
     expect(help).toMatch(new RegExp(`${EXIT.suspended} suspended \\(ACPI S3, not resumed\\)`));
     expect(help).toMatch(new RegExp(`${EXIT.timeout} timeout`));
