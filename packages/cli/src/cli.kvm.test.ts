@@ -6,8 +6,10 @@ import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ACPI_PM_DEFAULT_BASE, ACPI_PM_LAYOUT, ACPI_SLEEP_TYPE } from '@tsvm/core';
 import { asm, kvmAvailability } from '@tsvm/core/testing';
 import { EXIT } from './exit-codes.js';
+import { bzImage } from './images.fixture.js';
 
 const kvm = kvmAvailability();
 const ROOT = resolve(import.meta.dirname, '../../..');
@@ -51,20 +53,6 @@ function elf64(code: Uint8Array, at: number): Uint8Array {
   v.setBigUint64(80, BigInt(at), true); v.setBigUint64(88, BigInt(at), true);
   v.setBigUint64(96, BigInt(code.length), true); v.setBigUint64(104, BigInt(code.length), true); v.setBigUint64(112, 0x1000n, true);
   f.set(code, 0x1000);
-  return f;
-}
-/** A fake bzImage (boot protocol 2.15, 64-bit entry): 4 setup sectors, then `code` at kernel offset 0x200. */
-function bzImage(code: Uint8Array): Uint8Array {
-  const setup = 5 * 512, kernel = (0x200 + code.length + 15) & ~15; // syssize counts 16-byte units
-  const f = new Uint8Array(setup + kernel);
-  const v = new DataView(f.buffer);
-  f[0x1f1] = 4; v.setUint32(0x1f4, Math.ceil(kernel / 16), true); v.setUint16(0x1fe, 0xaa55, true);
-  f[0x200] = 0xeb; f[0x201] = 0x6a;
-  v.setUint32(0x202, 0x53726448, true); v.setUint16(0x206, 0x020f, true); f[0x211] = 0x01;
-  v.setUint32(0x22c, 0x7fffffff, true); v.setUint32(0x230, 0x200000, true); f[0x234] = 1;
-  v.setUint16(0x236, 0x1, true); v.setUint32(0x238, 255, true);
-  v.setBigUint64(0x258, 0x1000000n, true); v.setUint32(0x260, 0x400000, true);
-  f.set(code, setup + 0x200);
   return f;
 }
 /** A multiboot v1 kernel with the a.out kludge: loaded whole at 0x100000, entry at 0x100020 (32-bit `code`). */
@@ -168,8 +156,14 @@ describe.skipIf(!kvm.available)(`tsvm run on real KVM${kvm.available ? '' : ` (S
   it('a bzImage is detected and entered at its 64-bit entry on a minimal PC (irqchip, UART on IRQ 4)', async () => {
     writeFileSync(path('fake.bz'), bzImage(await asm(`${PRINT_HI} mov al, 9\n out 0xf4, al\n hlt`, { bits: 64, address: 0x100200 })));
     const r = await tsvm('run', path('fake.bz'), '--serial', '--cmdline', 'console=ttyS0');
-    expect(r.stderr).toMatch(/Linux bzImage, boot protocol 2\.15, 64-bit entry; 256 MiB/);
+    expect(r.stderr).toMatch(/Linux bzImage, boot protocol 2\.15, 64-bit entry, ACPI PM at 0x600; 256 MiB/);
     expect([r.status, r.stdout]).toEqual([9, 'hi\n']);
+    // A kernel's `poweroff` ends in an S5 write to PM1a_CNT: exit 0 with the reason on stderr.
+    const pm1Control = ACPI_PM_DEFAULT_BASE + ACPI_PM_LAYOUT.pm1Control;
+    writeFileSync(path('off.bz'), bzImage(await asm(`mov dx, ${pm1Control}\n mov ax, ${(ACPI_SLEEP_TYPE.S5 << 10) | (1 << 13)}\n out dx, ax\n mov al, 3\n out 0xf4, al\n hlt`, { bits: 64, address: 0x100200 })));
+    const off = await tsvm('run', path('off.bz'));
+    expect(off.stderr).toMatch(/guest powered off \(ACPI S5\) at rip=0x1002[0-9a-f]+; .*exit 0/);
+    expect(off.status).toBe(EXIT.ok);
     const ring3 = await tsvm('run', path('fake.bz'), '--ring', '3');
     expect([ring3.status, lines(ring3.stderr)]).toEqual([EXIT.usage, [expect.stringMatching(/--ring 3 applies to flat images only/)]]);
   }, 60_000);

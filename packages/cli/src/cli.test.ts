@@ -98,6 +98,12 @@ describe('argument parsing', () => {
       expect(errorStatus(e).status, argv.join(' ')).toBe(EXIT.usage);
     }
   });
+  it('run --help names the exit statuses, ACPI poweroff and suspend among them', () => {
+    const help = (program({ out: () => {} }).commands.find((c) => c.name() === 'run')?.helpInformation() ?? '').replace(/\s+/g, ' '); // commander wraps lines
+    expect(help).toMatch(/poweroff \(S5\) ends the run with 0/);
+    expect(help).toMatch(new RegExp(`${EXIT.suspended} suspended \\(ACPI S3, not resumed\\)`));
+    expect(help).toMatch(new RegExp(`${EXIT.timeout} timeout`));
+  });
   it('parses --gdb, integers and the run flags', () => {
     expect(gdbArg(':1234')).toEqual({ host: '127.0.0.1', port: 1234 });
     expect(gdbArg('0.0.0.0:9')).toEqual({ host: '0.0.0.0', port: 9 });

@@ -3,7 +3,7 @@
  * loaders of `@tsvm/core`. Every rejection is an `ImageFormatError` (exit 4) or a {@link CliError}.
  * @module
  */
-import { ImageFormatError, LEGACY_BIOS_HOLE, MULTIBOOT_HEADER_MAGIC, writeAcpiTables, writeMpTable, MULTIBOOT_SEARCH_LIMIT, findMultibootHeader, loadElf, loadLinux, loadMultiboot, parseBzImage, parseElf, type CpuMode, type Machine } from '@tsvm/core';
+import { ImageFormatError, LEGACY_BIOS_HOLE, MULTIBOOT_HEADER_MAGIC, writeAcpiTables, writeMpTable, MULTIBOOT_SEARCH_LIMIT, findMultibootHeader, loadElf, loadLinux, loadMultiboot, parseBzImage, parseElf, type AcpiResult, type CpuMode, type Machine } from '@tsvm/core';
 import { CliError, EXIT } from './exit-codes.js';
 
 /** Image formats `tsvm run` loads. */
@@ -67,37 +67,53 @@ export function checkImage(bytes: Uint8Array, format: ImageFormat): void {
   else if (format === 'linux') parseBzImage(bytes);
 }
 
-/** Loads `bytes` into `vm` and sets up the CPU to enter it. @returns a one-line description. */
-export function loadImage(vm: Machine, bytes: Uint8Array, o: LoadOptions): string {
+/** What {@link loadImage} did. */
+export interface LoadedImage {
+  /** One line for people: format, entry, mode. */
+  readonly description: string;
+  /**
+   * The ACPI tables written (Linux images only). Their FADT promises ACPI fixed hardware at
+   * `acpi.power.pmBase`: the caller attaches an `AcpiPm` there before the guest runs, or the
+   * kernel's first PM-timer read is an `unhandled-exit`.
+   */
+  readonly acpi: AcpiResult | undefined;
+}
+
+/** Loads `bytes` into `vm` and sets up the CPU to enter it. */
+export function loadImage(vm: Machine, bytes: Uint8Array, o: LoadOptions): LoadedImage {
+  const description = (s: string): LoadedImage => ({ description: s, acpi: undefined });
   checkImage(bytes, o.format);
   if (o.format !== 'flat' && o.ring !== 0) throw new CliError(EXIT.usage, `--ring 3 applies to flat images only; a ${o.format} image starts at ring 0`);
   switch (o.format) {
     case 'flat':
       vm.loadFlat(bytes, { at: o.at, mode: o.mode, ring: o.ring });
-      return `flat image, ${bytes.length} bytes at 0x${o.at.toString(16)}, ${o.mode} mode, ring ${o.ring}`;
+      return description(`flat image, ${bytes.length} bytes at 0x${o.at.toString(16)}, ${o.mode} mode, ring ${o.ring}`);
     case 'elf': {
       const cls = parseElf(bytes).class;
       const r = loadElf(vm.memory, bytes);
       vm.enter(cls === 64 ? { mode: 'long64', rip: r.entry, registers: {}, identityMap: r.segments } : { mode: 'protected32', rip: r.entry, registers: {} });
-      return `ELF${cls}, ${r.segments.length} segments, entry 0x${r.entry.toString(16)}`;
+      return description(`ELF${cls}, ${r.segments.length} segments, entry 0x${r.entry.toString(16)}`);
     }
     case 'multiboot': {
       const r = loadMultiboot(vm.memory, bytes, o.cmdline === undefined ? {} : { cmdline: o.cmdline });
       vm.enter(r.entryState);
-      return `multiboot (${r.format}), entry 0x${r.entry.toString(16)}`;
+      return description(`multiboot (${r.format}), entry 0x${r.entry.toString(16)}`);
     }
     case 'linux': {
       // As the Linux example does: tell the kernel about the CPU and the in-kernel I/O APIC (MP
-      // table and MADT), and keep the loader off the host's GDT, page tables and stack.
+      // table and MADT), and keep the loader off the host's GDT, page tables and stack. The FADT
+      // (`power`) gives the kernel a PM timer and the S5 sleep state, so a guest `poweroff` ends
+      // the run as a `poweroff` stop instead of the kernel halting forever.
       const reserved = vm.hostReserved();
       writeMpTable(vm.memory);
-      const acpi = writeAcpiTables(vm.memory);
+      const acpi = writeAcpiTables(vm.memory, { power: true });
       const r = loadLinux(vm.memory, bytes, {
         reserved: [LEGACY_BIOS_HOLE, ...reserved], avoid: reserved, rsdpAddress: acpi.rsdpAddress,
         ...(o.cmdline === undefined ? {} : { cmdline: o.cmdline }),
       });
       vm.enter(r.entryState);
-      return `Linux bzImage, boot protocol ${r.protocolVersion >> 8}.${(r.protocolVersion & 0xff).toString().padStart(2, '0')}, ${r.mode}-bit entry`;
+      const version = `${r.protocolVersion >> 8}.${(r.protocolVersion & 0xff).toString().padStart(2, '0')}`;
+      return { description: `Linux bzImage, boot protocol ${version}, ${r.mode}-bit entry, ACPI PM at 0x${acpi.power?.pmBase.toString(16)}`, acpi };
     }
   }
 }

@@ -97,7 +97,9 @@ export function program(io: ProgramIo | ((text: string) => void) = {}): Command 
     });
 
   p.command('run')
-    .description('run an image (flat, ELF, multiboot, Linux bzImage; detected from its bytes); exit status from the stop reason')
+    .description('run an image (flat, ELF, multiboot, Linux bzImage; detected from its bytes); exit status from the stop reason: '
+      + '0 halt, n the debug-exit value, 10 violation, 11 timeout, 12 guest crash, 13 host fault, 14 reset, 15 suspended (ACPI S3, not resumed), 130 SIGINT. '
+      + 'A Linux image gets ACPI power management (FADT; PM1 registers and PM timer at ports 0x600-0x60b): its poweroff (S5) ends the run with 0')
     .argument('<image>', 'image file')
     .addOption(new Option('--format <format>', 'force the image format').choices(IMAGE_FORMATS))
     .addOption(new Option('--mode <mode>', 'flat images: CPU mode').choices(['real', 'protected', 'long']).default('real'))

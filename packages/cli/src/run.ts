@@ -6,8 +6,8 @@
  */
 import { closeSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { KvmBackend, Machine, type Access, type AccessSize, type Backend, type CpuMode, type Device, type Stop } from '@tsvm/core';
-import { CmosRtc, DebugExit, I8042, Uart16550, Unpopulated } from '@tsvm/devices';
+import { KvmBackend, Machine, type Access, type AccessSize, type AcpiResult, type Backend, type CpuMode, type Device, type Stop } from '@tsvm/core';
+import { AcpiPm, CmosRtc, DebugExit, I8042, Uart16550, Unpopulated } from '@tsvm/devices';
 import { Monitor, applyPolicy, formatReport, gdbServer, renderJson, renderSvg, report, type GdbServer } from '@tsvm/monitor';
 import { CliError, EXIT, describeStop, stopStatus } from './exit-codes.js';
 import { checkImage, detectFormat, loadImage, type ImageFormat } from './image.js';
@@ -47,6 +47,10 @@ export interface RunCommandOptions {
   readonly progress?: boolean;
   /** KVM device (tests: a path that does not exist stands for a host without KVM). */
   readonly kvmDevice?: string;
+  /** The backend to run on (tests: a `MockBackend`); overrides `kvmDevice`. */
+  readonly backend?: Backend;
+  /** Called with the machine once the image is loaded and every device attached, before it runs (tests). */
+  readonly onReady?: (vm: Machine) => void;
   /** Where the guest's serial output goes. */
   readonly stdout?: (bytes: Uint8Array) => void;
   /** Where status lines go. */
@@ -58,6 +62,20 @@ class RawDebugExit implements Device {
   readonly name = 'debug-exit';
   read(_o: number, size: AccessSize): number { return size === 4 ? 0xffffffff : (1 << (size * 8)) - 1; }
   write(_o: number, value: number, _s: AccessSize, access: Access): void { access.requestStop({ reason: 'debug-exit', code: value & 0xff }); }
+}
+
+/**
+ * Attaches the ACPI fixed hardware the FADT of `acpi` promises: an `AcpiPm` at its PM base,
+ * raising the SCI on the I/O APIC line the tables name, and reading the FACS waking vector for
+ * a `suspend` stop. Without it a kernel that read the FADT stops at its first PM-timer read.
+ * @returns the device, or undefined when the tables have no FADT.
+ */
+export function attachAcpiPm(vm: Machine, acpi: AcpiResult): AcpiPm | undefined {
+  const { power, facsAddress } = acpi;
+  if (power === undefined || facsAddress === undefined) return undefined;
+  const pm = new AcpiPm({ sci: vm.irqLine(power.sciIrq), wakingVector: () => BigInt(vm.memory.readUint(facsAddress + 12, 4)) });
+  vm.attachDevice(pm.mappings(power.pmBase));
+  return pm;
 }
 
 function readImage(path: string): Uint8Array {
@@ -124,8 +142,8 @@ export async function runImage(o: RunCommandOptions): Promise<number> {
     if (!(await gdbStubAvailable())) throw new CliError(EXIT.gdbUnavailable, 'gdb stub not available in this build');
   }
 
-  let backend: Backend | undefined;
-  if (o.kvmDevice !== undefined) backend = new KvmBackend(o.kvmDevice);
+  let backend: Backend | undefined = o.backend;
+  if (backend === undefined && o.kvmDevice !== undefined) backend = new KvmBackend(o.kvmDevice);
   const linux = format === 'linux';
   const memory = o.memory ?? (linux ? 256 : 16) * 1024 * 1024;
   const vm = await Machine.create({ memory, name: 'tsvm-run', irqchip: linux, ...(backend ? { backend } : {}) });
@@ -143,7 +161,9 @@ export async function runImage(o: RunCommandOptions): Promise<number> {
       vm.attachDevice(new CmosRtc());
       for (const d of Unpopulated.ranges()) vm.attachDevice(d);
     }
-    const what = loadImage(vm, bytes, { format, mode: o.mode ?? 'real', ring: o.ring ?? 0, at: o.at ?? 0x1000, ...(o.cmdline === undefined ? {} : { cmdline: o.cmdline }) });
+    const loaded = loadImage(vm, bytes, { format, mode: o.mode ?? 'real', ring: o.ring ?? 0, at: o.at ?? 0x1000, ...(o.cmdline === undefined ? {} : { cmdline: o.cmdline }) });
+    // A Linux guest's `poweroff` writes S5 to PM1a_CNT: a `poweroff` stop, exit 0.
+    if (loaded.acpi) attachAcpiPm(vm, loaded.acpi);
     if (o.serial) {
       uart = new Uart16550({ sink: (b) => out(b), ...(linux ? { irq: vm.irqLine(Uart16550.defaultIrq) } : {}) });
       vm.attachDevice(uart);
@@ -159,7 +179,8 @@ export async function runImage(o: RunCommandOptions): Promise<number> {
       // gdb's breakpoints are hooks added and removed during the session: not sealed then.
       if (!o.gdb) mon.seal();
     }
-    err(`tsvm: ${what}; ${memory / 1024 / 1024} MiB${policy ? `, policy ${o.policy}` : ''}`);
+    o.onReady?.(vm);
+    err(`tsvm: ${loaded.description}; ${memory / 1024 / 1024} MiB${policy ? `, policy ${o.policy}` : ''}`);
     if (o.progress) {
       const t0 = Date.now();
       timer = setInterval(() => err(`tsvm: running ${((Date.now() - t0) / 1000).toFixed(0)} s, ${vm.stats().total} exits`), 1000);

@@ -9,7 +9,9 @@
  * on the host ({@link extractVmlinux}) and entered at its PVH note: no firmware, no in-guest
  * decompression. The machine is a minimal PC: 16550 COM1 on IRQ 4, an i8042 with nothing plugged
  * in (IRQ 1/12; its reset line ends the run), CMOS RTC, the in-kernel PIC/IOAPIC/PIT described by
- * ACPI (MADT) and an MP table, and explicitly *unpopulated* ranges for the
+ * ACPI (MADT) and an MP table, ACPI fixed hardware behind a FADT (`AcpiPm`: PM timer, PM1
+ * registers at port 0x600, SCI on IRQ 9; a guest `poweroff` is a `poweroff` stop, exit 0; S3 a
+ * `suspend` stop, not resumed here), and explicitly *unpopulated* ranges for the
  * hardware Linux probes (see `PC_PROBED_RANGES`); any other port or MMIO access stops the run
  * as an `unhandled-exit` naming it.
  *
@@ -24,8 +26,8 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { extractVmlinux, LEGACY_BIOS_HOLE, loadPvh, Machine, type Stop, writeAcpiTables, writeMpTable } from '@tsvm/core';
-import { CmosRtc, I8042, Uart16550, Unpopulated } from '@tsvm/devices';
+import { type Backend, extractVmlinux, LEGACY_BIOS_HOLE, loadPvh, Machine, type Stop, writeAcpiTables, writeMpTable } from '@tsvm/core';
+import { AcpiPm, CmosRtc, I8042, Uart16550, Unpopulated } from '@tsvm/devices';
 import { isMain, runCli } from './support.js';
 
 /**
@@ -64,12 +66,19 @@ export interface BootOptions {
   readonly memoryMiB?: number;
   /** Give up after this many ms. Default 300 000. */
   readonly timeoutMs?: number;
-  /** Give tsvm's guest ACPI tables (a MADT). Default true. */
+  /**
+   * Give tsvm's guest ACPI: tables (MADT, and a FADT with DSDT and FACS) and the `AcpiPm`
+   * device the FADT points at. `false`: no ACPI at all (no tables, no device). Default true.
+   */
   readonly acpi?: boolean;
   /** tsvm's run-loop slice in ms (how often Node gets control back). Default 10. */
   readonly sliceMs?: number;
   /** Called with each raw console chunk as it arrives (live output). */
   readonly echo?: (chunk: Uint8Array) => void;
+  /** tsvm's backend (tests: a `MockBackend`). Default: KVM. */
+  readonly backend?: Backend;
+  /** Called with tsvm's machine once the kernel is loaded and every device attached, before it runs (tests). */
+  readonly onReady?: (vm: Machine) => void;
 }
 
 /** Splits a byte stream into timestamped lines. */
@@ -161,7 +170,7 @@ export function vmlinuxFile(bzImagePath: string): { path: string; bytes: Uint8Ar
 export async function bootTsvm(vmlinux: Uint8Array, options: BootOptions = {}): Promise<BootTimeline & { stop: Stop }> {
   const t0 = performance.now();
   const clock = new LineClock(t0);
-  await using vm = await Machine.create({ memory: (options.memoryMiB ?? 512) * 1024 * 1024, irqchip: true, name: 'linux' });
+  await using vm = await Machine.create({ memory: (options.memoryMiB ?? 512) * 1024 * 1024, irqchip: true, name: 'linux', ...(options.backend ? { backend: options.backend } : {}) });
   const uart = new Uart16550({ irq: vm.irqLine(Uart16550.defaultIrq) });
   uart.onOutput((b) => { clock.push(b); options.echo?.(b); });
   vm.attachDevice(uart);
@@ -173,12 +182,20 @@ export async function bootTsvm(vmlinux: Uint8Array, options: BootOptions = {}): 
   // its APIC in symmetric I/O mode as under QEMU rather than "virtual wire, no configuration":
   // an MP table for kernels that parse one, a MADT (via the PVH RSDP pointer) for the rest.
   writeMpTable(vm.memory);
-  const acpi = options.acpi === false ? undefined : writeAcpiTables(vm.memory);
+  // The FADT gives the kernel a PM timer and the S5 state its `poweroff` enters; AcpiPm must
+  // answer at the PM base the FADT names, or the kernel's first PM-timer read is unhandled.
+  const acpi = options.acpi === false ? undefined : writeAcpiTables(vm.memory, { power: true });
+  const { power, facsAddress } = acpi ?? {};
+  if (power !== undefined && facsAddress !== undefined) {
+    const pm = new AcpiPm({ sci: vm.irqLine(power.sciIrq), wakingVector: () => BigInt(vm.memory.readUint(facsAddress + 12, 4)) });
+    vm.attachDevice(pm.mappings(power.pmBase));
+  }
   const loaded = loadPvh(vm.memory, vmlinux, {
     cmdline: options.cmdline ?? DEFAULT_CMDLINE, reserved: [LEGACY_BIOS_HOLE, ...reserved], avoid: reserved,
     ...(acpi ? { rsdpAddress: acpi.rsdpAddress } : {}),
   });
   vm.enter(loaded.entryState);
+  options.onReady?.(vm);
   const stop = await vm.run({ timeout: options.timeoutMs ?? 300_000, ...(options.sliceMs !== undefined ? { sliceMs: options.sliceMs } : {}) });
   uart.flush();
   return { vmm: 'tsvm', lines: clock.end(), outcome: describeStop(stop), elapsedMs: performance.now() - t0, accel: `kvm (${vm.capabilities.flavour})`, stop };
