@@ -49,15 +49,17 @@ export interface Recording {
 
 /** rdtsc ; mov dx, 0xf4 ; out dx, al */
 const RDTSC_PROBE = Uint8Array.of(0x0f, 0x31, 0x66, 0xba, 0xf4, 0x00, 0xee);
-const trapped = new WeakMap<Backend, Promise<boolean>>();
+/** Keyed by the backend's `capabilities` object, which wrappers (`tappable`, restore's) share with the backend they wrap. */
+const trapped = new WeakMap<object, Promise<boolean>>();
 
 /**
  * Whether `CR4.TSD` turns a CPL3 `rdtsc` into `#GP` on `backend`: learned once per backend by
  * running one (a 2 MiB long-mode machine, `rdtsc` at ring 3 with TSD set), never assumed from
- * the flavour. False when the probe cannot run.
+ * the flavour — once for a backend and every wrapper of it (a fresh `tappable(kvmBackend())`
+ * per recorded machine asks no second time). False when the probe cannot run.
  */
 export function rdtscTrapped(backend: Backend): Promise<boolean> {
-  let p = trapped.get(backend);
+  let p = trapped.get(backend.capabilities);
   if (!p) {
     p = (async () => {
       try {
@@ -73,7 +75,7 @@ export function rdtscTrapped(backend: Backend): Promise<boolean> {
         return false;
       }
     })();
-    trapped.set(backend, p);
+    trapped.set(backend.capabilities, p);
   }
   return p;
 }

@@ -6,7 +6,7 @@ import { SnapshotFormatError, StateError } from '../errors.js';
 import { PROBE_PORT } from '../reserved.js';
 import type { Device } from '../device.js';
 import type { VcpuExit } from '../exits.js';
-import { tappable, record, replay, parseLog, encodeLog, ReplayDivergence, type Recording } from './index.js';
+import { tappable, record, replay, parseLog, encodeLog, rdtscTrapped, ReplayDivergence, type Recording } from './index.js';
 
 const script = (): VcpuExit[] => [
   inExit(0x60), { kind: 'intr' }, outExit(0x64, 1), inExit(0x60, 2), outExit(0xf4, 7),
@@ -143,6 +143,16 @@ describe('record / replay (mock backend)', () => {
     await expect(replay({ snapshot: other.rec.snapshot, log: rec.log }, { backend: other.backend })).rejects.toThrow(/replay log: base: recorded from snapshot/);
     other.rec.snapshot.close();
     rec.snapshot.close();
+  });
+
+  it('the CR4.TSD probe runs once per backend, not once per tappable wrapper of it', async () => {
+    const backend = new MockBackend();
+    const made = backend.vms.length;
+    const first = rdtscTrapped(tappable(backend));
+    expect(rdtscTrapped(tappable(backend))).toBe(first);
+    expect(rdtscTrapped(backend)).toBe(first);
+    await first;
+    expect(backend.vms.length).toBe(made + 1); // one probe machine, made on the backend itself
   });
 
   it('a machine not created on a tappable backend cannot be recorded, and says how', async () => {
