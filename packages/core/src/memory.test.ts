@@ -32,4 +32,18 @@ describe('GuestMemory', () => {
     copy[0] = 99;
     expect(m.read(0x100, 1)[0]).toBe(1);
   });
+
+  it('writePages copies whole pages of one region, marks them as host writes, and refuses what is not a page of it', () => {
+    const m = twoRegions();
+    const written = m.trackHostWrites();
+    const src = new Uint8Array(0x3000).map((_, i) => (i >> 12) + 1);
+    m.writePages(0n, 0x2000, src, 0x1000, [0x1000, 0]);
+    expect(m.read(0, 1)[0]).toBe(2);
+    expect(m.read(0x1fff, 1)[0]).toBe(3);
+    expect([...written].sort()).toEqual([0n, 0x1000n]);
+    expect(() => m.writePages(0n, 0x2000, src, 0, [0x800])).toThrow(/not a page/);
+    expect(() => m.writePages(0n, 0x2000, src, 0, [0x2000])).toThrow(/not a page/);
+    expect(() => m.writePages(0n, 0x2000, src, 0x2000, [0x1000])).toThrow(/has no page/);
+    expect(() => m.writePages(0n, 0x3000, src, 0, [0])).toThrow(GuestMemoryError); // not one region
+  });
 });

@@ -170,6 +170,23 @@ export class GuestMemory {
     if (this.#hostWrites) this.#mark(address, data.length);
   }
 
+  /**
+   * @internal Reset's copy back: for each offset `o` of `pages` (4 KiB aligned, inside the
+   * region of `size` bytes at `start`), the page at `start + o` gets `src[srcOffset + o, +4 KiB)`
+   * — one translation for all of them; marked as host writes like {@link write}.
+   */
+  writePages(start: bigint, size: number, src: Uint8Array, srcOffset: number, pages: readonly number[]): void {
+    if (pages.length === 0) return;
+    const { bytes, offset } = this.#translate(start, size);
+    for (const o of pages) {
+      if (!Number.isInteger(o) || o < 0 || o % 0x1000 !== 0 || o + 0x1000 > size) throw new InvalidArgumentError('pages', `offset ${o} is not a page of the region`);
+      if (srcOffset + o + 0x1000 > src.length) throw new InvalidArgumentError('src', `has no page at ${srcOffset + o}`);
+      bytes.set(src.subarray(srcOffset + o, srcOffset + o + 0x1000), offset + o);
+    }
+    const set = this.#hostWrites;
+    if (set) for (const o of pages) set.add(start + BigInt(o));
+  }
+
   #hostWrites: Set<bigint> | undefined;
 
   /**

@@ -3,7 +3,8 @@
  * (TinyKVM / Firecracker anchors): fork of a 16 MiB guest ≤ 200 µs, reset after 4 dirty pages
  * ≤ 20 µs, restore of 16 MiB to its first instruction ≤ 2 ms; plus snapshot time and size.
  * Each figure is the median of ≥ 5 interleaved rounds (min–max shown; a reset figure is the
- * median over rounds of each round's median of 40 resets). Prints a table and writes
+ * median over rounds of each round's median of 40 resets), after a warm-up (`TSVM_BENCH_WARMUP`,
+ * default 300 resets and 30 pooled forks: steady state, as in a loop that forks or resets per request). Prints a table and writes
  * bench-results/snapshot.json. Also: reset through the dirty log vs the dirty ring, and the
  * price each costs here (the one pooled forks get is chosen by it).
  * @module
@@ -18,6 +19,7 @@ const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
 const ROUNDS = Number(process.env.TSVM_BENCH_ROUNDS ?? 7);
 const RESETS = 40;
+const WARMUP = Number(process.env.TSVM_BENCH_WARMUP ?? 300);
 
 // Ring 3, long mode, a loop: dirty 4 pages, then a debug-exit (port 0xf4); each round dirties
 // exactly the 4 data pages (the host-built tables have their accessed/dirty bits preset). Reset
@@ -79,8 +81,17 @@ async function main(): Promise<void> {
     const size = { guestRam: SIZE, storedBytes: snap.storedBytes, fileLength: st.size, fileAllocated: st.blocks * 512 };
     await vm.close();
 
-    // Warm-up: the first machine of a process pays for koffi and JIT.
+    // Warm-up: the first machines of a process pay for koffi and the JIT (V8 optimises a path
+    // after some hundreds of calls; a service forking or resetting per request runs it hot),
+    // so forks, pooled forks and resets each run WARMUP times before anything is timed.
     for (let i = 0; i < 3; i++) await (await Machine.fork(snap, { devices })).close();
+    for (let i = 0; i < WARMUP / 10; i++) {
+      snap.prewarm(1, backend);
+      await new Promise((res) => setTimeout(res, 2));
+      await (await Machine.fork(snap, { devices })).close();
+    }
+    snap.prewarm(0);
+    await Machine.released(); // the warm-up's VMs are torn down before anything is timed
 
     // Resetting machines, made once: one tracking dirty pages with the kernel's bitmap (what a
     // fork from a spare VM gets), one with per-vCPU rings where the host has them (a pool VM
@@ -93,6 +104,9 @@ async function main(): Promise<void> {
       snap.prewarm(0);
     }
     const prices = measureDirtyTracking(backend, 50);
+    for (const m of [byLog, byRing]) {
+      for (let i = 0; m && i < WARMUP; i++) { await m.run({ timeout: 5000 }); m.reset(); }
+    }
     let resetPath = '';
     const resetBatch = async (m: Machine): Promise<{ median: number; pages: number }> => {
       const xs: number[] = [];

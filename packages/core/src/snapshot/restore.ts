@@ -339,10 +339,8 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
   base.slots.forEach((slot, i) => {
     const r = snap.manifest.memory[i];
     if (!r) return;
-    const copy = (off: number): void => {
-      m.memory.write(r.start + BigInt(off), image.subarray(r.offset + off, r.offset + off + PAGE_SIZE));
-      pages++;
-    };
+    const copies: number[] = [];
+    const copy = (off: number): void => { copies.push(off); };
     const bitmap = m.dirtyPages(slot); // harvested in both modes, so the next reset starts clean
     if (cpl3Ok && cpl3 && i === cpl3.region) {
       for (const o of CONTROL_PAGES) {
@@ -350,16 +348,17 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
         if (((bitmap[bit >> 3] ?? 0) & (1 << (bit & 7))) !== 0) cpl3Ok = false;
       }
     }
+    const flush = (): void => { m.memory.writePages(r.start, r.size, image, r.offset, copies); pages += copies.length; };
     if (scratch) {
       for (let off = 0; off < r.size; off += PAGE_SIZE) {
         m.memory.readInto(r.start + BigInt(off), scratch);
         if (!Buffer.from(scratch.buffer).equals(image.subarray(r.offset + off, r.offset + off + PAGE_SIZE))) copy(off);
       }
+      flush();
       return;
     }
     const end = r.start + BigInt(r.size);
-    // (A copy: copying adds to hostPages.)
-    if (base.hostPages.size > 0) for (const a of [...base.hostPages]) {
+    for (const a of base.hostPages) { // (the copies, host writes too, join it only at flush)
       if (a < r.start || a >= end) continue;
       const off = Number(a - r.start);
       const bit = off / PAGE_SIZE;
@@ -374,6 +373,7 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
         if (off < r.size) copy(off);
       }
     }
+    flush();
   });
   let cpu = 'full' as ResetResult['cpu']; // (set inside `apply`)
   let stubWritten: Cpl3Reset['stub'];
