@@ -11,13 +11,22 @@
  * machine but does include AP start-up, a few ms, hence 2^31 iterations per vCPU by default). The
  * target of issue 13: parallel >= 1.7x one vCPU.
  *
+ * Also in each round, as the host's own ceiling: the same loop natively (`smp-native.c`, built
+ * with `cc`) on one and on two host threads. Two "cores" of a cloud VM may be SMT siblings or
+ * share a busy host: where two native threads get less than 1.7x one, so do two vCPUs, and the
+ * line to read is parallel vCPUs / two native threads (how much of the host's parallelism tsvm
+ * delivers).
+ *
  * The host is shared (2 cores, other sessions' tests and builds run on it): figures are noisy,
  * each round's ratio is taken against that round's baseline. Reproduce: `pnpm bench:smp`.
  * Writes bench-results/smp.json.
  * @module
  */
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { loadavg } from 'node:os';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { loadavg, tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { KvmUnavailableError, Machine } from '@tsvm/core';
 import { asm, expectedSum, loadSmpGuest, SMP_GUEST as G } from '@tsvm/core/testing';
 import { fmtSpread, interleave, ratios, spread } from './stats.js';
@@ -80,6 +89,26 @@ async function twoAps(vcpuThreads: 'parallel' | 'shared'): Promise<number> {
   return (2 * Number(N)) / (stop.elapsedMs / 1000);
 }
 
+/** Builds `smp-native.c` once (undefined without a C compiler: then no native rows). */
+function nativeBinary(): string | undefined {
+  const dir = mkdtempSync(join(tmpdir(), 'tsvm-smp-'));
+  process.once('exit', () => rmSync(dir, { recursive: true, force: true }));
+  const bin = join(dir, 'smp-native');
+  try {
+    execFileSync('cc', ['-O2', '-pthread', '-o', bin, join(dirname(fileURLToPath(import.meta.url)), 'smp-native.c')], { stdio: 'pipe' });
+    return bin;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Iterations per second of `threads` native threads running the loop. */
+function native(bin: string, threads: number): number {
+  const seconds = Number(execFileSync(bin, [String(threads), String(N)], { encoding: 'utf8' }).trim());
+  if (!(seconds > 0)) throw new Error(`smp-native printed no time`);
+  return (threads * Number(N)) / seconds;
+}
+
 async function main(): Promise<void> {
   try {
     await (await Machine.create({ memory: 2 * MiB })).close();
@@ -87,13 +116,19 @@ async function main(): Promise<void> {
     if (e instanceof KvmUnavailableError) { console.log(`bench:smp SKIPPED: ${e.message}`); return; }
     throw e;
   }
-  const s = await interleave(REPS, {
+  const bin = nativeBinary();
+  const variants: Record<string, () => Promise<number>> = {
     one: oneVcpu,
     parallel: () => twoAps('parallel'),
     shared: () => twoAps('shared'),
-  });
+    ...(bin ? { native1: async () => native(bin, 1), native2: async () => native(bin, 2) } : {}),
+  };
+  const s = await interleave(REPS, variants) as Record<'one' | 'parallel' | 'shared', number[]> & Partial<Record<'native1' | 'native2', number[]>>;
   const par = spread(ratios(s.parallel, s.one));
   const sh = spread(ratios(s.shared, s.one));
+  const n1 = s.native1, n2 = s.native2;
+  const nat = n1 && n2 ? spread(ratios(n2, n1)) : undefined;
+  const ofNative = n2 ? spread(ratios(s.parallel, n2)) : undefined;
   const g = (xs: number[]) => spread(xs.map((x) => x / 1e9));
   console.log(`bench:smp — ring-3 loop, ${N} iterations per vCPU, median [min–max] of ${REPS} interleaved rounds (shared, noisy host)`);
   const c = (k: keyof typeof cores) => fmtSpread(spread(cores[k].slice(1)));
@@ -102,14 +137,20 @@ async function main(): Promise<void> {
   console.log(`| 1 vCPU | ${fmtSpread(g(s.one))} | 1 | ${c('one')} |`);
   console.log(`| 2 APs, vcpuThreads: 'parallel' | ${fmtSpread(g(s.parallel))} | ${fmtSpread(par)}x | ${c('parallel')} |`);
   console.log(`| 2 APs, vcpuThreads: 'shared' | ${fmtSpread(g(s.shared))} | ${fmtSpread(sh)}x | ${c('shared')} |`);
+  if (n1 && n2 && nat && ofNative) {
+    console.log(`| native, 1 thread | ${fmtSpread(g(n1))} | | |`);
+    console.log(`| native, 2 threads | ${fmtSpread(g(n2))} | ${fmtSpread(nat)}x native 1 thread | |`);
+  }
   console.log(`host load average while measuring: ${loadavg().map((x) => x.toFixed(2)).join(' ')} (2 cores; other sessions share them)`);
   const ok = par.median >= TARGET;
   console.log(`parallel / 1 vCPU = ${par.median.toFixed(2)}x (target >= ${TARGET}x): ${ok ? 'MET' : 'NOT MET'}`);
+  if (nat && ofNative) console.log(`the host's own: 2 native threads / 1 = ${nat.median.toFixed(2)}x; parallel vCPUs / 2 native threads = ${ofNative.median.toFixed(2)} (per round)`);
   mkdirSync('bench-results', { recursive: true });
   writeFileSync('bench-results/smp.json', JSON.stringify({
     iterationsPerVcpu: Number(N), reps: REPS, target: TARGET, met: ok,
     throughput: { one: s.one, parallel: s.parallel, shared: s.shared },
-    ratio: { parallel: par, shared: sh },
+    ratio: { parallel: par, shared: sh, ...(nat && ofNative ? { native2VsNative1: nat, parallelVsNative2: ofNative } : {}) },
+    ...(n1 && n2 ? { native: { one: n1, two: n2 } } : {}),
     cpuSecondsPerRunSecond: cores, loadavg: loadavg(),
   }, null, 2));
 }
