@@ -951,10 +951,11 @@ class KvmBackendVcpu implements BackendVcpu {
     if (fpu && !b['xsave']) this.#v.setBlob('fpu', fpu);
     // KVM's sync_regs loads these in this order at the next KVM_RUN (before the guest runs):
     // registers (which also drop a queued exception), special registers, then events.
-    this.#v.setSyncedRegs(prelude ? { ...image.regs, rip: prelude.at } : image.regs);
+    const regs = prelude ? this.#enteringAt(image.regs, prelude.at) : image.regs;
+    this.#v.setSyncedRegs(regs);
     this.#v.setSyncedSregs(this.#svm && image.sregs.tr.type === 11 ? this.#svmTr(image.sregs) : image.sregs);
     this.#v.setSyncedEvents(events);
-    this.#regs = prelude ? { ...image.regs, rip: prelude.at } : { ...image.regs };
+    this.#regs = { ...regs };
     if (prelude) this.#prelude = { at: prelude.at, length: prelude.length, blob: prelude.blob, bytes: prelude.bytes, retarget: prelude.retarget, done: prelude.done, rip: image.regs.rip };
     this.#sregs = undefined; // read back from kvm_run while pending
     this.#syncFresh = true; // kvm_run's register copy is the vCPU's
@@ -962,6 +963,17 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#syncDirty = true;
     this.#pendingSync = KVM_CONST.SYNC_X86_SREGS | KVM_CONST.SYNC_X86_EVENTS;
     return true;
+  }
+
+  readonly #entering = new WeakMap<Regs, Regs>();
+  /** `r` with RIP at `at`, the same frozen copy for the same frozen `r` (so its encoding is kept, see `setSyncedRegs`). */
+  #enteringAt(r: Regs, at: bigint): Regs {
+    let e = this.#entering.get(r);
+    if (!e || e.rip !== at) {
+      e = Object.freeze({ ...r, rip: at });
+      if (Object.isFrozen(r)) this.#entering.set(r, e);
+    }
+    return e;
   }
 
   readonly #trFixed = new WeakMap<Sregs, Sregs>();

@@ -76,6 +76,8 @@ interface ResetBase {
   debugTraps: number;
   /** vCPU 0's `stateVersion()` then (undefined: the backend does not count): the host changed none of it since. */
   stateVersion: number | undefined;
+  /** The CPL3 reset's entry prelude for this machine, made at its first use. */
+  prelude?: EntryPrelude;
 }
 
 const bases = new WeakMap<Machine, ResetBase>();
@@ -388,7 +390,7 @@ export function resetMachine(m: Machine, x: MachineInternals, options: ResetOpti
       m.memory.write(stub.at, stub.page);
       stubWritten = stub;
       const cell = stub.at + BigInt(RESET_STUB.CELL);
-      prelude = {
+      prelude = base.prelude ??= {
         at: stub.at, length: RESET_STUB.LENGTH, blob: 'xsave', bytes: stub.xsave,
         retarget: (rip) => { const c = new Uint8Array(8); new DataView(c.buffer).setBigUint64(0, rip, true); m.memory.write(cell, c); },
         // Written back as the snapshot has it: nothing for the next reset to copy.
