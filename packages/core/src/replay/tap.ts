@@ -13,6 +13,7 @@ import type { Backend, BackendVcpu, BackendVm } from '../backend.js';
 import type { VcpuExit } from '../exits.js';
 import type { GuestMemory } from '../memory.js';
 import { PROBE_PORT } from '../reserved.js';
+import { forwarding } from '../forwarding.js';
 
 /** @internal What a recorder or replayer plugs into a tappable vCPU. */
 export interface VcpuTap {
@@ -46,25 +47,8 @@ export function slotOf(vcpu: BackendVcpu): TapSlot | undefined {
   return slots.get(vcpu);
 }
 
-/** A Proxy forwarding everything to `target` except `overrides` (methods bound once, cached). */
-function delegate<T extends object>(target: T, overrides: Partial<T>): T {
-  const cache = new Map<PropertyKey, unknown>();
-  return new Proxy(target, {
-    get(t, key) {
-      if (Object.hasOwn(overrides, key)) return (overrides as Record<PropertyKey, unknown>)[key];
-      let f = cache.get(key);
-      if (f === undefined) {
-        const v = (t as Record<PropertyKey, unknown>)[key];
-        f = typeof v === 'function' ? v.bind(t) : v;
-        cache.set(key, f);
-      }
-      return f;
-    },
-  });
-}
-
 function tapVcpu(inner: BackendVcpu, slot: TapSlot): BackendVcpu {
-  const w = delegate(inner, {
+  const w = forwarding(inner, {
     run: (): VcpuExit => {
       const t = slot.tap;
       if (t === undefined) return inner.run();
@@ -89,7 +73,7 @@ function tapVcpu(inner: BackendVcpu, slot: TapSlot): BackendVcpu {
 
 function tapVm(inner: BackendVm): BackendVm {
   const slot: TapSlot = { tap: undefined, vm: inner };
-  return delegate(inner, {
+  return forwarding(inner, {
     createVcpu: (id: number) => tapVcpu(inner.createVcpu(id), slot),
     irqLine: (irq: number, level: boolean) => { if (!slot.tap || slot.tap.irqLine(irq, level)) inner.irqLine(irq, level); },
   });

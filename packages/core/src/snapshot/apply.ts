@@ -7,7 +7,7 @@
  */
 import type { BackendVcpu, BackendVm, EntryPrelude } from '../backend.js';
 import { SnapshotFormatError } from '../errors.js';
-import type { SnapshotManifest } from './manifest.js';
+import type { SnapshotManifest, SnapshotVcpu } from './manifest.js';
 
 /** Runs `f`, turning any failure into a `SnapshotFormatError` naming `field`. */
 export function step(field: string, f: () => void): void {
@@ -35,19 +35,29 @@ function setMsrs(b: BackendVcpu, msrs: readonly { index: number; data: bigint }[
   }
 }
 
-/** Applies VM blobs and vCPU state (`vcpus[i]` gets `manifest.vcpus[i]`). */
-export function applyCpuState(vm: BackendVm, vcpus: readonly BackendVcpu[], manifest: SnapshotManifest, rejected: Set<number>): void {
-  step('vm', () => vm.setState(manifest.vm));
+/** Calls `f` with each vCPU and its manifest entry (field prefix `vcpus[i]`); a missing vCPU is a format error. */
+function eachVcpu(vcpus: readonly BackendVcpu[], manifest: SnapshotManifest, f: (b: BackendVcpu, s: SnapshotVcpu, at: string) => void): void {
   manifest.vcpus.forEach((s, i) => {
     const b = vcpus[i];
     const at = `vcpus[${i}]`;
     if (!b) throw new SnapshotFormatError(`snapshot: ${at}: the machine has no such vCPU`);
-    step(`${at}.regs`, () => b.setRegs(s.regs));
-    // (SVM's busy-TR quirk is the KVM backend's to undo, at every setSregs.)
-    step(`${at}.sregs`, () => b.setSregs(s.sregs));
-    step(`${at}.msrs`, () => setMsrs(b, s.msrs, rejected));
-    step(`${at}.blobs`, () => b.setState({ ...s.blobs }));
+    f(b, s, at);
   });
+}
+
+/** One vCPU's state through ioctls: registers, special registers, MSRs, blobs. */
+function applyVcpuByIoctls(b: BackendVcpu, s: SnapshotVcpu, at: string, rejected: Set<number>): void {
+  step(`${at}.regs`, () => b.setRegs(s.regs));
+  // (SVM's busy-TR quirk is the KVM backend's to undo, at every setSregs.)
+  step(`${at}.sregs`, () => b.setSregs(s.sregs));
+  step(`${at}.msrs`, () => setMsrs(b, s.msrs, rejected));
+  step(`${at}.blobs`, () => b.setState({ ...s.blobs }));
+}
+
+/** Applies VM blobs and vCPU state (`vcpus[i]` gets `manifest.vcpus[i]`). */
+export function applyCpuState(vm: BackendVm, vcpus: readonly BackendVcpu[], manifest: SnapshotManifest, rejected: Set<number>): void {
+  step('vm', () => vm.setState(manifest.vm));
+  eachVcpu(vcpus, manifest, (b, s, at) => applyVcpuByIoctls(b, s, at, rejected));
 }
 
 /**
@@ -69,20 +79,11 @@ export function applyCpuState(vm: BackendVm, vcpus: readonly BackendVcpu[], mani
  */
 export function applyCpuStateForReset(vm: BackendVm, vcpus: readonly BackendVcpu[], manifest: SnapshotManifest, rejected: Set<number>): void {
   step('vm', () => vm.setState(manifest.vm));
-  manifest.vcpus.forEach((s, i) => {
-    const b = vcpus[i];
-    const at = `vcpus[${i}]`;
-    if (!b) throw new SnapshotFormatError(`snapshot: ${at}: the machine has no such vCPU`);
+  eachVcpu(vcpus, manifest, (b, s, at) => {
     let fast = false;
     step(`${at}.blobs`, () => { fast = b.loadState?.({ regs: s.regs, sregs: s.sregs, blobs: s.blobs }) ?? false; });
-    if (fast) {
-      step(`${at}.msrs`, () => setMsrs(b, s.msrs, rejected));
-      return;
-    }
-    step(`${at}.regs`, () => b.setRegs(s.regs));
-    step(`${at}.sregs`, () => b.setSregs(s.sregs));
-    step(`${at}.msrs`, () => setMsrs(b, s.msrs, rejected));
-    step(`${at}.blobs`, () => b.setState({ ...s.blobs }));
+    if (fast) step(`${at}.msrs`, () => setMsrs(b, s.msrs, rejected));
+    else applyVcpuByIoctls(b, s, at, rejected);
   });
 }
 

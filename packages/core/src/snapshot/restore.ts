@@ -20,6 +20,7 @@ import { applyCpl3StateForReset, applyCpuState, applyCpuStateForReset, step } fr
 import { CONTROL_PAGES, RESET_STUB, SYS, SYSTEM_AREA_SIZE, controlPagesIntact, resetStubPage } from '../cpu/x86.js';
 import { MAX_VCPUS } from '../machine/state.js';
 import type { PremappedRegion } from './pool.js';
+import { forwarding } from '../forwarding.js';
 
 /** Options of `Machine.restore` / `Machine.fork`. */
 export interface RestoreOptions {
@@ -156,26 +157,6 @@ function cpl3ResetOf(snap: Snapshot): Cpl3Reset | null {
 let forks = 0;
 
 /**
- * `target` with the members in `overrides` replaced and every other member its own (methods
- * bound to it, made once): a wrapper that cannot fall behind what `target` offers.
- */
-function overriding<T extends object>(target: T, overrides: Partial<T>): T {
-  const bound = new Map<PropertyKey, unknown>();
-  return new Proxy(target, {
-    get(t, key) {
-      if (Object.hasOwn(overrides, key)) return (overrides as Record<PropertyKey, unknown>)[key];
-      let f = bound.get(key);
-      if (f === undefined) {
-        const v = (t as Record<PropertyKey, unknown>)[key];
-        f = typeof v === 'function' ? v.bind(t) : v;
-        bound.set(key, f);
-      }
-      return f;
-    },
-  });
-}
-
-/**
  * A BackendVm whose `allocateMemory` hands out the image's regions copy-on-write, in order,
  * and whose `createVcpu(0)` hands out a pooled VM's ready vCPU.
  */
@@ -206,7 +187,7 @@ function imageBackedVm(vm: BackendVm, source: { memory: HostMemory; base: number
     }
     vm.mapMemory(slot, start, host, size, flags);
   };
-  return overriding(vm, { allocateMemory: allocate, createVcpu, mapMemory });
+  return forwarding(vm, { allocateMemory: allocate, createVcpu, mapMemory });
 }
 
 /**
@@ -251,7 +232,7 @@ export async function restoreMachine(
   // The pool holds 1-vCPU VMs (see `Snapshot.prewarm`).
   const pooled = manifest.vcpus.length === 1 ? snap.takePooledVm(backend) : undefined;
   // The backend as it is (its clock, its CPUID probe, whatever else it offers) but for the VM it makes.
-  const wrapped = overriding(backend, { createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), source, manifest, pooled?.vcpu, pooled?.memory) });
+  const wrapped = forwarding(backend, { createVm: (o) => imageBackedVm(pooled?.vm ?? backend.createVm(o), source, manifest, pooled?.vcpu, pooled?.memory) });
   let m: Machine;
   try {
     m = await create({
