@@ -956,7 +956,7 @@ class KvmBackendVcpu implements BackendVcpu {
     this.#v.setSyncedSregs(this.#svm && image.sregs.tr.type === 11 ? this.#svmTr(image.sregs) : image.sregs);
     this.#v.setSyncedEvents(events);
     this.#regs = { ...regs };
-    if (prelude) this.#prelude = { at: prelude.at, length: prelude.length, blob: prelude.blob, bytes: prelude.bytes, retarget: prelude.retarget, done: prelude.done, rip: image.regs.rip };
+    if (prelude) this.#prelude = { ...prelude, rip: image.regs.rip };
     this.#sregs = undefined; // read back from kvm_run while pending
     this.#syncFresh = true; // kvm_run's register copy is the vCPU's
     this.#sregsFresh = false;

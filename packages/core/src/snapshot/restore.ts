@@ -130,6 +130,8 @@ function cpl3ResetOf(snap: Snapshot): Cpl3Reset | null {
     if ((r.cr4 & ~CR4_CPL3_SAFE) !== 0n) return null;
     if (r.cr3 !== b + BigInt(SYS.PML4) || r.idt.base !== b + BigInt(SYS.IDT) || r.gdt.base !== b + BigInt(SYS.GDT) || r.idt.limit !== 32 * 16 - 1 || r.gdt.limit !== 9 * 8 - 1) return null;
     if (r.ldt.unusable === 0 && (r.ldt.base !== b + BigInt(SYS.LDT) || r.ldt.limit > 7)) return null;
+    // The TSS decides where an exception from CPL3 pushes its frame (RSP0, ISTs).
+    if (r.tr.base !== b + BigInt(SYS.TSS)) return null;
     const msr = new Map(v.msrs.map((e) => [e.index, e.data]));
     const entry = b + BigInt(SYS.SYSCALL_STUB);
     if ((r.efer & MSR.EFER_SCE) !== 0n && (msr.get(MSR.LSTAR) !== entry || (msr.has(MSR.CSTAR) && msr.get(MSR.CSTAR) !== entry))) return null;
