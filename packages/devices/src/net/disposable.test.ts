@@ -3,7 +3,7 @@
 // examples/src/flow-dispvm.kvm.test.ts.
 import { describe, expect, it } from 'vitest';
 import { VsockOp, type VsockPacket } from '../virtio/vsock.js';
-import { allowAllMediator, VsockRouter, type DisposableLease, type DisposableProvider, type VsockMediator } from './vsock-router.js';
+import { allowAllMediator, VsockRouter, type DisposableEndpointOptions, type DisposableLease, type DisposableProvider, type VsockMediator } from './vsock-router.js';
 import { VsockTestGuest } from './vsock-test-guest.js';
 
 const flush = async (n = 3) => { for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r)); };
@@ -26,6 +26,15 @@ function fakeProvider(opts: { fail?: string; never?: boolean; delayMs?: number }
     },
   };
   return { provider, made };
+}
+
+/** A router allowing everything, a disposable endpoint 'scanner' at CID 5 served by `p`, and guest `a` (CID 3) attached. */
+function scannerRouter(options: DisposableEndpointOptions = {}, p = fakeProvider()) {
+  const router = new VsockRouter({ mediator: allowAllMediator });
+  router.serveDisposable(5, 'scanner', p.provider, options);
+  const a = new VsockTestGuest({ cid: 3 });
+  router.attach(a.device, 'a');
+  return { router, a, ...p };
 }
 
 async function requestFrom(a: VsockTestGuest, port: number) {
@@ -82,11 +91,7 @@ describe('VsockRouter: disposable endpoints', () => {
   });
 
   it('hostile: a connection flood is capped per endpoint (RST beyond it, nothing forked)', async () => {
-    const router = new VsockRouter({ mediator: allowAllMediator });
-    const { provider, made } = fakeProvider();
-    router.serveDisposable(5, 'scanner', provider, { maxInstances: 2 });
-    const a = new VsockTestGuest({ cid: 3 });
-    router.attach(a.device, 'a');
+    const { router, a, made } = scannerRouter({ maxInstances: 2 });
     for (let p = 0; p < 10; p++) await requestFrom(a, 2000 + p);
     expect(made).toHaveLength(2);
     expect(router.stats.disposableOverLimit).toBe(8);
@@ -120,11 +125,7 @@ describe('VsockRouter: disposable endpoints', () => {
   });
 
   it('hostile: one instance cannot speak on a sibling instance\'s connection (same CID, forged ports)', async () => {
-    const router = new VsockRouter({ mediator: allowAllMediator });
-    const { provider, made } = fakeProvider();
-    router.serveDisposable(5, 'scanner', provider);
-    const a = new VsockTestGuest({ cid: 3 });
-    router.attach(a.device, 'a');
+    const { router, a, made } = scannerRouter();
     await requestFrom(a, 1000);
     await requestFrom(a, 1001);
     for (const [i, m] of made.entries()) { m.guest.receive(); m.guest.send({ op: VsockOp.Response, dstCid: 3, srcPort: 80, dstPort: 1000 + i }); }
@@ -140,11 +141,8 @@ describe('VsockRouter: disposable endpoints', () => {
   });
 
   it('hostile: request-then-RST cannot start more machines than maxInstances; one slower than the timeout is released when it comes', async () => {
-    const router = new VsockRouter({ mediator: allowAllMediator });
     const slow = fakeProvider({ delayMs: 40 });
-    router.serveDisposable(5, 'scanner', slow.provider, { maxInstances: 2, acquireTimeoutMs: 10 });
-    const a = new VsockTestGuest({ cid: 3 });
-    router.attach(a.device, 'a');
+    const { router, a } = scannerRouter({ maxInstances: 2, acquireTimeoutMs: 10 }, slow);
     for (let p = 0; p < 6; p++) {
       a.send({ op: VsockOp.Request, dstCid: 5, srcPort: 3000 + p, dstPort: 80 });
       a.send({ op: VsockOp.Rst, dstCid: 5, srcPort: 3000 + p, dstPort: 80 });
@@ -166,11 +164,7 @@ describe('VsockRouter: disposable endpoints', () => {
   });
 
   it('what an instance opened itself ends when it is released, so a reused device carries nothing to its next tenant', async () => {
-    const router = new VsockRouter({ mediator: allowAllMediator });
-    const { provider, made } = fakeProvider();
-    router.serveDisposable(5, 'scanner', provider);
-    const a = new VsockTestGuest({ cid: 3 });
-    router.attach(a.device, 'a');
+    const { router, a, made } = scannerRouter();
     await requestFrom(a, 1000);
     const fork = made[0]?.guest as VsockTestGuest;
     fork.receive();
@@ -190,11 +184,7 @@ describe('VsockRouter: disposable endpoints', () => {
   });
 
   it('a machine that stops on its own resets its connection', async () => {
-    const router = new VsockRouter({ mediator: allowAllMediator });
-    const { provider, made } = fakeProvider();
-    router.serveDisposable(5, 'scanner', provider);
-    const a = new VsockTestGuest({ cid: 3 });
-    router.attach(a.device, 'a');
+    const { router, a, made } = scannerRouter();
     await requestFrom(a, 1000);
     made[0]?.guest.receive();
     made[0]?.guest.send({ op: VsockOp.Response, dstCid: 3, srcPort: 80, dstPort: 1000 });
