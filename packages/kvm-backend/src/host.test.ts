@@ -2,7 +2,7 @@ import { readdirSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { KvmSystem } from './system.js';
 import { KvmUnavailableError, TsvmError } from './errors.js';
-import { MemfdMapping } from './memfd.js';
+import { MemfdMapping, spareRangeCount } from './memfd.js';
 import { armSlice, consumeSliceSignal, disarmSlice, runSignalMask, sliceSignal } from './timer.js';
 
 const fdCount = (): number => readdirSync('/proc/self/fd').length;
@@ -32,6 +32,44 @@ describe('host plumbing that needs no KVM', () => {
     expect(shared.bytes[0]).toBe(1);
     priv.close();
     shared.close();
+  });
+
+  it('a closed mapping\'s range is reused by the next of its size, with the new contents and the same view', async () => {
+    const { libc } = await import('./raw/libc.js');
+    const size = 3 * 65536; // a size no other test here uses
+    const a = MemfdMapping.create(size);
+    const view = a.bytes;
+    a.bytes.fill(0x5a);
+    const at = a.hostAddress;
+    const before = spareRangeCount();
+    a.close();
+    expect(spareRangeCount()).toBe(before + 1);
+    expect(a.bytes.length).toBe(0); // the closed object hands out nothing
+    const b = MemfdMapping.create(size); // a fresh memfd in the same range: zeros, not a's bytes
+    expect(b.hostAddress).toBe(at);
+    expect(b.bytes).toBe(view);
+    expect(b.bytes.every((x) => x === 0)).toBe(true);
+    expect(spareRangeCount()).toBe(before);
+    b.bytes[7] = 9;
+    // A private (copy-on-write) mapping into a kept range reads the file, not what was there before.
+    const dupFd = libc().open(`/proc/self/fd/${b.fd}`, 2);
+    const c = MemfdMapping.create(size);
+    c.bytes.fill(1);
+    c.close();
+    const p = MemfdMapping.mapPrivate(dupFd, 0, size);
+    expect(p.bytes[7]).toBe(9);
+    expect(p.bytes[8]).toBe(0);
+    p.bytes[7] = 10;
+    expect(b.bytes[7]).toBe(9);
+    p.close();
+    libc().close(dupFd);
+    b.close();
+  });
+
+  it('keeps a bounded number of closed ranges', () => {
+    const ms = Array.from({ length: 20 }, () => MemfdMapping.create(5 * 65536));
+    for (const m of ms) m.close();
+    expect(spareRangeCount()).toBeLessThanOrEqual(8);
   });
 
   it('the slice timer fires at this thread and the pending signal is consumed without a handler', () => {

@@ -9,6 +9,62 @@ import { closeFd } from './fd.js';
 
 /** `MAP_FIXED` (Linux x86-64): replace whatever is mapped at the given address. */
 const MAP_FIXED = 0x10;
+/** `MAP_ANONYMOUS` (Linux x86-64). */
+const MAP_ANONYMOUS = 0x20;
+/** `PROT_NONE`. */
+const PROT_NONE = 0;
+
+/** `mmap` at a given address (the binding types `addr` as null; koffi passes a pointer object as the same `void *`). */
+function mmapAt(addr: NativePointer, length: number, prot: number, flags: number, fd: number, offset: number): NativePointer {
+  return (libc().mmap as unknown as (a: NativePointer, l: number, p: number, f: number, d: number, o: number) => NativePointer)(addr, length, prot, flags, fd, offset);
+}
+
+/**
+ * Address ranges of closed mappings, each with its view, kept for the next mapping of the same
+ * size. Why: every `koffi.view` is a new external `ArrayBuffer`, and V8 answers each new one of
+ * guest-RAM size with an "external memory pressure" scavenge (~0.4 ms here): a loop that forks
+ * per request spent ~2 ms of GC per 0.2 ms fork. A kept range is an inaccessible anonymous
+ * mapping (`PROT_NONE`, `MAP_NORESERVE`: no memory, no commit charge; a stale access faults as
+ * after `munmap`), and a new mapping goes over it with `MAP_FIXED`, so the view stays valid.
+ * Bounded in count and bytes; per thread (each isolate has its own copy of this module).
+ * SAFETY: as for any view here, no holder may keep a view past its mapping's `close()`: a kept
+ * view that did would see the next owner's memory. `GuestMemory` reads `bytes` from its host
+ * object at every access, and a closed mapping's `bytes` is empty.
+ */
+const spareRanges: { ptr: NativePointer; size: number; view: Uint8Array }[] = [];
+/** At most this many ranges are kept… */
+const MAX_SPARE_RANGES = 8;
+/** …and at most this many bytes of address space. */
+const MAX_SPARE_BYTES = 512 * 1024 * 1024;
+
+/** Maps `fd` (or anonymous memory for `fd` -1) into a kept range of `size` when one is free, else where the kernel chooses. */
+function mapRange(size: number, prot: number, flags: number, fd: number, offset: number, what: string): { ptr: NativePointer; view: Uint8Array } {
+  const i = spareRanges.findIndex((r) => r.size === size);
+  if (i >= 0) {
+    const r = spareRanges.splice(i, 1)[0] as (typeof spareRanges)[number];
+    const ptr = mmapAt(r.ptr, size, prot, flags | MAP_FIXED, fd, offset);
+    if (ptr !== null && addressOf(ptr) === addressOf(r.ptr)) return { ptr: r.ptr, view: r.view };
+    libc().munmap(r.ptr, size); // (a failed MAP_FIXED may have unmapped part of it) and the kernel chooses below
+  }
+  const ptr = libc().mmap(null, size, prot, flags, fd, offset);
+  if (ptr === null || addressOf(ptr) === 0xffffffffffffffffn) throw new KvmError(what, errno());
+  return { ptr, view: new Uint8Array(viewOf(ptr, size)) };
+}
+
+/** Gives a closed mapping's range back: kept (its pages dropped) while the bounds allow, else unmapped. */
+function releaseRange(ptr: NativePointer, size: number, view: Uint8Array): void {
+  const kept = spareRanges.reduce((n, r) => n + r.size, 0);
+  if (view.byteLength === size && spareRanges.length < MAX_SPARE_RANGES && kept + size <= MAX_SPARE_BYTES) {
+    const p = mmapAt(ptr, size, PROT_NONE, C.MAP_PRIVATE | MAP_ANONYMOUS | C.MAP_NORESERVE | MAP_FIXED, -1, 0);
+    if (p !== null && addressOf(p) === addressOf(ptr)) { spareRanges.push({ ptr, size, view }); return; }
+  }
+  libc().munmap(ptr, size);
+}
+
+/** @internal For tests: how many closed ranges are kept for reuse. */
+export function spareRangeCount(): number {
+  return spareRanges.length;
+}
 
 /** A host mapping of a memfd. */
 export class MemfdMapping {
@@ -27,13 +83,13 @@ export class MemfdMapping {
   #closed = false;
   readonly #ownsFd: boolean;
 
-  private constructor(fd: number, ptr: NativePointer, size: number, ownsFd = true) {
+  private constructor(fd: number, ptr: NativePointer, size: number, view: Uint8Array, ownsFd = true) {
     this.fd = fd;
     this.#ownsFd = ownsFd;
     this.#ptr = ptr;
     this.size = size;
     this.hostAddress = addressOf(ptr);
-    this.bytes = new Uint8Array(viewOf(ptr, size));
+    this.bytes = view;
   }
 
   /**
@@ -59,10 +115,8 @@ export class MemfdMapping {
    * Takes ownership of `fd`.
    */
   static map(fd: number, size: number, shared: boolean): MemfdMapping {
-    const c = libc();
-    const ptr = c.mmap(null, size, C.PROT_READ | C.PROT_WRITE, (shared ? C.MAP_SHARED : C.MAP_PRIVATE) | C.MAP_NORESERVE, fd, 0);
-    if (addressOf(ptr) === 0xffffffffffffffffn || ptr === null) throw new KvmError('mmap', errno());
-    return new MemfdMapping(fd, ptr, size);
+    const { ptr, view } = mapRange(size, C.PROT_READ | C.PROT_WRITE, (shared ? C.MAP_SHARED : C.MAP_PRIVATE) | C.MAP_NORESERVE, fd, 0, 'mmap');
+    return new MemfdMapping(fd, ptr, size, view);
   }
 
   /**
@@ -73,9 +127,8 @@ export class MemfdMapping {
    * @param offset - page-aligned offset into the file.
    */
   static mapPrivate(fd: number, offset: number, size: number): MemfdMapping {
-    const ptr = libc().mmap(null, size, C.PROT_READ | C.PROT_WRITE, C.MAP_PRIVATE | C.MAP_NORESERVE, fd, offset);
-    if (ptr === null || addressOf(ptr) === 0xffffffffffffffffn) throw new KvmError('mmap(MAP_PRIVATE)', errno());
-    return new MemfdMapping(-1, ptr, size, false);
+    const { ptr, view } = mapRange(size, C.PROT_READ | C.PROT_WRITE, C.MAP_PRIVATE | C.MAP_NORESERVE, fd, offset, 'mmap(MAP_PRIVATE)');
+    return new MemfdMapping(-1, ptr, size, view, false);
   }
 
   /**
@@ -96,28 +149,27 @@ export class MemfdMapping {
     if (fd < 0) throw new KvmError('memfd_create', errno());
     try {
       if (c.ftruncate(fd, this.size) < 0) throw new KvmError('ftruncate', errno());
-      // The binding types `addr` as null (every other caller lets the kernel choose); koffi
-      // passes a pointer object as the same `void *`.
-      const mmapAt = c.mmap as unknown as (addr: NativePointer, length: number, prot: number, flags: number, fd: number, offset: number) => NativePointer;
       const ptr = mmapAt(this.#ptr, this.size, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED | C.MAP_NORESERVE | MAP_FIXED, fd, 0);
       if (ptr === null || addressOf(ptr) !== this.hostAddress) throw new KvmError('mmap(MAP_FIXED)', errno());
       this.#closed = true;
+      const view = this.bytes; // the same range: its view goes on (no new external ArrayBuffer)
       this.bytes = new Uint8Array(0);
       closeFd(this.fd);
       this.fd = -1;
-      return new MemfdMapping(fd, ptr, this.size);
+      return new MemfdMapping(fd, ptr, this.size, view);
     } catch (e) {
       closeFd(fd);
       throw e;
     }
   }
 
-  /** Unmaps and closes the memfd. Idempotent. */
+  /** Unmaps (the range may be kept for the next mapping of its size) and closes the memfd. Idempotent. */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    const view = this.bytes;
     this.bytes = new Uint8Array(0);
-    libc().munmap(this.#ptr, this.size);
+    releaseRange(this.#ptr, this.size, view);
     if (this.#ownsFd) closeFd(this.fd);
     this.fd = -1;
   }
