@@ -52,8 +52,9 @@ describe('MachineWorker (mock backend in a worker)', () => {
       expect((await w.run({ timeout: 100 })).reason).toBe('timeout');
       const r = await w.report();
       expect(r.longestSliceNs).toBe(1e6);
-      // ~100 slices in 100 ms (fewer when the host starves the worker); at 10 ms, at most ~11.
-      expect(r.slices).toBeGreaterThan(15);
+      // More than one slice (how many depends on how much CPU the host leaves an idle thread:
+      // as few as ~10 in 100 ms with the test suite on both cores; the slice length is the property).
+      expect(r.slices).toBeGreaterThan(1);
       // A bad slice length is still refused, typed.
       await expect(w.run({ sliceMs: 0 })).rejects.toBeInstanceOf(InvalidArgumentError);
       await expect(w.run({ sliceMs: 5000 })).rejects.toBeInstanceOf(InvalidArgumentError);
