@@ -104,6 +104,15 @@ export interface BackendVm {
   /** Returns and clears the dirty bitmap of `slot` (one bit per 4 KiB page). */
   dirtyLog(slot: number, size: number): Uint8Array;
   /**
+   * Optional: {@link dirtyLog} for a reset, as page indices in the slot. A reset copies the
+   * snapshot's bytes back over every page named, so it may be told more pages than were
+   * written: a superset of the pages written since the last call, possibly cheaper to learn
+   * (KVM's rings: pages named once may stay writable instead of being write-protected again by
+   * an ioctl, and are named at each later call). A page of `exact` is never named without
+   * having been written: when one is dirty, the VM write-protects again.
+   */
+  dirtyPagesForReset?(slot: number, size: number, exact: readonly number[]): readonly number[];
+  /**
    * Optional: how {@link dirtyLog} learns what was written: `'log'`, the kernel's bitmap per
    * memslot (absent means this), or `'ring'`, per-vCPU rings harvested into bitmaps.
    */
@@ -179,6 +188,11 @@ export interface EntryPrelude {
   readonly bytes: Uint8Array;
   /** Rewrites the cell the stub jumps through (RIP changed before the stub ran). */
   retarget(rip: bigint): void;
+  /**
+   * Called when the vCPU takes the prelude (after `done` of one it supersedes, which may share
+   * the stub's place): the caller puts the stub in place.
+   */
+  arm(): void;
   /** Called once, when the stub has run or its work was done by ioctl: the caller takes the stub away. */
   done(): void;
 }
@@ -264,6 +278,11 @@ export interface BackendVcpu {
    * which `capabilities.ioExitRip` shows as RIP already past it). Same result, one ioctl less.
    */
   settlePendingExit?(): void;
+  /**
+   * Optional: does the work of an entry prelude {@link loadState} left pending (its stub has not
+   * run) now, by ioctl; the prelude's `done` runs. A no-op without one.
+   */
+  settlePrelude?(): void;
   /**
    * Optional: puts `image` (registers, special registers and the blobs of {@link getState}) into the vCPU at the least cost this host allows, for a reset —
    * the KVM backend writes registers, special registers and vCPU events into `kvm_run`

@@ -31,7 +31,7 @@ import type { ExitStats } from './stats.js';
 import type { Stop } from './stop.js';
 import { Vcpu } from './vcpu.js';
 import { applyCpuModel, CpuModelError, recordedCpuModel, resolveCpuModel, type CpuModel, type CpuModelSpec } from './cpu/models.js';
-import { Snapshot, takeSnapshot, restoreMachine, resetMachine, type RestoreOptions, type ResetResult, type ResetOptions, type MachineInternals } from './snapshot/index.js';
+import { Snapshot, takeSnapshot, restoreMachine, resetMachine, schedulePrebuild, prebuilding, type MachineMaker, type RestoreOptions, type ResetResult, type ResetOptions, type MachineInternals } from './snapshot/index.js';
 import { MachineState, MAX_VCPUS } from './machine/state.js';
 
 export { MAX_VCPUS };
@@ -138,7 +138,10 @@ export class Machine {
   /** Lifecycle events. */
   readonly events = new EventEmitter<MachineEvents>();
   /** Name for diagnostics. */
-  readonly name: string;
+  get name(): string {
+    return this.#s.name;
+  }
+
   /** What the host supports. */
   readonly capabilities: HostCapabilities;
   /** Whether an in-kernel irqchip exists. */
@@ -169,7 +172,6 @@ export class Machine {
     this.memory = s.memory;
     this.io = s.io;
     this.mmio = s.mmio;
-    this.name = s.name;
     this.capabilities = s.capabilities;
     this.irqchip = s.irqchip;
   }
@@ -508,7 +510,7 @@ export class Machine {
    * @throws SnapshotFormatError naming the field when the snapshot cannot be restored here.
    */
   static async restore(snapshot: Snapshot, options: RestoreOptions = {}): Promise<Machine> {
-    return restoreMachine(snapshot, options, (o) => Machine.create(o), (m) => m.#internals());
+    return restoreMachine(snapshot, options, Machine.#maker);
   }
 
   /**
@@ -542,10 +544,20 @@ export class Machine {
     return r;
   }
 
-  /** What `snapshot/` may see of the private state: a narrower view than `MachineState`. */
+  /** How `snapshot/` makes machines and sees their private state. */
+  static readonly #maker: MachineMaker = { create: (o) => Machine.create(o), internals: (m) => m.#internals() };
+
+  static {
+    // `Snapshot.prewarm` builds machines ahead through this (snapshot.ts does not import Machine).
+    prebuilding.schedule = (snap, backend) => schedulePrebuild(snap, backend, Machine.#maker);
+  }
+
+  #internalsView: MachineInternals | undefined;
+
+  /** What `snapshot/` may see of the private state: a narrower view than `MachineState` (made once: resets and forks ask for it each time). */
   #internals(): MachineInternals {
     const s = this.#s;
-    return {
+    return this.#internalsView ??= {
       vm: s.vm,
       get running() { return s.running; },
       devices: () => [...s.devices],
@@ -553,6 +565,7 @@ export class Machine {
       setCpu: (mode, systemArea) => cpuEntry.adoptCpu(s, mode, systemArea),
       debugTraps: () => s.debugTraps,
       logsDirty: (slot) => s.logDirty.has(slot),
+      rename: (name) => { s.name = name; },
     };
   }
 }

@@ -311,8 +311,18 @@ class KvmBackendVm implements BackendVm {
   readonly #ringBytes: number | undefined;
   /** The vCPUs whose rings are harvested (all of them). */
   readonly #ringVcpus: KvmVcpu[] = [];
-  /** Pages harvested from the rings and not yet returned by `dirtyLog`, per memslot. */
-  readonly #ringBits = new Map<number, Uint8Array>();
+  /** Pages (indices in their slot) harvested from the rings and not yet named by a report, per memslot. */
+  readonly #ringPages = new Map<number, Set<number>>();
+  /**
+   * Pages `dirtyPagesForReset` named and left writable (not write-protected again), per memslot:
+   * writes to them leave no ring entry, so every later report names them until the rings are
+   * reset (`#reprotect`), which moves them into `#ringPages`.
+   */
+  readonly #sticky = new Map<number, Set<number>>();
+  /** Pages in `#sticky`. */
+  #stickyPages = 0;
+  /** Ring entries taken since the last `KVM_RESET_DIRTY_RINGS` (they hold ring slots until it). */
+  #unreset = 0;
   /** Memslot sizes in bytes (a ring entry past its slot's end is ignored). */
   readonly #slotSizes = new Map<number, number>();
   /** `'ring'` when this VM's dirty pages come from per-vCPU rings. */
@@ -381,18 +391,28 @@ class KvmBackendVm implements BackendVm {
   }
 
   /**
-   * Moves every ring entry into `#ringBits` and lets KVM write-protect those pages again
+   * Moves every ring entry into `#ringPages` and lets KVM write-protect those pages again
    * (`KVM_RESET_DIRTY_RINGS`). Called by `dirtyLog` and when a vCPU exits because its ring is
    * full. Never while a vCPU runs: vCPUs run on the calling thread. Returns the entries taken.
    */
   harvestRings(full = false): number {
+    const n = this.#collect();
+    if (n > 0 || full || this.#stickyPages > 0) this.#reprotect();
+    // Full with nothing to take: KVM's ring index ran past what it published (wrapped). The
+    // vCPU cannot run on; its run() returns the ring-full exit, which stops the machine visibly.
+    if (full && n === 0) this.#ringLost();
+    return n;
+  }
+
+  /** Moves the rings' new entries into `#ringPages` (no ioctl). Returns the entries taken. */
+  #collect(): number {
     const mark = (slotField: number, page: number): void => {
       const slot = slotField & 0xffff;
       const size = this.#slotSizes.get(slot);
       if (size === undefined || page * 4096 >= size) return;
-      let bits = this.#ringBits.get(slot);
-      if (!bits) { bits = new Uint8Array(Math.ceil(size / 4096 / 64) * 8); this.#ringBits.set(slot, bits); }
-      bits[page >> 3] = (bits[page >> 3] as number) | (1 << (page & 7));
+      let set = this.#ringPages.get(slot);
+      if (!set) { set = new Set(); this.#ringPages.set(slot, set); }
+      set.add(page);
     };
     let n = 0;
     const entries = (this.#ringBytes ?? 0) / 16;
@@ -404,11 +424,51 @@ class KvmBackendVm implements BackendVm {
       if (got >= entries) this.#ringLost();
       n += got;
     }
-    if (n > 0 || full) this.#vm.resetDirtyRings();
-    // Full with nothing to take: KVM's ring index ran past what it published (wrapped). The
-    // vCPU cannot run on; its run() returns the ring-full exit, which stops the machine visibly.
-    if (full && n === 0) this.#ringLost();
+    this.#unreset += n;
     return n;
+  }
+
+  /**
+   * `KVM_RESET_DIRTY_RINGS`: KVM write-protects every page taken from the rings again, so the
+   * next write to one is a new entry. Sticky pages may have been written until now: they join
+   * `#ringPages`, to be named once more.
+   */
+  #reprotect(): void {
+    this.#vm.resetDirtyRings();
+    this.#unreset = 0;
+    for (const [slot, pages] of this.#sticky) {
+      const fresh = this.#ringPages.get(slot);
+      if (fresh) for (const p of pages) fresh.add(p);
+      else this.#ringPages.set(slot, pages);
+    }
+    this.#sticky.clear();
+    this.#stickyPages = 0;
+  }
+
+  dirtyPagesForReset(slot: number, size: number, exact: readonly number[]): number[] {
+    this.#notPlain();
+    if (this.#ringBytes === undefined || this.#ringOverflowed) return pagesOf(this.dirtyLog(slot, size));
+    this.#collect();
+    const fresh = this.#ringPages.get(slot);
+    const sticky = this.#sticky.get(slot);
+    this.#ringPages.delete(slot);
+    const out: number[] = sticky ? [...sticky] : [];
+    if (fresh) for (const p of fresh) if (!sticky?.has(p)) out.push(p);
+    const added = out.length - (sticky?.size ?? 0);
+    const named = (p: number): boolean => fresh?.has(p) === true || sticky?.has(p) === true;
+    if (exact.some(named) || this.#stickyPages + added > STICKY_PAGES || this.#unreset > this.#ringBytes / 16 / 2) {
+      // Named now and write-protected again: nothing of this slot stays sticky.
+      this.#reprotect();
+      this.#ringPages.delete(slot);
+      return out;
+    }
+    // Named now, left writable: sticky from here on.
+    if (fresh && added > 0) {
+      if (sticky) for (const p of fresh) sticky.add(p);
+      else this.#sticky.set(slot, fresh);
+      this.#stickyPages += added;
+    }
+    return out;
   }
 
   /**
@@ -471,14 +531,14 @@ class KvmBackendVm implements BackendVm {
     }
     if (first) this.#dropPremade(); else this.#notPlain();
     if (first) this.#slot0 = host as MemfdMapping;
-    if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringBits.delete(slot); }
+    if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringPages.delete(slot); }
     this.#vm.setUserMemoryRegion(slot, start, size, host.hostAddress, flags);
     this.#slotSizes.set(slot, size);
   }
 
   unmapMemory(slot: number): void {
     this.#notPlain();
-    if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringBits.delete(slot); }
+    if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringPages.delete(slot); }
     this.#slotSizes.delete(slot);
     this.#vm.setUserMemoryRegion(slot, 0n, 0, 0n);
     this.#dirtyBufs.get(slot)?.close();
@@ -490,14 +550,14 @@ class KvmBackendVm implements BackendVm {
     const bytes = Math.ceil(size / 4096 / 64) * 8;
     if (this.#ringBytes !== undefined) {
       this.harvestRings();
-      const bits = this.#ringBits.get(slot);
-      this.#ringBits.delete(slot);
+      const named = this.#ringPages.get(slot);
+      this.#ringPages.delete(slot);
       const out = new Uint8Array(bytes);
       if (this.#ringOverflowed) {
         const pages = Math.ceil(size / 4096);
         out.fill(0xff, 0, pages >> 3);
         if (pages & 7) out[pages >> 3] = (1 << (pages & 7)) - 1;
-      } else if (bits) out.set(bits.subarray(0, bytes));
+      } else if (named) for (const p of named) out[p >> 3] = (out[p >> 3] as number) | (1 << (p & 7));
       return out;
     }
     let buf = this.#dirtyBufs.get(slot);
@@ -916,6 +976,10 @@ class KvmBackendVcpu implements BackendVcpu {
 
   msrIndexList(): readonly number[] { return this.#backend.msrIndexList(); }
 
+  settlePrelude(): void {
+    this.#cancelPrelude();
+  }
+
   settlePendingExit(): void {
     const e = this.#last;
     if (e.kind === 'io' && e.direction === 'out' && this.#outDoneAtExit) {
@@ -945,6 +1009,7 @@ class KvmBackendVcpu implements BackendVcpu {
     if (this.#prelude) { const p = this.#prelude; this.#prelude = undefined; p.done(); } // superseded by this image
     this.#flushPending();
     this.#flushRegs();
+    prelude?.arm();
     // No sync area for these: one ioctl each, XCRs before XSAVE (XCR0 decides what XSAVE loads).
     for (const k of ['xcrs', 'xsave', 'debugregs'] as const) { const x = b[k]; if (x) this.#v.setBlob(k, x); }
     const fpu = b['fpu'];
@@ -1114,4 +1179,28 @@ export function recycleVm(vm: BackendVm, vcpus: readonly BackendVcpu[], hosts: r
 /** @internal Resolves when the shared backend (if one was opened) prepares no spare VM. */
 export function sharedBackendSettled(): Promise<void> {
   return shared ? shared.settled() : Promise.resolve();
+}
+
+/**
+ * Sticky pages a ring VM's reset report may carry before the rings are reset again: each costs
+ * a 4 KiB copy per reset (~0.3–1 µs here), `KVM_RESET_DIRTY_RINGS` one ioctl (~5–10 µs on PVM).
+ */
+const STICKY_PAGES = 16;
+
+/** The page indices a dirty bitmap names, in order. */
+export function pagesOf(bitmap: Uint8Array): number[] {
+  const out: number[] = [];
+  // 32 pages at a time where the bitmap allows (KVM's are whole 64-bit words): most are zero.
+  const words = bitmap.byteOffset % 4 === 0 && bitmap.length % 4 === 0 ? new Uint32Array(bitmap.buffer, bitmap.byteOffset, bitmap.length / 4) : undefined;
+  const unit = words ? 32 : 8;
+  const n = words ? words.length : bitmap.length;
+  for (let i = 0; i < n; i++) {
+    let bits = (words ? words[i] : bitmap[i]) as number;
+    while (bits !== 0) {
+      const low = bits & -bits;
+      out.push(i * unit + 31 - Math.clz32(low));
+      bits = (bits ^ low) >>> 0;
+    }
+  }
+  return out;
 }

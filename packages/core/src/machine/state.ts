@@ -81,7 +81,7 @@ export class MachineState {
   readonly capabilities: HostCapabilities;
 
   constructor(
-    readonly name: string,
+    public name: string,
     readonly backend: Backend,
     readonly vm: BackendVm,
     readonly irqchip: boolean,

@@ -17,9 +17,9 @@ export type DirtyTracking = 'log' | 'ring';
 
 /** What {@link measureDirtyTracking} found. */
 export interface DirtyTrackingPrices {
-  /** One `dirtyLog` of a 16 MiB slot with 4 pages written since the last, through the bitmap: median ns. */
+  /** One reset's harvest (`dirtyPagesForReset`, else `dirtyLog`) of a 16 MiB slot with 4 pages written since the last, through the bitmap: median ns. */
   readonly logNs: number;
-  /** The same through the rings (harvest + `KVM_RESET_DIRTY_RINGS`), or undefined where the host has none. */
+  /** The same through the rings (harvest; `KVM_RESET_DIRTY_RINGS` only once pages would stay writable past a bound), or undefined where the host has none. */
   readonly ringNs: number | undefined;
   /** Rounds each median is taken over. */
   readonly rounds: number;
@@ -56,9 +56,12 @@ function priceOne(backend: Backend, ring: boolean, rounds: number): number | und
       try { exit = vcpu.run(); } finally { vcpu.endSlice(); }
       if (exit.kind !== 'io') return undefined;
       const t0 = process.hrtime.bigint();
-      const bits = vm.dirtyLog(0, SLOT);
+      // What a reset pays: its harvest (rings: pages named stay writable, no ioctl while few).
+      const pages = vm.dirtyPagesForReset?.(0, SLOT, []);
+      const bits = pages ? undefined : vm.dirtyLog(0, SLOT);
       const t = Number(process.hrtime.bigint() - t0);
-      if (bits[2] !== 0x0f) return undefined; // pages 0x10-0x13: the guest's 4 stores, nothing else
+      // Pages 0x10-0x13: the guest's 4 stores, nothing else.
+      if (pages ? ![16, 17, 18, 19].every((p) => pages.includes(p)) : bits?.[2] !== 0x0f) return undefined;
       if (i >= 2) ns.push(t);
     }
     ns.sort((a, b) => a - b);
@@ -72,8 +75,8 @@ function priceOne(backend: Backend, ring: boolean, rounds: number): number | und
 }
 
 /**
- * Measures one `dirtyLog` with 4 pages written on `backend`, through the bitmap and (where the
- * host has them) the rings. Never throws: a mechanism that fails to measure is reported absent
+ * Measures one reset's harvest with the same 4 pages written each time on `backend`, through
+ * the bitmap and (where the host has them) the rings. Never throws: a mechanism that fails to measure is reported absent
  * (`ringNs` undefined; `logNs` Infinity).
  */
 export function measureDirtyTracking(backend: Backend, rounds = 15): DirtyTrackingPrices {

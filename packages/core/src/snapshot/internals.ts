@@ -23,4 +23,6 @@ export interface MachineInternals {
   debugTraps(): number;
   /** Whether memslot `slot` logs dirty pages. */
   logsDirty(slot: number): boolean;
+  /** Gives the machine its name (a machine built ahead gets its fork's name when it is taken). */
+  rename(name: string): void;
 }

@@ -46,18 +46,29 @@ export class VmPool {
 
   readonly #prepare: ((vm: BackendVm, vcpu: BackendVcpu) => void) | undefined;
   readonly #premap: ((vm: BackendVm) => PremappedRegion[]) | undefined;
+  readonly #inUse: () => number;
+  readonly #onReady: (() => void) | undefined;
 
   /**
    * @param prepare - applies state to a new VM ahead of use (a failure leaves it unprepared).
    * @param premap - maps and registers guest RAM ahead of use (a failure leaves it to the fork).
+   * @param hooks - `inUse`: VMs taken but still counted against `target` (machines built ahead
+   *   from them); `onReady`: called after each refill.
    */
-  constructor(backend: Backend, options: BackendVmOptions, target: number, prepare?: (vm: BackendVm, vcpu: BackendVcpu) => void, premap?: (vm: BackendVm) => PremappedRegion[]) {
+  constructor(backend: Backend, options: BackendVmOptions, target: number, prepare?: (vm: BackendVm, vcpu: BackendVcpu) => void, premap?: (vm: BackendVm) => PremappedRegion[], hooks: { inUse?: () => number; onReady?: () => void } = {}) {
     this.backend = backend;
     this.#prepare = prepare;
     this.#premap = premap;
     this.#options = options;
     this.#target = target;
-    while (this.#ready.length < target) this.#ready.push(this.#make());
+    this.#inUse = hooks.inUse ?? (() => 0);
+    this.#onReady = hooks.onReady;
+    while (this.#wanted() > 0) this.#ready.push(this.#make());
+  }
+
+  /** VMs still to make: the target less those ready and those counted as in use. */
+  #wanted(): number {
+    return this.#target - this.#ready.length - this.#inUse();
   }
 
   /** VMs ready now. */
@@ -84,18 +95,20 @@ export class VmPool {
   /** A ready VM, or undefined when the pool is empty; schedules a refill. */
   take(): PooledVm | undefined {
     const e = this.#ready.shift();
-    this.#schedule();
+    this.refill();
     return e;
   }
 
-  #schedule(): void {
+  /** Makes VMs on the event loop, one per turn, until the target is met again. */
+  refill(): void {
     if (this.#scheduled || this.#closed) return;
     this.#scheduled = true;
     setImmediate(() => {
       this.#scheduled = false;
-      if (this.#closed || this.#ready.length >= this.#target) return;
+      if (this.#closed || this.#wanted() <= 0) return;
       try { this.#ready.push(this.#make()); } catch { return; /* the host is out of VMs: forks create their own */ }
-      this.#schedule();
+      this.#onReady?.();
+      this.refill();
     }).unref();
   }
 

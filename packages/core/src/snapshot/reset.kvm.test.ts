@@ -259,6 +259,20 @@ describe.skipIf(!kvm.available)(`reset fast path on KVM${kvm.available ? '' : ` 
       expect(m.reset().cpu).toBe('full');
     });
 
+    it('two CPL3 resets with no run between continue as one: the second takes over the first\'s entry stub', async () => {
+      using snap = await template(ring3, 3);
+      await using fresh = await Machine.fork(snap, { devices });
+      const want = await finish(fresh);
+      await using m = await Machine.fork(snap, { devices });
+      await finish(m);
+      await finish(m);
+      for (let i = 0; i < 3; i++) {
+        expect(m.reset().cpu).toBe('cpl3');
+        expect(m.reset().cpu).toBe('cpl3'); // (it put the stub's page back before writing the stub again)
+        expect(await finish(m)).toEqual(want);
+      }
+    });
+
     it('between the reset and the run RIP reads as the snapshot\'s; a RIP set then starts there with the snapshot\'s x87/SSE state; a snapshot then is the snapshot\'s state', async () => {
       // An alternative entry that only reports the x87 control word and XMM0.
       const alt = 0x3000;

@@ -18,6 +18,12 @@ import { VmPool, type PremappedRegion } from './pool.js';
 import { applyCpuState } from './apply.js';
 import { DIRTY_RING_BYTES, cheaperDirtyTracking, type DirtyTracking } from './dirty-tracking.js';
 
+/**
+ * @internal How {@link Snapshot.prewarm} gets machines built ahead: `Machine` (which owns
+ * `Machine.create`) sets `schedule` when it loads, so this module does not import it.
+ */
+export const prebuilding: { schedule?: (snap: Snapshot, backend: Backend) => void } = {};
+
 /** Options of {@link Snapshot.prewarm}. */
 export interface PrewarmOptions {
   /** How pooled VMs find dirty pages for reset: by price (`'auto'`, the default), or forced. */
@@ -178,12 +184,20 @@ export class Snapshot {
   }
 
   #pool: VmPool | undefined;
+  /** Machines built ahead from pooled VMs (CPU state applied, no devices yet), see {@link prewarm}. */
+  readonly #prebuilt: Machine[] = [];
+  #prebuiltBackend: Backend | undefined;
+  #prebuiltTarget = 0;
 
   /**
-   * Keeps `count` empty VMs ready for `Machine.fork(this)` / `Machine.restore(this)` on
-   * `backend`, refilled on the event loop after each fork: VM creation (~0.5 ms on PVM) then
-   * stays off the fork's latency. `prewarm(0)` releases them; so does {@link close}. A snapshot
-   * of a machine with several vCPUs keeps no pool (yet): its forks create their VMs themselves.
+   * Keeps `count` VMs ready for `Machine.fork(this)` / `Machine.restore(this)` on `backend`,
+   * each with this snapshot's RAM mapped and vCPU state applied, and builds up to `count`
+   * machines from them ahead (on the event loop, one per turn; devices, `setup` and device state
+   * are a fork's own), refilled after each fork: VM creation (~0.5 ms on PVM) and most of
+   * `Machine.create` then stay off the fork's latency. (A machine built ahead starts its guest
+   * clock when it is built, as a pooled VM does.) `prewarm(0)` releases them; so does
+   * {@link close}. A snapshot of a machine with several vCPUs keeps no pool (yet), and a fork
+   * with `vcpuThreads: 'parallel'` builds its own machine.
    *
    * Pooled VMs track dirty pages the way `options.dirtyTracking` says: `'auto'` (the default)
    * picks what this host prices lower for a reset (see {@link cheaperDirtyTracking}; measured
@@ -197,6 +211,7 @@ export class Snapshot {
     if (want !== 'auto' && want !== 'log' && want !== 'ring') throw new InvalidArgumentError('options.dirtyTracking', `must be 'auto', 'log' or 'ring', got ${String(want)}`);
     this.image();
     this.#pool?.close();
+    this.#dropPrebuilt();
     const manifest = this.manifest;
     const source = this.mapSource();
     const tracking = count === 0 ? 'log' : want === 'auto' ? cheaperDirtyTracking(backend) : want;
@@ -218,7 +233,55 @@ export class Snapshot {
           for (const r of out) r.host.close();
           throw e;
         }
-      });
+      },
+      // Machines built ahead hold pooled VMs: together they make `count`.
+      { inUse: () => this.#prebuilt.length + this.#building, onReady: () => prebuilding.schedule?.(this, backend) });
+    if (this.#pool) {
+      this.#prebuiltBackend = backend;
+      this.#prebuiltTarget = count;
+      prebuilding.schedule?.(this, backend);
+    }
+  }
+
+  #building = 0;
+
+  /**
+   * @internal A pooled VM to build a machine ahead from, when {@link prewarm} wants one more on
+   * `backend` and the pool has a VM ready; counted against the pool until {@link keepPrebuilt}
+   * or {@link prebuildFailed}.
+   */
+  takeVmToPrebuild(backend: Backend): ReturnType<VmPool['take']> {
+    if (this.#closed || !this.#pool || this.#prebuiltBackend !== backend || this.#pool.size === 0) return undefined;
+    if (this.#prebuilt.length + this.#building >= this.#prebuiltTarget) return undefined;
+    this.#building++;
+    return this.#pool.take();
+  }
+
+  /** @internal Keeps a machine built ahead for the next fork on `backend`; false (the caller closes it) when no longer wanted. */
+  keepPrebuilt(backend: Backend, m: Machine): boolean {
+    this.#building = Math.max(0, this.#building - 1);
+    if (this.#closed || this.#prebuiltBackend !== backend || this.#prebuilt.length >= this.#prebuiltTarget) return false;
+    this.#prebuilt.push(m);
+    return true;
+  }
+
+  /** @internal A build from {@link takeVmToPrebuild} failed (its VM is released): the pool makes another. */
+  prebuildFailed(): void {
+    this.#building = Math.max(0, this.#building - 1);
+  }
+
+  /** @internal A machine built ahead on `backend`, if one is ready (the pool then makes a VM for the next). */
+  takePrebuilt(backend: Backend): Machine | undefined {
+    const m = this.#prebuiltBackend === backend ? this.#prebuilt.shift() : undefined;
+    if (m) this.#pool?.refill();
+    return m;
+  }
+
+  /** Closes the machines built ahead (their VMs are released in the background, see `Machine.released`). */
+  #dropPrebuilt(): void {
+    this.#prebuiltTarget = 0;
+    this.#building = 0;
+    for (const m of this.#prebuilt.splice(0)) void m.close().catch(() => undefined);
   }
 
   #dirtyTracking: DirtyTracking = 'log';
@@ -240,6 +303,7 @@ export class Snapshot {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#dropPrebuilt();
     this.#pool?.close();
     this.#image.close();
     if (this.#source.memory !== this.#image) this.#source.memory.close();
