@@ -76,9 +76,10 @@ describe.skipIf(!kvm.available)(`record / replay on KVM${kvm.available ? '' : ` 
 
   it('rdtsc at CPL3: CR4.TSD makes it fault where the host honours it (learned by a probe, not by flavour); where not (PVM) the replay reports the divergence', async () => {
     await using vm = await Machine.create({ memory: 2 * MiB, backend: tappable(kvmBackend()) });
-    vm.attach({ port: 0xf4, size: 1 }, { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
-    // AL (the TSC's low byte) goes out at the first exit: a new TSC value shows there.
-    vm.loadFlat(await asm('rdtsc\n mov dx, 0xf4\n out dx, al', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+    vm.attach({ port: 0xf4, size: 4 }, { name: 'exit', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: v }) });
+    // EAX (the TSC's low 32 bits) goes out at the first exit: a new TSC value shows there. (Not
+    // AL alone: one replay in 256 read a TSC with the same low byte, and diverged only at the stop.)
+    vm.loadFlat(await asm('rdtsc\n mov dx, 0xf4\n out dx, eax', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
     const rec = await record(vm, { timeout: 10_000 });
     // The probe and this guest agree: a trapped rdtsc faults, an untrapped one runs on.
     expect(rec.rdtscTrapped).toBe(rec.stop.reason === 'exception');
