@@ -5,7 +5,7 @@
  * become stop requests.
  * @module
  */
-import type { Bus } from './bus.js';
+import type { Bus, BusEntry } from './bus.js';
 import type { Access, AccessSize, DeviceStopRequest } from './device.js';
 import { describeExit, emulationFailure, exitValue, type InternalErrorExit, type IoExit, type MmioExit, type VcpuExit } from './exits.js';
 import type { ExitHook, HookDecision, HookInfo, HookStats } from './hooks.js';
@@ -399,24 +399,37 @@ function dispatchIo(exit: IoExit, ctx: ExitContext): ExitOutcome {
 }
 
 function dispatchMmio(exit: MmioExit, ctx: ExitContext): ExitOutcome {
-  const entry = ctx.mmio.find(exit.address, exit.size);
+  const size = exit.size;
+  // The exit path's lookup in numbers (`Bus.findNumber`): a guest-physical address fits a double
+  // exactly (x86: at most 52 bits); one that would not takes `find`, with BigInt arithmetic.
+  const at = Number(exit.address);
+  let entry: BusEntry | undefined;
+  let offset = 0;
+  if (at <= Number.MAX_SAFE_INTEGER) {
+    const span = ctx.mmio.findNumber(at, size);
+    entry = span?.entry;
+    if (span) offset = at - span.lo;
+  } else {
+    entry = ctx.mmio.find(exit.address, size);
+    if (entry) offset = Number(exit.address - entry.start);
+  }
   if (!entry) return unhandled(exit, 'no RAM and no device at this address (deny by default)', ctx);
+  if (size !== 1 && size !== 2 && size !== 4 && size !== 8) return unhandled(exit, `unsupported access size ${size}`);
   const dev = entry.device;
-  const offset = Number(exit.address - entry.start);
   const access = new AccessState(exit.address, 'mmio', ctx.info.vcpu);
   // 8-byte accesses are split into two 4-byte ones (low first), as QEMU does for devices
   // whose registers are 32 bits wide.
-  const parts: Array<[number, AccessSize]> = exit.size === 8 ? [[0, 4], [4, 4]] : [[0, exit.size as AccessSize]];
-  if (![1, 2, 4, 8].includes(exit.size)) return unhandled(exit, `unsupported access size ${exit.size}`);
+  const part: AccessSize = size === 8 ? 4 : size;
+  const parts = size === 8 ? 2 : 1;
   try {
     if (exit.isWrite) {
       if (!dev.write) return unhandled(exit, `device '${dev.name}' does not accept writes`);
-      for (const [o, s] of parts) dev.write(offset + o, exitValue(exit.data, o, s), s, access);
+      for (let k = 0; k < parts; k++) dev.write(offset + 4 * k, exitValue(exit.data, 4 * k, part), part, access);
       return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : RESUME;
     }
     if (!dev.read) return unhandled(exit, `device '${dev.name}' does not accept reads`);
     const data = new Uint8Array(8);
-    for (const [o, s] of parts) data.set(le(readValue(dev.name, dev.read(offset + o, s, access), s), s), o);
+    for (let k = 0; k < parts; k++) data.set(le(readValue(dev.name, dev.read(offset + 4 * k, part, access), part), part), 4 * k);
     return access.stop ? { action: 'stop', stop: deviceStop(access.stop) } : { action: 'resume', read: data };
   } catch (error) {
     return { action: 'stop', stop: { reason: 'device-error', device: dev.name, error } };

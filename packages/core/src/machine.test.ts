@@ -79,6 +79,20 @@ describe('exit path through Machine.run (mock backend)', () => {
     await vm.close();
   });
 
+  it('finds an MMIO device by address exactly, next to another and at the top of the space; an exit above 2^53 (no double holds it) is denied with its address intact', async () => {
+    const top = (1n << 52n) - 0x2000n;
+    const beyond = (1n << 60n) + 1n;
+    const { vm } = await mockMachine(mmioExit(top + 0x10n, 4, 7), mmioExit(top + 0x1001n, 1, 9), mmioExit(0xd000_0ff8n, 2, 3), mmioExit(beyond, 1, 1));
+    const seen: string[] = [];
+    vm.mmio.register({ address: top, size: 0x1000 }, { name: 'a', write: (o, v, sz) => { seen.push(`a ${o} ${v} ${sz}`); } });
+    vm.mmio.register({ address: top + 0x1000n, size: 0x1000 }, { name: 'b', write: (o, v, sz) => { seen.push(`b ${o} ${v} ${sz}`); } });
+    vm.mmio.register({ address: 0xd000_0000n, size: 0x1000 }, { name: 'c', write: (o, v, sz) => { seen.push(`c ${o} ${v} ${sz}`); } });
+    const stop = await vm.run();
+    expect(seen).toEqual(['a 16 7 4', 'b 1 9 1', 'c 4088 3 2']);
+    expect(stop).toMatchObject({ reason: 'unhandled-exit', address: beyond });
+    await vm.close();
+  });
+
   it('a device can stop the machine (debug-exit) and a throwing device stops it with the error', async () => {
     const { vm } = await mockMachine(outExit(0xf4, 3));
     vm.io.register({ port: 0xf4, size: 1 }, { name: 'dbg', write: (_o, v, _s, a) => a.requestStop({ reason: 'debug-exit', code: (v << 1) | 1 }) });
