@@ -44,5 +44,8 @@ describe('the host-built system area', () => {
     expect(new DataView(page.buffer).getBigUint64(RESET_STUB.CELL, true)).toBe(0x1234_5678n);
     expect(page.subarray(RESET_STUB.IMAGE, RESET_STUB.IMAGE + 512)).toEqual(fx);
     expect(RESET_STUB.IMAGE % 16).toBe(0); // fxrstor's operand must be 16-byte aligned
+    // A reset writes (and later puts back) only the first END bytes: nothing of the stub lies beyond.
+    expect(RESET_STUB.IMAGE + 512).toBeLessThanOrEqual(RESET_STUB.END);
+    expect(page.subarray(RESET_STUB.END).every((b) => b === 0)).toBe(true);
   });
 });

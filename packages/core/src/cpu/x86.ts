@@ -300,8 +300,11 @@ export function exceptionFrame(vector: number, long: boolean): { errorCode: numb
   return VECTORS_WITH_ERROR_CODE.has(vector) ? { errorCode: 0, rip: w } : { errorCode: undefined, rip: 0 };
 }
 
-/** Layout of the reset entry stub page ({@link SYS.RESET_STUB}): code, jump cell, FXSAVE image. */
-export const RESET_STUB = { CELL: 0x100, IMAGE: 0x200, LENGTH: 14 } as const;
+/**
+ * Layout of the reset entry stub page ({@link SYS.RESET_STUB}): code, jump cell, FXSAVE image;
+ * `END`: the bytes from 0 that a stub uses (the rest of the page is never written).
+ */
+export const RESET_STUB = { CELL: 0x100, IMAGE: 0x200, LENGTH: 14, END: 0x400 } as const;
 
 /**
  * The reset entry stub page for a vCPU at `rip` with x87/SSE state `fxsave` (the 512-byte legacy

@@ -97,7 +97,7 @@ interface Cpl3Reset {
   /**
    * Reset's entry stub, where the snapshot's x87/SSE state is all the FPU state CPL3 code can
    * reach (CR4.OSXSAVE clear, FXSR on, CR0.EM and TS clear): its guest address, its page
-   * (`resetStubPage`), the snapshot's own bytes of that page (put back once the stub has run),
+   * (`resetStubPage`, its first `RESET_STUB.END` bytes), the snapshot's own bytes there (put back once the stub has run),
    * the XSAVE blob it stands for. Undefined otherwise: XSAVE by ioctl.
    */
   readonly stub: { readonly at: bigint; readonly page: Uint8Array; readonly original: Uint8Array; readonly xsave: Uint8Array } | undefined;
@@ -150,7 +150,8 @@ function cpl3ResetOf(snap: Snapshot): Cpl3Reset | null {
     let stub: Cpl3Reset['stub'];
     if (fxsr && xsave && xsave.length >= 512) {
       const at = m.offset + offset + SYS.RESET_STUB;
-      stub = { at: b + BigInt(SYS.RESET_STUB), page: resetStubPage(v.regs.rip, xsave), original: image.subarray(at, at + PAGE_SIZE), xsave };
+      // Only the bytes a stub uses are written and put back (`RESET_STUB.END`), a quarter page.
+      stub = { at: b + BigInt(SYS.RESET_STUB), page: resetStubPage(v.regs.rip, xsave).subarray(0, RESET_STUB.END), original: image.subarray(at, at + RESET_STUB.END), xsave };
     }
     const controlPageIndices = CONTROL_PAGES.map((o) => (offset + o) / PAGE_SIZE);
     return { region, offset, pages: CONTROL_PAGES.map((o) => b + BigInt(o)), controlPageIndices, kvmclock, stub };
