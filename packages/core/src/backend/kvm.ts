@@ -404,20 +404,22 @@ class KvmBackendVm implements BackendVm {
     return n;
   }
 
+  /** Notes one ring entry (slot field, page offset) in `#ringPages`; made once (a reset harvests each time). */
+  readonly #mark = (slotField: number, page: number): void => {
+    const slot = slotField & 0xffff;
+    const size = this.#slotSizes.get(slot);
+    if (size === undefined || page * 4096 >= size) return;
+    let set = this.#ringPages.get(slot);
+    if (!set) { set = new Set(); this.#ringPages.set(slot, set); }
+    set.add(page);
+  };
+
   /** Moves the rings' new entries into `#ringPages` (no ioctl). Returns the entries taken. */
   #collect(): number {
-    const mark = (slotField: number, page: number): void => {
-      const slot = slotField & 0xffff;
-      const size = this.#slotSizes.get(slot);
-      if (size === undefined || page * 4096 >= size) return;
-      let set = this.#ringPages.get(slot);
-      if (!set) { set = new Set(); this.#ringPages.set(slot, set); }
-      set.add(page);
-    };
     let n = 0;
     const entries = (this.#ringBytes ?? 0) / 16;
     for (const v of this.#ringVcpus) {
-      const got = v.harvestDirtyRing(mark);
+      const got = v.harvestDirtyRing(this.#mark);
       // KVM stops a vCPU well before its ring fills (a soft limit 64+ entries short of it); a
       // ring found entirely full may have wrapped over entries not yet harvested (seen on PVM,
       // whose emulator can run a burst of ring-0 stores without checking): pages may be missing.
@@ -455,8 +457,9 @@ class KvmBackendVm implements BackendVm {
     const out: number[] = sticky ? [...sticky] : [];
     if (fresh) for (const p of fresh) if (!sticky?.has(p)) out.push(p);
     const added = out.length - (sticky?.size ?? 0);
-    const named = (p: number): boolean => fresh?.has(p) === true || sticky?.has(p) === true;
-    if (exact.some(named) || this.#stickyPages + added > STICKY_PAGES || this.#unreset > this.#ringBytes / 16 / 2) {
+    let exactNamed = false;
+    for (const p of exact) if (fresh?.has(p) === true || sticky?.has(p) === true) exactNamed = true;
+    if (exactNamed || this.#stickyPages + added > STICKY_PAGES || this.#unreset > this.#ringBytes / 16 / 2) {
       // Named now and write-protected again: nothing of this slot stays sticky.
       this.#reprotect();
       this.#ringPages.delete(slot);
