@@ -322,18 +322,19 @@ async function buildRestored(snap: Snapshot, backend: Backend, name: string, vcp
 /**
  * Builds machines of `snap` ahead on the event loop, one per turn, while `snap.prewarm` wants
  * more on `backend` and its pool has a VM: a fork then takes one and does only its own part
- * (devices, `setup`, device state). A build that fails is dropped (forks build their own).
+ * (devices, `setup`, device state). A build that fails ends building ahead for that `prewarm`
+ * (forks then take pooled VMs and report what fails).
  */
 export function schedulePrebuild(snap: Snapshot, backend: Backend, make: MachineMaker): void {
   setImmediate(() => {
-    const pooled = snap.takeVmToPrebuild(backend);
-    if (!pooled) return; // none wanted, or none ready yet (the pool calls again when it has one)
-    buildRestored(snap, backend, snap.manifest.machine.name, undefined, make, pooled).then(
+    const taken = snap.takeVmToPrebuild(backend);
+    if (!taken) return; // none wanted, or none ready yet (the pool calls again when it has one)
+    buildRestored(snap, backend, snap.manifest.machine.name, undefined, make, taken.vm).then(
       (m) => {
-        if (snap.keepPrebuilt(backend, m)) schedulePrebuild(snap, backend, make);
+        if (snap.keepPrebuilt(backend, m, taken.generation)) schedulePrebuild(snap, backend, make);
         else void m.close().catch(() => undefined);
       },
-      () => { snap.prebuildFailed(); },
+      () => { snap.prebuildFailed(taken.generation); },
     );
   }).unref();
 }

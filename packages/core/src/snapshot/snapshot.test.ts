@@ -187,6 +187,30 @@ describe('snapshot (mock backend)', () => {
     await vm.close();
   });
 
+  it('a machine that cannot be built ahead ends building ahead (no churn of VMs); forks then report the failure themselves', async () => {
+    const backend = new MockBackend();
+    const { vm } = await source(backend);
+    const snap = await vm.snapshot();
+    // Every VM made from here on refuses registers: state cannot be applied, ahead or at a fork.
+    const make = backend.createVm.bind(backend);
+    backend.createVm = () => {
+      const v = make();
+      const createVcpu = v.createVcpu.bind(v);
+      v.createVcpu = (id) => { const c = createVcpu(id); c.setRegs = () => { throw new Error('refused'); }; return c; };
+      return v;
+    };
+    const before = backend.vms.length;
+    snap.prewarm(2, backend);
+    for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+    const made = backend.vms.length - before;
+    expect(made).toBeGreaterThanOrEqual(2);
+    expect(made).toBeLessThanOrEqual(3); // the pool's two and one to make up for the failed build, not one per turn
+    await expect(Machine.fork(snap, { backend })).rejects.toThrow(SnapshotFormatError);
+    snap.close();
+    expect(backend.vms.slice(before).every((v) => v.closed)).toBe(true);
+    await vm.close();
+  });
+
   it('prewarm picks dirty tracking: by price on hosts with rings, the log without them, forced on request; bad options are typed errors', async () => {
     const backend = new MockBackend();
     const { vm } = await source(backend);

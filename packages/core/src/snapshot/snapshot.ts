@@ -244,30 +244,42 @@ export class Snapshot {
   }
 
   #building = 0;
+  /** Bumped by each `prewarm` and by `close`: a build begun under an earlier one is not kept. */
+  #generation = 0;
 
   /**
    * @internal A pooled VM to build a machine ahead from, when {@link prewarm} wants one more on
-   * `backend` and the pool has a VM ready; counted against the pool until {@link keepPrebuilt}
-   * or {@link prebuildFailed}.
+   * `backend` and the pool has a VM ready, with the generation to hand back; counted against the
+   * pool until {@link keepPrebuilt} or {@link prebuildFailed}.
    */
-  takeVmToPrebuild(backend: Backend): ReturnType<VmPool['take']> {
+  takeVmToPrebuild(backend: Backend): { vm: NonNullable<ReturnType<VmPool['take']>>; generation: number } | undefined {
     if (this.#closed || !this.#pool || this.#prebuiltBackend !== backend || this.#pool.size === 0) return undefined;
     if (this.#prebuilt.length + this.#building >= this.#prebuiltTarget) return undefined;
+    const vm = this.#pool.take();
+    if (!vm) return undefined;
     this.#building++;
-    return this.#pool.take();
+    return { vm, generation: this.#generation };
   }
 
   /** @internal Keeps a machine built ahead for the next fork on `backend`; false (the caller closes it) when no longer wanted. */
-  keepPrebuilt(backend: Backend, m: Machine): boolean {
+  keepPrebuilt(backend: Backend, m: Machine, generation: number): boolean {
+    if (generation !== this.#generation) return false;
     this.#building = Math.max(0, this.#building - 1);
     if (this.#closed || this.#prebuiltBackend !== backend || this.#prebuilt.length >= this.#prebuiltTarget) return false;
     this.#prebuilt.push(m);
     return true;
   }
 
-  /** @internal A build from {@link takeVmToPrebuild} failed (its VM is released): the pool makes another. */
-  prebuildFailed(): void {
+  /**
+   * @internal A build from {@link takeVmToPrebuild} failed (its VM is released). No more are
+   * built ahead for this `prewarm` (a failure that repeats would churn VMs); the pool makes up
+   * for the VM, and forks take pooled VMs (and report the failure themselves).
+   */
+  prebuildFailed(generation: number): void {
+    if (generation !== this.#generation) return;
     this.#building = Math.max(0, this.#building - 1);
+    this.#prebuiltTarget = 0;
+    this.#pool?.refill();
   }
 
   /** @internal A machine built ahead on `backend`, if one is ready (the pool then makes a VM for the next). */
@@ -281,6 +293,7 @@ export class Snapshot {
   #dropPrebuilt(): void {
     this.#prebuiltTarget = 0;
     this.#building = 0;
+    this.#generation++;
     for (const m of this.#prebuilt.splice(0)) void m.close().catch(() => undefined);
   }
 
