@@ -566,6 +566,7 @@ export class Machine {
       debugTraps: () => s.debugTraps,
       logsDirty: (slot) => s.logDirty.has(slot),
       rename: (name) => { s.name = name; },
+      setRecycler: (recycle) => { s.recycle = recycle; },
     };
   }
 }

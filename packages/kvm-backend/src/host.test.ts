@@ -66,6 +66,27 @@ describe('host plumbing that needs no KVM', () => {
     b.close();
   });
 
+  it('remapPrivate puts the file back under a used private mapping: same address and view, private copies gone', async () => {
+    const { libc } = await import('./raw/libc.js');
+    const file = MemfdMapping.create(8192);
+    file.bytes[5] = 42;
+    const fd = libc().open(`/proc/self/fd/${file.fd}`, 2);
+    const a = MemfdMapping.mapPrivate(fd, 0, 8192);
+    a.bytes[5] = 7;
+    a.bytes[4100] = 9;
+    const view = a.bytes;
+    const b = a.remapPrivate(fd, 0);
+    expect(a.bytes.length).toBe(0);
+    expect(b.hostAddress).toBe(a.hostAddress);
+    expect(b.bytes).toBe(view);
+    expect(b.bytes[5]).toBe(42);
+    expect(b.bytes[4100]).toBe(0);
+    expect(() => a.remapPrivate(fd, 0)).toThrow();
+    b.close();
+    libc().close(fd);
+    file.close();
+  });
+
   it('keeps a bounded number of closed ranges', () => {
     const ms = Array.from({ length: 20 }, () => MemfdMapping.create(5 * 65536));
     for (const m of ms) m.close();

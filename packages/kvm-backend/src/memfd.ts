@@ -163,6 +163,30 @@ export class MemfdMapping {
     }
   }
 
+  /**
+   * Puts a fresh private (copy-on-write) mapping of `size` bytes of `fd` from `offset` under this
+   * mapping's address range (`mmap(MAP_FIXED)`: its pages, the private copies included, leave
+   * atomically, and the kernel's MMU notifiers drop every secondary mapping of them, KVM's
+   * included) and returns it as a new mapping with the same view; this object is closed without
+   * unmapping (its view emptied; a memfd it owned is closed). A memslot that names this host
+   * address keeps working and from now on reads the file: how a closed fork's VM gets its
+   * snapshot's RAM back for the next fork without a memslot delete and create. Does not take
+   * ownership of `fd`.
+   * @throws KvmError when the call fails; this mapping is then still open but its range may have
+   * lost its pages: close it, do not use it again.
+   */
+  remapPrivate(fd: number, offset: number): MemfdMapping {
+    if (this.#closed) throw new KvmError('mmap(MAP_FIXED)', 9, 'the mapping is closed');
+    const ptr = mmapAt(this.#ptr, this.size, C.PROT_READ | C.PROT_WRITE, C.MAP_PRIVATE | C.MAP_NORESERVE | MAP_FIXED, fd, offset);
+    if (ptr === null || addressOf(ptr) !== this.hostAddress) throw new KvmError('mmap(MAP_FIXED)', errno());
+    this.#closed = true;
+    const view = this.bytes;
+    this.bytes = new Uint8Array(0);
+    if (this.#ownsFd) closeFd(this.fd);
+    this.fd = -1;
+    return new MemfdMapping(-1, ptr, this.size, view, false);
+  }
+
   /** Unmaps (the range may be kept for the next mapping of its size) and closes the memfd. Idempotent. */
   close(): void {
     if (this.#closed) return;

@@ -298,7 +298,8 @@ export class KvmBackend implements Backend {
   }
 }
 
-class KvmBackendVm implements BackendVm {
+/** @internal The KVM backend's VM (exported for `restore.ts`'s use of {@link KvmBackendVm.detachForFork}). */
+export class KvmBackendVm implements BackendVm {
   readonly #vm: KvmVm;
   readonly #backend: KvmBackend;
   readonly #dirtyBufs = new Map<number, MemfdMapping>();
@@ -340,6 +341,13 @@ class KvmBackendVm implements BackendVm {
   #premadeGiven = false;
   /** The RAM at slot 0 from guest address 0 with no flags: a plain VM's one region. */
   #slot0: MemfdMapping | undefined;
+  /**
+   * Something was set that {@link detachForFork} could not undo (coalesced zones, MSR filters,
+   * irq lines, VM state beyond the clock, more vCPUs, runner threads, a memslot deleted).
+   */
+  #tainted = false;
+  /** The memslots registered, as registered. */
+  readonly #slots = new Map<number, { readonly start: bigint; readonly size: number; readonly readonly: boolean; readonly logDirty: boolean; readonly hostAddress: bigint }>();
 
   constructor(vm: KvmVm, backend: KvmBackend, irqchip: boolean, vcpu0?: KvmVcpu, ringBytes?: number, plain?: { readonly memory?: MemfdMapping }) {
     this.#vm = vm;
@@ -388,6 +396,50 @@ class KvmBackendVm implements BackendVm {
       this.#releaseOwned();
       return { vm: this.#vm.rewrap(), vcpu, memory };
     });
+  }
+
+  /**
+   * @internal `teardown` of a machine restored or forked from a snapshot: this VM, its one vCPU
+   * wiped to power-on state (as a kept plain VM's, see `kvm-wipe.ts`), its memslots as they are
+   * and their dirty logs emptied, moved to new handles for the snapshot's next fork; `remap`
+   * puts fresh RAM (the snapshot's image, copy-on-write) under region `i`'s host range. The
+   * handles given here are closed then and reach nothing of the VM. Undefined (nothing moved:
+   * destroy it) unless the VM has exactly `regions` as memslots, all logging dirty pages, no
+   * irqchip, no dirty ring, and nothing set that a wipe cannot undo.
+   */
+  detachForFork(vcpus: readonly BackendVcpu[], hosts: readonly HostMemory[], regions: readonly { readonly slot: number; readonly start: bigint; readonly size: number; readonly readonly: boolean }[], remap: (i: number, host: MemfdMapping) => MemfdMapping): { vm: BackendVm; vcpu: BackendVcpu; memory: MemfdMapping[] } | undefined {
+    const v = vcpus[0];
+    if (this.#tainted || this.#plain || this.#irqchip || this.#ringBytes !== undefined || this.#ready0 || this.#vm.fd < 0 || vcpus.length !== 1 || !(v instanceof KvmBackendVcpu)) return undefined;
+    if (this.#slots.size !== regions.length || hosts.length !== regions.length) return undefined;
+    const old: MemfdMapping[] = [];
+    for (const r of regions) {
+      const s = this.#slots.get(r.slot);
+      if (!s || s.start !== r.start || s.size !== r.size || s.readonly !== r.readonly || !s.logDirty) return undefined;
+      const h = hosts.find((x) => x.hostAddress === s.hostAddress);
+      if (!(h instanceof MemfdMapping) || h.size !== r.size) return undefined;
+      old.push(h);
+    }
+    const raw = v.kvm;
+    if (raw.fd < 0 || raw.id !== 0) return undefined;
+    try { this.#backend.wipe(raw, this.#vm); } catch { return undefined; }
+    const memory: MemfdMapping[] = [];
+    try {
+      old.forEach((h, i) => { memory.push(remap(i, h)); });
+      // After the wipe (finishing a pending string `in` may still have written guest RAM): the
+      // next fork's first reset must see only what its own guest wrote.
+      for (const r of regions) this.dirtyLog(r.slot, r.size);
+    } catch {
+      for (const m of memory) m.close();
+      return undefined;
+    }
+    let vcpu: KvmVcpu;
+    try { vcpu = this.#vm.rewrapVcpu(raw); } catch { for (const m of memory) m.close(); return undefined; }
+    this.#releaseOwned();
+    const next = new KvmBackendVm(this.#vm.rewrap(), this.#backend, false, vcpu);
+    for (const [slot, s] of this.#slots) { next.#slots.set(slot, s); next.#slotSizes.set(slot, s.size); }
+    this.#slots.clear();
+    this.#tainted = true; // (these handles are spent)
+    return { vm: next, vcpu: next.createVcpu(0), memory };
   }
 
   /**
@@ -512,6 +564,7 @@ class KvmBackendVm implements BackendVm {
 
   setState(state: Readonly<Record<string, Uint8Array>>): void {
     this.#notPlain();
+    for (const k of Object.keys(state)) if (k !== 'clock') this.#tainted = true;
     for (const [k, b] of Object.entries(state)) {
       switch (k) {
         case 'pic-master': case 'pic-slave': case 'ioapic': this.#vm.setIrqchip(b); break;
@@ -537,10 +590,13 @@ class KvmBackendVm implements BackendVm {
     if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringPages.delete(slot); }
     this.#vm.setUserMemoryRegion(slot, start, size, host.hostAddress, flags);
     this.#slotSizes.set(slot, size);
+    this.#slots.set(slot, { start, size, readonly: flags.readonly, logDirty: flags.logDirty, hostAddress: host.hostAddress });
   }
 
   unmapMemory(slot: number): void {
     this.#notPlain();
+    this.#tainted = true;
+    this.#slots.delete(slot);
     if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringPages.delete(slot); }
     this.#slotSizes.delete(slot);
     this.#vm.setUserMemoryRegion(slot, 0n, 0, 0n);
@@ -576,21 +632,25 @@ class KvmBackendVm implements BackendVm {
 
   irqLine(irq: number, level: boolean): void {
     this.#notPlain();
+    this.#tainted = true;
     this.#vm.irqLine(irq, level);
   }
 
   registerCoalesced(address: bigint, size: number, pio: boolean): void {
     this.#notPlain();
+    this.#tainted = true;
     this.#vm.registerCoalesced(address, size, pio);
   }
 
   unregisterCoalesced(address: bigint, size: number, pio: boolean): void {
     this.#notPlain();
+    this.#tainted = true;
     this.#vm.unregisterCoalesced(address, size, pio);
   }
 
   setMsrIntercepts(reads: readonly number[], writes: readonly number[]): void {
     this.#notPlain();
+    this.#tainted = true;
     if (!this.#msrFilterEnabled) {
       this.#vm.enableCap(KVM_CAP.X86_USER_SPACE_MSR, [BigInt(KVM_CONST.MSR_EXIT_REASON_FILTER | KVM_CONST.MSR_EXIT_REASON_UNKNOWN)]);
       this.#msrFilterEnabled = true;
@@ -609,7 +669,7 @@ class KvmBackendVm implements BackendVm {
   }
 
   createVcpu(id: number): BackendVcpu {
-    if (id !== 0) this.#notPlain();
+    if (id !== 0) { this.#notPlain(); this.#tainted = true; }
     const ready = id === 0 ? this.#ready0 : undefined;
     if (ready) {
       this.#ready0 = undefined;
@@ -636,6 +696,7 @@ class KvmBackendVm implements BackendVm {
 
   async startRunners(vcpus: readonly BackendVcpu[]): Promise<BackendRunners> {
     this.#notPlain();
+    this.#tainted = true;
     const own = vcpus.map((v) => {
       if (!(v instanceof KvmBackendVcpu)) throw new KvmError('startRunners', 22, 'not a vCPU of this backend');
       return v;
@@ -1105,7 +1166,13 @@ class KvmBackendVcpu implements BackendVcpu {
     }
   }
 
-  close(): void { this.#v.close(); }
+  close(): void {
+    this.#v.close();
+    // Nothing cached outlives the vCPU: a stale handle's reads go to the closed fd and throw.
+    this.#regs = undefined;
+    this.#sregs = undefined;
+    this.#prelude = undefined;
+  }
 }
 
 /** A prelude waiting for its stub to run, with the guest's next instruction. */

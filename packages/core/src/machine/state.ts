@@ -6,7 +6,7 @@
  */
 import type { CpuModel } from '../cpu/models.js';
 import { show } from '../check.js';
-import type { Backend, BackendRunners, BackendVm, HostCapabilities } from '../backend.js';
+import type { Backend, BackendRunners, BackendVcpu, BackendVm, HostCapabilities } from '../backend.js';
 import { Bus } from '../bus.js';
 import type { CpuMode } from '../cpu/x86.js';
 import { instructionRipOf } from '../cpu/exit-rip.js';
@@ -14,7 +14,7 @@ import type { Device } from '../device.js';
 import { InvalidArgumentError, StateError } from '../errors.js';
 import type { VcpuExit } from '../exits.js';
 import type { ExitHook, HookInfo, HookStats } from '../hooks.js';
-import { GuestMemory } from '../memory.js';
+import { GuestMemory, type HostMemory } from '../memory.js';
 import { ExitCounters } from '../stats.js';
 import type { Vcpu } from '../vcpu.js';
 
@@ -72,6 +72,11 @@ export class MachineState {
    * delivers one, even from CPL3 code (a single step it set with `popf`).
    */
   debugTraps = 0;
+  /**
+   * Offered the machine's VM when it closes, with the guest RAM it had (a restored machine's:
+   * its snapshot may keep the VM for its next fork, see `restore.ts`). `true`: taken.
+   */
+  recycle: ((vcpus: readonly BackendVcpu[], hosts: readonly HostMemory[]) => boolean) | undefined = undefined;
   /** The vCPUs' runner threads (`vcpuThreads: 'parallel'`); undefined: they take turns on the calling thread. */
   runners: BackendRunners | undefined = undefined;
   /** The CPU model applied at create, as a snapshot records it (effective features, enforced); undefined: the host's CPUID. */

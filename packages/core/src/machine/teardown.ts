@@ -38,7 +38,12 @@ export function teardown(s: MachineState, background = false, keep = false): Pro
   s.runners = undefined;
   const hosts = s.memory.clear();
   // Taken: the VM's fds moved to new owners, and what follows closes this machine's (now empty) handles.
-  if (keep && !hadRunners) { try { recycleVm(s.vm, s.vcpus.map((v) => v.backend), hosts); } catch { /* destroyed below */ } }
+  if (keep && !hadRunners) {
+    try {
+      const vcpus = s.vcpus.map((v) => v.backend);
+      if (!recycleVm(s.vm, vcpus, hosts)) s.recycle?.(vcpus, hosts);
+    } catch { /* destroyed below */ }
+  }
   for (const v of s.vcpus) { try { v.backend.close(); } catch { /* keep going */ } }
   s.vcpus.length = 0;
   // No memslot deletes (~150 µs each on PVM): destroying the VM drops its memslots, and the

@@ -3,9 +3,10 @@
  * this shape to the snapshot functions it delegates to; it is not part of the public API.
  * @module
  */
-import type { BackendVm } from '../backend.js';
+import type { BackendVcpu, BackendVm } from '../backend.js';
 import type { CpuMode } from '../cpu/x86.js';
 import type { Device } from '../device.js';
+import type { HostMemory } from '../memory.js';
 
 /** @internal A machine's private state, as `Machine` lends it to `snapshot/`. */
 export interface MachineInternals {
@@ -25,4 +26,6 @@ export interface MachineInternals {
   logsDirty(slot: number): boolean;
   /** Gives the machine its name (a machine built ahead gets its fork's name when it is taken). */
   rename(name: string): void;
+  /** Sets what the machine's VM is offered to when it closes (see `MachineState.recycle`). */
+  setRecycler(recycle: (vcpus: readonly BackendVcpu[], hosts: readonly HostMemory[]) => boolean): void;
 }

@@ -115,10 +115,13 @@ export class VmPool {
   /** Releases the VMs still waiting. Idempotent. */
   close(): void {
     this.#closed = true;
-    for (const { vm, vcpu, memory } of this.#ready.splice(0)) {
-      try { vcpu.close(); } catch { /* keep going */ }
-      try { vm.close(); } catch { /* keep going */ }
-      for (const r of memory) { try { r.host.close(); } catch { /* keep going */ } }
-    }
+    for (const e of this.#ready.splice(0)) releasePooled(e);
   }
+}
+
+/** @internal Releases a ready VM that nothing took: its vCPU, the VM, its RAM. Never throws. */
+export function releasePooled({ vm, vcpu, memory }: PooledVm): void {
+  try { vcpu.close(); } catch { /* keep going */ }
+  try { vm.close(); } catch { /* keep going */ }
+  for (const r of memory) { try { r.host.close(); } catch { /* keep going */ } }
 }

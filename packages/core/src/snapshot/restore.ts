@@ -12,14 +12,14 @@ import { InvalidArgumentError, SnapshotFormatError, StateError, TsvmError } from
 import { DmaGate } from '../dma.js';
 import type { HostMemory } from '../memory.js';
 import type { Machine, MachineOptions } from '../machine.js';
-import { KvmBackend, kvmBackend, pagesOf } from '../backend/kvm.js';
+import { KvmBackend, kvmBackend, pagesOf, type KvmBackendVm } from '../backend/kvm.js';
 import type { MachineInternals } from './internals.js';
 import { PAGE_SIZE, type SnapshotManifest } from './manifest.js';
 import { Snapshot, cpuSignature } from './snapshot.js';
 import { applyCpl3StateForReset, applyCpuState, applyCpuStateForReset, step } from './apply.js';
 import { CONTROL_PAGES, RESET_STUB, SYS, SYSTEM_AREA_SIZE, controlPagesIntact, resetStubPage } from '../cpu/x86.js';
 import { MAX_VCPUS } from '../machine/state.js';
-import type { PooledVm, PremappedRegion } from './pool.js';
+import { releasePooled, type PooledVm, type PremappedRegion } from './pool.js';
 import { forwarding } from '../forwarding.js';
 
 /** Options of `Machine.restore` / `Machine.fork`. */
@@ -311,12 +311,38 @@ async function buildRestored(snap: Snapshot, backend: Backend, name: string, vcp
       observe: (w) => { for (let a = w.address & ~0xfffn; a < w.address + BigInt(w.length); a += 4096n) hostPages.add(a); },
     });
     bases.set(m, { snapshot: snap, slots, hostPages, debugTraps: x.debugTraps(), stateVersion: m.vcpus[0]?.backend.stateVersion?.() });
+    if (manifest.vcpus.length === 1 && !manifest.machine.irqchip && vcpuThreads !== 'parallel' && backend instanceof KvmBackend) {
+      x.setRecycler((vcpus, hosts) => returnToSnapshot(snap, backend, x.vm, slots, vcpus, hosts));
+    }
     return m;
   } catch (e) {
     await m.close().catch(() => undefined);
     if (e instanceof SnapshotFormatError) throw e;
     throw new SnapshotFormatError(`snapshot: restore failed: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
   }
+}
+
+/**
+ * A closing fork's VM, offered to its snapshot for the next fork (TinyKVM's way: a request's VM
+ * serves the next one): the vCPU wiped to power-on state, RAM put back to the image by mapping
+ * it afresh over the same host range (the memslots stay; the dirty logs are emptied), the
+ * snapshot's vCPU and VM state applied, and the whole moved to new handles, so the closed
+ * machine's reach nothing. The next `Machine.fork` / `Machine.restore` of `snap` on `backend`
+ * then creates no VM and registers no memslot. `false`: not taken (the VM is destroyed).
+ */
+function returnToSnapshot(snap: Snapshot, backend: Backend, vm: BackendVm, slots: readonly number[], vcpus: readonly BackendVcpu[], hosts: readonly HostMemory[]): boolean {
+  const detach = (vm as Partial<Pick<KvmBackendVm, 'detachForFork'>>).detachForFork;
+  if (!snap.wantsReturnedVm() || typeof detach !== 'function') return false;
+  const manifest = snap.manifest;
+  const source = snap.mapSource();
+  const regions = manifest.memory.map((r, i) => ({ slot: slots[i] as number, start: r.start, size: r.size, readonly: r.readonly }));
+  const got = detach(vcpus, hosts, regions, (i, host) => host.remapPrivate(source.memory.fd, source.base + (manifest.memory[i]?.offset ?? 0)));
+  if (!got) return false;
+  const memory: PremappedRegion[] = got.memory.map((host, i) => ({ ...(regions[i] as (typeof regions)[number]), host }));
+  let prepared = false;
+  try { applyCpuState(got.vm, [got.vcpu], manifest, snap.rejectedMsrs); prepared = true; } catch { /* the fork applies it and reports */ }
+  if (!snap.keepReturnedVm(backend, { vm: got.vm, vcpu: got.vcpu, prepared, memory })) releasePooled({ vm: got.vm, vcpu: got.vcpu, prepared, memory });
+  return true;
 }
 
 /**

@@ -178,6 +178,39 @@ describe.skipIf(!kvm.available)(`snapshot / restore / fork / reset on KVM${kvm.a
     }
   });
 
+  it('a closed fork\'s VM serves the next fork of its snapshot, which runs as a fresh one and sees nothing of it; the closed fork\'s handles reach nothing', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 });
+    const snap = await a.snapshot();
+    await a.close();
+    const first = await Machine.fork(snap, { devices: devices().mappings });
+    // Its guest runs on and writes; its host writes RAM and sets registers.
+    expect(await first.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit' });
+    first.memory.write(0x180000, Uint8Array.of(0xee));
+    first.vcpu(0).setRegs({ rax: 0xdeadn, r15: 0xbeefn });
+    const staleMemory = first.memory;
+    const staleVcpu = first.vcpu(0);
+    expect(snap.returnedVms).toBe(0);
+    await first.close();
+    expect(snap.returnedVms).toBe(1);
+    const d = devices();
+    const second = await Machine.fork(snap, { devices: d.mappings });
+    expect(snap.returnedVms).toBe(0); // it took that VM
+    expect(second.memory.readUint(0x180000, 1)).toBe(0);
+    expect(second.vcpu(0).getRegs()).toEqual(snap.manifest.vcpus[0]?.regs);
+    await runToEnd(second);
+    expect(d.out.text()).toBe(reference.text.slice(reference.text.length - d.out.text().length));
+    expect(hash(second)).toBe(reference.hash);
+    expect(second.vcpu(0).getRegs()).toEqual(reference.regs);
+    // The closed machine's handles are spent: typed errors, not the new machine's RAM or vCPU.
+    expect(() => staleMemory.read(0x180000, 1)).toThrow();
+    expect(() => staleVcpu.getRegs()).toThrow();
+    await second.close();
+    expect(snap.returnedVms).toBe(1);
+    snap.close();
+    expect(snap.returnedVms).toBe(0);
+  });
+
   it('reset re-copies exactly the dirtied pages and the machine replays identically', async () => {
     const { vm: a } = await build();
     await a.run({ timeout: 10_000 }); // paused after round 16

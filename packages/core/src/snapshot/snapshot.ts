@@ -14,7 +14,7 @@ import type { HostMemory, GuestMemory } from '../memory.js';
 import type { Machine } from '../machine.js';
 import type { MachineInternals } from './internals.js';
 import { kvmBackend } from '../backend/kvm.js';
-import { VmPool, type PremappedRegion } from './pool.js';
+import { VmPool, releasePooled, type PooledVm, type PremappedRegion } from './pool.js';
 import { applyCpuState } from './apply.js';
 import { DIRTY_RING_BYTES, cheaperDirtyTracking, type DirtyTracking } from './dirty-tracking.js';
 
@@ -23,6 +23,9 @@ import { DIRTY_RING_BYTES, cheaperDirtyTracking, type DirtyTracking } from './di
  * `Machine.create`) sets `schedule` when it loads, so this module does not import it.
  */
 export const prebuilding: { schedule?: (snap: Snapshot, backend: Backend) => void } = {};
+
+/** Closed forks' VMs a snapshot keeps for its next forks. */
+const RETURNED_VMS = 2;
 
 /** Options of {@link Snapshot.prewarm}. */
 export interface PrewarmOptions {
@@ -282,6 +285,30 @@ export class Snapshot {
     this.#pool?.refill();
   }
 
+  /** VMs of closed forks, made ready again (see {@link keepReturnedVm}), with their backend. */
+  readonly #returned: { readonly backend: Backend; readonly vm: PooledVm }[] = [];
+
+  /** @internal How many closed forks' VMs wait for the next forks (diagnostics, tests). */
+  get returnedVms(): number {
+    return this.#returned.length;
+  }
+
+  /** @internal Whether a closed fork's VM would be kept now (at most {@link RETURNED_VMS}). */
+  wantsReturnedVm(): boolean {
+    return !this.#closed && this.#returned.length < RETURNED_VMS;
+  }
+
+  /**
+   * @internal Keeps a closed fork's VM on `backend` (wiped, RAM back to this image, state
+   * applied: `restore.ts`) for the next fork, which then creates none; false (the caller
+   * releases it) when not kept.
+   */
+  keepReturnedVm(backend: Backend, vm: PooledVm): boolean {
+    if (!this.wantsReturnedVm()) return false;
+    this.#returned.push({ backend, vm });
+    return true;
+  }
+
   /** @internal A machine built ahead on `backend`, if one is ready (the pool then makes a VM for the next). */
   takePrebuilt(backend: Backend): Machine | undefined {
     const m = this.#prebuiltBackend === backend ? this.#prebuilt.shift() : undefined;
@@ -309,6 +336,8 @@ export class Snapshot {
 
   /** @internal a ready VM for a fork on `backend`, if this snapshot keeps a pool for it. */
   takePooledVm(backend: Backend): ReturnType<VmPool['take']> {
+    const i = this.#returned.findIndex((r) => r.backend === backend);
+    if (i >= 0) return this.#returned.splice(i, 1)[0]?.vm;
     return this.#pool?.backend === backend ? this.#pool.take() : undefined;
   }
 
@@ -318,6 +347,7 @@ export class Snapshot {
     this.#closed = true;
     this.#dropPrebuilt();
     this.#pool?.close();
+    for (const { vm } of this.#returned.splice(0)) releasePooled(vm);
     this.#image.close();
     if (this.#source.memory !== this.#image) this.#source.memory.close();
   }
