@@ -26,6 +26,8 @@ export const prebuilding: { schedule?: (snap: Snapshot, backend: Backend) => voi
 
 /** Closed forks' VMs a snapshot keeps for its next forks. */
 const RETURNED_VMS = 2;
+/** The generation a build from a returned VM carries (it belongs to no `prewarm`). */
+const RETURNED = -1;
 
 /** Options of {@link Snapshot.prewarm}. */
 export interface PrewarmOptions {
@@ -256,7 +258,14 @@ export class Snapshot {
    * pool until {@link keepPrebuilt} or {@link prebuildFailed}.
    */
   takeVmToPrebuild(backend: Backend): { vm: NonNullable<ReturnType<VmPool['take']>>; generation: number } | undefined {
-    if (this.#closed || !this.#pool || this.#prebuiltBackend !== backend || this.#pool.size === 0) return undefined;
+    if (this.#closed) return undefined;
+    const i = this.#returned.findIndex((r) => r.backend === backend);
+    if (i >= 0) {
+      const r = this.#returned.splice(i, 1)[0] as { readonly backend: Backend; readonly vm: PooledVm };
+      this.#buildingReturned++;
+      return { vm: r.vm, generation: RETURNED };
+    }
+    if (!this.#pool || this.#prebuiltBackend !== backend || this.#pool.size === 0) return undefined;
     if (this.#prebuilt.length + this.#building >= this.#prebuiltTarget) return undefined;
     const vm = this.#pool.take();
     if (!vm) return undefined;
@@ -266,6 +275,12 @@ export class Snapshot {
 
   /** @internal Keeps a machine built ahead for the next fork on `backend`; false (the caller closes it) when no longer wanted. */
   keepPrebuilt(backend: Backend, m: Machine, generation: number): boolean {
+    if (generation === RETURNED) {
+      this.#buildingReturned = Math.max(0, this.#buildingReturned - 1);
+      if (this.#closed) return false;
+      this.#returnedMachines.push({ backend, machine: m });
+      return true;
+    }
     if (generation !== this.#generation) return false;
     this.#building = Math.max(0, this.#building - 1);
     if (this.#closed || this.#prebuiltBackend !== backend || this.#prebuilt.length >= this.#prebuiltTarget) return false;
@@ -279,6 +294,7 @@ export class Snapshot {
    * for the VM, and forks take pooled VMs (and report the failure themselves).
    */
   prebuildFailed(generation: number): void {
+    if (generation === RETURNED) { this.#buildingReturned = Math.max(0, this.#buildingReturned - 1); return; }
     if (generation !== this.#generation) return;
     this.#building = Math.max(0, this.#building - 1);
     this.#prebuiltTarget = 0;
@@ -287,33 +303,39 @@ export class Snapshot {
 
   /** VMs of closed forks, made ready again (see {@link keepReturnedVm}), with their backend. */
   readonly #returned: { readonly backend: Backend; readonly vm: PooledVm }[] = [];
+  /** Machines built ahead from returned VMs, with their backend. */
+  readonly #returnedMachines: { readonly backend: Backend; readonly machine: Machine }[] = [];
+  /** Returned VMs a machine is being built from. */
+  #buildingReturned = 0;
 
-  /** @internal How many closed forks' VMs wait for the next forks (diagnostics, tests). */
+  /** @internal How many closed forks' VMs wait for the next forks, as VMs or as machines built from them (diagnostics, tests). */
   get returnedVms(): number {
-    return this.#returned.length;
+    return this.#returned.length + this.#returnedMachines.length + this.#buildingReturned;
   }
 
   /** @internal Whether a closed fork's VM would be kept now (at most {@link RETURNED_VMS}). */
   wantsReturnedVm(): boolean {
-    return !this.#closed && this.#returned.length < RETURNED_VMS;
+    return !this.#closed && this.returnedVms < RETURNED_VMS;
   }
 
   /**
    * @internal Keeps a closed fork's VM on `backend` (wiped, RAM back to this image, state
-   * applied: `restore.ts`) for the next fork, which then creates none; false (the caller
-   * releases it) when not kept.
+   * applied: `restore.ts`) for the next fork, which then creates none, and has a machine built
+   * from it ahead (as `prewarm`'s are); false (the caller releases it) when not kept.
    */
   keepReturnedVm(backend: Backend, vm: PooledVm): boolean {
     if (!this.wantsReturnedVm()) return false;
     this.#returned.push({ backend, vm });
+    prebuilding.schedule?.(this, backend);
     return true;
   }
 
   /** @internal A machine built ahead on `backend`, if one is ready (the pool then makes a VM for the next). */
   takePrebuilt(backend: Backend): Machine | undefined {
     const m = this.#prebuiltBackend === backend ? this.#prebuilt.shift() : undefined;
-    if (m) this.#pool?.refill();
-    return m;
+    if (m) { this.#pool?.refill(); return m; }
+    const i = this.#returnedMachines.findIndex((r) => r.backend === backend);
+    return i >= 0 ? this.#returnedMachines.splice(i, 1)[0]?.machine : undefined;
   }
 
   /** Closes the machines built ahead (their VMs are released in the background, see `Machine.released`). */
@@ -348,6 +370,7 @@ export class Snapshot {
     this.#dropPrebuilt();
     this.#pool?.close();
     for (const { vm } of this.#returned.splice(0)) releasePooled(vm);
+    for (const { machine } of this.#returnedMachines.splice(0)) void machine.close().catch(() => undefined);
     this.#image.close();
     if (this.#source.memory !== this.#image) this.#source.memory.close();
   }
