@@ -20,6 +20,12 @@ export interface HostMemory {
   readonly hostAddress: bigint;
   /** The memfd backing the mapping, or -1. */
   readonly fd: number;
+  /**
+   * Optional: where the mapping holds data, as `[start, end)` byte ranges in order; the rest
+   * was never written and reads as zeros (undefined: cannot tell). A snapshot copies only these,
+   * instead of reading, and so allocating, every page.
+   */
+  dataExtents?(): ReadonlyArray<readonly [number, number]> | undefined;
   /** Unmaps and closes. Idempotent. */
   close(): void;
 }
@@ -83,6 +89,14 @@ export class GuestMemory {
     if (i < 0) return undefined;
     const [r] = this.#regions.splice(i, 1);
     return r?.host;
+  }
+
+  /**
+   * @internal Where region `slot`'s host memory holds data (byte ranges from the region's start;
+   * see {@link HostMemory.dataExtents}), or undefined when its host cannot tell.
+   */
+  dataExtents(slot: number): ReadonlyArray<readonly [number, number]> | undefined {
+    return this.#regions.find((r) => r.slot === slot)?.host.dataExtents?.();
   }
 
   /** All regions, lowest address first. */

@@ -87,6 +87,25 @@ describe('host plumbing that needs no KVM', () => {
     file.close();
   });
 
+  it('dataExtents names where a memfd holds data (and nothing for a private mapping)', async () => {
+    const m = MemfdMapping.create(64 * 4096);
+    expect(m.dataExtents()).toEqual([]);
+    m.bytes[3 * 4096 + 5] = 1; // page 3
+    m.bytes[10 * 4096] = 2; m.bytes[11 * 4096] = 3; // pages 10-11
+    const got = m.dataExtents();
+    expect(got).toBeDefined();
+    // Page-granular data, in order, covering exactly what was written (the kernel may merge more
+    // only where pages exist: none do elsewhere).
+    expect(got).toEqual([[3 * 4096, 4 * 4096], [10 * 4096, 12 * 4096]]);
+    const { libc } = await import('./raw/libc.js');
+    const fd = libc().open(`/proc/self/fd/${m.fd}`, 2);
+    const p = MemfdMapping.mapPrivate(fd, 0, 64 * 4096);
+    expect(p.dataExtents()).toBeUndefined();
+    p.close();
+    libc().close(fd);
+    m.close();
+  });
+
   it('keeps a bounded number of closed ranges', () => {
     const ms = Array.from({ length: 20 }, () => MemfdMapping.create(5 * 65536));
     for (const m of ms) m.close();

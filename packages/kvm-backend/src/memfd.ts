@@ -13,6 +13,10 @@ const MAP_FIXED = 0x10;
 const MAP_ANONYMOUS = 0x20;
 /** `PROT_NONE`. */
 const PROT_NONE = 0;
+/** `lseek` whences (Linux) and the errno `SEEK_DATA` gives past the last data. */
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+const ENXIO = 6;
 
 /** `mmap` at a given address (the binding types `addr` as null; koffi passes a pointer object as the same `void *`). */
 function mmapAt(addr: NativePointer, length: number, prot: number, flags: number, fd: number, offset: number): NativePointer {
@@ -185,6 +189,33 @@ export class MemfdMapping {
     if (this.#ownsFd) closeFd(this.fd);
     this.fd = -1;
     return new MemfdMapping(-1, ptr, this.size, view, false);
+  }
+
+  /**
+   * Where the memfd holds data, as `[start, end)` byte ranges (page-aligned, in order): the
+   * kernel's `SEEK_DATA` / `SEEK_HOLE`. Pages outside were never written and read as zeros;
+   * reading them through the mapping would allocate them. Undefined for a mapping of no memfd
+   * of its own (a private one: its pages are not the file's) or where the kernel cannot tell.
+   */
+  dataExtents(): Array<[number, number]> | undefined {
+    if (this.#closed || this.fd < 0 || !this.#ownsFd) return undefined;
+    const c = libc();
+    const out: Array<[number, number]> = [];
+    let at = 0;
+    while (at < this.size) {
+      const data = Number(c.lseek(this.fd, at, SEEK_DATA));
+      if (data < 0) {
+        if (errno() === ENXIO) break; // no data past `at`
+        return undefined;
+      }
+      if (data >= this.size) break;
+      let hole = Number(c.lseek(this.fd, data, SEEK_HOLE));
+      if (hole < 0) return undefined;
+      hole = Math.min(hole, this.size);
+      out.push([data, hole]);
+      at = hole;
+    }
+    return out;
   }
 
   /** Unmaps (the range may be kept for the next mapping of its size) and closes the memfd. Idempotent. */

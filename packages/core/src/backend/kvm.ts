@@ -144,6 +144,11 @@ export class KvmBackend implements Backend {
     return threadCpuNs();
   }
 
+  /** A memfd mapped shared, of no VM (a snapshot's image). */
+  allocateMemory(size: number, name: string): HostMemory {
+    return MemfdMapping.create(size, name);
+  }
+
   /** Creates a VM: the spare one made ahead when there is one, and starts making the next. */
   createVm(options: BackendVmOptions): BackendVm {
     return this.#createVm(options, false);

@@ -11,14 +11,14 @@ import { SnapshotFormatError } from '../errors.js';
 import type { Regs } from '../backend.js';
 import type { ExitKind } from '../exits.js';
 import { EXIT_KINDS } from '../exits.js';
-import { encodeManifest, TSVM_VERSION } from '../snapshot/manifest.js';
+import { encodeManifest, PAGE_SIZE, TSVM_VERSION } from '../snapshot/manifest.js';
 import type { Snapshot } from '../snapshot/snapshot.js';
 import { REG_NAMES } from '@tsvm/kvm-backend';
 
 /** `format` of every replay log. */
 export const REPLAY_FORMAT = 'tsvm-replay-log';
 /** The one log layout this build reads and writes. */
-export const REPLAY_VERSION = 1;
+export const REPLAY_VERSION = 2;
 
 /** One counted guest exit, with what the guest wrote and what it was given back. */
 export interface LoggedExit {
@@ -98,11 +98,28 @@ export interface ReplayLog {
  */
 export function snapshotDigest(snapshot: Snapshot): string {
   const h = createHash('sha256').update(JSON.stringify(encodeManifest(snapshot.manifest)));
-  const img = snapshot.image().bytes;
+  const image = snapshot.image();
+  const img = image.bytes;
+  const size = Math.min(img.byteLength, snapshot.manifest.imageSize);
   // SAFETY: a view of the snapshot's own image, used only inside this call.
-  h.update(Buffer.from(img.buffer, img.byteOffset, Math.min(img.byteLength, snapshot.manifest.imageSize)));
+  const bytes = Buffer.from(img.buffer, img.byteOffset, size);
+  // The image's content, page by page: each non-zero page with its index (zero pages, most of a
+  // sparse image, add nothing). Where the image's file tells where its data is, only that is
+  // read; the digest is the same either way (it depends on the bytes, not on the file's holes).
+  const index = Buffer.alloc(8);
+  const extents = image.dataExtents?.() ?? [[0, size] as const];
+  for (const [from, to] of extents) {
+    for (let at = from - (from % PAGE_SIZE); at < Math.min(to, size); at += PAGE_SIZE) {
+      const page = bytes.subarray(at, Math.min(at + PAGE_SIZE, size));
+      if (page.equals(ZERO_PAGE.subarray(0, page.length))) continue;
+      index.writeBigUInt64LE(BigInt(at / PAGE_SIZE));
+      h.update(index).update(page);
+    }
+  }
   return h.digest('hex');
 }
+
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 
 const hex = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('hex');
 const big = (v: bigint): string => `0x${v.toString(16)}`;

@@ -5,7 +5,11 @@ import { asm } from '../asm.js';
 import { kvmAvailability } from '../testing/kvm-gate.js';
 import { kvmBackend } from '../backend/kvm.js';
 import { attachReplayDevices, replayGuestSource } from '../testing/replay-guest.js';
-import { tappable, record, replay, parseLog, encodeLog, rdtscTrapped, ReplayDivergence } from './index.js';
+import { tappable, record, replay, parseLog, encodeLog, rdtscTrapped, snapshotDigest, ReplayDivergence } from './index.js';
+import { Snapshot } from '../snapshot/snapshot.js';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 const kvm = kvmAvailability();
 const MiB = 1024 * 1024;
@@ -27,6 +31,25 @@ async function recordOnce(): Promise<{ rec: Awaited<ReturnType<typeof record>>; 
 }
 
 describe.skipIf(!kvm.available)(`record / replay on KVM${kvm.available ? '' : ` (SKIPPED: ${kvm.reason})`}`, () => {
+  it('a snapshot\'s digest depends on its bytes only: the image in memory (read where its memfd holds data) and loaded from a file (read whole) agree; one byte in a zero page changes it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tsvm-digest-'));
+    try {
+      await using vm = await Machine.create({ memory: 2 * 1024 * 1024 });
+      vm.loadFlat(await asm('hlt', { bits: 64, address: 0x1000 }), { at: 0x1000, mode: 'long', ring: 3 });
+      vm.memory.write(0x80000, Uint8Array.of(0));
+      using a = await vm.snapshot();
+      const file = join(dir, 'a.tsvm');
+      a.save(file);
+      using loaded = Snapshot.load(file, kvmBackend());
+      expect(snapshotDigest(loaded)).toBe(snapshotDigest(a));
+      vm.memory.write(0x90000, Uint8Array.of(1));
+      using b = await vm.snapshot();
+      expect(snapshotDigest(b)).not.toBe(snapshotDigest(a));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('a ring-3 guest fed random device values and DMA replays without its devices: same registers, same memory', async () => {
     const a = await recordOnce();
     const b = await recordOnce();

@@ -119,7 +119,7 @@ describe('record / replay (mock backend)', () => {
     expect(parseLog(json)).toEqual(rec.log);
     const bad = (patch: (j: Record<string, any>) => void): unknown => { const j = structuredClone(json) as Record<string, any>; patch(j); return j; };
     const cases: Array<[(j: Record<string, any>) => void, RegExp]> = [
-      [(j) => { j.version = 2; }, /version: 2; this build reads version 1/],
+      [(j) => { j.version = 1; }, /version: 1; this build reads version 2/],
       [(j) => { j.format = 'x'; }, /format/],
       [(j) => { j.exits[0].read = 'zz'; }, /exits\[0\]\.read: must be lower-case hex/],
       [(j) => { j.exits[0].read = 'abcd'; }, /exits\[0\]\.read: must hold 1 bytes/],

@@ -85,7 +85,8 @@ function tapVm(inner: BackendVm): BackendVm {
  */
 export function tappable(backend: Backend): Backend {
   if (tapped.has(backend)) return backend;
-  const b: Backend = { name: backend.name, capabilities: backend.capabilities, createVm: (o) => tapVm(backend.createVm(o)) };
+  // Everything else the backend offers (its clock, CPUID probe, VM-less memory for snapshots) as it is.
+  const b = forwarding(backend, { createVm: (o) => tapVm(backend.createVm(o)) });
   tapped.add(b);
   return b;
 }

@@ -311,7 +311,8 @@ async function buildRestored(snap: Snapshot, backend: Backend, name: string, vcp
       observe: (w) => { for (let a = w.address & ~0xfffn; a < w.address + BigInt(w.length); a += 4096n) hostPages.add(a); },
     });
     bases.set(m, { snapshot: snap, slots, hostPages, debugTraps: x.debugTraps(), stateVersion: m.vcpus[0]?.backend.stateVersion?.() });
-    if (manifest.vcpus.length === 1 && !manifest.machine.irqchip && vcpuThreads !== 'parallel' && backend instanceof KvmBackend) {
+    // KVM's own backend only: a wrapper (record/replay's taps) may have made VMs of its own kind.
+    if (manifest.vcpus.length === 1 && !manifest.machine.irqchip && vcpuThreads !== 'parallel' && backend instanceof KvmBackend && backend.createVm === KvmBackend.prototype.createVm) {
       x.setRecycler((vcpus, hosts) => returnToSnapshot(snap, backend, x.vm, slots, vcpus, hosts));
     }
     return m;

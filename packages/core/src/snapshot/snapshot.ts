@@ -383,6 +383,7 @@ export class Snapshot {
 
 /** Host memory for an image: allocated through a throw-away VM so it belongs to no machine. */
 function allocateImage(backend: Backend, size: number): HostMemory {
+  if (backend.allocateMemory) return backend.allocateMemory(Math.max(size, PAGE_SIZE), 'tsvm-snapshot');
   const vm = backend.createVm({ irqchip: false });
   try {
     return vm.allocateMemory(Math.max(size, PAGE_SIZE), 'tsvm-snapshot');
@@ -460,7 +461,14 @@ export function takeSnapshot(m: Machine, x: MachineInternals): Snapshot {
   try {
     let offset = 0;
     const memory: SnapshotRegion[] = regions.map((r) => {
-      const stored = copyRegion(m.memory, r.start, r.size, image.bytes, offset);
+      // Only where the host memory holds data (a never-written page reads as zeros, and reading
+      // it through the mapping would allocate it): the whole region where that is not known.
+      const extents = m.memory.dataExtents(r.slot) ?? [[0, r.size] as const];
+      let stored = 0;
+      for (const [from, to] of extents) {
+        const end = Math.min(to, r.size);
+        if (end > from) stored += copyRegion(m.memory, BigInt(r.start) + BigInt(from), end - from, image.bytes, offset + from);
+      }
       const out = { slot: r.slot, start: BigInt(r.start), size: r.size, readonly: r.readonly, name: r.name, offset, storedPages: stored };
       offset += r.size;
       return out;

@@ -49,6 +49,8 @@ export interface Libc {
   memfd_create(name: string, flags: number): number;
   /** libc `ftruncate` (see its man page). */
   ftruncate(fd: number, length: number): number;
+  /** libc `lseek` (see its man page; `SEEK_DATA` / `SEEK_HOLE` find a file's data). */
+  lseek(fd: number, offset: number, whence: number): number;
   /** libc `timer_create` (see its man page). */
   timer_create(clockid: number, sevp: Uint8Array, timerid: Uint8Array): number;
   /** libc `timer_settime` (see its man page). */
@@ -104,6 +106,7 @@ export function libc(): Libc {
     munmap: l.func('int munmap(void *addr, size_t length)'),
     memfd_create: l.func('int memfd_create(const char *name, unsigned int flags)'),
     ftruncate: l.func('int ftruncate(int fd, int64_t length)'),
+    lseek: l.func('int64_t lseek(int fd, int64_t offset, int whence)'),
     timer_create: l.func('timer_create', 'int', ['int', 'void *', 'void *']),
     // timer_t is `void *` in glibc. Declared as such (not a named opaque type) so a handle
     // decoded by one evaluation of this module is accepted by another's functions: vitest
