@@ -201,7 +201,8 @@ export class Snapshot {
    * are a fork's own), refilled after each fork: VM creation (~0.5 ms on PVM) and most of
    * `Machine.create` then stay off the fork's latency. (A machine built ahead starts its guest
    * clock when it is built, as a pooled VM does.) `prewarm(0)` releases them; so does
-   * {@link close}. A snapshot of a machine with several vCPUs keeps no pool (yet), and a fork
+   * {@link close}, which also releases the VMs closed forks left for the next ones (up to 2,
+   * kept without any `prewarm`). A snapshot of a machine with several vCPUs keeps no pool (yet), and a fork
    * with `vcpuThreads: 'parallel'` builds its own machine.
    *
    * Pooled VMs track dirty pages the way `options.dirtyTracking` says: `'auto'` (the default)
@@ -315,8 +316,11 @@ export class Snapshot {
 
   /** @internal Whether a closed fork's VM would be kept now (at most {@link RETURNED_VMS}). */
   wantsReturnedVm(): boolean {
-    return !this.#closed && this.returnedVms < RETURNED_VMS;
+    return !this.#closed && !this.#dropping && this.returnedVms < RETURNED_VMS;
   }
+
+  /** Set while {@link prewarm} releases what it built: those VMs are released, not returned. */
+  #dropping = false;
 
   /**
    * @internal Keeps a closed fork's VM on `backend` (wiped, RAM back to this image, state
@@ -343,7 +347,13 @@ export class Snapshot {
     this.#prebuiltTarget = 0;
     this.#building = 0;
     this.#generation++;
-    for (const m of this.#prebuilt.splice(0)) void m.close().catch(() => undefined);
+    // (A machine's close hands its VM on synchronously, before its first await.)
+    this.#dropping = true;
+    try {
+      for (const m of this.#prebuilt.splice(0)) void m.close().catch(() => undefined);
+    } finally {
+      this.#dropping = false;
+    }
   }
 
   #dirtyTracking: DirtyTracking = 'log';
