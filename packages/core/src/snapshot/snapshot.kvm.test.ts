@@ -230,6 +230,38 @@ describe.skipIf(!kvm.available)(`snapshot / restore / fork / reset on KVM${kvm.a
     expect(snap.returnedVms).toBe(0);
   });
 
+  it('a fork that ended in a shutdown (triple fault) or mid-I/O still hands on a clean VM: the next fork runs as a fresh one', async () => {
+    const { vm: a } = await build();
+    await a.run({ timeout: 10_000 });
+    using snap = await a.snapshot();
+    await a.close();
+    // One fork dies: no IDT (limit 0) and a #UD at RIP (the host wrote ud2 there), so the CPU shuts down.
+    const dying = await Machine.fork(snap, { devices: devices().mappings });
+    const s = dying.vcpu(0).getSregs();
+    dying.vcpu(0).setSregs({ ...s, idt: { ...s.idt, limit: 0 } });
+    const rip = Number(dying.vcpu(0).getRegs().rip);
+    dying.memory.write(rip, Uint8Array.of(0x0f, 0x0b));
+    const stop = await dying.run({ timeout: 10_000 });
+    expect(['shutdown', 'internal-error', 'exception', 'unhandled-exit']).toContain(stop.reason);
+    await dying.close();
+    expect(snap.returnedVms).toBe(1); // its VM was wiped and handed on, not destroyed
+    // The next fork runs on that VM (it took it) and stops in the middle of an `out` (the exit
+    // not completed), then hands the VM on again.
+    const paused = await Machine.fork(snap, { devices: devices().mappings });
+    expect(snap.returnedVms).toBe(0);
+    expect(await paused.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit' });
+    await paused.close();
+    expect(snap.returnedVms).toBe(1);
+    for (let i = 0; i < 2; i++) {
+      const d = devices();
+      const next = await Machine.fork(snap, { devices: d.mappings });
+      await runToEnd(next);
+      expect(hash(next)).toBe(reference.hash);
+      expect(next.vcpu(0).getRegs()).toEqual(reference.regs);
+      await next.close();
+    }
+  });
+
   it('reset re-copies exactly the dirtied pages and the machine replays identically', async () => {
     const { vm: a } = await build();
     await a.run({ timeout: 10_000 }); // paused after round 16
