@@ -69,6 +69,15 @@ async function build(): Promise<{ vm: Machine; out: ReturnType<typeof sink> }> {
   return { vm, out };
 }
 
+/** A snapshot of machine A at its first pause (A itself closed). */
+async function pausedSnapshot(): Promise<Snapshot> {
+  const { vm: a } = await build();
+  await a.run({ timeout: 10_000 });
+  const snap = await a.snapshot();
+  await a.close();
+  return snap;
+}
+
 async function runToEnd(vm: Machine): Promise<void> {
   for (;;) {
     const s = await vm.run({ timeout: 10_000 });
@@ -179,10 +188,7 @@ describe.skipIf(!kvm.available)(`snapshot / restore / fork / reset on KVM${kvm.a
   });
 
   it('a closed fork\'s VM serves the next fork of its snapshot, which runs as a fresh one and sees nothing of it; the closed fork\'s handles reach nothing', async () => {
-    const { vm: a } = await build();
-    await a.run({ timeout: 10_000 });
-    const snap = await a.snapshot();
-    await a.close();
+    const snap = await pausedSnapshot();
     const first = await Machine.fork(snap, { devices: devices().mappings });
     // Its guest runs on and writes; its host writes RAM and sets registers.
     expect(await first.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit' });
@@ -231,10 +237,7 @@ describe.skipIf(!kvm.available)(`snapshot / restore / fork / reset on KVM${kvm.a
   });
 
   it('a fork that ended in a shutdown (triple fault) or mid-I/O still hands on a clean VM: the next fork runs as a fresh one', async () => {
-    const { vm: a } = await build();
-    await a.run({ timeout: 10_000 });
-    using snap = await a.snapshot();
-    await a.close();
+    using snap = await pausedSnapshot();
     // One fork dies: no IDT (limit 0) and a #UD at RIP (the host wrote ud2 there), so the CPU shuts down.
     const dying = await Machine.fork(snap, { devices: devices().mappings });
     const s = dying.vcpu(0).getSregs();
