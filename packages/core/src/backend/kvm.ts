@@ -329,8 +329,6 @@ export class KvmBackendVm implements BackendVm {
   #stickyPages = 0;
   /** Ring entries taken since the last `KVM_RESET_DIRTY_RINGS` (they hold ring slots until it). */
   #unreset = 0;
-  /** Memslot sizes in bytes (a ring entry past its slot's end is ignored). */
-  readonly #slotSizes = new Map<number, number>();
   /** `'ring'` when this VM's dirty pages come from per-vCPU rings. */
   readonly dirtyTracking: 'log' | 'ring';
   /**
@@ -351,7 +349,7 @@ export class KvmBackendVm implements BackendVm {
    * irq lines, VM state beyond the clock, more vCPUs, runner threads, a memslot deleted).
    */
   #tainted = false;
-  /** The memslots registered, as registered. */
+  /** The memslots registered, as registered (a ring entry past its slot's end is ignored). */
   readonly #slots = new Map<number, { readonly start: bigint; readonly size: number; readonly readonly: boolean; readonly logDirty: boolean; readonly hostAddress: bigint }>();
 
   constructor(vm: KvmVm, backend: KvmBackend, irqchip: boolean, vcpu0?: KvmVcpu, ringBytes?: number, plain?: { readonly memory?: MemfdMapping }) {
@@ -369,6 +367,12 @@ export class KvmBackendVm implements BackendVm {
   #notPlain(): void {
     this.#plain = false;
     this.#dropPremade();
+  }
+
+  /** Something neither a plain VM's wipe nor {@link detachForFork} can undo was set: neither keeps this VM. */
+  #taint(): void {
+    this.#notPlain();
+    this.#tainted = true;
   }
 
   /** Deletes a kept VM's slot 0 before any other layout (KVM refuses overlapping slots). */
@@ -441,7 +445,7 @@ export class KvmBackendVm implements BackendVm {
     try { vcpu = this.#vm.rewrapVcpu(raw); } catch { for (const m of memory) m.close(); return undefined; }
     this.#releaseOwned();
     const next = new KvmBackendVm(this.#vm.rewrap(), this.#backend, false, vcpu);
-    for (const [slot, s] of this.#slots) { next.#slots.set(slot, s); next.#slotSizes.set(slot, s.size); }
+    for (const [slot, s] of this.#slots) next.#slots.set(slot, s);
     this.#slots.clear();
     this.#tainted = true; // (these handles are spent)
     return { vm: next, vcpu: next.createVcpu(0), memory };
@@ -464,7 +468,7 @@ export class KvmBackendVm implements BackendVm {
   /** Notes one ring entry (slot field, page offset) in `#ringPages`; made once (a reset harvests each time). */
   readonly #mark = (slotField: number, page: number): void => {
     const slot = slotField & 0xffff;
-    const size = this.#slotSizes.get(slot);
+    const size = this.#slots.get(slot)?.size;
     if (size === undefined || page * 4096 >= size) return;
     let set = this.#ringPages.get(slot);
     if (!set) { set = new Set(); this.#ringPages.set(slot, set); }
@@ -568,8 +572,7 @@ export class KvmBackendVm implements BackendVm {
   }
 
   setState(state: Readonly<Record<string, Uint8Array>>): void {
-    this.#notPlain();
-    for (const k of Object.keys(state)) if (k !== 'clock') this.#tainted = true;
+    if (Object.keys(state).some((k) => k !== 'clock')) this.#taint(); else this.#notPlain();
     for (const [k, b] of Object.entries(state)) {
       switch (k) {
         case 'pic-master': case 'pic-slave': case 'ioapic': this.#vm.setIrqchip(b); break;
@@ -583,27 +586,25 @@ export class KvmBackendVm implements BackendVm {
 
   mapMemory(slot: number, start: bigint, host: HostMemory, size: number, flags: { readonly: boolean; logDirty: boolean }): void {
     const first = this.#plain && slot === 0 && start === 0n && !flags.readonly && !flags.logDirty && this.#slot0 === undefined
-      && this.#slotSizes.size === 0 && host instanceof MemfdMapping && host.fd >= 0 && host.size === size;
+      && this.#slots.size === 0 && host instanceof MemfdMapping && host.fd >= 0 && host.size === size;
+    const entry = { start, size, readonly: flags.readonly, logDirty: flags.logDirty, hostAddress: host.hostAddress };
     if (first && host === this.#premade) { // a kept VM's RAM: registered so already
       this.#premade = undefined;
       this.#slot0 = host;
-      this.#slotSizes.set(slot, size);
+      this.#slots.set(slot, entry);
       return;
     }
     if (first) this.#dropPremade(); else this.#notPlain();
     if (first) this.#slot0 = host as MemfdMapping;
     if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringPages.delete(slot); }
     this.#vm.setUserMemoryRegion(slot, start, size, host.hostAddress, flags);
-    this.#slotSizes.set(slot, size);
-    this.#slots.set(slot, { start, size, readonly: flags.readonly, logDirty: flags.logDirty, hostAddress: host.hostAddress });
+    this.#slots.set(slot, entry);
   }
 
   unmapMemory(slot: number): void {
-    this.#notPlain();
-    this.#tainted = true;
+    this.#taint();
     this.#slots.delete(slot);
     if (this.#ringBytes !== undefined) { this.harvestRings(); this.#ringPages.delete(slot); }
-    this.#slotSizes.delete(slot);
     this.#vm.setUserMemoryRegion(slot, 0n, 0, 0n);
     this.#dirtyBufs.get(slot)?.close();
     this.#dirtyBufs.delete(slot);
@@ -636,26 +637,22 @@ export class KvmBackendVm implements BackendVm {
   }
 
   irqLine(irq: number, level: boolean): void {
-    this.#notPlain();
-    this.#tainted = true;
+    this.#taint();
     this.#vm.irqLine(irq, level);
   }
 
   registerCoalesced(address: bigint, size: number, pio: boolean): void {
-    this.#notPlain();
-    this.#tainted = true;
+    this.#taint();
     this.#vm.registerCoalesced(address, size, pio);
   }
 
   unregisterCoalesced(address: bigint, size: number, pio: boolean): void {
-    this.#notPlain();
-    this.#tainted = true;
+    this.#taint();
     this.#vm.unregisterCoalesced(address, size, pio);
   }
 
   setMsrIntercepts(reads: readonly number[], writes: readonly number[]): void {
-    this.#notPlain();
-    this.#tainted = true;
+    this.#taint();
     if (!this.#msrFilterEnabled) {
       this.#vm.enableCap(KVM_CAP.X86_USER_SPACE_MSR, [BigInt(KVM_CONST.MSR_EXIT_REASON_FILTER | KVM_CONST.MSR_EXIT_REASON_UNKNOWN)]);
       this.#msrFilterEnabled = true;
@@ -674,7 +671,7 @@ export class KvmBackendVm implements BackendVm {
   }
 
   createVcpu(id: number): BackendVcpu {
-    if (id !== 0) { this.#notPlain(); this.#tainted = true; }
+    if (id !== 0) this.#taint();
     const ready = id === 0 ? this.#ready0 : undefined;
     if (ready) {
       this.#ready0 = undefined;
@@ -700,8 +697,7 @@ export class KvmBackendVm implements BackendVm {
   }
 
   async startRunners(vcpus: readonly BackendVcpu[]): Promise<BackendRunners> {
-    this.#notPlain();
-    this.#tainted = true;
+    this.#taint();
     const own = vcpus.map((v) => {
       if (!(v instanceof KvmBackendVcpu)) throw new KvmError('startRunners', 22, 'not a vCPU of this backend');
       return v;
