@@ -153,14 +153,7 @@ export class MemfdMapping {
     if (fd < 0) throw new KvmError('memfd_create', errno());
     try {
       if (c.ftruncate(fd, this.size) < 0) throw new KvmError('ftruncate', errno());
-      const ptr = mmapAt(this.#ptr, this.size, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED | C.MAP_NORESERVE | MAP_FIXED, fd, 0);
-      if (ptr === null || addressOf(ptr) !== this.hostAddress) throw new KvmError('mmap(MAP_FIXED)', errno());
-      this.#closed = true;
-      const view = this.bytes; // the same range: its view goes on (no new external ArrayBuffer)
-      this.bytes = new Uint8Array(0);
-      closeFd(this.fd);
-      this.fd = -1;
-      return new MemfdMapping(fd, ptr, this.size, view);
+      return this.#replaceWith(fd, 0, true);
     } catch (e) {
       closeFd(fd);
       throw e;
@@ -181,14 +174,24 @@ export class MemfdMapping {
    */
   remapPrivate(fd: number, offset: number): MemfdMapping {
     if (this.#closed) throw new KvmError('mmap(MAP_FIXED)', 9, 'the mapping is closed');
-    const ptr = mmapAt(this.#ptr, this.size, C.PROT_READ | C.PROT_WRITE, C.MAP_PRIVATE | C.MAP_NORESERVE | MAP_FIXED, fd, offset);
+    return this.#replaceWith(fd, offset, false);
+  }
+
+  /**
+   * `fd` from `offset` mapped over this range (`MAP_FIXED`; `shared`: the new mapping owns `fd`,
+   * else it is a private one of no memfd), then this object closed without unmapping: its view
+   * goes on with the new mapping (the same range, no new external ArrayBuffer), a memfd it
+   * owned is closed. What {@link renew} and {@link remapPrivate} share.
+   */
+  #replaceWith(fd: number, offset: number, shared: boolean): MemfdMapping {
+    const ptr = mmapAt(this.#ptr, this.size, C.PROT_READ | C.PROT_WRITE, (shared ? C.MAP_SHARED : C.MAP_PRIVATE) | C.MAP_NORESERVE | MAP_FIXED, fd, offset);
     if (ptr === null || addressOf(ptr) !== this.hostAddress) throw new KvmError('mmap(MAP_FIXED)', errno());
     this.#closed = true;
     const view = this.bytes;
     this.bytes = new Uint8Array(0);
     if (this.#ownsFd) closeFd(this.fd);
     this.fd = -1;
-    return new MemfdMapping(-1, ptr, this.size, view, false);
+    return shared ? new MemfdMapping(fd, ptr, this.size, view) : new MemfdMapping(-1, ptr, this.size, view, false);
   }
 
   /**
