@@ -11,7 +11,7 @@ import { SnapshotFormatError } from '../errors.js';
 import type { Regs } from '../backend.js';
 import type { ExitKind } from '../exits.js';
 import { EXIT_KINDS } from '../exits.js';
-import { encodeManifest, PAGE_SIZE, TSVM_VERSION } from '../snapshot/manifest.js';
+import { encodeManifest, PAGE_SIZE, TSVM_VERSION, ZERO_PAGE } from '../snapshot/manifest.js';
 import type { Snapshot } from '../snapshot/snapshot.js';
 import { REG_NAMES } from '@tsvm/kvm-backend';
 
@@ -118,8 +118,6 @@ export function snapshotDigest(snapshot: Snapshot): string {
   }
   return h.digest('hex');
 }
-
-const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 
 const hex = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('hex');
 const big = (v: bigint): string => `0x${v.toString(16)}`;

@@ -35,6 +35,8 @@ function coreVersion(): string {
 }
 /** 4 KiB: the unit in which memory is stored, compared and re-copied. */
 export const PAGE_SIZE = 4096;
+/** @internal A page of zeros (a snapshot's image stores, and its digest hashes, only pages that differ from it). */
+export const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 
 /** Which host a snapshot can be restored on: the same flavour and CPU. */
 export interface SnapshotHost {

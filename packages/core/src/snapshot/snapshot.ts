@@ -35,7 +35,7 @@ export interface PrewarmOptions {
   readonly dirtyTracking?: 'auto' | DirtyTracking;
 }
 import {
-  PAGE_SIZE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION, encodeManifest, parseManifest,
+  PAGE_SIZE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, TSVM_VERSION, ZERO_PAGE, encodeManifest, parseManifest,
   type SnapshotManifest, type SnapshotRegion, type SnapshotVcpu,
 } from './manifest.js';
 
@@ -43,7 +43,6 @@ const MAGIC = Buffer.from('TSVMSNP\0', 'latin1');
 /** magic(8) + header version(4) + manifest length(4) + sha256 of the manifest(32). */
 const HEADER = 48;
 const MAX_MANIFEST = 16 * 1024 * 1024;
-const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 const CHUNK = 1 << 20;
 
 /** A machine's state at one instant: restore it, fork it, reset to it, save it. */
@@ -191,7 +190,6 @@ export class Snapshot {
   #pool: VmPool | undefined;
   /** Machines built ahead from pooled VMs (CPU state applied, no devices yet), see {@link prewarm}. */
   readonly #prebuilt: Machine[] = [];
-  #prebuiltBackend: Backend | undefined;
   #prebuiltTarget = 0;
 
   /**
@@ -243,7 +241,6 @@ export class Snapshot {
       // Machines built ahead hold pooled VMs: together they make `count`.
       { inUse: () => this.#prebuilt.length + this.#building, onReady: () => prebuilding.schedule?.(this, backend) });
     if (this.#pool) {
-      this.#prebuiltBackend = backend;
       this.#prebuiltTarget = count;
       prebuilding.schedule?.(this, backend);
     }
@@ -260,13 +257,12 @@ export class Snapshot {
    */
   takeVmToPrebuild(backend: Backend): { vm: NonNullable<ReturnType<VmPool['take']>>; generation: number } | undefined {
     if (this.#closed) return undefined;
-    const i = this.#returned.findIndex((r) => r.backend === backend);
-    if (i >= 0) {
-      const r = this.#returned.splice(i, 1)[0] as { readonly backend: Backend; readonly vm: PooledVm };
+    const returned = takeFor(this.#returned, backend);
+    if (returned) {
       this.#buildingReturned++;
-      return { vm: r.vm, generation: RETURNED };
+      return { vm: returned.vm, generation: RETURNED };
     }
-    if (!this.#pool || this.#prebuiltBackend !== backend || this.#pool.size === 0) return undefined;
+    if (!this.#pool || this.#pool.backend !== backend || this.#pool.size === 0) return undefined;
     if (this.#prebuilt.length + this.#building >= this.#prebuiltTarget) return undefined;
     const vm = this.#pool.take();
     if (!vm) return undefined;
@@ -284,7 +280,7 @@ export class Snapshot {
     }
     if (generation !== this.#generation) return false;
     this.#building = Math.max(0, this.#building - 1);
-    if (this.#closed || this.#prebuiltBackend !== backend || this.#prebuilt.length >= this.#prebuiltTarget) return false;
+    if (this.#closed || this.#pool?.backend !== backend || this.#prebuilt.length >= this.#prebuiltTarget) return false;
     this.#prebuilt.push(m);
     return true;
   }
@@ -336,10 +332,9 @@ export class Snapshot {
 
   /** @internal A machine built ahead on `backend`, if one is ready (the pool then makes a VM for the next). */
   takePrebuilt(backend: Backend): Machine | undefined {
-    const m = this.#prebuiltBackend === backend ? this.#prebuilt.shift() : undefined;
+    const m = this.#pool?.backend === backend ? this.#prebuilt.shift() : undefined;
     if (m) { this.#pool?.refill(); return m; }
-    const i = this.#returnedMachines.findIndex((r) => r.backend === backend);
-    return i >= 0 ? this.#returnedMachines.splice(i, 1)[0]?.machine : undefined;
+    return takeFor(this.#returnedMachines, backend)?.machine;
   }
 
   /** Closes the machines built ahead (their VMs are released in the background, see `Machine.released`). */
@@ -368,9 +363,7 @@ export class Snapshot {
 
   /** @internal a ready VM for a fork on `backend`, if this snapshot keeps a pool for it. */
   takePooledVm(backend: Backend): ReturnType<VmPool['take']> {
-    const i = this.#returned.findIndex((r) => r.backend === backend);
-    if (i >= 0) return this.#returned.splice(i, 1)[0]?.vm;
-    return this.#pool?.backend === backend ? this.#pool.take() : undefined;
+    return takeFor(this.#returned, backend)?.vm ?? (this.#pool?.backend === backend ? this.#pool.take() : undefined);
   }
 
   /** Releases the image and any pooled VMs. Machines restored or forked from it keep running. Idempotent. */
@@ -391,7 +384,16 @@ export class Snapshot {
   }
 }
 
-/** Host memory for an image: allocated through a throw-away VM so it belongs to no machine. */
+/** Removes and returns the first entry of `list` for `backend`. */
+function takeFor<T extends { readonly backend: Backend }>(list: T[], backend: Backend): T | undefined {
+  const i = list.findIndex((r) => r.backend === backend);
+  return i >= 0 ? list.splice(i, 1)[0] : undefined;
+}
+
+/**
+ * Host memory for an image, of no machine: the backend's own (`Backend.allocateMemory`), else
+ * allocated through a throw-away VM.
+ */
 function allocateImage(backend: Backend, size: number): HostMemory {
   if (backend.allocateMemory) return backend.allocateMemory(Math.max(size, PAGE_SIZE), 'tsvm-snapshot');
   const vm = backend.createVm({ irqchip: false });
