@@ -79,16 +79,17 @@ export function exitContext(s: MachineState, vcpu: Vcpu): ExitContext {
   // Kept while the hook table and explainer stay as they were: building one makes closures,
   // which cost ~0.6 µs each where the source runs through a loader that names them (tsx, vitest).
   const kept = contexts.get(vcpu);
-  if (kept && kept.version === s.hooksVersion && kept.explainer === s.explainer && kept.state === s) {
+  if (kept && kept.version === s.hooksVersion && kept.explainer === s.explainer) {
     (kept.ctx.info as { seq: number }).seq = s.seq;
     return kept.ctx;
   }
   const ctx = makeExitContext(s, vcpu);
-  contexts.set(vcpu, { version: s.hooksVersion, explainer: s.explainer, state: s, ctx });
+  contexts.set(vcpu, { version: s.hooksVersion, explainer: s.explainer, ctx });
   return ctx;
 }
 
-const contexts = new WeakMap<Vcpu, { version: number; explainer: MachineState['explainer']; state: MachineState; ctx: ExitContext }>();
+/** Per vCPU (a vCPU belongs to one machine for its life). */
+const contexts = new WeakMap<Vcpu, { version: number; explainer: MachineState['explainer']; ctx: ExitContext }>();
 
 function makeExitContext(s: MachineState, vcpu: Vcpu): ExitContext {
   const info: HookInfo = {

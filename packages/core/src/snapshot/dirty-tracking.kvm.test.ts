@@ -6,7 +6,7 @@ import { describe, expect, it } from 'vitest';
 import { Machine } from '../machine.js';
 import { asm } from '../asm.js';
 import { kvmAvailability } from '../testing/kvm-gate.js';
-import { kvmBackend } from '../backend/kvm.js';
+import { kvmBackend, pagesOf } from '../backend/kvm.js';
 import type { Device, DeviceMapping } from '../device.js';
 import { cheaperDirtyTracking, measureDirtyTracking } from './dirty-tracking.js';
 
@@ -53,11 +53,6 @@ const storm = `
 const smallRing = () => {
   const kb = kvmBackend();
   return { name: kb.name, capabilities: kb.capabilities, createVm: (o: Parameters<typeof kb.createVm>[0]) => kb.createVm({ ...o, dirtyRing: 4096 }) };
-};
-const pagesOf = (bits: Uint8Array): number[] => {
-  const pages: number[] = [];
-  bits.forEach((b, i) => { for (let k = 0; k < 8; k++) if (b & (1 << k)) pages.push(i * 8 + k); });
-  return pages;
 };
 
 describe.skipIf(!kvm.available || !rings)(`dirty rings on KVM${!kvm.available ? ` (SKIPPED: ${kvm.reason})` : !rings ? ' (SKIPPED: this host has no KVM_CAP_DIRTY_LOG_RING_ACQ_REL)' : ''}`, () => {
