@@ -7,6 +7,7 @@ import { createRequire } from 'node:module';
 import { C, errno, libc } from './raw/libc.js';
 import { KVM, type KvmIoctl } from './raw/ioctls.js';
 import { KvmError } from './errors.js';
+import { heldFd, releasingFd } from './ledger.js';
 
 /** Issues `ioctl(fd, KVM_x, buf)`; returns the non-negative result or throws {@link KvmError}. */
 export function ioctlPtr(fd: number, name: KvmIoctl, buf: Uint8Array | null): number {
@@ -24,7 +25,9 @@ export function ioctlInt(fd: number, name: KvmIoctl, value: number | bigint = 0)
 
 /** Closes an fd, ignoring EINTR (Linux always releases the fd). */
 export function closeFd(fd: number): void {
-  if (fd >= 0) libc().close(fd);
+  if (fd < 0) return;
+  releasingFd(fd);
+  libc().close(fd);
 }
 
 let fcntlInt: ((fd: number, cmd: number, arg: number) => number) | undefined;
@@ -45,6 +48,7 @@ export function dupFd(fd: number): number {
   }
   const r = fcntlInt(fd, F_DUPFD_CLOEXEC, 0);
   if (r < 0) throw new KvmError('fcntl(F_DUPFD_CLOEXEC)', errno());
+  heldFd(r);
   return r;
 }
 
@@ -75,6 +79,7 @@ export function ioctlAsync(fd: number, name: KvmIoctl, arg: number | bigint | Ui
  */
 export function closeFdInBackground(fd: number): Promise<void> {
   if (fd < 0) return Promise.resolve();
+  releasingFd(fd);
   return new Promise((resolve) => { libc().closeAsync(fd, () => resolve()); });
 }
 

@@ -26,6 +26,7 @@ export type {
   KvmMsrExit, KvmFailEntryExit, KvmInternalErrorExit, KvmSystemEventExit, KvmExceptionExit, KvmUnsupportedExit,
 } from './exit.js';
 export { MemfdMapping } from './memfd.js';
+export { createLedger, attachLedger, releaseLedger, type LedgerRelease } from './ledger.js';
 export { threadCpuNs } from './clock.js';
 export { setThreadIdle, yieldThread } from './sched.js';
 export { VcpuRunners } from './runner.js';

@@ -6,6 +6,7 @@
 import { C, addressOf, errno, libc, viewOf, type NativePointer } from './raw/libc.js';
 import { KvmError } from './errors.js';
 import { closeFd } from './fd.js';
+import { heldFd, heldMapping, releasingMapping } from './ledger.js';
 
 /** `MAP_FIXED` (Linux x86-64): replace whatever is mapped at the given address. */
 const MAP_FIXED = 0x10;
@@ -48,10 +49,12 @@ function mapRange(size: number, prot: number, flags: number, fd: number, offset:
     const r = spareRanges.splice(i, 1)[0] as (typeof spareRanges)[number];
     const ptr = mmapAt(r.ptr, size, prot, flags | MAP_FIXED, fd, offset);
     if (ptr !== null && addressOf(ptr) === addressOf(r.ptr)) return { ptr: r.ptr, view: r.view };
+    releasingMapping(r.ptr);
     libc().munmap(r.ptr, size); // (a failed MAP_FIXED may have unmapped part of it) and the kernel chooses below
   }
   const ptr = libc().mmap(null, size, prot, flags, fd, offset);
   if (ptr === null || addressOf(ptr) === 0xffffffffffffffffn) throw new KvmError(what, errno());
+  heldMapping(ptr, size);
   return { ptr, view: new Uint8Array(viewOf(ptr, size)) };
 }
 
@@ -62,6 +65,7 @@ function releaseRange(ptr: NativePointer, size: number, view: Uint8Array): void 
     const p = mmapAt(ptr, size, PROT_NONE, C.MAP_PRIVATE | MAP_ANONYMOUS | C.MAP_NORESERVE | MAP_FIXED, -1, 0);
     if (p !== null && addressOf(p) === addressOf(ptr)) { spareRanges.push({ ptr, size, view }); return; }
   }
+  releasingMapping(ptr);
   libc().munmap(ptr, size);
 }
 
@@ -90,6 +94,7 @@ export class MemfdMapping {
   private constructor(fd: number, ptr: NativePointer, size: number, view: Uint8Array, ownsFd = true) {
     this.fd = fd;
     this.#ownsFd = ownsFd;
+    if (ownsFd) heldFd(fd);
     this.#ptr = ptr;
     this.size = size;
     this.hostAddress = addressOf(ptr);

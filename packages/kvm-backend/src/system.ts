@@ -9,6 +9,7 @@ import * as S from './raw/structs.js';
 import { decodeCpuid, dv } from './raw/codec.js';
 import { KvmError, KvmUnavailableError, errnoName } from './errors.js';
 import { closeFd, ioctlAsync, ioctlInt, ioctlPtr } from './fd.js';
+import { heldFd } from './ledger.js';
 import { KvmVm } from './vm.js';
 import type { CpuidEntry } from './types.js';
 
@@ -19,6 +20,7 @@ export class KvmSystem {
 
   private constructor(fd: number) {
     this.fd = fd;
+    heldFd(fd);
   }
 
   /**

@@ -12,6 +12,7 @@
  */
 import { C, decodePointer, errno, libc, type NativePointer } from './raw/libc.js';
 import { KvmError } from './errors.js';
+import { heldTimer } from './ledger.js';
 
 /** Offset of the real-time signal above SIGRTMIN used for slice preemption. */
 const SIGNAL_OFFSET = 7;
@@ -40,6 +41,7 @@ function ensure(): NonNullable<typeof state> {
   v.setInt32(16, tid, true);
   const idBuf = new Uint8Array(8);
   if (c.timer_create(C.CLOCK_MONOTONIC, sev, idBuf) !== 0) throw new KvmError('timer_create', errno());
+  heldTimer(new DataView(idBuf.buffer).getBigUint64(0, true));
   state = { tid, signo, timer: decodePointer(idBuf), set };
   return state;
 }

@@ -14,6 +14,7 @@ import { KVM, KVM_CONST } from './raw/ioctls.js';
 import { decodeRegs, decodeSregs, dv, encodeCpuid, encodeRegs, encodeSregs } from './raw/codec.js';
 import { KvmError, TsvmError } from './errors.js';
 import { closeFd, ioctlPtr } from './fd.js';
+import { heldFd, heldMapping, releasingMapping } from './ledger.js';
 import { INTR, Pending, decodeExit, type KvmExit, type PendingAnswer } from './exit.js';
 import type { CoalescedEntry, CpuidEntry, MsrEntry, Regs, Sregs } from './types.js';
 
@@ -48,8 +49,10 @@ export class KvmVcpu {
     this.fd = fd;
     this.id = id;
     this.#mmapSize = mmapSize;
+    heldFd(fd);
     const ptr = libc().mmap(null, mmapSize, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED, fd, 0);
     if (ptr === null || addressOf(ptr) === MAP_FAILED) throw new KvmError('mmap(kvm_run)', errno());
+    heldMapping(ptr, mmapSize);
     this.#ptr = ptr;
     const ab = viewOf(ptr, mmapSize);
     this.#run = new DataView(ab);
@@ -407,6 +410,7 @@ export class KvmVcpu {
     if (this.#ring) throw new KvmError('mmap(dirty ring)', 17, 'already mapped');
     const ptr = libc().mmap(null, bytes, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED, this.fd, KVM_CONST.DIRTY_LOG_PAGE_OFFSET * PAGE);
     if (ptr === null || addressOf(ptr) === MAP_FAILED) throw new KvmError('mmap(dirty ring)', errno());
+    heldMapping(ptr, bytes);
     this.#ring = { ptr, bytes, view: new DataView(viewOf(ptr, bytes)), next: 0 };
   }
 
@@ -436,7 +440,8 @@ export class KvmVcpu {
   /** Unmaps `kvm_run` and closes the fd. Idempotent. */
   close(): void {
     if (this.fd < 0) return;
-    if (this.#ring) { libc().munmap(this.#ring.ptr, this.#ring.bytes); this.#ring = undefined; }
+    if (this.#ring) { releasingMapping(this.#ring.ptr); libc().munmap(this.#ring.ptr, this.#ring.bytes); this.#ring = undefined; }
+    releasingMapping(this.#ptr);
     libc().munmap(this.#ptr, this.#mmapSize);
     this.#run = new DataView(new ArrayBuffer(0));
     this.#runBytes = new Uint8Array(0);

@@ -7,6 +7,7 @@ import { dv, encodeCpuid } from './raw/codec.js';
 import type { CpuidEntry } from './types.js';
 import { KVM_CAP, KVM_CONST } from './raw/ioctls.js';
 import { closeFd, closeFdInBackground, dupFd, ioctlAsync, ioctlInt, ioctlPtr } from './fd.js';
+import { heldFd } from './ledger.js';
 import { KvmVcpu } from './vcpu.js';
 import { KvmError } from './errors.js';
 
@@ -34,6 +35,7 @@ export class KvmVm {
   /** @internal use `KvmSystem.createVm`. */
   constructor(fd: number, vcpuMmapSize: number) {
     this.fd = fd;
+    heldFd(fd);
     this.vcpuMmapSize = vcpuMmapSize;
   }
 

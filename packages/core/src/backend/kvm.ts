@@ -1219,6 +1219,16 @@ export function kvmBackend(): KvmBackend {
   return shared;
 }
 
+/**
+ * @internal Closes this thread's shared backend if one was opened (its `/dev/kvm` fd, spare and
+ * kept VMs): a machine worker's end. A later {@link kvmBackend} opens a new one.
+ */
+export function closeSharedBackend(): void {
+  const b = shared;
+  shared = undefined;
+  b?.close();
+}
+
 /** Spare VMs kept ready per irqchip kind (see `KvmBackend`). */
 const SPARES = 2;
 

@@ -36,6 +36,12 @@ export interface WorkerBoot {
   readonly tsx: string | undefined;
   /** URL of the worker's own entry (imported by the bootstrap). */
   readonly entry: string;
+  /**
+   * A worker thread's ledger of what it holds of the kernel's (kvm-backend's `attachLedger`):
+   * the parent closes and unmaps what is left once the thread has exited, however it ended.
+   * None for a child process (its end releases everything).
+   */
+  readonly ledger?: SharedArrayBuffer;
 }
 
 /** Options of a remote `run`. */

@@ -19,6 +19,7 @@ import { dirname, extname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { spawn } from 'node:child_process';
 import { Worker, type ResourceLimits } from 'node:worker_threads';
+import { createLedger, releaseLedger } from '@tsvm/kvm-backend';
 import { InvalidArgumentError } from '../errors.js';
 import type { WorkerBoot } from './protocol.js';
 
@@ -132,14 +133,19 @@ export function spawnWorker(boot: Omit<WorkerBoot, 'tsx' | 'entry'>, options: Sp
   if (needsTs && tsx === undefined) {
     throw new InvalidArgumentError('module', 'TypeScript must be loaded in the worker but tsx was not found from the module or @tsvm/core; install tsx or use built JavaScript');
   }
-  const data: WorkerBoot = { ...boot, tsx, entry };
-  if (options.isolation === 'process') return spawnChild(data, options);
+  if (options.isolation === 'process') return spawnChild({ ...boot, tsx, entry }, options);
+  const ledger = createLedger();
+  const data: WorkerBoot = { ...boot, tsx, entry, ledger };
   const worker = new Worker(BOOTSTRAP, {
     eval: true,
     workerData: data,
     ...(options.resourceLimits ? { resourceLimits: options.resourceLimits } : {}),
     ...(options.execArgv ? { execArgv: [...options.execArgv] } : {}),
   });
+  // First of the exit listeners, so a handle that learns of the end finds it released: a worker
+  // that was terminated or ran out of heap closed nothing of its own (fds and mappings are the
+  // process's), and one that closed its machines may still hold its /dev/kvm fd and slice timer.
+  worker.once('exit', () => { releaseLedger(ledger); });
   return {
     id: worker.threadId,
     post: (m) => worker.postMessage(m),

@@ -1,10 +1,11 @@
-import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { kvmAvailability } from '../testing/kvm-gate.js';
 import { WorkerExitedError } from '../errors.js';
+import { sharedBackendSettled } from '../backend/kvm.js';
 import { MachineWorker } from './machine-worker.js';
 import { MachinePool } from './pool.js';
 import type KvmGuest from './fixtures/kvm-guest.js';
@@ -18,6 +19,19 @@ const sched = (tid: number) => {
   return { policy: Number(f[38]), nice: Number(f[16]) };
 };
 const tids = () => readdirSync('/proc/self/task').map(Number);
+/** What this process holds of the kernel's that a machine worker makes: fds, mappings, POSIX timers, KVM's per-VM kernel threads. */
+const holdings = () => {
+  const links = readdirSync('/proc/self/fd').map((f) => { try { return readlinkSync(`/proc/self/fd/${f}`); } catch { return ''; } });
+  const maps = readFileSync('/proc/self/maps', 'utf8').split('\n');
+  const comms = tids().map((t) => { try { return readFileSync(`/proc/self/task/${t}/comm`, 'utf8').trim(); } catch { return ''; } });
+  return {
+    kvmFds: links.filter((l) => l === '/dev/kvm' || l.startsWith('anon_inode:kvm')).length,
+    memfds: links.filter((l) => l.startsWith('/memfd:tsvm')).length,
+    mappings: maps.filter((l) => l.includes('/memfd:tsvm') || l.includes('anon_inode:kvm')).length,
+    timers: readFileSync('/proc/self/timers', 'utf8').split('\n').filter((l) => l.startsWith('ID:')).length,
+    vmThreads: comms.filter((c) => c.startsWith('kvm-nx-lpage')).length,
+  };
+};
 const module = new URL('./fixtures/kvm-guest.ts', import.meta.url);
 const start = (program: KvmInit['program'], extra: Partial<Parameters<typeof MachineWorker.start>[0]> = {}) =>
   MachineWorker.start<typeof KvmGuest>({ module, init: { program }, ...extra });
@@ -131,6 +145,31 @@ describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' 
       expect(await m.run({ timeout: 10_000 })).toMatchObject({ reason: 'debug-exit', code: 2 });
       expect(s).toBe('B');
       await m.release();
+    }
+  });
+
+  it('a worker gives back all it held of the kernel\'s however it ends: closed, terminated mid-spin, or exiting mid-run', async () => {
+    await sharedBackendSettled();
+    const before = holdings();
+    const ends: Array<[KvmInit['program'], (w: MachineWorker) => Promise<unknown>]> = [
+      ['hello', async (w) => { await w.run({ timeout: 10_000 }); await w.close(); }],
+      ['spin', async (w) => {
+        const run = w.run({ timeout: 20_000 }).catch((e: unknown) => e);
+        await new Promise((r) => setTimeout(r, 100));
+        await w.terminate();
+        expect(await run).toBeInstanceOf(WorkerExitedError);
+      }],
+      ['crash', async (w) => { expect(await w.run({ timeout: 10_000 }).catch((e: unknown) => e)).toBeInstanceOf(WorkerExitedError); await w.close(); }],
+    ];
+    for (const [program, end] of ends) {
+      const w = await start(program);
+      const held = holdings();
+      // The worker's machine is there while it lives (so the counts below can fail)…
+      expect(held.kvmFds, program).toBeGreaterThan(before.kvmFds);
+      expect(held.mappings, program).toBeGreaterThan(before.mappings);
+      await end(w);
+      // …and gone once its handle has seen the end.
+      expect(holdings(), program).toEqual(before);
     }
   });
 

@@ -8,8 +8,8 @@
  */
 import { setPriority } from 'node:os';
 import { parentPort, threadId, workerData } from 'node:worker_threads';
-import { libc, setThreadIdle, yieldThread } from '@tsvm/kvm-backend';
-import { kvmBackend } from '../backend/kvm.js';
+import { attachLedger, libc, setThreadIdle, yieldThread } from '@tsvm/kvm-backend';
+import { closeSharedBackend, kvmBackend } from '../backend/kvm.js';
 import type { Backend } from '../backend.js';
 import type { Device } from '../device.js';
 import { InvalidArgumentError, StateError } from '../errors.js';
@@ -236,12 +236,17 @@ async function serve(built: BuiltMachine, op: keyof Ops, args: unknown): Promise
       await closeBuilt(built);
       template?.close();
       fileSnapshot?.close();
+      // This thread's own KVM backend (its /dev/kvm fd and the VMs it kept for reuse): nobody
+      // here creates a machine again.
+      closeSharedBackend();
       return null;
   }
 }
 
 async function main(): Promise<void> {
   if (!port) throw new StateError('worker-main runs only inside a machine worker');
+  // Before anything opens an fd: the parent releases what this thread still holds when it ends.
+  if (boot.ledger) attachLedger(boot.ledger);
   // setpriority(PRIO_PROCESS, tid) on Linux sets one thread's nice value: this worker's only.
   if (boot.nice !== 0) setPriority(libc().gettid(), boot.nice);
   // SCHED_IDLE for this thread only (sched_setscheduler takes a thread id on Linux).

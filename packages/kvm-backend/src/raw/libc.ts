@@ -45,6 +45,8 @@ export interface Libc {
   mmap(addr: null, length: number, prot: number, flags: number, fd: number, offset: number): NativePointer;
   /** libc `munmap` (see its man page). */
   munmap(addr: NativePointer, length: number): number;
+  /** libc `munmap` of a range known only by its address (a thread that is gone mapped it). */
+  munmapAt(addr: bigint, length: number): number;
   /** libc `memfd_create` (see its man page). */
   memfd_create(name: string, flags: number): number;
   /** libc `ftruncate` (see its man page). */
@@ -57,6 +59,8 @@ export interface Libc {
   timer_settime(timerid: NativePointer, flags: number, value: Uint8Array, old: null): number;
   /** libc `timer_delete` (see its man page). */
   timer_delete(timerid: NativePointer): number;
+  /** libc `timer_delete` of a timer known only by its id's value (a thread that is gone made it). */
+  timerDeleteId(timerid: bigint): number;
   /** libc `pthread_sigmask` (see its man page). */
   pthread_sigmask(how: number, set: Uint8Array | null, old: Uint8Array | null): number;
   /** libc `sigtimedwait` (see its man page). */
@@ -104,6 +108,7 @@ export function libc(): Libc {
     ioctlIntAsync: (fd: number, request: number, arg: number | bigint, done: (err: unknown, result: number) => void) => { ioctlIntFn.async(fd, request, arg, done); },
     mmap: l.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)'),
     munmap: l.func('int munmap(void *addr, size_t length)'),
+    munmapAt: l.func('munmap', 'int', ['uint64_t', 'size_t']),
     memfd_create: l.func('int memfd_create(const char *name, unsigned int flags)'),
     ftruncate: l.func('int ftruncate(int fd, int64_t length)'),
     lseek: l.func('int64_t lseek(int fd, int64_t offset, int whence)'),
@@ -113,6 +118,7 @@ export function libc(): Libc {
     // re-evaluates modules per test file in one process, and koffi's type tags are per type.
     timer_settime: l.func('timer_settime', 'int', ['void *', 'int', 'void *', 'void *']),
     timer_delete: l.func('timer_delete', 'int', ['void *']),
+    timerDeleteId: l.func('timer_delete', 'int', ['uint64_t']),
     pthread_sigmask: l.func('int pthread_sigmask(int how, void *set, void *old)'),
     sigtimedwait: l.func('int sigtimedwait(void *set, void *info, void *timeout)'),
     gettid: l.func('int gettid()'),
