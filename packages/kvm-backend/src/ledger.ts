@@ -111,9 +111,14 @@ export function releasingMapping(ptr: NativePointer): void {
   if (attached) drop(`m${addressOf(ptr)}`);
 }
 
-/** @internal Records the thread's slice timer (made once, kept for the thread's life). */
+/** @internal Records a POSIX timer this thread holds (its slice timer, a vCPU runner's). */
 export function heldTimer(id: bigint): void {
   if (attached) note(`t${id}`, TIMER, id, 0n);
+}
+
+/** @internal Forgets a timer about to be deleted (a runner told to quit deletes its own). */
+export function releasingTimer(id: bigint): void {
+  if (attached) drop(`t${id}`);
 }
 
 /**

@@ -28,6 +28,7 @@ import { Worker } from 'node:worker_threads';
 import { KVM } from './raw/ioctls.js';
 import { sliceSignal } from './timer.js';
 import { TsvmError } from './errors.js';
+import { heldTimer, releasingTimer } from './ledger.js';
 import type { KvmVcpu } from './vcpu.js';
 
 const IDLE = 0;
@@ -86,7 +87,7 @@ const specView = new DataView(spec.buffer);
 const zero = new Uint8Array(16);
 const drain = () => { while (sigtimedwait(set, null, zero) === signo) { /* consumed */ } };
 Atomics.store(w, at + 2, tid);
-parentPort.postMessage('ready');
+parentPort.postMessage(new DataView(idBuf.buffer).getBigUint64(0, true));
 const SPIN = workerData.spin;
 for (;;) {
   let s;
@@ -149,7 +150,11 @@ export class VcpuRunners {
   #scan = 0;
   #closed = false;
 
-  private constructor(w: Int32Array, exited: Promise<void>, vcpus: readonly KvmVcpu[], signo: number) {
+  /** The runners' slice timers (ids), named in this thread's ledger while the runners live. */
+  readonly #timers: readonly bigint[];
+
+  private constructor(w: Int32Array, exited: Promise<void>, vcpus: readonly KvmVcpu[], signo: number, timers: readonly bigint[]) {
+    this.#timers = timers;
     this.#w = w;
     this.#exited = exited;
     this.#vcpus = vcpus;
@@ -173,6 +178,7 @@ export class VcpuRunners {
     const workers: Worker[] = [];
     const ready: Array<Promise<void>> = [];
     const exited: Array<Promise<void>> = [];
+    const timers: bigint[] = [];
     for (let i = 0; i < vcpus.length; i++) {
       const vcpu = vcpus[i] as KvmVcpu;
       const worker = new Worker(RUNNER, {
@@ -187,7 +193,9 @@ export class VcpuRunners {
       workers.push(worker);
       exited.push(new Promise<void>((resolve) => { worker.once('exit', () => resolve()); }));
       ready.push(new Promise<void>((resolve, reject) => {
-        worker.once('message', () => resolve());
+        // The runner's first message is its slice timer's id: this thread's ledger names it
+        // until the runner is told to quit (it deletes the timer itself then).
+        worker.once('message', (id: bigint) => { heldTimer(id); timers.push(id); resolve(); });
         worker.once('error', (e) => reject(new TsvmError('TSVM_RUNNER', `vCPU ${vcpu.id}'s runner thread failed to start: ${String(e)}`, { cause: e })));
         worker.once('exit', (code) => reject(new TsvmError('TSVM_RUNNER', `vCPU ${vcpu.id}'s runner thread exited (${code}) before it was ready`)));
       }));
@@ -195,12 +203,13 @@ export class VcpuRunners {
     try {
       await Promise.all(ready);
     } catch (e) {
+      for (const id of timers) releasingTimer(id);
       for (let i = 0; i < workers.length; i++) Atomics.store(w, HEAD + i * STRIDE, QUIT);
       for (let i = 0; i < workers.length; i++) Atomics.notify(w, HEAD + i * STRIDE);
       await Promise.all(workers.map((x) => x.terminate()));
       throw e;
     }
-    return new VcpuRunners(w, Promise.all(exited).then(() => undefined), vcpus, signo);
+    return new VcpuRunners(w, Promise.all(exited).then(() => undefined), vcpus, signo, timers);
   }
 
   /**
@@ -305,6 +314,7 @@ export class VcpuRunners {
     if (this.#closed) return;
     this.#closed = true;
     try { this.collect(); } catch { /* a runner stuck in the kernel: quit anyway */ }
+    for (const id of this.#timers) releasingTimer(id);
     for (let i = 0; i < this.size; i++) {
       Atomics.store(this.#w, HEAD + i * STRIDE, QUIT);
       Atomics.notify(this.#w, HEAD + i * STRIDE);

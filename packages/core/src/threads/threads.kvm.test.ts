@@ -148,10 +148,10 @@ describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' 
     }
   });
 
-  it('a worker gives back all it held of the kernel\'s however it ends: closed, terminated mid-spin, or exiting mid-run', async () => {
+  it('a worker gives back all it held of the kernel\'s however it ends: closed, terminated mid-spin (one vCPU, or two on runner threads), or exiting mid-run', async () => {
     await sharedBackendSettled();
     const before = holdings();
-    const ends: Array<[KvmInit['program'], (w: MachineWorker) => Promise<unknown>]> = [
+    const ends: Array<[KvmInit['program'] | 'smp spin', (w: MachineWorker) => Promise<unknown>]> = [
       ['hello', async (w) => { await w.run({ timeout: 10_000 }); await w.close(); }],
       ['spin', async (w) => {
         const run = w.run({ timeout: 20_000 }).catch((e: unknown) => e);
@@ -159,10 +159,18 @@ describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' 
         await w.terminate();
         expect(await run).toBeInstanceOf(WorkerExitedError);
       }],
+      // Two vCPUs on runner threads (each with its own slice timer), the worker terminated mid-run.
+      ['smp spin', async (w) => {
+        const run = w.run({ timeout: 20_000 }).catch((e: unknown) => e);
+        await new Promise((r) => setTimeout(r, 100));
+        expect(holdings().timers).toBeGreaterThanOrEqual(before.timers + 2);
+        await w.terminate();
+        expect(await run).toBeInstanceOf(WorkerExitedError);
+      }],
       ['crash', async (w) => { expect(await w.run({ timeout: 10_000 }).catch((e: unknown) => e)).toBeInstanceOf(WorkerExitedError); await w.close(); }],
     ];
     for (const [program, end] of ends) {
-      const w = await start(program);
+      const w = program === 'smp spin' ? await MachineWorker.start<typeof KvmGuest>({ module, init: { program: 'spin', smp: true } }) : await start(program);
       const held = holdings();
       // The worker's machine is there while it lives (so the counts below can fail)…
       expect(held.kvmFds, program).toBeGreaterThan(before.kvmFds);
