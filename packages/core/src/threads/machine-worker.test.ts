@@ -4,6 +4,7 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { GuestMemoryError, InvalidArgumentError, StateError, TsvmError, WorkerExitedError } from '../errors.js';
 import { MachineWorker } from './machine-worker.js';
+import { DEFAULT_WORKER_NICE } from './spawn.js';
 import type MockGuest from './fixtures/mock-guest.js';
 import type { MockInit } from './fixtures/mock-guest.js';
 
@@ -25,7 +26,7 @@ describe('MachineWorker (mock backend in a worker)', () => {
     expect(await w.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
     expect(text).toBe('ok\nok\n');
     const report = await w.report();
-    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, pid: process.pid, nice: getPriority(), policy: 0, mark: 0, slices: 2, longestSliceNs: 10e6 });
+    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, pid: process.pid, nice: DEFAULT_WORKER_NICE, policy: 0, mark: 0, slices: 2, longestSliceNs: 1e6 });
     expect(audit).toEqual([{ run: 1, code: 7 }, { run: 2, code: 7 }]);
     expect((await w.stats()).total).toBe(8);
     expect(w.threadId).toBeGreaterThan(0);
@@ -46,8 +47,8 @@ describe('MachineWorker (mock backend in a worker)', () => {
     await expect(start('hello', { idle: 1 as never })).rejects.toBeInstanceOf(InvalidArgumentError);
   });
 
-  it('a deprioritised worker (idle, or nice > 0) runs slices of at most 1 ms (it yields the CPU between them); others keep 10 ms', async () => {
-    for (const extra of [{ idle: true }, { nice: 1 }]) {
+  it('a deprioritised worker (the default, idle, or nice > 0) runs slices of at most 1 ms (it yields the CPU between them); nice 0 keeps 10 ms', async () => {
+    for (const extra of [{}, { idle: true }, { nice: 1 }]) {
       await using w = await start('storm', extra);
       expect((await w.run({ timeout: 100 })).reason).toBe('timeout');
       const r = await w.report();
@@ -63,7 +64,7 @@ describe('MachineWorker (mock backend in a worker)', () => {
     await using short = await start('storm', { idle: true });
     expect((await short.run({ timeout: 20, sliceMs: 0.5 })).reason).toBe('timeout');
     expect(await short.report()).toMatchObject({ longestSliceNs: 0.5e6 });
-    await using n = await start('storm');
+    await using n = await start('storm', { nice: 0 });
     expect((await n.run({ timeout: 100 })).reason).toBe('timeout');
     expect(await n.report()).toMatchObject({ longestSliceNs: 10e6 });
     expect((await n.report()).slices).toBeLessThan(15);
@@ -92,6 +93,14 @@ describe('MachineWorker (mock backend in a worker)', () => {
 
   it('nice lowers the worker thread\'s priority only; a value that would raise it is refused', async () => {
     const before = getPriority();
+    // By default a worker runs at the lowest normal priority; nice 0 leaves it at the caller's.
+    await using d = await start('hello');
+    expect((await d.report()).nice).toBe(DEFAULT_WORKER_NICE);
+    expect(DEFAULT_WORKER_NICE).toBe(19);
+    if (before === 0) {
+      await using z = await start('hello', { nice: 0 });
+      expect((await z.report()).nice).toBe(0);
+    }
     await using w = await start('hello', { nice: Math.min(19, before + 7) });
     expect((await w.report()).nice).toBe(Math.min(19, before + 7));
     expect(getPriority()).toBe(before);

@@ -73,6 +73,14 @@ function findTsx(from: readonly string[]): string | undefined {
   return undefined;
 }
 
+/**
+ * Nice value a machine worker's thread runs at unless its options say otherwise: the lowest
+ * normal priority, so guests run on CPU time the caller's event loop does not want (see
+ * {@link SpawnOptions.nice}). A niced thread still gets a small guaranteed share, unlike
+ * `idle: true`, whose guests stop on a host that is busy otherwise.
+ */
+export const DEFAULT_WORKER_NICE = 19;
+
 /** Options that shape the worker thread itself. */
 export interface SpawnOptions {
   /** V8 heap limits of the worker (`maxOldGenerationSizeMb`, ...): a guest's host-side leak ends that worker, not the process. */
@@ -80,11 +88,14 @@ export interface SpawnOptions {
   /** Node flags of the worker (default: the process's own). */
   readonly execArgv?: readonly string[];
   /**
-   * Nice value of the worker's thread, 0–19 (default 0; only lowering priority needs no
-   * privilege). Linux schedules threads, not processes: with more spinning guests than cores, a
-   * positive value keeps the calling thread's wake-ups prompt (measured in `bench:threads`).
-   * A worker with a positive value runs slices of at most 1 ms and yields the CPU between them
-   * (see `idle`).
+   * Nice value of the worker's thread, 0–19 (default {@link DEFAULT_WORKER_NICE}, the lowest
+   * normal priority; lowering priority needs no privilege). Linux schedules threads, not
+   * processes: with more spinning guests than cores, a worker at the caller's priority takes its
+   * fair share of the caller's core and the caller's event loop waits whole milliseconds
+   * (p99 6.8–9.3 ms with 8 guests on 2 cores in `bench:threads`); the default keeps it under
+   * 2 ms. A worker with a positive value runs slices of at most 1 ms and yields the CPU between
+   * them (see `idle`). `nice: 0` gives guests a fair share against the caller's thread and other
+   * processes (batch work on an otherwise idle host gains nothing from it).
    */
   readonly nice?: number;
   /**

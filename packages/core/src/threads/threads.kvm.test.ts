@@ -71,8 +71,8 @@ describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' 
     expect((await w.stats()).total).toBeGreaterThanOrEqual(21);
   });
 
-  it('a guest spinning in a worker with 500 ms slices leaves the caller\'s timers on time', async () => {
-    await using w = await start('spin');
+  it('a guest spinning in a worker at the caller\'s priority with 500 ms slices leaves the caller\'s timers on time', async () => {
+    await using w = await start('spin', { nice: 0 });
     const h = monitorEventLoopDelay({ resolution: 1 });
     h.enable();
     // On the calling thread a 500 ms slice would hold the event loop ~500 ms at a time (p99 ≥ 500 ms).
@@ -101,6 +101,9 @@ describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' 
     const slices = (await n.stats()).byKind.intr.count;
     expect(slices).toBeGreaterThan(40); // ~300 expected; at the default 10 ms, at most ~30
     expect(sched((await n.report()).tid)).toEqual({ policy: 0, nice: 1 });
+    // With no priority option a worker's thread is niced to the lowest normal priority.
+    await using d = await start('hello');
+    expect(sched((await d.report()).tid)).toEqual({ policy: 0, nice: 19 });
   });
 
   it('an exit storm in a worker is stopped by stop(); the caller kept its timers', async () => {
