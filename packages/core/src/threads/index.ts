@@ -24,7 +24,7 @@ export { MachineWorker, type MachineWorkerOptions, type MachineWorkerEvents, typ
 export { MachinePool, PooledMachine, type MachinePoolOptions, type AcquireOptions, type PoolMetrics } from './pool.js';
 export { defineMachine, type MachineBuilder, type BuiltMachine, type WorkerContext, type BuilderInit, type BuilderReport, type BuilderAudit, type BuilderInput } from './builder.js';
 export type { SnapshotFileInfo } from './protocol.js';
-export { DEFAULT_WORKER_NICE, type SpawnOptions } from './spawn.js';
+export type { SpawnOptions } from './spawn.js';
 export { PoolTimeoutError, PoolQueueFullError } from './errors.js';
 export { encodeError, decodeError, encodeStop, decodeStop, type WireError, type WireStop } from './wire.js';
 export { WorkerExitedError } from '../errors.js';

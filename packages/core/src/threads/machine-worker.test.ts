@@ -4,7 +4,6 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { GuestMemoryError, InvalidArgumentError, StateError, TsvmError, WorkerExitedError } from '../errors.js';
 import { MachineWorker } from './machine-worker.js';
-import { DEFAULT_WORKER_NICE } from './spawn.js';
 import type MockGuest from './fixtures/mock-guest.js';
 import type { MockInit } from './fixtures/mock-guest.js';
 
@@ -26,7 +25,7 @@ describe('MachineWorker (mock backend in a worker)', () => {
     expect(await w.run({ timeout: 5000 })).toMatchObject({ reason: 'debug-exit', code: 7 });
     expect(text).toBe('ok\nok\n');
     const report = await w.report();
-    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, pid: process.pid, nice: DEFAULT_WORKER_NICE, policy: 0, mark: 0, slices: 2, longestSliceNs: 1e6 });
+    expect(report).toEqual({ mode: 'hello', runs: 2, threadId: w.threadId, pid: process.pid, nice: getPriority(), policy: 5, mark: 0, slices: 2, longestSliceNs: 1e6 });
     expect(audit).toEqual([{ run: 1, code: 7 }, { run: 2, code: 7 }]);
     expect((await w.stats()).total).toBe(8);
     expect(w.threadId).toBeGreaterThan(0);
@@ -39,11 +38,16 @@ describe('MachineWorker (mock backend in a worker)', () => {
     expect((await w.run({ timeout: 5000 })).reason).toBeDefined();
   });
 
-  it('idle: the worker\'s thread runs SCHED_IDLE (and only it: this thread stays normal); a non-boolean is refused', async () => {
+  it('idle: the worker\'s thread runs SCHED_IDLE, by default too (and only it: this thread stays normal); a non-boolean is refused', async () => {
     await using w = await start('hello', { idle: true });
     expect(await w.report()).toMatchObject({ policy: 5 });
-    await using n = await start('hello');
-    expect(await n.report()).toMatchObject({ policy: 0 });
+    await using d = await start('hello');
+    expect(await d.report()).toMatchObject({ policy: 5 });
+    // Opting out: idle: false, or a nice value.
+    await using n = await start('hello', { idle: false });
+    expect(await n.report()).toMatchObject({ policy: 0, nice: getPriority() });
+    await using z = await start('hello', { nice: 0 });
+    expect(await z.report()).toMatchObject({ policy: 0 });
     await expect(start('hello', { idle: 1 as never })).rejects.toBeInstanceOf(InvalidArgumentError);
   });
 
@@ -93,14 +97,6 @@ describe('MachineWorker (mock backend in a worker)', () => {
 
   it('nice lowers the worker thread\'s priority only; a value that would raise it is refused', async () => {
     const before = getPriority();
-    // By default a worker runs at the lowest normal priority; nice 0 leaves it at the caller's.
-    await using d = await start('hello');
-    expect((await d.report()).nice).toBe(DEFAULT_WORKER_NICE);
-    expect(DEFAULT_WORKER_NICE).toBe(19);
-    if (before === 0) {
-      await using z = await start('hello', { nice: 0 });
-      expect((await z.report()).nice).toBe(0);
-    }
     await using w = await start('hello', { nice: Math.min(19, before + 7) });
     expect((await w.report()).nice).toBe(Math.min(19, before + 7));
     expect(getPriority()).toBe(before);

@@ -13,7 +13,7 @@ import type { ExitStats } from '../stats.js';
 import type { Stop } from '../stop.js';
 import type { BuilderAudit, BuilderInit, BuilderInput, BuilderReport, MachineBuilder } from './builder.js';
 import type { FromWorker, Ops, SnapshotFileInfo, ToWorker } from './protocol.js';
-import { DEFAULT_WORKER_NICE, moduleUrl, spawnWorker, type Carrier, type SpawnOptions } from './spawn.js';
+import { moduleUrl, spawnWorker, type Carrier, type SpawnOptions } from './spawn.js';
 import { decodeError, decodeStop, type WireStop } from './wire.js';
 
 /** Options of {@link MachineWorker.start}. */
@@ -120,10 +120,10 @@ export class MachineWorker<I = unknown, R = unknown, A = unknown, P = unknown> {
     const startTimeout = positive(options.startTimeout, 'startTimeout') ?? 60_000;
     const isolation = options.isolation ?? 'thread';
     if (isolation !== 'thread' && isolation !== 'process') throw new InvalidArgumentError('isolation', `must be 'thread' or 'process', got ${show(isolation)}`);
-    const idle = options.idle ?? false;
+    // SCHED_IDLE unless the options name a nice value (see SpawnOptions.idle).
+    const idle = options.idle ?? options.nice === undefined;
     if (typeof idle !== 'boolean') throw new InvalidArgumentError('idle', `must be a boolean, got ${show(idle)}`);
-    // SCHED_IDLE ignores nice values: an idle worker is left at 0 unless its options name one.
-    const nice = options.nice ?? (idle ? 0 : DEFAULT_WORKER_NICE);
+    const nice = options.nice ?? 0;
     if (typeof nice !== 'number' || !Number.isInteger(nice) || nice < 0 || nice > 19) throw new InvalidArgumentError('nice', `must be an integer in [0, 19], got ${show(nice)}`);
     const c = options.console ?? {};
     const consoleFlushMs = positive(c.flushMs, 'console.flushMs', 1000) ?? 5;

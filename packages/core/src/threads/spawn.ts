@@ -14,7 +14,7 @@
  * @module
  */
 import { createRequire } from 'node:module';
-import { readFileSync } from 'node:fs';
+import { readFileSync, stat } from 'node:fs';
 import { dirname, extname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { spawn } from 'node:child_process';
@@ -73,14 +73,6 @@ function findTsx(from: readonly string[]): string | undefined {
   return undefined;
 }
 
-/**
- * Nice value a machine worker's thread runs at unless its options say otherwise: the lowest
- * normal priority, so guests run on CPU time the caller's event loop does not want (see
- * {@link SpawnOptions.nice}). A niced thread still gets a small guaranteed share, unlike
- * `idle: true`, whose guests stop on a host that is busy otherwise.
- */
-export const DEFAULT_WORKER_NICE = 19;
-
 /** Options that shape the worker thread itself. */
 export interface SpawnOptions {
   /** V8 heap limits of the worker (`maxOldGenerationSizeMb`, ...): a guest's host-side leak ends that worker, not the process. */
@@ -88,21 +80,24 @@ export interface SpawnOptions {
   /** Node flags of the worker (default: the process's own). */
   readonly execArgv?: readonly string[];
   /**
-   * Nice value of the worker's thread, 0–19 (default {@link DEFAULT_WORKER_NICE}, the lowest
-   * normal priority; lowering priority needs no privilege). Linux schedules threads, not
-   * processes: with more spinning guests than cores, a worker at the caller's priority takes its
-   * fair share of the caller's core and the caller's event loop waits whole milliseconds
-   * (p99 6.8–9.3 ms with 8 guests on 2 cores in `bench:threads`); the default keeps it under
-   * 2 ms. A worker with a positive value runs slices of at most 1 ms and yields the CPU between
-   * them (see `idle`). `nice: 0` gives guests a fair share against the caller's thread and other
-   * processes (batch work on an otherwise idle host gains nothing from it).
+   * Nice value of the worker's thread, 0–19 (lowering priority needs no privilege). Giving one
+   * runs the thread as a normal one at that value instead of the default `SCHED_IDLE` (see
+   * `idle`); `nice: 0` is the caller's own priority, a fair share for guests against the
+   * caller's thread and other processes. A worker with a positive value runs slices of at most
+   * 1 ms and yields the CPU between them (see `idle`).
    */
   readonly nice?: number;
   /**
-   * Schedule the worker's thread `SCHED_IDLE` (Linux; no privilege needed): it runs only on CPU
-   * time no normal thread wants, and a waking normal thread — the caller's event loop —
-   * preempts it at once. The strongest way to keep spinning guests from delaying the caller
-   * (`bench:threads`), at the price that a busy host starves them. `nice` is then moot.
+   * Schedule the worker's thread `SCHED_IDLE` (Linux; no privilege needed). The default unless
+   * `nice` is given; `idle: false` (without `nice`) runs it at the caller's priority. Linux
+   * schedules threads, not processes: with more spinning guests than cores, workers at the
+   * caller's priority take their fair share of the caller's core, and its event loop waited
+   * p99 5.8–9.3 ms behind 8 of them on 2 cores (`bench:threads`); behind idle workers 0.7–1.9 ms,
+   * also for a single guest, where nice 19 missed 2 ms (a waking normal thread preempts an idle
+   * one at once and is placed on a CPU that runs only idle ones, which a niced thread does not
+   * get). The price: guests get the CPU time normal threads leave (a share of about 3/1024 against
+   * each busy normal thread, against 15/1024 at nice 19), so a host that is busy otherwise all
+   * but stops them; pass `nice: 0` for batch work on such a host. `nice` is moot under it.
    * Linux's fair scheduler (EEVDF) gives a normal thread no strict precedence, though: a caller
    * that wakes with a little negative lag is not eligible yet, and a guest that never blocks
    * (an exit storm) would keep the CPU until the next scheduler tick (4 ms at HZ=250). So a
@@ -137,6 +132,19 @@ export interface Carrier {
   terminate(): Promise<void>;
 }
 
+let threadPoolStarted = false;
+/**
+ * libuv starts its thread pool — one for the whole process, every thread's file system, DNS and
+ * crypto work — on its first use, from the thread that uses it, and a new thread inherits its
+ * creator's scheduling policy and nice value: a deprioritised worker that used it first would
+ * leave the process's pool at its priority. So the caller's thread starts it (one `stat`).
+ */
+function startThreadPool(): void {
+  if (threadPoolStarted) return;
+  threadPoolStarted = true;
+  stat(process.execPath, () => undefined);
+}
+
 /** Starts a machine worker for `boot` (whose `tsx` and `entry` this fills in). */
 export function spawnWorker(boot: Omit<WorkerBoot, 'tsx' | 'entry'>, options: SpawnOptions): Carrier {
   const needsTs = TS.has(extname(fileURLToPath(entry))) || TS.has(extname(fileURLToPath(boot.module)));
@@ -145,6 +153,7 @@ export function spawnWorker(boot: Omit<WorkerBoot, 'tsx' | 'entry'>, options: Sp
     throw new InvalidArgumentError('module', 'TypeScript must be loaded in the worker but tsx was not found from the module or @tsvm/core; install tsx or use built JavaScript');
   }
   if (options.isolation === 'process') return spawnChild({ ...boot, tsx, entry }, options);
+  if (boot.idle || boot.nice > 0) startThreadPool();
   const ledger = createLedger();
   const data: WorkerBoot = { ...boot, tsx, entry, ledger };
   const worker = new Worker(BOOTSTRAP, {

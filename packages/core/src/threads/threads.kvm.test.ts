@@ -101,9 +101,9 @@ describe.skipIf(!kvm.available)(`machines in workers on KVM${kvm.available ? '' 
     const slices = (await n.stats()).byKind.intr.count;
     expect(slices).toBeGreaterThan(40); // ~300 expected; at the default 10 ms, at most ~30
     expect(sched((await n.report()).tid)).toEqual({ policy: 0, nice: 1 });
-    // With no priority option a worker's thread is niced to the lowest normal priority.
+    // With no priority option a worker's thread runs SCHED_IDLE.
     await using d = await start('hello');
-    expect(sched((await d.report()).tid)).toEqual({ policy: 0, nice: 19 });
+    expect(sched((await d.report()).tid)).toEqual({ policy: 5, nice: 0 });
   });
 
   it('an exit storm in a worker is stopped by stop(); the caller kept its timers', async () => {
