@@ -35,7 +35,7 @@ export interface LedgerRelease {
   readonly fds: number;
   /** Mappings unmapped. */
   readonly mappings: number;
-  /** POSIX timers deleted (the thread's slice timer). */
+  /** POSIX timers deleted (the thread's slice timer, its vCPU runners'). */
   readonly timers: number;
   /** Resources the thread held that did not fit in the ledger (left as they are). */
   readonly unrecorded: number;
@@ -122,8 +122,9 @@ export function releasingTimer(id: bigint): void {
 }
 
 /**
- * Closes every fd, unmaps every range and deletes every timer the ledger still names. Call it only once the thread
- * that wrote it has ended (its `exit` event): nothing of it runs then, so nothing uses them.
+ * Closes every fd, unmaps every range and deletes every timer the ledger still names. Call it
+ * only once the thread that wrote it has ended (its `exit` event): nothing of it runs then, so
+ * nothing uses them.
  * Entries are cleared as they go, so a second call gives back nothing. Loads libc only when
  * there is something to give back.
  */
