@@ -5,7 +5,9 @@
  * - PIO / MMIO exit round trip through the full Machine.run path vs a minimal C KVM_RUN loop
  *   (bench/exitloop.c, built here with cc) running the *identical* guest state, ring 0 and 3;
  *   `floorRatio`: the same loop in Node through kvm-backend with no handling at all (the least
- *   any Node VMM pays here, so the most tsvm's own code can be held to).
+ *   any Node VMM pays here, so the most tsvm's own code can be held to); `cInNodeRatio`: the C
+ *   loop itself called once from this Node process (koffi) on a vCPU set up here, which tells
+ *   a cost of the Node process (its footprint, threads) from a cost of JavaScript between exits.
  * - create → load 4 KiB → run to hlt → close latency.
  * - RSS growth per idle 2 MiB machine, over 100 machines.
  * @module
@@ -20,6 +22,7 @@ import { asm } from '@tsvm/core/testing';
 import { readFileSync } from 'node:fs';
 import { KvmSystem, MemfdMapping, decodeRegs, decodeSregs, encodeRegs, encodeSregs } from '@tsvm/kvm-backend';
 import { Monitor, allow } from '@tsvm/monitor';
+import { createRequire } from 'node:module';
 import { interleave, ratios, spread, type Spread } from './stats.js';
 import { tsPathBench } from './ts-path.js';
 
@@ -99,7 +102,7 @@ let rawSystem: KvmSystem | undefined;
  * What it adds over C is the price of calling KVM from Node at all (FFI, and a JS process's
  * larger footprint around each world switch), which no TypeScript-side work can remove.
  */
-async function rawOnce(dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<number> {
+async function rawOnce(dir: string, kind: 'pio' | 'mmio', ring: 0 | 3, cLoop?: CLoop): Promise<number> {
   await dumpState(dir, kind, ring);
   const sys = (rawSystem ??= KvmSystem.open());
   const vm = sys.createVm();
@@ -113,6 +116,12 @@ async function rawOnce(dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<
       v.setCpuid(sys.supportedCpuid());
       v.setSregs(decodeSregs(new Uint8Array(readFileSync(join(dir, 'sregs.bin')))));
       v.setRegs(decodeRegs(new Uint8Array(readFileSync(join(dir, 'regs.bin')))));
+      if (cLoop) {
+        const ns: [bigint | number] = [0n];
+        const exits = cLoop.run(v.fd, sys.vcpuMmapSize(), ns);
+        if (exits <= 0) throw new Error(`C loop in Node: ${exits}`);
+        return Number(ns[0]) / exits;
+      }
       let exits = 0;
       const t0 = process.hrtime.bigint();
       for (;;) {
@@ -132,21 +141,30 @@ async function rawOnce(dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<
 }
 const KVM_CAP_SET_TSS_ADDR = 4;
 
+/** `exitloop_run` of bench/exitloop.c built as a library: the C loop on a vCPU this process set up. */
+interface CLoop { run(vcpuFd: number, mmapSize: number, ns: [bigint | number]): number }
+function loadCLoop(lib: string): CLoop {
+  const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
+  const fn = koffi.load(lib).func('long exitloop_run(int vcpu, int mmap_size, _Out_ unsigned long long *ns)');
+  return { run: (fd, size, ns) => Number(fn(fd, size, ns)) };
+}
+
 /**
  * C loop, tsvm and tsvm + Monitor, interleaved round by round (one warm-up round discarded).
  * Ratios are taken per round (runs next to each other in time), then summarised, so a slow
  * patch of the shared host moves both sides of a ratio together.
  */
-async function exitBench(cBin: string, dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<BenchLine> {
+async function exitBench(cBin: string, cLoop: CLoop, dir: string, kind: 'pio' | 'mmio', ring: 0 | 3): Promise<BenchLine> {
   const r = await interleave(REPS, {
     c: () => cOnce(cBin, dir, kind, ring),
+    cInNode: () => rawOnce(dir, kind, ring, cLoop),
     floor: () => rawOnce(dir, kind, ring),
     tsvm: () => tsvmOnce(kind, ring, false),
     monitored: () => tsvmOnce(kind, ring, true),
   });
   return {
-    cNsPerExit: spread(r.c), floorNsPerExit: spread(r.floor), tsvmNsPerExit: spread(r.tsvm), monitoredNsPerExit: spread(r.monitored),
-    floorRatio: spread(ratios(r.floor, r.c)), ratio: spread(ratios(r.tsvm, r.c)), monitoredRatio: spread(ratios(r.monitored, r.c)),
+    cNsPerExit: spread(r.c), cInNodeNsPerExit: spread(r.cInNode), floorNsPerExit: spread(r.floor), tsvmNsPerExit: spread(r.tsvm), monitoredNsPerExit: spread(r.monitored),
+    cInNodeRatio: spread(ratios(r.cInNode, r.c)), floorRatio: spread(ratios(r.floor, r.c)), ratio: spread(ratios(r.tsvm, r.c)), monitoredRatio: spread(ratios(r.monitored, r.c)),
     target: 1.03, monitoredTarget: 1.05,
   };
 }
@@ -265,7 +283,10 @@ async function main(): Promise<number> {
     const dir = mkdtempSync(join(tmpdir(), 'tsvm-bench-'));
     const cBin = join(dir, 'exitloop');
     execFileSync('cc', ['-O2', '-o', cBin, join(here, 'exitloop.c')]);
-    for (const kind of ['pio', 'mmio'] as const) for (const ring of [0, 3] as const) if (want(`${kind}-exit-ring${ring}`)) record(`${kind}-exit-ring${ring}`, await exitBench(cBin, dir, kind, ring));
+    const cLib = join(dir, 'exitloop.so');
+    execFileSync('cc', ['-O2', '-shared', '-fPIC', '-DEXITLOOP_LIB', '-o', cLib, join(here, 'exitloop.c')]);
+    const cLoop = loadCLoop(cLib);
+    for (const kind of ['pio', 'mmio'] as const) for (const ring of [0, 3] as const) if (want(`${kind}-exit-ring${ring}`)) record(`${kind}-exit-ring${ring}`, await exitBench(cBin, cLoop, dir, kind, ring));
     if (want('probe-exec-cpl3')) record('probe-exec-cpl3', await probeBench());
     if (want('create-load-run-close')) record('create-load-run-close', await lifecycleBench());
     if (want('idle-machine-memory')) record('idle-machine-memory', await memoryBench());
